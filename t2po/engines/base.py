@@ -1,0 +1,79 @@
+"""The generation-engine interface shared by every engine (transformers, vLLM, OpenAI-compatible APIs).
+
+An engine turns a batch of prompt token ids into one `Generation` per row. Training samples use the
+returned `token_ids` as-is (never re-tokenized from text); `logprobs`, `uncertainty` (M_t, spec §1),
+`forced` (tokens written by the thinking intervention, spec §2) and `turn_score` (spec §3) come from
+the same decoding pass.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)  # stop strings; the stop string is kept in the response
+    seed: int | None = None  # seeds the sampler for this call (same seed + same inputs = same output)
+
+
+@dataclass
+class InterventionConfig:
+    """Token-level thinking intervention (TTI, spec §2) and turn-score settings (spec §3)."""
+
+    enabled: bool = True  # False: no forcing, but M_t and turn scores are still computed
+    think_start: str = "<think>"
+    think_end: str = "</think>"
+    patience: int = 20  # K: consecutive near-constant M_t steps before forcing the end tag
+    eps: float = 1e-4  # |M_t - M_{t-1}| <= eps counts as stagnant
+    budget: int | None = None  # B: max think tokens (None = no budget)
+    alpha: float = 0.6  # M_t mixing weight
+    confidence: str = "logprob"  # "logprob" (default) or "prob" for conf_t
+    turn_score_skip: int = 32  # turn score skips the first tokens of the response (reference: 32)
+
+
+@dataclass
+class Generation:
+    """One sampled response, exactly as the engine produced it."""
+
+    token_ids: list[int]
+    logprobs: list[float]  # log pi(token) under the sampling distribution's logits before temperature
+    uncertainty: list[float]  # M_t per generated token
+    forced: list[bool]  # True where the intervention forced the token
+    text: str  # decoded response (for parsing only)
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    turn_score: float = math.nan  # Mbar over the configured window (spec §3)
+    tti_triggers: dict[str, int] = field(default_factory=dict)  # {"budget": n, "stagnation": n}
+    think_length: int = 0  # tokens inside think spans
+    prompt_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Engine(abc.ABC):
+    """A batched generator. `tokenizer` is a Hugging Face tokenizer with a chat template."""
+
+    tokenizer: object
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingParams,
+        intervention: InterventionConfig | None = None,
+    ) -> list[Generation]:
+        """One `Generation` per prompt row, in order."""
+
+    def sync_weights(self, model: object) -> None:
+        """Make the engine sample from `model`'s current weights (no-op when it shares the module)."""
+
+    def close(self) -> None:
+        """Release resources."""
