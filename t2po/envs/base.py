@@ -13,6 +13,10 @@ members of a GRPO/GiGPO group). `step(actions)` takes one entry per instance: a 
 instance that acts, `None` for an instance that is already done (it is left untouched and its entry
 in the result is `None`).
 
+Constructor keyword arguments are the environment's options (documented in its class docstring);
+every environment accepts at least `split` ("train" or a validation split), `max_steps` and
+`history_length`.
+
 Adding an environment = one module with a `BatchEnv` subclass plus `@register_env("name")`
 (see `t2po/envs/__init__.py`).
 """
@@ -86,6 +90,12 @@ class BatchEnv(abc.ABC):
         Never raises: malformed output is an invalid action."""
         admissible = state.admissible_actions if self.check_admissible else None
         return parse_think_action(response, admissible)
+
+    def expert_response(self, index: int, state: EnvState) -> str | None:
+        """A demonstration response for instance `index` in `state`, in the environment's response
+        format (`<think>short reasoning</think><action>...</action>`), from an expert (solver,
+        walkthrough, oracle). None where the environment has no expert. Used for warm-up SFT/RFT."""
+        return None
 
     def episode_metrics(self, index: int, state: EnvState) -> dict[str, Any]:
         """Metrics of a finished episode (defaults to the final state's `metrics`)."""
