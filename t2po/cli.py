@@ -1,0 +1,142 @@
+"""The `t2po` command line.
+
+    t2po train [PRESET] [section.key=value ...]     train (default preset: the CPU main job)
+    t2po train --resume RUN_DIR [key=value ...]     continue a run from its last complete checkpoint
+    t2po envs                                       list environments
+    t2po presets                                    list config presets
+    t2po serve-retriever [--corpus FILE] [--port N] Search QA retrieval server (127.0.0.1)
+    t2po webshop-server [--port N]                  the WebShop human view (127.0.0.1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+TRAIN_HELP = """\
+Train an agent with T2PO or a baseline.
+
+  t2po train                                  the main job: SmolLM2-135M-Instruct, T2PO on Sokoban, CPU
+  t2po train grpo                             the same with GRPO (presets: gigpo, grpo, rloo, ppo, ...)
+  t2po train alfworld-cpu algo.name=gigpo     any preset plus dotted overrides
+  t2po train --resume runs/sokoban-t2po-...   continue a run after a stop or a kill
+
+PRESET is a name from `t2po presets` (files in configs/) or a path to a YAML file. Overrides are
+section.key=value with YAML values (rollout.group_size=8, env.options.dim_room=[6,6], model.path=null).
+`--help-config` lists every key with its default and meaning.
+"""
+
+
+def _train(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="t2po train", description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("args", nargs="*", help="[PRESET] [section.key=value ...]")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder from its last complete checkpoint")
+    parser.add_argument("--help-config", action="store_true", help="list every configuration key with its default and help")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    ns = parser.parse_args(argv)
+
+    from t2po.config import ConfigError, describe_config, load_config
+
+    if ns.help_config:
+        print(describe_config())
+        return 0
+    preset = None
+    overrides = []
+    for a in ns.args:
+        if "=" in a:
+            overrides.append(a)
+        elif preset is None:
+            preset = a
+        else:
+            parser.error(f"unexpected argument {a!r}: give one preset and then section.key=value overrides")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from t2po.trainer.trainer import Trainer, load_run_config
+
+        if ns.resume:
+            if preset:
+                parser.error("--resume takes the run folder's own config; give only key=value overrides")
+            cfg = load_run_config(ns.resume, overrides)
+            trainer = Trainer(cfg, run_dir=ns.resume, resume=True, quiet=ns.quiet)
+            if overrides:
+                import yaml
+
+                from t2po.trainer.checkpoint import atomic_write_text
+
+                atomic_write_text(trainer.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        else:
+            cfg = load_config(preset, overrides)
+            trainer = Trainer(cfg, quiet=ns.quiet)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"t2po train: {e}", file=sys.stderr)
+        return 2
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    return 0
+
+
+def _envs(argv: list[str]) -> int:
+    from t2po.envs import get_env_class, list_envs
+
+    for name in list_envs():
+        try:
+            cls = get_env_class(name)
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        except Exception as e:  # an environment whose optional dependency is missing still gets listed
+            doc = f"(unavailable: {e})"
+        print(f"{name:<12} {doc}")
+    return 0
+
+
+def _presets(argv: list[str]) -> int:
+    from t2po.config import configs_dir, list_presets
+
+    for name in list_presets():
+        first = (configs_dir() / f"{name}.yaml").read_text().splitlines()[0]
+        print(f"{name:<20} {first.lstrip('# ')}")
+    return 0
+
+
+def _delegate(module: str) -> callable:
+    def run(argv: list[str]) -> int:
+        return int(importlib.import_module(module).main(argv) or 0)
+
+    return run
+
+
+COMMANDS = {
+    "train": (_train, "train an agent (T2PO or a baseline)"),
+    "envs": (_envs, "list environments"),
+    "presets": (_presets, "list configuration presets"),
+    "serve-retriever": (_delegate("t2po.envs.search.server"), "serve the Search QA retrieval index over HTTP"),
+    "webshop-server": (_delegate("t2po.envs.webshop.web"), "serve the WebShop human view over HTTP"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: t2po COMMAND [ARGS]\n\ncommands:")
+        for name, (_, help) in COMMANDS.items():
+            print(f"  {name:<17} {help}")
+        print("\n`t2po COMMAND --help` explains each command. Main job: `t2po train`.")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(cmd, COMMANDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        print(f"t2po: unknown command {cmd!r}.{hint} Commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return COMMANDS[cmd][0](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The multi-turn rollout loop: environments x engine, with TTI inside decoding and TDS between
+decoding and stepping (spec §2-§4).
+
+For B tasks x N group members: reset, then per turn: build prompts for the active instances, generate
+in one batch, apply TDS (training only: regenerate only the flagged rows, in one batch, at most
+`max_try` times, keep the last sample), parse, step, record. Every environment step becomes one
+`StepSample` carrying the exact token ids the engine produced.
+
+    from t2po.rollout import collect_rollouts, TDSConfig
+    result = collect_rollouts(engine, env, task_seeds=[0, 1], group_size=4,
+                              sampling=SamplingParams(max_new_tokens=64), intervention=InterventionConfig())
+    result.stats["success_rate"], result.samples[0].response_ids
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from t2po.algos import tds_resample_mask
+from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams
+from t2po.envs.base import BatchEnv, EnvState
+
+
+@dataclass
+class TDSConfig:
+    """Turn-level dynamic sampling (spec §3)."""
+
+    eta: float = 0.3
+    max_try: int = 2
+
+
+@dataclass
+class StepSample:
+    """One environment step = one training sample."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]  # exactly as the engine sampled them
+    forced_mask: list[bool]  # tokens forced by TTI
+    rollout_logprobs: list[float]
+    reward: float  # environment reward minus the invalid-action penalty
+    env_reward: float
+    done: bool
+    valid: bool
+    anchor_obs: str
+    group_id: int
+    traj_id: int
+    step: int
+    turn_score: float
+    response_text: str
+    action: str
+    invalid_reason: str = ""
+    resampled: int = 0  # TDS regenerations of this turn
+    tti_triggers: dict[str, int] = field(default_factory=dict)
+    think_length: int = 0
+    image: Any = None
+
+
+@dataclass
+class Episode:
+    traj_id: int
+    group_id: int
+    seed: int
+    samples: list[StepSample]
+    won: bool
+    total_reward: float
+    truncated: bool
+    metrics: dict[str, Any]
+    observations: list[str]  # observation before each step, then the final one
+
+    @property
+    def length(self) -> int:
+        return len(self.samples)
+
+
+@dataclass
+class RolloutResult:
+    samples: list[StepSample]
+    episodes: list[Episode]
+    stats: dict[str, float]
+
+
+def build_prompt_ids(tokenizer: Any, text: str, max_prompt_tokens: int | None = None) -> tuple[list[int], bool]:
+    """Render one user message with the model's chat template; cut from the left past the limit.
+    Returns (ids, truncated). The same function builds SFT and RL prompts, so both see identical tokens."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    ids = list(ids)
+    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        return ids[-max_prompt_tokens:], True
+    return ids, False
+
+
+def _call_seed(seed: int, turn: int, attempt: int) -> int:
+    # distinct, reproducible sampler seeds per (rollout seed, turn, TDS attempt)
+    return (seed * 1_000_003 + turn * 1_009 + attempt * 7 + 1) % (2**63 - 1)
+
+
+def collect_rollouts(
+    engine: Engine,
+    env: BatchEnv,
+    task_seeds: list[int],
+    group_size: int,
+    sampling: SamplingParams,
+    intervention: InterventionConfig | None = None,
+    tds: TDSConfig | None = None,
+    max_turns: int | None = None,
+    invalid_action_penalty: float = 0.1,
+    max_prompt_tokens: int | None = None,
+    seed: int = 0,
+) -> RolloutResult:
+    """Play `len(task_seeds) * group_size` episodes to the end (or `max_turns`)."""
+    tokenizer = engine.tokenizer
+    seeds = [s for s in task_seeds for _ in range(group_size)]
+    group_ids = [g for g in range(len(task_seeds)) for _ in range(group_size)]
+    n = len(seeds)
+    states: list[EnvState] = env.reset(seeds)
+    observations: list[list[str]] = [[st.observation] for st in states]
+    histories: list[list[tuple[str, str]]] = [[] for _ in range(n)]
+    samples_of: list[list[StepSample]] = [[] for _ in range(n)]
+    prev_score = [math.nan] * n  # turn score of the accepted previous turn (spec §3)
+    active = [not st.done for st in states]
+    max_turns = max_turns or env.max_steps
+    counters: dict[str, float] = defaultdict(float)
+
+    for turn in range(max_turns):
+        idx = [i for i in range(n) if active[i]]
+        if not idx:
+            break
+        prompts = []
+        for i in idx:
+            ids, cut = build_prompt_ids(tokenizer, env.render_prompt(i, histories[i], states[i]), max_prompt_tokens)
+            prompts.append(ids)
+            counters["prompts_truncated"] += cut
+            counters["prompt_tokens"] += len(ids)
+        gens: list[Generation] = engine.generate(prompts, dataclasses.replace(sampling, seed=_call_seed(seed, turn, 0)), intervention)
+        counters["generated_tokens"] += sum(g.num_tokens for g in gens)
+        resampled = [0] * len(idx)
+        if tds is not None:
+            prev = [prev_score[i] for i in idx]
+            counters["tds_eligible_turns"] += sum(not math.isnan(p) for p in prev)
+            for attempt in range(1, tds.max_try + 1):
+                flagged = np.flatnonzero(tds_resample_mask(prev, [g.turn_score for g in gens], tds.eta))
+                if flagged.size == 0:
+                    break
+                regen = engine.generate([prompts[j] for j in flagged], dataclasses.replace(sampling, seed=_call_seed(seed, turn, attempt)), intervention)
+                for j, g in zip(flagged, regen):
+                    counters["tds_extra_tokens"] += gens[j].num_tokens  # the discarded sample's tokens
+                    counters["generated_tokens"] += g.num_tokens
+                    gens[j] = g
+                    resampled[j] += 1
+                counters["tds_regenerations"] += flagged.size
+        actions: list[str | None] = [None] * n
+        parsed_of = {}
+        for j, i in enumerate(idx):
+            parsed = env.parse_action(gens[j].text, states[i])
+            parsed_of[i] = parsed
+            actions[i] = parsed.action
+        new_states = env.step(actions)
+        for j, i in enumerate(idx):
+            g, parsed, new = gens[j], parsed_of[i], new_states[i]
+            assert new is not None, f"{env.name}.step returned None for active instance {i}"
+            samples_of[i].append(
+                StepSample(
+                    prompt_ids=prompts[j],
+                    response_ids=list(g.token_ids),
+                    forced_mask=list(g.forced),
+                    rollout_logprobs=list(g.logprobs),
+                    reward=float(new.reward) - (0.0 if parsed.valid else invalid_action_penalty),
+                    env_reward=float(new.reward),
+                    done=bool(new.done),
+                    valid=parsed.valid,
+                    anchor_obs=states[i].anchor_obs or states[i].observation,
+                    group_id=group_ids[i],
+                    traj_id=i,
+                    step=turn,
+                    turn_score=g.turn_score,
+                    response_text=g.text,
+                    action=parsed.action,
+                    invalid_reason=parsed.reason,
+                    resampled=resampled[j],
+                    tti_triggers=dict(g.tti_triggers),
+                    think_length=g.think_length,
+                    image=states[i].image,
+                )
+            )
+            histories[i].append((states[i].observation, parsed.action))
+            prev_score[i] = g.turn_score
+            states[i] = new
+            observations[i].append(new.observation)
+            if new.done:
+                active[i] = False
+
+    episodes = []
+    for i in range(n):
+        s = samples_of[i]
+        metrics = env.episode_metrics(i, states[i]) if s else {}
+        episodes.append(
+            Episode(
+                traj_id=i,
+                group_id=group_ids[i],
+                seed=seeds[i],
+                samples=s,
+                won=bool(states[i].won),
+                total_reward=float(sum(x.reward for x in s)),
+                truncated=bool(s) and not s[-1].done,
+                metrics=metrics,
+                observations=observations[i],
+            )
+        )
+    samples = [x for ep in episodes for x in ep.samples]
+    return RolloutResult(samples=samples, episodes=episodes, stats=rollout_stats(episodes, counters))
+
+
+def rollout_stats(episodes: list[Episode], counters: dict[str, float] | None = None) -> dict[str, float]:
+    """Episode metrics (spec §2-§3 evidence: TTI triggers by kind, think length, TDS resampling)."""
+    counters = counters or {}
+    samples = [x for ep in episodes for x in ep.samples]
+    n_steps = max(len(samples), 1)
+    stats: dict[str, float] = {
+        "episodes": float(len(episodes)),
+        "success_rate": float(np.mean([ep.won for ep in episodes])) if episodes else 0.0,
+        "episode_reward": float(np.mean([ep.total_reward for ep in episodes])) if episodes else 0.0,
+        "episode_length": float(np.mean([ep.length for ep in episodes])) if episodes else 0.0,
+        "invalid_action_rate": float(np.mean([not x.valid for x in samples])) if samples else 0.0,
+        "steps": float(len(samples)),
+        "response_tokens": float(sum(len(x.response_ids) for x in samples)),
+        "response_length": float(np.mean([len(x.response_ids) for x in samples])) if samples else 0.0,
+        "tti_budget_triggers": float(sum(x.tti_triggers.get("budget", 0) for x in samples)),
+        "tti_stagnation_triggers": float(sum(x.tti_triggers.get("stagnation", 0) for x in samples)),
+        "think_length": float(np.mean([x.think_length for x in samples])) if samples else 0.0,
+        "forced_tokens": float(sum(sum(x.forced_mask) for x in samples)),
+        "tds_resample_fraction": float(sum(x.resampled > 0 for x in samples)) / n_steps,
+    }
+    for key in ("generated_tokens", "tds_extra_tokens", "tds_regenerations", "tds_eligible_turns", "prompts_truncated", "prompt_tokens"):
+        if key in counters:
+            stats[key] = float(counters[key])
+    # numeric task metrics (e.g. score), averaged over finished episodes
+    numeric: dict[str, list[float]] = defaultdict(list)
+    for ep in episodes:
+        for k, v in ep.metrics.items():
+            if isinstance(v, (int, float, bool)) and not isinstance(v, str):
+                numeric[k].append(float(v))
+    for k, vals in numeric.items():
+        stats.setdefault(f"env/{k}", float(np.mean(vals)))
+    # success per category (task type, data source, ...): string-valued task metrics
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for ep in episodes:
+        for k, v in ep.metrics.items():
+            if isinstance(v, str):
+                by_category[f"success/{k}/{v}"].append(ep.won)
+    for k, wins in sorted(by_category.items()):
+        stats[k] = float(np.mean(wins))
+    return stats

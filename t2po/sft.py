@@ -1,0 +1,181 @@
+"""Supervised fine-tuning on multi-turn agent conversations (cold start before RL, spec §5).
+
+A conversation is one episode: a list of steps, each a (prompt text, response text) pair where the
+prompt is exactly what the rollout loop renders for that step (task, history, observation), so SFT
+sees the same tokens as RL. The loss is on the assistant tokens only (the response and the
+end-of-turn token); prompt tokens are masked out.
+
+    convs = collect_expert_conversations(env, seeds=range(32))
+    sft_train(model, tokenizer, convs, epochs=2, lr=2e-4)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from t2po.envs.base import BatchEnv
+from t2po.rollout import build_prompt_ids
+from t2po.trainer.policy import forward_micro_batch, make_micro_batch, pack_by_length
+
+
+@dataclass
+class Conversation:
+    env: str
+    seed: int
+    steps: list[dict]  # [{"prompt": str, "response": str, "response_ids": list[int] | None}]
+    reward: float
+    won: bool
+    metrics: dict = field(default_factory=dict)
+    source: str = "expert"
+
+    def to_json(self) -> dict:
+        return {"env": self.env, "seed": self.seed, "steps": self.steps, "reward": self.reward, "won": self.won, "metrics": self.metrics, "source": self.source}
+
+    def messages(self) -> list[list[dict]]:
+        """The chat messages of each step, as the rollout renders them (one user turn + the answer)."""
+        return [[{"role": "user", "content": s["prompt"]}, {"role": "assistant", "content": s["response"]}] for s in self.steps]
+
+
+def play_expert_episodes(env: BatchEnv, seeds: Iterable[int], max_turns: int | None = None) -> list[Conversation]:
+    """Play `env`'s expert (`expert_response`) on the given task seeds and record the conversations."""
+    seeds = list(seeds)
+    states = env.reset(seeds)
+    n = len(seeds)
+    histories: list[list[tuple[str, str]]] = [[] for _ in range(n)]
+    steps: list[list[dict]] = [[] for _ in range(n)]
+    rewards = [0.0] * n
+    active = [not s.done for s in states]
+    for _ in range(max_turns or env.max_steps):
+        actions: list[str | None] = [None] * n
+        responses: dict[int, str] = {}
+        for i in range(n):
+            if not active[i]:
+                continue
+            response = env.expert_response(i, states[i])
+            if response is None:
+                raise ValueError(f"Environment {env.name!r} has no expert (expert_response returned None); use `t2po rft collect` with a model instead.")
+            responses[i] = response
+            actions[i] = env.parse_action(response, states[i]).action
+            steps[i].append({"prompt": env.render_prompt(i, histories[i], states[i]), "response": response})
+        if not responses:
+            break
+        new_states = env.step(actions)
+        for i in responses:
+            histories[i].append((states[i].observation, actions[i]))
+            states[i] = new_states[i]
+            rewards[i] += states[i].reward
+            if states[i].done:
+                active[i] = False
+    return [Conversation(env.name, seeds[i], steps[i], rewards[i], bool(states[i].won), env.episode_metrics(i, states[i])) for i in range(n)]
+
+
+def save_conversations(convs: list[Conversation], path: Path) -> None:
+    """JSONL (one conversation per line); a `.parquet` path writes the same rows with pyarrow."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [c.to_json() for c in convs]
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist([{**r, "steps": json.dumps(r["steps"]), "metrics": json.dumps(r["metrics"])} for r in rows])
+        pq.write_table(table, tmp)
+    else:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def load_conversations(path: Path) -> list[Conversation]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No conversation file at {path}; make one with `t2po rft collect ENV --out {path}`.")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+        rows = [{**r, "steps": json.loads(r["steps"]), "metrics": json.loads(r["metrics"])} for r in rows]
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for k, r in enumerate(rows):
+        if "steps" not in r or not isinstance(r["steps"], list):
+            raise ValueError(f"{path}: row {k} has no 'steps' list; expected rows written by `t2po rft collect`.")
+        out.append(Conversation(r.get("env", ""), int(r.get("seed", -1)), r["steps"], float(r.get("reward", 0.0)), bool(r.get("won", False)), r.get("metrics", {}), r.get("source", "expert")))
+    return out
+
+
+def tokenize_conversations(convs: list[Conversation], tokenizer: Any, max_prompt_tokens: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) per step: the prompt rendered exactly as at rollout time; the
+    response ids are the recorded engine ids when present, else the tokenized text + end-of-turn."""
+    eos = tokenizer.eos_token_id
+    examples = []
+    for conv in convs:
+        for step in conv.steps:
+            prompt_ids, _ = build_prompt_ids(tokenizer, step["prompt"], max_prompt_tokens)
+            ids = step.get("response_ids")
+            if ids is None:
+                ids = tokenizer.encode(step["response"], add_special_tokens=False) + [eos]
+            examples.append((prompt_ids, list(ids)))
+    return examples
+
+
+def sft_train(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: list[tuple[list[int], list[int]]],
+    epochs: int = 2,
+    lr: float = 2e-4,
+    batch_size: int = 8,
+    micro_batch_tokens: int = 4096,
+    seed: int = 0,
+    log: Callable[[dict], None] | None = None,
+) -> list[float]:
+    """Minimise the mean negative log-likelihood of the response tokens (assistant tokens only).
+    Returns the mean loss of each epoch."""
+    if not examples:
+        raise ValueError("No SFT examples: the conversation set is empty.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompts = [p for p, _ in examples]
+    responses = [r for _, r in examples]
+    total_steps = epochs * math.ceil(len(examples) / batch_size)
+    step = 0
+    epoch_losses = []
+    model.train()
+    for epoch in range(epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        losses = []
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            n_tokens = sum(len(responses[i]) for i in batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            lengths = [len(prompts[i]) + len(responses[i]) for i in batch]
+            for group in pack_by_length(lengths, micro_batch_tokens):
+                mb = make_micro_batch([batch[g] for g in group], prompts, responses, pad)
+                out = forward_micro_batch(model, mb)
+                loss = -(out["logp"] * mb.response_mask).sum() / max(n_tokens, 1)
+                loss.backward()
+                loss_sum += loss.item()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            # cosine decay keeps the last steps gentle
+            for g in optimizer.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / max(total_steps, 1)))
+            optimizer.step()
+            step += 1
+            losses.append(loss_sum)
+        epoch_losses.append(float(sum(losses) / len(losses)))
+        if log:
+            log({"sft/epoch": epoch + 1, "sft/loss": epoch_losses[-1]})
+    model.eval()
+    return epoch_losses

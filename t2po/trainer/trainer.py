@@ -1,0 +1,524 @@
+"""The RL trainer: rollouts -> advantages -> PPO-clip update, with checkpoints and resume.
+
+One iteration (spec §4):
+  1. collect B x N episodes with the current policy (TTI inside decoding, TDS between turns for t2po);
+  2. recompute old log-probs (and reference log-probs when the KL loss is on; critic values for ppo);
+  3. advantages: GiGPO (t2po, gigpo), GRPO, RLOO, or turn-level GAE with a critic (ppo);
+  4. one PPO-clip pass over the batch in mini-batches (dual clip, token-mean), gradient clipping,
+     learning-rate warm-up, optional entropy bonus and KL loss.
+It deliberately leaves out: multi-GPU sharding (see the scale-out recipes), asynchronous rollouts,
+and sequence packing across samples (samples are grouped by length instead).
+
+A recipe in the torchtune sense: `Trainer(cfg).setup()`, `.train()`, `.cleanup()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from t2po.algos import (
+    discounted_returns,
+    gae_advantages,
+    gigpo_advantages,
+    grpo_advantages,
+    kl_penalty,
+    ppo_policy_loss,
+    rloo_advantages,
+)
+from t2po.algos.losses import value_loss
+from t2po.config import Config, config_from_dict
+from t2po.engines.base import InterventionConfig, SamplingParams
+from t2po.envs import make_env
+from t2po.rollout import RolloutResult, StepSample, TDSConfig, collect_rollouts
+from t2po.trainer.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint_into, save_checkpoint
+from t2po.trainer.policy import forward_micro_batch, make_micro_batch, pack_by_length
+
+VALIDATION_SEED_OFFSET = 0  # the validation split applies the spec's +1000 offset itself
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path | None = None, resume: bool = False, quiet: bool = False):
+        self.cfg = cfg
+        self.resume = resume
+        self.quiet = quiet
+        if run_dir is None:
+            name = cfg.trainer.run_name or f"{cfg.env.name}-{cfg.algo.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+            run_dir = Path(cfg.trainer.output_dir) / name
+        self.run_dir = Path(run_dir)
+        self.start_iteration = 0
+        self.history: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "Trainer":
+        from t2po.engines.hf import HFEngine
+        from t2po.models import load_model
+        from t2po.tracking import make_trackers
+
+        cfg = self.cfg
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        torch.manual_seed(cfg.trainer.seed)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if not self.resume:
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.state_path = self.run_dir / "run_state.json"
+        self.run_state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"warmup_done": False, "validation": {}}
+
+        self.log(f"run folder: {self.run_dir}")
+        base_path = cfg.model.path
+        if self.run_state.get("warmup_done") and (self.run_dir / "warmup_model").exists():
+            base_path = str(self.run_dir / "warmup_model")
+        self.model, self.tokenizer = load_model(base_path, dtype=getattr(torch, cfg.model.dtype))
+        self.base_model_path = base_path
+        self.train_env = make_env(cfg.env.name, **cfg.env.options)
+        val_opts = {"split": "valid", **cfg.env.options, **cfg.env.val_options}
+        if "split" in cfg.env.options and "split" not in cfg.env.val_options:
+            val_opts["split"] = "valid"
+        self.val_env = make_env(cfg.env.name, **val_opts)
+        self.trackers = make_trackers(cfg.trainer.trackers, self.run_dir, cfg.to_dict(), quiet=self.quiet)
+        self._wrap_trainable()
+        self.engine = HFEngine(self.model, self.tokenizer)
+        if self.resume:
+            ckpt = latest_checkpoint(self.ckpt_root)
+            if ckpt is not None:
+                state = load_checkpoint_into(ckpt, self.model, self.optimizer, self.value_head, cfg.model.lora)
+                self.start_iteration = state["iteration"]
+                self.scheduler_step = state.get("scheduler_step", self.start_iteration)
+                self._set_lr()
+                self._drop_metrics_after(self.start_iteration)
+                self.log(f"resumed from {ckpt} (iteration {self.start_iteration})")
+            else:
+                self._drop_metrics_after(0)
+        return self
+
+    def _drop_metrics_after(self, iteration: int) -> None:
+        """Forget the metrics of iterations lost in a kill (they are redone after the resume)."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["iteration"] <= iteration]
+            atomic_write_text(path, "".join(l + "\n" for l in keep))
+
+    def _wrap_trainable(self) -> None:
+        cfg = self.cfg
+        if cfg.model.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        if cfg.model.lora:
+            from peft import LoraConfig, get_peft_model
+
+            lcfg = LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
+                              target_modules=list(cfg.model.lora_target_modules), task_type="CAUSAL_LM")
+            self.model = get_peft_model(self.model, lcfg)
+        self.ref_model = None
+        if cfg.algo.kl_coef > 0 and not cfg.model.lora:
+            from t2po.models import load_model
+
+            self.ref_model, _ = load_model(self.base_model_path, dtype=getattr(torch, cfg.model.dtype))
+            self.ref_model.eval().requires_grad_(False)
+        self.value_head = None
+        if cfg.algo.name == "ppo":
+            hidden = self.model.config.hidden_size
+            self.value_head = torch.nn.Linear(hidden, 1)
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.value_head is not None:
+            params += list(self.value_head.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.scheduler_step = 0
+        self._set_lr()
+
+    def _set_lr(self) -> None:
+        warm = self.cfg.optim.warmup_ratio * max(self.cfg.trainer.iterations, 1)
+        factor = min(1.0, (self.scheduler_step + 1) / warm) if warm > 0 else 1.0
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.cfg.optim.lr * factor
+
+    # ------------------------------------------------------------------ helpers
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+
+    def _sampling(self, validation: bool) -> SamplingParams:
+        r = self.cfg.rollout
+        if validation:
+            return SamplingParams(temperature=r.val_temperature, top_p=r.val_top_p, top_k=r.val_top_k, max_new_tokens=r.max_new_tokens)
+        return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
+
+    def _intervention(self) -> InterventionConfig:
+        r = self.cfg.rollout
+        return InterventionConfig(enabled=self.cfg.use_tti, patience=r.tti_patience, eps=r.tti_eps, budget=r.tti_budget, alpha=r.alpha, turn_score_skip=r.turn_score_skip)
+
+    def task_seeds(self, iteration: int) -> list[int]:
+        rng = np.random.default_rng([self.cfg.trainer.seed, iteration])
+        return [int(s) for s in rng.integers(0, 2**31 - 1, size=self.cfg.rollout.num_tasks)]
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, tag: str) -> dict[str, float]:
+        """Held-out tasks (validation split), TTI on, TDS off, validation sampling (spec §6)."""
+        cfg = self.cfg
+        self.model.eval()
+        seeds = [VALIDATION_SEED_OFFSET + k for k in range(cfg.rollout.val_num_tasks)]
+        t0 = time.time()
+        result = collect_rollouts(self.engine, self.val_env, seeds, 1, self._sampling(True), self._intervention(), None,
+                                  cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens, seed=cfg.trainer.seed + 7919)
+        stats = {**result.stats, "seconds": time.time() - t0}
+        self.run_state["validation"][tag] = stats
+        self._save_run_state()
+        with open(self.run_dir / "validation.jsonl", "a") as f:
+            f.write(json.dumps({"tag": tag, **stats}) + "\n")
+        self.trackers.log_metrics({f"val/{k}": v for k, v in stats.items()}, step=self._global_step(tag))
+        self.log(f"[val {tag}] success {stats['success_rate']:.3f}  valid actions {1 - stats['invalid_action_rate']:.3f}  "
+                 f"reward {stats['episode_reward']:.2f}  turns {stats['episode_length']:.1f}  ({stats['seconds']:.0f}s)")
+        return stats
+
+    def _global_step(self, tag: str) -> int:
+        if tag.startswith("iter_"):
+            return int(tag.split("_")[1])
+        return {"before": 0, "after_warmup": 0}.get(tag, self.cfg.trainer.iterations)
+
+    def _save_run_state(self) -> None:
+        atomic_write_text(self.state_path, json.dumps(self.run_state, indent=1))
+
+    # ------------------------------------------------------------------ warm-up
+    def warmup(self) -> None:
+        """Supervised warm-up on expert demonstrations in the response format (spec §5 cold start),
+        merged into the base weights so that RL starts from (and, under LoRA, regularises towards) it."""
+        from t2po.sft import play_expert_episodes, save_conversations, sft_train, tokenize_conversations
+
+        cfg = self.cfg
+        t0 = time.time()
+        rng = np.random.default_rng([cfg.trainer.seed, 10**6])
+        seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=cfg.warmup.episodes)]
+        convs = [c for c in play_expert_episodes(self.train_env, seeds, cfg.rollout.max_turns) if c.won]
+        save_conversations(convs, self.run_dir / "warmup_demos.jsonl")
+        examples = tokenize_conversations(convs, self.tokenizer, cfg.rollout.max_prompt_tokens)
+        self.log(f"[warm-up] {len(convs)} expert episodes, {len(examples)} steps; SFT for {cfg.warmup.epochs} epochs")
+        losses = sft_train(self.model, self.tokenizer, examples, epochs=cfg.warmup.epochs, lr=cfg.warmup.lr,
+                           batch_size=cfg.warmup.batch_size, micro_batch_tokens=cfg.optim.micro_batch_tokens, seed=cfg.trainer.seed,
+                           log=lambda m: self.trackers.log_metrics(m, step=int(m["sft/epoch"])))
+        # merge the warm-up into the base weights and save it as this run's base model
+        model = self.model.merge_and_unload() if cfg.model.lora else self.model
+        out = self.run_dir / "warmup_model"
+        tmp = self.run_dir / "warmup_model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        self.model = model
+        self.base_model_path = str(out)
+        self._wrap_trainable()
+        self.engine.model = self.model
+        self.run_state["warmup_done"] = True
+        self.run_state["warmup"] = {"episodes": len(convs), "steps": len(examples), "losses": losses, "seconds": time.time() - t0}
+        self._save_run_state()
+        self.log(f"[warm-up] SFT loss {losses[0]:.3f} -> {losses[-1]:.3f} ({time.time() - t0:.0f}s)")
+
+    # ------------------------------------------------------------------ advantages
+    def compute_advantages(self, samples: list[StepSample], values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        """Per-sample advantages (and per-sample critic returns for ppo)."""
+        a = self.cfg.algo
+        rewards = np.array([s.reward for s in samples], dtype=np.float64)
+        traj = [s.traj_id for s in samples]
+        groups = [s.group_id for s in samples]
+        totals: dict[int, float] = {}
+        for s in samples:
+            totals[s.traj_id] = totals.get(s.traj_id, 0.0) + s.reward
+        scores = np.array([totals[s.traj_id] for s in samples])
+        info: dict[str, float] = {}
+        returns = None
+        if a.name in ("t2po", "gigpo"):
+            step_returns = discounted_returns(rewards, traj, a.gamma)
+            adv, ep_part, step_part = gigpo_advantages(scores, step_returns, groups, traj, [s.anchor_obs for s in samples], step_weight=a.step_weight,
+                                                       mode=a.gigpo_mode, similarity_threshold=a.similarity_threshold, return_parts=True)
+            info = {"adv/episode_abs": float(np.mean(np.abs(ep_part))), "adv/step_abs": float(np.mean(np.abs(step_part)))}
+        elif a.name == "grpo":
+            adv = grpo_advantages(scores, groups, traj, norm_by_std=a.norm_by_std)
+        elif a.name == "rloo":
+            adv = rloo_advantages(scores, groups, traj)
+        else:  # ppo: turn-level GAE, one (reward, value) pair per environment step
+            order: dict[int, list[int]] = {}
+            for k, s in enumerate(samples):
+                order.setdefault(s.traj_id, []).append(k)
+            T = max(len(v) for v in order.values())
+            R = torch.zeros(len(order), T)
+            V = torch.zeros(len(order), T)
+            M = torch.zeros(len(order), T)
+            for row, ks in enumerate(order.values()):
+                for t, k in enumerate(ks):
+                    R[row, t], V[row, t], M[row, t] = rewards[k], float(values[k]), 1.0
+            A, RET = gae_advantages(R, V, M, a.gamma, a.lam, whiten=True)
+            adv = np.zeros(len(samples))
+            returns = np.zeros(len(samples))
+            for row, ks in enumerate(order.values()):
+                for t, k in enumerate(ks):
+                    adv[k], returns[k] = float(A[row, t]), float(RET[row, t])
+        info["adv/mean"] = float(np.mean(adv))
+        info["adv/std"] = float(np.std(adv))
+        return np.asarray(adv, dtype=np.float32), returns, info
+
+    def _filter_zero_variance_groups(self, samples: list[StepSample]) -> list[StepSample]:
+        """DAPO-style dynamic sampling: drop groups whose episode scores are all equal."""
+        totals: dict[int, float] = {}
+        for s in samples:
+            totals[s.traj_id] = totals.get(s.traj_id, 0.0) + s.reward
+        by_group: dict[int, set] = {}
+        for s in samples:
+            by_group.setdefault(s.group_id, set()).add(round(totals[s.traj_id], 8))
+        keep = {g for g, vals in by_group.items() if len(vals) > 1}
+        return [s for s in samples if s.group_id in keep]
+
+    # ------------------------------------------------------------------ forward passes
+    def _micro_batches(self, idx: list[int], samples: list[StepSample]):
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        prompts = [samples[i].prompt_ids for i in idx]
+        responses = [samples[i].response_ids for i in idx]
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+        for group in pack_by_length(lengths, self.cfg.optim.micro_batch_tokens):
+            mb = make_micro_batch(group, prompts, responses, pad)
+            mb.indices = [idx[g] for g in group]
+            yield mb
+
+    @torch.no_grad()
+    def _score_samples(self, samples: list[StepSample]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, np.ndarray | None]:
+        """Old log-probs (current policy before the update), reference log-probs, critic values."""
+        self.model.eval()
+        old: list[torch.Tensor] = [None] * len(samples)  # type: ignore[list-item]
+        ref: list[torch.Tensor] | None = [None] * len(samples) if self.cfg.algo.kl_coef > 0 else None  # type: ignore[list-item]
+        values = np.zeros(len(samples)) if self.value_head is not None else None
+        bf16 = self.cfg.optim.bf16
+        for mb in self._micro_batches(list(range(len(samples))), samples):
+            out = forward_micro_batch(self.model, mb, value_head=self.value_head, autocast_bf16=bf16)
+            for b, i in enumerate(mb.indices):
+                old[i] = out["logp"][b, : len(samples[i].response_ids)].clone()
+                if values is not None:
+                    values[i] = float(out["values"][b])
+            if ref is not None:
+                ctx = self.model.disable_adapter() if self.cfg.model.lora else contextlib.nullcontext()
+                with ctx:
+                    ref_out = forward_micro_batch(self.ref_model or self.model, mb, autocast_bf16=bf16)
+                for b, i in enumerate(mb.indices):
+                    ref[i] = ref_out["logp"][b, : len(samples[i].response_ids)].clone()
+        return old, ref, values
+
+    # ------------------------------------------------------------------ update
+    def update(self, samples: list[StepSample], adv: np.ndarray, old: list[torch.Tensor], ref: list[torch.Tensor] | None,
+               old_values: np.ndarray | None, returns: np.ndarray | None, iteration: int) -> dict[str, float]:
+        cfg = self.cfg
+        a = cfg.algo
+        self.model.train()
+        rng = np.random.default_rng([cfg.trainer.seed, iteration, 17])
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+
+        def acc(key: str, value: float) -> None:
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
+
+        real_tokens = processed_tokens = 0
+        for _ in range(cfg.optim.ppo_epochs):
+            perm = [int(i) for i in rng.permutation(len(samples))]
+            for start in range(0, len(perm), cfg.optim.mini_batch_size):
+                mini = perm[start : start + cfg.optim.mini_batch_size]
+                n_tok = sum(len(samples[i].response_ids) for i in mini)
+                self.optimizer.zero_grad(set_to_none=True)
+                for mb in self._micro_batches(mini, samples):
+                    real_tokens += mb.real_tokens
+                    processed_tokens += mb.processed_tokens
+                    out = forward_micro_batch(self.model, mb, with_entropy=True, value_head=self.value_head, autocast_bf16=cfg.optim.bf16)
+                    B, T = mb.response_ids.shape
+                    old_lp = torch.zeros(B, T)
+                    for b, i in enumerate(mb.indices):
+                        old_lp[b, : len(old[i])] = old[i]
+                    loss_mask = mb.response_mask.clone()
+                    if a.mask_forced_tokens:
+                        for b, i in enumerate(mb.indices):
+                            forced = samples[i].forced_mask
+                            if any(forced):
+                                loss_mask[b, : len(forced)] *= 1.0 - torch.tensor(forced, dtype=torch.float32)
+                    adv_t = torch.tensor([adv[i] for i in mb.indices], dtype=torch.float32)
+                    # weight of this micro-batch in the mini-batch mean (token-mean: by tokens; seq-mean: by rows)
+                    w = (loss_mask.sum().item() / max(n_tok, 1)) if a.loss_agg == "token-mean" else len(mb.indices) / len(mini)
+                    pg_loss, m = ppo_policy_loss(out["logp"], old_lp, adv_t, loss_mask, a.clip_low, a.clip_high, a.dual_clip, a.loss_agg)
+                    loss = pg_loss
+                    denom = loss_mask.sum().clamp(min=1)
+                    entropy = (out["entropy"] * loss_mask).sum() / denom
+                    if a.entropy_coef > 0:
+                        loss = loss - a.entropy_coef * entropy
+                    if ref is not None:
+                        ref_lp = torch.zeros(B, T)
+                        for b, i in enumerate(mb.indices):
+                            ref_lp[b, : len(ref[i])] = ref[i]
+                        kl = (kl_penalty(out["logp"], ref_lp, a.kl_kind) * loss_mask).sum() / denom
+                        loss = loss + a.kl_coef * kl
+                        acc("kl", kl.item())
+                    if self.value_head is not None:
+                        v_old = torch.tensor([old_values[i] for i in mb.indices], dtype=torch.float32)
+                        v_ret = torch.tensor([returns[i] for i in mb.indices], dtype=torch.float32)
+                        vl, vm = value_loss(out["values"].unsqueeze(1), v_old.unsqueeze(1), v_ret.unsqueeze(1), torch.ones(B, 1), a.value_clip)
+                        loss = loss + a.value_coef * vl
+                        acc("value_loss", vl.item())
+                        acc("vf_clip_frac", vm["vf_clip_frac"])
+                    (loss * w).backward()
+                    acc("pg_loss", pg_loss.item())
+                    acc("entropy", entropy.item())
+                    for k in ("clip_frac", "clip_frac_lower", "approx_kl"):
+                        acc(k, m[k])
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                acc("grad_norm", float(grad_norm))
+                self.optimizer.step()
+        self.scheduler_step += 1
+        metrics = {k: sums[k] / counts[k] for k in sums}
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["real_token_ratio"] = real_tokens / max(processed_tokens, 1)
+        self._set_lr()
+        return metrics
+
+    # ------------------------------------------------------------------ iteration
+    def iteration(self, it: int) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.time()
+        self.model.eval()
+        result: RolloutResult = collect_rollouts(
+            self.engine, self.train_env, self.task_seeds(it), cfg.rollout.group_size, self._sampling(False), self._intervention(),
+            TDSConfig(cfg.rollout.tds_eta, cfg.rollout.tds_max_try) if cfg.use_tds else None,
+            cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens, seed=cfg.trainer.seed * 7_777 + it)
+        t_rollout = time.time() - t0
+        samples = result.samples
+        if cfg.algo.dynamic_sampling:
+            samples = self._filter_zero_variance_groups(samples)
+        metrics: dict[str, float] = {f"rollout/{k}": v for k, v in result.stats.items()}
+        metrics["time/rollout"] = t_rollout
+        if samples:
+            t1 = time.time()
+            old, ref, values = self._score_samples(samples)
+            adv, returns, adv_info = self.compute_advantages(samples, values)
+            metrics.update(adv_info)
+            metrics["time/old_logprob"] = time.time() - t1
+            t2 = time.time()
+            metrics.update({f"actor/{k}": v for k, v in self.update(samples, adv, old, ref, values, returns, it).items()})
+            metrics["time/update"] = time.time() - t2
+        metrics["train/samples"] = float(len(samples))
+        metrics["time/iteration"] = time.time() - t0
+        self._write_traces(it, result)
+        return metrics
+
+    def _write_traces(self, it: int, result: RolloutResult) -> None:
+        k = self.cfg.trainer.trace_episodes
+        if k <= 0:
+            return
+        from t2po.tracking import episode_trace
+
+        folder = self.run_dir / "traces"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"iter_{it + 1:06d}.jsonl"
+        lines = [json.dumps(episode_trace(ep, self.tokenizer)) for ep in result.episodes[:k]]
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        self.trackers.log_artifact(path, "traces")
+
+    # ------------------------------------------------------------------ main loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        t_start = time.time()
+        val = self.run_state["validation"]
+        if self.start_iteration == 0 and not self.run_state.get("warmup_done"):
+            if cfg.trainer.val_before_train and "before" not in val:
+                self.validate("before")
+            if cfg.warmup.episodes > 0:
+                self.warmup()
+                self.validate("after_warmup")
+        for it in range(self.start_iteration, cfg.trainer.iterations):
+            metrics = self.iteration(it)
+            metrics["iteration"] = it + 1
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            self.trackers.log_metrics(metrics, step=it + 1)
+            self.log(self._progress_line(it, metrics))
+            if cfg.trainer.val_every and (it + 1) % cfg.trainer.val_every == 0 and it + 1 < cfg.trainer.iterations:
+                self.validate(f"iter_{it + 1}")
+            if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
+                save_checkpoint(self.ckpt_root, it + 1, self.model, self.optimizer, {"scheduler_step": self.scheduler_step, "base_model": self.base_model_path},
+                                self.value_head, cfg.model.lora, cfg.trainer.keep_checkpoints)
+        if "final" not in val or self.start_iteration < cfg.trainer.iterations:
+            self.validate("final")
+        summary = self.summary(time.time() - t_start)
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+        self.trackers.log_artifact(self.run_dir / "summary.json")
+        self.log(format_summary(summary))
+        return summary
+
+    def _progress_line(self, it: int, m: dict) -> str:
+        return (f"[iter {it + 1}/{self.cfg.trainer.iterations}] success {m.get('rollout/success_rate', 0):.3f}  "
+                f"reward {m.get('rollout/episode_reward', 0):.2f}  invalid {m.get('rollout/invalid_action_rate', 0):.2f}  "
+                f"tds {m.get('rollout/tds_resample_fraction', 0):.2f}  tti {m.get('rollout/tti_stagnation_triggers', 0):.0f}/{m.get('rollout/tti_budget_triggers', 0):.0f}  "
+                f"grad {m.get('actor/grad_norm', float('nan')):.3f}  kl {m.get('actor/approx_kl', float('nan')):.4f}  "
+                f"({m.get('time/rollout', 0):.0f}s rollout, {m.get('time/update', 0):.0f}s update)")
+
+    def summary(self, seconds: float) -> dict:
+        val = self.run_state["validation"]
+        ckpt = latest_checkpoint(self.ckpt_root)
+
+        def pick(tag: str) -> dict | None:
+            if tag not in val:
+                return None
+            v = val[tag]
+            return {"success_rate": v["success_rate"], "valid_action_rate": 1 - v["invalid_action_rate"], "episode_reward": v["episode_reward"], "episode_length": v["episode_length"]}
+
+        return {
+            "run_dir": str(self.run_dir),
+            "env": self.cfg.env.name,
+            "algo": self.cfg.algo.name,
+            "iterations": self.cfg.trainer.iterations,
+            "seconds": seconds,
+            "checkpoint": str(ckpt) if ckpt else None,
+            "before_warmup" if self.cfg.warmup.episodes > 0 else "before": pick("before"),
+            **({"after_warmup": pick("after_warmup")} if self.cfg.warmup.episodes > 0 else {}),
+            "after_rl": pick("final"),
+            "validation_tasks": self.cfg.rollout.val_num_tasks,
+        }
+
+    def cleanup(self) -> None:
+        for env in (getattr(self, "train_env", None), getattr(self, "val_env", None)):
+            if env is not None:
+                env.close()
+        if getattr(self, "trackers", None) is not None:
+            self.trackers.close()
+
+
+def format_summary(s: dict) -> str:
+    lines = ["", "=" * 72, f"t2po run finished: {s['env']} / {s['algo']}, {s['iterations']} iterations, {s['seconds'] / 60:.1f} min",
+             f"  held-out validation ({s['validation_tasks']} tasks):            success   valid actions   reward"]
+    for key, label in (("before", "before training"), ("before_warmup", "before warm-up"), ("after_warmup", "after warm-up (SFT)"), ("after_rl", "after RL")):
+        v = s.get(key)
+        if v:
+            lines.append(f"    {label:<38} {v['success_rate']:>7.3f}   {v['valid_action_rate']:>13.3f}   {v['episode_reward']:>6.2f}")
+    lines += [f"  run folder: {s['run_dir']}", f"  checkpoint: {s['checkpoint']}", "=" * 72]
+    return "\n".join(lines)
+
+
+def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
+    """The resolved config of a run folder, with optional dotted overrides (e.g. more iterations)."""
+    from t2po.config import _deep_update, parse_override
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a t2po run folder (no config.yaml). Pass the folder printed at the start of `t2po train`.")
+    data = yaml.safe_load(path.read_text())
+    for ov in overrides or []:
+        _deep_update(data, parse_override(ov))
+    return config_from_dict(data)

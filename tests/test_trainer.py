@@ -1,0 +1,165 @@
+"""Trainer tests: a tiny random model on small Sokoban rooms through the real entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from t2po.config import ConfigError, load_config
+from t2po.rollout import StepSample
+from t2po.trainer.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(model_dir: Path, out: Path, algo: str = "t2po", iterations: int = 2) -> list[str]:
+    return [
+        f"model.path={model_dir}",
+        f"algo.name={algo}",
+        f"trainer.iterations={iterations}",
+        f"trainer.output_dir={out}",
+        "trainer.run_name=run",
+        "trainer.trackers=[console]",
+        "trainer.val_before_train=false",
+        "trainer.trace_episodes=1",
+        "warmup.episodes=0",
+        "rollout.num_tasks=2",
+        "rollout.group_size=2",
+        "rollout.max_new_tokens=12",
+        "rollout.val_num_tasks=1",
+        "rollout.turn_score_skip=0",
+        "env.options.max_steps=2",
+        "optim.lr=1e-2",
+        "optim.mini_batch_size=4",
+        "model.lora_rank=4",
+    ]
+
+
+def run_trainer(overrides: list[str], run_dir: Path | None = None, resume: bool = False) -> Trainer:
+    cfg = load_config("default", overrides)
+    trainer = Trainer(cfg, run_dir=run_dir, resume=resume, quiet=True)
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    return trainer
+
+
+@pytest.mark.parametrize("algo", ["t2po", "gigpo", "grpo", "rloo", "ppo"])
+def test_two_iterations_change_parameters_and_log_metrics(tiny_model_dir, tmp_path, algo):
+    cfg = load_config("default", tiny_overrides(tiny_model_dir, tmp_path, algo))
+    trainer = Trainer(cfg, quiet=True)
+    trainer.setup()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert before, "LoRA must leave trainable parameters"
+    trainer.train()
+    trainer.cleanup()
+    after = {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    changed = sum(not torch.equal(before[n], after[n]) for n in before)
+    assert changed > 0, f"{algo}: no trainable parameter changed"
+    lines = [json.loads(l) for l in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["iteration"] for l in lines] == [1, 2]
+    for key in ("rollout/success_rate", "rollout/invalid_action_rate", "actor/grad_norm", "actor/pg_loss", "actor/entropy",
+                "actor/clip_frac", "rollout/tds_resample_fraction", "rollout/tti_stagnation_triggers", "time/rollout", "time/update",
+                "actor/real_token_ratio"):
+        assert key in lines[0], f"{algo}: metric {key} missing"
+    assert 0 < lines[0]["actor/real_token_ratio"] <= 1
+    if algo == "ppo":
+        assert "actor/value_loss" in lines[0]
+    summary = json.loads((trainer.run_dir / "summary.json").read_text())
+    assert summary["after_rl"] is not None and summary["checkpoint"]
+    assert (Path(summary["checkpoint"]) / "optimizer.safetensors").exists()
+    assert list((trainer.run_dir / "traces").glob("iter_*.jsonl"))
+
+
+def _sample(traj: int, group: int, step: int, reward: float, anchor: str) -> StepSample:
+    return StepSample(prompt_ids=[1], response_ids=[2], forced_mask=[False], rollout_logprobs=[0.0], reward=reward, env_reward=reward,
+                      done=False, valid=True, anchor_obs=anchor, group_id=group, traj_id=traj, step=step, turn_score=0.5,
+                      response_text="", action="")
+
+
+@pytest.mark.parametrize("algo", ["t2po", "grpo", "rloo"])
+def test_advantages_on_a_constructed_batch_have_expected_shape_and_sign(algo, tmp_path):
+    cfg = load_config("default", [f"algo.name={algo}"])
+    trainer = Trainer(cfg, run_dir=tmp_path, quiet=True)
+    # one group, two trajectories: trajectory 0 wins (reward 10 at its 2nd step), trajectory 1 gets nothing
+    samples = [_sample(0, 0, 0, 0.0, "a"), _sample(0, 0, 1, 10.0, "b"), _sample(1, 0, 0, 0.0, "a"), _sample(1, 0, 1, -0.1, "c")]
+    adv, returns, _ = trainer.compute_advantages(samples)
+    assert adv.shape == (4,) and returns is None
+    assert adv[0] > 0 and adv[1] > 0, "the winning trajectory's steps must be reinforced"
+    assert adv[2] < 0 and adv[3] < 0, "the losing trajectory's steps must be discouraged"
+
+
+def test_config_typo_names_the_nearest_key():
+    with pytest.raises(ConfigError, match="did you mean 'rollout.group_size'"):
+        load_config("default", ["rollout.gruop_size=4"])
+    with pytest.raises(ConfigError, match="did you mean 'grpo'"):
+        load_config("default", ["algo.name=grpoo"])
+    with pytest.raises(ConfigError, match="dim_room"):
+        load_config("default", ["env.options.dim_rom=[5,5]"])
+
+
+def test_cli_typo_exits_with_suggestion():
+    out = subprocess.run([sys.executable, "-m", "t2po.cli", "train", "optim.lrr=1"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2
+    assert "optim.lr" in out.stderr
+
+
+def _state_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    tensors = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    tensors.update({f"opt.{k}": v for k, v in load_file(str(ckpt / "optimizer.safetensors")).items()})
+    return tensors
+
+
+def test_resume_matches_straight_run(tiny_model_dir, tmp_path):
+    straight = run_trainer(tiny_overrides(tiny_model_dir, tmp_path / "a", iterations=3))
+    partial = run_trainer(tiny_overrides(tiny_model_dir, tmp_path / "b", iterations=2))
+    from t2po.trainer.trainer import load_run_config
+
+    cfg = load_run_config(partial.run_dir, ["trainer.iterations=3"])
+    resumed = Trainer(cfg, run_dir=partial.run_dir, resume=True, quiet=True)
+    resumed.setup()
+    assert resumed.start_iteration == 2
+    resumed.train()
+    resumed.cleanup()
+    a = _state_tensors(straight.run_dir / "checkpoints" / "iter_000003")
+    b = _state_tensors(partial.run_dir / "checkpoints" / "iter_000003")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between straight and resumed runs"
+
+
+def test_killed_run_resumes_from_last_checkpoint(tiny_model_dir, tmp_path):
+    args = [sys.executable, "-m", "t2po.cli", "train", "--quiet", *tiny_overrides(tiny_model_dir, tmp_path, iterations=30)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True)
+    run_dir = tmp_path / "run"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not (run_dir / "checkpoints" / "latest").exists():
+            time.sleep(0.2)
+        assert (run_dir / "checkpoints" / "latest").exists(), "no checkpoint was written in time"
+        time.sleep(0.5)  # kill somewhere inside a later iteration
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    from t2po.trainer.checkpoint import latest_checkpoint
+
+    done = json.loads((latest_checkpoint(run_dir / "checkpoints") / "trainer_state.json").read_text())["iteration"]
+    out = subprocess.run([sys.executable, "-m", "t2po.cli", "train", "--quiet", "--resume", str(run_dir), f"trainer.iterations={done + 1}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    iters = [json.loads(l)["iteration"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert iters == list(range(1, done + 2)), "metrics of the lost iteration must be replaced, not duplicated"
+    assert (run_dir / "checkpoints" / f"iter_{done + 1:06d}").exists()
