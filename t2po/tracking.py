@@ -1,92 +1,58 @@
-"""Experiment tracking: console always, MLflow by default (local store inside the run folder).
+"""Experiment tracking: MLflow by default, TensorBoard and Weights & Biases when installed.
 
-A tracker failure never kills training: it is reported once and that tracker is switched off.
+Every run folder holds its own MLflow store, so a run is self-contained and can be copied or deleted
+as one folder; nothing needs a server:
+
+    <run_dir>/mlflow.db        MLflow tracking store (SQLite): parameters, per-iteration metrics
+    <run_dir>/mlartifacts/     MLflow artifacts: config.yaml, traces/, summary.json, report/
+
+    mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db     # then open http://127.0.0.1:5000
+
+(MLflow 3 refuses the old `file:` store, "in maintenance mode", unless MLFLOW_ALLOW_FILE_STORE is set,
+hence SQLite.) One MLflow UI shows one store; to compare runs side by side in MLflow,
+`t2po report RUN [RUN ...] --mlflow` copies them into one store in the report folder (see
+`t2po/report.py`, which also draws the comparison plots).
+
+Console output is the trainer's own progress lines and is always on. A tracker failure never stops
+training: the failure is reported once on stderr and that tracker is switched off.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
-
-class Tracker:
-    name = "base"
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-
-    def log_artifact(self, path: Path, subdir: str | None = None) -> None: ...
-
-    def close(self) -> None: ...
+MLFLOW_STORE = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlartifacts"
+MLFLOW_EXPERIMENT = "t2po"
+RUN_DIR_TAG = "t2po.run_dir"  # identifies the MLflow run of a run folder, so `--resume` continues it
 
 
-class MlflowTracker(Tracker):
-    """MLflow with a local store in `<run_dir>/mlruns` (view: `mlflow ui --backend-store-uri <run_dir>/mlruns`)."""
-
-    name = "mlflow"
-
-    def __init__(self, run_dir: Path, params: dict):
-        import mlflow
-
-        self.mlflow = mlflow
-        store = (Path(run_dir) / "mlruns").resolve()
-        mlflow.set_tracking_uri(store.as_uri())
-        mlflow.set_experiment("t2po")
-        self.run = mlflow.start_run(run_name=Path(run_dir).name)
-        flat = _flatten(params)
-        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        clean = {k.replace("/", "."): float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
-        self.mlflow.log_metrics(clean, step=step)
-
-    def log_artifact(self, path: Path, subdir: str | None = None) -> None:
-        self.mlflow.log_artifact(str(path), artifact_path=subdir)
-
-    def close(self) -> None:
-        self.mlflow.end_run()
+class MissingPackage(RuntimeError):
+    """An optional tracker whose package is not installed."""
 
 
-class TrackerGroup:
-    def __init__(self, trackers: list[Tracker], quiet: bool = False):
-        self.trackers = trackers
-        self.quiet = quiet
-
-    def _call(self, method: str, *args: Any, **kw: Any) -> None:
-        for t in list(self.trackers):
-            try:
-                getattr(t, method)(*args, **kw)
-            except Exception as e:  # a tracker must never stop training
-                print(f"[tracking] {t.name} failed in {method}: {e!r}; continuing without it.", flush=True)
-                self.trackers.remove(t)
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._call("log_metrics", metrics, step)
-
-    def log_artifact(self, path: Path, subdir: str | None = None) -> None:
-        self._call("log_artifact", path, subdir)
-
-    def close(self) -> None:
-        self._call("close")
+def _report(message: str) -> None:
+    # failures go to stderr even with --quiet: a silently missing tracker loses a whole run's logs
+    print(f"[tracking] {message}", file=sys.stderr, flush=True)
 
 
-def make_trackers(names: list[str], run_dir: Path, params: dict, quiet: bool = False) -> TrackerGroup:
-    trackers: list[Tracker] = []
-    for name in names:
-        if name == "console":
-            continue  # the trainer prints progress itself
-        try:
-            if name == "mlflow":
-                trackers.append(MlflowTracker(run_dir, params))
-            else:
-                raise ValueError(f"tracker {name!r} is not available in this build")
-        except Exception as e:
-            print(f"[tracking] could not start {name}: {e!r}; continuing without it.", flush=True)
-    return TrackerGroup(trackers, quiet)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    """Finite numbers only (trackers reject strings; NaN/inf lines break MLflow's charts)."""
     out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
@@ -96,27 +62,307 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def mlflow_store_uri(store_dir: Path) -> str:
+    """The `--backend-store-uri` of the MLflow store in `store_dir` (absolute: `sqlite:////abs/path`)."""
+    return f"sqlite:///{(Path(store_dir) / MLFLOW_STORE).resolve()}"
+
+
+def mlflow_ui_command(store_dir: Path) -> str:
+    """The command that shows the runs of a store (works offline; serves on 127.0.0.1:5000)."""
+    return f"mlflow ui --backend-store-uri {mlflow_store_uri(store_dir)}"
+
+
+class Tracker:
+    """One logging backend. Methods may raise; `TrackerGroup` contains the damage."""
+
+    name = "base"
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def log_artifact(self, path: Path, subdir: str | None = None) -> None:
+        """Attach a file or a whole folder (under `subdir` in the tracker's artifact tree)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def _check_sqlite(path: Path) -> None:
+    """Fail fast on a store SQLite cannot open (MLflow itself retries for about 100 s before giving up)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("PRAGMA user_version")
+    except sqlite3.Error as e:
+        raise RuntimeError(f"cannot open the MLflow store {path}: {e}") from e
+
+
+class MlflowTracker(Tracker):
+    """MLflow run in the SQLite store `<store_dir>/mlflow.db` (default store_dir: the run folder).
+
+    Parameters are the flattened config (`rollout.group_size`, ...), metrics keep the trainer's names
+    (`rollout/success_rate`, `actor/grad_norm`), the step is the iteration. Resuming a run folder
+    continues its MLflow run (found by the `t2po.run_dir` tag) instead of opening a second one.
+    """
+
+    name = "mlflow"
+
+    def __init__(self, run_dir: Path, params: dict, store_dir: Path | None = None):
+        import logging
+
+        from mlflow import MlflowClient
+
+        # "Creating initial MLflow database tables..." on every new run folder is noise, not news
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        self.run_dir = Path(run_dir).resolve()
+        self.store_dir = Path(store_dir or run_dir).resolve()
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        _check_sqlite(self.store_dir / MLFLOW_STORE)
+        self.client = MlflowClient(tracking_uri=mlflow_store_uri(self.store_dir))
+        experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+        if experiment is None:
+            experiment_id = self.client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=(self.store_dir / MLFLOW_ARTIFACTS).as_uri())
+        else:
+            experiment_id = experiment.experiment_id
+        previous = [r for r in self.client.search_runs([experiment_id], max_results=1000) if r.data.tags.get(RUN_DIR_TAG) == str(self.run_dir)]
+        if previous:
+            run = previous[0]
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(experiment_id, run_name=self.run_dir.name, tags={RUN_DIR_TAG: str(self.run_dir)})
+        self.run_id = run.info.run_id
+        self._log_params(_flatten(params), run.data.params)
+        if (self.run_dir / "config.yaml").exists():
+            self.log_artifact(self.run_dir / "config.yaml")
+
+    def _log_params(self, flat: dict[str, Any], logged: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        new = []
+        for key, value in flat.items():
+            text = str(value)[:6000]  # MLflow's limit on a parameter value
+            if key not in logged:
+                new.append(Param(key, text))
+            elif logged[key] != text:
+                # MLflow forbids changing a logged parameter; config.yaml (logged again) has the new value
+                _report(f"mlflow: {key} changed on resume ({logged[key]} -> {text}); the MLflow parameter keeps the first value, "
+                        f"the artifact config.yaml has the new one")
+        for start in range(0, len(new), 100):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, params=new[start : start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, int(step)) for k, v in _numeric(metrics).items()]
+        for start in range(0, len(batch), 1000):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def log_artifact(self, path: Path, subdir: str | None = None) -> None:
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path=subdir)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path=subdir)
+
+    def close(self) -> None:
+        # called from the trainer's `finally`: an exception in flight means the run did not finish
+        exc = sys.exc_info()[0]
+        status = "FINISHED" if exc is None else "KILLED" if issubclass(exc, KeyboardInterrupt) else "FAILED"
+        self.client.set_terminated(self.run_id, status=status)
+
+
+class TensorBoardTracker(Tracker):
+    """TensorBoard event files in `<run_dir>/tensorboard` (`tensorboard --logdir runs`).
+
+    Scalars only: the artifacts (traces, summary, report) are files in the run folder already."""
+
+    name = "tensorboard"
+
+    def __init__(self, run_dir: Path, params: dict):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise MissingPackage("the tensorboard tracker needs the tensorboard package: pip install tensorboard") from e
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in _flatten(params).items()))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in _numeric(metrics).items():
+            self.writer.add_scalar(k, v, global_step=int(step))
+        self.writer.flush()
+
+    def log_artifact(self, path: Path, subdir: str | None = None) -> None:
+        pass  # see the class docstring
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker(Tracker):
+    """A Weights & Biases run (project `t2po`, files under `<run_dir>/wandb`); `WANDB_MODE=offline`
+    keeps it local (`wandb sync` uploads later). Resuming a run folder continues its W&B run."""
+
+    name = "wandb"
+
+    def __init__(self, run_dir: Path, params: dict):
+        try:
+            import wandb
+        except ImportError as e:
+            raise MissingPackage("the wandb tracker needs the wandb package: pip install wandb") from e
+        self.wandb = wandb
+        run_dir = Path(run_dir).resolve()
+        run_id = hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]  # stable per folder, no '/' allowed
+        # allow_val_change: a resumed run may override keys (e.g. more iterations)
+        self.run = wandb.init(project="t2po", name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=params, allow_val_change=True)
+        # warm-up epochs, validations and iterations each count from 0 or 1: plot against our step,
+        # not W&B's own strictly increasing one
+        self.run.define_metric("t2po/step")
+        self.run.define_metric("*", step_metric="t2po/step")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log({**_numeric(metrics), "t2po/step": int(step)})
+
+    def log_artifact(self, path: Path, subdir: str | None = None) -> None:
+        path = Path(path)
+        artifact = self.wandb.Artifact(name=subdir or path.stem, type="t2po")
+        if path.is_dir():
+            artifact.add_dir(str(path))
+        else:
+            artifact.add_file(str(path))
+        self.run.log_artifact(artifact)
+
+    def close(self) -> None:
+        self.run.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
+
+
+TRACKERS: dict[str, type[Tracker]] = {"mlflow": MlflowTracker, "tensorboard": TensorBoardTracker, "wandb": WandbTracker}
+
+
+class TrackerGroup:
+    """The trackers of one run. A tracker that raises is reported once and dropped; training goes on."""
+
+    def __init__(self, trackers: list[Tracker], quiet: bool = False):
+        self.trackers = list(trackers)
+        self.quiet = quiet
+
+    def _call(self, method: str, *args: Any) -> None:
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as e:  # a tracker must never stop training
+                _report(f"{tracker.name} failed in {method}: {e!r}; training goes on without {tracker.name}.")
+                self.trackers.remove(tracker)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._call("log_metrics", metrics, step)
+
+    def log_artifact(self, path: Path, subdir: str | None = None) -> None:
+        self._call("log_artifact", Path(path), subdir)
+
+    def log_report(self, run_dir: Path) -> Path | None:
+        """Draw this run's plots and summary table into `<run_dir>/report/` (see `t2po.report`) and
+        attach them as the artifact folder `report`. Returns the folder, or None if drawing failed:
+        the run itself is complete at this point, so a plotting error is reported, never raised."""
+        try:
+            from t2po.report import write_report
+
+            out = write_report([Path(run_dir)], Path(run_dir) / "report")
+        except Exception as e:
+            _report(f"could not write the report of {run_dir}: {e!r}")
+            return None
+        self.log_artifact(out, "report")
+        return out
+
+    def close(self) -> None:
+        self._call("close")
+
+
+def make_trackers(names: list[str], run_dir: Path, params: dict, quiet: bool = False) -> TrackerGroup:
+    """Start the named trackers ("console", "mlflow", "tensorboard", "wandb") for one run folder.
+
+    "console" is the trainer's own progress output (always on). A tracker that cannot start (package
+    missing, store not writable) is reported once and left out."""
+    trackers: list[Tracker] = []
+    for name in names:
+        if name == "console":
+            continue
+        if name not in TRACKERS:
+            raise ValueError(f"unknown tracker {name!r}; choose from {['console', *TRACKERS]}")
+        try:
+            trackers.append(TRACKERS[name](Path(run_dir), params))
+        except MissingPackage as e:
+            _report(f"{e}; training goes on without {name}.")
+        except Exception as e:
+            _report(f"could not start {name}: {e!r}; training goes on without it.")
+    if not quiet and any(t.name == "mlflow" for t in trackers):
+        print(f"[tracking] MLflow: {mlflow_ui_command(run_dir)}", flush=True)
+    return TrackerGroup(trackers, quiet)
+
+
+def trace_sample(episodes: list, k: int) -> list:
+    """`k` episodes spread evenly over the batch, so that the traces show different tasks (the batch
+    is ordered task by task) instead of `k` attempts at the first one."""
+    if k <= 0 or not episodes:
+        return []
+    if k >= len(episodes):
+        return list(episodes)
+    return [episodes[(j * len(episodes)) // k] for j in range(k)]
+
+
+def _forced_spans(ids: list[int], forced: list[bool], tokenizer: Any) -> list[dict]:
+    """Contiguous runs of TTI-forced tokens: token position, length and decoded text (e.g. `</think>`)."""
+    spans = []
+    k = 0
+    while k < len(forced):
+        if forced[k]:
+            end = k
+            while end < len(forced) and forced[end]:
+                end += 1
+            spans.append({"position": k, "tokens": end - k, "text": tokenizer.decode(ids[k:end])})
+            k = end
+        else:
+            k += 1
+    return spans
+
+
 def episode_trace(episode: Any, tokenizer: Any) -> dict:
-    """One episode as JSON: per step the prompt and response (decoded and token ids), where TTI
-    forced tokens, whether TDS resampled the turn, the action, validity and reward."""
+    """One episode as a JSON-ready dict (one line of `traces/iter_NNNNNN.jsonl`).
+
+    Per step: the observation, the prompt and the response both decoded and as token ids (the ids are
+    the engine's, as trained on), where TTI forced tokens (`forced`: position, length, text) and how
+    often TDS regenerated the turn (`tds_resampled`), the turn score, the parsed action and its
+    validity, the environment reward and the reward after the invalid-action penalty."""
     steps = []
     for s in episode.samples:
         steps.append({
             "step": s.step,
             "observation": episode.observations[s.step] if s.step < len(episode.observations) else None,
             "prompt": tokenizer.decode(s.prompt_ids),
+            "prompt_ids": list(s.prompt_ids),
             "response": s.response_text,
-            "response_ids": s.response_ids,
-            "forced_positions": [k for k, f in enumerate(s.forced_mask) if f],
-            "tti_triggers": s.tti_triggers,
+            "response_ids": list(s.response_ids),
+            "forced": _forced_spans(s.response_ids, s.forced_mask, tokenizer),
+            "tti_triggers": dict(s.tti_triggers),
             "think_length": s.think_length,
             "tds_resampled": s.resampled,
             "turn_score": None if math.isnan(s.turn_score) else s.turn_score,
             "action": s.action,
             "valid": s.valid,
             "invalid_reason": s.invalid_reason,
+            "env_reward": s.env_reward,
             "reward": s.reward,
             "done": s.done,
         })
-    return {"traj_id": episode.traj_id, "group_id": episode.group_id, "seed": episode.seed, "won": episode.won,
-            "total_reward": episode.total_reward, "metrics": {k: v for k, v in episode.metrics.items() if isinstance(v, (int, float, str, bool))}, "steps": steps}
+    return {
+        "traj_id": episode.traj_id,
+        "group_id": episode.group_id,
+        "seed": episode.seed,
+        "won": episode.won,
+        "truncated": episode.truncated,
+        "total_reward": episode.total_reward,
+        "metrics": {k: v for k, v in episode.metrics.items() if isinstance(v, (int, float, str, bool))},
+        "final_observation": episode.observations[-1] if episode.observations else None,
+        "steps": steps,
+    }
