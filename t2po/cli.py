@@ -6,6 +6,9 @@
     t2po presets                                    list config presets
     t2po serve-retriever [--corpus FILE] [--port N] Search QA retrieval server (127.0.0.1)
     t2po webshop-server [--port N]                  the WebShop human view (127.0.0.1)
+    t2po rft collect ENV --out FILE                 keep successful episodes (expert or model) as SFT data
+    t2po sft DATA --out DIR                         multi-turn SFT; `t2po train model.path=DIR` starts from it
+    t2po report RUN [RUN ...] [--out DIR] [--mlflow] plots + summary table, compare runs and seeds
 """
 
 from __future__ import annotations
@@ -116,6 +119,9 @@ COMMANDS = {
     "presets": (_presets, "list configuration presets"),
     "serve-retriever": (_delegate("t2po.envs.search.server"), "serve the Search QA retrieval index over HTTP"),
     "webshop-server": (_delegate("t2po.envs.webshop.web"), "serve the WebShop human view over HTTP"),
+    "rft": (_delegate("t2po.rft"), "cold start: `t2po rft collect ENV` keeps successful episodes as SFT data"),
+    "sft": (lambda argv: int(importlib.import_module("t2po.rft").sft_main(argv) or 0), "multi-turn SFT on collected conversations"),
+    "report": (_delegate("t2po.report"), "plots and a summary table of runs; compares seeds and configurations"),
 }
 
 

@@ -129,6 +129,7 @@ class TrainerConfig:
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (oldest deleted).")
     trackers: list = _f(["console", "mlflow"], "Trackers: console, mlflow, tensorboard, wandb.")
     trace_episodes: int = _f(2, "Episodes per iteration written to the rollout traces.")
+    report: bool = _f(True, "Write plots and report.md into <run>/report/ at the end (as `t2po report RUN`).")
     threads: int | None = _f(None, "torch CPU threads (None = torch default).")
 
 
@@ -258,7 +259,9 @@ def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
 
 def _deep_update(dst: dict, src: dict) -> None:
     for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict) and k not in ("options", "val_options"):
+        if k == "env" and isinstance(v, dict) and isinstance(dst.get(k), dict) and v.get("name", dst[k].get("name")) != dst[k].get("name"):
+            dst[k] = dict(v)  # another environment: the base's environment options do not apply
+        elif isinstance(v, dict) and isinstance(dst.get(k), dict) and k not in ("options", "val_options"):
             _deep_update(dst[k], v)
         elif isinstance(v, dict) and isinstance(dst.get(k), dict):
             dst[k] = {**dst[k], **v}

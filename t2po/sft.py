@@ -112,13 +112,14 @@ def load_conversations(path: Path) -> list[Conversation]:
 
 
 def tokenize_conversations(convs: list[Conversation], tokenizer: Any, max_prompt_tokens: int | None = None) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) per step: the prompt rendered exactly as at rollout time; the
-    response ids are the recorded engine ids when present, else the tokenized text + end-of-turn."""
+    """(prompt ids, response ids) per step. Model episodes carry the exact ids the engine saw and
+    produced (`prompt_ids`, `response_ids`); expert steps are rendered exactly as at rollout time
+    (same chat template) and their response text is tokenized with the end-of-turn token appended."""
     eos = tokenizer.eos_token_id
     examples = []
     for conv in convs:
         for step in conv.steps:
-            prompt_ids, _ = build_prompt_ids(tokenizer, step["prompt"], max_prompt_tokens)
+            prompt_ids = step.get("prompt_ids") or build_prompt_ids(tokenizer, step["prompt"], max_prompt_tokens)[0]
             ids = step.get("response_ids")
             if ids is None:
                 ids = tokenizer.encode(step["response"], add_special_tokens=False) + [eos]

@@ -44,7 +44,7 @@ def _split_calls(calls):
     full call's prompts."""
     full, regen = [], []
     for prompts, gens in calls:
-        if full and len(prompts) < len(full[-1][0]) and all(p in full[-1][0] for p in prompts):
+        if full and all(p in full[-1][0] for p in prompts):  # next-turn prompts differ: the history grew
             regen.append((prompts, gens))
         else:
             full.append((prompts, gens))

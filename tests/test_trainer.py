@@ -32,6 +32,7 @@ def tiny_overrides(model_dir: Path, out: Path, algo: str = "t2po", iterations: i
         "trainer.trackers=[console]",
         "trainer.val_before_train=false",
         "trainer.trace_episodes=1",
+        "trainer.report=false",
         "warmup.episodes=0",
         "rollout.num_tasks=2",
         "rollout.group_size=2",

@@ -422,12 +422,12 @@ class Trainer:
         k = self.cfg.trainer.trace_episodes
         if k <= 0:
             return
-        from t2po.tracking import episode_trace
+        from t2po.tracking import episode_trace, trace_sample
 
         folder = self.run_dir / "traces"
         folder.mkdir(exist_ok=True)
         path = folder / f"iter_{it + 1:06d}.jsonl"
-        lines = [json.dumps(episode_trace(ep, self.tokenizer)) for ep in result.episodes[:k]]
+        lines = [json.dumps(episode_trace(ep, self.tokenizer)) for ep in trace_sample(result.episodes, k)]
         atomic_write_text(path, "\n".join(lines) + "\n")
         self.trackers.log_artifact(path, "traces")
 
@@ -459,6 +459,9 @@ class Trainer:
         summary = self.summary(time.time() - t_start)
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self.trackers.log_artifact(self.run_dir / "summary.json")
+        self.trackers.log_artifact(self.run_dir / "validation.jsonl")
+        if cfg.trainer.report:
+            self.trackers.log_report(self.run_dir)  # plots + report.md into <run_dir>/report/
         self.log(format_summary(summary))
         return summary
 
