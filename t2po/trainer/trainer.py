@@ -119,8 +119,13 @@ class Trainer:
         if cfg.model.lora:
             from peft import LoraConfig, get_peft_model
 
+            layers = None
+            if cfg.model.lora_layers is not None:
+                n = self.model.config.num_hidden_layers
+                layers = list(range(max(n - cfg.model.lora_layers, 0), n))
             lcfg = LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
-                              target_modules=list(cfg.model.lora_target_modules), task_type="CAUSAL_LM")
+                              target_modules=list(cfg.model.lora_target_modules), task_type="CAUSAL_LM",
+                              layers_to_transform=layers, layers_pattern="layers" if layers is not None else None)
             self.model = get_peft_model(self.model, lcfg)
         self.ref_model = None
         if cfg.algo.kl_coef > 0 and not cfg.model.lora:
@@ -296,6 +301,8 @@ class Trainer:
     @torch.no_grad()
     def _score_samples(self, samples: list[StepSample]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, np.ndarray | None]:
         """Old log-probs (current policy before the update), reference log-probs, critic values."""
+        if not self.cfg.optim.recompute_logprobs and self.cfg.algo.kl_coef <= 0 and self.value_head is None:
+            return [torch.tensor(s.rollout_logprobs, dtype=torch.float32) for s in samples], None, None
         self.model.eval()
         old: list[torch.Tensor] = [None] * len(samples)  # type: ignore[list-item]
         ref: list[torch.Tensor] | None = [None] * len(samples) if self.cfg.algo.kl_coef > 0 else None  # type: ignore[list-item]
@@ -304,7 +311,10 @@ class Trainer:
         for mb in self._micro_batches(list(range(len(samples))), samples):
             out = forward_micro_batch(self.model, mb, value_head=self.value_head, autocast_bf16=bf16)
             for b, i in enumerate(mb.indices):
-                old[i] = out["logp"][b, : len(samples[i].response_ids)].clone()
+                if self.cfg.optim.recompute_logprobs:
+                    old[i] = out["logp"][b, : len(samples[i].response_ids)].clone()
+                else:
+                    old[i] = torch.tensor(samples[i].rollout_logprobs, dtype=torch.float32)
                 if values is not None:
                     values[i] = float(out["values"][b])
             if ref is not None:

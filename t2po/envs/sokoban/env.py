@@ -47,6 +47,15 @@ _INSTRUCTION = (
 )
 
 
+# prompt_style="compact": the same task in few tokens (bare-symbol grid, positions spelled out, one
+# instruction line) for small models on CPUs, where prompt length dominates the cost of a run.
+_COMPACT_INTRO = (
+    "Sokoban: push every box onto a target. Symbols: # wall, _ floor, O target, X box, "
+    "√ box on target, P player, S player on target. Positions are (row,column).\n"
+)
+_COMPACT_INSTRUCTION = "Answer with <think>brief reasoning</think><action>up, down, left or right</action>."
+
+
 @dataclass
 class _Episode:
     seed: int  # the room seed (split offset included)
@@ -87,6 +96,9 @@ class SokobanEnv(BatchEnv):
     - `split="train"`: "train" uses room seed = seed, "valid" room seed = seed + 1000 (the offset is
       applied in `reset`, to every seed it receives).
     - `render_tile_px=16`: pixels per tile of the image observation.
+    - `prompt_style="reference"`: "reference" (the reference template and tab-separated grid) or
+      "compact" (rows of bare symbols plus the positions of player, boxes and targets in words, one
+      instruction line: about a third of the tokens, for small models on CPUs). Text mode only.
 
     Actions are "up", "down", "left", "right" (case-insensitive). Rewards follow gym-sokoban: -0.1
     per step, +1 when a push puts a box on a target, -1 when it takes one off, +10 when every box is
@@ -109,6 +121,7 @@ class SokobanEnv(BatchEnv):
         observation_mode: str = "text",
         split: str = "train",
         render_tile_px: int = 16,
+        prompt_style: str = "reference",
     ) -> None:
         if not isinstance(dim_room, (tuple, list)) or len(dim_room) != 2 or any(not isinstance(d, int) or d < 4 for d in dim_room):
             raise ValueError(f"dim_room must be two integers >= 4 (height, width), e.g. (6, 6); got {dim_room!r}.")
@@ -120,6 +133,10 @@ class SokobanEnv(BatchEnv):
                 raise ValueError(f"{name} must be an integer >= {low}; got {value!r}.")
         if observation_mode not in OBSERVATION_MODES:
             raise ValueError(f"observation_mode must be one of {OBSERVATION_MODES}; got {observation_mode!r}.")
+        if prompt_style not in ("reference", "compact"):
+            raise ValueError(f"prompt_style must be 'reference' or 'compact'; got {prompt_style!r}.")
+        if prompt_style == "compact" and observation_mode != "text":
+            raise ValueError("prompt_style='compact' is a text-mode prompt; use observation_mode='text'.")
         if split not in ("train", "valid"):
             raise ValueError(f"split must be 'train' or 'valid'; got {split!r}.")
         self.dim_room = (int(dim_room[0]), int(dim_room[1]))
@@ -130,6 +147,7 @@ class SokobanEnv(BatchEnv):
         self.observation_mode = observation_mode
         self.split = split
         self.render_tile_px = render_tile_px
+        self.prompt_style = prompt_style
         self._episodes: list[_Episode] = []
         # room -> remaining fewest-moves plan (None: unsolvable); filled along every plan found
         self._plans: dict[Room, list[str] | None] = {}
@@ -182,7 +200,13 @@ class SokobanEnv(BatchEnv):
         return self._state(ep, reward=reward, effective=moved, valid=move in DELTAS)
 
     def _state(self, ep: _Episode, reward: float, effective: bool, valid: bool = True) -> EnvState:
-        grid = ep.room.to_text()
+        if self.prompt_style == "compact":
+            room = ep.room
+            grid = "\n".join("".join(room.symbol((r, c)) for c in range(room.width)) for r in range(room.height))
+            grid += (f"\nPlayer at {_fmt(room.player)}; {_listing('box', 'boxes', room.boxes)}; "
+                     f"{_listing('target', 'targets', room.targets)}.")
+        else:
+            grid = ep.room.to_text()
         image = render_image(ep.room, self.render_tile_px) if self.observation_mode != "text" else None
         metrics: dict[str, Any] = {}
         if ep.done:
@@ -211,6 +235,10 @@ class SokobanEnv(BatchEnv):
         pairs in the reference's `[Observation k: '...', Action k: '...']` form (image mode: actions
         only, as past images are not in the prompt), the current observation and the answer format."""
         mode = self.observation_mode
+        if self.prompt_style == "compact":
+            recent = history[-self.history_length :] if self.history_length > 0 else []
+            past = "".join(f"Earlier: {obs}\nYou moved {act}.\n" for obs, act in recent)
+            return f"{_COMPACT_INTRO}{past}Now (step {len(history) + 1}):\n{state.observation}\n{_COMPACT_INSTRUCTION}"
         legend = {"text": _SYMBOLS, "image": _IMAGE_LEGEND, "both": _SYMBOLS + _IMAGE_LEGEND}[mode]
         if mode == "text":
             current = f"\n{state.observation}\n"
@@ -269,9 +297,9 @@ class SokobanEnv(BatchEnv):
                 break
             room, _ = room.move(move)
         current = ep.room
-        think = (
+        positions = "" if self.prompt_style == "compact" else (  # the compact observation already lists them
             f"Player at {_fmt(current.player)}; {_listing('box', 'boxes', current.boxes)}; "
             f"{_listing('target', 'targets', current.targets)}. "
-            f"Next push: box at {_fmt(box)} {push}, from {_fmt(stand)}. Go {plan[0]}."
         )
+        think = f"{positions}Next push: box at {_fmt(box)} {push}, from {_fmt(stand)}. Go {plan[0]}."
         return f"<think>{think}</think><action>{plan[0]}</action>"
