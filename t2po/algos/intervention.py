@@ -1,0 +1,296 @@
+"""TTI: the token-level thinking intervention (spec §2), for a batch of sequences decoded together.
+
+Each row (sequence) has its own state; rows may start, think and finish at different steps.
+
+- A row is *inside a think span* once its generated text ends with the start tag (`<think>`) and
+  until it ends with the end tag (`</think>`). A prompt whose text, trailing whitespace aside, ends
+  with the start tag (a template that pre-fills `<think>`) starts its row inside the span. A second
+  start tag inside an open span does not restart the span (so it cannot extend the budget).
+- Inside a span, M_t (spec §1) is compared with the previous step's: |M_t - M_{t-1}| <= eps for
+  `patience` (K) consecutive comparisons is *stagnation*; the token sampled from these logits is then
+  forced to be the first end-tag token (every other logit -inf) and the counter resets.
+- *Budget*: when the span already holds `budget` (B) tokens, the end tag is forced the same way.
+- A multi-token end tag is forced token by token over the following steps; if the row had already
+  written the beginning of the tag (e.g. `</` then `think`), only the missing tokens are forced.
+  Then the model continues freely (it writes its action). Nothing else is ever injected and the
+  end tag is never suppressed: the intervention cannot make a model think longer.
+- M_t recorded for a forced step is computed from the unmodified logits.
+
+Tokenization variants. Tags are matched on *decoded text* when `token_text` (the decoded string of
+every vocabulary id) is given: with SmolLM2's tokenizer `<think>` is `< think >` alone, `Ġ< think >`
+after a space, and `</think><action>` ends in a merged `><` token, so no fixed id sequence can detect
+the tags, whereas the decoded text always contains them. `think_end_ids` (one tokenization) is what
+gets forced. Without `token_text`, tags are matched on the exact id sequences given.
+
+Use it (a) from an engine's own decoding loop: `start(prompts)`, then per step and row
+`observe(row, m_t)` (returns the token to force, or None) and `advance(row, token_id)`; or (b) as a
+Hugging Face logits processor, `model.generate(..., logits_processor=[intervention])`, one generate
+call per `reset()`. In transformers 5.19 custom processors run after the default non-sampling ones
+(repetition penalty, bad words, min length, ...) and before temperature/top-k/top-p, so M_t there is
+spec-exact when no such default processor is configured, and a forced row keeps its single finite
+logit through the sampling warpers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from t2po.algos.uncertainty import CONFIDENCE_FORMS, uncertainty_signal
+
+TRIGGER_KINDS = ("budget", "stagnation")
+
+
+@dataclass
+class ThinkRow:
+    """The intervention's record of one row."""
+
+    uncertainty: list[float] = field(default_factory=list)  # M_t of every generated token, unmodified logits
+    forced: list[bool] = field(default_factory=list)  # per generated token: written by the intervention
+    triggers: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TRIGGER_KINDS, 0))
+    think_length: int = 0  # generated tokens emitted inside think spans (closing-tag tokens included)
+    in_think: bool = False
+    span_tokens: int = 0  # tokens in the current span (what the budget counts)
+    previous_m: float | None = None  # M_{t-1} inside the current span
+    stagnant_steps: int = 0  # consecutive comparisons with |M_t - M_{t-1}| <= eps
+    pending: list[int] = field(default_factory=list)  # end-tag tokens still to force, in order
+    awaiting: int | None = None  # token the current step must emit (-1: free), None: no step observed
+    tail: str | list[int] = ""  # last few decoded characters (or ids) for tag matching
+    num_tokens: int = 0  # generated tokens advanced so far
+
+    @property
+    def forced_positions(self) -> list[int]:
+        """Positions (in the response) of the tokens the intervention forced."""
+        return [i for i, was_forced in enumerate(self.forced) if was_forced]
+
+
+_FREE = -1  # `awaiting` value of a step whose token is sampled freely
+
+
+class ThinkingIntervention:
+    """Per-row TTI state machine (spec §2); see the module docstring for the rules.
+
+    `patience=None` disables the stagnation rule and `budget=None` the budget rule; with both off
+    the intervention only monitors (M_t traces, think lengths) and never forces anything.
+    """
+
+    def __init__(
+        self,
+        think_start_ids: Sequence[int],
+        think_end_ids: Sequence[int],
+        patience: int | None = 20,
+        eps: float = 1e-4,
+        budget: int | None = None,
+        alpha: float = 0.6,
+        confidence: str = "logprob",
+        token_text: Sequence[str] | None = None,
+    ) -> None:
+        self.think_start_ids = _check_ids(think_start_ids, "think_start_ids")
+        self.think_end_ids = _check_ids(think_end_ids, "think_end_ids")
+        if patience is not None and patience < 1:
+            raise ValueError(f"patience (K) must be >= 1 or None (no stagnation rule), got {patience}")
+        if budget is not None and budget < 0:
+            raise ValueError(f"budget (B) must be >= 0 or None (no budget), got {budget}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if confidence not in CONFIDENCE_FORMS:
+            raise ValueError(f"confidence must be one of {CONFIDENCE_FORMS}, got {confidence!r}")
+        self.patience, self.eps, self.budget = patience, eps, budget
+        self.alpha, self.confidence = alpha, confidence
+        self.token_text = token_text
+        if token_text is not None:
+            too_large = [i for i in (*self.think_start_ids, *self.think_end_ids) if i >= len(token_text)]
+            if too_large:
+                raise ValueError(f"tag token ids {too_large} are outside token_text (length {len(token_text)})")
+        self._start_tag = self._text(self.think_start_ids)
+        self._end_tag = self._text(self.think_end_ids)
+        if not self._start_tag or not self._end_tag:
+            raise ValueError("think_start_ids and think_end_ids must decode to non-empty text")
+        if self._start_tag == self._end_tag:
+            raise ValueError(f"the start and end tags must differ, both are {self._start_tag!r}")
+        # _end_prefixes[k]: the text of the end tag's first k tokens (to complete a half-written tag).
+        self._end_prefixes = [self._text(self.think_end_ids[:k]) for k in range(len(self.think_end_ids))]
+        self._tail_keep = max(len(self._start_tag), len(self._end_tag)) - 1
+        self.rows: list[ThinkRow] = []
+        self._prompt_length: int | None = None  # set by the first logits-processor call
+
+    @classmethod
+    def from_tokenizer(
+        cls,
+        tokenizer,
+        think_start: str = "<think>",
+        think_end: str = "</think>",
+        token_text: Sequence[str] | None = None,
+        **options,
+    ) -> ThinkingIntervention:
+        """Tags given as text, tokenized with `tokenizer` (a Hugging Face tokenizer); matching on
+        decoded text. Pass a precomputed `token_text` (see `vocabulary_text`) to skip decoding the
+        vocabulary again."""
+        return cls(
+            tokenizer.encode(think_start, add_special_tokens=False),
+            tokenizer.encode(think_end, add_special_tokens=False),
+            token_text=token_text if token_text is not None else vocabulary_text(tokenizer),
+            **options,
+        )
+
+    # -- per-row API (engines) -------------------------------------------------------------------
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Begin a batch with one row per prompt (token ids). Only the end of each prompt matters:
+        a prompt ending with the start tag (trailing whitespace aside) opens its row's span."""
+        self.rows = [self._new_row(prompt) for prompt in prompts]
+        self._prompt_length = None
+
+    def reset(self) -> None:
+        """Forget the batch; the next logits-processor call starts a new one."""
+        self.rows = []
+        self._prompt_length = None
+
+    def observe(self, row: int, m_t: float) -> int | None:
+        """Record M_t of `row`'s current logits and return the token this step must emit (the
+        intervention forces it), or None when the model samples freely."""
+        state = self.rows[row]
+        if state.awaiting is not None:
+            raise RuntimeError(f"row {row}: observe() called twice without advance() in between")
+        state.uncertainty.append(m_t)
+        forced = None
+        if state.pending:
+            forced = state.pending.pop(0)
+        elif state.in_think:
+            close_enough = state.previous_m is not None and abs(m_t - state.previous_m) <= self.eps
+            state.stagnant_steps = state.stagnant_steps + 1 if close_enough else 0
+            state.previous_m = m_t
+            cause = None
+            if self.budget is not None and state.span_tokens >= self.budget:
+                cause = "budget"
+            elif self.patience is not None and state.stagnant_steps >= self.patience:
+                cause = "stagnation"
+            if cause is not None:
+                state.triggers[cause] += 1
+                state.stagnant_steps = 0
+                forced, *state.pending = self._end_tag_completion(state.tail)
+        state.forced.append(forced is not None)
+        state.awaiting = _FREE if forced is None else forced
+        return forced
+
+    def advance(self, row: int, token_id: int) -> None:
+        """Append the token `row` emitted at the step last observed and update its think-span state."""
+        state = self.rows[row]
+        if state.awaiting is None:
+            raise RuntimeError(f"row {row}: advance() called without observe() for this step")
+        if state.awaiting != _FREE and token_id != state.awaiting:
+            raise RuntimeError(
+                f"row {row}: the intervention forced token {state.awaiting} but {token_id} was emitted; "
+                "something after the intervention (a logits processor or the sampler) overrode it"
+            )
+        state.awaiting = None
+        state.num_tokens += 1
+        if state.in_think:
+            state.span_tokens += 1
+            state.think_length += 1
+        boundary = len(state.tail)
+        window = state.tail + self._piece(token_id)
+        start_end = _last_match_end(window, self._start_tag, boundary)
+        end_end = _last_match_end(window, self._end_tag, boundary)
+        if end_end > start_end and state.in_think:
+            state.in_think = False
+            state.span_tokens, state.stagnant_steps, state.previous_m = 0, 0, None
+            state.pending = []
+        elif start_end > end_end and not state.in_think:
+            state.in_think = True
+        state.tail = window[len(window) - self._tail_keep :] if self._tail_keep else window[:0]
+
+    # -- Hugging Face logits processor -----------------------------------------------------------
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """`LogitsProcessor` protocol: `input_ids` [B, L] (prompt + generated so far), `scores` [B, V]."""
+        if self._prompt_length is None:
+            self.start(input_ids.tolist())
+            self._prompt_length = input_ids.shape[1]
+        else:
+            self.catch_up(input_ids)
+        return self.apply(scores)
+
+    def catch_up(self, input_ids: torch.LongTensor) -> None:
+        """Advance every row over the tokens of `input_ids` it has not seen yet (logits-processor
+        path; call once with generate's output sequences to account for the last token)."""
+        for row, state in enumerate(self.rows):
+            for token_id in input_ids[row, self._prompt_length + state.num_tokens :].tolist():
+                self.advance(row, token_id)
+
+    def apply(self, scores: torch.Tensor) -> torch.Tensor:
+        """Observe every row's M_t from `scores` [B, V] and return scores where each forced row has
+        -inf everywhere but its forced token."""
+        m = uncertainty_signal(scores, self.alpha, self.confidence).tolist()
+        forced = [(row, token) for row in range(len(m)) if (token := self.observe(row, m[row])) is not None]
+        if not forced:
+            return scores
+        rows, tokens = zip(*forced)
+        scores = scores.clone()
+        scores[list(rows)] = float("-inf")
+        scores[list(rows), list(tokens)] = 0.0
+        return scores
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _piece(self, token_id: int) -> str | list[int]:
+        if self.token_text is None:
+            return [token_id]
+        return self.token_text[token_id] if 0 <= token_id < len(self.token_text) else ""
+
+    def _text(self, ids: Sequence[int]) -> str | list[int]:
+        if self.token_text is None:
+            return list(ids)
+        return "".join(self.token_text[i] for i in ids)
+
+    def _end_tag_completion(self, tail: str | list[int]) -> list[int]:
+        """The end-tag tokens still missing after `tail` (all of them unless the row already wrote
+        the tag's first tokens)."""
+        for k in range(len(self.think_end_ids) - 1, 0, -1):
+            if _ends_with(tail, self._end_prefixes[k]):
+                return self.think_end_ids[k:]
+        return list(self.think_end_ids)
+
+    def _new_row(self, prompt: Sequence[int]) -> ThinkRow:
+        state = ThinkRow(tail="" if self.token_text is not None else [])
+        prompt = list(prompt)
+        if self.token_text is None:
+            state.in_think = _ends_with(prompt, self._start_tag)
+            state.tail = prompt[len(prompt) - self._tail_keep :] if self._tail_keep else []
+            return state
+        # Decode backwards until the prompt's end (trailing whitespace aside) is long enough to hold the tag.
+        text, count = "", 0
+        while count < len(prompt) and len(text.rstrip()) < len(self._start_tag):
+            count += 1
+            text = self._piece(prompt[-count]) + text
+        state.in_think = text.rstrip().endswith(self._start_tag)
+        state.tail = text[len(text) - self._tail_keep :] if self._tail_keep else ""
+        return state
+
+
+def vocabulary_text(tokenizer) -> list[str]:
+    """The decoded text of every id of `tokenizer` (special tokens included), for tag matching."""
+    return tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+
+
+def _check_ids(ids: Sequence[int], name: str) -> list[int]:
+    ids = list(ids)
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{name} must be a non-empty list of token ids (ints >= 0), got {ids!r}")
+    return ids
+
+
+def _ends_with(sequence: str | list[int], suffix: str | list[int]) -> bool:
+    return len(sequence) >= len(suffix) and sequence[len(sequence) - len(suffix) :] == suffix
+
+
+def _last_match_end(window: str | list[int], tag: str | list[int], boundary: int) -> int:
+    """End index of the last occurrence of `tag` in `window` that ends after `boundary` (i.e. that the
+    newest token completed), or -1."""
+    n = len(tag)
+    for end in range(len(window), max(boundary, n - 1), -1):
+        if window[end - n : end] == tag:
+            return end
+    return -1

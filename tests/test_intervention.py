@@ -1,0 +1,227 @@
+"""TTI (spec §2): per-row stagnation and budget forcing, multi-token end tags, tag matching on text."""
+
+import math
+
+import pytest
+import torch
+
+from t2po.algos.intervention import ThinkingIntervention, vocabulary_text
+
+START, END_A, END_B = 1, 2, 3  # id-level tags: start = [1], end = [2, 3] (a two-token end tag)
+WORD = 7  # any other token
+
+
+def run(tti, steps):
+    """Drive the per-row API. `steps[t][row]` = (M_t, token the model would sample); returns the
+    tokens each row actually emitted (forced ones replace the proposal)."""
+    emitted = [[] for _ in tti.rows]
+    for step in steps:
+        for row, (m, proposal) in enumerate(step):
+            forced = tti.observe(row, m)
+            token = proposal if forced is None else forced
+            tti.advance(row, token)
+            emitted[row].append(token)
+    return emitted
+
+
+def id_tti(**options):
+    return ThinkingIntervention([START], [END_A, END_B], **options)
+
+
+def test_rows_trigger_stagnation_at_their_own_steps():
+    tti = id_tti(patience=3, eps=1e-4)
+    tti.start([[9], [9], [9]])
+    # row 0 opens a span at step 0, row 1 at step 2, row 2 never thinks; M_t is constant for everyone
+    tokens = [[START] + [WORD] * 9, [WORD, WORD, START] + [WORD] * 7, [WORD] * 10]
+    script = [[(0.5, tokens[row][t]) for row in range(3)] for t in range(10)]
+    emitted = run(tti, script)
+    # row 0: in span from step 1; comparisons at steps 2, 3, 4 -> forced 2 at step 4, 3 at step 5
+    assert emitted[0][4:6] == [END_A, END_B]
+    assert tti.rows[0].forced_positions == [4, 5]
+    # row 1: START at step 2, in span from step 3, comparisons at 4, 5, 6 -> forced at 6, 7
+    assert emitted[1][2] == START and emitted[1][6:8] == [END_A, END_B]
+    assert tti.rows[1].forced_positions == [6, 7]
+    assert tti.rows[0].triggers == {"budget": 0, "stagnation": 1}
+    assert tti.rows[1].triggers == {"budget": 0, "stagnation": 1}
+    # a row outside any think span is never forced, however stagnant
+    assert tti.rows[2].forced_positions == [] and tti.rows[2].think_length == 0
+    # after the forced end tag the rows are outside and write freely again
+    assert not tti.rows[0].in_think and emitted[0][6:] == [WORD] * 4
+    # think length: tokens emitted inside the span, end tag included (row 0: steps 1..5)
+    assert tti.rows[0].think_length == 5
+
+
+def test_budget_forces_the_end_tag_and_counts_separately():
+    tti = id_tti(patience=3, budget=4)
+    tti.start([[9, START]])  # a prompt ending with the start tag opens the span
+    steps = [[(0.1 * t, WORD)] for t in range(8)]  # M_t changes by 0.1 every step: never stagnant
+    emitted = run(tti, steps)
+    assert emitted[0][:6] == [WORD] * 4 + [END_A, END_B]
+    assert tti.rows[0].triggers == {"budget": 1, "stagnation": 0}
+    assert tti.rows[0].think_length == 6
+
+
+def test_budget_takes_precedence_when_both_rules_fire():
+    tti = id_tti(patience=2, budget=2)
+    tti.start([[START]])
+    emitted = run(tti, [[(0.3, WORD)]] * 4)
+    assert emitted[0][2:4] == [END_A, END_B]
+    assert tti.rows[0].triggers == {"budget": 1, "stagnation": 0}
+
+
+def test_counter_resets_on_movement_and_after_forcing():
+    tti = id_tti(patience=3, eps=0.01)
+    tti.start([[START]])
+    # first span: M moves at step 3, so three consecutive stagnant comparisons only end at step 6
+    ms = [0.5, 0.5, 0.5, 0.9, 0.9, 0.9, 0.9]
+    emitted = run(tti, [[(m, WORD)] for m in ms])
+    assert tti.rows[0].forced_positions == [6]
+    run(tti, [[(0.9, WORD)]])  # second end-tag token forced at step 7
+    assert tti.rows[0].forced_positions == [6, 7] and not tti.rows[0].in_think
+    # second span (re-opened by the model): previous M and counter start afresh
+    emitted = run(tti, [[(0.9, START)]] + [[(0.9, WORD)]] * 4)
+    assert tti.rows[0].forced_positions == [6, 7, 12]
+    assert emitted[0][-1] == END_A
+    assert tti.rows[0].triggers["stagnation"] == 2
+
+
+def test_no_rules_only_monitors():
+    tti = id_tti(patience=None, budget=None)
+    tti.start([[START]])
+    run(tti, [[(0.5, WORD)]] * 50)
+    assert tti.rows[0].forced_positions == [] and tti.rows[0].think_length == 50
+    assert tti.rows[0].uncertainty == [0.5] * 50
+
+
+def test_a_model_that_closes_the_span_itself_is_left_alone():
+    tti = id_tti(patience=3, budget=10)
+    tti.start([[START]])
+    emitted = run(tti, [[(0.1 * t, tok)] for t, tok in enumerate([WORD, WORD, END_A, END_B, WORD, WORD])])
+    assert emitted[0] == [WORD, WORD, END_A, END_B, WORD, WORD]
+    assert tti.rows[0].forced_positions == [] and not tti.rows[0].in_think
+    assert tti.rows[0].think_length == 4
+
+
+def test_protocol_misuse_is_reported():
+    tti = id_tti(budget=0)
+    tti.start([[START]])
+    assert tti.observe(0, 0.0) == END_A
+    with pytest.raises(RuntimeError, match="observe"):
+        tti.observe(0, 0.0)
+    with pytest.raises(RuntimeError, match="forced token 2"):
+        tti.advance(0, WORD)
+    with pytest.raises(ValueError, match="patience"):
+        id_tti(patience=0)
+    with pytest.raises(ValueError, match="think_end_ids"):
+        ThinkingIntervention([1], [])
+
+
+# Text matching: a toy vocabulary where the same tag has several tokenizations.
+VOCAB = ["<", "think", ">", "</", " <", "><", "a", "b", " ", "\n", "</think>", "action"]
+TOK = {piece: i for i, piece in enumerate(VOCAB)}
+
+
+def text_tti(**options):
+    return ThinkingIntervention(
+        [TOK["<"], TOK["think"], TOK[">"]], [TOK["</"], TOK["think"], TOK[">"]], token_text=VOCAB, **options
+    )
+
+
+def test_tags_are_matched_on_text_across_tokenizations():
+    tti = text_tti(patience=None, budget=None)
+    tti.start([[TOK["a"]]])
+    # " <think>" opens the span (space-merged first token); "</think><action" closes it with a merged "><"
+    for token in [" <", "think", ">", "a", "b", "</", "think", "><", "action"]:
+        tti.observe(0, 0.0)
+        tti.advance(0, TOK[token])
+        if token == ">":
+            assert tti.rows[0].in_think
+    assert not tti.rows[0].in_think
+    assert tti.rows[0].think_length == 5  # a, b, </, think, ><
+    # a single special-like token holding the whole end tag also closes a span
+    tti.start([[TOK["<"], TOK["think"], TOK[">"], TOK["\n"]]])  # prompt pre-fills "<think>\n"
+    assert tti.rows[0].in_think
+    tti.observe(0, 0.0)
+    tti.advance(0, TOK["</think>"])
+    assert not tti.rows[0].in_think
+
+
+def test_forcing_completes_a_half_written_end_tag():
+    tti = text_tti(budget=3, patience=None)
+    tti.start([[TOK["<"], TOK["think"], TOK[">"]]])
+    emitted = run(tti, [[(0.0, TOK["a"])], [(0.0, TOK["b"])], [(0.0, TOK["</"])], [(0.0, TOK["a"])], [(0.0, TOK["a"])]])
+    # budget fires after "a b </": only "think" and ">" are missing
+    assert emitted[0] == [TOK["a"], TOK["b"], TOK["</"], TOK["think"], TOK[">"]]
+    assert tti.rows[0].forced_positions == [3, 4] and not tti.rows[0].in_think
+
+
+def test_prompt_that_only_mentions_the_tag_does_not_open_a_span():
+    tti = text_tti(budget=0)
+    prompt = [TOK["<"], TOK["think"], TOK[">"], TOK["a"]]  # "<think>a": the tag is not at the end
+    tti.start([prompt])
+    assert not tti.rows[0].in_think
+    assert tti.observe(0, 0.0) is None
+
+
+def test_logits_processor_forces_and_records_unmodified_m():
+    tti = id_tti(budget=1, patience=None)
+    vocab = 6
+    prompt = torch.tensor([[9, START], [9, 9]])
+    scores = torch.zeros(2, vocab)
+    scores[:, 4] = 3.0
+    out = tti(prompt, scores)
+    assert torch.equal(out, scores)  # step 0: nothing forced (the span is empty)
+    out = tti(torch.cat([prompt, torch.tensor([[5], [5]])], dim=1), scores)
+    # row 0 has 1 think token -> budget: only END_A is finite; row 1 (not thinking) untouched
+    assert out[0, END_A] == 0 and torch.isinf(out[0, [i for i in range(vocab) if i != END_A]]).all()
+    assert torch.equal(out[1], scores[1])
+    expected_m = 0.6 * torch.log_softmax(scores[0], -1).max().item() + 0.4 * (
+        1 - float(-(scores[0].softmax(-1) * scores[0].log_softmax(-1)).sum()) / math.log(vocab)
+    )
+    assert tti.rows[0].uncertainty[1] == pytest.approx(expected_m, abs=1e-6)
+    assert tti.rows[0].forced == [False, True]
+
+
+def test_tiny_tokenizer_variants(tiny_model):
+    _, tokenizer = tiny_model
+    tti = ThinkingIntervention.from_tokenizer(tokenizer, budget=None, patience=None)
+    tti.start([tokenizer.encode("Answer:", add_special_tokens=False)])
+    text = " <think> a plan\n</think><action>up</action>"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    states = []
+    for token in ids:
+        tti.observe(0, 0.0)
+        tti.advance(0, token)
+        states.append(tti.rows[0].in_think)
+    assert any(states) and not states[-1]
+    pieces = vocabulary_text(tokenizer)
+    opened = states.index(True)
+    assert "".join(pieces[t] for t in ids[: opened + 1]).endswith("<think>")
+
+
+def test_as_logits_processor_in_model_generate(tiny_model):
+    """In transformers' generate the processor runs before temperature/top-k, and forced rows keep
+    their forced token through the sampling warpers."""
+    from transformers import LogitsProcessorList
+
+    model, tokenizer = tiny_model
+    end_ids = tokenizer.encode("</think>", add_special_tokens=False)
+    tti = ThinkingIntervention.from_tokenizer(tokenizer, budget=3, patience=None)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "go"}], add_generation_prompt=True)["input_ids"]
+    prompt += tokenizer.encode("<think>", add_special_tokens=False)
+    torch.manual_seed(0)
+    out = model.generate(
+        torch.tensor([prompt]),
+        do_sample=True,
+        temperature=0.7,
+        top_k=5,
+        max_new_tokens=3 + len(end_ids) + 2,
+        logits_processor=LogitsProcessorList([tti]),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    new = out[0, len(prompt) :].tolist()
+    assert new[3 : 3 + len(end_ids)] == end_ids
+    assert tti.rows[0].forced_positions == list(range(3, 3 + len(end_ids)))
+    tti.catch_up(out)  # account for the last sampled token
+    assert tti.rows[0].num_tokens == len(new) and tti.rows[0].think_length == 3 + len(end_ids)
+    assert tti.rows[0].triggers == {"budget": 1, "stagnation": 0}
