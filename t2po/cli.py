@@ -6,6 +6,8 @@
     t2po presets                                    list config presets
     t2po serve-retriever [--corpus FILE] [--port N] Search QA retrieval server (127.0.0.1)
     t2po webshop-server [--port N]                  the WebShop human view (127.0.0.1)
+    t2po eval ENV [MODEL] [--api-base URL --model NAME]  evaluate a run, model folder or API model
+    t2po serve [MODEL] [--port N]                   OpenAI-compatible /v1/chat/completions on 127.0.0.1
     t2po rft collect ENV --out FILE                 keep successful episodes (expert or model) as SFT data
     t2po sft DATA --out DIR                         multi-turn SFT; `t2po train model.path=DIR` starts from it
     t2po report RUN [RUN ...] [--out DIR] [--mlflow] plots + summary table, compare runs and seeds
@@ -121,6 +123,8 @@ COMMANDS = {
     "webshop-server": (_delegate("t2po.envs.webshop.web"), "serve the WebShop human view over HTTP"),
     "rft": (_delegate("t2po.rft"), "cold start: `t2po rft collect ENV` keeps successful episodes as SFT data"),
     "sft": (lambda argv: int(importlib.import_module("t2po.rft").sft_main(argv) or 0), "multi-turn SFT on collected conversations"),
+    "eval": (_delegate("t2po.evaluate"), "evaluate a checkpoint, model directory or API model on held-out tasks"),
+    "serve": (_delegate("t2po.serve"), "serve a model or checkpoint through an OpenAI-compatible API (127.0.0.1)"),
     "report": (_delegate("t2po.report"), "plots and a summary table of runs; compares seeds and configurations"),
 }
 

@@ -1,0 +1,791 @@
+"""`t2po eval`: how well a policy plays held-out tasks, for local models and for LLMs behind an API.
+
+    t2po eval sokoban runs/sokoban-t2po-20260101-120000          # a run (its latest checkpoint)
+    t2po eval sokoban runs/.../checkpoints/iter_000010 --episodes 128
+    t2po eval alfworld path/to/hf-model --split valid_unseen
+    t2po eval sokoban                                            # the embedded SmolLM2-135M-Instruct
+    t2po eval sokoban --api-base https://api.openai.com/v1 --model gpt-4o-mini --concurrency 8
+
+- Episodes: task seeds `--seed`, `--seed`+1, ... (`--episodes` of them) of the `--split` split; an
+  episode is keyed by (environment, split, seed).
+- Local models play through the training rollout code (`collect_rollouts` with `HFEngine`), TTI on
+  and TDS off (spec §3: evaluation uses TTI but not TDS), validation sampling (spec §6: temperature
+  0.6, top-p 0.95, top-k 20), `--batch-size` episodes at a time. A run folder or checkpoint also
+  supplies its environment options, response budget and TTI settings (flags override them).
+- API models (`t2po.engines.openai_api`): one chat request per turn with the same prompt text as
+  the user message, `--concurrency` episodes in parallel threads (one environment each), retries with
+  back-off, token usage and cost. An empty or malformed answer is an invalid action.
+- Output (`--out`, default `evals/<env>-<split>-<model>`): `eval.json` (setup and summary),
+  `results.md` (the table), `episodes.jsonl` (one line per finished episode) and
+  `traces/seed-NNNNNN.jsonl` (per episode: a header line, then one line per turn with observation,
+  prompt, model output, action, validity and reward). Each episode is written when it finishes (trace
+  renamed into place, then its line appended and synced); rerunning the same command skips the
+  finished episodes, so an interrupted run loses nothing finished. A folder holding results of a
+  different setup (model, sampling, environment options) is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import re
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from t2po.engines.base import InterventionConfig
+from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy, api_key_from_env
+from t2po.envs import BatchEnv, get_env_class, make_env
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # = t2po.models.DEFAULT_MODEL (kept import-free: the API path needs no torch)
+DEFAULT_EPISODES = 16
+DEFAULT_MAX_NEW_TOKENS = 256
+VALIDATION_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}  # spec §6
+
+
+# ----------------------------------------------------------------------------------------------
+# Local policies: run folders, checkpoints, Hugging Face directories, the embedded default
+
+
+@dataclass
+class PolicySource:
+    """Where a local policy's weights come from, found without loading them.
+
+    `checkpoint` is set for a t2po checkpoint (`RUN/checkpoints/iter_NNNNNN/` with `adapter/` or
+    `model/`); its weights apply on top of `base`: the run's `warmup_model/` when a warm-up ran, else
+    the run's `model.path` (None = the embedded default)."""
+
+    path: Path | None  # a Hugging Face model directory; None = the embedded default (or see checkpoint)
+    checkpoint: Path | None = None
+    run_dir: Path | None = None
+    base: str | None = None
+    run_config: dict | None = None  # the run's config.yaml
+
+    @property
+    def description(self) -> str:
+        if self.checkpoint is not None:
+            kind = "LoRA adapter merged into" if (self.checkpoint / "adapter").is_dir() else "full weights, tokenizer of"
+            return f"{self.checkpoint} ({kind} {self.base or DEFAULT_MODEL})"
+        return str(self.path) if self.path is not None else f"{DEFAULT_MODEL} (embedded)"
+
+    @property
+    def short_name(self) -> str:
+        if self.checkpoint is not None:
+            return f"{self.run_dir.name}-{self.checkpoint.name}"
+        return self.path.name if self.path is not None else DEFAULT_MODEL
+
+
+def locate_policy(path: str | os.PathLike | None) -> PolicySource:
+    """Resolve a model argument (run folder, checkpoint folder, Hugging Face directory, None or
+    "smollm2-135m-instruct") without loading weights; a path that is none of these fails here."""
+    if path is None or str(path).lower() == DEFAULT_MODEL:
+        return PolicySource(None)
+    p = Path(path).expanduser().resolve()
+    accepted = (f"pass a t2po run folder, a checkpoint folder (RUN/checkpoints/iter_NNNNNN), a Hugging Face model "
+                f"directory (with config.json), or no model for the embedded {DEFAULT_MODEL}")
+    if not p.is_dir():
+        raise FileNotFoundError(f"model {str(path)!r} is not a directory: {accepted}")
+    checkpoint = None
+    if (p / "config.yaml").is_file() and not (p / "config.json").is_file():  # a run folder
+        from t2po.trainer.checkpoint import latest_checkpoint
+
+        checkpoint = latest_checkpoint(p / "checkpoints")
+        if checkpoint is None:
+            raise FileNotFoundError(f"run folder {p} has no complete checkpoint yet; evaluate {p / 'warmup_model'} (if the warm-up ran) or wait for the first checkpoint")
+    elif (p / "adapter").is_dir() or (p / "model").is_dir():
+        checkpoint = p
+        if p.name.endswith(".tmp") or not (p / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"checkpoint {p} is incomplete (half-written, no trainer_state.json); pass its run folder to use the latest complete checkpoint")
+    if checkpoint is None:
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{p} holds no model: {accepted}")
+        return PolicySource(p)
+    run_dir = checkpoint.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} is not inside a t2po run folder ({run_dir}/config.yaml is missing); keep checkpoints in RUN/checkpoints/")
+    run_config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    warmup = run_dir / "warmup_model"
+    base = str(warmup) if (warmup / "config.json").is_file() else (run_config.get("model") or {}).get("path")
+    return PolicySource(None, checkpoint, run_dir, base, run_config)
+
+
+def policy_short_name(path: str | os.PathLike | None) -> str:
+    """A name for a local policy (run name + checkpoint, directory name, or the default's name)."""
+    return locate_policy(path).short_name
+
+
+def resolve_policy(path: str | os.PathLike | None, dtype: Any = None, device: Any = "cpu") -> tuple[Any, Any, str]:
+    """Load `(model, tokenizer, description)` from a run folder (latest complete checkpoint), a
+    checkpoint folder, a Hugging Face model directory, or None / "smollm2-135m-instruct" (the embedded
+    default). A LoRA checkpoint is merged into its base weights (peft); a full-weight checkpoint is
+    loaded into its base architecture. The model is in eval mode on `device`."""
+    from t2po.models import load_model
+
+    source = locate_policy(path)
+    if source.checkpoint is None:
+        model, tokenizer = load_model(source.path, dtype=dtype, device=device)
+        return model, tokenizer, source.description
+    model, tokenizer = load_model(source.base, dtype=dtype, device=device)
+    adapter = source.checkpoint / "adapter"
+    if adapter.is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    else:
+        from safetensors.torch import load_file
+
+        weights: dict = {}
+        for f in sorted((source.checkpoint / "model").glob("*.safetensors")):
+            weights.update(load_file(str(f), device=str(next(model.parameters()).device)))
+        if not weights:
+            raise FileNotFoundError(f"checkpoint {source.checkpoint}/model holds no .safetensors weights")
+        _, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected:
+            raise ValueError(f"checkpoint {source.checkpoint} does not match its base model {source.base or DEFAULT_MODEL} (unexpected weights {unexpected[:3]})")
+    model.eval()
+    return model, tokenizer, source.description
+
+
+def intervention_for(path: str | os.PathLike | None, enabled: bool = True, budget: int | None = None) -> InterventionConfig:
+    """The thinking-intervention settings (spec §2) for evaluating or serving `path`: a run's own TTI
+    settings when `path` is a run or checkpoint, else the defaults; `budget` overrides B."""
+    source = locate_policy(path)
+    rollout = (source.run_config or {}).get("rollout") or {}
+    defaults = InterventionConfig()
+    return InterventionConfig(
+        enabled=enabled,
+        patience=rollout.get("tti_patience", defaults.patience),
+        eps=float(rollout.get("tti_eps", defaults.eps)),
+        budget=budget if budget is not None else rollout.get("tti_budget", defaults.budget),
+        alpha=float(rollout.get("alpha", defaults.alpha)),
+        turn_score_skip=rollout.get("turn_score_skip", defaults.turn_score_skip),
+    )
+
+
+def resolve_device(name: str) -> str:
+    """`auto` -> cuda when available, else cpu."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# The output folder
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old or the new file, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None, tuples -> lists (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class ResultsFolder:
+    """The files of one evaluation (see the module docstring); each finished episode is durable on its own."""
+
+    def __init__(self, path: Path, setup: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.setup = _json_safe(setup)
+        self.traces = self.path / "traces"
+        self.episodes_file = self.path / "episodes.jsonl"
+        self.summary_file = self.path / "eval.json"
+        self.table_file = self.path / "results.md"
+        self.previous_wall_seconds = 0.0  # of earlier sessions, read by `open`
+
+    def open(self) -> dict[int, dict]:
+        """Create the folder or check that it holds the same setup; return the finished episodes by seed."""
+        self.traces.mkdir(parents=True, exist_ok=True)
+        if self.summary_file.exists():
+            try:
+                report = json.loads(self.summary_file.read_text())
+                previous = report["setup"]
+                self.previous_wall_seconds = float(report.get("wall_seconds", 0.0))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{self.summary_file} is unreadable ({e}); delete {self.path} or pass another --out") from None
+            changed = sorted(k for k in set(previous) | set(self.setup) if previous.get(k) != self.setup.get(k))
+            if changed:
+                diffs = "; ".join(f"{k}: {previous.get(k)!r} there, {self.setup.get(k)!r} now" for k in changed)
+                raise ValueError(f"{self.path} holds results of a different setup ({diffs}); pass another --out, or delete the folder to start over")
+        finished: dict[int, dict] = {}
+        if self.episodes_file.exists():
+            lines = self.episodes_file.read_text().splitlines()
+            good = []
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # the tail of a write cut by a kill: that episode is redone
+                    continue
+                if (self.path / record["trace"]).is_file():
+                    finished[record["seed"]] = record
+                    good.append(line)
+            if len(good) != len(lines):
+                _atomic_write(self.episodes_file, "".join(l + "\n" for l in good))
+        return finished
+
+    def add(self, record: dict[str, Any], header: dict[str, Any], steps: list[dict[str, Any]]) -> None:
+        """Write one finished episode: its trace (renamed into place), then its line in episodes.jsonl."""
+        lines = [json.dumps(_json_safe({"type": "episode", **record, **header}))]
+        lines += [json.dumps(_json_safe({"type": "turn", **s})) for s in steps]
+        _atomic_write(self.path / record["trace"], "\n".join(lines) + "\n")
+        with open(self.episodes_file, "a") as f:  # one write of one line: whole or (after a kill) dropped at load
+            f.write(json.dumps(_json_safe(record)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_summary(self, summary: dict[str, Any], table: str) -> None:
+        _atomic_write(self.summary_file, json.dumps(_json_safe({"setup": self.setup, **summary}), indent=1) + "\n")
+        _atomic_write(self.table_file, table)
+
+
+def trace_name(seed: int) -> str:
+    return f"traces/seed-{seed:06d}.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries
+
+
+def summarize(records: list[dict[str, Any]], price_input_per_1m: float = 0.0, price_output_per_1m: float = 0.0) -> dict[str, Any]:
+    """Success (with its standard error), score, turns, invalid-action rate and tokens over all
+    episodes and per value of each string-valued episode metric (task type, data source, ...)."""
+
+    def group(rs: list[dict]) -> dict[str, Any]:
+        n = len(rs)
+        turns = sum(r["turns"] for r in rs)
+        success = sum(r["won"] for r in rs) / n if n else 0.0
+        prompt_tokens = sum(r["prompt_tokens"] for r in rs)
+        completion_tokens = sum(r["completion_tokens"] for r in rs)
+        out: dict[str, Any] = {
+            "episodes": n,
+            "success": success,
+            "success_stderr": math.sqrt(success * (1 - success) / n) if n else 0.0,
+            "mean_turns": turns / n if n else 0.0,
+            "invalid_action_rate": sum(r["invalid_actions"] for r in rs) / turns if turns else 0.0,
+            "mean_reward": sum(r["reward"] for r in rs) / n if n else 0.0,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+        }
+        scores = [r["score"] for r in rs if r.get("score") is not None]
+        if scores:
+            out["score"] = sum(scores) / len(scores)
+        if price_input_per_1m or price_output_per_1m:
+            out["cost_usd"] = (prompt_tokens * price_input_per_1m + completion_tokens * price_output_per_1m) / 1e6
+        if any("requests" in r for r in rs):
+            out["requests"] = sum(r.get("requests", 0) for r in rs)
+            out["retries"] = sum(r.get("retries", 0) for r in rs)
+            out["empty_or_malformed_answers"] = sum(r.get("empty_or_malformed", 0) for r in rs)
+            reasons: dict[str, int] = {}
+            for r in rs:
+                for k, v in r.get("retry_reasons", {}).items():
+                    reasons[k] = reasons.get(k, 0) + v
+            out["retry_reasons"] = reasons
+        if any("think_tokens" in r for r in rs):
+            out["think_tokens_per_turn"] = sum(r.get("think_tokens", 0) for r in rs) / turns if turns else 0.0
+            out["tti_budget_triggers"] = sum(r.get("tti_budget_triggers", 0) for r in rs)
+            out["tti_stagnation_triggers"] = sum(r.get("tti_stagnation_triggers", 0) for r in rs)
+        return out
+
+    by: dict[str, dict[str, list[dict]]] = {}
+    for r in records:
+        for key, value in r["metrics"].items():
+            if isinstance(value, str):
+                by.setdefault(key, {}).setdefault(value, []).append(r)
+    return {
+        "all": group(records),
+        "by": {key: {value: group(rs) for value, rs in sorted(values.items())} for key, values in sorted(by.items())},
+    }
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def markdown_table(summary: dict[str, Any], title: str, notes: list[str]) -> str:
+    """The results as a Markdown section: title, notes, one row for all episodes and one per category."""
+    rows = [("all", summary["all"])] + [(f"{key}={value}", g) for key, values in summary["by"].items() for value, g in values.items()]
+    has_score = any("score" in g for _, g in rows)
+    has_cost = any("cost_usd" in g for _, g in rows)
+    header = ["", "episodes", "success", *(["score"] if has_score else []), "turns", "invalid actions", "tokens in / out per episode", *(["cost (USD)"] if has_cost else [])]
+    lines = [f"### {title}", "", *notes, "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for name, g in rows:
+        n = max(g["episodes"], 1)
+        cells = [
+            name,
+            str(g["episodes"]),
+            f"{_percent(g['success'])} ± {100 * g['success_stderr']:.1f}",
+            *([f"{g['score']:.3f}" if "score" in g else ""] if has_score else []),
+            f"{g['mean_turns']:.1f}",
+            _percent(g["invalid_action_rate"]),
+            f"{g['prompt_tokens'] / n:,.0f} / {g['completion_tokens'] / n:,.0f}",
+            *([f"{g.get('cost_usd', 0.0):.4f}"] if has_cost else []),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Success ± its standard error over episodes."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Playing episodes
+
+
+def _local_episode(episode: Any, tokenizer: Any, env: str, split: str, seconds: float) -> tuple[dict, dict, list[dict]]:
+    """(record, trace header, trace turns) of a `t2po.rollout.Episode`."""
+    samples = episode.samples
+    steps = [
+        {
+            "turn": t,
+            "observation": episode.observations[t],
+            "prompt": tokenizer.decode(s.prompt_ids),  # the chat-templated prompt the model saw
+            "response": s.response_text,
+            "action": s.action,
+            "valid": s.valid,
+            "invalid_reason": s.invalid_reason,
+            "reward": s.reward,
+            "env_reward": s.env_reward,
+            "done": s.done,
+            "prompt_tokens": len(s.prompt_ids),
+            "completion_tokens": len(s.response_ids),
+            "think_tokens": s.think_length,
+            "forced_tokens": sum(s.forced_mask),
+            "tti_triggers": s.tti_triggers,
+            "turn_score": s.turn_score,
+        }
+        for t, s in enumerate(samples)
+    ]
+    record = _record(env, split, episode.seed, episode.won, episode.metrics, steps, episode.truncated, seconds)
+    record["think_tokens"] = sum(s.think_length for s in samples)
+    record["tti_budget_triggers"] = sum(s.tti_triggers.get("budget", 0) for s in samples)
+    record["tti_stagnation_triggers"] = sum(s.tti_triggers.get("stagnation", 0) for s in samples)
+    return record, {"final_observation": episode.observations[-1]}, steps
+
+
+def _record(env: str, split: str, seed: int, won: bool, metrics: dict, steps: list[dict], truncated: bool, seconds: float) -> dict[str, Any]:
+    score = metrics.get("score")
+    return {
+        "env": env,
+        "split": split,
+        "seed": seed,
+        "won": bool(won),
+        "score": float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else None,
+        "turns": len(steps),
+        "invalid_actions": sum(not s["valid"] for s in steps),
+        "reward": sum(s["reward"] for s in steps),
+        "truncated": truncated,
+        "metrics": metrics,
+        "prompt_tokens": sum(s["prompt_tokens"] for s in steps),
+        "completion_tokens": sum(s["completion_tokens"] for s in steps),
+        "seconds": seconds,
+        "trace": trace_name(seed),
+    }
+
+
+class EpisodeAbandoned(Exception):
+    """The evaluation is stopping; this episode is not recorded."""
+
+
+def _request_seed(task_seed: int, turn: int) -> int:
+    # reproducible per (task, turn); servers that honour `seed` then repeat their answers
+    return (task_seed * 1_000_003 + turn * 1_009 + 1) % (2**31 - 1)
+
+
+def play_api_episode(agent: OpenAIChatAgent, env: BatchEnv, seed: int, split: str, invalid_action_penalty: float = 0.1,
+                     stopping: Callable[[], bool] = lambda: False) -> tuple[dict, dict, list[dict]]:
+    """Play one episode of `env` (a one-instance batch) with `agent`, turn by turn as
+    `t2po.rollout.collect_rollouts` does (same prompts, parsing, invalid-action penalty, turn limit)."""
+    start = time.monotonic()
+    state = env.reset([seed])[0]
+    history: list[tuple[str, str]] = []
+    steps: list[dict] = []
+    observations = [state.observation]
+    retry_reasons: dict[str, int] = {}
+    requests = 0
+    for turn in range(env.max_steps):
+        if state.done:
+            break
+        if stopping():
+            raise EpisodeAbandoned
+        prompt = env.render_prompt(0, history, state)
+        reply = agent.respond(prompt, image=state.image, seed=_request_seed(seed, turn))
+        requests += reply.attempts
+        for reason in reply.retry_reasons:
+            retry_reasons[reason] = retry_reasons.get(reason, 0) + 1
+        parsed = env.parse_action(reply.text, state)
+        new = env.step([parsed.action])[0]
+        steps.append({
+            "turn": turn,
+            "observation": state.observation,
+            "prompt": prompt,
+            "response": reply.text,
+            "action": parsed.action,
+            "valid": parsed.valid,
+            "invalid_reason": parsed.reason if reply.finish_reason not in ("empty", "malformed") else f"{reply.finish_reason} answer",
+            "reward": float(new.reward) - (0.0 if parsed.valid else invalid_action_penalty),
+            "env_reward": float(new.reward),
+            "done": bool(new.done),
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens,
+            "finish_reason": reply.finish_reason,
+            "attempts": reply.attempts,
+            "retry_reasons": reply.retry_reasons,
+            "latency_s": reply.latency_s,
+        })
+        history.append((state.observation, parsed.action))
+        state = new
+        observations.append(new.observation)
+    metrics = env.episode_metrics(0, state) if steps else {}
+    record = _record(env.name, split, seed, state.won, metrics, steps, bool(steps) and not steps[-1]["done"], time.monotonic() - start)
+    record["requests"] = requests
+    record["retries"] = requests - len(steps)
+    record["retry_reasons"] = retry_reasons
+    record["empty_or_malformed"] = sum(s["finish_reason"] in ("empty", "malformed") for s in steps)
+    return record, {"final_observation": observations[-1]}, steps
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class EvalRun:
+    """One `t2po eval` invocation, resolved."""
+
+    env_name: str
+    split: str
+    env_options: dict[str, Any]
+    seeds: list[int]
+    folder: ResultsFolder
+    title: str
+    notes: list[str]
+    price_input_per_1m: float = 0.0
+    price_output_per_1m: float = 0.0
+    quiet: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            print(message, flush=True)
+
+    def make_env(self) -> BatchEnv:
+        return make_env(self.env_name, split=self.split, **self.env_options)
+
+    def finish_episode(self, done: dict[int, dict], record: dict, header: dict, steps: list[dict]) -> None:
+        self.folder.add(record, header, steps)
+        done[record["seed"]] = record
+        self.log(f"[{sum(s in done for s in self.seeds):>4}/{len(self.seeds)}] seed {record['seed']}: "
+                 f"{'success' if record['won'] else 'failure'}, {record['turns']} turns, "
+                 f"{record['invalid_actions']} invalid, {record['seconds']:.1f}s")
+        self.write_summary(done)
+
+    def write_summary(self, done: dict[int, dict]) -> dict[str, Any]:
+        records = [done[s] for s in self.seeds if s in done]
+        summary = summarize(records, self.price_input_per_1m, self.price_output_per_1m)
+        wall = self.folder.previous_wall_seconds + time.monotonic() - self.started
+        body = {
+            "episodes_requested": len(self.seeds),
+            "episodes_finished": len(records),
+            "complete": len(records) == len(self.seeds),
+            "seeds": [self.seeds[0], self.seeds[-1]],
+            "wall_seconds": wall,  # all sessions of this folder, model loading included
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "summary": summary,
+        }
+        a = summary["all"]
+        notes = self.notes + [f"Episodes: {len(records)} of {len(self.seeds)} finished (task seeds {self.seeds[0]}-{self.seeds[-1]}), {wall:.0f} s wall time."]
+        if "requests" in a:
+            reasons = ", ".join(f"{k} x{v}" for k, v in sorted(a["retry_reasons"].items()))
+            notes.append(f"API requests: {a['requests']} ({a['retries']} {'retry' if a['retries'] == 1 else 'retries'}{': ' + reasons if reasons else ''}); empty or malformed answers: {a['empty_or_malformed_answers']}.")
+        if "think_tokens_per_turn" in a:
+            notes.append(f"TTI: {a['tti_budget_triggers']} budget and {a['tti_stagnation_triggers']} stagnation triggers; {a['think_tokens_per_turn']:.1f} think tokens per turn.")
+        self.folder.write_summary(body, markdown_table(summary, self.title, notes))
+        return body
+
+
+def _parse_env_options(items: list[str], env_name: str) -> dict[str, Any]:
+    """`key=value` pairs (YAML values) checked against the environment's constructor."""
+    import difflib
+    import inspect
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--env-option {item!r}: write key=value, e.g. --env-option dim_room=[6,6]")
+        try:
+            options[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            options[key] = raw
+    if "split" in options:
+        raise ValueError("--env-option split=...: use --split instead")
+    params = inspect.signature(get_env_class(env_name).__init__).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        valid = [n for n in params if n not in ("self", "split")]
+        for key in options:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"--env-option {key}=...: {env_name} has no option {key!r}{hint}; options: {', '.join(valid)}")
+    return options
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+EVAL_HELP = """\
+Evaluate a policy on held-out tasks: a t2po run folder or checkpoint, a local Hugging Face model
+directory, the embedded SmolLM2-135M-Instruct (no MODEL), or an LLM behind an OpenAI-compatible API
+(--api-base URL --model NAME; the key is read from the variable named by --api-key-env).
+
+  t2po eval sokoban runs/sokoban-t2po-20260101-120000 --episodes 128
+  t2po eval sokoban --episodes 8 --env-option dim_room=[5,5]
+  OPENAI_API_KEY=... t2po eval alfworld --split valid_unseen --api-base https://api.openai.com/v1 --model gpt-4o-mini
+
+Results go to --out (default evals/<env>-<split>-<model>) as each episode finishes; rerunning the
+same command resumes, skipping finished episodes.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="t2po eval", description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("env", metavar="ENV", help="environment name (see `t2po envs`)")
+    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="run folder, checkpoint folder or Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct); not with --api-base")
+    g = p.add_argument_group("tasks and output")
+    g.add_argument("--split", default="valid", help="environment split (default: valid)")
+    g.add_argument("--episodes", type=int, default=DEFAULT_EPISODES, help=f"episodes = task seeds SEED .. SEED+N-1 (default {DEFAULT_EPISODES})")
+    g.add_argument("--seed", type=int, default=0, help="first task seed (default 0); samplers are seeded from the task seeds")
+    g.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE", help="environment option (YAML value), repeatable, e.g. dim_room=[6,6]; overrides a run's own options")
+    g.add_argument("--out", default=None, help="output folder (default: evals/<env>-<split>-<model>)")
+    g.add_argument("--quiet", action="store_true", help="print only the final table")
+    g = p.add_argument_group("sampling (defaults: spec §6 validation sampling, or a run's own validation settings)")
+    g.add_argument("--temperature", type=float, default=None, help="default 0.6 (0 = greedy)")
+    g.add_argument("--top-p", type=float, default=None, help="default 0.95")
+    g.add_argument("--top-k", type=int, default=None, help="default 20 for local models; for APIs sent only when given (not an OpenAI parameter)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help=f"response token budget per turn (default: the run's, else {DEFAULT_MAX_NEW_TOKENS})")
+    g = p.add_argument_group("local models")
+    g.add_argument("--batch-size", type=int, default=8, help="episodes decoded together (default 8); each batch is written when it finishes")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto)")
+    g.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--tti-budget", type=int, default=None, help="TTI think-token budget B (default: the run's setting, else none)")
+    g = p.add_argument_group("API models")
+    g.add_argument("--api-base", default=None, metavar="URL", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    g.add_argument("--model", default=None, metavar="NAME", help="model name at the API (e.g. gpt-4o-mini)")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (default OPENAI_API_KEY); the key is never printed or stored")
+    g.add_argument("--concurrency", type=int, default=4, help="episodes played in parallel (default 4)")
+    g.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request before it is retried (default 120)")
+    g.add_argument("--max-retries", type=int, default=6, help="retries per request on 429, 5xx, timeouts and dropped connections (default 6)")
+    g.add_argument("--retry-backoff", type=float, default=1.0, help="first back-off in seconds, doubled per retry (default 1)")
+    g.add_argument("--price-input", type=float, default=0.0, help="USD per 1M input tokens, for the cost column")
+    g.add_argument("--price-output", type=float, default=0.0, help="USD per 1M output tokens, for the cost column")
+    g.add_argument("--reasoning-api", action="store_true", help="request format of OpenAI reasoning models: max_completion_tokens, no temperature/top-p/top-k/seed")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    api = ns.api_base is not None or ns.model is not None
+    if api and (ns.api_base is None or ns.model is None):
+        parser.error("an API model needs both --api-base URL and --model NAME")
+    if api and ns.model_path is not None:
+        parser.error(f"give either a local MODEL ({ns.model_path}) or --api-base/--model, not both")
+    for name, value, low in (("--episodes", ns.episodes, 1), ("--batch-size", ns.batch_size, 1), ("--concurrency", ns.concurrency, 1), ("--max-retries", ns.max_retries, 0)):
+        if value < low:
+            parser.error(f"{name} must be >= {low}")
+    try:
+        run, agent, policy = _prepare(ns, api)
+        done = run.folder.open()
+    except (APIError, FileNotFoundError, ValueError) as e:
+        print(f"t2po eval: {e}", file=sys.stderr)
+        return 2
+    pending = [s for s in run.seeds if s not in done]
+    run.log(f"t2po eval: {run.title}; {len(run.seeds)} episodes -> {run.folder.path}")
+    if len(pending) < len(run.seeds):
+        run.log(f"resuming: {len(run.seeds) - len(pending)} finished episodes skipped, {len(pending)} to play")
+    run.write_summary(done)
+    try:
+        if pending and api:
+            _play_api(run, agent, pending, done, ns.concurrency)
+        elif pending:
+            _play_local(run, policy, pending, done, ns)
+    except APIError as e:
+        print(f"t2po eval: {e}\n{len(done)} finished episodes are kept in {run.folder.path}; rerun the same command to resume.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nt2po eval: interrupted; {len(done)} finished episodes are kept in {run.folder.path}; rerun the same command to resume.", file=sys.stderr)
+        return 130
+    run.write_summary(done)
+    print("\n" + run.folder.table_file.read_text(), end="", flush=True)
+    print(f"results: {run.folder.summary_file}, {run.folder.table_file}, traces in {run.folder.traces}/")
+    return 0
+
+
+@dataclass
+class _LocalPolicy:
+    path: str | None
+    source: PolicySource
+    sampling: Any  # SamplingParams
+    intervention: InterventionConfig
+    max_prompt_tokens: int | None
+    device: str
+
+
+def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgent | None, _LocalPolicy | None]:
+    """Resolve the setup (without loading weights) and check the environment options."""
+    options = _parse_env_options(ns.env_option, ns.env)
+    agent = policy = None
+    if api:
+        if ns.temperature is not None and ns.temperature < 0 or ns.top_p is not None and not 0 < ns.top_p <= 1:
+            raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+        agent = OpenAIChatAgent(
+            ns.api_base, ns.model, api_key_from_env(ns.api_key_env),
+            max_tokens=ns.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+            temperature=VALIDATION_SAMPLING["temperature"] if ns.temperature is None else ns.temperature,
+            top_p=VALIDATION_SAMPLING["top_p"] if ns.top_p is None else ns.top_p,
+            top_k=ns.top_k,
+            reasoning_api=ns.reasoning_api,
+            timeout=ns.request_timeout,
+            retry=RetryPolicy(max_retries=ns.max_retries, backoff=ns.retry_backoff),
+            price_input_per_1m=ns.price_input,
+            price_output_per_1m=ns.price_output,
+        )
+        penalty = 0.1
+        model_name = ns.model
+        described = agent.describe()
+        setup = {"kind": "api", **described}
+        sampling_note = ("reasoning-model request format (server-side sampling)" if ns.reasoning_api else
+                         f"temperature {described['temperature']}, top-p {described['top_p']}" + (f", top-k {described['top_k']}" if described["top_k"] is not None else ""))
+        notes = [f"Model: `{ns.model}` at {agent.base_url}; {sampling_note}; up to {agent.max_tokens} tokens per turn."]
+    else:
+        from t2po.engines.base import SamplingParams
+
+        source = locate_policy(ns.model_path)
+        cfg = source.run_config or {}
+        rollout = cfg.get("rollout") or {}
+        run_env = cfg.get("env") or {}
+        if run_env.get("name") == ns.env:  # the run's own environment options (flags override them)
+            run_options = {**(run_env.get("options") or {}), **(run_env.get("val_options") or {})}
+            run_options.pop("split", None)
+            options = {**run_options, **options}
+        sampling = SamplingParams(
+            temperature=ns.temperature if ns.temperature is not None else rollout.get("val_temperature", VALIDATION_SAMPLING["temperature"]),
+            top_p=ns.top_p if ns.top_p is not None else rollout.get("val_top_p", VALIDATION_SAMPLING["top_p"]),
+            top_k=ns.top_k if ns.top_k is not None else rollout.get("val_top_k", VALIDATION_SAMPLING["top_k"]),
+            max_new_tokens=ns.max_new_tokens or rollout.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
+        )
+        if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 or sampling.max_new_tokens < 1:
+            raise ValueError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0 and --max-new-tokens >= 1")
+        intervention = intervention_for(ns.model_path, enabled=True, budget=ns.tti_budget)
+        penalty = float(rollout.get("invalid_action_penalty", 0.1))
+        policy = _LocalPolicy(ns.model_path, source, sampling, intervention, rollout.get("max_prompt_tokens"), resolve_device(ns.device))
+        model_name = source.short_name
+        setup = {
+            "kind": "local",
+            "policy": source.description,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,
+            "max_new_tokens": sampling.max_new_tokens,
+            "max_prompt_tokens": policy.max_prompt_tokens,
+            "tti": {"patience": intervention.patience, "eps": intervention.eps, "budget": intervention.budget, "alpha": intervention.alpha},
+        }
+        notes = [f"Model: `{source.description}`; temperature {sampling.temperature}, top-p {sampling.top_p}, top-k {sampling.top_k}; "
+                 f"up to {sampling.max_new_tokens} tokens per turn; TTI on (patience {intervention.patience}, budget {intervention.budget or 'none'}), TDS off."]
+    # building the environment once checks the split and the option values before any model work
+    probe = make_env(ns.env, split=ns.split, **options)
+    probe.close()
+    setup.update({"env": ns.env, "split": ns.split, "env_options": options, "invalid_action_penalty": penalty})
+    notes.append(f"Environment: `{ns.env}`, split `{ns.split}`" + (f", options `{json.dumps(_json_safe(options))}`" if options else "") + ".")
+    out = Path(ns.out) if ns.out else Path("evals") / _safe_name(f"{ns.env}-{ns.split}-{model_name}")
+    run = EvalRun(ns.env, ns.split, options, list(range(ns.seed, ns.seed + ns.episodes)), ResultsFolder(out, setup),
+                  f"{ns.env} ({ns.split}): {model_name}", notes, ns.price_input if api else 0.0, ns.price_output if api else 0.0, ns.quiet)
+    return run, agent, policy
+
+
+def _play_local(run: EvalRun, policy: _LocalPolicy, pending: list[int], done: dict[int, dict], ns: argparse.Namespace) -> None:
+    """`collect_rollouts` (TTI on, TDS off) over batches of `--batch-size` pending episodes."""
+    from t2po.engines.hf import HFEngine
+    from t2po.rollout import collect_rollouts
+
+    model, tokenizer, _ = resolve_policy(policy.path, dtype=ns.dtype, device=policy.device)
+    engine = HFEngine(model, tokenizer)
+    with run.make_env() as env:
+        for start in range(0, len(pending), ns.batch_size):
+            batch = pending[start : start + ns.batch_size]
+            t0 = time.monotonic()
+            result = collect_rollouts(engine, env, batch, 1, policy.sampling, policy.intervention, tds=None,
+                                      invalid_action_penalty=run.folder.setup["invalid_action_penalty"],
+                                      max_prompt_tokens=policy.max_prompt_tokens, seed=batch[0])
+            share = (time.monotonic() - t0) / len(batch)  # an episode's share of the batch's wall time
+            for episode in result.episodes:
+                run.finish_episode(done, *_local_episode(episode, tokenizer, run.env_name, run.split, share))
+
+
+def _play_api(run: EvalRun, agent: OpenAIChatAgent, pending: list[int], done: dict[int, dict], concurrency: int) -> None:
+    """Episodes in `concurrency` threads, one environment each; results are written by this thread
+    as episodes finish. A fatal API error or Ctrl-C stops the others at their next turn."""
+    workers = min(concurrency, len(pending))
+    envs: queue.Queue = queue.Queue()
+    for _ in range(workers):
+        envs.put(run.make_env())
+    stop = threading.Event()
+    penalty = run.folder.setup["invalid_action_penalty"]
+
+    def play(seed: int) -> tuple[dict, dict, list[dict]]:
+        env = envs.get()
+        try:
+            return play_api_episode(agent, env, seed, run.split, penalty, stop.is_set)
+        finally:
+            envs.put(env)
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="t2po-eval")
+    try:
+        running: set[Future] = {pool.submit(play, s) for s in pending}
+        while running:
+            finished, running = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run.finish_episode(done, *future.result())
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        while not envs.empty():
+            envs.get().close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

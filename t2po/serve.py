@@ -1,0 +1,384 @@
+"""`t2po serve MODEL`: a local model or t2po checkpoint behind an OpenAI-compatible HTTP API.
+
+    t2po serve runs/sokoban-t2po-20260101-120000 --port 8000     # latest checkpoint of a run
+    t2po serve                                                   # the embedded SmolLM2-135M-Instruct
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "sokoban-t2po-20260101-120000-iter_000010", "messages": [{"role": "user", "content": "hi"}]}'
+
+Endpoints: `POST /v1/chat/completions` (non-streaming, n=1; `temperature`, `top_p`, `top_k`,
+`max_tokens` / `max_completion_tokens`, `stop`, `seed`), `GET /v1/models`, `GET /health`. The messages
+are rendered with the model's chat template exactly as `t2po.rollout.build_prompt_ids` renders a
+prompt, so an agent served here sees the tokens it was trained on. Decoding is `HFEngine` with the
+thinking intervention on (spec §2; evaluation uses TTI, not TDS), `--no-tti` turns it off.
+Requests that arrive while the model is busy and share sampling settings are decoded as one batch
+(up to `--max-batch-size`); `seed` is best effort, as with OpenAI: a batch is sampled with its first
+request's seed.
+
+The server binds 127.0.0.1 and has no authentication (clients may send any API key); `--host` opens
+it to other machines, at your own risk.
+
+Testing aid: `--inject-faults SPEC` makes the first chat requests fail on purpose, in order (error
+statuses such as 429, sleeps past a client's timeout, empty or malformed answers), so that a client's
+retry handling can be tested against a real server; `FAULTS_HELP` below gives the syntax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import queue
+import re
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
+
+from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams
+
+DEFAULT_MAX_TOKENS = 256
+FAULTS_HELP = """\
+Testing aid: --inject-faults SPEC makes the first chat requests fail on purpose, in order. SPEC is a
+comma-separated list of KIND or KIND*COUNT: an HTTP status (429, 500, 503, ...: an OpenAI-style error
+body), sleep=SECONDS (wait, then answer normally: past a client's timeout), empty (an answer with
+empty content) or malformed (a 200 answer that is not a chat completion).
+Example: --inject-faults 429*2,sleep=5,500,malformed
+"""
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected fault: `kind` is "status" (answer HTTP `value`), "sleep" (wait `value` seconds,
+    then answer), "empty" or "malformed"."""
+
+    kind: str
+    value: float = 0.0
+
+
+class FaultPlan:
+    """The faults of `--inject-faults SPEC` (see the module docstring), handed out one per chat
+    request in arrival order; thread-safe."""
+
+    _ITEM = re.compile(r"^(?P<kind>\d{3}|sleep=(?P<secs>\d+(?:\.\d+)?)|empty|malformed)(?:\*(?P<count>\d+))?$")
+
+    def __init__(self, spec: str | None) -> None:
+        self.faults: list[Fault] = []
+        for item in (spec or "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            m = self._ITEM.match(item)
+            if m is None:
+                raise ValueError(
+                    f"fault {item!r} in --inject-faults: use an HTTP status (429, 500, ...), sleep=SECONDS, "
+                    "empty or malformed, optionally with *COUNT, comma-separated (e.g. 429*2,sleep=5,malformed)"
+                )
+            kind = m.group("kind")
+            if kind.isdigit():
+                if not 400 <= int(kind) <= 599:
+                    raise ValueError(f"fault {item!r} in --inject-faults: an HTTP error status is 400-599")
+                fault = Fault("status", float(kind))
+            elif m.group("secs") is not None:
+                fault = Fault("sleep", float(m.group("secs")))
+            else:
+                fault = Fault(kind)
+            self.faults += [fault] * int(m.group("count") or 1)
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> Fault | None:
+        with self._lock:
+            if self._next >= len(self.faults):
+                return None
+            self._next += 1
+            return self.faults[self._next - 1]
+
+
+class GenerationBatcher:
+    """Runs `engine.generate` in one worker thread. Requests queued while it is busy (or within
+    `wait_s` of the first) that share sampling settings (seed aside) are decoded as one batch."""
+
+    def __init__(self, engine: Engine, intervention: InterventionConfig, max_batch_size: int = 8, wait_s: float = 0.005) -> None:
+        self.engine = engine
+        self.intervention = intervention
+        self.max_batch_size = max_batch_size
+        self.wait_s = wait_s
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="t2po-serve-generation", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((prompt_ids, sampling, future))
+        return future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            pending = [first]
+            deadline = time.monotonic() + self.wait_s
+            while len(pending) < self.max_batch_size:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                pending.append(item)
+            groups: dict[tuple, list] = {}
+            for item in pending:
+                s = item[1]
+                groups.setdefault((s.temperature, s.top_p, s.top_k, s.max_new_tokens, tuple(s.stop)), []).append(item)
+            for items in groups.values():
+                self._generate(items)
+
+    def _generate(self, items: list) -> None:
+        sampling = items[0][1]
+        try:
+            generations = self.engine.generate([p for p, _, _ in items], sampling, self.intervention)
+        except Exception as e:  # the requests fail, the server stays up
+            for _, _, future in items:
+                future.set_exception(e)
+            return
+        for (_, _, future), generation in zip(items, generations):
+            future.set_result(generation)
+
+
+class RequestError(ValueError):
+    """A chat request the server cannot answer; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+
+def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def parse_chat_request(body: Any, served_model: str, tokenizer: Any) -> tuple[list[int], SamplingParams]:
+    """Prompt token ids and sampling settings of an OpenAI chat-completions request body; raises
+    `RequestError` naming the field at fault."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    model = body.get("model")
+    if model != served_model:
+        raise RequestError(f"the model {model!r} does not exist; this server serves {served_model!r} (see /v1/models)", 404, "model")
+    if body.get("stream"):
+        raise RequestError("streaming is not supported by t2po serve: send stream=false", param="stream")
+    if body.get("n", 1) != 1:
+        raise RequestError("only n=1 is supported", param="n")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list of {role, content} objects", param="messages")
+    rendered = []
+    for k, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(f"messages[{k}] must be an object with role system, user or assistant", param="messages")
+        content = message.get("content")
+        if isinstance(content, list):
+            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                raise RequestError(f"messages[{k}]: this server serves a text-only model; send text content only", param="messages")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{k}].content must be a string or a list of text parts", param="messages")
+        rendered.append({"role": message["role"], "content": content})
+    ids = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+
+    def number(name: str, default: Any, kind: type, low: float, high: float | None = None) -> Any:
+        value = body.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+            raise RequestError(f"{name} must be a {'whole ' if kind is int else ''}number", param=name)
+        if value < low or (high is not None and value > high):
+            raise RequestError(f"{name}={value} is out of range [{low}, {high if high is not None else 'inf'}]", param=name)
+        return kind(value)
+
+    max_tokens = number("max_completion_tokens", None, int, 1) or number("max_tokens", DEFAULT_MAX_TOKENS, int, 1)
+    stop = body.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("stop must be a non-empty string or a list of them", param="stop")
+    top_p = number("top_p", 1.0, float, 0.0, 1.0)
+    if top_p == 0:
+        raise RequestError("top_p must be > 0", param="top_p")
+    sampling = SamplingParams(
+        temperature=number("temperature", 1.0, float, 0.0, 2.0),
+        top_p=top_p,
+        top_k=number("top_k", 0, int, 0),
+        max_new_tokens=max_tokens,
+        stop=list(stop),
+        seed=number("seed", None, int, -(2**63), 2**63 - 1),
+    )
+    return list(ids), sampling
+
+
+def _completion(served_model: str, generation: Generation, stop: list[str]) -> dict[str, Any]:
+    text = generation.text
+    for s in stop:  # OpenAI's content excludes the stop sequence (the engine keeps it)
+        if generation.finish_reason == "stop" and text.endswith(s):
+            text = text[: -len(s)]
+            break
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": served_model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": generation.finish_reason}],
+        "usage": {
+            "prompt_tokens": generation.prompt_tokens,
+            "completion_tokens": generation.num_tokens,
+            "total_tokens": generation.prompt_tokens + generation.num_tokens,
+        },
+    }
+
+
+def build_app(engine: Engine, served_model: str, intervention: InterventionConfig | None = None,
+              faults: FaultPlan | None = None, max_batch_size: int = 8):
+    """The FastAPI application serving `engine` under the name `served_model`."""
+    intervention = intervention if intervention is not None else InterventionConfig()
+    batcher = GenerationBatcher(engine, intervention, max_batch_size)
+    faults = faults or FaultPlan(None)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="t2po serve", description=f"OpenAI-compatible chat completions from {served_model}", lifespan=lifespan)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "model": served_model}
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": served_model, "object": "model", "created": created, "owned_by": "t2po"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        fault = faults.take()
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse(_error_body("the request body is not valid JSON", "invalid_request_error"), status_code=400)
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody to answer
+        if fault is not None and fault.kind == "status":
+            status = int(fault.value)
+            return JSONResponse(_error_body(f"injected fault: HTTP {status}", "injected_fault", code=str(status)), status_code=status)
+        if fault is not None and fault.kind == "sleep":
+            await asyncio.sleep(fault.value)
+            if await request.is_disconnected():  # the client timed out: spare the generation
+                return Response(status_code=499)
+        try:
+            prompt_ids, sampling = parse_chat_request(body, served_model, engine.tokenizer)
+        except RequestError as e:
+            kind = "not_found_error" if e.status == 404 else "invalid_request_error"
+            return JSONResponse(_error_body(str(e), kind, e.param), status_code=e.status)
+        if fault is not None and fault.kind == "malformed":
+            return JSONResponse({"object": "chat.completion", "model": served_model, "choices": "no choices here"})
+        if fault is not None and fault.kind == "empty":
+            empty = Generation([], [], [], [], "", "stop", prompt_tokens=len(prompt_ids))
+            return JSONResponse(_completion(served_model, empty, []))
+        try:
+            generation = await asyncio.wrap_future(batcher.submit(prompt_ids, sampling))
+        except ValueError as e:  # the engine's checks of the request
+            return JSONResponse(_error_body(str(e), "invalid_request_error"), status_code=400)
+        return JSONResponse(_completion(served_model, generation, sampling.stop))
+
+    return app
+
+
+def served_name(path: str | None) -> str:
+    """The model name a client asks for: the run name plus checkpoint, the directory name, or the
+    embedded default's name."""
+    from t2po.evaluate import policy_short_name
+
+    return policy_short_name(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="t2po serve",
+        description="Serve a local model or t2po checkpoint through an OpenAI-compatible /v1/chat/completions endpoint.",
+        epilog=FAULTS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help="a t2po run folder (its latest checkpoint), a checkpoint folder, a Hugging Face model directory, or nothing for the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (0 = any free port; the line printed at start says which)")
+    parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: derived from MODEL)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--no-tti", action="store_true", help="decode without the thinking intervention (spec §2)")
+    parser.add_argument("--tti-budget", type=int, default=None, help="TTI think-token budget B (default: the run's setting, else none)")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="concurrent requests decoded together at most (default 8)")
+    parser.add_argument("--inject-faults", default=None, metavar="SPEC", help="testing aid: fail the first chat requests on purpose (see below)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log level")
+    ns = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        faults = FaultPlan(ns.inject_faults)
+    except ValueError as e:
+        parser.error(str(e))
+    if ns.max_batch_size < 1:
+        parser.error("--max-batch-size must be >= 1")
+
+    import uvicorn
+
+    from t2po.engines.hf import HFEngine
+    from t2po.evaluate import intervention_for, resolve_device, resolve_policy
+
+    try:
+        model, tokenizer, description = resolve_policy(ns.model, dtype=ns.dtype, device=resolve_device(ns.device))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"t2po serve: {e}", file=sys.stderr)
+        return 2
+    intervention = intervention_for(ns.model, enabled=not ns.no_tti, budget=ns.tti_budget)
+    name = ns.served_model_name or served_name(ns.model)
+    app = build_app(HFEngine(model, tokenizer), name, intervention, faults, ns.max_batch_size)
+
+    # Bind first, so that --port 0 can report the port actually taken.
+    family = socket.AF_INET6 if ":" in ns.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((ns.host, ns.port))
+    except OSError as e:
+        print(f"t2po serve: cannot bind {ns.host}:{ns.port} ({e}); pick another --port (0 = any free port)", file=sys.stderr)
+        return 2
+    port = sock.getsockname()[1]
+    shown_host = f"[{ns.host}]" if family == socket.AF_INET6 else ns.host
+    print(f"t2po serve: {description} as model {name!r} on http://{shown_host}:{port}/v1"
+          f"{' (TTI on)' if intervention.enabled else ' (TTI off)'}{f'; injecting faults: {ns.inject_faults}' if faults.faults else ''}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=ns.log_level))
+    server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

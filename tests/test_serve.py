@@ -1,0 +1,220 @@
+"""`t2po serve` and the API agent: the tiny model behind a real OpenAI-compatible HTTP server on
+loopback, queried with the official `openai` client (`OpenAIChatAgent`), with injected faults."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from t2po.engines.base import InterventionConfig, SamplingParams
+from t2po.engines.hf import HFEngine
+from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy
+from t2po.rollout import build_prompt_ids
+from t2po.serve import FaultPlan, GenerationBatcher, build_app
+
+PROMPT = "You are solving the Sokoban puzzle. Think step by step inside <think> </think> tags, then give your action."
+
+
+@contextlib.contextmanager
+def serving(engine, faults: str | None = None, name: str = "tiny"):
+    """`build_app` under uvicorn in a thread, on a free loopback port; yields the /v1 base URL."""
+    app = build_app(engine, name, InterventionConfig(), FaultPlan(faults))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.02)
+        yield base + "/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    model, tokenizer = tiny_model
+    return HFEngine(model, tokenizer)
+
+
+def agent_for(base_url: str, **kw) -> OpenAIChatAgent:
+    kw = {"retry": RetryPolicy(max_retries=4, backoff=0.01), "timeout": 30.0, "temperature": 0.0, **kw}
+    return OpenAIChatAgent(base_url, "tiny", "sk-test", max_tokens=12, **kw)
+
+
+def test_served_answer_equals_local_engine_answer(engine, tiny_model):
+    """The server renders messages like the rollout and decodes with the same engine and TTI: a seeded
+    sample and its token counts match a direct `HFEngine` call."""
+    _, tokenizer = tiny_model
+    prompt_ids, _ = build_prompt_ids(tokenizer, PROMPT)
+    local = engine.generate([prompt_ids], SamplingParams(temperature=1.0, max_new_tokens=12, seed=123), InterventionConfig())[0]
+    with serving(engine) as url:
+        reply = agent_for(url, temperature=1.0, top_p=1.0).respond(PROMPT, seed=123)
+    assert len(set(local.text)) > 1, "a non-trivial sample"
+    assert reply.text == local.text
+    assert reply.prompt_tokens == len(prompt_ids)
+    assert reply.completion_tokens == local.num_tokens
+    assert reply.attempts == 1 and reply.retry_reasons == []
+    assert reply.finish_reason == local.finish_reason
+
+
+def test_agent_retries_429_and_5xx_with_backoff(engine):
+    with serving(engine, "429*2,503") as url:
+        reply = agent_for(url).respond(PROMPT)
+    assert reply.attempts == 4
+    assert reply.retry_reasons == ["429", "429", "503"]
+    assert reply.finish_reason in ("stop", "length")
+    assert reply.completion_tokens > 0
+
+
+def test_agent_retries_a_request_that_times_out(engine):
+    with serving(engine, "sleep=3") as url:
+        reply = agent_for(url, timeout=0.5).respond(PROMPT)
+    # the client gave up on the slow answer after its timeout and got the retry's answer
+    assert reply.retry_reasons == ["timeout"] and reply.attempts == 2
+    assert reply.finish_reason in ("stop", "length")
+
+
+def test_agent_gives_up_after_max_retries_with_a_clear_error(engine):
+    with serving(engine, "500*5") as url:
+        with pytest.raises(APIError, match=r"no answer after 3 attempts \(failures: 500, 500, 500\)"):
+            agent_for(url, retry=RetryPolicy(max_retries=2, backoff=0.01)).respond(PROMPT)
+
+
+def test_agent_does_not_retry_refusals(engine):
+    with serving(engine, "401,401") as url:
+        with pytest.raises(APIError, match="HTTP 401.*api-key-env"):
+            agent_for(url).respond(PROMPT)
+        # the second fault is still pending: exactly one request was sent
+        with pytest.raises(APIError, match="HTTP 401"):
+            agent_for(url).respond(PROMPT)
+        assert agent_for(url).respond(PROMPT).attempts == 1
+        with pytest.raises(APIError, match=r"HTTP 404.*'gpt-none' does not exist; this server serves 'tiny'"):
+            OpenAIChatAgent(url, "gpt-none", "sk-test").respond(PROMPT)
+
+
+def test_empty_and_malformed_answers_become_empty_text(engine):
+    with serving(engine, "empty,malformed") as url:
+        agent = agent_for(url)
+        empty, malformed = agent.respond(PROMPT), agent.respond(PROMPT)
+    assert (empty.text, empty.finish_reason) == ("", "empty")
+    assert (malformed.text, malformed.finish_reason, malformed.usage_reported) == ("", "malformed", False)
+
+
+def test_invalid_requests_get_openai_style_errors(engine):
+    with serving(engine) as url:
+        client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="streaming is not supported"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True)
+        with pytest.raises(openai.BadRequestError, match="temperature=5.*out of range"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=5)
+        with pytest.raises(openai.BadRequestError, match="text-only model"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+        response = httpx.post(f"{url}/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+        answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1, temperature=0)
+        assert answer.usage.completion_tokens == 1 and answer.choices[0].finish_reason == "length"
+
+
+class BlockingEngine(HFEngine):
+    """The real engine, holding its first call until released and recording each call's batch size."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.release = threading.Event()
+        self.batch_sizes: list[int] = []
+
+    def generate(self, prompts, sampling, intervention=None):
+        self.release.wait(timeout=30)
+        self.batch_sizes.append(len(prompts))
+        return super().generate(prompts, sampling, intervention)
+
+
+def test_batcher_groups_waiting_requests_with_equal_sampling(tiny_model):
+    model, tokenizer = tiny_model
+    engine = BlockingEngine(model, tokenizer)
+    batcher = GenerationBatcher(engine, InterventionConfig(), max_batch_size=8)
+    try:
+        ids, _ = build_prompt_ids(tokenizer, PROMPT)
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=4)
+        first = batcher.submit(ids, greedy)
+        time.sleep(0.2)  # the worker now holds `first` inside generate
+        same = [batcher.submit(ids, SamplingParams(temperature=0.0, max_new_tokens=4, seed=k)) for k in range(3)]
+        other = batcher.submit(ids, SamplingParams(temperature=1.0, max_new_tokens=4))
+        engine.release.set()
+        results = [f.result(timeout=60) for f in [first, *same, other]]
+    finally:
+        batcher.close()
+    assert engine.batch_sizes == [1, 3, 1]
+    assert all(r.prompt_tokens == len(ids) and 1 <= r.num_tokens <= 4 for r in results)
+
+
+def test_fault_spec_parsing():
+    plan = FaultPlan("429*2, sleep=1.5,empty,malformed,503")
+    kinds = [(f.kind, f.value) for f in plan.faults]
+    assert kinds == [("status", 429), ("status", 429), ("sleep", 1.5), ("empty", 0), ("malformed", 0), ("status", 503)]
+    assert [plan.take() for _ in range(7)][-1] is None
+    for bad in ("429x2", "sleep", "200", "teapot"):
+        with pytest.raises(ValueError, match="--inject-faults"):
+            FaultPlan(bad)
+
+
+def test_retry_policy_backoff_doubles_caps_and_honours_retry_after():
+    policy = RetryPolicy(max_retries=5, backoff=0.5, max_backoff=3.0)
+    assert [policy.wait(k) for k in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert policy.wait(0, retry_after=2.5) == 2.5
+    assert policy.wait(0, retry_after=100) == 3.0
+
+
+def test_serve_command_in_a_subprocess(tiny_model_dir, tmp_path):
+    """`t2po serve MODEL --port 0` prints its address, answers /health, /v1/models and chat requests."""
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "t2po.serve", str(tiny_model_dir), "--port", "0", "--log-level", "warning"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = wait_for_server(proc, log)
+        assert httpx.get(url.removesuffix("/v1") + "/health").json() == {"status": "ok", "model": tiny_model_dir.name}
+        assert [m["id"] for m in httpx.get(url + "/models").json()["data"]] == [tiny_model_dir.name]
+        client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
+        answer = client.chat.completions.create(model=tiny_model_dir.name, messages=[{"role": "user", "content": PROMPT}], max_tokens=5)
+        assert answer.usage.completion_tokens <= 5 and answer.choices[0].message.role == "assistant"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def wait_for_server(proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> str:
+    """The /v1 base URL printed by `t2po serve`, once /health answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"t2po serve exited early:\n{log.read_text()}"
+        m = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", log.read_text())
+        if m:
+            try:
+                if httpx.get(m.group(1).removesuffix("/v1") + "/health", timeout=2).status_code == 200:
+                    return m.group(1)
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.2)
+    raise AssertionError(f"t2po serve did not come up in {timeout}s:\n{log.read_text()}")
