@@ -18,7 +18,8 @@ train: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/t2po train
 
 test: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
+	# one torch thread per process: tests start server and client processes side by side
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m slow
