@@ -208,10 +208,11 @@ class Trainer:
         t0 = time.time()
         rng = np.random.default_rng([cfg.trainer.seed, 10**6])
         seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=cfg.warmup.episodes)]
-        convs = [c for c in play_expert_episodes(self.train_env, seeds, cfg.rollout.max_turns) if c.won]
+        # every expert step is a correct demonstration, also in episodes that max_steps cuts short
+        convs = [c for c in play_expert_episodes(self.train_env, seeds, cfg.rollout.max_turns) if c.steps]
         save_conversations(convs, self.run_dir / "warmup_demos.jsonl")
         examples = tokenize_conversations(convs, self.tokenizer, cfg.rollout.max_prompt_tokens)
-        self.log(f"[warm-up] {len(convs)} expert episodes, {len(examples)} steps; SFT for {cfg.warmup.epochs} epochs")
+        self.log(f"[warm-up] {len(convs)} expert episodes ({sum(c.won for c in convs)} won), {len(examples)} steps; SFT for {cfg.warmup.epochs} epochs")
         losses = sft_train(self.model, self.tokenizer, examples, epochs=cfg.warmup.epochs, lr=cfg.warmup.lr,
                            batch_size=cfg.warmup.batch_size, micro_batch_tokens=cfg.optim.micro_batch_tokens, seed=cfg.trainer.seed,
                            log=lambda m: self.trackers.log_metrics(m, step=int(m["sft/epoch"])))
