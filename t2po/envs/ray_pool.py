@@ -115,7 +115,7 @@ class RayEnvPool(BatchEnv):
             attributes = ray.get([w.build.remote(env_name, self.env_options) for w in self.workers], timeout=startup_timeout_s)[0]
         except ray.exceptions.GetTimeoutError as e:
             free = ray.available_resources().get("CPU", 0.0)
-            self._shut_down()
+            self._shut_down(grace_s=0.0)  # unplaced actors never run a call: kill them outright
             raise TimeoutError(
                 f"{num_workers} {env_name} workers did not start within {startup_timeout_s:.0f} s: Ray probably cannot place "
                 f"them ({num_workers} x {num_cpus_per_worker or 1} CPUs requested, {free:g} free). Lower num_workers or "
@@ -209,10 +209,17 @@ class RayEnvPool(BatchEnv):
         if self._closed:
             raise RuntimeError(f"the {self.name} environment pool is closed; build a new RayEnvPool")
 
-    def _shut_down(self) -> None:
+    def _shut_down(self, grace_s: float = 10.0) -> None:
+        """End the actors. `ray.kill` alone is asynchronous (a call made right after it may still run),
+        so each actor is first asked to exit after its queued calls (`__ray_terminate__`, whose result
+        resolves once the actor is gone); actors still alive after `grace_s` are killed."""
         self._closed = True
-        for w in self.workers:
-            self._ray.kill(w)
+        ray = self._ray
+        exits = [w.__ray_terminate__.remote() for w in self.workers] if grace_s > 0 else []
+        _, pending = ray.wait(exits, num_returns=len(exits), timeout=grace_s) if exits else ([], [])
+        for worker, ref in zip(self.workers, exits or [None] * len(self.workers)):
+            if ref is None or ref in pending:
+                ray.kill(worker)
 
     def _get(self, refs):
         # An error raised inside an actor comes back as a RayTaskError that is also an instance of the
