@@ -48,6 +48,7 @@ class EnvConfig:
     name: str = _f("sokoban", "Environment name (see `t2po envs`).")
     options: dict = _f({}, "Environment constructor options, e.g. {dim_room: [6, 6], num_boxes: 1}; checked against the environment's signature.")
     val_options: dict = _f({}, "Options that differ for the validation environment (e.g. {split: valid_unseen}); split defaults to 'valid'.")
+    ray_workers: int = _f(0, "0 = environments in the training process (default); k > 0 = k Ray actors hold them (t2po.envs.ray_pool; pip install ray==2.60.0).")
 
 
 @dataclass
@@ -176,6 +177,8 @@ class Config:
                             ("optim.micro_batch_tokens", self.optim.micro_batch_tokens), ("optim.ppo_epochs", self.optim.ppo_epochs)]:
             if value < 1:
                 errors.append(f"{name}={value}: must be >= 1")
+        if self.env.ray_workers < 0:
+            errors.append(f"env.ray_workers={self.env.ray_workers}: must be >= 0 (0 = in-process environments)")
         if self.trainer.iterations < 0:
             errors.append(f"trainer.iterations={self.trainer.iterations}: must be >= 0")
         if not 0 <= self.optim.warmup_ratio <= 1:

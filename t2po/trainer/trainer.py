@@ -6,8 +6,9 @@ One iteration (spec §4):
   3. advantages: GiGPO (t2po, gigpo), GRPO, RLOO, or turn-level GAE with a critic (ppo);
   4. one PPO-clip pass over the batch in mini-batches (dual clip, token-mean), gradient clipping,
      learning-rate warm-up, optional entropy bonus and KL loss.
-It deliberately leaves out: multi-GPU sharding (see the scale-out recipes), asynchronous rollouts,
-and sequence packing across samples (samples are grouped by length instead).
+Launched by torchrun with several processes, every rank plays its share of the tasks and the
+policy is FSDP2-sharded (t2po/distributed.py, docs/scaling.md). It deliberately leaves out
+asynchronous rollouts and sequence packing across samples (samples are grouped by length instead).
 
 A recipe in the torchtune sense: `Trainer(cfg).setup()`, `.train()`, `.cleanup()`.
 """
@@ -40,6 +41,10 @@ from t2po.algos import (
 )
 from t2po.algos.losses import value_loss
 from t2po.config import Config, config_from_dict
+from t2po.distributed import (
+    clip_grad_norm, from_rank0, gathered, init_distributed, load_sharded, mean_over_ranks, padded, plan_mini_batches,
+    save_sharded, shard_model, shard_tasks, sum_over_ranks,
+)
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.envs import make_env
 from t2po.rollout import RolloutResult, StepSample, TDSConfig, collect_rollouts
@@ -71,9 +76,15 @@ class Trainer:
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         torch.manual_seed(cfg.trainer.seed)
+        self.dist = init_distributed()  # one process unless launched by torchrun / accelerate launch
+        if self.dist.distributed:
+            if cfg.algo.name == "ppo" or cfg.warmup.episodes > 0:
+                raise ValueError("multi-process training supports t2po, gigpo, grpo and rloo without warm-up; run ppo or the warm-up (t2po sft) in one process")
+            self.run_dir = Path(from_rank0(str(self.run_dir)))
+            self.quiet = self.quiet or not self.dist.is_main
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = self.run_dir / "checkpoints"
-        if not self.resume:
+        if not self.resume and self.dist.is_main:
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.state_path = self.run_dir / "run_state.json"
         self.run_state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"warmup_done": False, "validation": {}}
@@ -84,18 +95,21 @@ class Trainer:
             base_path = str(self.run_dir / "warmup_model")
         self.model, self.tokenizer = load_model(base_path, dtype=getattr(torch, cfg.model.dtype))
         self.base_model_path = base_path
-        self.train_env = make_env(cfg.env.name, **cfg.env.options)
+        self.train_env = self._make_env(cfg.env.options)
         val_opts = {"split": "valid", **cfg.env.options, **cfg.env.val_options}
         if "split" in cfg.env.options and "split" not in cfg.env.val_options:
             val_opts["split"] = "valid"
-        self.val_env = make_env(cfg.env.name, **val_opts)
-        self.trackers = make_trackers(cfg.trainer.trackers, self.run_dir, cfg.to_dict(), quiet=self.quiet)
+        self.val_env = self._make_env(val_opts)
+        self.trackers = make_trackers(cfg.trainer.trackers if self.dist.is_main else [], self.run_dir, cfg.to_dict(), quiet=self.quiet)
         self._wrap_trainable()
         self.engine = HFEngine(self.model, self.tokenizer)
         if self.resume:
             ckpt = latest_checkpoint(self.ckpt_root)
             if ckpt is not None:
-                state = load_checkpoint_into(ckpt, self.model, self.optimizer, self.value_head, cfg.model.lora)
+                if self.dist.distributed or any(ckpt.glob("shard-*.safetensors")):  # sharded: any world size
+                    state = load_sharded(ckpt, self.model, self.optimizer)
+                else:
+                    state = load_checkpoint_into(ckpt, self.model, self.optimizer, self.value_head, cfg.model.lora)
                 self.start_iteration = state["iteration"]
                 self.scheduler_step = state.get("scheduler_step", self.start_iteration)
                 self._set_lr()
@@ -105,10 +119,17 @@ class Trainer:
                 self._drop_metrics_after(0)
         return self
 
+    def _make_env(self, options: dict):
+        if self.cfg.env.ray_workers:
+            from t2po.envs.ray_pool import RayEnvPool
+
+            return RayEnvPool(self.cfg.env.name, options, num_workers=self.cfg.env.ray_workers)
+        return make_env(self.cfg.env.name, **options)
+
     def _drop_metrics_after(self, iteration: int) -> None:
         """Forget the metrics of iterations lost in a kill (they are redone after the resume)."""
         path = self.run_dir / "metrics.jsonl"
-        if path.exists():
+        if path.exists() and self.dist.is_main:
             keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["iteration"] <= iteration]
             atomic_write_text(path, "".join(l + "\n" for l in keep))
 
@@ -139,6 +160,8 @@ class Trainer:
             self.value_head = torch.nn.Linear(hidden, 1)
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
+        if self.dist.distributed:
+            shard_model(self.model, mixed_precision=cfg.optim.bf16 and self.dist.device.type == "cuda")
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.value_head is not None:
             params += list(self.value_head.parameters())
@@ -177,12 +200,17 @@ class Trainer:
         cfg = self.cfg
         self.model.eval()
         seeds = [VALIDATION_SEED_OFFSET + k for k in range(cfg.rollout.val_num_tasks)]
+        seeds = shard_tasks(seeds, self.dist.rank, self.dist.world_size)
         t0 = time.time()
-        result = collect_rollouts(self.engine, self.val_env, seeds, 1, self._sampling(True), self._intervention(), None,
-                                  cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens, seed=cfg.trainer.seed + 7919)
-        stats = {**result.stats, "seconds": time.time() - t0}
+        with gathered(self.model):
+            result = collect_rollouts(self.engine, self.val_env, seeds, 1, self._sampling(True), self._intervention(), None,
+                                      cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
+                                      seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank)
+        stats = mean_over_ranks({**result.stats, "seconds": time.time() - t0})
         self.run_state["validation"][tag] = stats
         self._save_run_state()
+        if not self.dist.is_main:
+            return stats
         with open(self.run_dir / "validation.jsonl", "a") as f:
             f.write(json.dumps({"tag": tag, **stats}) + "\n")
         self.trackers.log_metrics({f"val/{k}": v for k, v in stats.items()}, step=self._global_step(tag))
@@ -196,7 +224,8 @@ class Trainer:
         return {"before": 0, "after_warmup": 0}.get(tag, self.cfg.trainer.iterations)
 
     def _save_run_state(self) -> None:
-        atomic_write_text(self.state_path, json.dumps(self.run_state, indent=1))
+        if self.dist.is_main:
+            atomic_write_text(self.state_path, json.dumps(self.run_state, indent=1))
 
     # ------------------------------------------------------------------ warm-up
     def warmup(self) -> None:
@@ -309,6 +338,12 @@ class Trainer:
         ref: list[torch.Tensor] | None = [None] * len(samples) if self.cfg.algo.kl_coef > 0 else None  # type: ignore[list-item]
         values = np.zeros(len(samples)) if self.value_head is not None else None
         bf16 = self.cfg.optim.bf16
+        # inside `gathered`: no collective per forward pass, so ranks may run different numbers of them
+        with gathered(self.model):
+            self._score_into(samples, old, ref, values, bf16)
+        return old, ref, values
+
+    def _score_into(self, samples, old, ref, values, bf16) -> None:
         for mb in self._micro_batches(list(range(len(samples))), samples):
             out = forward_micro_batch(self.model, mb, value_head=self.value_head, autocast_bf16=bf16)
             for b, i in enumerate(mb.indices):
@@ -324,7 +359,6 @@ class Trainer:
                     ref_out = forward_micro_batch(self.ref_model or self.model, mb, autocast_bf16=bf16)
                 for b, i in enumerate(mb.indices):
                     ref[i] = ref_out["logp"][b, : len(samples[i].response_ids)].clone()
-        return old, ref, values
 
     # ------------------------------------------------------------------ update
     def update(self, samples: list[StepSample], adv: np.ndarray, old: list[torch.Tensor], ref: list[torch.Tensor] | None,
@@ -342,13 +376,14 @@ class Trainer:
             counts[key] = counts.get(key, 0) + 1
 
         real_tokens = processed_tokens = 0
+        lengths = [len(s.response_ids) for s in samples]
+        filler = next(self._micro_batches([0], samples))  # run with loss weight 0 (t2po.distributed.padded)
         for _ in range(cfg.optim.ppo_epochs):
-            perm = [int(i) for i in rng.permutation(len(samples))]
-            for start in range(0, len(perm), cfg.optim.mini_batch_size):
-                mini = perm[start : start + cfg.optim.mini_batch_size]
-                n_tok = sum(len(samples[i].response_ids) for i in mini)
+            # one process: rng.permutation(len(samples)) in mini_batch_size chunks; several: the same global plan
+            for share in plan_mini_batches(lengths, cfg.optim.mini_batch_size, rng):
+                mini, n_tok = share.indices, share.global_tokens
                 self.optimizer.zero_grad(set_to_none=True)
-                for mb in self._micro_batches(mini, samples):
+                for mb, real in padded(list(self._micro_batches(mini, samples)), filler):
                     real_tokens += mb.real_tokens
                     processed_tokens += mb.processed_tokens
                     out = forward_micro_batch(self.model, mb, with_entropy=True, value_head=self.value_head, autocast_bf16=cfg.optim.bf16)
@@ -364,7 +399,8 @@ class Trainer:
                                 loss_mask[b, : len(forced)] *= 1.0 - torch.tensor(forced, dtype=torch.float32)
                     adv_t = torch.tensor([adv[i] for i in mb.indices], dtype=torch.float32)
                     # weight of this micro-batch in the mini-batch mean (token-mean: by tokens; seq-mean: by rows)
-                    w = (loss_mask.sum().item() / max(n_tok, 1)) if a.loss_agg == "token-mean" else len(mb.indices) / len(mini)
+                    w = (loss_mask.sum().item() / max(n_tok, 1)) if a.loss_agg == "token-mean" else len(mb.indices) / share.global_samples
+                    w = w if real else 0.0
                     pg_loss, m = ppo_policy_loss(out["logp"], old_lp, adv_t, loss_mask, a.clip_low, a.clip_high, a.dual_clip, a.loss_agg)
                     loss = pg_loss
                     denom = loss_mask.sum().clamp(min=1)
@@ -386,15 +422,16 @@ class Trainer:
                         acc("value_loss", vl.item())
                         acc("vf_clip_frac", vm["vf_clip_frac"])
                     (loss * w).backward()
+                    if not real:
+                        continue
                     acc("pg_loss", pg_loss.item())
                     acc("entropy", entropy.item())
                     for k in ("clip_frac", "clip_frac_lower", "approx_kl"):
                         acc(k, m[k])
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                acc("grad_norm", float(grad_norm))
+                acc("grad_norm", clip_grad_norm(params, cfg.optim.grad_clip))
                 self.optimizer.step()
         self.scheduler_step += 1
-        metrics = {k: sums[k] / counts[k] for k in sums}
+        metrics = mean_over_ranks({k: sums[k] / counts[k] for k in sums})
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["real_token_ratio"] = real_tokens / max(processed_tokens, 1)
         self._set_lr()
@@ -405,16 +442,20 @@ class Trainer:
         cfg = self.cfg
         t0 = time.time()
         self.model.eval()
-        result: RolloutResult = collect_rollouts(
-            self.engine, self.train_env, self.task_seeds(it), cfg.rollout.group_size, self._sampling(False), self._intervention(),
-            TDSConfig(cfg.rollout.tds_eta, cfg.rollout.tds_max_try) if cfg.use_tds else None,
-            cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens, seed=cfg.trainer.seed * 7_777 + it)
+        with gathered(self.model):
+            result: RolloutResult = collect_rollouts(
+                self.engine, self.train_env, shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size), cfg.rollout.group_size,
+                self._sampling(False), self._intervention(), TDSConfig(cfg.rollout.tds_eta, cfg.rollout.tds_max_try) if cfg.use_tds else None,
+                cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
+                seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank)
         t_rollout = time.time() - t0
         samples = result.samples
         if cfg.algo.dynamic_sampling:
             samples = self._filter_zero_variance_groups(samples)
-        metrics: dict[str, float] = {f"rollout/{k}": v for k, v in result.stats.items()}
+        metrics: dict[str, float] = mean_over_ranks({f"rollout/{k}": v for k, v in result.stats.items()})
         metrics["time/rollout"] = t_rollout
+        if self.dist.distributed and sum_over_ranks(float(not samples)) > 0:
+            raise RuntimeError(f"iteration {it}: a rank has no training sample left (dynamic sampling dropped all its groups); use more tasks per rank")
         if samples:
             t1 = time.time()
             old, ref, values = self._score_samples(samples)
@@ -431,7 +472,7 @@ class Trainer:
 
     def _write_traces(self, it: int, result: RolloutResult) -> None:
         k = self.cfg.trainer.trace_episodes
-        if k <= 0:
+        if k <= 0 or not self.dist.is_main:
             return
         from t2po.tracking import episode_trace, trace_sample
 
@@ -456,18 +497,24 @@ class Trainer:
         for it in range(self.start_iteration, cfg.trainer.iterations):
             metrics = self.iteration(it)
             metrics["iteration"] = it + 1
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            if self.dist.is_main:
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
             self.trackers.log_metrics(metrics, step=it + 1)
             self.log(self._progress_line(it, metrics))
             if cfg.trainer.val_every and (it + 1) % cfg.trainer.val_every == 0 and it + 1 < cfg.trainer.iterations:
                 self.validate(f"iter_{it + 1}")
             if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
-                save_checkpoint(self.ckpt_root, it + 1, self.model, self.optimizer, {"scheduler_step": self.scheduler_step, "base_model": self.base_model_path},
-                                self.value_head, cfg.model.lora, cfg.trainer.keep_checkpoints)
+                state = {"scheduler_step": self.scheduler_step, "base_model": self.base_model_path}
+                if self.dist.distributed:  # every rank writes its shards (docs/scaling.md)
+                    save_sharded(self.ckpt_root / f"iter_{it + 1:06d}", self.model, self.optimizer, {**state, "iteration": it + 1})
+                else:
+                    save_checkpoint(self.ckpt_root, it + 1, self.model, self.optimizer, state, self.value_head, cfg.model.lora, cfg.trainer.keep_checkpoints)
         if "final" not in val or self.start_iteration < cfg.trainer.iterations:
             self.validate("final")
         summary = self.summary(time.time() - t_start)
+        if not self.dist.is_main:
+            return summary
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
         self.trackers.log_artifact(self.run_dir / "summary.json")
         self.trackers.log_artifact(self.run_dir / "validation.jsonl")
