@@ -101,6 +101,20 @@ def _group_mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1))
 
 
+def _group_members(scores: np.ndarray, group_ids: np.ndarray, traj_ids: np.ndarray, across_steps: bool) -> dict[Hashable, list[float]]:
+    """The scores that make up each task group's statistics: every step sample's (across_steps=True)
+    or one per trajectory, its first sample's in array order (across_steps=False)."""
+    members: dict[Hashable, list[float]] = {}
+    seen_trajs: set[Hashable] = set()
+    for i, (group, traj) in enumerate(zip(group_ids, traj_ids, strict=True)):
+        if not across_steps:
+            if traj in seen_trajs:
+                continue
+            seen_trajs.add(traj)
+        members.setdefault(group, []).append(scores[i])
+    return members
+
+
 def grpo_advantages(
     scores: Any,
     group_ids: Any,
@@ -129,14 +143,7 @@ def grpo_advantages(
     _check_same_length(scores=scores, group_ids=group_ids, traj_ids=traj_ids)
     _check_trajectories_in_one_group(group_ids, traj_ids)
 
-    members: dict[Hashable, list[float]] = {}
-    seen_trajs: set[Hashable] = set()
-    for i, (group, traj) in enumerate(zip(group_ids, traj_ids, strict=True)):
-        if not across_steps:
-            if traj in seen_trajs:
-                continue
-            seen_trajs.add(traj)
-        members.setdefault(group, []).append(scores[i])
+    members = _group_members(scores, group_ids, traj_ids, across_steps)
     stats = {group: _group_mean_std(values) for group, values in members.items()}
 
     advantages = np.empty_like(scores)
@@ -273,14 +280,7 @@ def rloo_advantages(scores: Any, group_ids: Any, traj_ids: Any, across_steps: bo
     _check_same_length(scores=scores, group_ids=group_ids, traj_ids=traj_ids)
     _check_trajectories_in_one_group(group_ids, traj_ids)
 
-    members: dict[Hashable, list[float]] = {}
-    seen_trajs: set[Hashable] = set()
-    for i, (group, traj) in enumerate(zip(group_ids, traj_ids, strict=True)):
-        if not across_steps:
-            if traj in seen_trajs:
-                continue
-            seen_trajs.add(traj)
-        members.setdefault(group, []).append(scores[i])
+    members = _group_members(scores, group_ids, traj_ids, across_steps)
 
     advantages = np.zeros_like(scores)
     for i, group in enumerate(group_ids):
