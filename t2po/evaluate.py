@@ -4,10 +4,14 @@
     t2po eval sokoban runs/.../checkpoints/iter_000010 --episodes 128
     t2po eval alfworld path/to/hf-model --split valid_unseen
     t2po eval sokoban                                            # the embedded SmolLM2-135M-Instruct
+    t2po eval points24 path/to/Qwen2.5-VL-3B-Instruct --env-option observation_mode=image
     t2po eval sokoban --api-base https://api.openai.com/v1 --model gpt-4o-mini --concurrency 8
 
 - Episodes: task seeds `--seed`, `--seed`+1, ... (`--episodes` of them) of the `--split` split; an
   episode is keyed by (environment, split, seed).
+- Environments in image mode (`--env-option observation_mode=image` or `both`) need a
+  vision-language model (a local VLM directory, a run or checkpoint trained from one, or `tiny-vlm`,
+  a tiny random VLM for smoke runs) or an API model that takes images.
 - Local models play through the training rollout code (`collect_rollouts` with `HFEngine`), TTI on
   and TDS off (spec §3: evaluation uses TTI but not TDS), validation sampling (spec §6: temperature
   0.6, top-p 0.95, top-k 20), `--batch-size` episodes at a time. A run folder or checkpoint also
@@ -91,6 +95,10 @@ def locate_policy(path: str | os.PathLike | None) -> PolicySource:
     "smollm2-135m-instruct") without loading weights; a path that is none of these fails here."""
     if path is None or str(path).lower() == DEFAULT_MODEL:
         return PolicySource(None)
+    if str(path).lower() == "tiny-vlm":  # = t2po.models.TINY_VLM, built into the cache on first use
+        from t2po.models import tiny_vlm_directory
+
+        return PolicySource(tiny_vlm_directory())
     p = Path(path).expanduser().resolve()
     accepted = (f"pass a t2po run folder, a checkpoint folder (RUN/checkpoints/iter_NNNNNN), a Hugging Face model "
                 f"directory (with config.json), or no model for the embedded {DEFAULT_MODEL}")
@@ -580,12 +588,12 @@ same command resumes, skipping finished episodes.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="t2po eval", description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("env", metavar="ENV", help="environment name (see `t2po envs`)")
-    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="run folder, checkpoint folder or Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct); not with --api-base")
+    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="run folder, checkpoint folder, Hugging Face model directory (causal LM or vision-language model) or tiny-vlm (default: the embedded SmolLM2-135M-Instruct); not with --api-base")
     g = p.add_argument_group("tasks and output")
     g.add_argument("--split", default="valid", help="environment split (default: valid)")
     g.add_argument("--episodes", type=int, default=DEFAULT_EPISODES, help=f"episodes = task seeds SEED .. SEED+N-1 (default {DEFAULT_EPISODES})")
     g.add_argument("--seed", type=int, default=0, help="first task seed (default 0); samplers are seeded from the task seeds")
-    g.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE", help="environment option (YAML value), repeatable, e.g. dim_room=[6,6]; overrides a run's own options")
+    g.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE", help="environment option (YAML value), repeatable, e.g. dim_room=[6,6] or observation_mode=image; overrides a run's own options")
     g.add_argument("--out", default=None, help="output folder (default: evals/<env>-<split>-<model>)")
     g.add_argument("--quiet", action="store_true", help="print only the final table")
     g = p.add_argument_group("sampling (defaults: spec §6 validation sampling, or a run's own validation settings)")
@@ -727,6 +735,13 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
     # building the environment once checks the split and the option values before any model work
     probe = make_env(ns.env, split=ns.split, **options)
     probe.close()
+    if policy is not None and getattr(probe, "observation_mode", "text") != "text":
+        from t2po.models import reads_images
+        from t2po.vlm import VLM_EXAMPLES
+
+        if reads_images(source.path if source.checkpoint is None else source.base) is False:
+            raise ValueError(f"{ns.env} with observation_mode={probe.observation_mode} shows images, which need a vision-language model "
+                             f"as MODEL ({VLM_EXAMPLES}); {source.description} is text-only. Or pass --env-option observation_mode=text")
     setup.update({"env": ns.env, "split": ns.split, "env_options": options, "invalid_action_penalty": penalty})
     notes.append(f"Environment: `{ns.env}`, split `{ns.split}`" + (f", options `{json.dumps(_json_safe(options))}`" if options else "") + ".")
     out = Path(ns.out) if ns.out else Path("evals") / _safe_name(f"{ns.env}-{ns.split}-{model_name}")

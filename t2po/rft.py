@@ -71,7 +71,7 @@ def collect(env_name: str, policy: str, episodes: int, threshold: float, out: Pa
                         continue
                     # exact engine ids; the decoded prompt is kept for people reading the file
                     steps = [{"prompt": tokenizer.decode(s.prompt_ids), "response": s.response_text, "prompt_ids": s.prompt_ids,
-                              "response_ids": s.response_ids} for s in ep.samples]
+                              "response_ids": s.response_ids, **({"image": s.image} if s.image is not None else {})} for s in ep.samples]
                     kept.append(Conversation(env_name, ep.seed, steps, ep.total_reward, ep.won, ep.metrics, source=description))
     finally:
         env.close()
@@ -96,7 +96,7 @@ def sft(data: Path, model_path: str | None, out: Path, epochs: int, lr: float, l
     model.path=OUT` starts from."""
     import torch
 
-    from t2po.models import load_model
+    from t2po.models import load_model, lora_targets, save_tokenizer
 
     convs = load_conversations(data)
     if not convs:
@@ -108,14 +108,14 @@ def sft(data: Path, model_path: str | None, out: Path, epochs: int, lr: float, l
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+                                                 **lora_targets(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], None)))
     losses = sft_train(model, tokenizer, examples, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     if lora:
         model = model.merge_and_unload()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    save_tokenizer(tokenizer, tmp)
     (tmp / "sft.json").write_text(json.dumps({"data": str(data), "base": model_path, "examples": len(examples), "conversations": len(convs), "losses": losses}, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

@@ -4,7 +4,9 @@ decoding and stepping (spec §2-§4).
 For B tasks x N group members: reset, then per turn: build prompts for the active instances, generate
 in one batch, apply TDS (training only: regenerate only the flagged rows, in one batch, at most
 `max_try` times, keep the last sample), parse, step, record. Every environment step becomes one
-`StepSample` carrying the exact token ids the engine produced.
+`StepSample` carrying the exact token ids the engine produced. An observation with an image (an
+environment in image mode) is rendered by the vision-language model's processor (`t2po.vlm`); the
+step sample then also carries the prompt's pixel inputs, exactly those the engine saw.
 
     from t2po.rollout import collect_rollouts, TDSConfig
     result = collect_rollouts(engine, env, task_seeds=[0, 1], group_size=4,
@@ -58,7 +60,8 @@ class StepSample:
     resampled: int = 0  # TDS regenerations of this turn
     tti_triggers: dict[str, int] = field(default_factory=dict)
     think_length: int = 0
-    image: Any = None
+    image: Any = None  # the observation's PIL image (image observations), else None
+    pixel_inputs: dict | None = None  # the image as the model's processor gave it to the engine (t2po.vlm)
 
 
 @dataclass
@@ -97,6 +100,23 @@ def build_prompt_ids(tokenizer: Any, text: str, max_prompt_tokens: int | None = 
     return ids, False
 
 
+def build_prompt(tokenizer: Any, text: str, image: Any = None, max_prompt_tokens: int | None = None) -> tuple[list[int], dict | None, bool]:
+    """(ids, pixel inputs, truncated) of one user message: `build_prompt_ids` for text, or with an
+    image the vision-language model's processor (`t2po.vlm.build_image_prompt`, never truncated)."""
+    if image is None:
+        ids, cut = build_prompt_ids(tokenizer, text, max_prompt_tokens)
+        return ids, None, cut
+    from t2po.vlm import build_image_prompt
+
+    ids, pixels = build_image_prompt(tokenizer, text, image, max_prompt_tokens)
+    return ids, pixels, False
+
+
+def _image_arguments(pixels: list[dict | None], rows) -> dict:
+    # `pixel_inputs` goes to the engine only when a prompt has an image, so text-only engines never see it
+    return {"pixel_inputs": [pixels[j] for j in rows]} if any(pixels[j] is not None for j in rows) else {}
+
+
 def _call_seed(seed: int, turn: int, attempt: int) -> int:
     # distinct, reproducible sampler seeds per (rollout seed, turn, TDS attempt)
     return (seed * 1_000_003 + turn * 1_009 + attempt * 7 + 1) % (2**63 - 1)
@@ -133,13 +153,15 @@ def collect_rollouts(
         idx = [i for i in range(n) if active[i]]
         if not idx:
             break
-        prompts = []
+        prompts, pixels = [], []
         for i in idx:
-            ids, cut = build_prompt_ids(tokenizer, env.render_prompt(i, histories[i], states[i]), max_prompt_tokens)
+            ids, pixel_inputs, cut = build_prompt(tokenizer, env.render_prompt(i, histories[i], states[i]), states[i].image, max_prompt_tokens)
             prompts.append(ids)
+            pixels.append(pixel_inputs)
             counters["prompts_truncated"] += cut
             counters["prompt_tokens"] += len(ids)
-        gens: list[Generation] = engine.generate(prompts, dataclasses.replace(sampling, seed=_call_seed(seed, turn, 0)), intervention)
+        gens: list[Generation] = engine.generate(prompts, dataclasses.replace(sampling, seed=_call_seed(seed, turn, 0)), intervention,
+                                                 **_image_arguments(pixels, range(len(idx))))
         counters["generated_tokens"] += sum(g.num_tokens for g in gens)
         resampled = [0] * len(idx)
         if tds is not None:
@@ -149,7 +171,7 @@ def collect_rollouts(
                 flagged = np.flatnonzero(tds_resample_mask(prev, [g.turn_score for g in gens], tds.eta))
                 if flagged.size == 0:
                     break
-                regen = engine.generate([prompts[j] for j in flagged], dataclasses.replace(sampling, seed=_call_seed(seed, turn, attempt)), intervention)
+                regen = engine.generate([prompts[j] for j in flagged], dataclasses.replace(sampling, seed=_call_seed(seed, turn, attempt)), intervention, **_image_arguments(pixels, flagged))
                 for j, g in zip(flagged, regen):
                     counters["tds_extra_tokens"] += gens[j].num_tokens  # the discarded sample's tokens
                     counters["generated_tokens"] += g.num_tokens
@@ -188,6 +210,7 @@ def collect_rollouts(
                     tti_triggers=dict(g.tti_triggers),
                     think_length=g.think_length,
                     image=states[i].image,
+                    pixel_inputs=pixels[j],
                 )
             )
             histories[i].append((states[i].observation, parsed.action))
@@ -218,6 +241,10 @@ def collect_rollouts(
     return RolloutResult(samples=samples, episodes=episodes, stats=rollout_stats(episodes, counters))
 
 
+# Statistics counted while playing (not derivable from the episodes): summed when batches are merged.
+COUNTERS = ("generated_tokens", "tds_extra_tokens", "tds_regenerations", "tds_eligible_turns", "prompts_truncated", "prompt_tokens")
+
+
 def rollout_stats(episodes: list[Episode], counters: dict[str, float] | None = None) -> dict[str, float]:
     """Episode metrics (spec §2-§3 evidence: TTI triggers by kind, think length, TDS resampling)."""
     counters = counters or {}
@@ -238,7 +265,7 @@ def rollout_stats(episodes: list[Episode], counters: dict[str, float] | None = N
         "forced_tokens": float(sum(sum(x.forced_mask) for x in samples)),
         "tds_resample_fraction": float(sum(x.resampled > 0 for x in samples)) / n_steps,
     }
-    for key in ("generated_tokens", "tds_extra_tokens", "tds_regenerations", "tds_eligible_turns", "prompts_truncated", "prompt_tokens"):
+    for key in COUNTERS:
         if key in counters:
             stats[key] = float(counters[key])
     # numeric task metrics (e.g. score), averaged over finished episodes

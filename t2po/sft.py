@@ -3,7 +3,10 @@
 A conversation is one episode: a list of steps, each a (prompt text, response text) pair where the
 prompt is exactly what the rollout loop renders for that step (task, history, observation), so SFT
 sees the same tokens as RL. The loss is on the assistant tokens only (the response and the
-end-of-turn token); prompt tokens are masked out.
+end-of-turn token); prompt tokens are masked out. A step of an environment in image mode also keeps
+its observation image (a PNG data URL in the JSON files); a vision-language model's processor renders
+it exactly as at rollout time (`t2po.rollout.build_prompt`), and its pixel inputs go into the forward
+pass.
 
     convs = collect_expert_conversations(env, seeds=range(32))
     sft_train(model, tokenizer, convs, epochs=2, lr=2e-4)
@@ -11,6 +14,8 @@ end-of-turn token); prompt tokens are masked out.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import random
@@ -21,7 +26,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from t2po.envs.base import BatchEnv
-from t2po.rollout import build_prompt_ids
+from t2po.rollout import build_prompt
 from t2po.trainer.policy import forward_micro_batch, make_micro_batch, pack_by_length
 
 
@@ -29,14 +34,15 @@ from t2po.trainer.policy import forward_micro_batch, make_micro_batch, pack_by_l
 class Conversation:
     env: str
     seed: int
-    steps: list[dict]  # [{"prompt": str, "response": str, "response_ids": list[int] | None}]
+    steps: list[dict]  # [{"prompt": str, "response": str, "response_ids": list[int] | None, "image": PIL image | None}]
     reward: float
     won: bool
     metrics: dict = field(default_factory=dict)
     source: str = "expert"
 
     def to_json(self) -> dict:
-        return {"env": self.env, "seed": self.seed, "steps": self.steps, "reward": self.reward, "won": self.won, "metrics": self.metrics, "source": self.source}
+        steps = [{**s, "image": _image_to_url(s["image"])} if s.get("image") is not None else s for s in self.steps]
+        return {"env": self.env, "seed": self.seed, "steps": steps, "reward": self.reward, "won": self.won, "metrics": self.metrics, "source": self.source}
 
     def messages(self) -> list[list[dict]]:
         """The chat messages of each step, as the rollout renders them (one user turn + the answer)."""
@@ -63,7 +69,10 @@ def play_expert_episodes(env: BatchEnv, seeds: Iterable[int], max_turns: int | N
                 raise ValueError(f"Environment {env.name!r} has no expert (expert_response returned None); use `t2po rft collect` with a model instead.")
             responses[i] = response
             actions[i] = env.parse_action(response, states[i]).action
-            steps[i].append({"prompt": env.render_prompt(i, histories[i], states[i]), "response": response})
+            step = {"prompt": env.render_prompt(i, histories[i], states[i]), "response": response}
+            if states[i].image is not None:
+                step["image"] = states[i].image
+            steps[i].append(step)
         if not responses:
             break
         new_states = env.step(actions)
@@ -107,30 +116,40 @@ def load_conversations(path: Path) -> list[Conversation]:
     for k, r in enumerate(rows):
         if "steps" not in r or not isinstance(r["steps"], list):
             raise ValueError(f"{path}: row {k} has no 'steps' list; expected rows written by `t2po rft collect`.")
+        for step in r["steps"]:
+            if isinstance(step.get("image"), str):
+                step["image"] = _image_from_url(step["image"])
         out.append(Conversation(r.get("env", ""), int(r.get("seed", -1)), r["steps"], float(r.get("reward", 0.0)), bool(r.get("won", False)), r.get("metrics", {}), r.get("source", "expert")))
     return out
 
 
-def tokenize_conversations(convs: list[Conversation], tokenizer: Any, max_prompt_tokens: int | None = None) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) per step. Model episodes carry the exact ids the engine saw and
-    produced (`prompt_ids`, `response_ids`); expert steps are rendered exactly as at rollout time
-    (same chat template) and their response text is tokenized with the end-of-turn token appended."""
+def tokenize_conversations(convs: list[Conversation], tokenizer: Any, max_prompt_tokens: int | None = None) -> list[tuple]:
+    """(prompt ids, response ids) per step, plus the pixel inputs for a step with an image. Model
+    episodes carry the exact ids the engine saw and produced (`prompt_ids`, `response_ids`); expert
+    steps are rendered exactly as at rollout time (same chat template; with an image, the VLM's
+    processor) and their response text is tokenized with the end-of-turn token appended."""
     eos = tokenizer.eos_token_id
     examples = []
     for conv in convs:
         for step in conv.steps:
-            prompt_ids = step.get("prompt_ids") or build_prompt_ids(tokenizer, step["prompt"], max_prompt_tokens)[0]
+            pixels = None
+            if step.get("image") is not None:
+                prompt_ids, pixels, _ = build_prompt(tokenizer, step["prompt"], step["image"], max_prompt_tokens)
+                if step.get("prompt_ids") and step["prompt_ids"] != prompt_ids:
+                    raise ValueError(f"{conv.env} seed {conv.seed}: the recorded prompt ids differ from the image prompt this model's processor renders; collect the episodes with this model")
+            else:
+                prompt_ids = step.get("prompt_ids") or build_prompt(tokenizer, step["prompt"], None, max_prompt_tokens)[0]
             ids = step.get("response_ids")
             if ids is None:
                 ids = tokenizer.encode(step["response"], add_special_tokens=False) + [eos]
-            examples.append((prompt_ids, list(ids)))
+            examples.append((prompt_ids, list(ids)) if pixels is None else (prompt_ids, list(ids), pixels))
     return examples
 
 
 def sft_train(
     model: torch.nn.Module,
     tokenizer: Any,
-    examples: list[tuple[list[int], list[int]]],
+    examples: list[tuple],
     epochs: int = 2,
     lr: float = 2e-4,
     batch_size: int = 8,
@@ -139,18 +158,20 @@ def sft_train(
     log: Callable[[dict], None] | None = None,
 ) -> list[float]:
     """Minimise the mean negative log-likelihood of the response tokens (assistant tokens only).
-    Returns the mean loss of each epoch."""
+    `examples` are (prompt ids, response ids[, pixel inputs]). Returns the mean loss of each epoch."""
     if not examples:
         raise ValueError("No SFT examples: the conversation set is empty.")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prompts = [p for p, _ in examples]
-    responses = [r for _, r in examples]
+    prompts = [e[0] for e in examples]
+    responses = [e[1] for e in examples]
+    pixels = [e[2] if len(e) > 2 else None for e in examples]
     total_steps = epochs * math.ceil(len(examples) / batch_size)
     step = 0
     epoch_losses = []
+    device = params[0].device  # the micro-batches go where the model is
     model.train()
     for epoch in range(epochs):
         order = list(range(len(examples)))
@@ -163,7 +184,7 @@ def sft_train(
             loss_sum = 0.0
             lengths = [len(prompts[i]) + len(responses[i]) for i in batch]
             for group in pack_by_length(lengths, micro_batch_tokens):
-                mb = make_micro_batch([batch[g] for g in group], prompts, responses, pad)
+                mb = make_micro_batch([batch[g] for g in group], prompts, responses, pad, pixels).to(device)
                 out = forward_micro_batch(model, mb)
                 loss = -(out["logp"] * mb.response_mask).sum() / max(n_tokens, 1)
                 loss.backward()
@@ -180,3 +201,18 @@ def sft_train(
             log({"sft/epoch": epoch + 1, "sft/loss": epoch_losses[-1]})
     model.eval()
     return epoch_losses
+
+
+def _image_to_url(image: Any) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _image_from_url(url: str) -> Any:
+    from PIL import Image
+
+    head, _, data = url.partition(",")
+    if not head.startswith("data:image/"):
+        raise ValueError(f"a conversation step's image must be a data URL (data:image/png;base64,...), got {url[:40]!r}")
+    return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")

@@ -2,13 +2,14 @@
 
 `tiny_model_dir` is a real Hugging Face model directory (safetensors, byte-level BPE tokenizer whose
 `<think>`/`</think>` tags are several tokens each, SmolLM2 chat template), loaded through the same
-`t2po.models.load_model` path as any user model."""
+`t2po.models.load_model` path as any user model. `tiny_vlm_dir` is the same for a vision-language
+model: a tiny random Qwen2-VL with its processor (`t2po.models.build_tiny_vlm`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from t2po.models import build_tiny_model, load_model
+from t2po.models import build_tiny_model, build_tiny_vlm, load_model
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +21,8 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_model(tiny_model_dir):
     """(model, tokenizer) of the tiny model; session-wide, so tests must not modify its weights."""
     return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory):
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"), seed=0)

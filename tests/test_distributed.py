@@ -1,4 +1,4 @@
-"""Data-parallel training on the CPU: 2 gloo processes on 127.0.0.1 with the tiny model, FSDP2.
+"""Data-parallel training on the CPU: 2 gloo processes (file rendezvous) with the tiny model, FSDP2.
 
 One spawn serves the whole file (process start-up dominates): each rank generates under
 `gathered` (ranks decode different numbers of tokens), takes one PPO step on its share of a fixed
@@ -7,9 +7,9 @@ reloads the 2-rank sharded checkpoint with world size 1."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -86,47 +86,56 @@ def ppo_step(model, optimizer, samples, seed: int = 0) -> float:
     return total
 
 
-def _rank(rank: int, port: int, model_dir: str, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+def _rank(rank: int, rendezvous: str, model_dir: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    ctx = init_distributed()
+    # A file rendezvous: a TCP one on a port picked in advance can lose the port to another process
+    # before rank 0 binds it (a rare CI failure). init_distributed then joins the initialised group.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    ctx = init_distributed(device="cpu")
     try:
-        model, tokenizer = load_model(model_dir)
-        shard_model(model)
-        # Generation on the sharded model: rank 1 decodes 3x more tokens, with no collective per step.
-        with gathered(model):
-            gens = HFEngine(model, tokenizer).generate([tokenizer.encode("hello")], SamplingParams(temperature=0.0, max_new_tokens=4 + 8 * rank))
-        model.train()
-        batch = _batch(model.config.vocab_size)
-        mine = shard_tasks(list(range(len(batch))), ctx.rank, ctx.world_size)
-        optimizer = torch.optim.AdamW(model.parameters(), **OPTIM)
-        loss = ppo_step(model, optimizer, [batch[i] for i in mine])
-        weights = full_state_dict(model)
-        save_sharded(os.path.join(out_dir, "ckpt"), model, optimizer, {"iteration": 1})
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        optim_full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
-        if ctx.rank == 0:
-            save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(out_dir, "weights.safetensors"))
-            exp_avg = {f"{fqn}": s["exp_avg"].contiguous() for fqn, s in optim_full["state"].items()}
-            save_file(exp_avg, os.path.join(out_dir, "exp_avg.safetensors"))
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"loss": loss, "tasks": mine, "generated": gens[0].token_ids, "run_dir": from_rank0(f"runs/started-by-{rank}"),
-                       "metrics": mean_over_ranks({"success": float(rank), f"only_rank{rank}": 1.0 + rank})}, f)
+        _rank_work(ctx, model_dir, out_dir)
     finally:
         torch.distributed.destroy_process_group()
+        # Free the sharded model now (its device mesh holds the process group and gloo's threads):
+        # in the interpreter's final GC a gloo thread still releasing a collective's tensors cannot
+        # take the GIL and aborts the process (seen with the trainer under torchrun; a possible
+        # cause of this fixture's rare failures, like the port race the file rendezvous removes).
+        gc.collect()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_work(ctx, model_dir: str, out_dir: str) -> None:
+    rank = ctx.rank
+    model, tokenizer = load_model(model_dir)
+    shard_model(model)
+    with torch.no_grad():  # a first forward that is not the root's (the trainer's scoring pass with vLLM rollouts)
+        forward_micro_batch(model, make_micro_batch([0], [[5, 6, 7]], [[8, 9]], 0))
+    # Generation on the sharded model: rank 1 decodes 3x more tokens, with no collective per step.
+    with gathered(model):
+        gens = HFEngine(model, tokenizer).generate([tokenizer.encode("hello")], SamplingParams(temperature=0.0, max_new_tokens=4 + 8 * rank))
+    model.train()
+    batch = _batch(model.config.vocab_size)
+    mine = shard_tasks(list(range(len(batch))), ctx.rank, ctx.world_size)
+    optimizer = torch.optim.AdamW(model.parameters(), **OPTIM)
+    loss = ppo_step(model, optimizer, [batch[i] for i in mine])
+    weights = full_state_dict(model)
+    save_sharded(os.path.join(out_dir, "ckpt"), model, optimizer, {"iteration": 1})
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    optim_full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    if ctx.rank == 0:
+        save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(out_dir, "weights.safetensors"))
+        exp_avg = {f"{fqn}": s["exp_avg"].contiguous() for fqn, s in optim_full["state"].items()}
+        save_file(exp_avg, os.path.join(out_dir, "exp_avg.safetensors"))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"loss": loss, "tasks": mine, "generated": gens[0].token_ids, "run_dir": from_rank0(f"runs/started-by-{rank}"),
+                   "metrics": mean_over_ranks({"success": float(rank), f"only_rank{rank}": 1.0 + rank})}, f)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_rank, args=(_free_port(), str(tiny_model_dir), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_rank, args=(str(out / "rendezvous"), str(tiny_model_dir), str(out)), nprocs=WORLD, join=True)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     return out, ranks
 

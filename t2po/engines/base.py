@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from t2po.algos.intervention import ThinkingIntervention
 
 
 @dataclass
@@ -56,6 +59,42 @@ class Generation:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+
+def check_request(prompts: list[list[int]], sampling: SamplingParams) -> None:
+    """Reject a generation request that no engine can serve, with what to fix."""
+    for row, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {row} is empty; every prompt needs at least one token id")
+        if not all(isinstance(t, int) for t in prompt):
+            raise ValueError(f"prompt {row} must be a list of int token ids (render it with the chat template first)")
+    if sampling.temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {sampling.temperature}")
+    if not 0.0 < sampling.top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {sampling.top_p}")
+    if sampling.top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {sampling.top_k}")
+    if sampling.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
+    if any(not s for s in sampling.stop):
+        raise ValueError("stop strings must be non-empty")
+
+
+def make_intervention(config: InterventionConfig, tokenizer, token_text: Sequence[str]) -> ThinkingIntervention:
+    """The `ThinkingIntervention` of one generate call: tags tokenized with `tokenizer`, matched on
+    `token_text` (the decoded vocabulary, `vocabulary_text`). A disabled config forces nothing
+    (no patience, no budget) but still records M_t and think spans."""
+    return ThinkingIntervention.from_tokenizer(
+        tokenizer,
+        config.think_start,
+        config.think_end,
+        token_text=token_text,
+        patience=config.patience if config.enabled else None,
+        eps=config.eps,
+        budget=config.budget if config.enabled else None,
+        alpha=config.alpha,
+        confidence=config.confidence,
+    )
 
 
 class Engine(abc.ABC):

@@ -13,6 +13,13 @@ to -inf); the returned log-prob is `logp[token]`, i.e. under the raw logits, tem
 (the trainer recomputes log-probs from the same raw logits). Token ids are returned exactly as
 emitted, EOS included; `text` is decoded without special tokens and, when a stop string ended the
 row, cut right after it (the ids keep the whole last token).
+
+Vision-language models (`t2po.vlm`): a prompt may come with pixel inputs (`pixel_inputs`, one dict
+or None per prompt, from `t2po.vlm.build_image_prompt`); they go into the prefill only. Qwen2-VL-class
+models get their multimodal RoPE positions for the prefill from the model's own `get_rope_index`
+(padding-aware), and each generated token continues at the row's largest position + 1, passed
+explicitly, so the model's cached `rope_deltas` never matter. Image placeholder tokens get logit
+-inf (a response never contains one; the trainer does the same).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 
 from t2po.algos.intervention import ThinkingIntervention, vocabulary_text
 from t2po.algos.uncertainty import turn_score, uncertainty_from_logprobs
-from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams
+from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams, check_request, make_intervention
 
 
 class HFEngine(Engine):
@@ -50,11 +57,19 @@ class HFEngine(Engine):
         prompts: list[list[int]],
         sampling: SamplingParams,
         intervention: InterventionConfig | None = None,
+        pixel_inputs: list[dict | None] | None = None,
     ) -> list[Generation]:
         """Sample one response per prompt (token ids). `intervention=None` behaves like
         `InterventionConfig(enabled=False)`: nothing is forced, M_t, turn scores and think lengths
-        are still recorded."""
-        _check_request(prompts, sampling)
+        are still recorded. `pixel_inputs`: per prompt, the pixel inputs of its image (None: none)."""
+        check_request(prompts, sampling)
+        if pixel_inputs is not None:
+            from t2po.vlm import NEEDS_VLM, is_vision_language
+
+            if len(pixel_inputs) != len(prompts):
+                raise ValueError(f"pixel_inputs has {len(pixel_inputs)} entries for {len(prompts)} prompts; give one (or None) per prompt")
+            if any(p is not None for p in pixel_inputs) and not is_vision_language(self.model):
+                raise ValueError(NEEDS_VLM)
         config = intervention if intervention is not None else InterventionConfig(enabled=False)
         if not self.monitor_uncertainty and config.enabled:
             raise ValueError("the thinking intervention needs M_t: build the engine with monitor_uncertainty=True")
@@ -67,7 +82,7 @@ class HFEngine(Engine):
         self.model.eval()
         try:
             with torch.inference_mode():
-                token_ids, logprobs, finish = self._decode(prompts, sampling, tti, config)
+                token_ids, logprobs, finish = self._decode(prompts, sampling, tti, config, pixel_inputs)
         finally:
             self.model.train(was_training)
 
@@ -104,8 +119,11 @@ class HFEngine(Engine):
         sampling: SamplingParams,
         tti: ThinkingIntervention | None,
         config: InterventionConfig,
+        pixel_inputs: list[dict | None] | None = None,
     ) -> tuple[list[list[int]], list[list[float]], list[str]]:
         from transformers import DynamicCache
+
+        from t2po import vlm
 
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
@@ -117,6 +135,11 @@ class HFEngine(Engine):
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
         next_position = position_ids[:, -1:] + 1
+        pixels = vlm.collate_pixel_inputs(pixel_inputs or [], device)
+        suppressed = vlm.placeholder_token_ids(self.model) if vlm.is_vision_language(self.model) else []
+        if pixels is not None:
+            position_ids = vlm.position_ids(self.model, input_ids, attention_mask, pixels)  # [3, B, L] for M-RoPE
+            next_position = position_ids.reshape(-1, *input_ids.shape).amax(dim=(0, 2))[:, None] + 1
         generator = None  # None: torch's global RNG, so an unseeded call follows torch.manual_seed
         if sampling.seed is not None:
             generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -134,9 +157,12 @@ class HFEngine(Engine):
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **(pixels or {}),
         )
         while True:
             logits = out.logits[:, -1, :].float()
+            if suppressed:
+                logits[:, suppressed] = float("-inf")
             logp = torch.log_softmax(logits, dim=-1)
             chosen = _sample(logits, sampling, generator)
             if tti is not None:
@@ -180,17 +206,7 @@ class HFEngine(Engine):
     def _intervention(self, config: InterventionConfig) -> ThinkingIntervention:
         if self._token_text is None:
             self._token_text = vocabulary_text(self.tokenizer)
-        return ThinkingIntervention.from_tokenizer(
-            self.tokenizer,
-            config.think_start,
-            config.think_end,
-            token_text=self._token_text,
-            patience=config.patience if config.enabled else None,
-            eps=config.eps,
-            budget=config.budget if config.enabled else None,
-            alpha=config.alpha,
-            confidence=config.confidence,
-        )
+        return make_intervention(config, self.tokenizer, self._token_text)
 
     def _hits_stop(self, ids: list[int], stop: Sequence[str], window: int) -> bool:
         # A row stops at the first occurrence, so any occurrence in the recent window is a new one.
@@ -232,21 +248,3 @@ def _eos_ids(model, tokenizer) -> set[int]:
     if not ids:
         raise ValueError("the model and tokenizer define no eos token; set tokenizer.eos_token")
     return ids
-
-
-def _check_request(prompts: list[list[int]], sampling: SamplingParams) -> None:
-    for row, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {row} is empty; every prompt needs at least one token id")
-        if not all(isinstance(t, int) for t in prompt):
-            raise ValueError(f"prompt {row} must be a list of int token ids (render it with the chat template first)")
-    if sampling.temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {sampling.temperature}")
-    if not 0.0 < sampling.top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1], got {sampling.top_p}")
-    if sampling.top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {sampling.top_k}")
-    if sampling.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
-    if any(not s for s in sampling.stop):
-        raise ValueError("stop strings must be non-empty")

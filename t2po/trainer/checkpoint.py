@@ -5,6 +5,8 @@ full model), the critic's value head (PPO), the optimizer state, the torch RNG s
 `trainer_state.json` (iteration, scheduler step). It is written to `iter_000012.tmp/` and renamed
 when complete, then `checkpoints/latest` (a one-line text file) is replaced atomically; a folder
 without `trainer_state.json` or still named `.tmp` is never loaded. No pickle anywhere.
+A run of several processes writes sharded checkpoints into the same folders instead
+(`t2po.distributed.save_sharded`: `shard-*.safetensors`, any world size can load them).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
     for pid, state in sd["state"].items():
         for name, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.detach().contiguous().clone()
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous().clone()
             else:
                 scalars.setdefault(str(pid), {})[name] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -70,7 +72,7 @@ def save_checkpoint(
     else:
         model.save_pretrained(tmp / "model", safe_serialization=True)
     if value_head is not None:
-        save_file({k: v.detach().contiguous() for k, v in value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
     tensors, meta = optimizer_to_tensors(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(meta))
@@ -79,12 +81,16 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    mark_latest(ckpt_root, final, keep)
+    return final
+
+
+def mark_latest(ckpt_root: Path, final: Path, keep: int) -> None:
+    """Point `checkpoints/latest` at the complete checkpoint `final`; keep the newest `keep` of them."""
     atomic_write_text(ckpt_root / "latest", final.name + "\n")
-    # keep the newest `keep` complete checkpoints
     done = sorted(p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:

@@ -3,16 +3,20 @@
 Samples (prompt ids + response ids) are packed into micro-batches by length so that padding stays
 small (`pack_by_length`); each micro-batch is right-padded, run through the decoder once, and only the
 hidden states that predict response tokens go through the LM head (a [B, T_response, V] logits tensor
-instead of [B, L, V]).
+instead of [B, L, V]). For a vision-language model the micro-batch also carries the pixel inputs of
+its rows' images (exactly those the engine saw) and the forward pass uses the engine's positions and
+placeholder rule (`t2po.vlm`), so the recomputed log-probs equal the engine's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from t2po.algos import entropy_from_logits
+from t2po.vlm import collate_pixel_inputs, is_vision_language, multimodal_body, placeholder_token_ids, position_ids
 
 
 @dataclass
@@ -23,6 +27,7 @@ class MicroBatch:
     prompt_lens: torch.Tensor  # [B]
     response_ids: torch.Tensor  # [B, T] right-padded
     response_mask: torch.Tensor  # [B, T] 1 on real response tokens
+    pixel_inputs: dict | None = None  # the rows' images, collated (t2po.vlm); None without images
 
     @property
     def real_tokens(self) -> int:
@@ -31,6 +36,11 @@ class MicroBatch:
     @property
     def processed_tokens(self) -> int:
         return int(self.input_ids.numel())
+
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        """This micro-batch with every tensor on `device` (the policy's)."""
+        moved = {f.name: v.to(device) for f in dataclasses.fields(self) if torch.is_tensor(v := getattr(self, f.name))}
+        return dataclasses.replace(self, **moved)
 
 
 def pack_by_length(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -50,7 +60,10 @@ def pack_by_length(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return groups
 
 
-def make_micro_batch(indices: list[int], prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> MicroBatch:
+def make_micro_batch(indices: list[int], prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                     pixel_inputs: list[dict | None] | None = None) -> MicroBatch:
+    """Rows `indices` of prompts + responses, right-padded; `pixel_inputs` (one entry per prompt, None
+    for a prompt without an image) gives the rows' pixel inputs."""
     rows = [prompts[i] + responses[i] for i in indices]
     L = max(len(r) for r in rows)
     T = max(max(len(responses[i]) for i in indices), 1)
@@ -68,12 +81,16 @@ def make_micro_batch(indices: list[int], prompts: list[list[int]], responses: li
             response_ids[b, : len(r)] = torch.tensor(r)
             response_mask[b, : len(r)] = 1.0
     prompt_lens = torch.tensor([len(prompts[i]) for i in indices])
-    return MicroBatch(indices, input_ids, attention_mask, prompt_lens, response_ids, response_mask)
+    pixels = collate_pixel_inputs([pixel_inputs[i] for i in indices]) if pixel_inputs is not None else None
+    return MicroBatch(indices, input_ids, attention_mask, prompt_lens, response_ids, response_mask, pixels)
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The transformer body and the LM head of a causal LM (plain or wrapped by peft)."""
+    """The transformer body and the LM head of a causal LM (plain or wrapped by peft); for a
+    vision-language model the body includes the vision tower."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if is_vision_language(base):
+        return multimodal_body(base), base.get_output_embeddings()
     return base.get_decoder(), base.get_output_embeddings()
 
 
@@ -87,18 +104,27 @@ def forward_micro_batch(
     """Log-probs [B, T] of the response tokens (and entropies [B, T], values [B] at the last prompt
     token) from one forward pass."""
     decoder, head = decoder_and_head(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
-        hidden = decoder(input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state  # [B, L, H]
+    inputs = {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask}
+    vision = is_vision_language(model)
+    if vision:  # the engine's prefill inputs: its positions (M-RoPE with images) and the pixel inputs
+        pixels = {k: v.to(mb.input_ids.device) for k, v in mb.pixel_inputs.items()} if mb.pixel_inputs else None
+        inputs["position_ids"] = position_ids(model, mb.input_ids, mb.attention_mask, pixels)
+        inputs.update(pixels or {})
+    with torch.autocast(mb.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+        hidden = decoder(**inputs).last_hidden_state  # [B, L, H]
     B, T = mb.response_ids.shape
     # hidden state at position p predicts token p + 1: response token t sits at prompt_len + t
-    pos = (mb.prompt_lens.unsqueeze(1) - 1 + torch.arange(T).unsqueeze(0)).clamp(max=hidden.shape[1] - 1)
+    prompt_lens = mb.prompt_lens.to(hidden.device)
+    pos = (prompt_lens.unsqueeze(1) - 1 + torch.arange(T, device=hidden.device).unsqueeze(0)).clamp(max=hidden.shape[1] - 1)
     h = hidden.gather(1, pos.unsqueeze(-1).expand(B, T, hidden.shape[-1]))
     logits = head(h).float()
+    if vision:  # image placeholders have probability 0, as in the engine
+        logits = logits.index_fill(-1, torch.tensor(placeholder_token_ids(model), device=logits.device), float("-inf"))
     logp_all = torch.log_softmax(logits, dim=-1)
     out = {"logp": logp_all.gather(-1, mb.response_ids.unsqueeze(-1)).squeeze(-1) * mb.response_mask}
     if with_entropy:
         out["entropy"] = entropy_from_logits(logits) * mb.response_mask
     if value_head is not None:
-        last_prompt = hidden[torch.arange(B), mb.prompt_lens - 1].float()
+        last_prompt = hidden[torch.arange(B, device=hidden.device), prompt_lens - 1].float()
         out["values"] = value_head(last_prompt).squeeze(-1)
     return out

@@ -7,7 +7,9 @@ One iteration (spec §4):
   4. one PPO-clip pass over the batch in mini-batches (dual clip, token-mean), gradient clipping,
      learning-rate warm-up, optional entropy bonus and KL loss.
 Launched by torchrun with several processes, every rank plays its share of the tasks and the
-policy is FSDP2-sharded (t2po/distributed.py, docs/scaling.md). It deliberately leaves out
+policy is FSDP2-sharded (t2po/distributed.py, docs/scaling.md). Rollouts run on the transformers
+engine, which shares the policy module, or on vLLM (`rollout.engine=vllm`), which gets the weights
+after every update; everything trains on the rank's GPU when there is one. It deliberately leaves out
 asynchronous rollouts and sequence packing across samples (samples are grouped by length instead).
 
 A recipe in the torchtune sense: `Trainer(cfg).setup()`, `.train()`, `.cleanup()`.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -42,13 +45,13 @@ from t2po.algos import (
 from t2po.algos.losses import value_loss
 from t2po.config import Config, config_from_dict
 from t2po.distributed import (
-    clip_grad_norm, from_rank0, gathered, init_distributed, load_sharded, mean_over_ranks, padded, plan_mini_batches,
-    save_sharded, shard_model, shard_tasks, sum_over_ranks,
+    barrier, clip_grad_norm, from_rank0, gather_objects, gathered, init_distributed, load_sharded, mean_over_ranks, padded,
+    plan_mini_batches, save_sharded, shard_model, shard_tasks, sum_over_ranks,
 )
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.envs import make_env
-from t2po.rollout import RolloutResult, StepSample, TDSConfig, collect_rollouts
-from t2po.trainer.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint_into, save_checkpoint
+from t2po.rollout import COUNTERS, RolloutResult, StepSample, TDSConfig, collect_rollouts, rollout_stats
+from t2po.trainer.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint_into, mark_latest, save_checkpoint
 from t2po.trainer.policy import forward_micro_batch, make_micro_batch, pack_by_length
 
 VALIDATION_SEED_OFFSET = 0  # the validation split applies the spec's +1000 offset itself
@@ -68,7 +71,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
-        from t2po.engines.hf import HFEngine
         from t2po.models import load_model
         from t2po.tracking import make_trackers
 
@@ -76,7 +78,10 @@ class Trainer:
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         torch.manual_seed(cfg.trainer.seed)
-        self.dist = init_distributed()  # one process unless launched by torchrun / accelerate launch
+        if cfg.rollout.engine == "vllm":
+            import t2po.engines.vllm_engine  # noqa: F401  (without vLLM: fails here, naming the package, before any file is written)
+        self.dist = init_distributed(device=cfg.trainer.device)  # one process unless launched by torchrun / accelerate launch
+        self.device = self.dist.device
         if self.dist.distributed:
             if cfg.algo.name == "ppo" or cfg.warmup.episodes > 0:
                 raise ValueError("multi-process training supports t2po, gigpo, grpo and rloo without warm-up; run ppo or the warm-up (t2po sft) in one process")
@@ -95,6 +100,8 @@ class Trainer:
             base_path = str(self.run_dir / "warmup_model")
         self.model, self.tokenizer = load_model(base_path, dtype=getattr(torch, cfg.model.dtype))
         self.base_model_path = base_path
+        if cfg.rollout.engine == "vllm":
+            self.vllm_model_dir = self._vllm_model_dir(base_path)
         self.train_env = self._make_env(cfg.env.options)
         val_opts = {"split": "valid", **cfg.env.options, **cfg.env.val_options}
         if "split" in cfg.env.options and "split" not in cfg.env.val_options:
@@ -102,11 +109,14 @@ class Trainer:
         self.val_env = self._make_env(val_opts)
         self.trackers = make_trackers(cfg.trainer.trackers if self.dist.is_main else [], self.run_dir, cfg.to_dict(), quiet=self.quiet)
         self._wrap_trainable()
-        self.engine = HFEngine(self.model, self.tokenizer)
         if self.resume:
             ckpt = latest_checkpoint(self.ckpt_root)
             if ckpt is not None:
-                if self.dist.distributed or any(ckpt.glob("shard-*.safetensors")):  # sharded: any world size
+                sharded = any(ckpt.glob("shard-*.safetensors"))
+                if self.dist.distributed and not sharded:
+                    raise ValueError(f"{ckpt} was written by one process; resume it with one process (python -m t2po.cli train --resume {self.run_dir}), "
+                                     "or start the multi-process run from its weights (model.path)")
+                if sharded:  # written by several ranks; loads on any world size
                     state = load_sharded(ckpt, self.model, self.optimizer)
                 else:
                     state = load_checkpoint_into(ckpt, self.model, self.optimizer, self.value_head, cfg.model.lora)
@@ -117,7 +127,60 @@ class Trainer:
                 self.log(f"resumed from {ckpt} (iteration {self.start_iteration})")
             else:
                 self._drop_metrics_after(0)
+        self.engine = self._make_engine()
         return self
+
+    def _make_engine(self):
+        """The rollout engine: transformers (shares the policy module) or vLLM (its own copy of the
+        weights, loaded from the policy now and after every update)."""
+        cfg = self.cfg
+        if cfg.rollout.engine == "hf":
+            from t2po.engines.hf import HFEngine
+
+            return HFEngine(self.model, self.tokenizer)
+        from t2po.engines.vllm_engine import VLLMEngine  # its ImportError names the package to install
+
+        r = cfg.rollout
+        engine = VLLMEngine(self.vllm_model_dir, tokenizer=self.tokenizer, dtype=cfg.model.dtype,
+                            max_model_len=r.vllm_max_model_len or r.max_prompt_tokens + r.max_new_tokens,
+                            gpu_memory_utilization=r.vllm_gpu_memory_utilization, enforce_eager=r.vllm_enforce_eager,
+                            seed=cfg.trainer.seed + self.dist.rank,
+                            **({"kv_cache_memory_bytes": int(r.vllm_kv_cache_gib * 1024**3)} if r.vllm_kv_cache_gib else {}),
+                            # under torchrun: vLLM joins the ranks' process group, one replica per rank on its own GPU
+                            **({"distributed_executor_backend": "external_launcher"} if self.dist.distributed else {}))
+        self._sync_engine(engine)
+        return engine
+
+    def _vllm_model_dir(self, base_path: str | None) -> Path:
+        """A Hugging Face model folder for vLLM to build the model from (its weights are replaced by
+        the policy's at once): the base model's own folder, or one exported into the run folder when the
+        base is the embedded GGUF model or a t2po run/checkpoint."""
+        if base_path is not None and (Path(base_path) / "config.json").is_file() and any(Path(base_path).glob("*.safetensors")):
+            return Path(base_path)
+        out = self.run_dir / "vllm_model"
+        if self.dist.is_main and not (out / "config.json").is_file():
+            tmp = self.run_dir / "vllm_model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        barrier()
+        return out
+
+    def _sync_engine(self, engine=None) -> None:
+        """Let the rollout engine sample from the policy's current weights."""
+        engine = engine or self.engine
+        if self.cfg.rollout.engine == "hf":  # the transformers engine shares the module
+            engine.sync_weights(self.model)
+            return
+        with gathered(self.model), torch.no_grad():  # full weights on every rank; LoRA merged in the copy sent
+            engine.sync_weights(self.model)
+
+    def _rollout_weights(self):
+        """The context generation runs in: the transformers engine needs the full parameters of a
+        sharded policy (`gathered`); vLLM has its own copy."""
+        return gathered(self.model) if self.cfg.rollout.engine == "hf" else contextlib.nullcontext()
 
     def _make_env(self, options: dict):
         if self.cfg.env.ray_workers:
@@ -135,29 +198,28 @@ class Trainer:
 
     def _wrap_trainable(self) -> None:
         cfg = self.cfg
+        self.model.to(self.device)
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         if cfg.model.lora:
             from peft import LoraConfig, get_peft_model
 
-            layers = None
-            if cfg.model.lora_layers is not None:
-                n = self.model.config.num_hidden_layers
-                layers = list(range(max(n - cfg.model.lora_layers, 0), n))
-            lcfg = LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout,
-                              target_modules=list(cfg.model.lora_target_modules), task_type="CAUSAL_LM",
-                              layers_to_transform=layers, layers_pattern="layers" if layers is not None else None)
+            from t2po.models import lora_targets
+
+            # the language model's modules (of a VLM: not the vision tower's), optionally its last layers only
+            lcfg = LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout, task_type="CAUSAL_LM",
+                              **lora_targets(self.model, cfg.model.lora_target_modules, cfg.model.lora_layers))
             self.model = get_peft_model(self.model, lcfg)
         self.ref_model = None
         if cfg.algo.kl_coef > 0 and not cfg.model.lora:
             from t2po.models import load_model
 
             self.ref_model, _ = load_model(self.base_model_path, dtype=getattr(torch, cfg.model.dtype))
-            self.ref_model.eval().requires_grad_(False)
+            self.ref_model.to(self.device).eval().requires_grad_(False)
         self.value_head = None
         if cfg.algo.name == "ppo":
-            hidden = self.model.config.hidden_size
-            self.value_head = torch.nn.Linear(hidden, 1)
+            hidden = self.model.config.get_text_config().hidden_size  # a VLM's language model
+            self.value_head = torch.nn.Linear(hidden, 1, device=self.device)
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
         if self.dist.distributed:
@@ -190,6 +252,20 @@ class Trainer:
         r = self.cfg.rollout
         return InterventionConfig(enabled=self.cfg.use_tti, patience=r.tti_patience, eps=r.tti_eps, budget=r.tti_budget, alpha=r.alpha, turn_score_skip=r.turn_score_skip)
 
+    def _global_stats(self, result: RolloutResult) -> dict[str, float]:
+        """Rollout statistics over every rank's episodes: the numbers one process playing all the
+        tasks would report (rates over all episodes/steps, counts summed)."""
+        if not self.dist.distributed:
+            return dict(result.stats)
+        # the episodes without what the statistics do not read (token ids, texts, images)
+        light = [dataclasses.replace(ep, observations=[], samples=[
+            dataclasses.replace(x, prompt_ids=[], response_ids=[0] * len(x.response_ids), rollout_logprobs=[], response_text="", anchor_obs="",
+                                image=None, pixel_inputs=None)
+            for x in ep.samples]) for ep in result.episodes]
+        everyone = gather_objects((light, {k: result.stats[k] for k in COUNTERS if k in result.stats}))
+        counters = {k: sum(c[k] for _, c in everyone if k in c) for k in COUNTERS if any(k in c for _, c in everyone)}
+        return rollout_stats([ep for episodes, _ in everyone for ep in episodes], counters)
+
     def task_seeds(self, iteration: int) -> list[int]:
         rng = np.random.default_rng([self.cfg.trainer.seed, iteration])
         return [int(s) for s in rng.integers(0, 2**31 - 1, size=self.cfg.rollout.num_tasks)]
@@ -202,11 +278,11 @@ class Trainer:
         seeds = [VALIDATION_SEED_OFFSET + k for k in range(cfg.rollout.val_num_tasks)]
         seeds = shard_tasks(seeds, self.dist.rank, self.dist.world_size)
         t0 = time.time()
-        with gathered(self.model):
+        with self._rollout_weights():
             result = collect_rollouts(self.engine, self.val_env, seeds, 1, self._sampling(True), self._intervention(), None,
                                       cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
                                       seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank)
-        stats = mean_over_ranks({**result.stats, "seconds": time.time() - t0})
+        stats = {**self._global_stats(result), "seconds": from_rank0(time.time() - t0)}
         self.run_state["validation"][tag] = stats
         self._save_run_state()
         if not self.dist.is_main:
@@ -231,6 +307,7 @@ class Trainer:
     def warmup(self) -> None:
         """Supervised warm-up on expert demonstrations in the response format (spec §5 cold start),
         merged into the base weights so that RL starts from (and, under LoRA, regularises towards) it."""
+        from t2po.models import save_tokenizer
         from t2po.sft import play_expert_episodes, save_conversations, sft_train, tokenize_conversations
 
         cfg = self.cfg
@@ -251,13 +328,13 @@ class Trainer:
         tmp = self.run_dir / "warmup_model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
+        save_tokenizer(self.tokenizer, tmp)  # a VLM's whole processor
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         self.model = model
         self.base_model_path = str(out)
         self._wrap_trainable()
-        self.engine.model = self.model
+        self._sync_engine()
         self.run_state["warmup_done"] = True
         self.run_state["warmup"] = {"episodes": len(convs), "steps": len(examples), "losses": losses, "seconds": time.time() - t0}
         self._save_run_state()
@@ -322,11 +399,12 @@ class Trainer:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         prompts = [samples[i].prompt_ids for i in idx]
         responses = [samples[i].response_ids for i in idx]
+        pixels = [samples[i].pixel_inputs for i in idx]  # the images the engine saw (vision-language models)
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
         for group in pack_by_length(lengths, self.cfg.optim.micro_batch_tokens):
-            mb = make_micro_batch(group, prompts, responses, pad)
+            mb = make_micro_batch(group, prompts, responses, pad, pixels)
             mb.indices = [idx[g] for g in group]
-            yield mb
+            yield mb.to(self.device)
 
     @torch.no_grad()
     def _score_samples(self, samples: list[StepSample]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, np.ndarray | None]:
@@ -388,16 +466,17 @@ class Trainer:
                     processed_tokens += mb.processed_tokens
                     out = forward_micro_batch(self.model, mb, with_entropy=True, value_head=self.value_head, autocast_bf16=cfg.optim.bf16)
                     B, T = mb.response_ids.shape
-                    old_lp = torch.zeros(B, T)
+                    dev = self.device
+                    old_lp = torch.zeros(B, T, device=dev)
                     for b, i in enumerate(mb.indices):
-                        old_lp[b, : len(old[i])] = old[i]
+                        old_lp[b, : len(old[i])] = old[i].to(dev)
                     loss_mask = mb.response_mask.clone()
                     if a.mask_forced_tokens:
                         for b, i in enumerate(mb.indices):
                             forced = samples[i].forced_mask
                             if any(forced):
-                                loss_mask[b, : len(forced)] *= 1.0 - torch.tensor(forced, dtype=torch.float32)
-                    adv_t = torch.tensor([adv[i] for i in mb.indices], dtype=torch.float32)
+                                loss_mask[b, : len(forced)] *= 1.0 - torch.tensor(forced, dtype=torch.float32, device=dev)
+                    adv_t = torch.tensor([adv[i] for i in mb.indices], dtype=torch.float32, device=dev)
                     # weight of this micro-batch in the mini-batch mean (token-mean: by tokens; seq-mean: by rows)
                     w = (loss_mask.sum().item() / max(n_tok, 1)) if a.loss_agg == "token-mean" else len(mb.indices) / share.global_samples
                     w = w if real else 0.0
@@ -408,16 +487,16 @@ class Trainer:
                     if a.entropy_coef > 0:
                         loss = loss - a.entropy_coef * entropy
                     if ref is not None:
-                        ref_lp = torch.zeros(B, T)
+                        ref_lp = torch.zeros(B, T, device=dev)
                         for b, i in enumerate(mb.indices):
                             ref_lp[b, : len(ref[i])] = ref[i]
                         kl = (kl_penalty(out["logp"], ref_lp, a.kl_kind) * loss_mask).sum() / denom
                         loss = loss + a.kl_coef * kl
                         acc("kl", kl.item())
                     if self.value_head is not None:
-                        v_old = torch.tensor([old_values[i] for i in mb.indices], dtype=torch.float32)
-                        v_ret = torch.tensor([returns[i] for i in mb.indices], dtype=torch.float32)
-                        vl, vm = value_loss(out["values"].unsqueeze(1), v_old.unsqueeze(1), v_ret.unsqueeze(1), torch.ones(B, 1), a.value_clip)
+                        v_old = torch.tensor([old_values[i] for i in mb.indices], dtype=torch.float32, device=dev)
+                        v_ret = torch.tensor([returns[i] for i in mb.indices], dtype=torch.float32, device=dev)
+                        vl, vm = value_loss(out["values"].unsqueeze(1), v_old.unsqueeze(1), v_ret.unsqueeze(1), torch.ones(B, 1, device=dev), a.value_clip)
                         loss = loss + a.value_coef * vl
                         acc("value_loss", vl.item())
                         acc("vf_clip_frac", vm["vf_clip_frac"])
@@ -442,7 +521,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.time()
         self.model.eval()
-        with gathered(self.model):
+        with self._rollout_weights():
             result: RolloutResult = collect_rollouts(
                 self.engine, self.train_env, shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size), cfg.rollout.group_size,
                 self._sampling(False), self._intervention(), TDSConfig(cfg.rollout.tds_eta, cfg.rollout.tds_max_try) if cfg.use_tds else None,
@@ -452,7 +531,7 @@ class Trainer:
         samples = result.samples
         if cfg.algo.dynamic_sampling:
             samples = self._filter_zero_variance_groups(samples)
-        metrics: dict[str, float] = mean_over_ranks({f"rollout/{k}": v for k, v in result.stats.items()})
+        metrics: dict[str, float] = {f"rollout/{k}": v for k, v in self._global_stats(result).items()}
         metrics["time/rollout"] = t_rollout
         if self.dist.distributed and sum_over_ranks(float(not samples)) > 0:
             raise RuntimeError(f"iteration {it}: a rank has no training sample left (dynamic sampling dropped all its groups); use more tasks per rank")
@@ -464,8 +543,9 @@ class Trainer:
             metrics["time/old_logprob"] = time.time() - t1
             t2 = time.time()
             metrics.update({f"actor/{k}": v for k, v in self.update(samples, adv, old, ref, values, returns, it).items()})
+            self._sync_engine()
             metrics["time/update"] = time.time() - t2
-        metrics["train/samples"] = float(len(samples))
+        metrics["train/samples"] = sum_over_ranks(len(samples))
         metrics["time/iteration"] = time.time() - t0
         self._write_traces(it, result)
         return metrics
@@ -507,7 +587,10 @@ class Trainer:
             if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
                 state = {"scheduler_step": self.scheduler_step, "base_model": self.base_model_path}
                 if self.dist.distributed:  # every rank writes its shards (docs/scaling.md)
-                    save_sharded(self.ckpt_root / f"iter_{it + 1:06d}", self.model, self.optimizer, {**state, "iteration": it + 1})
+                    path = save_sharded(self.ckpt_root / f"iter_{it + 1:06d}", self.model, self.optimizer, {**state, "iteration": it + 1})
+                    if self.dist.is_main:
+                        mark_latest(self.ckpt_root, path, cfg.trainer.keep_checkpoints)
+                    barrier()
                 else:
                     save_checkpoint(self.ckpt_root, it + 1, self.model, self.optimizer, state, self.value_head, cfg.model.lora, cfg.trainer.keep_checkpoints)
         if "final" not in val or self.start_iteration < cfg.trainer.iterations:
@@ -554,11 +637,20 @@ class Trainer:
         }
 
     def cleanup(self) -> None:
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
         for env in (getattr(self, "train_env", None), getattr(self, "val_env", None)):
             if env is not None:
                 env.close()
         if getattr(self, "trackers", None) is not None:
             self.trackers.close()
+        if getattr(self, "dist", None) is not None and self.dist.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+            # FSDP2's device mesh keeps the process group, and gloo's worker threads, alive until the
+            # sharded model is freed. Free it now: in the interpreter's final GC a gloo thread still
+            # releasing a collective's tensors cannot take the GIL and aborts the process (seen under load).
+            self.model = self.optimizer = self.ref_model = self.engine = None
+            gc.collect()
 
 
 def format_summary(s: dict) -> str:
