@@ -6,18 +6,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 import yaml
 
+from helpers import wait_for_server
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
@@ -32,20 +31,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def wait_for_server(proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> str:
-    """The /v1 base URL printed by `t2po serve --port 0`, once /health answers."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"t2po serve exited early:\n{log.read_text()}"
-        m = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", log.read_text())
-        if m:
-            try:
-                if httpx.get(m.group(1).removesuffix("/v1") + "/health", timeout=2).status_code == 200:
-                    return m.group(1)
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.2)
-    raise AssertionError(f"t2po serve did not come up in {timeout}s:\n{log.read_text()}")
 
 
 def test_local_eval_writes_json_markdown_and_traces(tiny_model_dir, tiny_model, tmp_path, capsys):

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import uvicorn
 
+from helpers import wait_for_server
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy
@@ -203,18 +202,3 @@ def test_serve_command_in_a_subprocess(tiny_model_dir, tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
 
-
-def wait_for_server(proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> str:
-    """The /v1 base URL printed by `t2po serve`, once /health answers."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"t2po serve exited early:\n{log.read_text()}"
-        m = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", log.read_text())
-        if m:
-            try:
-                if httpx.get(m.group(1).removesuffix("/v1") + "/health", timeout=2).status_code == 200:
-                    return m.group(1)
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.2)
-    raise AssertionError(f"t2po serve did not come up in {timeout}s:\n{log.read_text()}")

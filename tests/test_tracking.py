@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from helpers import run_training
 from t2po.config import load_config
 from t2po.rollout import Episode, StepSample
 from t2po.tracking import (
@@ -25,7 +26,7 @@ from t2po.tracking import (
     mlflow_ui_command,
     trace_sample,
 )
-from t2po.trainer.trainer import Trainer, load_run_config
+from t2po.trainer.trainer import load_run_config
 
 HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 HAVE_WANDB = importlib.util.find_spec("wandb") is not None
@@ -39,14 +40,6 @@ def tiny_run_overrides(model_dir: Path, out: Path, trackers: str) -> list[str]:
             "rollout.turn_score_skip=0", "env.options.max_steps=2", "optim.mini_batch_size=4", "model.lora_rank=4"]
 
 
-def train(cfg, run_dir: Path | None = None, resume: bool = False) -> Trainer:
-    trainer = Trainer(cfg, run_dir=run_dir, resume=resume, quiet=True)
-    try:
-        trainer.setup()
-        trainer.train()
-    finally:
-        trainer.cleanup()
-    return trainer
 
 
 def the_run(run_dir: Path):
@@ -59,7 +52,7 @@ def the_run(run_dir: Path):
 
 def test_tiny_training_logs_to_its_mlflow_store_and_resume_continues_the_run(tiny_model_dir, tmp_path, capfd):
     cfg = load_config("default", tiny_run_overrides(tiny_model_dir, tmp_path, "[console,mlflow,tensorboard,wandb]"))
-    run_dir = train(cfg).run_dir
+    run_dir = run_training(cfg).run_dir
     err = capfd.readouterr().err
     # the optional trackers are not installed here: one clear line each, and training went on
     if not HAVE_TENSORBOARD:
@@ -85,7 +78,7 @@ def test_tiny_training_logs_to_its_mlflow_store_and_resume_continues_the_run(tin
 
     # resuming with one more iteration continues the same MLflow run
     cfg = load_run_config(run_dir, ["trainer.iterations=3"])
-    train(cfg, run_dir=run_dir, resume=True)
+    run_training(cfg, run_dir=run_dir, resume=True)
     err = capfd.readouterr().err
     assert "trainer.iterations changed on resume (2 -> 3)" in err
     client, run = the_run(run_dir)

@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import run_training
 from t2po.config import ConfigError, load_config
 from t2po.rollout import StepSample
 from t2po.trainer.trainer import Trainer
@@ -47,14 +47,7 @@ def tiny_overrides(model_dir: Path, out: Path, algo: str = "t2po", iterations: i
 
 
 def run_trainer(overrides: list[str], run_dir: Path | None = None, resume: bool = False) -> Trainer:
-    cfg = load_config("default", overrides)
-    trainer = Trainer(cfg, run_dir=run_dir, resume=resume, quiet=True)
-    try:
-        trainer.setup()
-        trainer.train()
-    finally:
-        trainer.cleanup()
-    return trainer
+    return run_training(load_config("default", overrides), run_dir=run_dir, resume=resume)
 
 
 @pytest.mark.parametrize("algo", ["t2po", "gigpo", "grpo", "rloo", "ppo"])

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import gc
 import json
-import math
 import os
 import shutil
 import time
