@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import run_training
 from t2po.config import ConfigError, load_config
 from t2po.trainer.trainer import Trainer
 
@@ -53,13 +54,7 @@ def overrides(model_dir: Path, out: Path, iterations: int, *extra: str) -> list[
 
 
 def run_in_process(args: list[str]) -> Trainer:
-    trainer = Trainer(load_config("default", args), quiet=True)
-    try:
-        trainer.setup()
-        trainer.train()
-    finally:
-        trainer.cleanup()
-    return trainer
+    return run_training(load_config("default", args))
 
 
 def metrics(run_dir: Path) -> list[dict]:
