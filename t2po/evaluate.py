@@ -734,6 +734,10 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
                  f"up to {sampling.max_new_tokens} tokens per turn; TTI on (patience {intervention.patience}, budget {intervention.budget or 'none'}), TDS off."]
     # building the environment once checks the split and the option values before any model work
     probe = make_env(ns.env, split=ns.split, **options)
+    # Search QA: results are only comparable on the same corpus, so the setup names it (and a
+    # results folder is not mixed across corpora)
+    env_description = probe.describe() if callable(getattr(probe, "describe", None)) else None
+    corpus = env_description.get("corpus") if isinstance(env_description, dict) else None
     probe.close()
     if policy is not None and getattr(probe, "observation_mode", "text") != "text":
         from t2po.models import reads_images
@@ -742,8 +746,10 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
         if reads_images(source.path if source.checkpoint is None else source.base) is False:
             raise ValueError(f"{ns.env} with observation_mode={probe.observation_mode} shows images, which need a vision-language model "
                              f"as MODEL ({VLM_EXAMPLES}); {source.description} is text-only. Or pass --env-option observation_mode=text")
-    setup.update({"env": ns.env, "split": ns.split, "env_options": options, "invalid_action_penalty": penalty})
+    setup.update({"env": ns.env, "split": ns.split, "env_options": options, "invalid_action_penalty": penalty, **({"corpus": corpus} if corpus else {})})
     notes.append(f"Environment: `{ns.env}`, split `{ns.split}`" + (f", options `{json.dumps(_json_safe(options))}`" if options else "") + ".")
+    if corpus:
+        notes.append(f"Corpus: `{corpus['name']}` ({corpus['num_passages']:,} passages, `{corpus['path']}`, sha256 {corpus['sha256'][:12]}).")
     out = Path(ns.out) if ns.out else Path("evals") / _safe_name(f"{ns.env}-{ns.split}-{model_name}")
     run = EvalRun(ns.env, ns.split, options, list(range(ns.seed, ns.seed + ns.episodes)), ResultsFolder(out, setup),
                   f"{ns.env} ({ns.split}): {model_name}", notes, ns.price_input if api else 0.0, ns.price_output if api else 0.0, ns.quiet)

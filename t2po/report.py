@@ -58,6 +58,16 @@ class Run:
         pts = [(m["iteration"], m[key]) for m in self.metrics if isinstance(m.get(key), (int, float))]
         return np.array([p[0] for p in pts], dtype=float), np.array([p[1] for p in pts], dtype=float)
 
+    @property
+    def corpus(self) -> str | None:
+        """The Search QA corpus the run retrieved from (results are comparable only on the same one):
+        from summary.json, else from the per-corpus validation metrics of a running or killed run."""
+        described = ((self.summary or {}).get("environment") or {}).get("corpus")
+        if described:
+            return f"{described['name']} ({described['num_passages']:,} passages)"
+        names = {key.split("/", 2)[2] for stats in self.validation.values() for key in stats if key.startswith("success/corpus/")}
+        return ", ".join(sorted(names)) or None
+
     def validation_points(self) -> list[tuple[int, float]]:
         """(iteration, held-out success) for every validation: the untrained or warmed-up model at 0."""
         last = self.metrics[-1]["iteration"] if self.metrics else 0
@@ -401,6 +411,9 @@ def summary_markdown(groups: list[RunGroup], plots: list[tuple[str, str]]) -> st
             lines.append(f"| {run.name} | {group.label} | {run.seed} | {r['status']} | {_fmt(r['train_final'])} | {best} | "
                          f"{_fmt(r['val_before'])} | {_fmt(r['val_after_warmup'])} | {_fmt(r['val_final'])} | "
                          f"{_fmt(r['tokens'], 0)} | {_minutes(r['rl_seconds'])} | {_minutes(r['wall_seconds'])} |")
+    corpora = [(run.name, run.corpus) for group in groups for run in group.runs if run.corpus]
+    if corpora:
+        lines += ["", "Search corpus: " + "; ".join(f"{name}: `{corpus}`" for name, corpus in corpora) + "."]
     lines += ["", "## Configurations (mean ± std over seeds)", "",
               "| configuration | seeds | val final | val after warm-up | val before | train success final | RL min |", "|---|---|---|---|---|---|---|"]
     for group in groups:

@@ -42,6 +42,23 @@ def _env_options(pairs: list[str]) -> dict:
     return options
 
 
+def _environment(env: str | None, preset: str | None, options: dict) -> tuple[str, dict]:
+    """The environment and options to collect on: ENV, or the preset's (the options given win)."""
+    if preset is None:
+        if env is None:
+            raise SystemExit("t2po rft collect: name the environment (e.g. `t2po rft collect sokoban`) or a training preset (--preset default).")
+        return env, options
+    from t2po.config import load_config
+
+    try:
+        cfg = load_config(preset)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"t2po rft collect: {e}") from None
+    if env is not None and env != cfg.env.name:
+        raise SystemExit(f"t2po rft collect: preset {preset!r} trains on {cfg.env.name!r}, not {env!r}; drop ENV or pick another preset.")
+    return cfg.env.name, {**cfg.env.options, **options}
+
+
 def collect(env_name: str, policy: str, episodes: int, threshold: float, out: Path, env_options: dict, seed: int = 0,
             group_size: int = 1, batch_size: int = 16, max_new_tokens: int = 128, temperature: float = 1.0) -> dict:
     from t2po.envs import make_env
@@ -126,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="t2po rft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect", help="play a policy on training tasks and keep the successful episodes")
-    c.add_argument("env")
+    c.add_argument("env", nargs="?", help="environment name (see `t2po envs`); optional with --preset")
+    c.add_argument("--preset", default=None, help="take the environment and its options from a training preset (e.g. default, "
+                   "alfworld-cpu), so the collected prompts are the ones `t2po train PRESET` renders; --env-option still overrides")
     c.add_argument("--policy", default="expert", help="expert | default | a model folder | a run folder or checkpoint")
     c.add_argument("--episodes", type=int, default=64)
     c.add_argument("--threshold", type=float, default=0.8, help="keep episodes whose task score is above this")
@@ -136,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--max-new-tokens", type=int, default=128)
     ns = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    stats = collect(ns.env, ns.policy, ns.episodes, ns.threshold, ns.out, _env_options(ns.env_option), ns.seed, max_new_tokens=ns.max_new_tokens)
+    env_name, options = _environment(ns.env, ns.preset, _env_options(ns.env_option))
+    stats = collect(env_name, ns.policy, ns.episodes, ns.threshold, ns.out, options, ns.seed, max_new_tokens=ns.max_new_tokens)
     print(f"kept {stats['kept']} of {stats['episodes']} episodes (score > {ns.threshold}) -> {ns.out}")
     return 0
 

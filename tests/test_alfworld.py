@@ -142,6 +142,26 @@ def test_prompt_and_action_validity(valid_seen_env):
     assert (after.reward, after.done, after.won) == (0.0, False, False)
 
 
+def test_compact_prompt_keeps_the_task_actions_and_observation(valid_seen_env):
+    env = valid_seen_env
+    (state,) = env.reset([9])
+    reference = env.render_prompt(0, [("obs one", "go to a"), ("obs two", "go to b")], state)
+    compact_env = make_env("alfworld", split="valid_seen", history_length=2, num_workers=1, prompt_style="compact")
+    with compact_env:
+        (same,) = compact_env.reset([9])
+        assert same.observation == state.observation
+        first = compact_env.render_prompt(0, [], same)
+        prompt = compact_env.render_prompt(0, [("obs zero", "look"), ("obs one", "go to a"), ("obs two", "go to b")], same)
+    assert first.startswith(f"ALFWorld household task: {env.task_description(0)}\nNow (step 1): {state.observation}\n")
+    assert "Your last actions: go to a; go to b.\nNow (step 4): " in prompt and "look" not in prompt.split("Now (step 4)")[0]
+    assert "obs one" not in prompt and "obs two" not in prompt  # past observations are left out
+    listed = [a for a in state.admissible_actions if a != "help"]
+    assert f"Admissible actions: {'; '.join(listed)}.\n" in prompt and "; help;" not in prompt
+    assert prompt.endswith("<action>one admissible action</action>.") and len(prompt) < len(reference)
+    with pytest.raises(ValueError, match="prompt_style"):
+        make_env("alfworld", split="valid_seen", prompt_style="short")
+
+
 def test_max_steps_ends_the_episode_and_close_stops_the_workers():
     with make_env("alfworld", split="valid", max_steps=2, num_workers=1) as env:
         (state,) = env.reset([7])

@@ -46,6 +46,13 @@ def test_cpu_preset_trains_one_iteration(preset, tiny_model_dir, tmp_path):
     assert summary["after_rl"] is not None and summary["checkpoint"]
     line = json.loads((trainer.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert line["rollout/episodes"] == 2 and line["train/samples"] > 0
+    if preset == "search-cpu":  # a Search QA result names the corpus it retrieved from
+        from t2po.report import load_run
+        from t2po.trainer.trainer import format_summary
+
+        corpus = summary["environment"]["corpus"]
+        assert corpus["num_passages"] > 0 and corpus["name"] in format_summary(summary)
+        assert load_run(trainer.run_dir).corpus.startswith(corpus["name"])
 
 
 @pytest.mark.parametrize("env,options", [
@@ -63,6 +70,8 @@ def test_eval_runs_on_each_environment(env, options, tiny_model_dir, tmp_path):
     result = json.loads((out / "eval.json").read_text())
     assert json.dumps(result)  # written and parseable
     assert (out / "results.md").exists() and list((out / "traces").glob("*.jsonl"))
+    if env == "search":
+        assert f"Corpus: `{result['setup']['corpus']['name']}`" in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize("game", GAMES)

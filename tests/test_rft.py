@@ -79,3 +79,31 @@ def test_collect_sft_train_pipeline(tiny_model_dir, tmp_path):
          "trainer.trackers=[console]", "trainer.report=false", "trainer.val_before_train=false", "warmup.episodes=0",
          "rollout.num_tasks=1", "rollout.group_size=2", "rollout.max_new_tokens=8", "rollout.val_num_tasks=1", "env.options.max_steps=2")
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["checkpoint"]
+
+
+def test_collect_takes_the_environment_from_a_preset(tmp_path):
+    from t2po.rft import main
+
+    out = tmp_path / "demos.jsonl"
+    assert main(["collect", "--preset", "default", "--episodes", "2", "--out", str(out)]) == 0
+    from t2po.config import load_config
+
+    (conv,) = load_conversations(out)[:1]
+    # the prompt is the one `t2po train default` renders: its compact 5x5 Sokoban prompt
+    env = make_env("sokoban", **load_config("default").env.options)
+    assert conv.steps == play_expert_episodes(env, [conv.seed])[0].steps
+    with pytest.raises(SystemExit, match="trains on 'sokoban', not 'alfworld'"):
+        main(["collect", "alfworld", "--preset", "default", "--out", str(out)])
+    with pytest.raises(SystemExit, match="Unknown preset"):
+        main(["collect", "--preset", "defualt", "--out", str(out)])
+
+
+@pytest.mark.slow  # SmolLM2-135M: collect, two evaluations of 16 rooms and 3 SFT epochs (several minutes)
+def test_sft_on_expert_sokoban_raises_the_valid_action_rate(tmp_path):
+    out = tmp_path / "rft.json"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_rft.py"), "--episodes", "32", "--eval-episodes", "16",
+                          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=3600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["sft"]["loss_last"] < result["sft"]["loss_first"]
+    assert result["after"]["valid_action_rate"] > result["before"]["valid_action_rate"] + 0.2, result

@@ -633,6 +633,8 @@ class Trainer:
             **({"after_warmup": pick("after_warmup")} if self.cfg.warmup.episodes > 0 else {}),
             "after_rl": pick("final"),
             "validation_tasks": self.cfg.rollout.val_num_tasks,
+            # what a result depends on beyond the config (Search QA: the corpus the retriever served)
+            **({"environment": described} if isinstance(described := _describe(self.val_env), dict) else {}),
         }
 
     def cleanup(self) -> None:
@@ -652,6 +654,12 @@ class Trainer:
             gc.collect()
 
 
+def _describe(env: Any) -> Any:
+    """The environment's own account of its setup (Search QA: corpus and retriever), or None."""
+    describe = getattr(env, "describe", None)
+    return describe() if callable(describe) else None
+
+
 def format_summary(s: dict) -> str:
     lines = ["", "=" * 72, f"t2po run finished: {s['env']} / {s['algo']}, {s['iterations']} iterations, {s['seconds'] / 60:.1f} min",
              f"  held-out validation ({s['validation_tasks']} tasks):            success   valid actions   reward"]
@@ -659,6 +667,9 @@ def format_summary(s: dict) -> str:
         v = s.get(key)
         if v:
             lines.append(f"    {label:<38} {v['success_rate']:>7.3f}   {v['valid_action_rate']:>13.3f}   {v['episode_reward']:>6.2f}")
+    corpus = (s.get("environment") or {}).get("corpus")
+    if corpus:
+        lines.append(f"  corpus: {corpus['name']} ({corpus['num_passages']:,} passages, {corpus['path']})")
     lines += [f"  run folder: {s['run_dir']}", f"  checkpoint: {s['checkpoint']}", "=" * 72]
     return "\n".join(lines)
 

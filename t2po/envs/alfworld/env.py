@@ -45,6 +45,12 @@ You should first reason step-by-step about the current situation. This reasoning
 Once you've finished your reasoning, you should choose an admissible action for current step and present it within <action> </action> tags.
 """
 
+# prompt_style="compact": the same information in fewer tokens for small models on CPUs, where the
+# prompt's prefill dominates the cost of a run: the task, the last `history_length` actions (without
+# their observations), the current observation, the admissible actions on one line, one instruction.
+_COMPACT_INSTRUCTION = "Answer with <think>brief reasoning</think><action>one admissible action</action>."
+PROMPT_STYLES = ("reference", "compact")
+
 #: reward of a won game (verl-agent: 10 * won); every other step gives 0
 WIN_REWARD = 10.0
 _TASK_PREFIX = "Your task is to: "
@@ -59,6 +65,10 @@ class AlfWorldEnv(BatchEnv):
             "valid_unseen" (134, evaluation out of distribution).
         max_steps: steps per episode before the game ends unsolved (50, the paper's setting).
         history_length: past (observation, action) pairs shown in the prompt (2, the paper's setting).
+        prompt_style: "reference" (verl-agent's templates, the paper's setting) or "compact" (the task,
+            the last `history_length` actions without their observations, the current observation, the
+            admissible actions on one line: about half the tokens of the reference prompt after the first
+            step, for small models on CPUs).
         num_workers: worker processes running the games (default: the CPU count), never more than the
             number of game instances; instance i runs in worker i % num_workers. A worker takes about
             80 MB of memory plus about 5 MB per game it holds (resident set measured by
@@ -79,6 +89,7 @@ class AlfWorldEnv(BatchEnv):
         history_length: int = 2,
         num_workers: int | None = None,
         data_dir: str | os.PathLike | None = None,
+        prompt_style: str = "reference",
     ) -> None:
         if not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
@@ -86,6 +97,9 @@ class AlfWorldEnv(BatchEnv):
             raise ValueError(f"history_length must be an integer >= 0, got {history_length!r}.")
         if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 1):
             raise ValueError(f"num_workers must be a positive integer (or None for the CPU count), got {num_workers!r}.")
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}; got {prompt_style!r}.")
+        self.prompt_style = prompt_style
         self.split = split
         self.max_steps = max_steps
         self.history_length = history_length
@@ -184,7 +198,13 @@ class AlfWorldEnv(BatchEnv):
 
     def render_prompt(self, index: int, history: list[tuple[str, str]], state: EnvState) -> str:
         # verl-agent leaves "help" out of the listed actions (it stays admissible)
-        admissible = "\n ".join(f"'{action}'" for action in state.admissible_actions or [] if action != "help")
+        listed = [action for action in state.admissible_actions or [] if action != "help"]
+        if self.prompt_style == "compact":
+            recent = [action for _, action in history[-self.history_length :]] if self.history_length > 0 else []
+            past = f"Your last actions: {'; '.join(recent)}.\n" if recent else ""
+            return (f"ALFWorld household task: {self._tasks[index]}\n{past}Now (step {len(history) + 1}): {state.observation}\n"
+                    f"Admissible actions: {'; '.join(listed)}.\n{_COMPACT_INSTRUCTION}")
+        admissible = "\n ".join(f"'{action}'" for action in listed)
         if not history or self.history_length <= 0:
             return ALFWORLD_TEMPLATE_NO_HIS.format(current_observation=state.observation, admissible_actions=admissible)
         recent = history[-self.history_length :]
