@@ -46,7 +46,7 @@ def evaluate(model: str | None, work: Path, name: str, episodes: int, env_option
     options = [f"--env-option={k}={json.dumps(v)}" for k, v in env_options.items()]
     _, seconds = t2po("eval", "sokoban", *([model] if model else []), "--split", "valid", "--episodes", str(episodes),
                       "--max-new-tokens", str(max_new_tokens), "--out", str(out), "--quiet", *options)
-    summary = json.loads((out / "eval.json").read_text())["all"]
+    summary = json.loads((out / "eval.json").read_text())["summary"]["all"]
     return {"valid_action_rate": 1 - summary["invalid_action_rate"], "success": summary["success"],
             "success_stderr": summary["success_stderr"], "mean_turns": summary["mean_turns"], "episodes": summary["episodes"],
             "seconds": seconds}
