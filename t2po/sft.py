@@ -51,6 +51,8 @@ class Conversation:
 
 def play_expert_episodes(env: BatchEnv, seeds: Iterable[int], max_turns: int | None = None) -> list[Conversation]:
     """Play `env`'s expert (`expert_response`) on the given task seeds and record the conversations."""
+    if type(env).expert_response is BatchEnv.expert_response:
+        raise ValueError(f"Environment {env.name!r} has no expert; use `t2po rft collect` with a model instead.")
     seeds = list(seeds)
     states = env.reset(seeds)
     n = len(seeds)
@@ -65,8 +67,9 @@ def play_expert_episodes(env: BatchEnv, seeds: Iterable[int], max_turns: int | N
             if not active[i]:
                 continue
             response = env.expert_response(i, states[i])
-            if response is None:
-                raise ValueError(f"Environment {env.name!r} has no expert (expert_response returned None); use `t2po rft collect` with a model instead.")
+            if response is None:  # no move can still win (an unsolvable deal): the demonstration ends here
+                active[i] = False
+                continue
             responses[i] = response
             actions[i] = env.parse_action(response, states[i]).action
             step = {"prompt": env.render_prompt(i, histories[i], states[i]), "response": response}
@@ -82,6 +85,9 @@ def play_expert_episodes(env: BatchEnv, seeds: Iterable[int], max_turns: int | N
             rewards[i] += states[i].reward
             if states[i].done:
                 active[i] = False
+    if n and not any(steps):
+        raise ValueError(f"Environment {env.name!r} gave no expert move on seeds {seeds[:8]}{'...' if n > 8 else ''}; "
+                         "use `t2po rft collect` with a model instead.")
     return [Conversation(env.name, seeds[i], steps[i], rewards[i], bool(states[i].won), env.episode_metrics(i, states[i])) for i in range(n)]
 
 

@@ -285,6 +285,23 @@ def test_points24_expert_wins_solvable_deals_and_gives_up_on_unsolvable_ones():
     assert solvable >= 6
 
 
+def test_expert_demonstrations_skip_unsolvable_deals():
+    # the warm-up and `t2po rft collect --policy expert` play batches that hold unsolvable 24-game deals
+    from t2po.sft import play_expert_episodes
+
+    env = make_env("points24", observation_mode="text")
+    seeds = list(range(12))
+    states = env.reset(seeds)
+    unsolvable = {seed for i, seed in enumerate(seeds) if env.expert_response(i, states[i]) is None}
+    assert unsolvable and len(unsolvable) < len(seeds)  # the batch mixes both kinds
+    convs = play_expert_episodes(env, seeds)
+    assert [c.seed for c in convs] == seeds
+    for conv in convs:
+        assert (conv.steps == [] and not conv.won) if conv.seed in unsolvable else (conv.won and conv.steps)
+    with pytest.raises(ValueError, match="gave no expert move"):
+        play_expert_episodes(env, sorted(unsolvable))
+
+
 def test_points24_expert_recovers_from_a_policy_prefix_and_spots_dead_ends():
     env = make_env("points24", observation_mode="text")
     seed = next(s for s in range(50) if p24_game(env.reset([s])[0].info["numbers"]).solvable())

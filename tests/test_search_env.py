@@ -199,3 +199,10 @@ def test_in_process_server_when_no_url_is_given(tmp_path, monkeypatch):
 def test_bad_options_fail_before_any_server_starts(options, problem):
     with pytest.raises(ValueError, match=problem):
         make_env("search", **options)
+
+
+def test_search_has_no_expert_and_says_what_to_do(env):
+    from t2po.sft import play_expert_episodes
+
+    with pytest.raises(ValueError, match="'search' has no expert; use `t2po rft collect` with a model"):
+        play_expert_episodes(env, [0, 1])
