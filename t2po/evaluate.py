@@ -736,8 +736,7 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
     probe = make_env(ns.env, split=ns.split, **options)
     # Search QA: results are only comparable on the same corpus, so the setup names it (and a
     # results folder is not mixed across corpora)
-    env_description = probe.describe() if callable(getattr(probe, "describe", None)) else None
-    corpus = env_description.get("corpus") if isinstance(env_description, dict) else None
+    corpus = probe.describe().get("corpus")
     probe.close()
     if policy is not None and getattr(probe, "observation_mode", "text") != "text":
         from t2po.models import reads_images

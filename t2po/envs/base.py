@@ -97,6 +97,11 @@ class BatchEnv(abc.ABC):
         walkthrough, oracle). None where the environment has no expert. Used for warm-up SFT/RFT."""
         return None
 
+    def describe(self) -> dict[str, Any]:
+        """What a reported result depends on beyond the options (Search QA: the corpus and retriever),
+        kept with training summaries and evaluation results. Empty by default."""
+        return {}
+
     def episode_metrics(self, index: int, state: EnvState) -> dict[str, Any]:
         """Metrics of a finished episode (defaults to the final state's `metrics`)."""
         return dict(state.metrics)

@@ -47,7 +47,8 @@ class EnvWorker:
     def build(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
         """Make the environment; return the attributes the pool mirrors."""
         self.env = make_env(name, **options)
-        return {"max_steps": self.env.max_steps, "check_admissible": self.env.check_admissible, "history_length": self.env.history_length}
+        return {"max_steps": self.env.max_steps, "check_admissible": self.env.check_admissible, "history_length": self.env.history_length,
+                "describe": self.env.describe()}
 
     def reset(self, seeds: list[int]) -> list[EnvState]:
         return self.env.reset(seeds)
@@ -127,6 +128,7 @@ class RayEnvPool(BatchEnv):
         self.max_steps = attributes["max_steps"]
         self.check_admissible = attributes["check_admissible"]
         self.history_length = attributes["history_length"]
+        self._description = attributes["describe"]
         self._shards: list[tuple[int, int]] = []  # (start, stop) of each worker's instances in the batch
         self._owner: list[tuple[int, int]] = []  # instance -> (worker, local index)
 
@@ -178,6 +180,9 @@ class RayEnvPool(BatchEnv):
     def expert_response(self, index: int, state: EnvState) -> str | None:
         worker, local = self._locate(index)
         return self._get(self.workers[worker].expert_response.remote(local, state))
+
+    def describe(self) -> dict[str, Any]:
+        return self._description  # every worker holds the same environment setup
 
     def episode_metrics(self, index: int, state: EnvState) -> dict[str, Any]:
         worker, local = self._locate(index)

@@ -634,7 +634,7 @@ class Trainer:
             "after_rl": pick("final"),
             "validation_tasks": self.cfg.rollout.val_num_tasks,
             # what a result depends on beyond the config (Search QA: the corpus the retriever served)
-            **({"environment": described} if isinstance(described := _describe(self.val_env), dict) else {}),
+            **({"environment": described} if (described := self.val_env.describe()) else {}),
         }
 
     def cleanup(self) -> None:
@@ -652,12 +652,6 @@ class Trainer:
             # releasing a collective's tensors cannot take the GIL and aborts the process (seen under load).
             self.model = self.optimizer = self.ref_model = self.engine = None
             gc.collect()
-
-
-def _describe(env: Any) -> Any:
-    """The environment's own account of its setup (Search QA: corpus and retriever), or None."""
-    describe = getattr(env, "describe", None)
-    return describe() if callable(describe) else None
 
 
 def format_summary(s: dict) -> str:
