@@ -31,8 +31,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-
-
 def test_local_eval_writes_json_markdown_and_traces(tiny_model_dir, tiny_model, tmp_path, capsys):
     out = tmp_path / "eval"
     rc = main(["sokoban", str(tiny_model_dir), "--episodes", "3", "--batch-size", "2", "--max-new-tokens", "12",

@@ -201,4 +201,3 @@ def test_serve_command_in_a_subprocess(tiny_model_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-

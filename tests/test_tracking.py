@@ -40,8 +40,6 @@ def tiny_run_overrides(model_dir: Path, out: Path, trackers: str) -> list[str]:
             "rollout.turn_score_skip=0", "env.options.max_steps=2", "optim.mini_batch_size=4", "model.lora_rank=4"]
 
 
-
-
 def the_run(run_dir: Path):
     client = MlflowClient(tracking_uri=mlflow_store_uri(run_dir))
     experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
