@@ -69,7 +69,7 @@ def _train(argv: list[str]) -> int:
             if overrides:
                 import yaml
 
-                from t2po.trainer.checkpoint import atomic_write_text
+                from t2po.checkpoints import atomic_write_text
 
                 atomic_write_text(trainer.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         else:

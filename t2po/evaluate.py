@@ -12,17 +12,22 @@
 - Environments in image mode (`--env-option observation_mode=image` or `both`) need a
   vision-language model (a local VLM directory, a run or checkpoint trained from one, or `tiny-vlm`,
   a tiny random VLM for smoke runs) or an API model that takes images.
-- Local models play through the training rollout code (`collect_rollouts` with `HFEngine`), TTI on
+- Every policy plays through the training rollout loop (`t2po.rollout.collect_rollouts`): the same
+  prompts, parsing, invalid-action penalty, turn limit and trace format as training. Model loading
+  (run folders, checkpoints of one or several ranks, LoRA or full weights) is `t2po.checkpoints`.
+- Local models (`collect_rollouts` with `HFEngine`), TTI on
   and TDS off (spec §3: evaluation uses TTI but not TDS), validation sampling (spec §6: temperature
   0.6, top-p 0.95, top-k 20), `--batch-size` episodes at a time. A run folder or checkpoint also
   supplies its environment options, response budget and TTI settings (flags override them).
-- API models (`t2po.engines.openai_api`): one chat request per turn with the same prompt text as
-  the user message, `--concurrency` episodes in parallel threads (one environment each), retries with
+- API models (`t2po.engines.openai_api`, played as `t2po.policies.APIPolicy`): one chat request per
+  turn with the same prompt text as the user message, `--concurrency` episodes in parallel threads
+  (one environment each), retries with
   back-off, token usage and cost. An empty or malformed answer is an invalid action.
 - Output (`--out`, default `evals/<env>-<split>-<model>`): `eval.json` (setup and summary),
   `results.md` (the table), `episodes.jsonl` (one line per finished episode) and
-  `traces/seed-NNNNNN.jsonl` (per episode: a header line, then one line per turn with observation,
-  prompt, model output, action, validity and reward). Each episode is written when it finishes (trace
+  `traces/seed-NNNNNN.jsonl` (per episode: a header line, then one line per turn, as
+  `t2po.tracking.episode_trace` writes it: observation, prompt, model output, action, validity,
+  reward, token counts). Each episode is written when it finishes (trace
   renamed into place, then its line appended and synced); rerunning the same command skips the
   finished episodes, so an interrupted run loses nothing finished. A folder holding results of a
   different setup (model, sampling, environment options) is refused rather than mixed.
@@ -37,175 +42,31 @@ import os
 import queue
 import re
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
+from t2po.checkpoints import PolicySource, atomic_write_text, intervention_for, locate_policy, resolve_policy
 from t2po.engines.base import InterventionConfig
 from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy, api_key_from_env
 from t2po.envs import BatchEnv, get_env_class, make_env
+from t2po.policies import NO_ANSWER, APIPolicy
+from t2po.rollout import INVALID_ACTION_PENALTY, Episode, collect_rollouts
+from t2po.tracking import episode_trace
 
-DEFAULT_MODEL = "smollm2-135m-instruct"  # = t2po.models.DEFAULT_MODEL (kept import-free: the API path needs no torch)
 DEFAULT_EPISODES = 16
 DEFAULT_MAX_NEW_TOKENS = 256
 VALIDATION_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}  # spec §6
 
 
 # ----------------------------------------------------------------------------------------------
-# Local policies: run folders, checkpoints, Hugging Face directories, the embedded default
-
-
-@dataclass
-class PolicySource:
-    """Where a local policy's weights come from, found without loading them.
-
-    `checkpoint` is set for a t2po checkpoint (`RUN/checkpoints/iter_NNNNNN/` with `adapter/` or
-    `model/`); its weights apply on top of `base`: the run's `warmup_model/` when a warm-up ran, else
-    the run's `model.path` (None = the embedded default)."""
-
-    path: Path | None  # a Hugging Face model directory; None = the embedded default (or see checkpoint)
-    checkpoint: Path | None = None
-    run_dir: Path | None = None
-    base: str | None = None
-    run_config: dict | None = None  # the run's config.yaml
-
-    @property
-    def description(self) -> str:
-        if self.checkpoint is not None:
-            kind = "LoRA adapter merged into" if (self.checkpoint / "adapter").is_dir() else "full weights, tokenizer of"
-            return f"{self.checkpoint} ({kind} {self.base or DEFAULT_MODEL})"
-        return str(self.path) if self.path is not None else f"{DEFAULT_MODEL} (embedded)"
-
-    @property
-    def short_name(self) -> str:
-        if self.checkpoint is not None:
-            return f"{self.run_dir.name}-{self.checkpoint.name}"
-        return self.path.name if self.path is not None else DEFAULT_MODEL
-
-
-def locate_policy(path: str | os.PathLike | None) -> PolicySource:
-    """Resolve a model argument (run folder, checkpoint folder, Hugging Face directory, None or
-    "smollm2-135m-instruct") without loading weights; a path that is none of these fails here."""
-    if path is None or str(path).lower() == DEFAULT_MODEL:
-        return PolicySource(None)
-    if str(path).lower() == "tiny-vlm":  # = t2po.models.TINY_VLM, built into the cache on first use
-        from t2po.models import tiny_vlm_directory
-
-        return PolicySource(tiny_vlm_directory())
-    p = Path(path).expanduser().resolve()
-    accepted = (f"pass a t2po run folder, a checkpoint folder (RUN/checkpoints/iter_NNNNNN), a Hugging Face model "
-                f"directory (with config.json), or no model for the embedded {DEFAULT_MODEL}")
-    if not p.is_dir():
-        raise FileNotFoundError(f"model {str(path)!r} is not a directory: {accepted}")
-    checkpoint = None
-    if (p / "config.yaml").is_file() and not (p / "config.json").is_file():  # a run folder
-        from t2po.trainer.checkpoint import latest_checkpoint
-
-        checkpoint = latest_checkpoint(p / "checkpoints")
-        if checkpoint is None:
-            raise FileNotFoundError(f"run folder {p} has no complete checkpoint yet; evaluate {p / 'warmup_model'} (if the warm-up ran) or wait for the first checkpoint")
-    elif (p / "adapter").is_dir() or (p / "model").is_dir():
-        checkpoint = p
-        if p.name.endswith(".tmp") or not (p / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"checkpoint {p} is incomplete (half-written, no trainer_state.json); pass its run folder to use the latest complete checkpoint")
-    if checkpoint is None:
-        if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"{p} holds no model: {accepted}")
-        return PolicySource(p)
-    run_dir = checkpoint.parent.parent
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} is not inside a t2po run folder ({run_dir}/config.yaml is missing); keep checkpoints in RUN/checkpoints/")
-    run_config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    warmup = run_dir / "warmup_model"
-    base = str(warmup) if (warmup / "config.json").is_file() else (run_config.get("model") or {}).get("path")
-    return PolicySource(None, checkpoint, run_dir, base, run_config)
-
-
-def policy_short_name(path: str | os.PathLike | None) -> str:
-    """A name for a local policy (run name + checkpoint, directory name, or the default's name)."""
-    return locate_policy(path).short_name
-
-
-def resolve_policy(path: str | os.PathLike | None, dtype: Any = None, device: Any = "cpu") -> tuple[Any, Any, str]:
-    """Load `(model, tokenizer, description)` from a run folder (latest complete checkpoint), a
-    checkpoint folder, a Hugging Face model directory, or None / "smollm2-135m-instruct" (the embedded
-    default). A LoRA checkpoint is merged into its base weights (peft); a full-weight checkpoint is
-    loaded into its base architecture. The model is in eval mode on `device`."""
-    from t2po.models import load_model
-
-    source = locate_policy(path)
-    if source.checkpoint is None:
-        model, tokenizer = load_model(source.path, dtype=dtype, device=device)
-        return model, tokenizer, source.description
-    model, tokenizer = load_model(source.base, dtype=dtype, device=device)
-    adapter = source.checkpoint / "adapter"
-    if adapter.is_dir():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    else:
-        from safetensors.torch import load_file
-
-        weights: dict = {}
-        for f in sorted((source.checkpoint / "model").glob("*.safetensors")):
-            weights.update(load_file(str(f), device=str(next(model.parameters()).device)))
-        if not weights:
-            raise FileNotFoundError(f"checkpoint {source.checkpoint}/model holds no .safetensors weights")
-        _, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected:
-            raise ValueError(f"checkpoint {source.checkpoint} does not match its base model {source.base or DEFAULT_MODEL} (unexpected weights {unexpected[:3]})")
-    model.eval()
-    return model, tokenizer, source.description
-
-
-def intervention_for(path: str | os.PathLike | None, enabled: bool = True, budget: int | None = None) -> InterventionConfig:
-    """The thinking-intervention settings (spec §2) for evaluating or serving `path`: a run's own TTI
-    settings when `path` is a run or checkpoint, else the defaults; `budget` overrides B."""
-    source = locate_policy(path)
-    rollout = (source.run_config or {}).get("rollout") or {}
-    defaults = InterventionConfig()
-    return InterventionConfig(
-        enabled=enabled,
-        patience=rollout.get("tti_patience", defaults.patience),
-        eps=float(rollout.get("tti_eps", defaults.eps)),
-        budget=budget if budget is not None else rollout.get("tti_budget", defaults.budget),
-        alpha=float(rollout.get("alpha", defaults.alpha)),
-        turn_score_skip=rollout.get("turn_score_skip", defaults.turn_score_skip),
-    )
-
-
-def resolve_device(name: str) -> str:
-    """`auto` -> cuda when available, else cpu."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# ----------------------------------------------------------------------------------------------
 # The output folder
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old or the new file, never a part."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _json_safe(value: Any) -> Any:
@@ -258,22 +119,22 @@ class ResultsFolder:
                     finished[record["seed"]] = record
                     good.append(line)
             if len(good) != len(lines):
-                _atomic_write(self.episodes_file, "".join(l + "\n" for l in good))
+                atomic_write_text(self.episodes_file, "".join(l + "\n" for l in good))
         return finished
 
     def add(self, record: dict[str, Any], header: dict[str, Any], steps: list[dict[str, Any]]) -> None:
         """Write one finished episode: its trace (renamed into place), then its line in episodes.jsonl."""
         lines = [json.dumps(_json_safe({"type": "episode", **record, **header}))]
         lines += [json.dumps(_json_safe({"type": "turn", **s})) for s in steps]
-        _atomic_write(self.path / record["trace"], "\n".join(lines) + "\n")
+        atomic_write_text(self.path / record["trace"], "\n".join(lines) + "\n")
         with open(self.episodes_file, "a") as f:  # one write of one line: whole or (after a kill) dropped at load
             f.write(json.dumps(_json_safe(record)) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def write_summary(self, summary: dict[str, Any], table: str) -> None:
-        _atomic_write(self.summary_file, json.dumps(_json_safe({"setup": self.setup, **summary}), indent=1) + "\n")
-        _atomic_write(self.table_file, table)
+        atomic_write_text(self.summary_file, json.dumps(_json_safe({"setup": self.setup, **summary}), indent=1) + "\n")
+        atomic_write_text(self.table_file, table)
 
 
 def trace_name(seed: int) -> str:
@@ -367,117 +228,43 @@ def markdown_table(summary: dict[str, Any], title: str, notes: list[str]) -> str
 # Playing episodes
 
 
-def _local_episode(episode: Any, tokenizer: Any, env: str, split: str, seconds: float) -> tuple[dict, dict, list[dict]]:
-    """(record, trace header, trace turns) of a `t2po.rollout.Episode`."""
+def episode_files(episode: Episode, tokenizer: Any, env: str, split: str, seconds: float) -> tuple[dict, dict, list[dict]]:
+    """(record for episodes.jsonl, trace header, trace turns) of a played episode; the trace is the
+    training trace (`t2po.tracking.episode_trace`)."""
+    trace = episode_trace(episode, tokenizer)
+    steps = trace.pop("steps")
     samples = episode.samples
-    steps = [
-        {
-            "turn": t,
-            "observation": episode.observations[t],
-            "prompt": tokenizer.decode(s.prompt_ids),  # the chat-templated prompt the model saw
-            "response": s.response_text,
-            "action": s.action,
-            "valid": s.valid,
-            "invalid_reason": s.invalid_reason,
-            "reward": s.reward,
-            "env_reward": s.env_reward,
-            "done": s.done,
-            "prompt_tokens": len(s.prompt_ids),
-            "completion_tokens": len(s.response_ids),
-            "think_tokens": s.think_length,
-            "forced_tokens": sum(s.forced_mask),
-            "tti_triggers": s.tti_triggers,
-            "turn_score": s.turn_score,
-        }
-        for t, s in enumerate(samples)
-    ]
-    record = _record(env, split, episode.seed, episode.won, episode.metrics, steps, episode.truncated, seconds)
-    record["think_tokens"] = sum(s.think_length for s in samples)
-    record["tti_budget_triggers"] = sum(s.tti_triggers.get("budget", 0) for s in samples)
-    record["tti_stagnation_triggers"] = sum(s.tti_triggers.get("stagnation", 0) for s in samples)
-    return record, {"final_observation": episode.observations[-1]}, steps
-
-
-def _record(env: str, split: str, seed: int, won: bool, metrics: dict, steps: list[dict], truncated: bool, seconds: float) -> dict[str, Any]:
-    score = metrics.get("score")
-    return {
+    score = episode.metrics.get("score")
+    record = {
         "env": env,
         "split": split,
-        "seed": seed,
-        "won": bool(won),
+        "seed": episode.seed,
+        "won": bool(episode.won),
         "score": float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else None,
         "turns": len(steps),
         "invalid_actions": sum(not s["valid"] for s in steps),
         "reward": sum(s["reward"] for s in steps),
-        "truncated": truncated,
-        "metrics": metrics,
+        "truncated": episode.truncated,
+        "metrics": episode.metrics,
         "prompt_tokens": sum(s["prompt_tokens"] for s in steps),
         "completion_tokens": sum(s["completion_tokens"] for s in steps),
         "seconds": seconds,
-        "trace": trace_name(seed),
+        "trace": trace_name(episode.seed),
     }
-
-
-class EpisodeAbandoned(Exception):
-    """The evaluation is stopping; this episode is not recorded."""
-
-
-def _request_seed(task_seed: int, turn: int) -> int:
-    # reproducible per (task, turn); servers that honour `seed` then repeat their answers
-    return (task_seed * 1_000_003 + turn * 1_009 + 1) % (2**31 - 1)
-
-
-def play_api_episode(agent: OpenAIChatAgent, env: BatchEnv, seed: int, split: str, invalid_action_penalty: float = 0.1,
-                     stopping: Callable[[], bool] = lambda: False) -> tuple[dict, dict, list[dict]]:
-    """Play one episode of `env` (a one-instance batch) with `agent`, turn by turn as
-    `t2po.rollout.collect_rollouts` does (same prompts, parsing, invalid-action penalty, turn limit)."""
-    start = time.monotonic()
-    state = env.reset([seed])[0]
-    history: list[tuple[str, str]] = []
-    steps: list[dict] = []
-    observations = [state.observation]
-    retry_reasons: dict[str, int] = {}
-    requests = 0
-    for turn in range(env.max_steps):
-        if state.done:
-            break
-        if stopping():
-            raise EpisodeAbandoned
-        prompt = env.render_prompt(0, history, state)
-        reply = agent.respond(prompt, image=state.image, seed=_request_seed(seed, turn))
-        requests += reply.attempts
-        for reason in reply.retry_reasons:
-            retry_reasons[reason] = retry_reasons.get(reason, 0) + 1
-        parsed = env.parse_action(reply.text, state)
-        new = env.step([parsed.action])[0]
-        steps.append({
-            "turn": turn,
-            "observation": state.observation,
-            "prompt": prompt,
-            "response": reply.text,
-            "action": parsed.action,
-            "valid": parsed.valid,
-            "invalid_reason": parsed.reason if reply.finish_reason not in ("empty", "malformed") else f"{reply.finish_reason} answer",
-            "reward": float(new.reward) - (0.0 if parsed.valid else invalid_action_penalty),
-            "env_reward": float(new.reward),
-            "done": bool(new.done),
-            "prompt_tokens": reply.prompt_tokens,
-            "completion_tokens": reply.completion_tokens,
-            "finish_reason": reply.finish_reason,
-            "attempts": reply.attempts,
-            "retry_reasons": reply.retry_reasons,
-            "latency_s": reply.latency_s,
-        })
-        history.append((state.observation, parsed.action))
-        state = new
-        observations.append(new.observation)
-    metrics = env.episode_metrics(0, state) if steps else {}
-    record = _record(env.name, split, seed, state.won, metrics, steps, bool(steps) and not steps[-1]["done"], time.monotonic() - start)
-    record["requests"] = requests
-    record["retries"] = requests - len(steps)
-    record["retry_reasons"] = retry_reasons
-    record["empty_or_malformed"] = sum(s["finish_reason"] in ("empty", "malformed") for s in steps)
-    return record, {"final_observation": observations[-1]}, steps
+    if tokenizer is not None:  # a token-level policy: the thinking intervention's work
+        record["think_tokens"] = sum(s.think_length for s in samples)
+        record["tti_budget_triggers"] = sum(s.tti_triggers.get("budget", 0) for s in samples)
+        record["tti_stagnation_triggers"] = sum(s.tti_triggers.get("stagnation", 0) for s in samples)
+    else:  # an API model: what the answers cost in requests
+        record["requests"] = sum(s["attempts"] for s in steps)
+        record["retries"] = record["requests"] - len(steps)
+        reasons: dict[str, int] = {}
+        for s in steps:
+            for reason in s["retry_reasons"]:
+                reasons[reason] = reasons.get(reason, 0) + 1
+        record["retry_reasons"] = reasons
+        record["empty_or_malformed"] = sum(s["finish_reason"] in NO_ANSWER for s in steps)
+    return record, {"final_observation": trace["final_observation"]}, steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -690,7 +477,7 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
             price_input_per_1m=ns.price_input,
             price_output_per_1m=ns.price_output,
         )
-        penalty = 0.1
+        penalty = INVALID_ACTION_PENALTY
         model_name = ns.model
         described = agent.describe()
         setup = {"kind": "api", **described}
@@ -717,8 +504,8 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
         if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 or sampling.max_new_tokens < 1:
             raise ValueError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0 and --max-new-tokens >= 1")
         intervention = intervention_for(ns.model_path, enabled=True, budget=ns.tti_budget)
-        penalty = float(rollout.get("invalid_action_penalty", 0.1))
-        policy = _LocalPolicy(ns.model_path, source, sampling, intervention, rollout.get("max_prompt_tokens"), resolve_device(ns.device))
+        penalty = float(rollout.get("invalid_action_penalty", INVALID_ACTION_PENALTY))
+        policy = _LocalPolicy(ns.model_path, source, sampling, intervention, rollout.get("max_prompt_tokens"), ns.device)
         model_name = source.short_name
         setup = {
             "kind": "local",
@@ -758,7 +545,6 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
 def _play_local(run: EvalRun, policy: _LocalPolicy, pending: list[int], done: dict[int, dict], ns: argparse.Namespace) -> None:
     """`collect_rollouts` (TTI on, TDS off) over batches of `--batch-size` pending episodes."""
     from t2po.engines.hf import HFEngine
-    from t2po.rollout import collect_rollouts
 
     model, tokenizer, _ = resolve_policy(policy.path, dtype=ns.dtype, device=policy.device)
     engine = HFEngine(model, tokenizer)
@@ -771,7 +557,7 @@ def _play_local(run: EvalRun, policy: _LocalPolicy, pending: list[int], done: di
                                       max_prompt_tokens=policy.max_prompt_tokens, seed=batch[0])
             share = (time.monotonic() - t0) / len(batch)  # an episode's share of the batch's wall time
             for episode in result.episodes:
-                run.finish_episode(done, *_local_episode(episode, tokenizer, run.env_name, run.split, share))
+                run.finish_episode(done, *episode_files(episode, tokenizer, run.env_name, run.split, share))
 
 
 def _play_api(run: EvalRun, agent: OpenAIChatAgent, pending: list[int], done: dict[int, dict], concurrency: int) -> None:
@@ -783,11 +569,15 @@ def _play_api(run: EvalRun, agent: OpenAIChatAgent, pending: list[int], done: di
         envs.put(run.make_env())
     stop = threading.Event()
     penalty = run.folder.setup["invalid_action_penalty"]
+    policy = APIPolicy(agent, stopping=stop.is_set)
 
     def play(seed: int) -> tuple[dict, dict, list[dict]]:
         env = envs.get()
         try:
-            return play_api_episode(agent, env, seed, run.split, penalty, stop.is_set)
+            start = time.monotonic()
+            # one episode per call, its request seeds from its task seed; the turns as in training
+            result = collect_rollouts(policy, env, [seed], 1, invalid_action_penalty=penalty, seed=seed)
+            return episode_files(result.episodes[0], None, run.env_name, run.split, time.monotonic() - start)
         finally:
             envs.put(env)
 

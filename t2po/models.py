@@ -28,6 +28,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -139,6 +140,17 @@ def lora_targets(model: torch.nn.Module, module_names, last_layers: int | None) 
     layer = r"\d+" if layers is None else "(?:" + "|".join(str(i) for i in layers) + ")"
     names = "|".join(re.escape(m) for m in module_names)
     return {"target_modules": rf"{re.escape(prefix)}\.layers\.{layer}\.(?:.*\.)?(?:{names})"}
+
+
+def add_lora(model: torch.nn.Module, m: Any) -> torch.nn.Module:
+    """`model` with the LoRA adapters the trainer trains (`m`: the config's `model` section); also how
+    a sharded LoRA checkpoint is read back (`t2po.checkpoints.resolve_policy`)."""
+    from peft import LoraConfig, get_peft_model
+
+    # the language model's modules (of a VLM: not the vision tower's), optionally its last layers only
+    config = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, task_type="CAUSAL_LM",
+                        **lora_targets(model, m.lora_target_modules, m.lora_layers))
+    return get_peft_model(model, config)
 
 
 def smollm2_directory() -> Path:

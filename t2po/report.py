@@ -452,7 +452,7 @@ def export_to_mlflow(run_paths: list[str | Path], out: str | Path) -> str:
     replacing the runs an earlier export left there. Returns the `mlflow ui` command that shows them."""
     from mlflow import MlflowClient
 
-    from t2po.tracking import MLFLOW_ARTIFACTS, MLFLOW_EXPERIMENT, MLFLOW_STORE, MlflowTracker, mlflow_store_uri, mlflow_ui_command
+    from t2po.tracking import MLFLOW_ARTIFACTS, MLFLOW_EXPERIMENT, MLFLOW_STORE, MlflowTracker, mlflow_store_uri, mlflow_ui_command, validation_step
 
     out = Path(out)
     if (out / MLFLOW_STORE).exists():
@@ -469,8 +469,7 @@ def export_to_mlflow(run_paths: list[str | Path], out: str | Path) -> str:
             tracker.log_metrics(row, step=int(row["iteration"]))
         iterations = int(run.config.get("trainer", {}).get("iterations", 0))
         for tag, stats in run.validation.items():
-            step = int(tag.split("_")[1]) if tag.startswith("iter_") else iterations if tag == "final" else 0
-            tracker.log_metrics({f"val/{k}": v for k, v in stats.items()}, step=step)
+            tracker.log_metrics({f"val/{k}": v for k, v in stats.items()}, step=validation_step(tag, iterations))
         for name in ("validation.jsonl", "summary.json"):
             if (run.path / name).exists():
                 tracker.log_artifact(run.path / name)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -98,13 +97,8 @@ def collect(env_name: str, policy: str, episodes: int, threshold: float, out: Pa
 
 
 def _load_policy(policy: str):
-    try:
-        from t2po.evaluate import resolve_policy
-    except ImportError:  # evaluation module absent: plain model folders and the embedded default only
-        from t2po.models import load_model
+    from t2po.checkpoints import resolve_policy
 
-        model, tokenizer = load_model(None if policy == "default" else policy)
-        return model, tokenizer, policy
     return resolve_policy(None if policy == "default" else policy)
 
 
@@ -113,6 +107,7 @@ def sft(data: Path, model_path: str | None, out: Path, epochs: int, lr: float, l
     model.path=OUT` starts from."""
     import torch
 
+    from t2po.checkpoints import atomic_dir
     from t2po.models import load_model, lora_targets, save_tokenizer
 
     convs = load_conversations(data)
@@ -129,13 +124,10 @@ def sft(data: Path, model_path: str | None, out: Path, epochs: int, lr: float, l
     losses = sft_train(model, tokenizer, examples, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     if lora:
         model = model.merge_and_unload()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    save_tokenizer(tokenizer, tmp)
-    (tmp / "sft.json").write_text(json.dumps({"data": str(data), "base": model_path, "examples": len(examples), "conversations": len(convs), "losses": losses}, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        save_tokenizer(tokenizer, tmp)
+        (tmp / "sft.json").write_text(json.dumps({"data": str(data), "base": model_path, "examples": len(examples), "conversations": len(convs), "losses": losses}, indent=1))
     return {"out": str(out), "examples": len(examples), "losses": losses}
 
 

@@ -1,22 +1,25 @@
-"""The multi-turn rollout loop: environments x engine, with TTI inside decoding and TDS between
-decoding and stepping (spec §2-§4).
+"""The multi-turn rollout loop: environments x policy, with TTI inside decoding and TDS between
+decoding and stepping (spec §2-§4). Training, validation, `t2po eval`, the warm-up's demonstrations
+and `t2po rft collect` all play through it, whatever answers the turns (`t2po.policies`: a
+token-level engine, an API model, an environment's expert).
 
-For B tasks x N group members: reset, then per turn: build prompts for the active instances, generate
-in one batch, apply TDS (training only: regenerate only the flagged rows, in one batch, at most
+For B tasks x N group members: reset, then per turn: build prompts for the active instances, answer
+them in one batch, apply TDS (training only: regenerate only the flagged rows, in one batch, at most
 `max_try` times, keep the last sample), parse, step, record. Every environment step becomes one
-`StepSample` carrying the exact token ids the engine produced. An observation with an image (an
-environment in image mode) is rendered by the vision-language model's processor (`t2po.vlm`); the
-step sample then also carries the prompt's pixel inputs, exactly those the engine saw.
+`StepSample`; a token-level policy's sample carries the exact token ids the engine produced. An
+observation with an image (an environment in image mode) is rendered by the vision-language model's
+processor (`t2po.vlm`); the step sample then also carries the prompt's pixel inputs, exactly those
+the engine saw. `episode_trace` (t2po.tracking) writes an episode for people to read.
 
     from t2po.rollout import collect_rollouts, TDSConfig
     result = collect_rollouts(engine, env, task_seeds=[0, 1], group_size=4,
                               sampling=SamplingParams(max_new_tokens=64), intervention=InterventionConfig())
+    result = collect_rollouts(APIPolicy(agent), env, task_seeds=[7], group_size=1, seed=7)
     result.stats["success_rate"], result.samples[0].response_ids
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -27,6 +30,10 @@ import numpy as np
 from t2po.algos import tds_resample_mask
 from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams
 from t2po.envs.base import BatchEnv, EnvState
+from t2po.policies import NO_ANSWER, EnginePolicy, Policy, Turn
+
+#: reward subtracted for a step whose response parses to no valid action (the config's default)
+INVALID_ACTION_PENALTY = 0.1
 
 
 @dataclass
@@ -41,8 +48,8 @@ class TDSConfig:
 class StepSample:
     """One environment step = one training sample."""
 
-    prompt_ids: list[int]
-    response_ids: list[int]  # exactly as the engine sampled them
+    prompt_ids: list[int]  # the chat-templated prompt (token-level policies; [] for text policies)
+    response_ids: list[int]  # exactly as the engine sampled them ([] for text policies)
     forced_mask: list[bool]  # tokens forced by TTI
     rollout_logprobs: list[float]
     reward: float  # environment reward minus the invalid-action penalty
@@ -62,6 +69,9 @@ class StepSample:
     think_length: int = 0
     image: Any = None  # the observation's PIL image (image observations), else None
     pixel_inputs: dict | None = None  # the image as the model's processor gave it to the engine (t2po.vlm)
+    prompt_text: str = ""  # the user message (env.render_prompt), before any chat template
+    finish_reason: str = ""
+    usage: dict = field(default_factory=dict)  # a text policy's accounting (API: completion tokens, attempts, ...)
 
 
 @dataclass
@@ -112,31 +122,34 @@ def build_prompt(tokenizer: Any, text: str, image: Any = None, max_prompt_tokens
     return ids, pixels, False
 
 
-def _image_arguments(pixels: list[dict | None], rows) -> dict:
-    # `pixel_inputs` goes to the engine only when a prompt has an image, so text-only engines never see it
-    return {"pixel_inputs": [pixels[j] for j in rows]} if any(pixels[j] is not None for j in rows) else {}
-
-
-def _call_seed(seed: int, turn: int, attempt: int) -> int:
-    # distinct, reproducible sampler seeds per (rollout seed, turn, TDS attempt)
+def call_seed(seed: int, turn: int, attempt: int) -> int:
+    """The sampler seed of one policy call: distinct and reproducible per (rollout seed, turn, TDS
+    attempt). Servers that honour a request's seed then repeat their answers."""
     return (seed * 1_000_003 + turn * 1_009 + attempt * 7 + 1) % (2**63 - 1)
 
 
 def collect_rollouts(
-    engine: Engine,
+    policy: Policy | Engine,
     env: BatchEnv,
     task_seeds: list[int],
     group_size: int,
-    sampling: SamplingParams,
+    sampling: SamplingParams | None = None,
     intervention: InterventionConfig | None = None,
     tds: TDSConfig | None = None,
     max_turns: int | None = None,
-    invalid_action_penalty: float = 0.1,
+    invalid_action_penalty: float = INVALID_ACTION_PENALTY,
     max_prompt_tokens: int | None = None,
     seed: int = 0,
 ) -> RolloutResult:
-    """Play `len(task_seeds) * group_size` episodes to the end (or `max_turns`)."""
-    tokenizer = engine.tokenizer
+    """Play `len(task_seeds) * group_size` episodes to the end (or `max_turns`). `policy` is a
+    `t2po.policies.Policy`, or an engine played with `sampling` and `intervention` (`EnginePolicy`)."""
+    if isinstance(policy, Engine):
+        if sampling is None:
+            raise ValueError("collect_rollouts(engine, ...) needs the sampling parameters (sampling=SamplingParams(...))")
+        policy = EnginePolicy(policy, sampling, intervention)
+    tokenizer = policy.tokenizer
+    if tds is not None and tokenizer is None:
+        raise ValueError("TDS (spec §3) needs turn scores, which only a token-level policy (an engine) gives")
     seeds = [s for s in task_seeds for _ in range(group_size)]
     group_ids = [g for g in range(len(task_seeds)) for _ in range(group_size)]
     n = len(seeds)
@@ -153,15 +166,25 @@ def collect_rollouts(
         idx = [i for i in range(n) if active[i]]
         if not idx:
             break
-        prompts, pixels = [], []
+        turns = []
         for i in idx:
-            ids, pixel_inputs, cut = build_prompt(tokenizer, env.render_prompt(i, histories[i], states[i]), states[i].image, max_prompt_tokens)
-            prompts.append(ids)
-            pixels.append(pixel_inputs)
+            text = env.render_prompt(i, histories[i], states[i])
+            if tokenizer is None:
+                turns.append(Turn(i, states[i], text))
+                continue
+            ids, pixel_inputs, cut = build_prompt(tokenizer, text, states[i].image, max_prompt_tokens)
+            turns.append(Turn(i, states[i], text, ids, pixel_inputs))
             counters["prompts_truncated"] += cut
             counters["prompt_tokens"] += len(ids)
-        gens: list[Generation] = engine.generate(prompts, dataclasses.replace(sampling, seed=_call_seed(seed, turn, 0)), intervention,
-                                                 **_image_arguments(pixels, range(len(idx))))
+        answers: list[Generation | None] = policy.act(turns, call_seed(seed, turn, 0))
+        if any(g is None for g in answers):  # no answer: that episode ends here, unstepped
+            for t, g in zip(turns, answers):
+                active[t.index] = active[t.index] and g is not None
+            turns = [t for t, g in zip(turns, answers) if g is not None]
+            if not turns:
+                break
+        gens: list[Generation] = [g for g in answers if g is not None]
+        idx = [t.index for t in turns]
         counters["generated_tokens"] += sum(g.num_tokens for g in gens)
         resampled = [0] * len(idx)
         if tds is not None:
@@ -171,7 +194,7 @@ def collect_rollouts(
                 flagged = np.flatnonzero(tds_resample_mask(prev, [g.turn_score for g in gens], tds.eta))
                 if flagged.size == 0:
                     break
-                regen = engine.generate([prompts[j] for j in flagged], dataclasses.replace(sampling, seed=_call_seed(seed, turn, attempt)), intervention, **_image_arguments(pixels, flagged))
+                regen = policy.act([turns[j] for j in flagged], call_seed(seed, turn, attempt))
                 for j, g in zip(flagged, regen):
                     counters["tds_extra_tokens"] += gens[j].num_tokens  # the discarded sample's tokens
                     counters["generated_tokens"] += g.num_tokens
@@ -186,11 +209,11 @@ def collect_rollouts(
             actions[i] = parsed.action
         new_states = env.step(actions)
         for j, i in enumerate(idx):
-            g, parsed, new = gens[j], parsed_of[i], new_states[i]
+            g, parsed, new, t = gens[j], parsed_of[i], new_states[i], turns[j]
             assert new is not None, f"{env.name}.step returned None for active instance {i}"
             samples_of[i].append(
                 StepSample(
-                    prompt_ids=prompts[j],
+                    prompt_ids=t.prompt_ids or [],
                     response_ids=list(g.token_ids),
                     forced_mask=list(g.forced),
                     rollout_logprobs=list(g.logprobs),
@@ -205,12 +228,15 @@ def collect_rollouts(
                     turn_score=g.turn_score,
                     response_text=g.text,
                     action=parsed.action,
-                    invalid_reason=parsed.reason,
+                    invalid_reason=f"{g.finish_reason} answer" if g.finish_reason in NO_ANSWER else parsed.reason,
                     resampled=resampled[j],
                     tti_triggers=dict(g.tti_triggers),
                     think_length=g.think_length,
                     image=states[i].image,
-                    pixel_inputs=pixels[j],
+                    pixel_inputs=t.pixel_inputs,
+                    prompt_text=t.prompt,
+                    finish_reason=g.finish_reason,
+                    usage={"prompt_tokens": g.prompt_tokens, **g.usage} if tokenizer is None else {},
                 )
             )
             histories[i].append((states[i].observation, parsed.action))

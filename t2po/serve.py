@@ -315,7 +315,7 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
 def served_name(path: str | None) -> str:
     """The model name a client asks for: the run name plus checkpoint, the directory name, or the
     embedded default's name."""
-    from t2po.evaluate import policy_short_name
+    from t2po.checkpoints import policy_short_name
 
     return policy_short_name(path)
 
@@ -351,10 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from t2po.engines.hf import HFEngine
-    from t2po.evaluate import intervention_for, resolve_device, resolve_policy
+    from t2po.checkpoints import intervention_for, resolve_policy
 
     try:
-        model, tokenizer, description = resolve_policy(ns.model, dtype=ns.dtype, device=resolve_device(ns.device))
+        model, tokenizer, description = resolve_policy(ns.model, dtype=ns.dtype, device=ns.device)
     except (FileNotFoundError, ValueError) as e:
         print(f"t2po serve: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ its observation image (a PNG data URL in the JSON files); a vision-language mode
 it exactly as at rollout time (`t2po.rollout.build_prompt`), and its pixel inputs go into the forward
 pass.
 
-    convs = collect_expert_conversations(env, seeds=range(32))
+    convs = play_expert_episodes(env, seeds=range(32))
     sft_train(model, tokenizer, convs, epochs=2, lr=2e-4)
 """
 
@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from t2po.envs.base import BatchEnv
-from t2po.rollout import build_prompt
+from t2po.policies import ExpertPolicy
+from t2po.rollout import build_prompt, collect_rollouts
 from t2po.trainer.policy import forward_micro_batch, make_micro_batch, pack_by_length
 
 
@@ -50,45 +51,18 @@ class Conversation:
 
 
 def play_expert_episodes(env: BatchEnv, seeds: Iterable[int], max_turns: int | None = None) -> list[Conversation]:
-    """Play `env`'s expert (`expert_response`) on the given task seeds and record the conversations."""
-    if type(env).expert_response is BatchEnv.expert_response:
-        raise ValueError(f"Environment {env.name!r} has no expert; use `t2po rft collect` with a model instead.")
+    """Play `env`'s expert (`expert_response`) on the given task seeds through the rollout loop
+    (`ExpertPolicy`) and record the conversations. A demonstration ends where the expert has no move."""
     seeds = list(seeds)
-    states = env.reset(seeds)
-    n = len(seeds)
-    histories: list[list[tuple[str, str]]] = [[] for _ in range(n)]
-    steps: list[list[dict]] = [[] for _ in range(n)]
-    rewards = [0.0] * n
-    active = [not s.done for s in states]
-    for _ in range(max_turns or env.max_steps):
-        actions: list[str | None] = [None] * n
-        responses: dict[int, str] = {}
-        for i in range(n):
-            if not active[i]:
-                continue
-            response = env.expert_response(i, states[i])
-            if response is None:  # no move can still win (an unsolvable deal): the demonstration ends here
-                active[i] = False
-                continue
-            responses[i] = response
-            actions[i] = env.parse_action(response, states[i]).action
-            step = {"prompt": env.render_prompt(i, histories[i], states[i]), "response": response}
-            if states[i].image is not None:
-                step["image"] = states[i].image
-            steps[i].append(step)
-        if not responses:
-            break
-        new_states = env.step(actions)
-        for i in responses:
-            histories[i].append((states[i].observation, actions[i]))
-            states[i] = new_states[i]
-            rewards[i] += states[i].reward
-            if states[i].done:
-                active[i] = False
-    if n and not any(steps):
-        raise ValueError(f"Environment {env.name!r} gave no expert move on seeds {seeds[:8]}{'...' if n > 8 else ''}; "
+    result = collect_rollouts(ExpertPolicy(env), env, seeds, 1, max_turns=max_turns)
+    if seeds and not result.samples:
+        raise ValueError(f"Environment {env.name!r} gave no expert move on seeds {seeds[:8]}{'...' if len(seeds) > 8 else ''}; "
                          "use `t2po rft collect` with a model instead.")
-    return [Conversation(env.name, seeds[i], steps[i], rewards[i], bool(states[i].won), env.episode_metrics(i, states[i])) for i in range(n)]
+    convs = []
+    for ep in result.episodes:
+        steps = [{"prompt": s.prompt_text, "response": s.response_text, **({"image": s.image} if s.image is not None else {})} for s in ep.samples]
+        convs.append(Conversation(env.name, ep.seed, steps, float(sum(s.env_reward for s in ep.samples)), ep.won, ep.metrics))
+    return convs
 
 
 def save_conversations(convs: list[Conversation], path: Path) -> None:

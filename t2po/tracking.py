@@ -301,6 +301,14 @@ def make_trackers(names: list[str], run_dir: Path, params: dict, quiet: bool = F
     return TrackerGroup(trackers, quiet)
 
 
+def validation_step(tag: str, iterations: int) -> int:
+    """The step a validation is logged at: "iter_N" -> N, "final" -> the run's last iteration,
+    "before" and "after_warmup" -> 0."""
+    if tag.startswith("iter_"):
+        return int(tag.split("_")[1])
+    return iterations if tag == "final" else 0
+
+
 def trace_sample(episodes: list, k: int) -> list:
     """`k` episodes spread evenly over the batch, so that the traces show different tasks (the batch
     is ordered task by task) instead of `k` attempts at the first one."""
@@ -327,23 +335,29 @@ def _forced_spans(ids: list[int], forced: list[bool], tokenizer: Any) -> list[di
     return spans
 
 
-def episode_trace(episode: Any, tokenizer: Any) -> dict:
-    """One episode as a JSON-ready dict (one line of `traces/iter_NNNNNN.jsonl`).
+def episode_trace(episode: Any, tokenizer: Any = None) -> dict:
+    """One episode (`t2po.rollout.Episode`) as a JSON-ready dict: a line of the trainer's
+    `traces/iter_NNNNNN.jsonl`, and the header and turn lines of `t2po eval`'s `traces/seed-NNNNNN.jsonl`.
 
-    Per step: the observation, the prompt and the response both decoded and as token ids (the ids are
-    the engine's, as trained on), where TTI forced tokens (`forced`: position, length, text) and how
-    often TDS regenerated the turn (`tds_resampled`), the turn score, the parsed action and its
-    validity, the environment reward and the reward after the invalid-action penalty."""
+    Per step: the observation, the prompt and the response (for a token-level policy both decoded
+    and as token ids, the ids being the engine's, as trained on; for a text policy, the texts), the
+    token counts, where TTI forced tokens (`forced`: position, length, text) and how often TDS
+    regenerated the turn (`tds_resampled`), the turn score, the parsed action and its validity, the
+    environment reward and the reward after the invalid-action penalty; for an API model also the
+    finish reason, the requests and retries it took, and its latency."""
     steps = []
     for s in episode.samples:
+        usage = dict(s.usage)
         steps.append({
             "step": s.step,
             "observation": episode.observations[s.step] if s.step < len(episode.observations) else None,
-            "prompt": tokenizer.decode(s.prompt_ids),
+            "prompt": tokenizer.decode(s.prompt_ids) if s.prompt_ids else s.prompt_text,
             "prompt_ids": list(s.prompt_ids),
             "response": s.response_text,
             "response_ids": list(s.response_ids),
-            "forced": _forced_spans(s.response_ids, s.forced_mask, tokenizer),
+            "prompt_tokens": usage.pop("prompt_tokens", len(s.prompt_ids)),
+            "completion_tokens": usage.pop("completion_tokens", len(s.response_ids)),
+            "forced": _forced_spans(s.response_ids, s.forced_mask, tokenizer) if any(s.forced_mask) else [],
             "tti_triggers": dict(s.tti_triggers),
             "think_length": s.think_length,
             "tds_resampled": s.resampled,
@@ -354,6 +368,8 @@ def episode_trace(episode: Any, tokenizer: Any) -> dict:
             "env_reward": s.env_reward,
             "reward": s.reward,
             "done": s.done,
+            "finish_reason": s.finish_reason,
+            **usage,
         })
     return {
         "traj_id": episode.traj_id,

@@ -20,7 +20,8 @@ from helpers import wait_for_server
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
-from t2po.evaluate import locate_policy, main, markdown_table, resolve_policy, summarize
+from t2po.checkpoints import locate_policy, resolve_policy
+from t2po.evaluate import main, markdown_table, summarize
 from t2po.rollout import collect_rollouts
 
 SMALL_SOKOBAN = ["--env-option", "dim_room=[5,5]", "--env-option", "num_gen_steps=3", "--env-option", "max_steps=3"]
@@ -163,6 +164,12 @@ def _write_run_folder(root: Path, model_dir: Path, model, iterations: list[int])
     return run, peft_model
 
 
+def _logits(tokenizer, *models) -> list[torch.Tensor]:
+    ids = torch.tensor([tokenizer.encode("<think>push the box</think>")])
+    with torch.no_grad():
+        return [m(input_ids=ids).logits for m in models]
+
+
 def test_run_folder_resolves_to_its_latest_checkpoint_merged(tiny_model_dir, tmp_path):
     from t2po.models import load_model
 
@@ -173,11 +180,7 @@ def test_run_folder_resolves_to_its_latest_checkpoint_merged(tiny_model_dir, tmp
     assert source.short_name == "sokoban-t2po-test-iter_000002"
     merged, tokenizer, description = resolve_policy(run)
     assert "LoRA adapter merged into" in description
-    ids = torch.tensor([tokenizer.encode("<think>push the box</think>")])
-    with torch.no_grad():
-        expected = peft_model(input_ids=ids).logits
-        got = merged(input_ids=ids).logits
-        plain = load_model(tiny_model_dir)[0](input_ids=ids).logits
+    got, expected, plain = _logits(tokenizer, merged, peft_model, load_model(tiny_model_dir)[0])
     assert torch.allclose(got, expected, atol=1e-4), "merged weights act like base + adapter"
     assert not torch.allclose(got, plain, atol=1e-3), "the adapter changed the model"
     with pytest.raises(FileNotFoundError, match="incomplete"):
@@ -222,3 +225,33 @@ def test_summary_and_table_on_hand_made_episodes():
     table = markdown_table(s, "title", ["note"])
     assert "| all | 3 | 66.7% ± 27.2 | 0.767 | 3.0 | 33.3% | 100 / 10 | 0.0009 |" in table
     assert "| task_type=clean | 1 | 100.0% ± 0.0 |" in table
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_sharded_checkpoint_loads_as_trained(tiny_model_dir, tmp_path, lora):
+    """A checkpoint written by `save_sharded` (as several ranks write it: `shard-*.safetensors`, no
+    adapter/ or model/ folder) loads for `t2po eval` / `t2po serve` with the run's LoRA merged in."""
+    from t2po.config import load_config
+    from t2po.distributed import save_sharded
+    from t2po.models import add_lora, load_model
+
+    cfg = load_config("default", [f"model.path={tiny_model_dir}", f"model.lora={str(lora).lower()}", "model.lora_rank=4"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    model = load_model(tiny_model_dir)[0]
+    if lora:
+        model = add_lora(model, cfg.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("lora_B" in name or not lora):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    save_sharded(run / "checkpoints" / "iter_000003", model, torch.optim.AdamW(model.parameters()), {"iteration": 3})
+    assert any((run / "checkpoints" / "iter_000003").glob("shard-*.safetensors"))
+
+    loaded, tokenizer, description = resolve_policy(run)
+    assert "sharded" in description and "iter_000003" in description
+    got, expected, plain = _logits(tokenizer, loaded, model, load_model(tiny_model_dir)[0])
+    assert torch.allclose(got, expected, atol=1e-4), "the sharded weights act like the model that was saved"
+    assert not torch.allclose(got, plain, atol=1e-3), "the checkpoint changed the model"
+    assert main(["sokoban", str(run), "--episodes", "1", "--max-new-tokens", "4", *SMALL_SOKOBAN, "--quiet", "--out", str(tmp_path / "eval")]) == 0

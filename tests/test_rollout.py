@@ -107,3 +107,38 @@ def test_invalid_outputs_are_penalised_not_fatal(engine):
         assert s.invalid_reason
     assert 0 < result.stats["invalid_action_rate"] <= 1
     assert len(result.episodes) == 4
+
+
+class ScriptedAgent:
+    """An `OpenAIChatAgent` stand-in: answers each prompt text from a script, recording the requests."""
+
+    def __init__(self, script: dict[str, str]):
+        self.script = script
+        self.requests = []
+
+    def respond(self, prompt, image=None, seed=None):
+        from t2po.engines.openai_api import APIReply
+
+        self.requests.append((prompt, seed))
+        text = self.script[prompt]
+        return APIReply(text, prompt_tokens=7, completion_tokens=3, finish_reason="stop" if text else "empty", attempts=1)
+
+
+def test_api_policy_plays_by_the_training_loops_rules(engine):
+    """The same texts answered by an API model give the same episodes as the engine's: one loop
+    (prompts, parsing, invalid-action penalty, episode end, turn limit) for every policy."""
+    from t2po.policies import APIPolicy
+    from t2po.rollout import call_seed
+
+    env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3)
+    local = collect_rollouts(engine, env, [3, 4], 1, SamplingParams(max_new_tokens=10), InterventionConfig(), seed=5, invalid_action_penalty=0.25)
+    script = {s.prompt_text: s.response_text for s in local.samples}
+    assert len(script) == len(local.samples) and any(not s.valid for s in local.samples)
+    agent = ScriptedAgent(script)
+    api = collect_rollouts(APIPolicy(agent), env, [3, 4], 1, seed=5, invalid_action_penalty=0.25)
+    for a, b in zip(local.episodes, api.episodes, strict=True):
+        assert a.observations == b.observations and a.won == b.won and a.total_reward == b.total_reward
+        assert [(s.action, s.valid, s.reward) for s in a.samples] == [(s.action, s.valid, s.reward) for s in b.samples]
+    assert all(s.prompt_text in engine.tokenizer.decode(s.prompt_ids) for s in local.samples), "the user message of the engine's chat prompt"
+    assert agent.requests[0] == (local.samples[0].prompt_text, call_seed(5, 0, 0) % (2**31 - 1))
+    assert all(s.usage["completion_tokens"] == 3 and s.prompt_ids == [] for s in api.samples)

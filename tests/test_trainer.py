@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import run_training
+from t2po.checkpoints import latest_checkpoint
 from t2po.config import ConfigError, load_config
 from t2po.rollout import StepSample
 from t2po.trainer.trainer import Trainer
@@ -141,15 +142,13 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     deadline = time.time() + 240
     try:
-        while time.time() < deadline and not (run_dir / "checkpoints" / "latest").exists():
+        while time.time() < deadline and latest_checkpoint(run_dir / "checkpoints") is None:
             time.sleep(0.2)
-        assert (run_dir / "checkpoints" / "latest").exists(), "no checkpoint was written in time"
+        assert latest_checkpoint(run_dir / "checkpoints") is not None, "no checkpoint was written in time"
         time.sleep(0.5)  # kill somewhere inside a later iteration
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    from t2po.trainer.checkpoint import latest_checkpoint
-
     done = json.loads((latest_checkpoint(run_dir / "checkpoints") / "trainer_state.json").read_text())["iteration"]
     out = subprocess.run([sys.executable, "-m", "t2po.cli", "train", "--quiet", "--resume", str(run_dir), f"trainer.iterations={done + 1}"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import run_training
+from t2po.checkpoints import latest_checkpoint, resolve_policy
 from t2po.config import ConfigError, load_config
 from t2po.trainer.trainer import Trainer
 
@@ -81,8 +82,18 @@ def test_two_ranks_train_as_one_process_and_resume_on_one(tiny_model_dir, tmp_pa
         ckpt = run / "checkpoints" / f"iter_{it:06d}"
         assert len(list(ckpt.glob("shard-*.safetensors"))) == 2, "one shard file per rank"
         assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
-    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_000002"
+    assert latest_checkpoint(run / "checkpoints").name == "iter_000002"
     assert json.loads((run / "summary.json").read_text())["after_rl"] is not None
+
+    # `t2po eval` / `t2po serve` read the 2-rank run: its sharded LoRA checkpoint, merged onto the base
+    from t2po.evaluate import main as evaluate
+
+    merged, _, description = resolve_policy(run)
+    base, _, _ = resolve_policy(tiny_model_dir)
+    assert "sharded" in description and "iter_000002" in description
+    assert any(not torch.equal(p, base.state_dict()[k]) for k, p in merged.state_dict().items()), "the trained weights are loaded"
+    assert evaluate(["sokoban", str(run), "--episodes", "1", "--max-new-tokens", "4", "--env-option", "max_steps=1", "--quiet",
+                     "--out", str(tmp_path / "eval")]) == 0
 
     # one process, world size 1: continue the 2-rank run from its sharded checkpoint
     out = subprocess.run([sys.executable, "-m", "t2po.cli", "train", "--quiet", "--resume", str(run), "trainer.iterations=3"],

@@ -55,6 +55,7 @@ class Generation:
     tti_triggers: dict[str, int] = field(default_factory=dict)  # {"budget": n, "stagnation": n}
     think_length: int = 0  # tokens inside think spans
     prompt_tokens: int = 0
+    usage: dict = field(default_factory=dict)  # a text policy's accounting (API: completion tokens, attempts, retries, latency)
 
     @property
     def num_tokens(self) -> int:

@@ -21,8 +21,6 @@ import contextlib
 import dataclasses
 import gc
 import json
-import os
-import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -42,15 +40,16 @@ from t2po.algos import (
     rloo_advantages,
 )
 from t2po.algos.losses import value_loss
+from t2po.checkpoints import CHECKPOINTS, WARMUP_MODEL, atomic_dir, atomic_write_text, is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint
 from t2po.config import Config, config_from_dict
 from t2po.distributed import (
-    barrier, clip_grad_norm, from_rank0, gather_objects, gathered, init_distributed, load_sharded, mean_over_ranks, padded,
-    plan_mini_batches, save_sharded, shard_model, shard_tasks, sum_over_ranks,
+    barrier, clip_grad_norm, from_rank0, gather_objects, gathered, init_distributed, mean_over_ranks, padded,
+    plan_mini_batches, shard_model, shard_tasks, sum_over_ranks,
 )
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.envs import make_env
 from t2po.rollout import COUNTERS, RolloutResult, StepSample, TDSConfig, collect_rollouts, rollout_stats
-from t2po.trainer.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint_into, mark_latest, save_checkpoint
+from t2po.tracking import validation_step
 from t2po.trainer.policy import forward_micro_batch, make_micro_batch, pack_by_length
 
 VALIDATION_SEED_OFFSET = 0  # the validation split applies the spec's +1000 offset itself
@@ -87,7 +86,7 @@ class Trainer:
             self.run_dir = Path(from_rank0(str(self.run_dir)))
             self.quiet = self.quiet or not self.dist.is_main
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.ckpt_root = self.run_dir / "checkpoints"
+        self.ckpt_root = self.run_dir / CHECKPOINTS
         if not self.resume and self.dist.is_main:
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.state_path = self.run_dir / "run_state.json"
@@ -95,8 +94,8 @@ class Trainer:
 
         self.log(f"run folder: {self.run_dir}")
         base_path = cfg.model.path
-        if self.run_state.get("warmup_done") and (self.run_dir / "warmup_model").exists():
-            base_path = str(self.run_dir / "warmup_model")
+        if self.run_state.get("warmup_done") and (self.run_dir / WARMUP_MODEL).exists():
+            base_path = str(self.run_dir / WARMUP_MODEL)
         self.model, self.tokenizer = load_model(base_path, dtype=getattr(torch, cfg.model.dtype))
         self.base_model_path = base_path
         if cfg.rollout.engine == "vllm":
@@ -111,14 +110,10 @@ class Trainer:
         if self.resume:
             ckpt = latest_checkpoint(self.ckpt_root)
             if ckpt is not None:
-                sharded = any(ckpt.glob("shard-*.safetensors"))
-                if self.dist.distributed and not sharded:
+                if self.dist.distributed and not is_sharded(ckpt):
                     raise ValueError(f"{ckpt} was written by one process; resume it with one process (python -m t2po.cli train --resume {self.run_dir}), "
                                      "or start the multi-process run from its weights (model.path)")
-                if sharded:  # written by several ranks; loads on any world size
-                    state = load_sharded(ckpt, self.model, self.optimizer)
-                else:
-                    state = load_checkpoint_into(ckpt, self.model, self.optimizer, self.value_head, cfg.model.lora)
+                state = load_checkpoint(ckpt, self.model, self.optimizer, self.value_head, cfg.model.lora)  # a sharded one loads on any world size
                 self.start_iteration = state["iteration"]
                 self.scheduler_step = state.get("scheduler_step", self.start_iteration)
                 self._set_lr()
@@ -158,12 +153,9 @@ class Trainer:
             return Path(base_path)
         out = self.run_dir / "vllm_model"
         if self.dist.is_main and not (out / "config.json").is_file():
-            tmp = self.run_dir / "vllm_model.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
+            with atomic_dir(out) as tmp:
+                self.model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
         barrier()
         return out
 
@@ -201,14 +193,9 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         if cfg.model.lora:
-            from peft import LoraConfig, get_peft_model
+            from t2po.models import add_lora
 
-            from t2po.models import lora_targets
-
-            # the language model's modules (of a VLM: not the vision tower's), optionally its last layers only
-            lcfg = LoraConfig(r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha, lora_dropout=cfg.model.lora_dropout, task_type="CAUSAL_LM",
-                              **lora_targets(self.model, cfg.model.lora_target_modules, cfg.model.lora_layers))
-            self.model = get_peft_model(self.model, lcfg)
+            self.model = add_lora(self.model, cfg.model)
         self.ref_model = None
         if cfg.algo.kl_coef > 0 and not cfg.model.lora:
             from t2po.models import load_model
@@ -259,7 +246,7 @@ class Trainer:
         # the episodes without what the statistics do not read (token ids, texts, images)
         light = [dataclasses.replace(ep, observations=[], samples=[
             dataclasses.replace(x, prompt_ids=[], response_ids=[0] * len(x.response_ids), rollout_logprobs=[], response_text="", anchor_obs="",
-                                image=None, pixel_inputs=None)
+                                image=None, pixel_inputs=None, prompt_text="")
             for x in ep.samples]) for ep in result.episodes]
         everyone = gather_objects((light, {k: result.stats[k] for k in COUNTERS if k in result.stats}))
         counters = {k: sum(c[k] for _, c in everyone if k in c) for k in COUNTERS if any(k in c for _, c in everyone)}
@@ -288,15 +275,10 @@ class Trainer:
             return stats
         with open(self.run_dir / "validation.jsonl", "a") as f:
             f.write(json.dumps({"tag": tag, **stats}) + "\n")
-        self.trackers.log_metrics({f"val/{k}": v for k, v in stats.items()}, step=self._global_step(tag))
+        self.trackers.log_metrics({f"val/{k}": v for k, v in stats.items()}, step=validation_step(tag, self.cfg.trainer.iterations))
         self.log(f"[val {tag}] success {stats['success_rate']:.3f}  valid actions {1 - stats['invalid_action_rate']:.3f}  "
                  f"reward {stats['episode_reward']:.2f}  turns {stats['episode_length']:.1f}  ({stats['seconds']:.0f}s)")
         return stats
-
-    def _global_step(self, tag: str) -> int:
-        if tag.startswith("iter_"):
-            return int(tag.split("_")[1])
-        return {"before": 0, "after_warmup": 0}.get(tag, self.cfg.trainer.iterations)
 
     def _save_run_state(self) -> None:
         if self.dist.is_main:
@@ -323,13 +305,10 @@ class Trainer:
                            log=lambda m: self.trackers.log_metrics(m, step=int(m["sft/epoch"])))
         # merge the warm-up into the base weights and save it as this run's base model
         model = self.model.merge_and_unload() if cfg.model.lora else self.model
-        out = self.run_dir / "warmup_model"
-        tmp = self.run_dir / "warmup_model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        save_tokenizer(self.tokenizer, tmp)  # a VLM's whole processor
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        out = self.run_dir / WARMUP_MODEL
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            save_tokenizer(self.tokenizer, tmp)  # a VLM's whole processor
         self.model = model
         self.base_model_path = str(out)
         self._wrap_trainable()
@@ -585,13 +564,9 @@ class Trainer:
                 self.validate(f"iter_{it + 1}")
             if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
                 state = {"scheduler_step": self.scheduler_step, "base_model": self.base_model_path}
-                if self.dist.distributed:  # every rank writes its shards (docs/scaling.md)
-                    path = save_sharded(self.ckpt_root / f"iter_{it + 1:06d}", self.model, self.optimizer, {**state, "iteration": it + 1})
-                    if self.dist.is_main:
-                        mark_latest(self.ckpt_root, path, cfg.trainer.keep_checkpoints)
-                    barrier()
-                else:
-                    save_checkpoint(self.ckpt_root, it + 1, self.model, self.optimizer, state, self.value_head, cfg.model.lora, cfg.trainer.keep_checkpoints)
+                # several ranks: every rank writes its shards (docs/scaling.md)
+                save_checkpoint(self.ckpt_root, it + 1, self.model, self.optimizer, state, self.value_head, cfg.model.lora, cfg.trainer.keep_checkpoints,
+                                sharded=self.dist.distributed)
         if "final" not in val or self.start_iteration < cfg.trainer.iterations:
             self.validate("final")
         summary = self.summary(time.time() - t_start)

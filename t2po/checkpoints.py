@@ -1,0 +1,356 @@
+"""Where a policy's weights live: run folders, checkpoints, and atomic writes. The only module that
+knows the layout (the trainer writes it, `t2po eval`, `t2po serve` and `t2po rft` read it):
+
+    RUN/config.yaml                      the run's resolved config
+    RUN/warmup_model/                    the merged warm-up model (spec §5), when a warm-up ran: the
+                                         base the checkpoints apply to (else the config's model.path)
+    RUN/checkpoints/iter_000012/         one complete checkpoint, written as iter_000012.tmp/ and renamed:
+        adapter/ or model/               the LoRA adapter or the full weights (one process), or
+        shard-*.safetensors              every rank's shards (several processes, `t2po.distributed.save_sharded`)
+        value_head.safetensors           the critic (ppo, one process)
+        optimizer.safetensors + .json    optimizer state (tensors + the rest)
+        rng.safetensors                  the torch RNG state (one process)
+        trainer_state.json               iteration, scheduler step; written last: marks the folder complete
+
+The newest folder with `trainer_state.json` (never one named `.tmp`) is the run's latest checkpoint.
+No pickle anywhere. Module-level imports are light (no torch): the API evaluation path imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # = t2po.models.DEFAULT_MODEL (kept import-free: no torch here)
+TINY_VLM = "tiny-vlm"  # = t2po.models.TINY_VLM
+CHECKPOINTS = "checkpoints"
+WARMUP_MODEL = "warmup_model"
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old or the new file, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Fill a folder that appears complete or not at all: the block writes into `<path>.tmp/`, which
+    then replaces `path` (a failed block leaves `path` as it was and no `.tmp` folder)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint folders
+
+
+def checkpoint_dir(ckpt_root: Path, iteration: int) -> Path:
+    return Path(ckpt_root) / f"iter_{iteration:06d}"
+
+
+def is_complete(ckpt: Path) -> bool:
+    return ckpt.is_dir() and not ckpt.name.endswith(".tmp") and (ckpt / "trainer_state.json").is_file()
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """Written by several ranks (`shard-*.safetensors`), loadable on any world size."""
+    return any(Path(ckpt).glob("shard-*.safetensors"))
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint (ignores half-written `.tmp` folders)."""
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.exists():
+        return None
+    candidates = sorted(p for p in ckpt_root.glob("iter_*") if is_complete(p))
+    return candidates[-1] if candidates else None
+
+
+def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints (all when keep <= 0)."""
+    done = sorted(p for p in Path(ckpt_root).glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / "trainer_state.json").read_text())
+
+
+def optimizer_to_tensors(optimizer: Any) -> tuple[dict[str, Any], dict]:
+    """Split `optimizer.state_dict()` into tensors (for safetensors) and JSON-able metadata."""
+    import torch
+
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous().clone()
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(optimizer: Any, tensors: dict[str, Any], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for pid, values in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(ckpt_root: Path, iteration: int, model: Any, optimizer: Any, trainer_state: dict, value_head: Any = None,
+                    lora: bool = True, keep: int = 2, sharded: bool = False) -> Path:
+    """Write `checkpoints/iter_NNNNNN/` (see the module docstring) and prune to the newest `keep`.
+    `sharded`: every rank calls this and writes its shards (`t2po.distributed.save_sharded`)."""
+    from t2po.distributed import barrier, save_sharded
+
+    final = checkpoint_dir(ckpt_root, iteration)
+    if sharded:
+        path = save_sharded(final, model, optimizer, {**trainer_state, "iteration": iteration})
+        if not _distributed_rank():
+            prune_checkpoints(ckpt_root, keep)
+        barrier()
+        return path
+    import torch
+    from safetensors.torch import save_file
+
+    Path(ckpt_root).mkdir(parents=True, exist_ok=True)
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp / ("adapter" if lora else "model"), safe_serialization=True)
+        if value_head is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
+        tensors, meta = optimizer_to_tensors(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "iteration": iteration}, indent=1))  # written last: marks completeness
+    prune_checkpoints(ckpt_root, keep)
+    return final
+
+
+def _distributed_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, value_head: Any, lora: bool) -> dict:
+    """Load weights, optimizer and RNG (one-process checkpoints) into an already-built model, or a
+    sharded checkpoint onto any world size; returns the trainer state."""
+    if is_sharded(ckpt):
+        from t2po.distributed import load_sharded
+
+        return load_sharded(ckpt, model, optimizer)
+    import torch
+    from safetensors.torch import load_file
+
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        weights = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, weights)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"Checkpoint {ckpt} does not match the model's LoRA layout (unexpected keys: {unexpected[:3]}...)")
+    else:
+        weights = {}
+        for f in sorted((ckpt / "model").glob("*.safetensors")):
+            weights.update(load_file(str(f)))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected:
+            raise RuntimeError(f"Checkpoint {ckpt} does not match the model (unexpected keys: {unexpected[:3]}...)")
+    if value_head is not None and (ckpt / "value_head.safetensors").exists():
+        value_head.load_state_dict(load_file(str(ckpt / "value_head.safetensors")))
+    if optimizer is not None:
+        optimizer_from_tensors(optimizer, load_file(str(ckpt / "optimizer.safetensors")), json.loads((ckpt / "optimizer.json").read_text()))
+    torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch_rng"])
+    return load_trainer_state(ckpt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Policies: run folders, checkpoints, Hugging Face directories, the embedded default
+
+
+@dataclass
+class PolicySource:
+    """Where a local policy's weights come from, found without loading them.
+
+    `checkpoint` is set for a t2po checkpoint; its weights apply on top of `base`: the run's
+    `warmup_model/` when a warm-up ran, else the run's `model.path` (None = the embedded default)."""
+
+    path: Path | None  # a Hugging Face model directory; None = the embedded default (or see checkpoint)
+    checkpoint: Path | None = None
+    run_dir: Path | None = None
+    base: str | None = None
+    run_config: dict | None = None  # the run's config.yaml
+
+    @property
+    def kind(self) -> str:
+        """"adapter" (LoRA, one process), "model" (full weights, one process) or "sharded" (several ranks)."""
+        if is_sharded(self.checkpoint):
+            return "sharded"
+        return "adapter" if (self.checkpoint / "adapter").is_dir() else "model"
+
+    @property
+    def description(self) -> str:
+        if self.checkpoint is not None:
+            kind = {"adapter": "LoRA adapter merged into", "model": "full weights, tokenizer of", "sharded": "sharded weights on"}[self.kind]
+            return f"{self.checkpoint} ({kind} {self.base or DEFAULT_MODEL})"
+        return str(self.path) if self.path is not None else f"{DEFAULT_MODEL} (embedded)"
+
+    @property
+    def short_name(self) -> str:
+        if self.checkpoint is not None:
+            return f"{self.run_dir.name}-{self.checkpoint.name}"
+        return self.path.name if self.path is not None else DEFAULT_MODEL
+
+
+def locate_policy(path: str | os.PathLike | None) -> PolicySource:
+    """Resolve a model argument (run folder, checkpoint folder, Hugging Face directory, None or
+    "smollm2-135m-instruct") without loading weights; a path that is none of these fails here."""
+    if path is None or str(path).lower() == DEFAULT_MODEL:
+        return PolicySource(None)
+    if str(path).lower() == TINY_VLM:  # built into the cache on first use
+        from t2po.models import tiny_vlm_directory
+
+        return PolicySource(tiny_vlm_directory())
+    p = Path(path).expanduser().resolve()
+    accepted = (f"pass a t2po run folder, a checkpoint folder (RUN/{CHECKPOINTS}/iter_NNNNNN), a Hugging Face model "
+                f"directory (with config.json), or no model for the embedded {DEFAULT_MODEL}")
+    if not p.is_dir():
+        raise FileNotFoundError(f"model {str(path)!r} is not a directory: {accepted}")
+    checkpoint = None
+    if (p / "config.yaml").is_file() and not (p / "config.json").is_file():  # a run folder
+        checkpoint = latest_checkpoint(p / CHECKPOINTS)
+        if checkpoint is None:
+            raise FileNotFoundError(f"run folder {p} has no complete checkpoint yet; evaluate {p / WARMUP_MODEL} (if the warm-up ran) or wait for the first checkpoint")
+    elif (p / "adapter").is_dir() or (p / "model").is_dir() or is_sharded(p):
+        checkpoint = p
+        if not is_complete(p):
+            raise FileNotFoundError(f"checkpoint {p} is incomplete (half-written, no trainer_state.json); pass its run folder to use the latest complete checkpoint")
+    if checkpoint is None:
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{p} holds no model: {accepted}")
+        return PolicySource(p)
+    run_dir = checkpoint.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} is not inside a t2po run folder ({run_dir}/config.yaml is missing); keep checkpoints in RUN/{CHECKPOINTS}/")
+    run_config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    warmup = run_dir / WARMUP_MODEL
+    base = str(warmup) if (warmup / "config.json").is_file() else (run_config.get("model") or {}).get("path")
+    return PolicySource(None, checkpoint, run_dir, base, run_config)
+
+
+def policy_short_name(path: str | os.PathLike | None) -> str:
+    """A name for a local policy (run name + checkpoint, directory name, or the default's name)."""
+    return locate_policy(path).short_name
+
+
+def resolve_device(name: str) -> str:
+    """`auto` -> cuda when available, else cpu."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_policy(path: str | os.PathLike | None, dtype: Any = None, device: Any = "cpu") -> tuple[Any, Any, str]:
+    """Load `(model, tokenizer, description)` from a run folder (latest complete checkpoint), a
+    checkpoint folder, a Hugging Face model directory, or None / "smollm2-135m-instruct" (the embedded
+    default). A LoRA checkpoint is merged into its base weights (peft); a full-weight checkpoint is
+    loaded into its base architecture; a sharded one (several ranks) is read onto the model as the
+    run trained it (with its LoRA adapter, then merged). The model is in eval mode on `device`
+    ("auto": a GPU when there is one)."""
+    from t2po.models import load_model
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    source = locate_policy(path)
+    if source.checkpoint is None:
+        model, tokenizer = load_model(source.path, dtype=dtype, device=device)
+        return model, tokenizer, source.description
+    model, tokenizer = load_model(source.base, dtype=dtype, device=device)
+    kind = source.kind
+    if kind == "adapter":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(source.checkpoint / "adapter")).merge_and_unload()
+    elif kind == "sharded":
+        from t2po.config import config_from_dict
+        from t2po.distributed import load_sharded
+        from t2po.models import add_lora
+
+        model_cfg = config_from_dict(source.run_config, validate=False).model
+        if model_cfg.lora:
+            model = add_lora(model, model_cfg)
+        load_sharded(source.checkpoint, model, None)
+        if model_cfg.lora:
+            model = model.merge_and_unload()
+    else:
+        from safetensors.torch import load_file
+
+        weights: dict = {}
+        for f in sorted((source.checkpoint / "model").glob("*.safetensors")):
+            weights.update(load_file(str(f), device=str(next(model.parameters()).device)))
+        if not weights:
+            raise FileNotFoundError(f"checkpoint {source.checkpoint}/model holds no .safetensors weights")
+        _, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected:
+            raise ValueError(f"checkpoint {source.checkpoint} does not match its base model {source.base or DEFAULT_MODEL} (unexpected weights {unexpected[:3]})")
+    model.eval()
+    return model, tokenizer, source.description
+
+
+def intervention_for(path: str | os.PathLike | None, enabled: bool = True, budget: int | None = None) -> Any:
+    """The thinking-intervention settings (spec §2) for evaluating or serving `path`: a run's own TTI
+    settings when `path` is a run or checkpoint, else the defaults; `budget` overrides B."""
+    from t2po.engines.base import InterventionConfig
+
+    source = locate_policy(path)
+    rollout = (source.run_config or {}).get("rollout") or {}
+    defaults = InterventionConfig()
+    return InterventionConfig(
+        enabled=enabled,
+        patience=rollout.get("tti_patience", defaults.patience),
+        eps=float(rollout.get("tti_eps", defaults.eps)),
+        budget=budget if budget is not None else rollout.get("tti_budget", defaults.budget),
+        alpha=float(rollout.get("alpha", defaults.alpha)),
+        turn_score_skip=rollout.get("turn_score_skip", defaults.turn_score_skip),
+    )
