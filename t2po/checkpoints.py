@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,7 +321,9 @@ def resolve_policy(path: str | os.PathLike | None, dtype: Any = None, device: An
         model_cfg = config_from_dict(source.run_config, validate=False).model
         if model_cfg.lora:
             model = add_lora(model, model_cfg)
-        load_sharded(source.checkpoint, model, None)
+        with warnings.catch_warnings():  # torch's note that no process group is running: one process reads it, by design
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            load_sharded(source.checkpoint, model, None)
         if model_cfg.lora:
             model = model.merge_and_unload()
     else:

@@ -225,7 +225,7 @@ def markdown_table(summary: dict[str, Any], title: str, notes: list[str]) -> str
 
 
 # ----------------------------------------------------------------------------------------------
-# Playing episodes
+# Episode records (what a played episode leaves in the folder)
 
 
 def episode_files(episode: Episode, tokenizer: Any, env: str, split: str, seconds: float) -> tuple[dict, dict, list[dict]]:

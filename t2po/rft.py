@@ -72,11 +72,12 @@ def collect(env_name: str, policy: str, episodes: int, threshold: float, out: Pa
             played = len(convs)
             kept = [c for c in convs if episode_score(c.won, c.metrics) > threshold]
         else:
+            from t2po.checkpoints import resolve_policy
             from t2po.engines.base import InterventionConfig, SamplingParams
             from t2po.engines.hf import HFEngine
             from t2po.rollout import collect_rollouts
 
-            model, tokenizer, description = _load_policy(policy)
+            model, tokenizer, description = resolve_policy(None if policy == "default" else policy)
             engine = HFEngine(model, tokenizer)
             for start in range(0, len(seeds), batch_size):
                 result = collect_rollouts(engine, env, seeds[start : start + batch_size], group_size,
@@ -94,12 +95,6 @@ def collect(env_name: str, policy: str, episodes: int, threshold: float, out: Pa
     save_conversations(kept, out)
     stats = {"env": env_name, "policy": policy, "episodes": played, "kept": len(kept), "threshold": threshold, "out": str(out)}
     return stats
-
-
-def _load_policy(policy: str):
-    from t2po.checkpoints import resolve_policy
-
-    return resolve_policy(None if policy == "default" else policy)
 
 
 def sft(data: Path, model_path: str | None, out: Path, epochs: int, lr: float, lora: bool, batch_size: int, seed: int) -> dict:
