@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -45,7 +44,6 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--prompt-style", default="compact", choices=["compact", "reference"])
     ns = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model, tokenizer = load_model()
     engine = TimedEngine(model, tokenizer)
     env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=5, history_length=0, prompt_style=ns.prompt_style)

@@ -25,11 +25,11 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # = t2po.models.DEFAULT_MODEL (kept import-free: no torch here)
 TINY_VLM = "tiny-vlm"  # = t2po.models.TINY_VLM
@@ -220,7 +220,7 @@ class PolicySource:
     checkpoint: Path | None = None
     run_dir: Path | None = None
     base: str | None = None
-    run_config: dict | None = None  # the run's config.yaml
+    run_config: Any = None  # the run's config.yaml, typed (t2po.config.Config, from load_run_config)
 
     @property
     def kind(self) -> str:
@@ -273,9 +273,11 @@ def locate_policy(path: str | os.PathLike | None) -> PolicySource:
     run_dir = checkpoint.parent.parent
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} is not inside a t2po run folder ({run_dir}/config.yaml is missing); keep checkpoints in RUN/{CHECKPOINTS}/")
-    run_config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    from t2po.config import load_run_config
+
+    run_config = load_run_config(run_dir)
     warmup = run_dir / WARMUP_MODEL
-    base = str(warmup) if (warmup / "config.json").is_file() else (run_config.get("model") or {}).get("path")
+    base = str(warmup) if (warmup / "config.json").is_file() else run_config.model.path
     return PolicySource(None, checkpoint, run_dir, base, run_config)
 
 
@@ -314,11 +316,10 @@ def resolve_policy(path: str | os.PathLike | None, dtype: Any = None, device: An
 
         model = PeftModel.from_pretrained(model, str(source.checkpoint / "adapter")).merge_and_unload()
     elif kind == "sharded":
-        from t2po.config import config_from_dict
         from t2po.distributed import load_sharded
         from t2po.models import add_lora
 
-        model_cfg = config_from_dict(source.run_config, validate=False).model
+        model_cfg = source.run_config.model
         if model_cfg.lora:
             model = add_lora(model, model_cfg)
         with warnings.catch_warnings():  # torch's note that no process group is running: one process reads it, by design
@@ -342,18 +343,11 @@ def resolve_policy(path: str | os.PathLike | None, dtype: Any = None, device: An
 
 
 def intervention_for(path: str | os.PathLike | None, enabled: bool = True, budget: int | None = None) -> Any:
-    """The thinking-intervention settings (spec §2) for evaluating or serving `path`: a run's own TTI
-    settings when `path` is a run or checkpoint, else the defaults; `budget` overrides B."""
+    """The thinking-intervention settings (spec §2) for evaluating or serving `path`: a run's own
+    `rollout.tti` when `path` is a run or checkpoint, else `InterventionConfig()`; `enabled` says
+    whether TTI forces (on for evaluation, as in validation), `budget` overrides B."""
     from t2po.engines.base import InterventionConfig
 
-    source = locate_policy(path)
-    rollout = (source.run_config or {}).get("rollout") or {}
-    defaults = InterventionConfig()
-    return InterventionConfig(
-        enabled=enabled,
-        patience=rollout.get("tti_patience", defaults.patience),
-        eps=float(rollout.get("tti_eps", defaults.eps)),
-        budget=budget if budget is not None else rollout.get("tti_budget", defaults.budget),
-        alpha=float(rollout.get("alpha", defaults.alpha)),
-        turn_score_skip=rollout.get("turn_score_skip", defaults.turn_score_skip),
-    )
+    run_config = locate_policy(path).run_config
+    tti = run_config.resolved_rollout().tti if run_config is not None else InterventionConfig()
+    return dataclasses.replace(tti, enabled=enabled, budget=budget if budget is not None else tti.budget)

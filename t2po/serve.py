@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
-import os
 import queue
 import re
 import socket
@@ -339,8 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inject-faults", default=None, metavar="SPEC", help="testing aid: fail the first chat requests on purpose (see below)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log level")
     ns = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         faults = FaultPlan(ns.inject_faults)
     except ValueError as e:
@@ -350,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from t2po.engines.hf import HFEngine
     from t2po.checkpoints import intervention_for, resolve_policy
+    from t2po.engines import make_engine
 
     try:
         model, tokenizer, description = resolve_policy(ns.model, dtype=ns.dtype, device=ns.device)
@@ -360,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     intervention = intervention_for(ns.model, enabled=not ns.no_tti, budget=ns.tti_budget)
     name = ns.served_model_name or served_name(ns.model)
-    app = build_app(HFEngine(model, tokenizer), name, intervention, faults, ns.max_batch_size)
+    app = build_app(make_engine("hf", model, tokenizer), name, intervention, faults, ns.max_batch_size)
 
     # Bind first, so that --port 0 can report the port actually taken.
     family = socket.AF_INET6 if ":" in ns.host else socket.AF_INET

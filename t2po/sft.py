@@ -27,8 +27,8 @@ import torch
 
 from t2po.envs.base import BatchEnv
 from t2po.policies import ExpertPolicy
+from t2po.policy import forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.rollout import build_prompt, collect_rollouts
-from t2po.trainer.policy import forward_micro_batch, make_micro_batch, pack_by_length
 
 
 @dataclass

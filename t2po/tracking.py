@@ -261,20 +261,6 @@ class TrackerGroup:
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
         self._call("log_artifact", Path(path), subdir)
 
-    def log_report(self, run_dir: Path) -> Path | None:
-        """Draw this run's plots and summary table into `<run_dir>/report/` (see `t2po.report`) and
-        attach them as the artifact folder `report`. Returns the folder, or None if drawing failed:
-        the run itself is complete at this point, so a plotting error is reported, never raised."""
-        try:
-            from t2po.report import write_report
-
-            out = write_report([Path(run_dir)], Path(run_dir) / "report")
-        except Exception as e:
-            _report(f"could not write the report of {run_dir}: {e!r}")
-            return None
-        self.log_artifact(out, "report")
-        return out
-
     def close(self) -> None:
         self._call("close")
 

@@ -3,13 +3,14 @@
 `tiny_model_dir` is a real Hugging Face model directory (safetensors, byte-level BPE tokenizer whose
 `<think>`/`</think>` tags are several tokens each, SmolLM2 chat template), loaded through the same
 `t2po.models.load_model` path as any user model. `tiny_vlm_dir` is the same for a vision-language
-model: a tiny random Qwen2-VL with its processor (`t2po.models.build_tiny_vlm`)."""
+model: a tiny random Qwen2-VL with its processor (`t2po.tiny_models.build_tiny_vlm`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from t2po.models import build_tiny_model, build_tiny_vlm, load_model
+from t2po.models import load_model
+from t2po.tiny_models import build_tiny_model, build_tiny_vlm
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from t2po.algos.intervention import ThinkingIntervention, vocabulary_text
 
@@ -163,25 +162,6 @@ def test_prompt_that_only_mentions_the_tag_does_not_open_a_span():
     assert tti.observe(0, 0.0) is None
 
 
-def test_logits_processor_forces_and_records_unmodified_m():
-    tti = id_tti(budget=1, patience=None)
-    vocab = 6
-    prompt = torch.tensor([[9, START], [9, 9]])
-    scores = torch.zeros(2, vocab)
-    scores[:, 4] = 3.0
-    out = tti(prompt, scores)
-    assert torch.equal(out, scores)  # step 0: nothing forced (the span is empty)
-    out = tti(torch.cat([prompt, torch.tensor([[5], [5]])], dim=1), scores)
-    # row 0 has 1 think token -> budget: only END_A is finite; row 1 (not thinking) untouched
-    assert out[0, END_A] == 0 and torch.isinf(out[0, [i for i in range(vocab) if i != END_A]]).all()
-    assert torch.equal(out[1], scores[1])
-    expected_m = 0.6 * torch.log_softmax(scores[0], -1).max().item() + 0.4 * (
-        1 - float(-(scores[0].softmax(-1) * scores[0].log_softmax(-1)).sum()) / math.log(vocab)
-    )
-    assert tti.rows[0].uncertainty[1] == pytest.approx(expected_m, abs=1e-6)
-    assert tti.rows[0].forced == [False, True]
-
-
 def test_tiny_tokenizer_variants(tiny_model):
     _, tokenizer = tiny_model
     tti = ThinkingIntervention.from_tokenizer(tokenizer, budget=None, patience=None)
@@ -197,31 +177,3 @@ def test_tiny_tokenizer_variants(tiny_model):
     pieces = vocabulary_text(tokenizer)
     opened = states.index(True)
     assert "".join(pieces[t] for t in ids[: opened + 1]).endswith("<think>")
-
-
-def test_as_logits_processor_in_model_generate(tiny_model):
-    """In transformers' generate the processor runs before temperature/top-k, and forced rows keep
-    their forced token through the sampling warpers."""
-    from transformers import LogitsProcessorList
-
-    model, tokenizer = tiny_model
-    end_ids = tokenizer.encode("</think>", add_special_tokens=False)
-    tti = ThinkingIntervention.from_tokenizer(tokenizer, budget=3, patience=None)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "go"}], add_generation_prompt=True)["input_ids"]
-    prompt += tokenizer.encode("<think>", add_special_tokens=False)
-    torch.manual_seed(0)
-    out = model.generate(
-        torch.tensor([prompt]),
-        do_sample=True,
-        temperature=0.7,
-        top_k=5,
-        max_new_tokens=3 + len(end_ids) + 2,
-        logits_processor=LogitsProcessorList([tti]),
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    new = out[0, len(prompt) :].tolist()
-    assert new[3 : 3 + len(end_ids)] == end_ids
-    assert tti.rows[0].forced_positions == list(range(3, 3 + len(end_ids)))
-    tti.catch_up(out)  # account for the last sampled token
-    assert tti.rows[0].num_tokens == len(new) and tti.rows[0].think_length == 3 + len(end_ids)
-    assert tti.rows[0].triggers == {"budget": 1, "stagnation": 0}

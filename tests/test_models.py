@@ -10,7 +10,8 @@ import torch
 from t2po.algos.intervention import ThinkingIntervention
 from t2po.engines.base import SamplingParams
 from t2po.engines.hf import HFEngine
-from t2po.models import build_tiny_model, cache_root, load_model
+from t2po.models import cache_root, load_model
+from t2po.tiny_models import build_tiny_model
 
 
 def test_tiny_model_loads_through_the_standard_path(tiny_model, tiny_model_dir):

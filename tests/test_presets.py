@@ -31,7 +31,7 @@ def test_cpu_preset_trains_one_iteration(preset, tiny_model_dir, tmp_path):
     overrides = [
         f"model.path={tiny_model_dir}", "trainer.iterations=1", f"trainer.output_dir={tmp_path}", "trainer.run_name=run",
         "trainer.trackers=[console]", "trainer.report=false", "trainer.val_before_train=false",
-        "rollout.num_tasks=1", "rollout.group_size=2", "rollout.max_new_tokens=8", "rollout.val_num_tasks=1",
+        "rollout.num_tasks=1", "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1",
         "env.options.max_steps=2", "model.lora_rank=4",
     ]
     if base.warmup.episodes > 0:
@@ -81,7 +81,7 @@ def test_image_preset_trains_through_the_command(game, tiny_vlm_dir, tmp_path):
 
     rc = main(["train", "--quiet", f"{game}-image-cpu", f"model.path={tiny_vlm_dir}", "trainer.iterations=1", f"trainer.output_dir={tmp_path}",
                "trainer.run_name=run", "trainer.trackers=[console]", "trainer.report=false", "trainer.val_before_train=false",
-               "rollout.num_tasks=1", "rollout.group_size=2", "rollout.max_new_tokens=8", "rollout.val_num_tasks=1",
+               "rollout.num_tasks=1", "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1",
                "env.options.max_steps=2", "model.lora_rank=4", "warmup.episodes=1", "warmup.epochs=1"])
     assert rc == 0
     run = tmp_path / "run"
@@ -113,7 +113,7 @@ def test_eval_of_an_image_run_and_a_text_model_in_image_mode(tiny_vlm_dir, tiny_
 
     assert main(["train", "--quiet", "numberline-image-cpu", f"model.path={tiny_vlm_dir}", f"trainer.output_dir={tmp_path}", "trainer.run_name=run",
                  "trainer.trackers=[console]", "trainer.report=false", "trainer.val_before_train=false", "warmup.episodes=0",
-                 "rollout.num_tasks=1", "rollout.max_new_tokens=8", "rollout.val_num_tasks=1", "env.options.max_steps=2"]) == 0
+                 "rollout.num_tasks=1", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1", "env.options.max_steps=2"]) == 0
     # the run's LoRA checkpoint on its VLM base, with the run's own image options
     assert evaluate(["numberline", str(tmp_path / "run"), "--episodes", "1", "--max-new-tokens", "8", "--out", str(tmp_path / "eval"), "--quiet"]) == 0
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["setup"]["env_options"]["observation_mode"] == "image"

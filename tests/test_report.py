@@ -30,8 +30,8 @@ def two_seeds(tiny_model_dir, tmp_path_factory) -> list[Path]:
         cfg = load_config("default", [
             f"model.path={tiny_model_dir}", f"trainer.output_dir={out}", f"trainer.run_name=seed{seed}", f"trainer.seed={seed}",
             "trainer.trackers=[console]", "trainer.iterations=2", "trainer.val_before_train=true", "trainer.trace_episodes=0",
-            "warmup.episodes=0", "rollout.num_tasks=2", "rollout.group_size=2", "rollout.max_new_tokens=12", "rollout.val_num_tasks=1",
-            "rollout.turn_score_skip=0", "env.options.max_steps=2", "optim.mini_batch_size=4", "model.lora_rank=4"])
+            "warmup.episodes=0", "rollout.num_tasks=2", "rollout.group_size=2", "rollout.sampling.max_new_tokens=12", "rollout.val_num_tasks=1",
+            "rollout.tti.turn_score_skip=0", "env.options.max_steps=2", "optim.mini_batch_size=4", "model.lora_rank=4"])
         trainer = Trainer(cfg, quiet=True)
         try:
             trainer.setup()

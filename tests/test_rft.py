@@ -13,7 +13,7 @@ import torch
 from t2po.envs import make_env
 from t2po.rft import collect
 from t2po.sft import Conversation, load_conversations, play_expert_episodes, save_conversations, sft_train, tokenize_conversations
-from t2po.trainer.policy import make_micro_batch
+from t2po.policy import make_micro_batch
 
 REPO = Path(__file__).resolve().parents[1]
 SOKOBAN = {"dim_room": [5, 5], "num_boxes": 1, "num_gen_steps": 3, "max_steps": 6, "history_length": 1}
@@ -77,7 +77,7 @@ def test_collect_sft_train_pipeline(tiny_model_dir, tmp_path):
     assert (model_dir / "model.safetensors").exists() and (model_dir / "sft.json").exists()
     t2po("train", "--quiet", f"model.path={model_dir}", "trainer.iterations=1", f"trainer.output_dir={tmp_path}", "trainer.run_name=r",
          "trainer.trackers=[console]", "trainer.report=false", "trainer.val_before_train=false", "warmup.episodes=0",
-         "rollout.num_tasks=1", "rollout.group_size=2", "rollout.max_new_tokens=8", "rollout.val_num_tasks=1", "env.options.max_steps=2")
+         "rollout.num_tasks=1", "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1", "env.options.max_steps=2")
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["checkpoint"]
 
 

@@ -26,7 +26,7 @@ from t2po.tracking import (
     mlflow_ui_command,
     trace_sample,
 )
-from t2po.trainer.trainer import load_run_config
+from t2po.config import load_run_config
 
 HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 HAVE_WANDB = importlib.util.find_spec("wandb") is not None
@@ -36,8 +36,8 @@ def tiny_run_overrides(model_dir: Path, out: Path, trackers: str) -> list[str]:
     """A seconds-long training run of the tiny model on 2-step Sokoban."""
     return [f"model.path={model_dir}", f"trainer.output_dir={out}", "trainer.run_name=run", f"trainer.trackers={trackers}",
             "trainer.iterations=2", "trainer.val_before_train=false", "trainer.trace_episodes=2", "warmup.episodes=0",
-            "rollout.num_tasks=2", "rollout.group_size=2", "rollout.max_new_tokens=12", "rollout.val_num_tasks=1",
-            "rollout.turn_score_skip=0", "env.options.max_steps=2", "optim.mini_batch_size=4", "model.lora_rank=4"]
+            "rollout.num_tasks=2", "rollout.group_size=2", "rollout.sampling.max_new_tokens=12", "rollout.val_num_tasks=1",
+            "rollout.tti.turn_score_skip=0", "env.options.max_steps=2", "optim.mini_batch_size=4", "model.lora_rank=4"]
 
 
 def the_run(run_dir: Path):

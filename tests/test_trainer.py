@@ -37,9 +37,9 @@ def tiny_overrides(model_dir: Path, out: Path, algo: str = "t2po", iterations: i
         "warmup.episodes=0",
         "rollout.num_tasks=2",
         "rollout.group_size=2",
-        "rollout.max_new_tokens=12",
+        "rollout.sampling.max_new_tokens=12",
         "rollout.val_num_tasks=1",
-        "rollout.turn_score_skip=0",
+        "rollout.tti.turn_score_skip=0",
         "env.options.max_steps=2",
         "optim.lr=1e-2",
         "optim.mini_batch_size=4",
@@ -120,7 +120,7 @@ def _state_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 def test_resume_matches_straight_run(tiny_model_dir, tmp_path):
     straight = run_trainer(tiny_overrides(tiny_model_dir, tmp_path / "a", iterations=3))
     partial = run_trainer(tiny_overrides(tiny_model_dir, tmp_path / "b", iterations=2))
-    from t2po.trainer.trainer import load_run_config
+    from t2po.config import load_run_config
 
     cfg = load_run_config(partial.run_dir, ["trainer.iterations=3"])
     resumed = Trainer(cfg, run_dir=partial.run_dir, resume=True, quiet=True)

@@ -43,9 +43,9 @@ def overrides(model_dir: Path, out: Path, iterations: int, *extra: str) -> list[
         "warmup.episodes=0",
         "rollout.num_tasks=2",
         "rollout.group_size=2",
-        "rollout.max_new_tokens=12",
+        "rollout.sampling.max_new_tokens=12",
         "rollout.val_num_tasks=2",
-        "rollout.turn_score_skip=0",
+        "rollout.tti.turn_score_skip=0",
         "env.options.max_steps=2",
         "optim.lr=1e-2",
         "optim.mini_batch_size=4",
@@ -69,7 +69,7 @@ def adapter(ckpt: Path) -> dict[str, torch.Tensor]:
 def test_two_ranks_train_as_one_process_and_resume_on_one(tiny_model_dir, tmp_path):
     # greedy; 3 tasks: rank 0 plays 2, rank 1 plays 1 (statistics must weigh them); small micro-batches:
     # the ranks run different numbers of them (the short rank pads with weight-0 passes)
-    greedy = ["rollout.temperature=0", "rollout.num_tasks=3", "optim.micro_batch_tokens=600"]
+    greedy = ["rollout.sampling.temperature=0", "rollout.num_tasks=3", "optim.micro_batch_tokens=600"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "-m", "t2po.cli", "train", "--quiet", *overrides(tiny_model_dir, tmp_path / "two", 2, *greedy)]
     out = subprocess.run(launch, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)

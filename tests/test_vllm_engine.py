@@ -21,7 +21,8 @@ from t2po.engines.base import InterventionConfig, SamplingParams  # noqa: E402
 from t2po.engines.hf import HFEngine  # noqa: E402
 from t2po.engines.vllm_engine import _TRACES, TTILogitsProcessorV2, VLLMEngine, _merged_weights, vllm_request  # noqa: E402
 from t2po.envs import make_env  # noqa: E402
-from t2po.models import build_tiny_model, load_model  # noqa: E402
+from t2po.models import load_model  # noqa: E402
+from t2po.tiny_models import build_tiny_model  # noqa: E402
 from t2po.rollout import TDSConfig, collect_rollouts  # noqa: E402
 
 
@@ -212,9 +213,9 @@ def test_trainer_rolls_out_with_vllm_and_syncs_the_update(model_dir, tmp_path):
     cfg = load_config("default", [
         f"model.path={model_dir}", f"trainer.output_dir={tmp_path}", "trainer.run_name=run", "trainer.iterations=1",
         "trainer.trackers=[console]", "trainer.val_before_train=false", "trainer.report=false", "warmup.episodes=0",
-        "rollout.engine=vllm", "rollout.vllm_kv_cache_gib=0.0625", "rollout.vllm_enforce_eager=true", "rollout.vllm_max_model_len=1024",
-        "optim.recompute_logprobs=true", "optim.lr=1e-2", "rollout.num_tasks=2", "rollout.group_size=2", "rollout.max_new_tokens=12",
-        "rollout.val_num_tasks=1", "rollout.turn_score_skip=0", "env.options.max_steps=2", "model.lora_rank=4",
+        "rollout.engine=vllm", "rollout.vllm.kv_cache_gib=0.0625", "rollout.vllm.enforce_eager=true", "rollout.vllm.max_model_len=1024",
+        "optim.recompute_logprobs=true", "optim.lr=1e-2", "rollout.num_tasks=2", "rollout.group_size=2", "rollout.sampling.max_new_tokens=12",
+        "rollout.val_num_tasks=1", "rollout.tti.turn_score_skip=0", "env.options.max_steps=2", "model.lora_rank=4",
     ])
     trainer = Trainer(cfg, quiet=True)
     try:
@@ -248,16 +249,16 @@ def test_two_ranks_roll_out_with_vllm_as_with_the_transformers_engine(model_dir,
         args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "t2po.cli", "train", "--quiet",
                 f"model.path={model_dir}", f"trainer.output_dir={tmp_path}", f"trainer.run_name={name}", "trainer.iterations=2",
                 "trainer.trackers=[console]", "trainer.val_before_train=false", "trainer.report=false", "trainer.trace_episodes=8",
-                "warmup.episodes=0", "rollout.temperature=0", "optim.recompute_logprobs=true", "optim.lr=1e-2", "rollout.num_tasks=2",
-                "rollout.group_size=2", "rollout.max_new_tokens=12", "rollout.val_num_tasks=2", "env.options.max_steps=2", "model.lora_rank=4", *extra]
+                "warmup.episodes=0", "rollout.sampling.temperature=0", "optim.recompute_logprobs=true", "optim.lr=1e-2", "rollout.num_tasks=2",
+                "rollout.group_size=2", "rollout.sampling.max_new_tokens=12", "rollout.val_num_tasks=2", "env.options.max_steps=2", "model.lora_rank=4", *extra]
         out = subprocess.run(args, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         return tmp_path / name
 
     hf_run = launch("hf")
-    vllm_run = launch("vllm", "rollout.engine=vllm", "rollout.vllm_kv_cache_gib=0.0625", "rollout.vllm_enforce_eager=true",
-                      "rollout.vllm_max_model_len=1024")
+    vllm_run = launch("vllm", "rollout.engine=vllm", "rollout.vllm.kv_cache_gib=0.0625", "rollout.vllm.enforce_eager=true",
+                      "rollout.vllm.max_model_len=1024")
     for it in (1, 2):
         name = f"iter_{it:06d}.jsonl"
         ids = [[[s["response_ids"] for s in json.loads(line)["steps"]] for line in (run / "traces" / name).read_text().splitlines()]

@@ -15,7 +15,7 @@ from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
 from t2po.models import load_model, lora_targets
 from t2po.rollout import build_prompt, collect_rollouts
-from t2po.trainer.policy import forward_micro_batch, make_micro_batch
+from t2po.policy import forward_micro_batch, make_micro_batch
 from t2po.vlm import build_image_prompt, collate_pixel_inputs, placeholder_token_ids
 
 SOKOBAN_IMAGE = dict(dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=2, observation_mode="image")
@@ -165,7 +165,7 @@ def test_training_iteration_on_images_changes_the_weights(tiny_vlm_dir, tmp_path
 
     cfg = load_config("sokoban-image-cpu", [
         f"model.path={tiny_vlm_dir}", f"trainer.output_dir={tmp_path}", "trainer.run_name=run", "trainer.trackers=[console]",
-        "rollout.num_tasks=2", "rollout.group_size=2", "rollout.max_new_tokens=8", "env.options.max_steps=2",
+        "rollout.num_tasks=2", "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "env.options.max_steps=2",
         "warmup.episodes=0", "optim.recompute_logprobs=true", "optim.lr=1e-2", "model.lora_rank=4",
     ])
     trainer = Trainer(cfg, quiet=True).setup()

@@ -6,15 +6,18 @@ or strings; the samples of one trajectory appear in step order.
 """
 
 from t2po.algos.advantages import (
+    GIGPO_MODES,
     discounted_returns,
     gae_advantages,
     gigpo_advantages,
     grpo_advantages,
     rloo_advantages,
+    turn_level_gae,
 )
-from t2po.algos.intervention import ThinkingIntervention
-from t2po.algos.losses import kl_penalty, ppo_policy_loss
-from t2po.algos.sampling import tds_resample_mask
+from t2po.algos.estimators import ALGORITHMS, Advantages, Algorithm, StepBatch, register_algorithm
+from t2po.algos.intervention import InterventionConfig, ThinkingIntervention
+from t2po.algos.losses import KL_KINDS, LOSS_AGG_MODES, kl_penalty, ppo_policy_loss
+from t2po.algos.sampling import TDSConfig, tds_resample_mask
 from t2po.algos.uncertainty import entropy_from_logits, turn_score, uncertainty_signal
 
 __all__ = [
@@ -22,12 +25,23 @@ __all__ = [
     "entropy_from_logits",
     "turn_score",
     "ThinkingIntervention",
+    "InterventionConfig",
     "tds_resample_mask",
+    "TDSConfig",
     "discounted_returns",
     "grpo_advantages",
     "gigpo_advantages",
     "rloo_advantages",
     "gae_advantages",
+    "turn_level_gae",
+    "ALGORITHMS",
+    "Algorithm",
+    "Advantages",
+    "StepBatch",
+    "register_algorithm",
+    "LOSS_AGG_MODES",
+    "KL_KINDS",
+    "GIGPO_MODES",
     "ppo_policy_loss",
     "kl_penalty",
 ]

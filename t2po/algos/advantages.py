@@ -344,3 +344,28 @@ def gae_advantages(
         if whiten:
             advantages = _masked_whiten(advantages, valid) * valid
     return advantages, returns
+
+
+def turn_level_gae(rewards: Any, values: Any, traj_ids: Any, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """Turn-level GAE for the PPO baseline (spec §4, baselines): each trajectory's environment steps
+    are one row of `gae_advantages` (one (reward, value) pair per step, whitened over the batch).
+    Per-sample inputs in step order within a trajectory; returns per-sample (advantages, returns)."""
+    rewards = _as_float_array(rewards, "rewards")
+    values = _as_float_array(values, "values")
+    traj = _as_ids(traj_ids, "traj_ids")
+    _check_same_length(rewards=rewards, values=values, traj_ids=traj)
+    order = _indices_by_key(traj)
+    T = max(len(v) for v in order.values())
+    R = torch.zeros(len(order), T)
+    V = torch.zeros(len(order), T)
+    M = torch.zeros(len(order), T)
+    for row, ks in enumerate(order.values()):
+        for t, k in enumerate(ks):
+            R[row, t], V[row, t], M[row, t] = rewards[k], float(values[k]), 1.0
+    A, RET = gae_advantages(R, V, M, gamma, lam, whiten=True)
+    adv = np.zeros(len(traj))
+    returns = np.zeros(len(traj))
+    for row, ks in enumerate(order.values()):
+        for t, k in enumerate(ks):
+            adv[k], returns[k] = float(A[row, t]), float(RET[row, t])
+    return adv, returns

@@ -22,13 +22,9 @@ after a space, and `</think><action>` ends in a merged `><` token, so no fixed i
 the tags, whereas the decoded text always contains them. `think_end_ids` (one tokenization) is what
 gets forced. Without `token_text`, tags are matched on the exact id sequences given.
 
-Use it (a) from an engine's own decoding loop: `start(prompts)`, then per step and row
-`observe(row, m_t)` (returns the token to force, or None) and `advance(row, token_id)`; or (b) as a
-Hugging Face logits processor, `model.generate(..., logits_processor=[intervention])`, one generate
-call per `reset()`. In transformers 5.19 custom processors run after the default non-sampling ones
-(repetition penalty, bad words, min length, ...) and before temperature/top-k/top-p, so M_t there is
-spec-exact when no such default processor is configured, and a forced row keeps its single finite
-logit through the sampling warpers.
+Engines use it from their own decoding loop: `start(prompts)`, then per step and row
+`observe(row, m_t)` (returns the token to force, or None) and `advance(row, token_id)`
+(`t2po.engines.hf`; the vLLM engine runs one single-row instance per request in its sampler).
 """
 
 from __future__ import annotations
@@ -36,11 +32,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
 
-from t2po.algos.uncertainty import CONFIDENCE_FORMS, uncertainty_signal
+from t2po.algos.uncertainty import CONFIDENCE_FORMS
 
 TRIGGER_KINDS = ("budget", "stagnation")
+
+
+def _setting(default, help: str):
+    # the help text is read by `t2po train --help-config` (the config tree holds this class as rollout.tti)
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class InterventionConfig:
+    """Token-level thinking intervention (TTI, spec §2) and turn-score settings (spec §3), as the
+    engines take them and as the config holds them (`rollout.tti.*`)."""
+
+    enabled: bool | None = _setting(True, "Force the end of thinking (TTI). False: nothing is forced, but M_t and turn scores are still computed. In the config, null = on for t2po, off for the baselines (the algorithm's default).")
+    think_start: str = _setting("<think>", "Tag that opens a think span.")
+    think_end: str = _setting("</think>", "Tag that closes a think span; its tokens are what TTI forces.")
+    patience: int | None = _setting(20, "Stagnation patience K: consecutive near-constant M_t steps before the end tag is forced (null = no stagnation rule).")
+    eps: float = _setting(1e-4, "Stagnation threshold eps on |M_t - M_{t-1}|.")
+    budget: int | None = _setting(None, "Think-token budget B (paper: 450); null = no budget.")
+    alpha: float = _setting(0.6, "M_t mixing weight alpha (spec §1).")
+    confidence: str = _setting("logprob", "conf_t in M_t: logprob (default) or prob.")
+    turn_score_skip: int = _setting(32, "The turn score skips this many leading response tokens (spec §3, reference: 32).")
 
 
 @dataclass
@@ -114,7 +130,6 @@ class ThinkingIntervention:
         self._end_prefixes = [self._text(self.think_end_ids[:k]) for k in range(len(self.think_end_ids))]
         self._tail_keep = max(len(self._start_tag), len(self._end_tag)) - 1
         self.rows: list[ThinkRow] = []
-        self._prompt_length: int | None = None  # set by the first logits-processor call
 
     @classmethod
     def from_tokenizer(
@@ -141,12 +156,6 @@ class ThinkingIntervention:
         """Begin a batch with one row per prompt (token ids). Only the end of each prompt matters:
         a prompt ending with the start tag (trailing whitespace aside) opens its row's span."""
         self.rows = [self._new_row(prompt) for prompt in prompts]
-        self._prompt_length = None
-
-    def reset(self) -> None:
-        """Forget the batch; the next logits-processor call starts a new one."""
-        self.rows = []
-        self._prompt_length = None
 
     def observe(self, row: int, m_t: float) -> int | None:
         """Record M_t of `row`'s current logits and return the token this step must emit (the
@@ -201,37 +210,6 @@ class ThinkingIntervention:
         elif start_end > end_end and not state.in_think:
             state.in_think = True
         state.tail = window[len(window) - self._tail_keep :] if self._tail_keep else window[:0]
-
-    # -- Hugging Face logits processor -----------------------------------------------------------
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        """`LogitsProcessor` protocol: `input_ids` [B, L] (prompt + generated so far), `scores` [B, V]."""
-        if self._prompt_length is None:
-            self.start(input_ids.tolist())
-            self._prompt_length = input_ids.shape[1]
-        else:
-            self.catch_up(input_ids)
-        return self.apply(scores)
-
-    def catch_up(self, input_ids: torch.LongTensor) -> None:
-        """Advance every row over the tokens of `input_ids` it has not seen yet (logits-processor
-        path; call once with generate's output sequences to account for the last token)."""
-        for row, state in enumerate(self.rows):
-            for token_id in input_ids[row, self._prompt_length + state.num_tokens :].tolist():
-                self.advance(row, token_id)
-
-    def apply(self, scores: torch.Tensor) -> torch.Tensor:
-        """Observe every row's M_t from `scores` [B, V] and return scores where each forced row has
-        -inf everywhere but its forced token."""
-        m = uncertainty_signal(scores, self.alpha, self.confidence).tolist()
-        forced = [(row, token) for row in range(len(m)) if (token := self.observe(row, m[row])) is not None]
-        if not forced:
-            return scores
-        rows, tokens = zip(*forced)
-        scores = scores.clone()
-        scores[list(rows)] = float("-inf")
-        scores[list(rows), list(tokens)] = 0.0
-        return scores
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+
+@dataclass
+class TDSConfig:
+    """Turn-level dynamic sampling (spec §3) as the rollout loop takes it and the config holds it
+    (`rollout.tds.*`); training only."""
+
+    eta: float = field(default=0.3, metadata={"help": "TDS threshold eta: a turn is regenerated when 0 < |delta| < eta."})
+    max_try: int = field(default=2, metadata={"help": "TDS regenerations per turn at most."})
+    enabled: bool | None = field(default=True, metadata={"help": "Turn-level dynamic sampling on or off. In the config, null = on for t2po, off for the baselines (the algorithm's default); always off with algo.dynamic_sampling."})
 
 
 def _as_scores(scores: Any, name: str) -> np.ndarray:

@@ -13,32 +13,22 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from t2po.algos.intervention import ThinkingIntervention
+from t2po.algos.intervention import InterventionConfig, ThinkingIntervention
+
+__all__ = ["Engine", "Generation", "InterventionConfig", "SamplingParams", "check_request", "make_intervention"]
 
 
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    max_new_tokens: int = 256
+    """Sampling settings of one generate call, and the config's `rollout.sampling` /
+    `rollout.val_sampling` (fields without help text, `stop` and `seed`, are per call, not config)."""
+
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling top-p."})
+    top_k: int = field(default=0, metadata={"help": "Top-k (0 = off)."})
+    max_new_tokens: int | None = field(default=256, metadata={"help": "Response token budget per turn (in rollout.val_sampling: null = the training budget)."})
     stop: list[str] = field(default_factory=list)  # stop strings; the stop string is kept in the response
     seed: int | None = None  # seeds the sampler for this call (same seed + same inputs = same output)
-
-
-@dataclass
-class InterventionConfig:
-    """Token-level thinking intervention (TTI, spec §2) and turn-score settings (spec §3)."""
-
-    enabled: bool = True  # False: no forcing, but M_t and turn scores are still computed
-    think_start: str = "<think>"
-    think_end: str = "</think>"
-    patience: int = 20  # K: consecutive near-constant M_t steps before forcing the end tag
-    eps: float = 1e-4  # |M_t - M_{t-1}| <= eps counts as stagnant
-    budget: int | None = None  # B: max think tokens (None = no budget)
-    alpha: float = 0.6  # M_t mixing weight
-    confidence: str = "logprob"  # "logprob" (default) or "prob" for conf_t
-    turn_score_skip: int = 32  # turn score skips the first tokens of the response (reference: 32)
 
 
 @dataclass
@@ -75,7 +65,7 @@ def check_request(prompts: list[list[int]], sampling: SamplingParams) -> None:
         raise ValueError(f"top_p must lie in (0, 1], got {sampling.top_p}")
     if sampling.top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {sampling.top_k}")
-    if sampling.max_new_tokens < 1:
+    if sampling.max_new_tokens is None or sampling.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
     if any(not s for s in sampling.stop):
         raise ValueError("stop strings must be non-empty")
@@ -99,7 +89,12 @@ def make_intervention(config: InterventionConfig, tokenizer, token_text: Sequenc
 
 
 class Engine(abc.ABC):
-    """A batched generator. `tokenizer` is a Hugging Face tokenizer with a chat template."""
+    """A batched generator. `tokenizer` is a Hugging Face tokenizer with a chat template.
+
+    Engines are built by name with `t2po.engines.make_engine`; what the trainer must know about one
+    is stated in its registry entry (`t2po.engines.ENGINES`): whether it samples from the trainer's
+    own policy module (`shares_policy_weights`) or loads its own copy from a model folder and gets the
+    weights through `sync_weights` after every update."""
 
     tokenizer: object
 
@@ -109,8 +104,11 @@ class Engine(abc.ABC):
         prompts: list[list[int]],
         sampling: SamplingParams,
         intervention: InterventionConfig | None = None,
+        pixel_inputs: list[dict | None] | None = None,
     ) -> list[Generation]:
-        """One `Generation` per prompt row, in order."""
+        """One `Generation` per prompt row, in order. `pixel_inputs`: per prompt, the pixel inputs of
+        its image as the vision-language model's processor made them (`t2po.vlm`), or None; an
+        engine that cannot read images raises ValueError when one is given."""
 
     def sync_weights(self, model: object) -> None:
         """Make the engine sample from `model`'s current weights (no-op when it shares the module)."""

@@ -312,9 +312,12 @@ class VLLMEngine(Engine):
         prompts: list[list[int]],
         sampling: SamplingParams,
         intervention: InterventionConfig | None = None,
+        pixel_inputs: list[dict | None] | None = None,
     ) -> list[Generation]:
         """One `Generation` per prompt row, as `HFEngine.generate`: `intervention=None` forces nothing
-        but still records M_t, turn scores and think lengths."""
+        but still records M_t, turn scores and think lengths. Text prompts only."""
+        if pixel_inputs is not None and any(p is not None for p in pixel_inputs):
+            raise ValueError("the vllm engine reads text prompts only; images go through the transformers engine (rollout.engine=hf)")
         check_request(prompts, sampling)
         config = intervention if intervention is not None else InterventionConfig(enabled=False)
         if not prompts:

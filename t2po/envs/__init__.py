@@ -10,12 +10,15 @@ one environment never slow down another).
 
 from __future__ import annotations
 
-import difflib
 import importlib
+import inspect
 from typing import Any, Callable
+
+import yaml
 
 from t2po.envs.base import BatchEnv, EnvState
 from t2po.envs.parsing import ParsedAction, parse_think_action
+from t2po.suggest import closest
 
 _REGISTRY: dict[str, type[BatchEnv]] = {}
 
@@ -41,17 +44,13 @@ def register_env(name: str) -> Callable[[type[BatchEnv]], type[BatchEnv]]:
     return deco
 
 
-def _suggest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
-
-
 def get_env_class(name: str) -> type[BatchEnv]:
     if name not in _REGISTRY and name in _BUILTIN:
         importlib.import_module(_BUILTIN[name])
     if name not in _REGISTRY:
         known = sorted(set(_REGISTRY) | set(_BUILTIN))
-        raise ValueError(f"Unknown environment {name!r}.{_suggest(name, known)} Known: {', '.join(known)}.")
+        near = closest(name, known)
+        raise ValueError(f"Unknown environment {name!r}.{f' Did you mean {near!r}?' if near else ''} Known: {', '.join(known)}.")
     return _REGISTRY[name]
 
 
@@ -65,4 +64,39 @@ def list_envs() -> list[str]:
     return sorted(set(_REGISTRY) | set(_BUILTIN))
 
 
-__all__ = ["BatchEnv", "EnvState", "ParsedAction", "make_env", "register_env", "get_env_class", "list_envs", "parse_think_action"]
+def parse_env_options(items: list[str], flag: str = "--env-option") -> dict[str, Any]:
+    """`key=value` pairs from the command line, values read as YAML (`dim_room=[6,6]`, `split=valid`)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"{flag} {item!r}: write key=value, e.g. {flag} dim_room=[6,6]")
+        try:
+            options[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            options[key] = raw
+    return options
+
+
+def env_option_errors(name: str, options: dict, where: str = "env.options.") -> list[str]:
+    """One line per option that environment `name`'s constructor does not take (with the nearest
+    valid one), or an unknown environment; [] when all are valid."""
+    try:
+        cls = get_env_class(name)
+    except ValueError as e:
+        return [f"env.name: {e}"]
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return []
+    valid = [n for n in params if n != "self"]
+    errors = []
+    for key in options:
+        if key not in valid:
+            near = closest(key, valid)
+            errors.append(f"{where}{key}: {name} has no option {key!r}{f' (did you mean {near!r}?)' if near else ''}; options: {', '.join(valid)}")
+    return errors
+
+
+__all__ = ["BatchEnv", "EnvState", "ParsedAction", "make_env", "register_env", "get_env_class", "list_envs", "parse_think_action",
+           "parse_env_options", "env_option_errors"]

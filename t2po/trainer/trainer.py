@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -30,29 +31,19 @@ import numpy as np
 import torch
 import yaml
 
-from t2po.algos import (
-    discounted_returns,
-    gae_advantages,
-    gigpo_advantages,
-    grpo_advantages,
-    kl_penalty,
-    ppo_policy_loss,
-    rloo_advantages,
-)
+from t2po.algos import StepBatch, kl_penalty, ppo_policy_loss
 from t2po.algos.losses import value_loss
 from t2po.checkpoints import CHECKPOINTS, WARMUP_MODEL, atomic_dir, atomic_write_text, is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint
-from t2po.config import Config, config_from_dict
+from t2po.config import Config
 from t2po.distributed import (
     barrier, clip_grad_norm, from_rank0, gather_objects, gathered, init_distributed, mean_over_ranks, padded,
     plan_mini_batches, shard_model, shard_tasks, sum_over_ranks,
 )
-from t2po.engines.base import InterventionConfig, SamplingParams
+from t2po.engines import engine_class, engine_spec, make_engine
 from t2po.envs import make_env
-from t2po.rollout import COUNTERS, RolloutResult, StepSample, TDSConfig, collect_rollouts, rollout_stats
+from t2po.policy import forward_micro_batch, make_micro_batch, pack_by_length
+from t2po.rollout import COUNTERS, RolloutResult, StepSample, collect_rollouts, rollout_stats
 from t2po.tracking import validation_step
-from t2po.trainer.policy import forward_micro_batch, make_micro_batch, pack_by_length
-
-VALIDATION_SEED_OFFSET = 0  # the validation split applies the spec's +1000 offset itself
 
 
 class Trainer:
@@ -76,12 +67,12 @@ class Trainer:
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         torch.manual_seed(cfg.trainer.seed)
-        if cfg.rollout.engine == "vllm":
-            import t2po.engines.vllm_engine  # noqa: F401  (without vLLM: fails here, naming the package, before any file is written)
+        self.engine_spec = engine_spec(cfg.rollout.engine)
+        engine_class(cfg.rollout.engine)  # imported now: a missing package (vLLM) is named before any file is written
         self.dist = init_distributed(device=cfg.trainer.device)  # one process unless launched by torchrun / accelerate launch
         self.device = self.dist.device
         if self.dist.distributed:
-            if cfg.algo.name == "ppo" or cfg.warmup.episodes > 0:
+            if cfg.algorithm.critic or cfg.warmup.episodes > 0:
                 raise ValueError("multi-process training supports t2po, gigpo, grpo and rloo without warm-up; run ppo or the warm-up (t2po sft) in one process")
             self.run_dir = Path(from_rank0(str(self.run_dir)))
             self.quiet = self.quiet or not self.dist.is_main
@@ -98,8 +89,8 @@ class Trainer:
             base_path = str(self.run_dir / WARMUP_MODEL)
         self.model, self.tokenizer = load_model(base_path, dtype=getattr(torch, cfg.model.dtype))
         self.base_model_path = base_path
-        if cfg.rollout.engine == "vllm":
-            self.vllm_model_dir = self._vllm_model_dir(base_path)
+        if not self.engine_spec.shares_policy_weights:
+            self.engine_model_dir = self._engine_model_dir(base_path)
         self.train_env = self._make_env(cfg.env.options)
         val_opts = {"split": "valid", **cfg.env.options, **cfg.env.val_options}
         if "split" in cfg.env.options and "split" not in cfg.env.val_options:
@@ -125,30 +116,27 @@ class Trainer:
         return self
 
     def _make_engine(self):
-        """The rollout engine: transformers (shares the policy module) or vLLM (its own copy of the
-        weights, loaded from the policy now and after every update)."""
+        """The rollout engine (`rollout.engine`): one that shares the policy module (transformers), or
+        one with its own copy of the weights (vLLM, `rollout.vllm`), loaded from the policy now and
+        after every update."""
         cfg = self.cfg
-        if cfg.rollout.engine == "hf":
-            from t2po.engines.hf import HFEngine
-
-            return HFEngine(self.model, self.tokenizer)
-        from t2po.engines.vllm_engine import VLLMEngine  # its ImportError names the package to install
-
+        if self.engine_spec.shares_policy_weights:
+            return make_engine(cfg.rollout.engine, self.model, self.tokenizer)
         r = cfg.rollout
-        engine = VLLMEngine(self.vllm_model_dir, tokenizer=self.tokenizer, dtype=cfg.model.dtype,
-                            max_model_len=r.vllm_max_model_len or r.max_prompt_tokens + r.max_new_tokens,
-                            gpu_memory_utilization=r.vllm_gpu_memory_utilization, enforce_eager=r.vllm_enforce_eager,
-                            seed=cfg.trainer.seed + self.dist.rank,
-                            **({"kv_cache_memory_bytes": int(r.vllm_kv_cache_gib * 1024**3)} if r.vllm_kv_cache_gib else {}),
-                            # under torchrun: vLLM joins the ranks' process group, one replica per rank on its own GPU
-                            **({"distributed_executor_backend": "external_launcher"} if self.dist.distributed else {}))
+        engine = make_engine(cfg.rollout.engine, self.engine_model_dir, self.tokenizer, dtype=cfg.model.dtype,
+                             max_model_len=r.vllm.max_model_len or r.max_prompt_tokens + r.sampling.max_new_tokens,
+                             gpu_memory_utilization=r.vllm.gpu_memory_utilization, enforce_eager=r.vllm.enforce_eager,
+                             seed=cfg.trainer.seed + self.dist.rank,
+                             **({"kv_cache_memory_bytes": int(r.vllm.kv_cache_gib * 1024**3)} if r.vllm.kv_cache_gib else {}),
+                             # under torchrun: vLLM joins the ranks' process group, one replica per rank on its own GPU
+                             **({"distributed_executor_backend": "external_launcher"} if self.dist.distributed else {}))
         self._sync_engine(engine)
         return engine
 
-    def _vllm_model_dir(self, base_path: str | None) -> Path:
-        """A Hugging Face model folder for vLLM to build the model from (its weights are replaced by
-        the policy's at once): the base model's own folder, or one exported into the run folder when the
-        base is the embedded GGUF model or a t2po run/checkpoint."""
+    def _engine_model_dir(self, base_path: str | None) -> Path:
+        """A Hugging Face model folder for an engine with its own copy of the weights to build the
+        model from (its weights are replaced by the policy's at once): the base model's own folder, or
+        one exported into the run folder when the base is the embedded GGUF model or a t2po run/checkpoint."""
         if base_path is not None and (Path(base_path) / "config.json").is_file() and any(Path(base_path).glob("*.safetensors")):
             return Path(base_path)
         out = self.run_dir / "vllm_model"
@@ -162,16 +150,16 @@ class Trainer:
     def _sync_engine(self, engine=None) -> None:
         """Let the rollout engine sample from the policy's current weights."""
         engine = engine or self.engine
-        if self.cfg.rollout.engine == "hf":  # the transformers engine shares the module
+        if self.engine_spec.shares_policy_weights:
             engine.sync_weights(self.model)
             return
         with gathered(self.model), torch.no_grad():  # full weights on every rank; LoRA merged in the copy sent
             engine.sync_weights(self.model)
 
     def _rollout_weights(self):
-        """The context generation runs in: the transformers engine needs the full parameters of a
-        sharded policy (`gathered`); vLLM has its own copy."""
-        return gathered(self.model) if self.cfg.rollout.engine == "hf" else contextlib.nullcontext()
+        """The context generation runs in: an engine sharing the policy module needs the full
+        parameters of a sharded policy (`gathered`); one with its own copy does not."""
+        return gathered(self.model) if self.engine_spec.shares_policy_weights else contextlib.nullcontext()
 
     def _make_env(self, options: dict):
         if self.cfg.env.ray_workers:
@@ -203,7 +191,7 @@ class Trainer:
             self.ref_model, _ = load_model(self.base_model_path, dtype=getattr(torch, cfg.model.dtype))
             self.ref_model.to(self.device).eval().requires_grad_(False)
         self.value_head = None
-        if cfg.algo.name == "ppo":
+        if cfg.algorithm.critic:
             hidden = self.model.config.get_text_config().hidden_size  # a VLM's language model
             self.value_head = torch.nn.Linear(hidden, 1, device=self.device)
             torch.nn.init.zeros_(self.value_head.weight)
@@ -228,16 +216,6 @@ class Trainer:
         if not self.quiet:
             print(msg, flush=True)
 
-    def _sampling(self, validation: bool) -> SamplingParams:
-        r = self.cfg.rollout
-        if validation:
-            return SamplingParams(temperature=r.val_temperature, top_p=r.val_top_p, top_k=r.val_top_k, max_new_tokens=r.max_new_tokens)
-        return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens)
-
-    def _intervention(self) -> InterventionConfig:
-        r = self.cfg.rollout
-        return InterventionConfig(enabled=self.cfg.use_tti, patience=r.tti_patience, eps=r.tti_eps, budget=r.tti_budget, alpha=r.alpha, turn_score_skip=r.turn_score_skip)
-
     def _global_stats(self, result: RolloutResult) -> dict[str, float]:
         """Rollout statistics over every rank's episodes: the numbers one process playing all the
         tasks would report (rates over all episodes/steps, counts summed)."""
@@ -261,11 +239,11 @@ class Trainer:
         """Held-out tasks (validation split), TTI on, TDS off, validation sampling (spec §6)."""
         cfg = self.cfg
         self.model.eval()
-        seeds = [VALIDATION_SEED_OFFSET + k for k in range(cfg.rollout.val_num_tasks)]
+        seeds = list(range(cfg.rollout.val_num_tasks))  # the same held-out tasks in every run (the split sets them apart)
         seeds = shard_tasks(seeds, self.dist.rank, self.dist.world_size)
         t0 = time.time()
         with self._rollout_weights():
-            result = collect_rollouts(self.engine, self.val_env, seeds, 1, self._sampling(True), self._intervention(), None,
+            result = collect_rollouts(self.engine, self.val_env, seeds, 1, cfg.rollout.val_sampling, cfg.rollout.tti, None,
                                       cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
                                       seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank)
         stats = {**self._global_stats(result), "seconds": from_rank0(time.time() - t0)}
@@ -320,46 +298,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ advantages
     def compute_advantages(self, samples: list[StepSample], values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
-        """Per-sample advantages (and per-sample critic returns for ppo)."""
-        a = self.cfg.algo
-        rewards = np.array([s.reward for s in samples], dtype=np.float64)
-        traj = [s.traj_id for s in samples]
-        groups = [s.group_id for s in samples]
-        totals: dict[int, float] = {}
-        for s in samples:
-            totals[s.traj_id] = totals.get(s.traj_id, 0.0) + s.reward
-        scores = np.array([totals[s.traj_id] for s in samples])
-        info: dict[str, float] = {}
-        returns = None
-        if a.name in ("t2po", "gigpo"):
-            step_returns = discounted_returns(rewards, traj, a.gamma)
-            adv, ep_part, step_part = gigpo_advantages(scores, step_returns, groups, traj, [s.anchor_obs for s in samples], step_weight=a.step_weight,
-                                                       mode=a.gigpo_mode, similarity_threshold=a.similarity_threshold, return_parts=True)
-            info = {"adv/episode_abs": float(np.mean(np.abs(ep_part))), "adv/step_abs": float(np.mean(np.abs(step_part)))}
-        elif a.name == "grpo":
-            adv = grpo_advantages(scores, groups, traj, norm_by_std=a.norm_by_std)
-        elif a.name == "rloo":
-            adv = rloo_advantages(scores, groups, traj)
-        else:  # ppo: turn-level GAE, one (reward, value) pair per environment step
-            order: dict[int, list[int]] = {}
-            for k, s in enumerate(samples):
-                order.setdefault(s.traj_id, []).append(k)
-            T = max(len(v) for v in order.values())
-            R = torch.zeros(len(order), T)
-            V = torch.zeros(len(order), T)
-            M = torch.zeros(len(order), T)
-            for row, ks in enumerate(order.values()):
-                for t, k in enumerate(ks):
-                    R[row, t], V[row, t], M[row, t] = rewards[k], float(values[k]), 1.0
-            A, RET = gae_advantages(R, V, M, a.gamma, a.lam, whiten=True)
-            adv = np.zeros(len(samples))
-            returns = np.zeros(len(samples))
-            for row, ks in enumerate(order.values()):
-                for t, k in enumerate(ks):
-                    adv[k], returns[k] = float(A[row, t]), float(RET[row, t])
-        info["adv/mean"] = float(np.mean(adv))
-        info["adv/std"] = float(np.std(adv))
-        return np.asarray(adv, dtype=np.float32), returns, info
+        """Per-sample advantages (and per-sample critic returns for an algorithm with a critic), by
+        the estimator of `algo.name` (t2po.algos.ALGORITHMS)."""
+        batch = StepBatch(np.array([s.reward for s in samples], dtype=np.float64), [s.traj_id for s in samples],
+                          [s.group_id for s in samples], [s.anchor_obs for s in samples], values)
+        out = self.cfg.algorithm.advantages(batch, self.cfg.algo)
+        adv = out.advantages
+        info = {**out.info, "adv/mean": float(np.mean(adv)), "adv/std": float(np.std(adv))}
+        return np.asarray(adv, dtype=np.float32), out.returns, info
 
     def _filter_zero_variance_groups(self, samples: list[StepSample]) -> list[StepSample]:
         """DAPO-style dynamic sampling: drop groups whose episode scores are all equal."""
@@ -502,7 +448,7 @@ class Trainer:
         with self._rollout_weights():
             result: RolloutResult = collect_rollouts(
                 self.engine, self.train_env, shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size), cfg.rollout.group_size,
-                self._sampling(False), self._intervention(), TDSConfig(cfg.rollout.tds_eta, cfg.rollout.tds_max_try) if cfg.use_tds else None,
+                cfg.rollout.sampling, cfg.rollout.tti, cfg.rollout.tds,
                 cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
                 seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank)
         t_rollout = time.time() - t0
@@ -576,9 +522,21 @@ class Trainer:
         self.trackers.log_artifact(self.run_dir / "summary.json")
         self.trackers.log_artifact(self.run_dir / "validation.jsonl")
         if cfg.trainer.report:
-            self.trackers.log_report(self.run_dir)  # plots + report.md into <run_dir>/report/
+            self._write_report()
         self.log(format_summary(summary))
         return summary
+
+    def _write_report(self) -> None:
+        """Plots and report.md into `<run_dir>/report/` (`t2po report`), attached as the artifact folder
+        `report`. The run is complete at this point, so a plotting error is reported, never raised."""
+        from t2po.report import write_report
+
+        try:
+            out = write_report([self.run_dir], self.run_dir / "report")
+        except Exception as e:
+            print(f"[tracking] could not write the report of {self.run_dir}: {e!r}", file=sys.stderr, flush=True)
+            return
+        self.trackers.log_artifact(out, "report")
 
     def _progress_line(self, it: int, m: dict) -> str:
         return (f"[iter {it + 1}/{self.cfg.trainer.iterations}] success {m.get('rollout/success_rate', 0):.3f}  "
@@ -641,16 +599,3 @@ def format_summary(s: dict) -> str:
         lines.append(f"  corpus: {corpus['name']} ({corpus['num_passages']:,} passages, {corpus['path']})")
     lines += [f"  run folder: {s['run_dir']}", f"  checkpoint: {s['checkpoint']}", "=" * 72]
     return "\n".join(lines)
-
-
-def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
-    """The resolved config of a run folder, with optional dotted overrides (e.g. more iterations)."""
-    from t2po.config import _deep_update, parse_override
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a t2po run folder (no config.yaml). Pass the folder printed at the start of `t2po train`.")
-    data = yaml.safe_load(path.read_text())
-    for ov in overrides or []:
-        _deep_update(data, parse_override(ov))
-    return config_from_dict(data)

@@ -1,0 +1,97 @@
+"""The algorithms `algo.name` chooses from: each is an advantage estimator behind one signature,
+plus what it needs from the rest of the trainer (a critic) and its default for TTI and TDS.
+
+    @register_algorithm("my_algo")
+    def my_advantages(batch: StepBatch, settings) -> Advantages:
+        return Advantages(batch.episode_scores - batch.episode_scores.mean())
+
+`settings` is the config's `algo` section (`gamma`, `lam`, `step_weight`, ...). A new algorithm is
+one module with such a function, imported by `t2po/algos/__init__.py` (which registers it); the
+config's choice list is `ALGORITHMS`' keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from t2po.algos.advantages import discounted_returns, gigpo_advantages, grpo_advantages, rloo_advantages, turn_level_gae
+
+
+@dataclass
+class StepBatch:
+    """One iteration's training samples as an estimator reads them: one entry per environment
+    step; the steps of a trajectory in order."""
+
+    rewards: np.ndarray  # per-step reward (the invalid-action penalty already subtracted)
+    traj_ids: list[Hashable]
+    group_ids: list[Hashable]  # the task group (GRPO/GiGPO group) of each step
+    anchor_obs: list[str]  # the observation each step acted on (GiGPO's step groups)
+    values: np.ndarray | None = None  # critic values, for algorithms with a critic
+
+    @property
+    def episode_scores(self) -> np.ndarray:
+        """Per step: the total reward of its trajectory."""
+        totals: dict[Hashable, float] = {}
+        for t, r in zip(self.traj_ids, self.rewards):
+            totals[t] = totals.get(t, 0.0) + r
+        return np.array([totals[t] for t in self.traj_ids])
+
+
+@dataclass
+class Advantages:
+    advantages: np.ndarray  # per step
+    returns: np.ndarray | None = None  # per step, the critic's regression target (algorithms with a critic)
+    info: dict[str, float] = field(default_factory=dict)  # extra metrics, logged as they are
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    advantages: Callable[[StepBatch, Any], Advantages]
+    critic: bool = False  # the trainer adds a value head and passes its values in `StepBatch.values`
+    tti: bool = False  # rollout.tti.enabled=null means this
+    tds: bool = False  # rollout.tds.enabled=null means this
+
+
+ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def register_algorithm(name: str, *, critic: bool = False, tti: bool = False, tds: bool = False):
+    """Register an advantage estimator as algorithm `name` (`algo.name=name`)."""
+
+    def deco(fn: Callable[[StepBatch, Any], Advantages]) -> Callable[[StepBatch, Any], Advantages]:
+        ALGORITHMS[name] = Algorithm(fn, critic=critic, tti=tti, tds=tds)
+        return fn
+
+    return deco
+
+
+@register_algorithm("gigpo")
+@register_algorithm("t2po", tti=True, tds=True)  # spec §4: GiGPO advantages on rollouts with TTI and TDS
+def gigpo(batch: StepBatch, settings: Any) -> Advantages:
+    """GiGPO (spec §4): episode-level plus step-level (anchor state) group advantages."""
+    step_returns = discounted_returns(batch.rewards, batch.traj_ids, settings.gamma)
+    adv, ep_part, step_part = gigpo_advantages(batch.episode_scores, step_returns, batch.group_ids, batch.traj_ids, batch.anchor_obs,
+                                               step_weight=settings.step_weight, mode=settings.gigpo_mode,
+                                               similarity_threshold=settings.similarity_threshold, return_parts=True)
+    return Advantages(adv, info={"adv/episode_abs": float(np.mean(np.abs(ep_part))), "adv/step_abs": float(np.mean(np.abs(step_part)))})
+
+
+@register_algorithm("grpo")
+def grpo(batch: StepBatch, settings: Any) -> Advantages:
+    return Advantages(grpo_advantages(batch.episode_scores, batch.group_ids, batch.traj_ids, norm_by_std=settings.norm_by_std))
+
+
+@register_algorithm("rloo")
+def rloo(batch: StepBatch, settings: Any) -> Advantages:
+    return Advantages(rloo_advantages(batch.episode_scores, batch.group_ids, batch.traj_ids))
+
+
+@register_algorithm("ppo", critic=True)
+def ppo(batch: StepBatch, settings: Any) -> Advantages:
+    """Turn-level GAE with a critic (the PPO baseline)."""
+    adv, returns = turn_level_gae(batch.rewards, batch.values, batch.traj_ids, settings.gamma, settings.lam)
+    return Advantages(adv, returns)
