@@ -167,8 +167,7 @@ class Config:
         return ALGORITHMS[self.algo.name]
 
     def validate(self) -> "Config":
-        """Fail before any work on values that cannot work; then fill in the settings whose null
-        means "derived" (TTI/TDS on or off by algorithm, the validation response budget)."""
+        """Fail before any work on values that cannot work."""
         errors = []
         r = self.rollout
         if self.algo.name not in ALGORITHMS:
@@ -221,14 +220,20 @@ class Config:
         _check_model_reads_images(self, errors)
         if errors:
             raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(errors))
-        algorithm = self.algorithm
-        if r.tti.enabled is None:
-            r.tti.enabled = algorithm.tti
-        if r.tds.enabled is None:
-            r.tds.enabled = algorithm.tds and not self.algo.dynamic_sampling
-        if r.val_sampling.max_new_tokens is None:
-            r.val_sampling.max_new_tokens = r.sampling.max_new_tokens
         return self
+
+    def resolved_rollout(self) -> RolloutConfig:
+        """The rollout section as the code runs it: a copy whose null settings are filled in, TTI and
+        TDS on or off by the algorithm's defaults (TDS always off with algo.dynamic_sampling), the
+        validation response budget = the training one. (The config itself keeps the nulls, so that a
+        run's config.yaml says what was chosen and what was left to the defaults.)"""
+        r = self.rollout
+        algorithm = self.algorithm
+        tti_on = r.tti.enabled if r.tti.enabled is not None else algorithm.tti
+        tds_on = False if self.algo.dynamic_sampling else r.tds.enabled if r.tds.enabled is not None else algorithm.tds
+        budget = r.val_sampling.max_new_tokens if r.val_sampling.max_new_tokens is not None else r.sampling.max_new_tokens
+        return dataclasses.replace(r, tti=dataclasses.replace(r.tti, enabled=tti_on), tds=dataclasses.replace(r.tds, enabled=tds_on),
+                                   val_sampling=dataclasses.replace(r.val_sampling, max_new_tokens=budget))
 
 
 class ConfigError(ValueError):
@@ -294,7 +299,9 @@ RENAMED = {
 
 
 def upgrade_keys(data: dict, source: str) -> dict:
-    """Move keys of `RENAMED` in a (partial) config tree to their new place, one line on stderr each."""
+    """Move keys of `RENAMED` in a (partial) config tree to their new place; one line on stderr says
+    which (`source`: the file or override they came from)."""
+    moved = []
     for old, new in RENAMED.items():
         section, key = old.split(".")
         node = data.get(section)
@@ -305,7 +312,9 @@ def upgrade_keys(data: dict, source: str) -> dict:
         for part in new.split(".")[1:-1]:
             target = target.setdefault(part, {})
         target[new.split(".")[-1]] = value
-        print(f"t2po config: {old} is now {new} ({source}); read as {new}={value!r}", file=sys.stderr)
+        moved.append(f"{old} -> {new}")
+    if moved:
+        print(f"t2po config: {source} uses renamed keys, read with their new names: {', '.join(moved)}", file=sys.stderr)
     return data
 
 

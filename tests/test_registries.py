@@ -68,7 +68,7 @@ def test_a_registered_estimator_and_environment_train(toy_registrations, tiny_mo
                                   "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1",
                                   "rollout.tti.turn_score_skip=0", "optim.lr=1e-2", "optim.mini_batch_size=4", "model.lora_rank=4"])
     # the registration's defaults apply where the config says null: no TTI, no TDS for toy_ones
-    assert cfg.rollout.tti.enabled is False and cfg.rollout.tds.enabled is False
+    assert cfg.rollout.tti.enabled is None and cfg.resolved_rollout().tti.enabled is False and cfg.resolved_rollout().tds.enabled is False
     trainer = Trainer(cfg, quiet=True)
     trainer.setup()
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}

@@ -55,6 +55,7 @@ class Trainer:
             name = cfg.trainer.run_name or f"{cfg.env.name}-{cfg.algo.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
             run_dir = Path(cfg.trainer.output_dir) / name
         self.run_dir = Path(run_dir)
+        self.rollout = cfg.resolved_rollout()  # TTI/TDS on or off and the validation budget, as this run plays them
         self.start_iteration = 0
         self.history: dict[str, Any] = {}
 
@@ -243,7 +244,7 @@ class Trainer:
         seeds = shard_tasks(seeds, self.dist.rank, self.dist.world_size)
         t0 = time.time()
         with self._rollout_weights():
-            result = collect_rollouts(self.engine, self.val_env, seeds, 1, cfg.rollout.val_sampling, cfg.rollout.tti, None,
+            result = collect_rollouts(self.engine, self.val_env, seeds, 1, self.rollout.val_sampling, self.rollout.tti, None,
                                       cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
                                       seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank)
         stats = {**self._global_stats(result), "seconds": from_rank0(time.time() - t0)}
@@ -448,7 +449,7 @@ class Trainer:
         with self._rollout_weights():
             result: RolloutResult = collect_rollouts(
                 self.engine, self.train_env, shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size), cfg.rollout.group_size,
-                cfg.rollout.sampling, cfg.rollout.tti, cfg.rollout.tds,
+                self.rollout.sampling, self.rollout.tti, self.rollout.tds,
                 cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
                 seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank)
         t_rollout = time.time() - t0
