@@ -137,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
-        import difflib
+        from t2po.suggest import closest
 
-        close = difflib.get_close_matches(cmd, COMMANDS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        near = closest(cmd, COMMANDS)
+        hint = f" Did you mean {near!r}?" if near else ""
         print(f"t2po: unknown command {cmd!r}.{hint} Commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     return COMMANDS[cmd][0](rest)

@@ -1,7 +1,5 @@
 """TTI (spec §2): per-row stagnation and budget forcing, multi-token end tags, tag matching on text."""
 
-import math
-
 import pytest
 
 from t2po.algos.intervention import ThinkingIntervention, vocabulary_text
