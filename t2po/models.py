@@ -61,8 +61,11 @@ def load_model(
     """Load `(model, tokenizer)` offline: the embedded SmolLM2 (`None` / "smollm2-135m-instruct"), the
     tiny random VLM ("tiny-vlm"), or a local Hugging Face causal-LM or vision-language directory (a
     VLM's tokenizer carries its processor as `tokenizer.processor`). `dtype=None` means float32 on CPU
-    and bfloat16 on CUDA. The model is returned in eval mode on `device`."""
+    and bfloat16 on CUDA. The model is returned in eval mode on `device`, with the copy-free grouped-query
+    decode attention (`t2po.attention`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from t2po.attention import GROUPED_SDPA
 
     if path is None or str(path).lower() == DEFAULT_MODEL:
         directory = smollm2_directory()
@@ -90,11 +93,11 @@ def load_model(
             tokenizer.chat_template = processor.chat_template
         _prepare_tokenizer(tokenizer, directory)
         tokenizer.processor = processor
-        model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch_dtype, local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch_dtype, local_files_only=True, attn_implementation=GROUPED_SDPA)
     else:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         _prepare_tokenizer(tokenizer, directory)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True, attn_implementation=GROUPED_SDPA)
     model.to(device)
     model.eval()
     return model, tokenizer
