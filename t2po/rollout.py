@@ -178,6 +178,10 @@ def collect_rollouts(
         gens: list[Generation] = [g for g in answers if g is not None]
         idx = [t.index for t in turns]
         counters["generated_tokens"] += sum(g.num_tokens for g in gens)
+        if tokenizer is not None:  # prompt tokens prefilled vs the turn's distinct prompts (an image prompt counts as distinct)
+            counters["prefill_tokens"] += sum(g.prompt_tokens - g.cached_prompt_tokens for g in gens)
+            distinct = {(tuple(t.prompt_ids), j if t.pixel_inputs is not None else -1) for j, t in enumerate(turns)}
+            counters["unique_prompt_tokens"] += sum(len(ids) for ids, _ in distinct)
         resampled = [0] * len(idx)
         if tds is not None and tds.enabled:
             prev = [prev_score[i] for i in idx]
@@ -190,6 +194,7 @@ def collect_rollouts(
                 for j, g in zip(flagged, regen):
                     counters["tds_extra_tokens"] += gens[j].num_tokens  # the discarded sample's tokens
                     counters["generated_tokens"] += g.num_tokens
+                    counters["prefill_tokens"] += g.prompt_tokens - g.cached_prompt_tokens
                     gens[j] = g
                     resampled[j] += 1
                 counters["tds_regenerations"] += flagged.size
@@ -260,7 +265,8 @@ def collect_rollouts(
 
 
 # Statistics counted while playing (not derivable from the episodes): summed when batches are merged.
-COUNTERS = ("generated_tokens", "tds_extra_tokens", "tds_regenerations", "tds_eligible_turns", "prompts_truncated", "prompt_tokens")
+COUNTERS = ("generated_tokens", "tds_extra_tokens", "tds_regenerations", "tds_eligible_turns", "prompts_truncated", "prompt_tokens",
+            "prefill_tokens", "unique_prompt_tokens")
 
 
 def rollout_stats(episodes: list[Episode], counters: dict[str, float] | None = None) -> dict[str, float]:

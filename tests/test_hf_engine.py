@@ -8,7 +8,7 @@ import torch
 
 from t2po.algos.uncertainty import turn_score, uncertainty_signal
 from t2po.engines.base import InterventionConfig, SamplingParams
-from t2po.engines.hf import HFEngine
+from t2po.engines.hf import HFEngine, sample_tokens
 
 
 def chat(tokenizer, text, prefill=""):
@@ -93,8 +93,10 @@ def test_stop_string_ends_the_row_and_finished_rows_leave_the_batch(engine, prom
             assert gen.finish_reason == "length" and gen.num_tokens == 20 and stop not in text
     lengths = [g.num_tokens for g in gens]
     assert min(lengths) < 20
-    # finished rows leave the forward batch: prefill + one forward per further step, sized by live rows
-    assert batch_sizes == [sum(n > step for n in lengths) for step in range(max(lengths))]
+    # the prompts were prefilled by the previous call (same weights): no prefill forward this time,
+    # and finished rows leave the forward batch: one forward per further step, sized by live rows
+    assert all(g.cached_prompt_tokens == g.prompt_tokens for g in gens)
+    assert batch_sizes == [sum(n > step for n in lengths) for step in range(1, max(lengths))]
 
 
 def test_eos_ends_a_row_and_is_kept(tiny_model, prompts):
@@ -126,6 +128,8 @@ def test_budget_forces_end_tag_at_the_right_positions(engine, tiny_model):
     assert not any(other.forced) and other.think_length == 0 and other.tti_triggers == {"budget": 0, "stagnation": 0}
     # the forced tokens' log-probs are the model's own (raw logits), not 0
     assert all(lp < -1e-3 for lp in (think.logprobs[i] for i in range(4, 4 + len(end_ids))))
+    logp, _ = teacher_forced(tiny_model[0], thinking, think.token_ids)
+    assert torch.allclose(torch.tensor(think.logprobs), logp, atol=1e-4)
     # disabled: nothing forced, but M_t, turn score and the think length are still recorded
     disabled = InterventionConfig(enabled=False, budget=4)
     free = engine.generate([thinking], SamplingParams(temperature=0, max_new_tokens=12), disabled)[0]
@@ -162,3 +166,62 @@ def test_bad_requests_are_rejected(engine):
     with pytest.raises(ValueError, match="top_p"):
         engine.generate([[1, 2]], SamplingParams(top_p=0))
     assert engine.generate([], SamplingParams()) == []
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 12, 1.0), (1.3, 0, 0.8), (0.9, 20, 0.7)])
+def test_sampler_draws_from_the_filtered_distribution(temperature, top_k, top_p):
+    """The inverse-CDF sampler against transformers' own warpers (`transformers.generation.logits_process`:
+    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, applied in that order as `generate` does):
+    tokens outside the kept set are never drawn, and every token's frequency over 40,000 seeded draws
+    lies within 5 standard errors of its reference probability."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(0)) * 2.0
+    reference = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        reference = TopKLogitsWarper(top_k)(None, reference)
+    if top_p < 1.0:
+        reference = TopPLogitsWarper(top_p)(None, reference)
+    probs = torch.softmax(reference, dim=-1)[0].double()
+    draws = 40_000
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    tokens = sample_tokens(logits.expand(draws, -1), sampling, torch.Generator().manual_seed(1))
+    freq = torch.bincount(tokens, minlength=40).double() / draws
+    assert freq[probs == 0].sum() == 0
+    bound = 5 * (probs * (1 - probs) / draws).sqrt() + 1e-9
+    assert ((freq - probs).abs() <= bound).all(), (freq - probs).abs().max()
+    # seedable: the same generator seed gives the same draws, another seed others
+    again = sample_tokens(logits.expand(draws, -1), sampling, torch.Generator().manual_seed(1))
+    other = sample_tokens(logits.expand(draws, -1), sampling, torch.Generator().manual_seed(2))
+    assert torch.equal(tokens, again) and not torch.equal(tokens, other)
+
+
+def test_one_prefill_per_distinct_prompt_and_cached_prefill_matches_a_full_one(tiny_model, prompts):
+    """Group members with the same prompt share one prefill, a later call of the same prompts (a TDS
+    regeneration) prefills nothing, and the logits decoded from re-assembled cached K/V equal those of
+    an unpadded full forward pass (teacher forcing) within fp tolerance; a weight update drops the store."""
+    model, tokenizer = tiny_model
+    engine = HFEngine(model, tokenizer)
+    a, b, c = prompts
+    prefill_rows = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: prefill_rows.append(kwargs["input_ids"].shape[0]) if kwargs["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True,
+    )
+    try:
+        batch = [a, b, a, c, a]
+        gens = engine.generate(batch, SamplingParams(temperature=1.0, max_new_tokens=8, seed=4))
+        assert prefill_rows == [3]  # a, b, c once each
+        assert [g.cached_prompt_tokens for g in gens] == [0, 0, len(a), 0, len(a)]
+        regen = engine.generate([c, a], SamplingParams(temperature=1.0, max_new_tokens=8, seed=5))
+        assert prefill_rows == [3] and [g.cached_prompt_tokens for g in regen] == [len(c), len(a)]
+        with torch.no_grad():
+            next(model.parameters()).mul_(1.0)  # an in-place update (the optimizer's kind), same values
+        again = engine.generate([a], SamplingParams(temperature=1.0, max_new_tokens=4, seed=5))
+        assert prefill_rows == [3, 1] and again[0].cached_prompt_tokens == 0
+    finally:
+        hook.remove()
+    for prompt, gen in [*zip(batch, gens), *zip([c, a], regen)]:
+        logp, m = teacher_forced(model, prompt, gen.token_ids)
+        assert torch.allclose(torch.tensor(gen.logprobs), logp, atol=1e-4)
+        assert torch.allclose(torch.tensor(gen.uncertainty), m, atol=1e-4)

@@ -46,6 +46,7 @@ class Generation:
     think_length: int = 0  # tokens inside think spans
     prompt_tokens: int = 0
     usage: dict = field(default_factory=dict)  # a text policy's accounting (API: completion tokens, attempts, retries, latency)
+    cached_prompt_tokens: int = 0  # prompt tokens served from a prefix cache (not prefilled again)
 
     @property
     def num_tokens(self) -> int:

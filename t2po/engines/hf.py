@@ -24,8 +24,10 @@ explicitly, so the model's cached `rope_deltas` never matter. Image placeholder 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -48,6 +50,8 @@ class HFEngine(Engine):
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids)
         self._token_text: list[str] | None = None  # decoded vocabulary for tag matching, built on first use
+        self._prefix_store: dict[tuple, _Prefix] = {}  # the previous call's prefilled prompts (`_prefill`)
+        self._prefix_stamp: tuple | None = None  # the weights they were computed with
 
     def sync_weights(self, model) -> None:
         self.model = model
@@ -82,7 +86,7 @@ class HFEngine(Engine):
         self.model.eval()
         try:
             with torch.inference_mode():
-                token_ids, logprobs, finish = self._decode(prompts, sampling, tti, config, pixel_inputs)
+                token_ids, logprobs, finish, cached = self._decode(prompts, sampling, tti, config, pixel_inputs)
         finally:
             self.model.train(was_training)
 
@@ -109,6 +113,7 @@ class HFEngine(Engine):
                     tti_triggers=triggers,
                     think_length=think_length,
                     prompt_tokens=len(prompt),
+                    cached_prompt_tokens=cached[row],
                 )
             )
         return generations
@@ -120,51 +125,27 @@ class HFEngine(Engine):
         tti: ThinkingIntervention | None,
         config: InterventionConfig,
         pixel_inputs: list[dict | None] | None = None,
-    ) -> tuple[list[list[int]], list[list[float]], list[str]]:
-        from transformers import DynamicCache
-
+    ) -> tuple[list[list[int]], list[list[float]], list[str], list[int]]:
         from t2po import vlm
 
         device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            attention_mask[row, width - len(prompt) :] = 1
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-        next_position = position_ids[:, -1:] + 1
-        pixels = vlm.collate_pixel_inputs(pixel_inputs or [], device)
-        suppressed = vlm.placeholder_token_ids(self.model) if vlm.is_vision_language(self.model) else []
-        if pixels is not None:
-            position_ids = vlm.position_ids(self.model, input_ids, attention_mask, pixels)  # [3, B, L] for M-RoPE
-            next_position = position_ids.reshape(-1, *input_ids.shape).amax(dim=(0, 2))[:, None] + 1
         generator = None  # None: torch's global RNG, so an unseeded call follows torch.manual_seed
         if sampling.seed is not None:
             generator = torch.Generator(device=device).manual_seed(sampling.seed)
         stop_window = 4 * max((len(s) for s in sampling.stop), default=0) + 2  # tokens that can hold a stop string
+        suppressed = vlm.placeholder_token_ids(self.model) if vlm.is_vision_language(self.model) else []
 
         token_ids: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
         finish: list[str | None] = [None] * len(prompts)
         active = list(range(len(prompts)))  # prompt row of each batch position
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **(pixels or {}),
-        )
+        cache, attention_mask, next_position, logits, cached = self._prefill(prompts, pixel_inputs or [None] * len(prompts), device)
         while True:
-            logits = out.logits[:, -1, :].float()
+            logits = logits.float()
             if suppressed:
                 logits[:, suppressed] = float("-inf")
             logp = torch.log_softmax(logits, dim=-1)
-            chosen = _sample(logits, sampling, generator)
+            chosen = sample_tokens(logits, sampling, generator)
             if tti is not None:
                 m = uncertainty_from_logprobs(logp, config.alpha, config.confidence).tolist()
                 forced = [(i, t) for i, row in enumerate(active) if (t := tti.observe(row, m[i])) is not None]
@@ -193,15 +174,101 @@ class HFEngine(Engine):
                 attention_mask, next_position, chosen = attention_mask[index], next_position[index], chosen[index]
                 active = [active[i] for i in keep]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
-            out = self.model(
+            logits = self.model(
                 input_ids=chosen[:, None],
                 attention_mask=attention_mask,
                 position_ids=next_position,
                 past_key_values=cache,
                 use_cache=True,
-            )
+            ).logits[:, -1, :]
             next_position = next_position + 1
-        return token_ids, logprobs, finish
+        return token_ids, logprobs, finish, cached
+
+    def _prefill(self, prompts: list[list[int]], pixel_inputs: list[dict | None], device: torch.device):
+        """The batch's KV cache after its prompts, with one forward pass over the prompts not yet in
+        the prefix store (each distinct prompt once). Returns (cache, attention mask, next position per
+        row, logits of the next token [B, V], prompt tokens per row served without a forward pass).
+
+        The store keeps the prefilled K/V of the previous call's distinct prompts (unpadded, with the
+        next-token logits and next position), so a TDS regeneration of the same turn (spec §3)
+        prefills nothing; it is dropped as soon as the weights change (any in-place update of a
+        parameter bumps its version counter) and holds nothing a call did not use. A prompt's K/V do
+        not depend on the padding it was prefilled with (its positions start at 0 at its first token),
+        so rows can be re-assembled with any left padding."""
+        from transformers import DynamicCache
+
+        keys = [_prompt_key(p, x) for p, x in zip(prompts, pixel_inputs)]
+        stamp = _weights_stamp(self.model)
+        store = self._prefix_store if stamp == self._prefix_stamp else {}
+        missing = list(dict.fromkeys(k for k in keys if k not in store))
+        first = {k: keys.index(k) for k in missing}
+        if missing:
+            rows = [first[k] for k in missing]
+            store.update(zip(missing, self._prefill_forward([prompts[r] for r in rows], [pixel_inputs[r] for r in rows], device)))
+        prefilled_rows = set(first.values())
+        cached = [0 if row in prefilled_rows else len(p) for row, p in enumerate(prompts)]
+        self._prefix_store, self._prefix_stamp = {k: store[k] for k in dict.fromkeys(keys)}, stamp
+
+        entries = [store[k] for k in keys]
+        width = max(len(p) for p in prompts)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            attention_mask[row, width - len(prompt) :] = 1
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(entries[0].keys)):
+            k0, v0 = entries[0].keys[layer], entries[0].values[layer]
+            k = k0.new_zeros((len(prompts), k0.shape[0], width, k0.shape[-1]))
+            v = v0.new_zeros((len(prompts), v0.shape[0], width, v0.shape[-1]))
+            for row, entry in enumerate(entries):
+                k[row, :, width - entry.length :] = entry.keys[layer]
+                v[row, :, width - entry.length :] = entry.values[layer]
+            cache.update(k, v, layer)
+        logits = torch.stack([e.logits for e in entries])
+        next_position = torch.stack([e.next_position for e in entries])[:, None]
+        return cache, attention_mask, next_position, logits, cached
+
+    def _prefill_forward(self, prompts: list[list[int]], pixel_inputs: list[dict | None], device: torch.device) -> list[_Prefix]:
+        """One left-padded forward pass over `prompts`; each row's K/V without its padding."""
+        from transformers import DynamicCache, DynamicLayer
+
+        from t2po import vlm
+
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, width - len(prompt) :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        next_position = position_ids[:, -1] + 1
+        pixels = vlm.collate_pixel_inputs(pixel_inputs if any(x is not None for x in pixel_inputs) else [], device)
+        if pixels is not None:
+            position_ids = vlm.position_ids(self.model, input_ids, attention_mask, pixels)  # [3, B, L] for M-RoPE
+            next_position = position_ids.reshape(-1, *input_ids.shape).amax(dim=(0, 2)) + 1
+        cache = DynamicCache(config=self.model.config)
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            raise ValueError("the transformers engine needs a model whose KV cache is a plain DynamicCache (no sliding-window layers)")
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **(pixels or {}),
+        )
+        logits = out.logits[:, -1, :]
+        return [
+            _Prefix(
+                keys=[layer.keys[row, :, width - len(prompt) :] for layer in cache.layers],
+                values=[layer.values[row, :, width - len(prompt) :] for layer in cache.layers],
+                logits=logits[row],
+                next_position=next_position[row],
+                length=len(prompt),
+            )
+            for row, prompt in enumerate(prompts)
+        ]
 
     def _intervention(self, config: InterventionConfig) -> ThinkingIntervention:
         if self._token_text is None:
@@ -219,8 +286,17 @@ class HFEngine(Engine):
         return text[: min(ends)] if ends else text
 
 
-def _sample(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """One token id per row: greedy for temperature 0, else temperature -> top-k -> top-p -> sample."""
+def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One token id per row of `logits` [B, V]: greedy for temperature 0, else temperature -> top-k ->
+    top-p -> one draw from the remaining distribution.
+
+    The draw inverts the CDF: one uniform u per row, the first token whose cumulative probability
+    exceeds u * total. That is an exact sample of the filtered distribution with one random number
+    per row, where `torch.multinomial` draws an exponential for every vocabulary entry (27 ms per step
+    at batch 32 with a 49k vocabulary, against 1.5 ms). Top-k keeps the tokens scoring at least the
+    k-th score (ties included, as transformers' `TopKLogitsWarper`); top-p keeps the smallest prefix of
+    the tokens sorted by probability whose mass reaches top_p (the top token always stays). The
+    uniforms come from `generator` (None: torch's global RNG)."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
     scores = logits / sampling.temperature
@@ -234,8 +310,45 @@ def _sample(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Gen
         drop = (probs.cumsum(dim=-1) - probs) >= sampling.top_p
         kept = sorted_scores.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(1, order, kept)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=total.device, dtype=total.dtype) * total
+    # u < total strictly, so the token found has positive probability even after rounding
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)
+
+
+@dataclass
+class _Prefix:
+    """A prefilled prompt: per layer its K and V [kv_heads, length, head_dim] (no padding), the
+    next-token logits [V] and the position its first generated token takes."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    logits: torch.Tensor
+    next_position: torch.Tensor
+    length: int
+
+
+def _prompt_key(prompt: list[int], pixels: dict | None) -> tuple:
+    """What a prompt's prefill depends on: its token ids and, with an image, the pixel inputs' bytes."""
+    if pixels is None:
+        return tuple(prompt)
+    digest = hashlib.sha1()
+    for name in sorted(pixels):
+        value = pixels[name]
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+            digest.update(value.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(f"{name}{value!r}".encode())
+    return (tuple(prompt), digest.hexdigest())
+
+
+def _weights_stamp(model: torch.nn.Module) -> tuple:
+    # every in-place update of a parameter (optimizer step, load_state_dict) bumps its version counter;
+    # a moved or re-cast parameter gets new storage
+    return tuple((p.data_ptr(), p.dtype, p._version) for p in model.parameters())
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -354,6 +354,7 @@ class VLLMEngine(Engine):
                     tti_triggers=dict(row.triggers),
                     think_length=row.think_length,
                     prompt_tokens=len(prompt),
+                    cached_prompt_tokens=getattr(output, "num_cached_tokens", None) or 0,  # vLLM's prefix caching (None: off)
                 )
             )
         return generations
