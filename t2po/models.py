@@ -60,8 +60,8 @@ def load_model(
 ):
     """Load `(model, tokenizer)` offline: the embedded SmolLM2 (`None` / "smollm2-135m-instruct"), the
     tiny random VLM ("tiny-vlm"), or a local Hugging Face causal-LM or vision-language directory (a
-    VLM's tokenizer carries its processor as `tokenizer.processor`). `dtype=None` means float32 on CPU
-    and bfloat16 on CUDA. The model is returned in eval mode on `device`, with the copy-free grouped-query
+    VLM's tokenizer carries its processor as `tokenizer.processor`). `dtype`: see `resolve_dtype` (None:
+    float32 on CPU and bfloat16 on CUDA; "auto": bfloat16 where the hardware has it). The model is returned in eval mode on `device`, with the copy-free grouped-query
     decode attention (`t2po.attention`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,7 +81,7 @@ def load_model(
                 "save_pretrained or build_tiny_model)"
             )
     device = torch.device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device)
     if is_vision_language_directory(directory):
         from transformers import AutoModelForImageTextToText
 
@@ -211,16 +211,31 @@ def _smollm2_gguf_path() -> Path:
     return path
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """The parameter dtype `dtype` names on `device`. `"auto"`: bfloat16 where the hardware computes it
+    natively (a CUDA GPU with bf16 support; a CPU with AVX512-BF16 or AMX), float32 elsewhere (bf16
+    matmuls without that support are emulated and slower than float32). `None`: float32 on CPU and
+    bfloat16 on CUDA."""
+    device = torch.device(device)
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(names)} or a torch.dtype")
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, one of {sorted(names)} or a torch.dtype")
     return names[dtype]
+
+
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware (CUDA bf16; CPU AVX512-BF16 or AMX)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _prepare_tokenizer(tokenizer, directory: Path) -> None:

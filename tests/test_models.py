@@ -10,7 +10,7 @@ import torch
 from t2po.algos.intervention import ThinkingIntervention
 from t2po.engines.base import SamplingParams
 from t2po.engines.hf import HFEngine
-from t2po.models import cache_root, load_model
+from t2po.models import cache_root, load_model, resolve_dtype
 from t2po.tiny_models import build_tiny_model
 
 
@@ -44,6 +44,16 @@ def test_dtype_option(tiny_model_dir):
     assert model.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         load_model(tiny_model_dir, dtype="float8")
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)])
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_bf16_matmuls(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_dtype("auto", "cpu") == expected
+    assert resolve_dtype(None, "cpu") == torch.float32 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="use auto"):
+        resolve_dtype("int8")
 
 
 def test_unknown_path_names_what_is_accepted(tmp_path):
