@@ -1,95 +1,99 @@
-"""Rollout throughput on Sokoban vs raw batched generation of the same prompts.
+"""One rollout iteration of the main job: the engine before issue 17 against today's default, and the
+prefill work against the distinct prompt tokens.
 
-SmolLM2-135M-Instruct (embedded), batch 8 (2 tasks x 4), TTI monitoring on, TDS off. Measures the
-whole rollout loop (prompt building, chat template, generation, parsing, env stepping, recording)
-and, for the same per-turn prompt batches, (a) the engine's generate calls alone and (b) raw
-`model.generate` with the same sampling budget. Loop overhead = rollout time / engine time - 1.
+Workload (`configs/default.yaml`): SmolLM2-135M-Instruct, 8 Sokoban rooms x 4 group members (batch
+32), at most 3 turns, 40 new tokens, TTI monitoring on, TDS on (eta 0.3, one retry), the same seed
+for both engines.
+- `fp32_baseline`: the engine before issue 17: float32 weights, transformers' SDPA attention
+  (`repeat_kv`), `torch.multinomial`, and every generate call prefills every row (TDS regenerations
+  prefill their prompts again, group members prefill the same turn-0 prompt once each);
+- `default`: bfloat16 weights, grouped-query decode attention, inverse-CDF sampling, one prefill per
+  distinct prompt (in-call deduplication + the prefix store that TDS regenerations hit).
+Runs alternate (A/B, repeated, medians). `prefill_tokens_over_unique`: prompt tokens the default
+engine prefilled per iteration / the distinct prompt tokens of the iteration (1.0 = no re-prefill).
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_rollout.py --out bench_results/rollout.json
+    python benchmarks/bench_rollout.py --threads 2 --out bench_results/rollout.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
+import t2po.engines.hf as hf
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
 from t2po.models import load_model
-from t2po.rollout import collect_rollouts
+from t2po.rollout import TDSConfig, collect_rollouts
+
+from bench_engine import multinomial_sampler
 
 
-class TimedEngine(HFEngine):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.seconds = 0.0
-        self.calls: list[tuple[list[list[int]], int]] = []
-
-    def generate(self, prompts, sampling, intervention=None):
-        t = time.perf_counter()
-        out = super().generate(prompts, sampling, intervention)
-        self.seconds += time.perf_counter() - t
-        self.calls.append((prompts, max(g.num_tokens for g in out)))
-        return out
+def rollout(model, tokenizer, baseline: bool, seed: int, max_new_tokens: int) -> dict:
+    env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3, history_length=0, prompt_style="compact")
+    sampler, prompt_key = hf.sample_tokens, hf._prompt_key
+    if baseline:  # the engine before issue 17: multinomial sampling, no prefill shared between rows or calls
+        rows = itertools.count()
+        hf.sample_tokens, hf._prompt_key = multinomial_sampler, lambda prompt, pixels: (next(rows),)
+    try:
+        start = time.perf_counter()
+        result = collect_rollouts(HFEngine(model, tokenizer), env, task_seeds=list(range(100, 108)), group_size=4,
+                                  sampling=SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens),
+                                  intervention=InterventionConfig(turn_score_skip=4), tds=TDSConfig(eta=0.3, max_try=1), seed=seed)
+        seconds = time.perf_counter() - start
+    finally:
+        hf.sample_tokens, hf._prompt_key = sampler, prompt_key
+        env.close()
+    keys = ("steps", "generated_tokens", "prompt_tokens", "prefill_tokens", "unique_prompt_tokens", "tds_regenerations", "success_rate")
+    return {"seconds": seconds, **{k: result.stats[k] for k in keys}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench_results/rollout.json")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--prompt-style", default="compact", choices=["compact", "reference"])
-    ns = parser.parse_args()
-    model, tokenizer = load_model()
-    engine = TimedEngine(model, tokenizer)
-    env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=5, history_length=0, prompt_style=ns.prompt_style)
-    sampling = SamplingParams(temperature=1.0, max_new_tokens=ns.max_new_tokens)
-    t0 = time.perf_counter()
-    result = collect_rollouts(engine, env, task_seeds=[0, 1], group_size=4, sampling=sampling, intervention=InterventionConfig(), seed=0)
-    rollout_s = time.perf_counter() - t0
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    fp32, tokenizer = load_model()
+    baseline = copy.deepcopy(fp32)
+    baseline.set_attn_implementation("sdpa")
+    bf16 = fp32.to(torch.bfloat16)
+    runs = {"fp32_baseline": lambda: rollout(baseline, tokenizer, True, args.seed, args.max_new_tokens),
+            "default": lambda: rollout(bf16, tokenizer, False, args.seed, args.max_new_tokens)}
+    results: dict[str, list[dict]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            results[name].append(run())
+            print(f"{name:14s} {json.dumps(results[name][-1])}", flush=True)
 
-    # raw generate of the same prompt batches (left padded), same new-token budget as the engine used
-    pad = tokenizer.pad_token_id
-    raw_s = 0.0
-    raw_tokens = 0
-    with torch.inference_mode():
-        for prompts, new_tokens in engine.calls:
-            width = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), width), pad)
-            mask = torch.zeros((len(prompts), width), dtype=torch.long)
-            for r, p in enumerate(prompts):
-                ids[r, width - len(p):] = torch.tensor(p)
-                mask[r, width - len(p):] = 1
-            t = time.perf_counter()
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
-            raw_s += time.perf_counter() - t
-            raw_tokens += (out.shape[1] - width) * len(prompts)
-    stats = result.stats
-    report = {
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[name])
+
+    summary = {
         "model": "smollm2-135m-instruct",
-        "batch": 8,
+        "batch": 32,
         "torch_threads": torch.get_num_threads(),
-        "prompt_style": ns.prompt_style,
-        "env_steps": stats["steps"],
-        "generated_tokens": stats["generated_tokens"],
-        "rollout_seconds": rollout_s,
-        "engine_seconds": engine.seconds,
-        "raw_generate_seconds": raw_s,
-        "raw_generate_tokens": raw_tokens,
-        "env_steps_per_s": stats["steps"] / rollout_s,
-        "generated_tokens_per_s": stats["generated_tokens"] / rollout_s,
-        "raw_generate_tokens_per_s": raw_tokens / raw_s,
-        "loop_overhead_vs_engine": rollout_s / engine.seconds - 1,
-        "rollout_vs_raw_generate": rollout_s / raw_s - 1,
+        "runs": {name: {k: median(name, k) for k in results[name][0]} for name in runs},
+        "rollout_speedup_vs_fp32": median("fp32_baseline", "seconds") / median("default", "seconds"),
+        "generated_tokens_per_s": {name: median(name, "generated_tokens") / median(name, "seconds") for name in runs},
+        "prefill_tokens_over_unique": median("default", "prefill_tokens") / median("default", "unique_prompt_tokens"),
+        "baseline_prefill_tokens_over_unique": median("fp32_baseline", "prefill_tokens") / median("fp32_baseline", "unique_prompt_tokens"),
+        "all": results,
     }
-    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps(report, indent=1))
-    for k, v in report.items():
-        print(f"{k:>28}: {v:.3f}" if isinstance(v, float) else f"{k:>28}: {v}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "all"}, indent=1))
 
 
 if __name__ == "__main__":
