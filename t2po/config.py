@@ -40,7 +40,13 @@ def _section(factory: Any, help: str) -> Any:
 @dataclass
 class ModelConfig:
     path: str | None = _f(None, "Model: a local Hugging Face causal-LM or vision-language (image-text-to-text, e.g. Qwen2.5-VL) directory, a t2po run folder or checkpoint, tiny-vlm (a tiny random VLM for CPU smoke runs of image mode), or None for the embedded SmolLM2-135M-Instruct.")
-    dtype: str = _f("float32", "Parameter dtype: float32 or bfloat16.")
+    dtype: str = _f("float32", "Parameter dtype: auto, float32 or bfloat16. auto = bfloat16 where the hardware multiplies bf16 natively "
+                    "(CUDA; a CPU with AVX512-BF16 or AMX), else float32 (the CPU presets use auto). With LoRA the adapters stay float32 "
+                    "(peft), so bf16 base weights still train the adapters in full precision. Measured on a 2-core AVX512-BF16 CPU "
+                    "(benchmarks/bench_engine.py, bench_update.py; docs/results/cpu_path.json): bf16 weights make the engine ~1.6x "
+                    "faster than float32 and the update faster than float32 weights + bf16 autocast; but a bf16 engine's log-probs "
+                    "differ from the trainer's bf16 forward by 0.04 on average (0.5% of tokens outside the clip range [0.8, 1.2], "
+                    "float32: 3e-6, 0%), so bf16 presets set optim.recompute_logprobs=true.")
     lora: bool = _f(True, "Train LoRA adapters (peft) instead of all weights; the reference policy is then the adapter-disabled base model.")
     lora_rank: int = _f(16, "LoRA rank r.")
     lora_alpha: int = _f(32, "LoRA scaling alpha.")
@@ -117,9 +123,9 @@ class OptimConfig:
     grad_clip: float = _f(1.0, "Gradient-norm clip.")
     mini_batch_size: int = _f(32, "Step samples per optimizer step (PPO mini-batch).")
     micro_batch_tokens: int = _f(4096, "Padded tokens per forward pass at most (samples are packed by length).")
-    recompute_logprobs: bool = _f(True, "Recompute old log-probs with a forward pass before the update (as verl). False takes the engine's log-probs, identical when the engine shares the trainer's weights (the transformers engine), and saves one forward pass per sample.")
+    recompute_logprobs: bool = _f(True, "Recompute old log-probs with a forward pass before the update (as verl). False takes the engine's log-probs and saves one forward pass per sample: right with float32 weights and the transformers engine (it shares the trainer's weights; log-probs agree to ~3e-6), not with bfloat16 weights (decode and full forward round differently: mean |delta| 0.04, 0.5% of tokens outside the clip range).")
     ppo_epochs: int = _f(1, "Passes over the batch per iteration (spec §4: 1).")
-    bf16: bool = _f(False, "bf16 autocast for forward passes (on CPU only helps with AVX512-BF16/AMX).")
+    bf16: bool = _f(False, "bf16 autocast for the trainer's forward passes (on CPU only helps with AVX512-BF16/AMX). For float32 weights; with model.dtype=bfloat16 the matmuls already run in bf16.")
 
 
 @dataclass
@@ -173,7 +179,7 @@ class Config:
         if self.algo.name not in ALGORITHMS:
             errors.append(f"algo.name={self.algo.name!r}: choose one of {', '.join(ALGORITHMS)}{did_you_mean(self.algo.name, ALGORITHMS)}")
         for key, value, choices in (("algo.gigpo_mode", self.algo.gigpo_mode, GIGPO_MODES), ("algo.loss_agg", self.algo.loss_agg, LOSS_AGG_MODES),
-                                    ("algo.kl_kind", self.algo.kl_kind, KL_KINDS), ("model.dtype", self.model.dtype, ("float32", "bfloat16")),
+                                    ("algo.kl_kind", self.algo.kl_kind, KL_KINDS), ("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16")),
                                     ("trainer.device", self.trainer.device, ("auto", "cpu", "cuda")), ("rollout.tti.confidence", r.tti.confidence, CONFIDENCE_FORMS)):
             if value not in choices:
                 errors.append(f"{key}={value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}{did_you_mean(value, choices)}")

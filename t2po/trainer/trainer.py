@@ -61,7 +61,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
-        from t2po.models import load_model
+        from t2po.models import load_model, resolve_dtype
         from t2po.tracking import make_trackers
 
         cfg = self.cfg
@@ -88,7 +88,7 @@ class Trainer:
         base_path = cfg.model.path
         if self.run_state.get("warmup_done") and (self.run_dir / WARMUP_MODEL).exists():
             base_path = str(self.run_dir / WARMUP_MODEL)
-        self.model, self.tokenizer = load_model(base_path, dtype=getattr(torch, cfg.model.dtype))
+        self.model, self.tokenizer = load_model(base_path, dtype=resolve_dtype(cfg.model.dtype, self.device))
         self.base_model_path = base_path
         if not self.engine_spec.shares_policy_weights:
             self.engine_model_dir = self._engine_model_dir(base_path)
@@ -124,7 +124,7 @@ class Trainer:
         if self.engine_spec.shares_policy_weights:
             return make_engine(cfg.rollout.engine, self.model, self.tokenizer)
         r = cfg.rollout
-        engine = make_engine(cfg.rollout.engine, self.engine_model_dir, self.tokenizer, dtype=cfg.model.dtype,
+        engine = make_engine(cfg.rollout.engine, self.engine_model_dir, self.tokenizer, dtype=str(self.model.dtype).removeprefix("torch."),
                              max_model_len=r.vllm.max_model_len or r.max_prompt_tokens + r.sampling.max_new_tokens,
                              gpu_memory_utilization=r.vllm.gpu_memory_utilization, enforce_eager=r.vllm.enforce_eager,
                              seed=cfg.trainer.seed + self.dist.rank,
@@ -189,7 +189,7 @@ class Trainer:
         if cfg.algo.kl_coef > 0 and not cfg.model.lora:
             from t2po.models import load_model
 
-            self.ref_model, _ = load_model(self.base_model_path, dtype=getattr(torch, cfg.model.dtype))
+            self.ref_model, _ = load_model(self.base_model_path, dtype=self.model.dtype)
             self.ref_model.to(self.device).eval().requires_grad_(False)
         self.value_head = None
         if cfg.algorithm.critic:
