@@ -5,9 +5,12 @@ Why not `model.generate`: the loop here gives every guarantee the rollout needs 
 - finished rows leave the batch (their KV cache rows are dropped), so they stop consuming compute;
 - log-probs and M_t (spec §1) come from the very logits each token is drawn from (no second pass).
 
-Decoding: prompts are left-padded into one batch, prefilled once, then decoded one token per step.
-Per step and row: `logp = log_softmax(z)` of the raw logits z; M_t from `logp`; the token is sampled
-from softmax(z / temperature) after top-k then top-p filtering (temperature 0 = greedy argmax); a
+Decoding: every distinct prompt is prefilled once (rows with the same prompt, e.g. the group members
+of a task at turn 0, share it; a prompt the previous call prefilled with the same weights, e.g. a TDS
+regeneration, is not prefilled again: `_prefill`), the rows' K/V are assembled left-padded into one
+preallocated cache, then the batch decodes one token per step. Per step and row: `logp =
+log_softmax(z)` of the raw logits z; M_t from `logp`; the token is sampled from softmax(z /
+temperature) after top-k then top-p filtering (`sample_tokens`; temperature 0 = greedy argmax); a
 token forced by the intervention replaces the sampled one (equivalent to setting every other logit
 to -inf); the returned log-prob is `logp[token]`, i.e. under the raw logits, temperature not applied
 (the trainer recomputes log-probs from the same raw logits). Token ids are returned exactly as
@@ -30,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicLayer
 
 from t2po.algos.intervention import ThinkingIntervention, vocabulary_text
 from t2po.algos.uncertainty import turn_score, uncertainty_from_logprobs
@@ -139,7 +143,7 @@ class HFEngine(Engine):
         logprobs: list[list[float]] = [[] for _ in prompts]
         finish: list[str | None] = [None] * len(prompts)
         active = list(range(len(prompts)))  # prompt row of each batch position
-        cache, attention_mask, next_position, logits, cached = self._prefill(prompts, pixel_inputs or [None] * len(prompts), device)
+        cache, attention_mask, next_position, logits, cached = self._prefill(prompts, pixel_inputs or [None] * len(prompts), device, sampling.max_new_tokens)
         while True:
             logits = logits.float()
             if suppressed:
@@ -184,10 +188,11 @@ class HFEngine(Engine):
             next_position = next_position + 1
         return token_ids, logprobs, finish, cached
 
-    def _prefill(self, prompts: list[list[int]], pixel_inputs: list[dict | None], device: torch.device):
+    def _prefill(self, prompts: list[list[int]], pixel_inputs: list[dict | None], device: torch.device, new_tokens: int):
         """The batch's KV cache after its prompts, with one forward pass over the prompts not yet in
         the prefix store (each distinct prompt once). Returns (cache, attention mask, next position per
-        row, logits of the next token [B, V], prompt tokens per row served without a forward pass).
+        row, logits of the next token [B, V], prompt tokens per row served without a forward pass); the
+        cache has room for `new_tokens` more positions.
 
         The store keeps the prefilled K/V of the previous call's distinct prompts (unpadded, with the
         next-token logits and next position), so a TDS regeneration of the same turn (spec §3)
@@ -195,7 +200,7 @@ class HFEngine(Engine):
         parameter bumps its version counter) and holds nothing a call did not use. A prompt's K/V do
         not depend on the padding it was prefilled with (its positions start at 0 at its first token),
         so rows can be re-assembled with any left padding."""
-        from transformers import DynamicCache
+        from transformers import Cache
 
         keys = [_prompt_key(p, x) for p, x in zip(prompts, pixel_inputs)]
         stamp = _weights_stamp(self.model)
@@ -214,7 +219,7 @@ class HFEngine(Engine):
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
         for row, prompt in enumerate(prompts):
             attention_mask[row, width - len(prompt) :] = 1
-        cache = DynamicCache(config=self.model.config)
+        cache = Cache(layers=[_PreallocatedLayer(width + new_tokens) for _ in entries[0].keys])
         for layer in range(len(entries[0].keys)):
             k0, v0 = entries[0].keys[layer], entries[0].values[layer]
             k = k0.new_zeros((len(prompts), k0.shape[0], width, k0.shape[-1]))
@@ -229,7 +234,7 @@ class HFEngine(Engine):
 
     def _prefill_forward(self, prompts: list[list[int]], pixel_inputs: list[dict | None], device: torch.device) -> list[_Prefix]:
         """One left-padded forward pass over `prompts`; each row's K/V without its padding."""
-        from transformers import DynamicCache, DynamicLayer
+        from transformers import DynamicCache
 
         from t2po import vlm
 
@@ -316,6 +321,34 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, generator: tor
     # u < total strictly, so the token found has positive probability even after rounding
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(1)
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A `DynamicLayer` whose K/V sit at the front of buffers with room for `capacity` positions: a
+    decode step writes its position in place, where `DynamicLayer` re-allocates the layer's whole
+    cache (`torch.cat`) at every step. `keys`/`values` are views of the filled part."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._keys = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[-1]))
+            self._values = value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[-1]))
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({end} positions)")
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._keys, self._values = self._keys[indices], self._values[indices]
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
 
 
 @dataclass
