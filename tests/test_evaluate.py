@@ -20,7 +20,7 @@ from helpers import wait_for_server
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
-from t2po.checkpoints import locate_policy, resolve_policy
+from t2po.checkpoints import resolve_policy
 from t2po.evaluate import main, markdown_table, summarize
 from t2po.rollout import collect_rollouts
 
@@ -142,49 +142,10 @@ def test_killed_eval_resumes_and_skips_finished_episodes(tiny_model_dir, tmp_pat
     assert json.loads((out / "eval.json").read_text())["episodes_finished"] == 10
 
 
-def _write_run_folder(root: Path, model_dir: Path, model, iterations: list[int]):
-    """A run folder as the trainer writes it: config.yaml and LoRA checkpoints with non-zero adapters."""
-    from peft import LoraConfig, get_peft_model
-
-    run = root / "sokoban-t2po-test"
-    (run / "checkpoints").mkdir(parents=True)
-    config = {"model": {"path": str(model_dir)}, "env": {"name": "sokoban", "options": {"dim_room": [5, 5]}, "val_options": {}},
-              "rollout": {"max_new_tokens": 12, "tti_budget": 7, "val_temperature": 0.6, "val_top_p": 0.95, "val_top_k": 20}}
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-    for it in iterations:
-        ckpt = run / "checkpoints" / f"iter_{it:06d}"
-        peft_model.save_pretrained(ckpt / "adapter", safe_serialization=True)
-        (ckpt / "trainer_state.json").write_text(json.dumps({"iteration": it}))
-    (run / "checkpoints" / "iter_000099.tmp" / "adapter").mkdir(parents=True)  # half-written: ignored
-    return run, peft_model
-
-
 def _logits(tokenizer, *models) -> list[torch.Tensor]:
     ids = torch.tensor([tokenizer.encode("<think>push the box</think>")])
     with torch.no_grad():
         return [m(input_ids=ids).logits for m in models]
-
-
-def test_run_folder_resolves_to_its_latest_checkpoint_merged(tiny_model_dir, tmp_path):
-    from t2po.models import load_model
-
-    base, _ = load_model(tiny_model_dir)
-    run, peft_model = _write_run_folder(tmp_path, tiny_model_dir, base, [1, 2])
-    source = locate_policy(run)
-    assert source.checkpoint == run / "checkpoints" / "iter_000002" and source.base == str(tiny_model_dir)
-    assert source.short_name == "sokoban-t2po-test-iter_000002"
-    merged, tokenizer, description = resolve_policy(run)
-    assert "LoRA adapter merged into" in description
-    got, expected, plain = _logits(tokenizer, merged, peft_model, load_model(tiny_model_dir)[0])
-    assert torch.allclose(got, expected, atol=1e-4), "merged weights act like base + adapter"
-    assert not torch.allclose(got, plain, atol=1e-3), "the adapter changed the model"
-    with pytest.raises(FileNotFoundError, match="incomplete"):
-        locate_policy(run / "checkpoints" / "iter_000099.tmp")
 
 
 def test_bad_input_fails_with_a_message_that_names_the_fix(tiny_model_dir, tmp_path, capsys, monkeypatch):
