@@ -51,18 +51,43 @@ def _split_calls(calls):
     return full, regen
 
 
-def test_tds_regenerates_exactly_the_flagged_rows(engine):
-    result = _run(engine, TDSConfig(eta=0.5, max_try=2))
+def _separating_eta(tiny_model) -> tuple[float, set[int], object]:
+    """An eta that TDS must act on: from a run without TDS, the second turns' |delta Mbar| (spec §3),
+    and an eta between the 2nd and 3rd smallest, so that exactly two of the four second turns are
+    flagged on the first try (the first two turns play the same with TDS on: turn 0 is never
+    resampled). Returns (eta, the flagged trajectories, the run without TDS)."""
+    off = _run(RecordingEngine(*tiny_model), None)
+    score = {(s.traj_id, s.step): s.turn_score for s in off.samples}
+    deltas = {t: abs(score[t, 1] - score[t, 0]) for t in range(4)}
+    ordered = sorted(deltas.values())
+    assert len(set(ordered)) == 4 and ordered[0] > 0, "distinct non-zero deltas, or the threshold cannot separate them"
+    eta = (ordered[1] + ordered[2]) / 2
+    return eta, {t for t, d in deltas.items() if d < eta}, off
+
+
+def test_tds_regenerates_exactly_the_flagged_rows(engine, tiny_model):
+    eta, flagged, off = _separating_eta(tiny_model)
+    result = _run(engine, TDSConfig(eta=eta, max_try=2))
     _, regen = _split_calls(engine.calls)
     regenerated_rows = sum(len(p) for p, _ in regen)
+    assert regenerated_rows > 0, "TDS regenerated nothing"
     assert regenerated_rows == sum(s.resampled for s in result.samples)
     assert result.stats.get("tds_regenerations", 0) == regenerated_rows
     assert all(s.resampled == 0 for s in result.samples if s.step == 0), "no previous turn: never resampled"
+    assert {s.traj_id for s in result.samples if s.step == 1 and s.resampled} == flagged, "second turns: exactly those with 0 < |delta| < eta"
+    # against the run without TDS: same first turns, the flagged second turns replaced, the others kept
+    plain = {(s.traj_id, s.step): s.response_ids for s in off.samples}
+    assert off.stats.get("tds_regenerations", 0) == 0 and not any(s.resampled for s in off.samples)
+    for s in result.samples:
+        if s.step == 0 or (s.step == 1 and s.traj_id not in flagged):
+            assert s.response_ids == plain[s.traj_id, s.step]
+        elif s.step == 1:
+            assert s.response_ids != plain[s.traj_id, s.step], "a flagged turn is answered by its regeneration"
 
 
-def test_tds_flags_follow_the_rule(engine):
+def test_tds_flags_follow_the_rule(engine, tiny_model):
     """For each turn, the rows regenerated first are exactly those with 0 < |delta| < eta."""
-    eta = 0.5
+    eta, _, _ = _separating_eta(tiny_model)
     result = _run(engine, TDSConfig(eta=eta, max_try=1))
     by_traj = {}
     for s in result.samples:
@@ -74,6 +99,7 @@ def test_tds_flags_follow_the_rule(engine):
     first_calls, _ = _split_calls(engine.calls)
     # recompute the expected flags from the first samples and the accepted previous scores
     expected = 0
+    eligible = 0
     accepted_prev = {}
     for turn, (prompts, gens) in enumerate(first_calls):
         turn_samples = [s for s in result.samples if s.step == turn]
@@ -81,8 +107,10 @@ def test_tds_flags_follow_the_rule(engine):
         prev = [accepted_prev.get(s.traj_id, math.nan) for s in turn_samples]
         mask = tds_resample_mask(prev, [g.turn_score for g in gens], eta)
         expected += int(np.sum(mask))
+        eligible += sum(not math.isnan(p) for p in prev)
         for s in turn_samples:
             accepted_prev[s.traj_id] = s.turn_score
+    assert 0 < expected < eligible, "the rule must flag some eligible turns and keep others, or this test shows nothing"
     assert n_flagged == expected
 
 
