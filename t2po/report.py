@@ -7,9 +7,10 @@
 Reads only the run folders' files (`config.yaml`, `metrics.jsonl`, `validation.jsonl`,
 `summary.json`), so it works on finished, running and killed runs alike. Writes into the output folder
 (default `<first run>/report/`):
-  - one PNG per quantity over iterations (success rate, reward, task score, KL, gradient norm,
-    policy entropy, TTI triggers, think length, TDS resample fraction, tokens, held-out validation
-    success), `time_split.png` (seconds per iteration by phase) and `overview.png` with all of them;
+  - one PNG per quantity over iterations (success rate, reward, task score, invalid actions,
+    response length per turn with its shortest-longest band, responses cut at the token limit, KL,
+    gradient norm, policy entropy, TTI triggers, think length, TDS resample fraction, tokens, held-out
+    validation success; fractions on a [0, 1] axis), `time_split.png` (seconds per iteration by phase) and `overview.png` with all of them;
   - `report.md`: per-run and per-configuration tables (final / best training success, held-out
     validation before and after training, tokens, time) that embed the plots.
 Runs whose configs are equal except for `trainer.seed`, `trainer.run_name` and `trainer.output_dir`
@@ -204,30 +205,44 @@ def _short(value_json: str) -> str:
 
 @dataclass(frozen=True)
 class Panel:
-    """One plot: metrics of `metrics.jsonl` over iterations (several keys get several line styles)."""
+    """One plot: metrics of `metrics.jsonl` over iterations (several keys get several line styles).
+
+    `spread` names, per key, the metrics holding that quantity's minimum and maximum within an
+    iteration (drawn as a band around the mean, e.g. the shortest and longest response); `domain`
+    bounds the y axis (fractions: [0, 1], so autoscaling never shows impossible values below 0)."""
 
     file: str
     title: str
     keys: tuple[tuple[str, str], ...]  # (metric key, line label)
     ylabel: str = ""
+    spread: tuple[tuple[str, str, str], ...] = ()  # (metric key, its min key, its max key)
+    domain: tuple[float, float] | None = None
 
 
+FRACTION = (0.0, 1.0)
 PANELS = (
-    Panel("success_rate", "training success rate", (("rollout/success_rate", "success"),), "fraction of episodes won"),
+    Panel("success_rate", "training success rate", (("rollout/success_rate", "success"),), "fraction of episodes won", domain=FRACTION),
     Panel("episode_reward", "episode reward", (("rollout/episode_reward", "reward"),), "reward per episode"),
     Panel("env_score", "task score", (("rollout/env/score", "score"),), "environment score"),
+    Panel("invalid_action_rate", "invalid actions", (("rollout/invalid_action_rate", "invalid"),), "fraction of turns", domain=FRACTION),
+    Panel("response_length", "response length per turn (band: shortest-longest)", (("rollout/response_length", "mean"),), "tokens",
+          spread=(("rollout/response_length", "rollout/response_length_min", "rollout/response_length_max"),)),
+    Panel("clip_ratio", "responses cut at the token limit", (("rollout/clip_ratio", "cut"),), "fraction of turns", domain=FRACTION),
     Panel("kl", "KL", (("actor/approx_kl", "to the rollout policy (approx.)"), ("actor/kl", "to the reference policy")), "nats per token"),
     Panel("grad_norm", "gradient norm (before clipping)", (("actor/grad_norm", "grad norm"),)),
     Panel("entropy", "policy entropy", (("actor/entropy", "entropy"),), "nats per token"),
     Panel("tti_triggers", "TTI triggers (end of thinking forced)",
           (("rollout/tti_stagnation_triggers", "stagnation"), ("rollout/tti_budget_triggers", "budget")), "triggers"),
     Panel("think_length", "think length", (("rollout/think_length", "think tokens"),), "tokens per turn"),
-    Panel("tds_resample_fraction", "TDS: resampled turns", (("rollout/tds_resample_fraction", "resampled"),), "fraction of turns"),
+    Panel("tds_resample_fraction", "TDS: resampled turns", (("rollout/tds_resample_fraction", "resampled"),), "fraction of turns", domain=FRACTION),
     Panel("tokens", "tokens per iteration",
           (("rollout/generated_tokens", "generated (incl. TDS discards)"), ("rollout/response_tokens", "trained on")), "tokens"),
 )
 TIME_PHASES = (("time/rollout", "rollout"), ("time/old_logprob", "old log-probs"), ("time/update", "update"))
 LINE_STYLES = ("-", "--", ":", "-.")
+# Curves that coincide (two seeds with equal values, two counters both at 0) must stay visible: each
+# later curve is drawn thinner than the previous one, with its own marker, hollow.
+MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 def _colors(n: int) -> list:
@@ -237,9 +252,13 @@ def _colors(n: int) -> list:
     return [cmap(k % 10) for k in range(n)]
 
 
-def _draw_line(ax, xs, mean, lo, hi, n_runs: int, color, style: str, label: str) -> None:
-    ax.plot(xs, mean, linestyle=style, color=color, label=label, marker="o" if len(xs) <= 30 else None, markersize=3)
-    if n_runs > 1:
+def _draw_line(ax, xs, mean, lo, hi, band: bool, color, style: str, label: str, order: int = 0) -> None:
+    """One curve with its min-max band; `order` (0, 1, ...) gives later curves a thinner line and
+    another, hollow marker, so that a curve lying on top of an earlier one does not hide it."""
+    marker = MARKERS[order % len(MARKERS)] if len(xs) <= 30 else None
+    ax.plot(xs, mean, linestyle=style, color=color, label=label, marker=marker, markersize=max(6 - 1.5 * order, 3),
+            linewidth=max(2.2 - 0.6 * order, 0.8), markerfacecolor=color if order == 0 else "none")
+    if band:
         ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
 
 
@@ -249,31 +268,42 @@ def _group_label(group: RunGroup) -> str:
 
 
 def draw_panel(ax, panel: Panel, groups: list[RunGroup]) -> bool:
-    """Draw one panel into a matplotlib Axes; False if no run logged any of its metrics."""
+    """Draw one panel into a matplotlib Axes; False if no run logged any of its metrics.
+
+    The band is the within-iteration spread when the panel has one for the key (the smallest minimum
+    and the largest maximum over the seeds), else the spread of the mean over seeds."""
     drawn = False
     colors = _colors(len(groups))
+    spread = {key: (lo_key, hi_key) for key, lo_key, hi_key in panel.spread}
+    order = 0
     for group, color in zip(groups, colors):
         for (key, key_label), style in zip(panel.keys, LINE_STYLES):
             xs, mean, lo, hi = group.series(key)
             if not len(xs):
                 continue
+            band = len(group.runs) > 1
+            if key in spread:
+                lo_xs, _, lo, _ = group.series(spread[key][0])  # the smallest minimum over the seeds
+                hi_xs, _, _, hi = group.series(spread[key][1])  # the largest maximum
+                band = np.array_equal(lo_xs, xs) and np.array_equal(hi_xs, xs)
             parts = [_group_label(group)] if len(groups) > 1 else []
             if len(panel.keys) > 1 or not parts:
                 parts.append(key_label)
-            _draw_line(ax, xs, mean, lo, hi, len(group.runs), color, style, ", ".join(parts))
+            _draw_line(ax, xs, mean, lo, hi, band, color, style, ", ".join(parts), order)
+            order += 1
             drawn = True
-    _decorate(ax, panel.title, panel.ylabel, groups)
+    _decorate(ax, panel.title, panel.ylabel, groups, panel.domain, seed_band=not panel.spread)
     return drawn
 
 
 def draw_validation(ax, groups: list[RunGroup]) -> bool:
     drawn = False
-    for group, color in zip(groups, _colors(len(groups))):
+    for order, (group, color) in enumerate(zip(groups, _colors(len(groups)))):
         xs, mean, lo, hi = group.validation_series()
         if len(xs):
-            _draw_line(ax, xs, mean, lo, hi, len(group.runs), color, "-", _group_label(group))
+            _draw_line(ax, xs, mean, lo, hi, len(group.runs) > 1, color, "-", _group_label(group), order)
             drawn = True
-    _decorate(ax, "held-out validation success", "fraction of tasks solved", groups)
+    _decorate(ax, "held-out validation success", "fraction of tasks solved", groups, FRACTION)
     return drawn
 
 
@@ -302,10 +332,10 @@ def draw_time_split(ax, groups: list[RunGroup]) -> bool:
     return bool(bottoms.any())
 
 
-def _decorate(ax, title: str, ylabel: str, groups: list[RunGroup]) -> None:
+def _decorate(ax, title: str, ylabel: str, groups: list[RunGroup], domain: tuple[float, float] | None = None, seed_band: bool = True) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    if any(len(g.runs) > 1 for g in groups):
+    if seed_band and any(len(g.runs) > 1 for g in groups):
         title += " (mean over seeds, band min-max)"
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("iteration")
@@ -313,6 +343,12 @@ def _decorate(ax, title: str, ylabel: str, groups: list[RunGroup]) -> None:
     x0, x1 = ax.dataLim.intervalx
     if ax.has_data() and x0 == x1:  # a single iteration: give it some room instead of a ±0.04 axis
         ax.set_xlim(x0 - 1, x1 + 1)
+    if domain is not None and ax.has_data():  # autoscaling pads past the domain (a rate of 0 gave an axis from -0.05)
+        y0, y1 = ax.get_ylim()
+        lo, hi = max(y0, domain[0]), min(y1, domain[1])
+        ax.set_ylim(lo, hi if hi > lo else lo + 0.05 * (domain[1] - domain[0]))
+        for line in ax.lines:
+            line.set_clip_on(False)  # markers exactly on the bound stay whole
     if ylabel:
         ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

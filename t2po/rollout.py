@@ -62,8 +62,11 @@ class StepSample:
     image: Any = None  # the observation's PIL image (image observations), else None
     pixel_inputs: dict | None = None  # the image as the model's processor gave it to the engine (t2po.vlm)
     prompt_text: str = ""  # the user message (env.render_prompt), before any chat template
-    finish_reason: str = ""
+    finish_reason: str = ""  # the engine's: "stop" or "length" (cut at rollout.max_new_tokens)
     usage: dict = field(default_factory=dict)  # a text policy's accounting (API: completion tokens, attempts, ...)
+    # the responses TDS generated for this turn and then replaced (spec §3), oldest first: kept for the
+    # traces only, never trained on ({"text", "token_ids", "turn_score", "forced"})
+    discarded: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -112,6 +115,10 @@ def build_prompt(tokenizer: Any, text: str, image: Any = None, max_prompt_tokens
 
     ids, pixels = build_image_prompt(tokenizer, text, image, max_prompt_tokens)
     return ids, pixels, False
+
+
+def _discarded(g: Generation) -> dict:
+    return {"text": g.text, "token_ids": list(g.token_ids), "turn_score": g.turn_score, "forced": list(g.forced)}
 
 
 def call_seed(seed: int, turn: int, attempt: int) -> int:
@@ -183,6 +190,7 @@ def collect_rollouts(
             distinct = {(tuple(t.prompt_ids), j if t.pixel_inputs is not None else -1) for j, t in enumerate(turns)}
             counters["unique_prompt_tokens"] += sum(len(ids) for ids, _ in distinct)
         resampled = [0] * len(idx)
+        discarded: list[list[dict]] = [[] for _ in idx]
         if tds is not None and tds.enabled:
             prev = [prev_score[i] for i in idx]
             counters["tds_eligible_turns"] += sum(not math.isnan(p) for p in prev)
@@ -193,6 +201,7 @@ def collect_rollouts(
                 regen = policy.act([turns[j] for j in flagged], call_seed(seed, turn, attempt))
                 for j, g in zip(flagged, regen):
                     counters["tds_extra_tokens"] += gens[j].num_tokens  # the discarded sample's tokens
+                    discarded[j].append(_discarded(gens[j]))
                     counters["generated_tokens"] += g.num_tokens
                     counters["prefill_tokens"] += g.prompt_tokens - g.cached_prompt_tokens
                     gens[j] = g
@@ -234,6 +243,7 @@ def collect_rollouts(
                     prompt_text=t.prompt,
                     finish_reason=g.finish_reason,
                     usage={"prompt_tokens": g.prompt_tokens, **g.usage} if tokenizer is None else {},
+                    discarded=discarded[j],
                 )
             )
             histories[i].append((states[i].observation, parsed.action))
@@ -283,6 +293,10 @@ def rollout_stats(episodes: list[Episode], counters: dict[str, float] | None = N
         "steps": float(len(samples)),
         "response_tokens": float(sum(len(x.response_ids) for x in samples)),
         "response_length": float(np.mean([len(x.response_ids) for x in samples])) if samples else 0.0,
+        "response_length_min": float(min(len(x.response_ids) for x in samples)) if samples else 0.0,
+        "response_length_max": float(max(len(x.response_ids) for x in samples)) if samples else 0.0,
+        # responses cut at the token limit (verl's response_length/clip_ratio)
+        "clip_ratio": float(np.mean([x.finish_reason == "length" for x in samples])) if samples else 0.0,
         "tti_budget_triggers": float(sum(x.tti_triggers.get("budget", 0) for x in samples)),
         "tti_stagnation_triggers": float(sum(x.tti_triggers.get("stagnation", 0) for x in samples)),
         "think_length": float(np.mean([x.think_length for x in samples])) if samples else 0.0,

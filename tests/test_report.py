@@ -17,7 +17,7 @@ from t2po.config import load_config
 from t2po.report import PANELS, draw_panel, group_runs, load_run, main, write_report
 from t2po.trainer.trainer import Trainer
 
-EXPECTED_PLOTS = ["success_rate", "episode_reward", "kl", "grad_norm", "entropy", "tti_triggers", "think_length",
+EXPECTED_PLOTS = ["success_rate", "episode_reward", "invalid_action_rate", "response_length", "clip_ratio", "kl", "grad_norm", "entropy", "tti_triggers", "think_length",
                   "tds_resample_fraction", "tokens", "validation_success", "time_split", "overview"]
 
 
@@ -130,6 +130,51 @@ def test_configurations_are_labelled_by_their_differences_and_killed_runs_are_re
     for name in ("success_rate", "validation_success", "time_split", "overview"):
         assert_image_with_content(out / f"{name}.png")
     assert not (out / "kl.png").exists(), "no run logged a KL: no empty plot"
+
+
+def _metrics_run(root: Path, name: str, rows: list[dict]) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(load_config("default", [f"trainer.run_name={name}"]).to_dict()))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"iteration": k + 1, **r}) + "\n" for k, r in enumerate(rows)))
+    return run
+
+
+def _panel(name: str):
+    return next(p for p in PANELS if p.file == name)
+
+
+def test_agent_panels_band_the_response_length_and_clamp_fractions(tmp_path):
+    rows = [{"rollout/response_length": 20.0, "rollout/response_length_min": 5.0, "rollout/response_length_max": 40.0,
+             "rollout/clip_ratio": 0.0, "rollout/invalid_action_rate": 0.0},
+            {"rollout/response_length": 30.0, "rollout/response_length_min": 12.0, "rollout/response_length_max": 48.0,
+             "rollout/clip_ratio": 0.25, "rollout/invalid_action_rate": 1.0}]
+    groups = group_runs([load_run(_metrics_run(tmp_path, "r", rows))])
+    ax = Figure().add_subplot()
+    assert draw_panel(ax, _panel("response_length"), groups)
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]  # one run: the band is the within-iteration min-max
+    assert band.min() == 5.0 and band.max() == 48.0
+    for name in ("clip_ratio", "invalid_action_rate"):
+        ax = Figure().add_subplot()
+        assert draw_panel(ax, _panel(name), groups)
+        y0, y1 = ax.get_ylim()
+        assert y0 >= 0.0 and y1 <= 1.0, (name, y0, y1)  # autoscaling alone gives -0.05 .. 1.05
+    out = write_report([tmp_path / "r"], tmp_path / "out")
+    for name in ("invalid_action_rate", "response_length", "clip_ratio"):
+        assert_image_with_content(out / f"{name}.png")
+
+
+def test_coinciding_curves_stay_distinguishable(tmp_path):
+    """Two counters that are both 0 (TTI stagnation and budget) and two configurations with equal
+    success: each later curve gets another marker, hollow, and a thinner line than the one below it."""
+    zero = {"rollout/tti_stagnation_triggers": 0.0, "rollout/tti_budget_triggers": 0.0}
+    groups = group_runs([load_run(_metrics_run(tmp_path, "r", [zero, zero]))])
+    ax = Figure().add_subplot()
+    assert draw_panel(ax, _panel("tti_triggers"), groups)
+    first, second = ax.lines
+    assert first.get_marker() != second.get_marker()
+    assert second.get_linewidth() < first.get_linewidth()
+    assert second.get_markerfacecolor() == "none"
 
 
 def test_bad_paths_get_a_clear_error(tmp_path, capsys):

@@ -225,7 +225,7 @@ class Trainer:
         # the episodes without what the statistics do not read (token ids, texts, images)
         light = [dataclasses.replace(ep, observations=[], samples=[
             dataclasses.replace(x, prompt_ids=[], response_ids=[0] * len(x.response_ids), rollout_logprobs=[], response_text="", anchor_obs="",
-                                image=None, pixel_inputs=None, prompt_text="")
+                                image=None, pixel_inputs=None, prompt_text="", discarded=[])
             for x in ep.samples]) for ep in result.episodes]
         everyone = gather_objects((light, {k: result.stats[k] for k in COUNTERS if k in result.stats}))
         counters = {k: sum(c[k] for _, c in everyone if k in c) for k in COUNTERS if any(k in c for _, c in everyone)}
