@@ -6,11 +6,17 @@
 A new environment is one module with a `BatchEnv` subclass decorated with `@register_env("name")`,
 plus its module path in `_BUILTIN` below (modules are imported lazily so that heavy dependencies of
 one environment never slow down another).
+
+An environment outside this package needs no edit here: name it by its import path,
+`env.name=my_package.my_module:MyEnv` (the module must be importable: installed, or on PYTHONPATH),
+or register it from an installed package under the entry-point group `t2po.envs`
+(`[project.entry-points."t2po.envs"] myenv = "my_package.my_module:MyEnv"`, then `env.name=myenv`).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 from typing import Any, Callable
 
@@ -18,7 +24,7 @@ import yaml
 
 from t2po.envs.base import BatchEnv, EnvState
 from t2po.envs.parsing import ParsedAction, parse_think_action
-from t2po.suggest import closest
+from t2po.suggest import closest, did_you_mean
 
 _REGISTRY: dict[str, type[BatchEnv]] = {}
 
@@ -44,13 +50,47 @@ def register_env(name: str) -> Callable[[type[BatchEnv]], type[BatchEnv]]:
     return deco
 
 
+ENTRY_POINT_GROUP = "t2po.envs"
+
+
+def _entry_points() -> dict[str, str]:
+    """name -> "module:Class" of the environments installed packages declare (group `t2po.envs`)."""
+    return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _import_env_class(path: str) -> type[BatchEnv]:
+    """The `BatchEnv` subclass named by "package.module:ClassName"."""
+    module_name, _, class_name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"Environment {path!r}: cannot import module {module_name!r} ({e}). Install its package or put its folder "
+                         "on PYTHONPATH.") from e
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, BatchEnv)):
+        found = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, BatchEnv) and v is not BatchEnv)
+        raise ValueError(f"Environment {path!r}: {module_name} has no BatchEnv subclass {class_name!r}{did_you_mean(class_name, found)} "
+                         f"(BatchEnv subclasses there: {', '.join(found) or 'none'}).")
+    return cls
+
+
 def get_env_class(name: str) -> type[BatchEnv]:
-    if name not in _REGISTRY and name in _BUILTIN:
-        importlib.import_module(_BUILTIN[name])
     if name not in _REGISTRY:
-        known = sorted(set(_REGISTRY) | set(_BUILTIN))
+        if name in _BUILTIN:
+            importlib.import_module(_BUILTIN[name])
+        elif ":" in name:  # package.module:ClassName, an environment outside t2po
+            cls = _import_env_class(name)
+            cls.name = cls.name or name
+            _REGISTRY[name] = cls
+        elif name in (plugins := _entry_points()):
+            cls = _import_env_class(plugins[name])
+            cls.name = cls.name or name
+            _REGISTRY[name] = cls
+    if name not in _REGISTRY:
+        known = list_envs()
         near = closest(name, known)
-        raise ValueError(f"Unknown environment {name!r}.{f' Did you mean {near!r}?' if near else ''} Known: {', '.join(known)}.")
+        raise ValueError(f"Unknown environment {name!r}.{f' Did you mean {near!r}?' if near else ''} Known: {', '.join(known)}; "
+                         "an environment of your own: env.name=package.module:ClassName.")
     return _REGISTRY[name]
 
 
@@ -61,7 +101,7 @@ def make_env(name: str, **options: Any) -> BatchEnv:
 
 
 def list_envs() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_BUILTIN))
+    return sorted(set(_REGISTRY) | set(_BUILTIN) | set(_entry_points()))
 
 
 def parse_env_options(items: list[str], flag: str = "--env-option") -> dict[str, Any]:

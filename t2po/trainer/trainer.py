@@ -52,7 +52,8 @@ class Trainer:
         self.resume = resume
         self.quiet = quiet
         if run_dir is None:
-            name = cfg.trainer.run_name or f"{cfg.env.name}-{cfg.algo.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+            env = cfg.env.name.rpartition(":")[2]  # an environment outside the package: package.module:ClassName
+            name = cfg.trainer.run_name or f"{env}-{cfg.algo.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
             run_dir = Path(cfg.trainer.output_dir) / name
         self.run_dir = Path(run_dir)
         self.rollout = cfg.resolved_rollout()  # TTI/TDS on or off and the validation budget, as this run plays them
