@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import traceback
 
 TRAIN_HELP = """\
 Train an agent with T2PO or a baseline.
@@ -76,12 +78,30 @@ def _train(argv: list[str]) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"t2po train: {e}", file=sys.stderr)
         return 2
+    from t2po.tracking import run_status
+
+    # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: checkpoints stay whole, the MLflow run ends KILLED
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    error: BaseException | None = None
     try:
         trainer.setup()
         trainer.train()
+    except BaseException as e:  # reported here, while the console still goes into train.log
+        error = e
+        if isinstance(e, KeyboardInterrupt):
+            print(f"t2po train: stopped ({e or 'Ctrl-C'}); continue with: t2po train --resume {trainer.run_dir}", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
     finally:
-        trainer.cleanup()
-    return 0
+        trainer.cleanup(run_status(error))
+        signal.signal(signal.SIGTERM, previous)
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    return 1 if error is not None else 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _envs(argv: list[str]) -> int:

@@ -139,9 +139,11 @@ def collect_rollouts(
     invalid_action_penalty: float = INVALID_ACTION_PENALTY,
     max_prompt_tokens: int | None = None,
     seed: int = 0,
+    progress: Any = None,
 ) -> RolloutResult:
     """Play `len(task_seeds) * group_size` episodes to the end (or `max_turns`). `policy` is a
-    `t2po.policies.Policy`, or an engine played with `sampling` and `intervention` (`EnginePolicy`)."""
+    `t2po.policies.Policy`, or an engine played with `sampling` and `intervention` (`EnginePolicy`).
+    `progress` (a `t2po.progress.Progress` over the episodes) is advanced as episodes finish, once per turn."""
     if isinstance(policy, Engine):
         if sampling is None:
             raise ValueError("collect_rollouts(engine, ...) needs the sampling parameters (sampling=SamplingParams(...))")
@@ -252,7 +254,11 @@ def collect_rollouts(
             observations[i].append(new.observation)
             if new.done:
                 active[i] = False
+        if progress is not None:
+            progress.update(sum(new_states[i].done for i in idx), note=f"turn {turn + 1}/{max_turns}")
 
+    if progress is not None and sum(active):
+        progress.update(sum(active), note="turn limit")  # the episodes that max_turns cut short
     episodes = []
     for i in range(n):
         s = samples_of[i]

@@ -126,6 +126,11 @@ def tokenize_conversations(convs: list[Conversation], tokenizer: Any, max_prompt
     return examples
 
 
+def sft_steps(num_examples: int, epochs: int, batch_size: int) -> int:
+    """Optimizer steps `sft_train` takes."""
+    return epochs * math.ceil(num_examples / batch_size)
+
+
 def sft_train(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -136,9 +141,11 @@ def sft_train(
     micro_batch_tokens: int = 4096,
     seed: int = 0,
     log: Callable[[dict], None] | None = None,
+    progress: Any = None,
 ) -> list[float]:
     """Minimise the mean negative log-likelihood of the response tokens (assistant tokens only).
-    `examples` are (prompt ids, response ids[, pixel inputs]). Returns the mean loss of each epoch."""
+    `examples` are (prompt ids, response ids[, pixel inputs]). Returns the mean loss of each epoch.
+    `progress` (a `t2po.progress.Progress` over `sft_steps(...)` optimizer steps) advances per step."""
     if not examples:
         raise ValueError("No SFT examples: the conversation set is empty.")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -148,7 +155,7 @@ def sft_train(
     prompts = [e[0] for e in examples]
     responses = [e[1] for e in examples]
     pixels = [e[2] if len(e) > 2 else None for e in examples]
-    total_steps = epochs * math.ceil(len(examples) / batch_size)
+    total_steps = sft_steps(len(examples), epochs, batch_size)
     step = 0
     epoch_losses = []
     device = params[0].device  # the micro-batches go where the model is
@@ -176,6 +183,8 @@ def sft_train(
             optimizer.step()
             step += 1
             losses.append(loss_sum)
+            if progress is not None:
+                progress.update(1, note=f"epoch {epoch + 1}/{epochs}, loss {loss_sum:.3f}")
         epoch_losses.append(float(sum(losses) / len(losses)))
         if log:
             log({"sft/epoch": epoch + 1, "sft/loss": epoch_losses[-1]})

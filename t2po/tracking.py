@@ -72,6 +72,16 @@ def mlflow_ui_command(store_dir: Path) -> str:
     return f"mlflow ui --backend-store-uri {mlflow_store_uri(store_dir)}"
 
 
+def run_status(error: BaseException | None = None) -> str:
+    """How a run ended, in MLflow's words: FINISHED, KILLED (Ctrl-C, SIGTERM: `t2po train` turns it
+    into KeyboardInterrupt) or FAILED (any other exception). Default: the exception in flight."""
+    if error is None:
+        error = sys.exc_info()[1]
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
 class Tracker:
     """One logging backend. Methods may raise; `TrackerGroup` contains the damage."""
 
@@ -84,7 +94,8 @@ class Tracker:
         """Attach a file or a whole folder (under `subdir` in the tracker's artifact tree)."""
         raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self, status: str | None = None) -> None:
+        """End the run as `status` (FINISHED, FAILED, KILLED; None: `run_status()`)."""
         raise NotImplementedError
 
 
@@ -166,11 +177,9 @@ class MlflowTracker(Tracker):
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path=subdir)
 
-    def close(self) -> None:
+    def close(self, status: str | None = None) -> None:
         # called from the trainer's `finally`: an exception in flight means the run did not finish
-        exc = sys.exc_info()[0]
-        status = "FINISHED" if exc is None else "KILLED" if issubclass(exc, KeyboardInterrupt) else "FAILED"
-        self.client.set_terminated(self.run_id, status=status)
+        self.client.set_terminated(self.run_id, status=status or run_status())
 
 
 class TensorBoardTracker(Tracker):
@@ -196,7 +205,7 @@ class TensorBoardTracker(Tracker):
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
         pass  # see the class docstring
 
-    def close(self) -> None:
+    def close(self, status: str | None = None) -> None:
         self.writer.close()
 
 
@@ -233,8 +242,8 @@ class WandbTracker(Tracker):
             artifact.add_file(str(path))
         self.run.log_artifact(artifact)
 
-    def close(self) -> None:
-        self.run.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
+    def close(self, status: str | None = None) -> None:
+        self.run.finish(exit_code=0 if (status or run_status()) == "FINISHED" else 1)
 
 
 TRACKERS: dict[str, type[Tracker]] = {"mlflow": MlflowTracker, "tensorboard": TensorBoardTracker, "wandb": WandbTracker}
@@ -261,8 +270,8 @@ class TrackerGroup:
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
         self._call("log_artifact", Path(path), subdir)
 
-    def close(self) -> None:
-        self._call("close")
+    def close(self, status: str | None = None) -> None:
+        self._call("close", status or run_status())
 
 
 def make_trackers(names: list[str], run_dir: Path, params: dict, quiet: bool = False) -> TrackerGroup:

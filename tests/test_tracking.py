@@ -103,7 +103,7 @@ class ExplodingTracker(Tracker):
     def log_artifact(self, path, subdir=None):
         raise OSError("No space left on device")
 
-    def close(self):
+    def close(self, status=None):
         raise OSError("No space left on device")
 
 

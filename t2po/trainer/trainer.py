@@ -42,6 +42,7 @@ from t2po.distributed import (
 from t2po.engines import engine_class, engine_spec, make_engine
 from t2po.envs import make_env
 from t2po.policy import forward_micro_batch, make_micro_batch, pack_by_length
+from t2po.progress import ConsoleLog, Progress, silence_library_progress
 from t2po.rollout import COUNTERS, RolloutResult, StepSample, collect_rollouts, rollout_stats
 from t2po.tracking import validation_step
 
@@ -79,6 +80,9 @@ class Trainer:
             self.run_dir = Path(from_rank0(str(self.run_dir)))
             self.quiet = self.quiet or not self.dist.is_main
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # everything printed from here on is also in <run_dir>/train.log, the explanation of a run that died
+        self.console = ConsoleLog(self.run_dir) if self.dist.is_main else None
+        silence_library_progress()
         self.ckpt_root = self.run_dir / CHECKPOINTS
         if not self.resume and self.dist.is_main:
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -213,6 +217,21 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = self.cfg.optim.lr * factor
 
+    def _plan_line(self) -> str:
+        """What this run will do, said before it starts (how much work is coming)."""
+        cfg = self.cfg
+        r = cfg.rollout
+        turns = f"up to {r.max_turns} turns" if r.max_turns else "turns up to the environment's max_steps"
+        todo = max(cfg.trainer.iterations - self.start_iteration, 0)
+        parts = [f"[plan] {cfg.env.name} / {cfg.algo.name}: {todo} RL iterations of {r.num_tasks * r.group_size} episodes "
+                 f"({r.num_tasks} tasks x {r.group_size}), {turns}, {r.sampling.max_new_tokens} new tokens per turn"]
+        if cfg.warmup.episodes > 0 and not self.run_state.get("warmup_done"):
+            parts.append(f"warm-up: {cfg.warmup.episodes} expert episodes, {cfg.warmup.epochs} SFT epochs")
+        vals = (["before"] if cfg.trainer.val_before_train else []) + (["after warm-up"] if cfg.warmup.episodes > 0 else [])
+        vals += [f"every {cfg.trainer.val_every} iterations"] if cfg.trainer.val_every else []
+        parts.append(f"validation: {r.val_num_tasks} held-out tasks ({', '.join(vals + ['at the end'])})")
+        return "; ".join(parts)
+
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
         if not self.quiet:
@@ -244,10 +263,10 @@ class Trainer:
         seeds = list(range(cfg.rollout.val_num_tasks))  # the same held-out tasks in every run (the split sets them apart)
         seeds = shard_tasks(seeds, self.dist.rank, self.dist.world_size)
         t0 = time.time()
-        with self._rollout_weights():
+        with self._rollout_weights(), Progress(len(seeds), f"[val {tag}]", "episode", disable=self.quiet) as bar:
             result = collect_rollouts(self.engine, self.val_env, seeds, 1, self.rollout.val_sampling, self.rollout.tti, None,
                                       cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
-                                      seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank)
+                                      seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank, progress=bar)
         stats = {**self._global_stats(result), "seconds": from_rank0(time.time() - t0)}
         self.run_state["validation"][tag] = stats
         self._save_run_state()
@@ -269,7 +288,7 @@ class Trainer:
         """Supervised warm-up on expert demonstrations in the response format (spec §5 cold start),
         merged into the base weights so that RL starts from (and, under LoRA, regularises towards) it."""
         from t2po.models import save_tokenizer
-        from t2po.sft import play_expert_episodes, save_conversations, sft_train, tokenize_conversations
+        from t2po.sft import play_expert_episodes, save_conversations, sft_steps, sft_train, tokenize_conversations
 
         cfg = self.cfg
         t0 = time.time()
@@ -280,9 +299,11 @@ class Trainer:
         save_conversations(convs, self.run_dir / "warmup_demos.jsonl")
         examples = tokenize_conversations(convs, self.tokenizer, cfg.rollout.max_prompt_tokens)
         self.log(f"[warm-up] {len(convs)} expert episodes ({sum(c.won for c in convs)} won), {len(examples)} steps; SFT for {cfg.warmup.epochs} epochs")
-        losses = sft_train(self.model, self.tokenizer, examples, epochs=cfg.warmup.epochs, lr=cfg.warmup.lr,
-                           batch_size=cfg.warmup.batch_size, micro_batch_tokens=cfg.optim.micro_batch_tokens, seed=cfg.trainer.seed,
-                           log=lambda m: self.trackers.log_metrics(m, step=int(m["sft/epoch"])))
+        steps = sft_steps(len(examples), cfg.warmup.epochs, cfg.warmup.batch_size)
+        with Progress(steps, "[warm-up SFT]", "step", disable=self.quiet) as bar:
+            losses = sft_train(self.model, self.tokenizer, examples, epochs=cfg.warmup.epochs, lr=cfg.warmup.lr,
+                               batch_size=cfg.warmup.batch_size, micro_batch_tokens=cfg.optim.micro_batch_tokens, seed=cfg.trainer.seed,
+                               log=lambda m: self.trackers.log_metrics(m, step=int(m["sft/epoch"])), progress=bar)
         # merge the warm-up into the base weights and save it as this run's base model
         model = self.model.merge_and_unload() if cfg.model.lora else self.model
         out = self.run_dir / WARMUP_MODEL
@@ -382,9 +403,11 @@ class Trainer:
         real_tokens = processed_tokens = 0
         lengths = [len(s.response_ids) for s in samples]
         filler = next(self._micro_batches([0], samples))  # run with loss weight 0 (t2po.distributed.padded)
-        for _ in range(cfg.optim.ppo_epochs):
-            # one process: rng.permutation(len(samples)) in mini_batch_size chunks; several: the same global plan
-            for share in plan_mini_batches(lengths, cfg.optim.mini_batch_size, rng):
+        # one process: rng.permutation(len(samples)) in mini_batch_size chunks per epoch; several: the same global plan
+        plans = [plan_mini_batches(lengths, cfg.optim.mini_batch_size, rng) for _ in range(cfg.optim.ppo_epochs)]
+        bar = Progress(sum(map(len, plans)), f"[update iter {iteration + 1}]", "step", disable=self.quiet)
+        for plan in plans:
+            for share in plan:
                 mini, n_tok = share.indices, share.global_tokens
                 self.optimizer.zero_grad(set_to_none=True)
                 for mb, real in padded(list(self._micro_batches(mini, samples)), filler):
@@ -435,6 +458,8 @@ class Trainer:
                         acc(k, m[k])
                 acc("grad_norm", clip_grad_norm(params, cfg.optim.grad_clip))
                 self.optimizer.step()
+                bar.update(1)
+        bar.close()
         self.scheduler_step += 1
         metrics = mean_over_ranks({k: sums[k] / counts[k] for k in sums})
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -447,12 +472,13 @@ class Trainer:
         cfg = self.cfg
         t0 = time.time()
         self.model.eval()
-        with self._rollout_weights():
+        episodes = len(shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size)) * cfg.rollout.group_size
+        with self._rollout_weights(), Progress(episodes, f"[rollout iter {it + 1}]", "episode", disable=self.quiet) as bar:
             result: RolloutResult = collect_rollouts(
                 self.engine, self.train_env, shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size), cfg.rollout.group_size,
                 self.rollout.sampling, self.rollout.tti, self.rollout.tds,
                 cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
-                seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank)
+                seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank, progress=bar)
         t_rollout = time.time() - t0
         samples = result.samples
         if cfg.algo.dynamic_sampling:
@@ -493,6 +519,7 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         t_start = time.time()
+        self.log(self._plan_line())
         val = self.run_state["validation"]
         if self.start_iteration == 0 and not self.run_state.get("warmup_done"):
             if cfg.trainer.val_before_train and "before" not in val:
@@ -524,6 +551,7 @@ class Trainer:
         self.trackers.log_artifact(self.run_dir / "summary.json")
         self.trackers.log_artifact(self.run_dir / "validation.jsonl")
         if cfg.trainer.report:
+            self.log("[report] drawing the plots and report.md")
             self._write_report()
         self.log(format_summary(summary))
         return summary
@@ -572,14 +600,16 @@ class Trainer:
             **({"environment": described} if (described := self.val_env.describe()) else {}),
         }
 
-    def cleanup(self) -> None:
+    def cleanup(self, status: str | None = None) -> None:
+        """Release everything; `status` ends the tracker runs as FINISHED, FAILED or KILLED
+        (default: from the exception in flight, see `t2po.tracking.run_status`)."""
         if getattr(self, "engine", None) is not None:
             self.engine.close()
         for env in (getattr(self, "train_env", None), getattr(self, "val_env", None)):
             if env is not None:
                 env.close()
         if getattr(self, "trackers", None) is not None:
-            self.trackers.close()
+            self.trackers.close(status)
         if getattr(self, "dist", None) is not None and self.dist.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
             # FSDP2's device mesh keeps the process group, and gloo's worker threads, alive until the
@@ -587,6 +617,8 @@ class Trainer:
             # releasing a collective's tensors cannot take the GIL and aborts the process (seen under load).
             self.model = self.optimizer = self.ref_model = self.engine = None
             gc.collect()
+        if getattr(self, "console", None) is not None:
+            self.console.close()
 
 
 def format_summary(s: dict) -> str:
