@@ -2,17 +2,25 @@
 knows the layout (the trainer writes it, `t2po eval`, `t2po serve` and `t2po rft` read it):
 
     RUN/config.yaml                      the run's resolved config
-    RUN/warmup_model/                    the merged warm-up model (spec §5), when a warm-up ran: the
-                                         base the checkpoints apply to (else the config's model.path)
+    RUN/warmup_model/                    the warm-up (spec §5), when one ran: the base the checkpoints
+                                         apply to (else the config's model.path); a LoRA warm-up is its
+                                         adapter on model.path (`load_model` merges it), a full one the model
     RUN/checkpoints/iter_000012/         one complete checkpoint, written as iter_000012.tmp/ and renamed:
         adapter/ or model/               the LoRA adapter or the full weights (one process), or
         shard-*.safetensors              every rank's shards (several processes, `t2po.distributed.save_sharded`)
         value_head.safetensors           the critic (ppo, one process)
         optimizer.safetensors + .json    optimizer state (tensors + the rest)
         rng.safetensors                  the torch RNG state (one process)
+        checkpoint.json                  what the folder is, for readers without t2po: kind (lora, full,
+                                         sharded), base model folder, iteration, how to load it
         trainer_state.json               iteration, scheduler step; written last: marks the folder complete
 
 The newest folder with `trainer_state.json` (never one named `.tmp`) is the run's latest checkpoint.
+A LoRA adapter's `adapter_config.json` names the real model folder it applies to, so that
+`AutoPeftModelForCausalLM.from_pretrained(".../adapter")` rebuilds the policy; after a LoRA warm-up the
+adapter holds the warm-up's ranks and the RL ranks side by side on the warm-up's own base
+(`combine_adapters`: PEFT cannot stack an adapter on an adapter folder). `t2po export` writes a merged
+Hugging Face model folder.
 No pickle anywhere. Module-level imports are light (no torch): the API evaluation path imports it.
 """
 
@@ -136,16 +144,82 @@ def optimizer_from_tensors(optimizer: Any, tensors: dict[str, Any], meta: dict) 
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+CHECKPOINT_INFO = "checkpoint.json"
+
+
+def write_checkpoint_info(folder: Path, kind: str, base: str, iteration: int, prefix_rank: int = 0) -> None:
+    """`checkpoint.json`: what a checkpoint folder holds, readable without t2po. `prefix_rank` > 0: the
+    adapter's first `prefix_rank` LoRA ranks are the warm-up's (`combine_adapters`)."""
+    how = {"lora": "AutoPeftModelForCausalLM.from_pretrained('<this folder>/adapter'), or `t2po export <this folder> --out DIR` for a merged model",
+           "full": "the weights in model/ apply to the base's architecture and tokenizer; `t2po export <this folder> --out DIR` writes a complete model folder",
+           "sharded": "torch.distributed.checkpoint shards (t2po.distributed.load_sharded); `t2po export <this folder> --out DIR` writes a model folder"}[kind]
+    info = {"format": "t2po checkpoint", "kind": kind, "base": base, "iteration": iteration, "load": how,
+            **({"warmup_adapter_rank": prefix_rank} if prefix_rank else {})}
+    (Path(folder) / CHECKPOINT_INFO).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def checkpoint_info(ckpt: Path) -> dict:
+    """`checkpoint.json` of a checkpoint folder ({} for folders written before it existed)."""
+    path = Path(ckpt) / CHECKPOINT_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def point_adapter_at(adapter_dir: Path, base: str) -> None:
+    """Make a saved PEFT adapter name the folder it was trained on. peft writes the base model's
+    `name_or_path`, which after a merged warm-up is still the un-warmed model: loading the adapter
+    with plain PEFT then silently applied it to the wrong weights."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = str(base)
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def combine_adapters(prefix_dir: Path, adapter_dir: Path) -> int:
+    """Rewrite the LoRA adapter in `adapter_dir` (trained on the base with the adapter in `prefix_dir`
+    merged in) as one adapter on that base: ranks concatenated, A = [A1; A2], B = [B1, B2], with the
+    common scaling alpha/r kept (alpha = scaling x (r1 + r2)), so that delta W = s B1 A1 + s B2 A2
+    exactly. Returns r1, the rank of the prefix (`split_combined_adapter` takes it back out)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    first = json.loads((Path(prefix_dir) / "adapter_config.json").read_text())
+    second = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    same = ("target_modules", "layers_to_transform", "use_rslora", "rank_pattern", "alpha_pattern")
+    if first["lora_alpha"] / first["r"] != second["lora_alpha"] / second["r"] or any(first.get(k) != second.get(k) for k in same):
+        raise ValueError(f"cannot combine the adapters in {prefix_dir} and {adapter_dir}: different LoRA layouts")
+    w1 = load_file(str(Path(prefix_dir) / "adapter_model.safetensors"))
+    w2 = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    if set(w1) != set(w2):
+        raise ValueError(f"cannot combine the adapters in {prefix_dir} and {adapter_dir}: different LoRA modules")
+    combined = {k: torch.cat([w1[k], w2[k]], dim=0 if ".lora_A." in k else 1).contiguous() for k in w2}
+    save_file(combined, str(Path(adapter_dir) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    rank = first["r"] + second["r"]
+    second.update(r=rank, lora_alpha=second["lora_alpha"] / second["r"] * rank)
+    atomic_write_text(Path(adapter_dir) / "adapter_config.json", json.dumps(second, indent=2, sort_keys=True) + "\n")
+    return int(first["r"])
+
+
+def split_combined_adapter(weights: dict, prefix_rank: int) -> dict:
+    """The RL adapter's own weights out of a `combine_adapters` result (exact slices)."""
+    return {k: (v[prefix_rank:] if ".lora_A." in k else v[:, prefix_rank:]).contiguous() for k, v in weights.items()}
+
+
 def save_checkpoint(ckpt_root: Path, iteration: int, model: Any, optimizer: Any, trainer_state: dict, value_head: Any = None,
-                    lora: bool = True, keep: int = 2, sharded: bool = False) -> Path:
+                    lora: bool = True, keep: int = 2, sharded: bool = False, base: str | None = None,
+                    prefix_adapter: Path | None = None) -> Path:
     """Write `checkpoints/iter_NNNNNN/` (see the module docstring) and prune to the newest `keep`.
-    `sharded`: every rank calls this and writes its shards (`t2po.distributed.save_sharded`)."""
+    `sharded`: every rank calls this and writes its shards (`t2po.distributed.save_sharded`). `base`:
+    the model folder the weights apply to (`t2po.models.model_directory` of the policy's base), named in
+    checkpoint.json and the adapter; `prefix_adapter`: the LoRA warm-up adapter that base has merged in
+    (then `base` is the warm-up's own base, see `combine_adapters`)."""
     from t2po.distributed import barrier, save_sharded
 
     final = checkpoint_dir(ckpt_root, iteration)
     if sharded:
         path = save_sharded(final, model, optimizer, {**trainer_state, "iteration": iteration})
         if not _distributed_rank():
+            if base is not None:
+                write_checkpoint_info(path, "sharded", base, iteration)
             prune_checkpoints(ckpt_root, keep)
         barrier()
         return path
@@ -155,12 +229,17 @@ def save_checkpoint(ckpt_root: Path, iteration: int, model: Any, optimizer: Any,
     Path(ckpt_root).mkdir(parents=True, exist_ok=True)
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp / ("adapter" if lora else "model"), safe_serialization=True)
+        prefix_rank = combine_adapters(prefix_adapter, tmp / "adapter") if lora and prefix_adapter is not None else 0
+        if lora and base is not None:
+            point_adapter_at(tmp / "adapter", base)
         if value_head is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
         tensors, meta = optimizer_to_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(meta))
         save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        if base is not None:
+            write_checkpoint_info(tmp, "lora" if lora else "full", base, iteration, prefix_rank)
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "iteration": iteration}, indent=1))  # written last: marks completeness
     prune_checkpoints(ckpt_root, keep)
     return final
@@ -186,6 +265,9 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, value_head: Any, lor
         from peft import set_peft_model_state_dict
 
         weights = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+        prefix_rank = checkpoint_info(ckpt).get("warmup_adapter_rank", 0)
+        if prefix_rank:  # the warm-up's ranks are merged into the base already
+            weights = split_combined_adapter(weights, prefix_rank)
         result = set_peft_model_state_dict(model, weights)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
@@ -267,7 +349,7 @@ def locate_policy(path: str | os.PathLike | None) -> PolicySource:
         if not is_complete(p):
             raise FileNotFoundError(f"checkpoint {p} is incomplete (half-written, no trainer_state.json); pass its run folder to use the latest complete checkpoint")
     if checkpoint is None:
-        if not (p / "config.json").is_file():
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():  # a model, or an adapter on its base
             raise FileNotFoundError(f"{p} holds no model: {accepted}")
         return PolicySource(p)
     run_dir = checkpoint.parent.parent
@@ -276,8 +358,12 @@ def locate_policy(path: str | os.PathLike | None) -> PolicySource:
     from t2po.config import load_run_config
 
     run_config = load_run_config(run_dir)
-    warmup = run_dir / WARMUP_MODEL
-    base = str(warmup) if (warmup / "config.json").is_file() else run_config.model.path
+    warmup = run_dir / WARMUP_MODEL  # a model folder, or after a LoRA warm-up its adapter
+    exists = (warmup / "config.json").is_file() or (warmup / "adapter_config.json").is_file()
+    base = str(warmup) if exists else run_config.model.path
+    info = checkpoint_info(checkpoint)
+    if info.get("warmup_adapter_rank"):  # the checkpoint's adapter holds the warm-up's ranks too: it applies to the warm-up's base
+        base = info["base"]
     return PolicySource(None, checkpoint, run_dir, base, run_config)
 
 

@@ -11,6 +11,7 @@
     t2po rft collect ENV --out FILE                 keep successful episodes (expert or model) as SFT data
     t2po sft DATA --out DIR                         multi-turn SFT; `t2po train model.path=DIR` starts from it
     t2po report RUN [RUN ...] [--out DIR] [--mlflow] plots + summary table, compare runs and seeds
+    t2po export RUN_OR_CHECKPOINT --out DIR         a merged Hugging Face model folder (+ the LoRA adapter)
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ COMMANDS = {
     "eval": (_delegate("t2po.evaluate"), "evaluate a checkpoint, model directory or API model on held-out tasks"),
     "serve": (_delegate("t2po.serve"), "serve a model or checkpoint through an OpenAI-compatible API (127.0.0.1)"),
     "report": (_delegate("t2po.report"), "plots and a summary table of runs; compares seeds and configurations"),
+    "export": (_delegate("t2po.export"), "a trained policy as a Hugging Face model folder (merged) and its LoRA adapter"),
 }
 
 

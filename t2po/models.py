@@ -10,6 +10,8 @@
   root the same way. It reads images but knows nothing: it is for CPU smoke runs of image mode.
 - a local Hugging Face causal-LM directory (`config.json`, weights, tokenizer files), e.g. a
   checkpoint written by the trainer or by `t2po.tiny_models.build_tiny_model`;
+- a PEFT LoRA adapter folder (`adapter_config.json` naming its base folder, e.g. a run's
+  `warmup_model/` after a LoRA warm-up): its base is loaded and the adapter merged into it;
 - a local vision-language model directory (an image-text-to-text model such as Qwen2-VL,
   Qwen2.5-VL, Idefics3 / SmolVLM, with its processor files). Its processor (image processor + chat
   template) is attached to the returned tokenizer as `tokenizer.processor` (see `t2po.vlm`).
@@ -67,19 +69,9 @@ def load_model(
 
     from t2po.attention import GROUPED_SDPA
 
-    if path is None or str(path).lower() == DEFAULT_MODEL:
-        directory = smollm2_directory()
-    elif str(path).lower() == TINY_VLM:
-        directory = tiny_vlm_directory()
-    else:
-        directory = Path(path).expanduser()
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(
-                f"cannot load a model from {str(path)!r}: expected None or {DEFAULT_MODEL!r} (the embedded "
-                f"SmolLM2-135M-Instruct), {TINY_VLM!r} (a tiny random vision-language model) or a local Hugging Face "
-                "model directory containing config.json, weights and tokenizer files (e.g. one written by "
-                "save_pretrained or build_tiny_model)"
-            )
+    directory = model_directory(path)
+    if is_adapter_directory(directory):
+        return _load_merged_adapter(directory, dtype, device)
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if is_vision_language_directory(directory):
@@ -99,6 +91,46 @@ def load_model(
         _prepare_tokenizer(tokenizer, directory)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True, attn_implementation=GROUPED_SDPA)
     model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def model_directory(path: str | os.PathLike | None) -> Path:
+    """The Hugging Face model folder `load_model(path)` reads (absolute): the cached conversion of the
+    embedded SmolLM2 or of the tiny VLM (built on first use), or the directory itself. This is the
+    folder a LoRA adapter trained on `path` names as its base (`base_model_name_or_path`)."""
+    if path is None or str(path).lower() == DEFAULT_MODEL:
+        return smollm2_directory().resolve()
+    if str(path).lower() == TINY_VLM:
+        return tiny_vlm_directory().resolve()
+    directory = Path(path).expanduser()
+    if not (directory / "config.json").is_file() and not is_adapter_directory(directory):
+        raise FileNotFoundError(
+            f"cannot load a model from {str(path)!r}: expected None or {DEFAULT_MODEL!r} (the embedded "
+            f"SmolLM2-135M-Instruct), {TINY_VLM!r} (a tiny random vision-language model) or a local Hugging Face "
+            "model directory containing config.json, weights and tokenizer files (e.g. one written by "
+            "save_pretrained or build_tiny_model)"
+        )
+    return directory.resolve()
+
+
+def is_adapter_directory(directory: str | os.PathLike) -> bool:
+    """A PEFT adapter folder (adapter weights and `adapter_config.json`, no model `config.json`)."""
+    return (Path(directory) / "adapter_config.json").is_file() and not (Path(directory) / "config.json").is_file()
+
+
+def adapter_base(directory: str | os.PathLike) -> str:
+    """The base model folder a PEFT adapter folder names (`base_model_name_or_path`)."""
+    return json.loads((Path(directory) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def _load_merged_adapter(directory: Path, dtype, device):
+    """`load_model` of an adapter folder: its base with the adapter merged in (the same float
+    operations as `merge_and_unload` after training, so the weights are those the trainer had)."""
+    from peft import PeftModel
+
+    model, tokenizer = load_model(adapter_base(directory), dtype=dtype, device=device)
+    model = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
     model.eval()
     return model, tokenizer
 

@@ -70,7 +70,7 @@ def test_train_one_iteration_on_an_environment_outside_the_package(user_folder, 
           name: my_guess_env:GuessEnv
           options: {{high: 4, max_steps: 2}}
         model: {{path: {tiny_model_dir}, lora_rank: 4, lora_layers: null}}
-        rollout: {{num_tasks: 2, group_size: 2, max_new_tokens: 12, val_num_tasks: 1, turn_score_skip: 0}}
+        rollout: {{num_tasks: 2, group_size: 2, sampling: {{max_new_tokens: 12}}, val_num_tasks: 1, tti: {{turn_score_skip: 0}}}}
         warmup: {{episodes: 0}}
         trainer: {{iterations: 1, trackers: [console], report: false, val_before_train: false, output_dir: {tmp_path / 'runs'}}}
         """))

@@ -27,7 +27,7 @@ def smoke_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
     """`t2po train smoke` on the tiny model (the smoke preset's phases: validation, warm-up, rollout,
     update, report)."""
     return ["train", "smoke", f"model.path={model_dir}", f"trainer.output_dir={out}", "trainer.run_name=run",
-            "warmup.episodes=2", "env.options.max_steps=2", "rollout.max_new_tokens=12", "model.lora_rank=4", *extra]
+            "warmup.episodes=2", "env.options.max_steps=2", "rollout.sampling.max_new_tokens=12", "model.lora_rank=4", *extra]
 
 
 def env() -> dict:

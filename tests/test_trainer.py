@@ -120,6 +120,28 @@ def test_resume_matches_straight_run(tiny_model_dir, tmp_path):
         assert torch.equal(a[k], b[k]), f"{k} differs between straight and resumed runs"
 
 
+def test_resume_after_a_lora_warmup_kept_as_an_adapter_matches_straight_run(tiny_model_dir, tmp_path):
+    """The warm-up is stored as its adapter (`warmup_model/`), merged into the base on load; the
+    checkpoints hold the warm-up's and the RL ranks side by side. Resuming must rebuild exactly the
+    policy of the straight run."""
+    warm = ["warmup.episodes=2", "warmup.epochs=1", "warmup.lr=5e-2"]
+    straight = run_trainer(tiny_overrides(tiny_model_dir, tmp_path / "a", iterations=2) + warm)
+    partial = run_trainer(tiny_overrides(tiny_model_dir, tmp_path / "b", iterations=1) + warm)
+    assert (partial.run_dir / "warmup_model" / "adapter_config.json").is_file()
+    from t2po.config import load_run_config
+
+    resumed = Trainer(load_run_config(partial.run_dir, ["trainer.iterations=2"]), run_dir=partial.run_dir, resume=True, quiet=True)
+    resumed.setup()
+    assert resumed.start_iteration == 1
+    resumed.train()
+    resumed.cleanup()
+    a = _state_tensors(straight.run_dir / "checkpoints" / "iter_000002")
+    b = _state_tensors(partial.run_dir / "checkpoints" / "iter_000002")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs between straight and resumed runs"
+
+
 def test_killed_run_resumes_from_last_checkpoint(tiny_model_dir, tmp_path):
     args = [sys.executable, "-m", "t2po.cli", "train", "--quiet", *tiny_overrides(tiny_model_dir, tmp_path, iterations=30)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -33,7 +33,9 @@ import yaml
 
 from t2po.algos import StepBatch, kl_penalty, ppo_policy_loss
 from t2po.algos.losses import value_loss
-from t2po.checkpoints import CHECKPOINTS, WARMUP_MODEL, atomic_dir, atomic_write_text, is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint
+from t2po.checkpoints import (
+    CHECKPOINTS, WARMUP_MODEL, atomic_dir, atomic_write_text, is_sharded, latest_checkpoint, load_checkpoint, point_adapter_at, save_checkpoint,
+)
 from t2po.config import Config
 from t2po.distributed import (
     barrier, clip_grad_norm, from_rank0, gather_objects, gathered, init_distributed, mean_over_ranks, padded,
@@ -41,6 +43,7 @@ from t2po.distributed import (
 )
 from t2po.engines import engine_class, engine_spec, make_engine
 from t2po.envs import make_env
+from t2po.models import adapter_base, is_adapter_directory, model_directory
 from t2po.policy import forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.progress import ConsoleLog, Progress, silence_library_progress
 from t2po.rollout import COUNTERS, RolloutResult, StepSample, collect_rollouts, rollout_stats
@@ -304,12 +307,16 @@ class Trainer:
             losses = sft_train(self.model, self.tokenizer, examples, epochs=cfg.warmup.epochs, lr=cfg.warmup.lr,
                                batch_size=cfg.warmup.batch_size, micro_batch_tokens=cfg.optim.micro_batch_tokens, seed=cfg.trainer.seed,
                                log=lambda m: self.trackers.log_metrics(m, step=int(m["sft/epoch"])), progress=bar)
-        # merge the warm-up into the base weights and save it as this run's base model
-        model = self.model.merge_and_unload() if cfg.model.lora else self.model
+        # This run's base model from here on: the warm-up merged into the base weights. On disk a LoRA
+        # warm-up is its adapter (a few MB; `load_model` merges it into the base it names), full
+        # fine-tuning the whole model in its training dtype.
         out = self.run_dir / WARMUP_MODEL
         with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            if cfg.model.lora:
+                point_adapter_at(tmp, str(model_directory(self.base_model_path)))
             save_tokenizer(self.tokenizer, tmp)  # a VLM's whole processor
+        model = self.model.merge_and_unload() if cfg.model.lora else self.model
         self.model = model
         self.base_model_path = str(out)
         self._wrap_trainable()
@@ -539,9 +546,13 @@ class Trainer:
                 self.validate(f"iter_{it + 1}")
             if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
                 state = {"scheduler_step": self.scheduler_step, "base_model": self.base_model_path}
+                # the folder the weights apply to, named in checkpoint.json and the adapter; after a LoRA
+                # warm-up (an adapter folder) the warm-up's own base, with the two adapters combined
+                prefix = Path(self.base_model_path) if self.base_model_path and is_adapter_directory(self.base_model_path) else None
+                base = adapter_base(prefix) if prefix else str(model_directory(self.base_model_path))
                 # several ranks: every rank writes its shards (docs/scaling.md)
                 save_checkpoint(self.ckpt_root, it + 1, self.model, self.optimizer, state, self.value_head, cfg.model.lora, cfg.trainer.keep_checkpoints,
-                                sharded=self.dist.distributed)
+                                sharded=self.dist.distributed, base=base, prefix_adapter=prefix)
         if "final" not in val or self.start_iteration < cfg.trainer.iterations:
             self.validate("final")
         summary = self.summary(time.time() - t_start)
