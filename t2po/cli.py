@@ -32,7 +32,9 @@ Train an agent with T2PO or a baseline.
 
 PRESET is a name from `t2po presets` (files in configs/) or a path to a YAML file. Overrides are
 section.key=value with YAML values (rollout.group_size=8, env.options.dim_room=[6,6], model.path=null).
-`--help-config` lists every key with its default and meaning.
+`--print-config` prints the resolved configuration (preset + overrides) as YAML and exits, writing
+nothing; `--help-config` lists every key with that value, the code default where it differs, and its
+meaning.
 """
 
 
@@ -40,15 +42,13 @@ def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="t2po train", description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("args", nargs="*", help="[PRESET] [section.key=value ...]")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder from its last complete checkpoint")
-    parser.add_argument("--help-config", action="store_true", help="list every configuration key with its default and help")
+    parser.add_argument("--help-config", action="store_true", help="list every configuration key with the preset's value (with the overrides) and its help, then exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML (a preset file) and exit; nothing is written")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     ns = parser.parse_args(argv)
 
     from t2po.config import ConfigError, describe_config, load_config
 
-    if ns.help_config:
-        print(describe_config())
-        return 0
     preset = None
     overrides = []
     for a in ns.args:
@@ -58,6 +58,21 @@ def _train(argv: list[str]) -> int:
             preset = a
         else:
             parser.error(f"unexpected argument {a!r}: give one preset and then section.key=value overrides")
+    if ns.help_config or ns.print_config:
+        from t2po.config import load_run_config
+
+        try:
+            cfg = load_run_config(ns.resume, overrides) if ns.resume else load_config(preset, overrides)
+        except (ConfigError, FileNotFoundError) as e:
+            print(f"t2po train: {e}", file=sys.stderr)
+            return 2
+        if ns.help_config:
+            print(describe_config(cfg))
+        else:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     try:
         from t2po.config import load_run_config
         from t2po.trainer.trainer import Trainer
@@ -119,11 +134,17 @@ def _envs(argv: list[str]) -> int:
 
 
 def _presets(argv: list[str]) -> int:
-    from t2po.config import configs_dir, list_presets
+    import shutil
+    import textwrap
 
+    from t2po.config import list_presets, preset_description
+
+    width = max(shutil.get_terminal_size((100, 24)).columns, 60)
     for name in list_presets():
-        first = (configs_dir() / f"{name}.yaml").read_text().splitlines()[0]
-        print(f"{name:<20} {first.lstrip('# ')}")
+        for k, paragraph in enumerate(preset_description(name)):
+            print(textwrap.fill(paragraph, width=width, initial_indent=f"{name if k == 0 else '':<22}", subsequent_indent=" " * 22))
+    print("\nA preset is a YAML file; `t2po train PATH.yaml` takes one from anywhere (`base: NAME` extends a packaged one). "
+          "`t2po train PRESET --print-config` shows what it resolves to.")
     return 0
 
 

@@ -497,19 +497,38 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path}: {e}") from None
 
 
-def describe_config() -> str:
-    """Every key with its default and help text (for `--help-config`)."""
+def describe_config(cfg: Config | None = None) -> str:
+    """Every key with its value in `cfg` (default: the code defaults), the code default where the two
+    differ, and the help text (for `--help-config`)."""
     lines: list[str] = []
 
-    def describe(obj: Any, prefix: str) -> None:
+    def describe(obj: Any, default_obj: Any, prefix: str) -> None:
         fields = _config_fields(obj)
         for f in fields:  # a section's own keys, then its sub-sections
             if not dataclasses.is_dataclass(value := getattr(obj, f.name)):
-                lines.append(f"  {prefix}{f.name} = {value!r}\n      {f.metadata['help']}")
+                default = getattr(default_obj, f.name)
+                changed = f"   (code default: {default!r})" if value != default else ""
+                lines.append(f"  {prefix}{f.name} = {value!r}{changed}\n      {f.metadata['help']}")
         for f in fields:
             if dataclasses.is_dataclass(value := getattr(obj, f.name)):
                 lines.append(f"[{prefix}{f.name}]" + (f"  {f.metadata['help']}" if "help" in f.metadata else ""))
-                describe(value, f"{prefix}{f.name}.")
+                describe(value, getattr(default_obj, f.name), f"{prefix}{f.name}.")
 
-    describe(Config(), "")
+    describe(cfg or Config(), Config(), "")
     return "\n".join(lines)
+
+
+def preset_description(name_or_path: str) -> list[str]:
+    """The comment block at the top of a preset file (its description), as paragraphs; a `Run:`
+    line (the command) is a paragraph of its own."""
+    path = Path(name_or_path) if Path(name_or_path).suffix in (".yaml", ".yml") else configs_dir() / f"{name_or_path}.yaml"
+    paragraphs: list[list[str]] = [[]]
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if not text or text.startswith("Run:") or (paragraphs[-1] and paragraphs[-1][0].startswith("Run:")):
+            paragraphs.append([])
+        if text:
+            paragraphs[-1].append(text)
+    return [" ".join(p) for p in paragraphs if p]
