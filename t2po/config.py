@@ -147,7 +147,7 @@ class TrainerConfig:
     save_every: int = _f(1, "Checkpoint every k iterations (the last iteration is always saved).")
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (oldest deleted).")
     trackers: list = _f(["console", "mlflow"], "Trackers: console, mlflow, tensorboard, wandb.")
-    trace_episodes: int = _f(2, "Episodes per iteration written to the rollout traces.")
+    trace_episodes: int = _f(2, "Episodes per iteration and per validation kept as rollout traces (traces/*.jsonl and, with mlflow, MLflow Traces of the run).")
     report: bool = _f(True, "Write plots and report.md into <run>/report/ at the end (as `t2po report RUN`).")
     threads: int | None = _f(None, "torch CPU threads (None = torch default).")
     device: str = _f("auto", "Where the policy trains: auto (the rank's GPU when CUDA is available, else the CPU), cpu, or cuda (fails when there is no GPU).")

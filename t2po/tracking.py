@@ -6,6 +6,12 @@ as one folder; nothing needs a server:
     <run_dir>/mlflow.db        MLflow tracking store (SQLite): parameters, per-iteration metrics
     <run_dir>/mlartifacts/     MLflow artifacts: config.yaml, traces/, summary.json, report/
 
+The sampled episodes (`trainer.trace_episodes` per iteration, and those of each validation) are also
+MLflow Traces of the run (`MlflowTracker.log_traces`): one trace per episode, one span per turn with
+the observation, the prompt and the response as text and token ids, the TTI-forced tokens, and each
+response TDS discarded as a child span marked `t2po.discarded`. The UI's Traces tab shows them;
+`mlflow.search_traces(locations=[experiment_id], run_id=...)` returns them.
+
     mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db     # then open http://127.0.0.1:5000
 
 (MLflow 3 refuses the old `file:` store, "in maintenance mode", unless MLFLOW_ALLOW_FILE_STORE is set,
@@ -94,6 +100,10 @@ class Tracker:
         """Attach a file or a whole folder (under `subdir` in the tracker's artifact tree)."""
         raise NotImplementedError
 
+    def log_traces(self, traces: list[dict], phase: str, step: int) -> None:
+        """Rollout traces (`episode_trace` dicts) of one phase ("train", "validation"); only
+        trackers with a trace view keep them (the JSONL files in the run folder have them anyway)."""
+
     def close(self, status: str | None = None) -> None:
         """End the run as `status` (FINISHED, FAILED, KILLED; None: `run_status()`)."""
         raise NotImplementedError
@@ -144,6 +154,7 @@ class MlflowTracker(Tracker):
         else:
             run = self.client.create_run(experiment_id, run_name=self.run_dir.name, tags={RUN_DIR_TAG: str(self.run_dir)})
         self.run_id = run.info.run_id
+        self.experiment_id = experiment_id
         self._log_params(_flatten(params), run.data.params)
         if (self.run_dir / "config.yaml").exists():
             self.log_artifact(self.run_dir / "config.yaml")
@@ -176,6 +187,18 @@ class MlflowTracker(Tracker):
             self.client.log_artifacts(self.run_id, str(path), artifact_path=subdir)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path=subdir)
+
+    def log_traces(self, traces: list[dict], phase: str, step: int) -> None:
+        import mlflow
+        from mlflow.entities.trace_location import MlflowExperimentLocation
+
+        # MLflow's tracing exports through the process-wide tracking URI and destination: point both
+        # at this run's store for the call (several run folders in one process each keep their own)
+        mlflow.set_tracking_uri(mlflow_store_uri(self.store_dir))
+        mlflow.tracing.set_destination(MlflowExperimentLocation(self.experiment_id))
+        for trace in traces:
+            _log_episode_trace(mlflow, trace, self.run_id, phase, step)
+        mlflow.flush_trace_async_logging()  # into this store before another run folder's call repoints the URI
 
     def close(self, status: str | None = None) -> None:
         # called from the trainer's `finally`: an exception in flight means the run did not finish
@@ -270,6 +293,10 @@ class TrackerGroup:
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
         self._call("log_artifact", Path(path), subdir)
 
+    def log_traces(self, traces: list[dict], phase: str, step: int) -> None:
+        if traces:
+            self._call("log_traces", traces, phase, step)
+
     def close(self, status: str | None = None) -> None:
         self._call("close", status or run_status())
 
@@ -356,7 +383,10 @@ def episode_trace(episode: Any, tokenizer: Any = None) -> dict:
             "tti_triggers": dict(s.tti_triggers),
             "think_length": s.think_length,
             "tds_resampled": s.resampled,
-            "turn_score": None if math.isnan(s.turn_score) else s.turn_score,
+            # the responses TDS replaced (spec §3), kept to be seen, never trained on
+            "tds_discarded": [{"response": d["text"], "response_ids": list(d["token_ids"]), "turn_score": _finite(d["turn_score"]),
+                               "forced": _forced_spans(d["token_ids"], d["forced"], tokenizer)} for d in s.discarded],
+            "turn_score": _finite(s.turn_score),
             "action": s.action,
             "valid": s.valid,
             "invalid_reason": s.invalid_reason,
@@ -377,3 +407,37 @@ def episode_trace(episode: Any, tokenizer: Any = None) -> dict:
         "final_observation": episode.observations[-1] if episode.observations else None,
         "steps": steps,
     }
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def _log_episode_trace(mlflow: Any, trace: dict, run_id: str, phase: str, step: int) -> None:
+    """One episode (an `episode_trace` dict) as one MLflow trace: the episode span (AGENT), a span per
+    turn (LLM), a child span per TDS-discarded response (attribute `t2po.discarded`)."""
+    from mlflow.tracing.constant import TraceMetadataKey
+
+    name = f"{phase} {step}: task {trace['seed']}, episode {trace['traj_id']}"
+    with mlflow.start_span(name, span_type="AGENT") as root:
+        steps = trace["steps"]
+        root.set_inputs({"task_seed": trace["seed"], "first_observation": steps[0]["observation"] if steps else trace["final_observation"]})
+        root.set_attributes({"t2po.phase": phase, "t2po.step": step, "t2po.group_id": trace["group_id"], "t2po.traj_id": trace["traj_id"],
+                             "t2po.metrics": trace["metrics"]})
+        mlflow.update_current_trace(
+            metadata={TraceMetadataKey.SOURCE_RUN: run_id},  # what `search_traces(run_id=...)` and the run's Traces tab select on
+            tags={"t2po.phase": phase, "t2po.step": str(step), "t2po.won": str(trace["won"]).lower()})
+        for turn in steps:
+            with mlflow.start_span(f"turn {turn['step']}", span_type="LLM") as span:
+                span.set_inputs({"observation": turn["observation"], "prompt": turn["prompt"], "prompt_ids": turn["prompt_ids"]})
+                span.set_outputs({"response": turn["response"], "response_ids": turn["response_ids"], "action": turn["action"]})
+                span.set_attributes({f"t2po.{k}": turn[k] for k in (
+                    "valid", "invalid_reason", "reward", "env_reward", "done", "turn_score", "think_length", "tti_triggers",
+                    "forced", "tds_resampled", "finish_reason") if k in turn})
+                for k, discarded in enumerate(turn.get("tds_discarded", [])):
+                    with mlflow.start_span(f"discarded by TDS ({k + 1})", span_type="LLM") as child:
+                        child.set_inputs({"prompt_ids": turn["prompt_ids"]})
+                        child.set_outputs({"response": discarded["response"], "response_ids": discarded["response_ids"]})
+                        child.set_attributes({"t2po.discarded": True, "t2po.turn_score": discarded["turn_score"], "t2po.forced": discarded["forced"]})
+        root.set_outputs({"won": trace["won"], "total_reward": trace["total_reward"], "truncated": trace["truncated"],
+                          "final_observation": trace["final_observation"]})

@@ -170,3 +170,19 @@ def test_api_policy_plays_by_the_training_loops_rules(engine):
     assert all(s.prompt_text in engine.tokenizer.decode(s.prompt_ids) for s in local.samples), "the user message of the engine's chat prompt"
     assert agent.requests[0] == (local.samples[0].prompt_text, call_seed(5, 0, 0) % (2**31 - 1))
     assert all(s.usage["completion_tokens"] == 3 and s.prompt_ids == [] for s in api.samples)
+
+
+def test_stats_count_responses_cut_at_the_token_limit_and_the_length_range():
+    """verl's response_length/clip_ratio: the fraction of responses that ended at max_new_tokens."""
+    from t2po.rollout import Episode, StepSample, rollout_stats
+
+    def sample(n_tokens: int, finish: str) -> StepSample:
+        return StepSample(prompt_ids=[1], response_ids=[2] * n_tokens, forced_mask=[False] * n_tokens, rollout_logprobs=[0.0] * n_tokens,
+                          reward=0.0, env_reward=0.0, done=False, valid=True, anchor_obs="o", group_id=0, traj_id=0, step=0,
+                          turn_score=0.0, response_text="", action="", finish_reason=finish)
+
+    samples = [sample(3, "stop"), sample(8, "length"), sample(5, "stop"), sample(8, "length")]
+    episode = Episode(traj_id=0, group_id=0, seed=0, samples=samples, won=False, total_reward=0.0, truncated=True, metrics={}, observations=[])
+    stats = rollout_stats([episode])
+    assert stats["clip_ratio"] == 0.5
+    assert (stats["response_length_min"], stats["response_length"], stats["response_length_max"]) == (3.0, 6.0, 8.0)

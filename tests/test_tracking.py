@@ -72,7 +72,7 @@ def test_tiny_training_logs_to_its_mlflow_store_and_resume_continues_the_run(tin
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json", "traces"} <= artifacts
     traces = {f.path for f in client.list_artifacts(run.info.run_id, "traces")}
-    assert traces == {"traces/iter_000001.jsonl", "traces/iter_000002.jsonl"}
+    assert traces == {"traces/iter_000001.jsonl", "traces/iter_000002.jsonl", "traces/val_final.jsonl"}
 
     # resuming with one more iteration continues the same MLflow run
     cfg = load_run_config(run_dir, ["trainer.iterations=3"])
@@ -192,6 +192,42 @@ def test_episode_trace_shows_forced_think_end_and_resampled_turns(tiny_model):
     assert first["turn_score"] is None and second["turn_score"] == 0.25
     assert (first["tds_resampled"], second["tds_resampled"]) == (0, 2)
     assert second["observation"] == "o1" and second["reward"] == -0.1 and second["env_reward"] == 0.0
+
+
+def test_sampled_episodes_are_mlflow_traces_of_the_run_with_turns_forced_tokens_and_tds_discards(tiny_model_dir, tmp_path):
+    import mlflow
+
+    # tds.eta large: every turn after the first is regenerated once, so discarded responses exist
+    cfg = load_config("default", tiny_run_overrides(tiny_model_dir, tmp_path, "[console,mlflow]") + [
+        "trainer.iterations=1", "rollout.tds.eta=100", "rollout.tds.max_try=1"])
+    run_dir = run_training(cfg).run_dir
+    client, run = the_run(run_dir)
+    mlflow.set_tracking_uri(mlflow_store_uri(run_dir))
+    found = mlflow.search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id, return_type="list")
+    by_phase: dict[str, list] = {}
+    for t in found:
+        by_phase.setdefault(t.info.tags["t2po.phase"], []).append(t)
+    assert len(by_phase["train"]) == 2 and len(by_phase["validation"]) == 1  # trace_episodes=2; one validation task
+    jsonl = [json.loads(line) for line in (run_dir / "traces" / "iter_000001.jsonl").read_text().splitlines()]
+    traces = sorted(by_phase["train"], key=lambda t: t.data.spans[0].attributes["t2po.traj_id"])
+    discarded_spans = 0
+    for trace, episode in zip(traces, sorted(jsonl, key=lambda e: e["traj_id"])):
+        spans = trace.data.spans
+        root = next(s for s in spans if s.parent_id is None)
+        assert root.span_type == "AGENT" and root.outputs["won"] == episode["won"]
+        turns = sorted((s for s in spans if s.parent_id == root.span_id), key=lambda s: s.name)
+        assert len(turns) == len(episode["steps"])
+        for span, step in zip(turns, episode["steps"]):
+            # decoded text and the engine's token ids, forced TTI tokens as in the JSONL (test_episode_trace_shows_forced_...)
+            assert span.outputs["response_ids"] == step["response_ids"] and span.outputs["response"] == step["response"]
+            assert span.inputs["prompt_ids"] == step["prompt_ids"]
+            assert span.attributes["t2po.forced"] == step["forced"]
+            children = [s for s in spans if s.parent_id == span.span_id]
+            assert len(children) == len(step["tds_discarded"]) == step["tds_resampled"]
+            for child, discarded in zip(children, step["tds_discarded"]):
+                assert child.attributes["t2po.discarded"] is True and child.outputs["response_ids"] == discarded["response_ids"]
+                discarded_spans += 1
+    assert discarded_spans > 0, "TDS discarded nothing: the discarded spans were not tested"
 
 
 def test_trace_sample_spreads_over_the_tasks_of_a_batch():

@@ -277,6 +277,7 @@ class Trainer:
             return stats
         with open(self.run_dir / "validation.jsonl", "a") as f:
             f.write(json.dumps({"tag": tag, **stats}) + "\n")
+        self._write_traces(f"val_{tag}", result, "validation", validation_step(tag, self.cfg.trainer.iterations))
         self.trackers.log_metrics({f"val/{k}": v for k, v in stats.items()}, step=validation_step(tag, self.cfg.trainer.iterations))
         self.log(f"[val {tag}] success {stats['success_rate']:.3f}  valid actions {1 - stats['invalid_action_rate']:.3f}  "
                  f"reward {stats['episode_reward']:.2f}  turns {stats['episode_length']:.1f}  ({stats['seconds']:.0f}s)")
@@ -506,10 +507,12 @@ class Trainer:
             metrics["time/update"] = time.time() - t2
         metrics["train/samples"] = sum_over_ranks(len(samples))
         metrics["time/iteration"] = time.time() - t0
-        self._write_traces(it, result)
+        self._write_traces(f"iter_{it + 1:06d}", result, "train", it + 1)
         return metrics
 
-    def _write_traces(self, it: int, result: RolloutResult) -> None:
+    def _write_traces(self, name: str, result: RolloutResult, phase: str, step: int) -> None:
+        """`trainer.trace_episodes` of the batch's episodes into traces/<name>.jsonl and the trackers
+        (MLflow: as traces of the run, see t2po.tracking)."""
         k = self.cfg.trainer.trace_episodes
         if k <= 0 or not self.dist.is_main:
             return
@@ -517,10 +520,11 @@ class Trainer:
 
         folder = self.run_dir / "traces"
         folder.mkdir(exist_ok=True)
-        path = folder / f"iter_{it + 1:06d}.jsonl"
-        lines = [json.dumps(episode_trace(ep, self.tokenizer)) for ep in trace_sample(result.episodes, k)]
-        atomic_write_text(path, "\n".join(lines) + "\n")
+        path = folder / f"{name}.jsonl"
+        traces = [episode_trace(ep, self.tokenizer) for ep in trace_sample(result.episodes, k)]
+        atomic_write_text(path, "".join(json.dumps(t) + "\n" for t in traces))
         self.trackers.log_artifact(path, "traces")
+        self.trackers.log_traces(traces, phase, step)
 
     # ------------------------------------------------------------------ main loop
     def train(self) -> dict:
