@@ -530,16 +530,20 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
 def _play_local(run: EvalRun, policy: _LocalPolicy, pending: list[int], done: dict[int, dict], ns: argparse.Namespace) -> None:
     """`collect_rollouts` (TTI on, TDS off) over batches of `--batch-size` pending episodes."""
     from t2po.engines import make_engine
+    from t2po.progress import Progress, silence_library_progress
 
+    silence_library_progress()
     model, tokenizer, _ = resolve_policy(policy.path, dtype=ns.dtype, device=policy.device)
     engine = make_engine("hf", model, tokenizer)
     with run.make_env() as env:
         for start in range(0, len(pending), ns.batch_size):
             batch = pending[start : start + ns.batch_size]
             t0 = time.monotonic()
-            result = collect_rollouts(engine, env, batch, 1, policy.sampling, policy.intervention, tds=None,
-                                      invalid_action_penalty=run.folder.setup["invalid_action_penalty"],
-                                      max_prompt_tokens=policy.max_prompt_tokens, seed=batch[0])
+            desc = f"[episodes {start + 1}-{start + len(batch)} of {len(pending)}]"
+            with Progress(len(batch), desc, "episode", disable=run.quiet) as bar:  # a batch can take minutes
+                result = collect_rollouts(engine, env, batch, 1, policy.sampling, policy.intervention, tds=None,
+                                          invalid_action_penalty=run.folder.setup["invalid_action_penalty"],
+                                          max_prompt_tokens=policy.max_prompt_tokens, seed=batch[0], progress=bar)
             share = (time.monotonic() - t0) / len(batch)  # an episode's share of the batch's wall time
             for episode in result.episodes:
                 run.finish_episode(done, *episode_files(episode, tokenizer, run.env_name, run.split, share))

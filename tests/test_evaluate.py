@@ -53,8 +53,11 @@ def test_local_eval_writes_json_markdown_and_traces(tiny_model_dir, tiny_model, 
         assert sum(t["completion_tokens"] for t in turns) == r["completion_tokens"]
         assert all({"observation", "prompt", "response", "action", "valid", "reward"} <= set(t) for t in turns)
     table = (out / "results.md").read_text()
+    printed = capsys.readouterr().out
     assert "| all | 3 |" in table and "invalid actions" in table and "TTI: " in table
-    assert table in capsys.readouterr().out
+    assert table in printed
+    # progress while a batch plays (stdout is not a terminal here: plain lines)
+    assert "[episodes 1-2 of 3] 0/2 episodes, turn 1/3" in printed and "[episodes 3-3 of 3] 1/1 episodes" in printed
 
     # the same rollout code as training: the first batch (seeds 0, 1) replayed directly gives the same responses
     model, tokenizer = tiny_model
