@@ -137,6 +137,7 @@ class MlflowTracker(Tracker):
 
         # "Creating initial MLflow database tables..." on every new run folder is noise, not news
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        logging.getLogger("mlflow.tracing.export.async_export_queue").setLevel(logging.WARNING)  # "Flushing ... before program exit"
         self.run_dir = Path(run_dir).resolve()
         self.store_dir = Path(store_dir or run_dir).resolve()
         self.store_dir.mkdir(parents=True, exist_ok=True)
