@@ -44,7 +44,7 @@ def test_smoke_run_with_stdout_in_a_file_prints_progress_inside_each_phase_and_k
     lines = text.splitlines()
     assert lines[0].startswith("run folder:")
     plan = next(l for l in lines if l.startswith("[plan]"))
-    assert "1 RL iterations of 4 episodes (2 tasks x 2)" in plan and "warm-up: 2 expert episodes" in plan
+    assert "1 RL iteration of 4 episodes (2 tasks x 2)" in plan and "warm-up: 2 expert episodes, 1 SFT epoch;" in plan
     # a line while each phase runs (its first update), before the line that ends the phase
     for phase, done in (("[val before] 0/2 episodes, turn 1/2", "[val before] success"),
                         ("[warm-up SFT] 1/", "[warm-up] SFT loss"),

@@ -226,10 +226,10 @@ class Trainer:
         r = cfg.rollout
         turns = f"up to {r.max_turns} turns" if r.max_turns else "turns up to the environment's max_steps"
         todo = max(cfg.trainer.iterations - self.start_iteration, 0)
-        parts = [f"[plan] {cfg.env.name} / {cfg.algo.name}: {todo} RL iterations of {r.num_tasks * r.group_size} episodes "
+        parts = [f"[plan] {cfg.env.name} / {cfg.algo.name}: {_count(todo, 'RL iteration')} of {r.num_tasks * r.group_size} episodes "
                  f"({r.num_tasks} tasks x {r.group_size}), {turns}, {r.sampling.max_new_tokens} new tokens per turn"]
         if cfg.warmup.episodes > 0 and not self.run_state.get("warmup_done"):
-            parts.append(f"warm-up: {cfg.warmup.episodes} expert episodes, {cfg.warmup.epochs} SFT epochs")
+            parts.append(f"warm-up: {_count(cfg.warmup.episodes, 'expert episode')}, {_count(cfg.warmup.epochs, 'SFT epoch')}")
         vals = (["before"] if cfg.trainer.val_before_train else []) + (["after warm-up"] if cfg.warmup.episodes > 0 else [])
         vals += [f"every {cfg.trainer.val_every} iterations"] if cfg.trainer.val_every else []
         parts.append(f"validation: {r.val_num_tasks} held-out tasks ({', '.join(vals + ['at the end'])})")
@@ -634,6 +634,10 @@ class Trainer:
             gc.collect()
         if getattr(self, "console", None) is not None:
             self.console.close()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def format_summary(s: dict) -> str:
