@@ -55,7 +55,7 @@ from t2po.checkpoints import PolicySource, atomic_write_text, intervention_for, 
 from t2po.config import Config, RolloutConfig
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy, api_key_from_env
-from t2po.envs import BatchEnv, env_option_errors, make_env, parse_env_options
+from t2po.envs import BatchEnv, env_option_errors, make_env, parse_env_options, split_env_overrides
 from t2po.policies import NO_ANSWER, APIPolicy
 from t2po.rollout import INVALID_ACTION_PENALTY, Episode, collect_rollouts
 from t2po.tracking import episode_trace
@@ -353,7 +353,7 @@ directory, the embedded SmolLM2-135M-Instruct (no MODEL), or an LLM behind an Op
 (--api-base URL --model NAME; the key is read from the variable named by --api-key-env).
 
   t2po eval sokoban runs/sokoban-t2po-20260101-120000 --episodes 128
-  t2po eval sokoban --episodes 8 --env-option dim_room=[5,5]
+  t2po eval sokoban --episodes 8 env.options.dim_room=[5,5]      (as in `t2po train`; --env-option dim_room=[5,5] also works)
   OPENAI_API_KEY=... t2po eval alfworld --split valid_unseen --api-base https://api.openai.com/v1 --model gpt-4o-mini
 
 Results go to --out (default evals/<env>-<split>-<model>) as each episode finishes; rerunning the
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="valid", help="environment split (default: valid)")
     g.add_argument("--episodes", type=int, default=DEFAULT_EPISODES, help=f"episodes = task seeds SEED .. SEED+N-1 (default {DEFAULT_EPISODES})")
     g.add_argument("--seed", type=int, default=0, help="first task seed (default 0); samplers are seeded from the task seeds")
-    g.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE", help="environment option (YAML value), repeatable, e.g. dim_room=[6,6] or observation_mode=image; overrides a run's own options")
+    g.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE", help="environment option (YAML value), repeatable, e.g. dim_room=[6,6] or observation_mode=image; overrides a run's own options. The same as env.options.KEY=VALUE, the spelling `t2po train` takes")
     g.add_argument("--out", default=None, help="output folder (default: evals/<env>-<split>-<model>)")
     g.add_argument("--quiet", action="store_true", help="print only the final table")
     g = p.add_argument_group("sampling (defaults: spec §6 validation sampling, or a run's own validation settings)")
@@ -398,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv, env_overrides = split_env_overrides(list(sys.argv[1:] if argv is None else argv))
     ns = parser.parse_args(argv)
+    ns.env_option += env_overrides
     api = ns.api_base is not None or ns.model is not None
     if api and (ns.api_base is None or ns.model is None):
         parser.error("an API model needs both --api-base URL and --model NAME")

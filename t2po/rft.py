@@ -125,11 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--episodes", type=int, default=64)
     c.add_argument("--threshold", type=float, default=0.8, help="keep episodes whose task score is above this")
     c.add_argument("--out", type=Path, required=True, help="output .jsonl or .parquet")
-    c.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment option (YAML value), repeatable; the same as env.options.KEY=VALUE, the spelling `t2po train` takes")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--max-new-tokens", type=int, default=128)
+    from t2po.envs import env_option_errors, parse_env_options, split_env_overrides
+
+    argv, env_overrides = split_env_overrides(list(sys.argv[1:] if argv is None else argv))
     ns = parser.parse_args(argv)
-    from t2po.envs import env_option_errors, parse_env_options
+    ns.env_option += env_overrides
 
     try:
         given = parse_env_options(ns.env_option)

@@ -44,3 +44,28 @@ def test_presets_prints_whole_descriptions(capsys):
     # the default preset's header comment, every sentence of it, not only its first line
     assert "9 minutes on 2 idle cores" in text and "CPU economies" in text and "(spec §5 cold start; a 135M model does not produce it alone)" in text
     assert all(name in text for name in list_presets())
+
+
+def test_eval_and_rft_take_environment_options_as_train_does(tiny_model_dir, tmp_path, capsys):
+    """`env.options.KEY=VALUE` (the spelling of `t2po train`) works for `t2po eval` and `t2po rft
+    collect`, alongside the older `--env-option KEY=VALUE`; a typo names the nearest option."""
+    import json
+
+    from t2po.evaluate import main as eval_main
+    from t2po.rft import main as rft_main
+
+    out = tmp_path / "eval"
+    assert eval_main(["sokoban", str(tiny_model_dir), "--episodes", "1", "--max-new-tokens", "8", "env.options.dim_room=[5,5]",
+                      "--env-option", "num_gen_steps=3", "env.options.max_steps=2", "--out", str(out), "--quiet"]) == 0
+    setup = json.loads((out / "eval.json").read_text())["setup"]
+    assert setup["env_options"] == {"dim_room": [5, 5], "num_gen_steps": 3, "max_steps": 2}
+    assert eval_main(["sokoban", str(tiny_model_dir), "env.options.dim_rom=[5,5]", "--out", str(tmp_path / "bad")]) == 2
+    assert "'dim_room'" in capsys.readouterr().err
+
+    data = tmp_path / "demos.jsonl"
+    assert rft_main(["collect", "sokoban", "--episodes", "2", "env.options.dim_room=[5,5]", "env.options.max_steps=4", "--out", str(data)]) == 0
+    from t2po.envs import make_env
+    from t2po.sft import load_conversations, play_expert_episodes
+
+    (conv,) = load_conversations(data)[:1]  # the episodes of the environment with those options
+    assert conv.steps == play_expert_episodes(make_env("sokoban", dim_room=[5, 5], max_steps=4), [conv.seed])[0].steps

@@ -119,6 +119,22 @@ def parse_env_options(items: list[str], flag: str = "--env-option") -> dict[str,
     return options
 
 
+ENV_OPTION_OVERRIDE = "env.options."
+
+
+def split_env_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """One spelling of environment options for every command: `t2po eval` and `t2po rft collect` take
+    `env.options.KEY=VALUE` as `t2po train` does (and `--env-option KEY=VALUE` as before). Returns the
+    other arguments and those overrides as `KEY=VALUE` items for `parse_env_options`."""
+    rest, items = [], []
+    for arg in argv:
+        if arg.startswith(ENV_OPTION_OVERRIDE) and "=" in arg:
+            items.append(arg[len(ENV_OPTION_OVERRIDE):])
+        else:
+            rest.append(arg)
+    return rest, items
+
+
 def env_option_errors(name: str, options: dict, where: str = "env.options.") -> list[str]:
     """One line per option that environment `name`'s constructor does not take (with the nearest
     valid one), or an unknown environment; [] when all are valid."""
