@@ -6,12 +6,6 @@ as one folder; nothing needs a server:
     <run_dir>/mlflow.db        MLflow tracking store (SQLite): parameters, per-iteration metrics
     <run_dir>/mlartifacts/     MLflow artifacts: config.yaml, traces/, summary.json, report/
 
-The sampled episodes (`trainer.trace_episodes` per iteration, and those of each validation) are also
-MLflow Traces of the run (`MlflowTracker.log_traces`): one trace per episode, one span per turn with
-the observation, the prompt and the response as text and token ids, the TTI-forced tokens, and each
-response TDS discarded as a child span marked `t2po.discarded`. The UI's Traces tab shows them;
-`mlflow.search_traces(locations=[experiment_id], run_id=...)` returns them.
-
     mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db     # then open http://127.0.0.1:5000
 
 (MLflow 3 refuses the old `file:` store, "in maintenance mode", unless MLFLOW_ALLOW_FILE_STORE is set,
@@ -19,8 +13,15 @@ hence SQLite.) One MLflow UI shows one store; to compare runs side by side in ML
 `t2po report RUN [RUN ...] --mlflow` copies them into one store in the report folder (see
 `t2po/report.py`, which also draws the comparison plots).
 
-Console output is the trainer's own progress lines and is always on. A tracker failure never stops
-training: the failure is reported once on stderr and that tracker is switched off.
+The sampled episodes (`trainer.trace_episodes` per iteration, and those of each validation) are also
+MLflow Traces of the run (`MlflowTracker.log_traces`): one trace per episode, one span per turn with
+the observation, the prompt and the response as text and token ids, the TTI-forced tokens, and each
+response TDS discarded as a child span marked `t2po.discarded`. The UI's Traces tab shows them;
+`mlflow.search_traces(locations=[experiment_id], run_id=...)` returns them.
+
+Console output is the trainer's own progress lines (`t2po.progress`), always on and copied into
+`<run_dir>/train.log`. A tracker failure never stops training: the failure is reported once on
+stderr and that tracker is switched off.
 """
 
 from __future__ import annotations
