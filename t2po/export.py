@@ -5,8 +5,9 @@
 
 DIR holds the merged model (LoRA merged into its base, or the full fine-tuned weights) as safetensors
 with `config.json`, `generation_config.json` and the tokenizer with its chat template, so that
-`AutoModelForCausalLM.from_pretrained(DIR)`, vLLM (`vllm serve DIR`) and conversion tools
-(llama.cpp's convert_hf_to_gguf.py, the Hub) take it as they take any model. For a LoRA checkpoint,
+`AutoModelForCausalLM.from_pretrained(DIR)` loads it (tests/test_export.py), and it is the standard
+layout that vLLM (`vllm serve DIR`) and conversion tools (llama.cpp's convert_hf_to_gguf.py, the
+Hub) read. For a LoRA checkpoint,
 `DIR/adapter/` is the adapter alone, its `adapter_config.json` naming the base it was trained on (the
 run's `warmup_model/` when a warm-up ran), for `AutoPeftModelForCausalLM.from_pretrained(DIR/adapter)`.
 `DIR/export.json` records what was exported from where. The folder is written to `DIR.tmp` and
