@@ -29,10 +29,8 @@ from pathlib import Path
 
 def export(source_path: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None) -> Path:
     """Write the merged model (and the adapter of a LoRA checkpoint) to `out`; returns `out`."""
-    import torch
-
     from t2po.checkpoints import atomic_dir, locate_policy, point_adapter_at, resolve_policy
-    from t2po.models import model_directory, save_tokenizer
+    from t2po.models import model_directory, resolve_dtype, save_tokenizer
     from t2po.progress import silence_library_progress
 
     out = Path(out).expanduser().resolve()
@@ -40,11 +38,10 @@ def export(source_path: str | os.PathLike, out: str | os.PathLike, dtype: str | 
         raise FileExistsError(f"{out} exists and is not empty; pass a new folder to --out (an export never overwrites)")
     source = locate_policy(source_path)
     run_dtype = source.run_config.model.dtype if source.run_config is not None else None
-    dtype = dtype or run_dtype or "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    torch_dtype = resolve_dtype(dtype or run_dtype or "float32")  # "auto": what the run trained in on this hardware
+    dtype = str(torch_dtype).removeprefix("torch.")
     silence_library_progress()
-    model, tokenizer, description = resolve_policy(source_path, dtype=getattr(torch, dtype))
+    model, tokenizer, description = resolve_policy(source_path, dtype=torch_dtype)
     # generation stops where the chat template ends a turn, also outside t2po (vLLM, pipelines)
     gen = model.generation_config
     for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
@@ -70,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="t2po export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run folder (its latest checkpoint), a checkpoint folder, or a model folder")
     parser.add_argument("--out", required=True, metavar="DIR", help="the new model folder")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype (default: the run's model.dtype)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weights dtype (default: the run's model.dtype; auto = bfloat16 where the hardware has it)")
     ns = parser.parse_args(argv)
     try:
         out = export(ns.model, ns.out, ns.dtype)

@@ -25,7 +25,8 @@ def train(model_dir: Path, out: Path, *extra: str) -> Path:
         f"model.path={model_dir}", f"trainer.output_dir={out}", "trainer.run_name=run", "trainer.trackers=[console]", "trainer.report=false",
         "trainer.iterations=1", "trainer.val_before_train=false", "rollout.num_tasks=2", "rollout.group_size=2", "rollout.sampling.max_new_tokens=12",
         "rollout.val_num_tasks=1", "rollout.tti.turn_score_skip=0", "env.options.max_steps=2", "optim.lr=5e-2", "optim.mini_batch_size=4",
-        "model.lora_rank=4", "model.lora_layers=null", *extra])
+        "model.lora_rank=4", "model.lora_layers=null",
+        "model.dtype=float32", *extra])  # float32 on every CPU: the 1e-4 comparison is about the files, not bf16 rounding
     return run_training(cfg).run_dir
 
 
