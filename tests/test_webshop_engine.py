@@ -126,6 +126,39 @@ def test_search_ranks_matching_products_first(shop):
     assert shop.index.search("the and of") == []  # Lucene's stop words only
 
 
+def test_search_with_one_and_two_letter_words(shop):
+    """A size "s" (Snowball's Porter stems it to "", which crashed the search) and "xs" are kept
+    whole, as Lucene's stemmer keeps words of up to two letters."""
+    from t2po.envs.webshop.engine import Analyzer, parse_action
+
+    assert Analyzer()("t-shirt size s, men's xs shoes") == ["t", "shirt", "size", "s", "men", "xs", "shoe"]
+    for query in ("t-shirt size s", "men s shoes", "'s", "s", "xs us"):
+        assert isinstance(shop.index.search(query), list)
+    session = shop.new_session(shop.catalog.goals[0])
+    assert shop.act(session, "search[t-shirt size s]")
+    assert parse_action("search[t-shirt size s]") == ("search", "t-shirt size s")
+
+
+def test_parse_action_matches_webshop_regex_in_linear_time():
+    """Same result as WebShop's `re.match(r"(.+)\\[(.+)\\]", action)` (web_agent_text_env.py
+    parse_action) on random bracket soup, without its quadratic backtracking."""
+    import random
+    import re
+    import time
+
+    from t2po.envs.webshop.engine import parse_action
+
+    reference = re.compile(r"(.+)\[(.+)\]")
+    rng = random.Random(0)
+    for _ in range(20_000):
+        action = "".join(rng.choice("ab[] \n") for _ in range(rng.randrange(12)))
+        m = reference.match(action)
+        assert parse_action(action) == ((action, None) if m is None else (m.group(1), m.group(2))), action
+    start = time.perf_counter()
+    assert parse_action("x" + "[a" * 500_000) == ("x" + "[a" * 500_000, None)
+    assert time.perf_counter() - start < 0.5  # the regex takes minutes here
+
+
 def test_search_index_cache_round_trip(tmp_path, shop):
     products = shop.catalog.products[:80]
     built = SearchIndex.build(products, cache_dir=tmp_path)

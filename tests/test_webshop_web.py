@@ -69,6 +69,13 @@ def test_unknown_session_and_bad_input(site):
     with pytest.raises(urllib.error.HTTPError) as err:
         _get(base + "/start?goal=abc")
     assert err.value.code == 400
+    for goal in ("9" * 5000, "%C2%B2"):  # int() refuses 5,000 digits and "²" (which isdigit)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _get(base + f"/start?goal={goal}")
+        assert err.value.code == 400
+    session_url, _ = _get(base + "/start?goal=0")
+    url, page = _get(session_url + "/search?q=t-shirt+size+s")  # used to drop the connection
+    assert url == session_url and "Total results:" in page
 
 
 def test_main_reports_a_bad_data_dir(tmp_path, capsys):

@@ -54,26 +54,35 @@ LUCENE_STOP_WORDS = frozenset(
     "a an and are as at be but by for if in into is it no not of on or such that the their then there these they "
     "this to was will with".split()
 )
-ANALYZER_VERSION = "webshop-bm25-v1"  # part of the index cache key: bump when the analyzer changes
+ANALYZER_VERSION = "webshop-bm25-v2"  # part of the index cache key: bump when the analyzer changes
 INDEX_CACHE_MIN_PRODUCTS = 10_000  # smaller indexes build in about a second: not worth a cache
 
-_ACTION = re.compile(r"(.+)\[(.+)\]")
 _TOKEN = re.compile(r"\w+(?:['.]\w+)*")
 
 
 def parse_action(action: str) -> tuple[str, str | None]:
-    """WebShop's `parse_action`: "click[buy now]" -> ("click", "buy now"); no brackets -> (action, None)."""
-    match = _ACTION.match(action)
-    if match is None:
+    """WebShop's `parse_action`: "click[buy now]" -> ("click", "buy now"); no brackets -> (action, None).
+
+    The same result as WebShop's `re.match(r"(.+)\[(.+)\]", action)` (name: up to the last "[" of the
+    first line that still has a "]" after it; argument: up to that line's last "]"), found with
+    two scans: the regex backtracks quadratically on text with many "[" and no "]"."""
+    line = action.split("\n", 1)[0]
+    close = line.rfind("]")
+    open_ = line.rfind("[", 1, close - 1) if close >= 3 else -1
+    if open_ == -1:
         return action, None
-    return match.group(1), match.group(2)
+    return line[:open_], line[open_ + 1 : close]
 
 
 # --------------------------------------------------------------------------- search
 
 
 class Analyzer:
-    """Lucene-like English analysis: tokens, possessive "'s" dropped, stop words, Porter stems."""
+    """Lucene-like English analysis: tokens, possessive "'s" dropped, stop words, Porter stems.
+
+    Words of one or two letters are not stemmed, as in Lucene's (and Porter's original) stemmer:
+    Snowball's Porter turns "s" into "" and "xs" into "x", and an empty term must never reach the
+    index (a size "s" in a query used to crash the search)."""
 
     def __init__(self) -> None:
         self._stemmer = Stemmer.Stemmer("porter")
@@ -86,10 +95,10 @@ class Analyzer:
                 token = token[:-2]
             if token and token not in LUCENE_STOP_WORDS:
                 words.append(token)
-        unseen = [w for w in set(words) if w not in self._stems]
+        unseen = [w for w in set(words) if w not in self._stems and len(w) > 2]
         if unseen:
             self._stems.update(zip(unseen, self._stemmer.stemWords(unseen)))
-        return [self._stems[w] for w in words]
+        return [self._stems.get(w, w) for w in words]
 
 
 class SearchIndex:
@@ -138,12 +147,15 @@ class SearchIndex:
 
     def search(self, query: str, k: int = SEARCH_RETURN_N) -> list[str]:
         """ASINs of the top `k` products for `query`, best first (ties: catalog order)."""
-        ids = [self._vocab[t] for t in self._analyze(query) if t in self._vocab]
+        index = self._retriever.scores
+        # bm25s keeps a few vocabulary entries (its empty-document placeholder "") without postings:
+        # only ids inside the posting table are terms of the index
+        n_terms = len(index["indptr"]) - 1
+        ids = [i for i in (self._vocab.get(t) for t in self._analyze(query)) if i is not None and i < n_terms]
         if not ids:
             return []
         # sum the precomputed per-document BM25 term scores of each query term (a repeated term
         # counts again, as in Lucene); one bincount is much faster than bm25s' per-term add.at
-        index = self._retriever.scores
         postings = [slice(index["indptr"][i], index["indptr"][i + 1]) for i in ids]
         docs = np.concatenate([index["indices"][p] for p in postings])
         scores = np.bincount(docs, weights=np.concatenate([index["data"][p] for p in postings]), minlength=index["num_docs"])

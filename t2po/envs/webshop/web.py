@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import html
 import random
+import re
 import secrets
 import sys
 import threading
@@ -143,9 +144,19 @@ def _document(title: str, body: str) -> str:
     )
 
 
+_GOAL_NUMBER = re.compile(r"-?[0-9]{1,9}")
+
+
 def _handler(site: ShopSite) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            # a request the pages did not foresee gets an error page, never a dropped connection
+            try:
+                self._get()
+            except Exception as err:  # noqa: BLE001 (reported to the client, the server keeps serving)
+                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, _document("Error", f"<p>{html.escape(type(err).__name__)}: {html.escape(str(err))}</p>"))
+
+        def _get(self) -> None:
             url = urlsplit(self.path)
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
             parts = [p for p in url.path.split("/") if p]
@@ -153,7 +164,9 @@ def _handler(site: ShopSite) -> type[BaseHTTPRequestHandler]:
                 return self._send(HTTPStatus.OK, site.home_html())
             if parts == ["start"]:
                 goal = query.get("goal", "")
-                if goal and not goal.lstrip("-").isdigit():
+                # ASCII digits only, and few of them: int() also takes "²"-like digits (then fails)
+                # and refuses numbers past 4,300 digits
+                if goal and not _GOAL_NUMBER.fullmatch(goal):
                     return self._send(HTTPStatus.BAD_REQUEST, _document("Bad request", "<p>goal must be a task number.</p>"))
                 return self._redirect(f"/s/{site.start(int(goal) if goal else None)}")
             if len(parts) >= 2 and parts[0] == "s":
