@@ -71,32 +71,40 @@ After completing your reasoning, choose only one of the following actions (do no
 (2) If you have enough knowledge to answer the question confidently, provide your final answer within <answer> </answer> tags, without detailed illustrations. For example, <answer>Beijing</answer>.
 """
 
-_SEARCH_BLOCK = re.compile(r"<search>(.*?)</search>", re.IGNORECASE | re.DOTALL)
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
-_SEARCH_TAG = re.compile(r"<search>", re.IGNORECASE)
-_ANSWER_TAG = re.compile(r"<answer>", re.IGNORECASE)
+_TAG = re.compile(r"<(/?)(search|answer)>", re.IGNORECASE)
 NO_RESULTS = "No search results found."
 
 
 def parse_search_action(response: str) -> ParsedAction:
     """verl-agent's search projection for one response (see the module docstring). The action is
-    `<search>query</search>`, `<answer>text</answer>` or "" (no block). Never raises."""
+    `<search>query</search>`, `<answer>text</answer>` or "" (no block). Never raises.
+
+    One scan over the tags (the projection's `<search>(.*?)</search>` searches rescan the rest of
+    the text from every opening tag: quadratic on "<answer>" * N)."""
     text = response if isinstance(response, str) else ""
-    lowered = text.lower()
-    # cut after the first closing tag so that a hallucinated continuation is not read as the action
-    if "</search>" in lowered:
-        trimmed = text[: lowered.index("</search>") + len("</search>")]
-    elif "</answer>" in lowered:
-        trimmed = text[: lowered.index("</answer>") + len("</answer>")]
-    else:
-        trimmed = text
-    if match := _SEARCH_BLOCK.search(trimmed):
-        action, empty = f"<search>{match.group(1).strip()}</search>", not match.group(1).strip()
-    elif match := _ANSWER_BLOCK.search(trimmed):
-        action, empty = f"<answer>{match.group(1).strip()}</answer>", False
-    else:
+    tags = [(m.start(), m.end(), m.group(1) == "/", m.group(2).lower()) for m in _TAG.finditer(text)]
+    # cut after the first closing tag (</search> first) so that a hallucinated continuation is not
+    # read as the action
+    cut = len(text)
+    for name in ("search", "answer"):
+        closing = next((end for _, end, close, tag in tags if close and tag == name), None)
+        if closing is not None:
+            cut = closing
+            break
+    action = empty = None
+    for name in ("search", "answer"):
+        opening = next(((start, end) for start, end, close, tag in tags if not close and tag == name and end <= cut), None)
+        if opening is None:
+            continue
+        closing = next((start for start, end, close, tag in tags if close and tag == name and start >= opening[1] and end <= cut), None)
+        if closing is not None:
+            content = text[opening[1] : closing].strip()
+            action, empty = f"<{name}>{content}</{name}>", name == "search" and not content
+            break
+    if action is None:
         return ParsedAction("", False, "no complete <search>...</search> or <answer>...</answer> block")
-    n_search, n_answer = len(_SEARCH_TAG.findall(text)), len(_ANSWER_TAG.findall(text))
+    n_search = sum(1 for _, _, close, tag in tags if not close and tag == "search")
+    n_answer = sum(1 for _, _, close, tag in tags if not close and tag == "answer")
     if n_search and n_answer:
         return ParsedAction(action, False, "both <search> and <answer> in one response")
     if n_search > 1 or n_answer > 1:

@@ -256,7 +256,7 @@ class RetrievalClient:
         raise RetrieverUnavailableError(
             f"Retrieval server at {self.base_url} did not answer {method} {path} after {self.max_retries + 1} "
             f"attempts ({problem}). Start it with `{START_COMMAND}` (or `python -m t2po.envs.search.server`) "
-            f"and pass its URL as the env option retriever_url, e.g. env.retriever_url=http://127.0.0.1:8000."
+            f"and pass its URL as the env option retriever_url, e.g. env.options.retriever_url=http://127.0.0.1:8000."
         )
 
     def health(self) -> dict:
@@ -267,7 +267,9 @@ class RetrievalClient:
         """Per query, the top-k `{"document": {"id", "contents"}, "score"}` entries, best first."""
         if not queries:
             return []
-        payload = {"queries": [q[:MAX_QUERY_CHARS] for q in queries], "topk": topk, "return_scores": True}
+        # model text may hold lone surrogates ("\ud800"), which UTF-8 cannot encode: send "?" instead
+        queries = [q[:MAX_QUERY_CHARS].encode("utf-8", "replace").decode("utf-8") for q in queries]
+        payload = {"queries": queries, "topk": topk, "return_scores": True}
         result = self._request("POST", "/retrieve", payload).get("result")
         if not isinstance(result, list) or len(result) != len(queries):
             raise RetrievalError(f"{self.base_url}/retrieve returned {str(result)[:200]!r}; expected one list of "
