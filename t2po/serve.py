@@ -17,6 +17,13 @@ request's seed.
 The server binds 127.0.0.1 and has no authentication (clients may send any API key); `--host` opens
 it to other machines, at your own risk.
 
+Limits (each answered with HTTP 400 naming it): a request body of at most `--max-request-bytes`
+(1 MiB), at most `--max-tokens` new tokens (4096), and prompt plus new tokens within the model's
+positions (`max_position_embeddings`; without `max_tokens`, the default shrinks to fit). Text that
+UTF-8 cannot encode (lone surrogates), non-finite numbers and JSON nested too deeply are refused
+the same way. A client that hangs up stops its generation at the next token, and SIGTERM or Ctrl-C
+ends the generations in progress and the server within seconds.
+
 Testing aid: `--inject-faults SPEC` makes the first chat requests fail on purpose, in order (error
 statuses such as 429, sleeps past a client's timeout, empty or malformed answers), so that a client's
 retry handling can be tested against a real server; `FAULTS_HELP` below gives the syntax.
@@ -28,6 +35,8 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import json
+import math
 import queue
 import re
 import socket
@@ -45,6 +54,10 @@ from starlette.requests import ClientDisconnect
 from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams
 
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_TOKENS_LIMIT = 4096  # --max-tokens
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # --max-request-bytes
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
+SHUTDOWN_GRACE_S = 3.0  # after SIGTERM, requests still running after this are cancelled
 FAULTS_HELP = """\
 Testing aid: --inject-faults SPEC makes the first chat requests fail on purpose, in order. SPEC is a
 comma-separated list of KIND or KIND*COUNT: an HTTP status (429, 500, 503, ...: an OpenAI-style error
@@ -104,7 +117,10 @@ class FaultPlan:
 
 class GenerationBatcher:
     """Runs `engine.generate` in one worker thread. Requests queued while it is busy (or within
-    `wait_s` of the first) that share sampling settings (seed aside) are decoded as one batch."""
+    `wait_s` of the first) that share sampling settings (seed aside) are decoded as one batch.
+
+    `cancel(future)` drops a request: still queued, it never runs; running, its row stops at the
+    next decode step (the engine's `should_stop`). `stop()` does that to every request."""
 
     def __init__(self, engine: Engine, intervention: InterventionConfig, max_batch_size: int = 8, wait_s: float = 0.005) -> None:
         self.engine = engine
@@ -112,6 +128,8 @@ class GenerationBatcher:
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         self._queue: queue.Queue = queue.Queue()
+        self._abandoned: set[concurrent.futures.Future] = set()
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="t2po-serve-generation", daemon=True)
         self._thread.start()
 
@@ -120,7 +138,16 @@ class GenerationBatcher:
         self._queue.put((prompt_ids, sampling, future))
         return future
 
+    def cancel(self, future: concurrent.futures.Future) -> None:
+        if not future.cancel():  # already running: its row stops at the next token
+            self._abandoned.add(future)
+
+    def stop(self) -> None:
+        """End every generation at its next token and refuse the queued ones (server shutdown)."""
+        self._stopping.set()
+
     def close(self) -> None:
+        self.stop()
         self._queue.put(None)
         self._thread.join(timeout=30)
 
@@ -141,6 +168,12 @@ class GenerationBatcher:
                     break
                 pending.append(item)
             groups: dict[tuple, list] = {}
+            # a request cancelled while queued is dropped here (False: its future was cancelled)
+            pending = [item for item in pending if item[2].set_running_or_notify_cancel()]
+            if self._stopping.is_set():
+                for _, _, future in pending:
+                    future.set_exception(RuntimeError("the server is shutting down"))
+                continue
             for item in pending:
                 s = item[1]
                 groups.setdefault((s.temperature, s.top_p, s.top_k, s.max_new_tokens, tuple(s.stop)), []).append(item)
@@ -149,12 +182,18 @@ class GenerationBatcher:
 
     def _generate(self, items: list) -> None:
         sampling = items[0][1]
+
+        def should_stop(row: int) -> bool:
+            return self._stopping.is_set() or items[row][2] in self._abandoned
+
         try:
-            generations = self.engine.generate([p for p, _, _ in items], sampling, self.intervention)
+            generations = self.engine.generate([p for p, _, _ in items], sampling, self.intervention, should_stop=should_stop)
         except Exception as e:  # the requests fail, the server stays up
             for _, _, future in items:
                 future.set_exception(e)
             return
+        finally:
+            self._abandoned.difference_update(future for _, _, future in items)
         for (_, _, future), generation in zip(items, generations):
             future.set_result(generation)
 
@@ -172,9 +211,53 @@ def _error_body(message: str, kind: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def parse_chat_request(body: Any, served_model: str, tokenizer: Any) -> tuple[list[int], SamplingParams]:
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one chat request may ask for; beyond it the answer is HTTP 400 naming the limit."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS_LIMIT  # new tokens per request (--max-tokens)
+    max_positions: int | None = None  # prompt + new tokens: the model's max_position_embeddings
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # request body size (--max-request-bytes)
+
+
+def model_positions(model: Any) -> int | None:
+    """The model's `max_position_embeddings` (a VLM keeps it in its text config), None if unknown."""
+    config = getattr(model, "config", None)
+    for source in (config, getattr(config, "text_config", None)):
+        value = getattr(source, "max_position_embeddings", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The request body as JSON, or `RequestError`: invalid UTF-8 or JSON, NaN / Infinity (Python's
+    json reads them, JSON has none), nesting too deep for the parser."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply") from None
+    except ValueError as e:
+        raise RequestError(f"the request body is not valid JSON ({e})") from None
+
+
+def _check_text(text: str, param: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{param} holds a lone surrogate (\\ud800-\\udfff without its pair), which is not "
+                           "text: send valid Unicode", param=param.split("[")[0]) from None
+    return text
+
+
+def parse_chat_request(body: Any, served_model: str, tokenizer: Any,
+                       limits: ServeLimits = ServeLimits()) -> tuple[list[int], SamplingParams]:
     """Prompt token ids and sampling settings of an OpenAI chat-completions request body; raises
-    `RequestError` naming the field at fault."""
+    `RequestError` naming the field at fault or the limit exceeded."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     model = body.get("model")
@@ -198,7 +281,7 @@ def parse_chat_request(body: Any, served_model: str, tokenizer: Any) -> tuple[li
             content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str):
             raise RequestError(f"messages[{k}].content must be a string or a list of text parts", param="messages")
-        rendered.append({"role": message["role"], "content": content})
+        rendered.append({"role": message["role"], "content": _check_text(content, f"messages[{k}].content")})
     ids = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=True)
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]
@@ -207,18 +290,35 @@ def parse_chat_request(body: Any, served_model: str, tokenizer: Any) -> tuple[li
         value = body.get(name)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RequestError(f"{name} must be a {'whole ' if kind is int else ''}number", param=name)
+        if isinstance(value, float) and (not math.isfinite(value) or (kind is int and not value.is_integer())):
+            raise RequestError(f"{name} must be a finite {'whole ' if kind is int else ''}number", param=name)
         if value < low or (high is not None and value > high):
             raise RequestError(f"{name}={value} is out of range [{low}, {high if high is not None else 'inf'}]", param=name)
         return kind(value)
 
-    max_tokens = number("max_completion_tokens", None, int, 1) or number("max_tokens", DEFAULT_MAX_TOKENS, int, 1)
+    asked = number("max_completion_tokens", None, int, 1) or number("max_tokens", None, int, 1)
+    if asked is not None and asked > limits.max_tokens:
+        raise RequestError(f"max_tokens={asked} is more than this server's limit of {limits.max_tokens} new tokens "
+                           "(t2po serve --max-tokens)", param="max_tokens")
+    max_tokens = asked if asked is not None else min(DEFAULT_MAX_TOKENS, limits.max_tokens)
+    if limits.max_positions is not None:
+        room = limits.max_positions - len(ids)
+        if room < 1:
+            raise RequestError(f"the prompt is {len(ids)} tokens; the model has {limits.max_positions} positions for "
+                               "prompt and answer together: shorten the messages", param="messages")
+        if asked is not None and asked > room:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({asked}) exceed the model's {limits.max_positions} "
+                               f"positions: ask for at most {room} tokens or shorten the messages", param="max_tokens")
+        max_tokens = min(max_tokens, room)
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise RequestError("stop must be a non-empty string or a list of them", param="stop")
+    for k, s in enumerate(stop):
+        _check_text(s, f"stop[{k}]")
     top_p = number("top_p", 1.0, float, 0.0, 1.0)
     if top_p == 0:
         raise RequestError("top_p must be > 0", param="top_p")
@@ -253,10 +353,24 @@ def _completion(served_model: str, generation: Generation, stop: list[str]) -> d
     }
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or `RequestError` once it passes `limit` bytes (nothing more is read)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"the request body is larger than this server's limit of {limit} bytes "
+                               "(t2po serve --max-request-bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def build_app(engine: Engine, served_model: str, intervention: InterventionConfig | None = None,
-              faults: FaultPlan | None = None, max_batch_size: int = 8):
-    """The FastAPI application serving `engine` under the name `served_model`."""
+              faults: FaultPlan | None = None, max_batch_size: int = 8, limits: ServeLimits | None = None):
+    """The FastAPI application serving `engine` under the name `served_model`; `app.state.batcher`
+    is its `GenerationBatcher`. `limits`: by default, the defaults with the model's positions."""
     intervention = intervention if intervention is not None else InterventionConfig()
+    limits = limits if limits is not None else ServeLimits(max_positions=model_positions(getattr(engine, "model", None)))
     batcher = GenerationBatcher(engine, intervention, max_batch_size)
     faults = faults or FaultPlan(None)
     created = int(time.time())
@@ -267,6 +381,11 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
         batcher.close()
 
     app = FastAPI(title="t2po serve", description=f"OpenAI-compatible chat completions from {served_model}", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    def refuse(e: RequestError) -> JSONResponse:
+        kind = "not_found_error" if e.status == 404 else "invalid_request_error"
+        return JSONResponse(_error_body(str(e), kind, e.param), status_code=e.status)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -280,9 +399,9 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
     async def chat_completions(request: Request):
         fault = faults.take()
         try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse(_error_body("the request body is not valid JSON", "invalid_request_error"), status_code=400)
+            body = parse_json_body(await _read_body(request, limits.max_request_bytes))
+        except RequestError as e:
+            return refuse(e)
         except ClientDisconnect:
             return Response(status_code=499)  # nobody to answer
         if fault is not None and fault.kind == "status":
@@ -293,19 +412,29 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
             if await request.is_disconnected():  # the client timed out: spare the generation
                 return Response(status_code=499)
         try:
-            prompt_ids, sampling = parse_chat_request(body, served_model, engine.tokenizer)
+            prompt_ids, sampling = parse_chat_request(body, served_model, engine.tokenizer, limits)
         except RequestError as e:
-            kind = "not_found_error" if e.status == 404 else "invalid_request_error"
-            return JSONResponse(_error_body(str(e), kind, e.param), status_code=e.status)
+            return refuse(e)
         if fault is not None and fault.kind == "malformed":
             return JSONResponse({"object": "chat.completion", "model": served_model, "choices": "no choices here"})
         if fault is not None and fault.kind == "empty":
             empty = Generation([], [], [], [], "", "stop", prompt_tokens=len(prompt_ids))
             return JSONResponse(_completion(served_model, empty, []))
+        future = batcher.submit(prompt_ids, sampling)
+        waiter = asyncio.wrap_future(future)
+        while not waiter.done():
+            await asyncio.wait([waiter], timeout=DISCONNECT_POLL_S)
+            if not waiter.done() and await request.is_disconnected():
+                batcher.cancel(future)  # nobody will read the answer: free the engine
+                return Response(status_code=499)
         try:
-            generation = await asyncio.wrap_future(batcher.submit(prompt_ids, sampling))
+            generation = waiter.result()
         except ValueError as e:  # the engine's checks of the request
             return JSONResponse(_error_body(str(e), "invalid_request_error"), status_code=400)
+        except RuntimeError as e:  # shutting down
+            return JSONResponse(_error_body(str(e), "server_error"), status_code=503)
+        if generation.finish_reason == "cancelled":
+            return JSONResponse(_error_body("the server is shutting down", "server_error"), status_code=503)
         return JSONResponse(_completion(served_model, generation, sampling.stop))
 
     return app
@@ -335,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tti", action="store_true", help="decode without the thinking intervention (spec §2)")
     parser.add_argument("--tti-budget", type=int, default=None, help="TTI think-token budget B (default: the run's setting, else none)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="concurrent requests decoded together at most (default 8)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, help=f"most new tokens one request may ask for (default {DEFAULT_MAX_TOKENS_LIMIT})")
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help=f"largest request body accepted (default {DEFAULT_MAX_REQUEST_BYTES})")
     parser.add_argument("--inject-faults", default=None, metavar="SPEC", help="testing aid: fail the first chat requests on purpose (see below)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log level")
     ns = parser.parse_args(argv)
@@ -342,8 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         faults = FaultPlan(ns.inject_faults)
     except ValueError as e:
         parser.error(str(e))
-    if ns.max_batch_size < 1:
-        parser.error("--max-batch-size must be >= 1")
+    for flag, value in (("--max-batch-size", ns.max_batch_size), ("--max-tokens", ns.max_tokens), ("--max-request-bytes", ns.max_request_bytes)):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1")
 
     import uvicorn
 
@@ -357,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     intervention = intervention_for(ns.model, enabled=not ns.no_tti, budget=ns.tti_budget)
     name = ns.served_model_name or served_name(ns.model)
-    app = build_app(make_engine("hf", model, tokenizer), name, intervention, faults, ns.max_batch_size)
+    limits = ServeLimits(ns.max_tokens, model_positions(model), ns.max_request_bytes)
+    app = build_app(make_engine("hf", model, tokenizer), name, intervention, faults, ns.max_batch_size, limits)
 
     # Bind first, so that --port 0 can report the port actually taken.
     family = socket.AF_INET6 if ":" in ns.host else socket.AF_INET
@@ -372,7 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     shown_host = f"[{ns.host}]" if family == socket.AF_INET6 else ns.host
     print(f"t2po serve: {description} as model {name!r} on http://{shown_host}:{port}/v1"
           f"{' (TTI on)' if intervention.enabled else ' (TTI off)'}{f'; injecting faults: {ns.inject_faults}' if faults.faults else ''}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=ns.log_level))
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGTERM / SIGINT
+            app.state.batcher.stop()  # generations in progress end at their next token
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, log_level=ns.log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
     server.run(sockets=[sock])
     return 0
 

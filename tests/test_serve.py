@@ -21,7 +21,7 @@ from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy
 from t2po.rollout import build_prompt_ids
-from t2po.serve import FaultPlan, GenerationBatcher, build_app
+from t2po.serve import DEFAULT_MAX_REQUEST_BYTES, FaultPlan, GenerationBatcher, build_app
 
 PROMPT = "You are solving the Sokoban puzzle. Think step by step inside <think> </think> tags, then give your action."
 
@@ -134,6 +134,89 @@ def test_invalid_requests_get_openai_style_errors(engine):
         assert answer.usage.completion_tokens == 1 and answer.choices[0].finish_reason == "length"
 
 
+def test_limits_and_hostile_bodies_are_answered_400(engine):
+    """Each limit is named in the 400 answer; nothing here reaches the engine as a 500."""
+    with serving(engine) as url:
+        def post(body: bytes | dict) -> tuple[int, str]:
+            kw = {"json": body} if isinstance(body, dict) else {"content": body, "headers": {"content-type": "application/json"}}
+            reply = httpx.post(f"{url}/chat/completions", timeout=60, **kw)
+            return reply.status_code, reply.json()["error"]["message"]
+
+        hi = [{"role": "user", "content": "hi"}]
+        assert post({"model": "tiny", "messages": hi, "max_tokens": 10**9}) == (
+            400, "max_tokens=1000000000 is more than this server's limit of 4096 new tokens (t2po serve --max-tokens)")
+        assert post({"model": "tiny", "messages": hi, "max_tokens": 10**400})[0] == 400
+        status, message = post({"model": "tiny", "messages": [{"role": "user", "content": "word " * 300}], "max_tokens": 4000})
+        assert status == 400 and "exceed the model's 4096 positions: ask for at most" in message
+        status, message = post({"model": "tiny", "messages": [{"role": "user", "content": "word " * 5000}]})
+        assert status == 400 and "the model has 4096 positions" in message
+        status, message = post({"model": "tiny", "messages": [{"role": "user", "content": "x" * DEFAULT_MAX_REQUEST_BYTES}]})
+        assert status == 400 and f"limit of {DEFAULT_MAX_REQUEST_BYTES} bytes" in message
+        status, message = post(b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}')
+        assert status == 400 and "lone surrogate" in message and "messages[0].content" in message
+        status, message = post(b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}')
+        assert status == 400 and "stop[0] holds a lone surrogate" in message
+        for constant in (b"NaN", b"Infinity", b"-Infinity"):
+            status, message = post(b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": ' + constant + b"}")
+            assert status == 400 and "not a JSON number" in message
+        assert post(b"[" * 200_000 + b"]" * 200_000) == (400, "the request body is nested too deeply")
+        assert post(b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff"}]}')[0] == 400  # not UTF-8
+        # still serving, and a prompt near the positions limit gets the rest as its default max_tokens
+        answer = httpx.post(f"{url}/chat/completions", json={"model": "tiny", "messages": hi, "max_tokens": 2}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] <= 2
+
+
+class RecordingEngine(HFEngine):
+    """The real engine on a model that never ends a response by itself (no EOS), recording each call."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.eos_token_ids = set()
+        self.calls: list[tuple[float, list]] = []
+
+    def generate(self, prompts, sampling, intervention=None, **kw):
+        start = time.monotonic()
+        generations = super().generate(prompts, sampling, intervention, **kw)
+        self.calls.append((time.monotonic() - start, generations))
+        return generations
+
+
+def test_a_client_that_hangs_up_frees_the_server(tiny_model):
+    """A 4,000-token request (about 15 s of decoding here) whose client times out after 1 s stops
+    at the next token; the next request is answered within seconds."""
+    model, tokenizer = tiny_model
+    engine = RecordingEngine(model, tokenizer)
+    with serving(engine) as url:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/chat/completions", json=body, timeout=1.0)
+        start = time.monotonic()
+        reply = httpx.post(f"{url}/chat/completions", json={**body, "max_tokens": 3}, timeout=60)
+        waited = time.monotonic() - start
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+    (_, (abandoned,)), (_, (answered,)) = engine.calls
+    assert abandoned.finish_reason == "cancelled" and abandoned.num_tokens < 4000
+    assert answered.num_tokens == 3
+    assert waited < 5.0
+
+
+def test_batcher_stop_ends_generations_in_progress(tiny_model):
+    """`stop()` (what SIGTERM calls) ends a running generation at its next token and refuses queued ones."""
+    model, tokenizer = tiny_model
+    engine = RecordingEngine(model, tokenizer)
+    batcher = GenerationBatcher(engine, InterventionConfig())
+    long = SamplingParams(max_new_tokens=4000)
+    running = batcher.submit([1, 2, 3], long)
+    time.sleep(0.5)
+    queued = batcher.submit([1, 2, 3], SamplingParams(max_new_tokens=5))
+    start = time.monotonic()
+    batcher.close()
+    assert time.monotonic() - start < 3.0
+    assert running.result(timeout=1).finish_reason == "cancelled"
+    with pytest.raises(RuntimeError, match="shutting down"):
+        queued.result(timeout=1)
+
+
 class BlockingEngine(HFEngine):
     """The real engine, holding its first call until released and recording each call's batch size."""
 
@@ -142,10 +225,10 @@ class BlockingEngine(HFEngine):
         self.release = threading.Event()
         self.batch_sizes: list[int] = []
 
-    def generate(self, prompts, sampling, intervention=None):
+    def generate(self, prompts, sampling, intervention=None, **kw):
         self.release.wait(timeout=30)
         self.batch_sizes.append(len(prompts))
-        return super().generate(prompts, sampling, intervention)
+        return super().generate(prompts, sampling, intervention, **kw)
 
 
 def test_batcher_groups_waiting_requests_with_equal_sampling(tiny_model):
@@ -185,19 +268,32 @@ def test_retry_policy_backoff_doubles_caps_and_honours_retry_after():
 
 
 def test_serve_command_in_a_subprocess(tiny_model_dir, tmp_path):
-    """`t2po serve MODEL --port 0` prints its address, answers /health, /v1/models and chat requests."""
+    """`t2po serve MODEL --port 0` prints its address, answers /health, /v1/models and chat requests
+    while another request hangs (an injected 60 s sleep), and SIGTERM ends it within 10 s anyway."""
     log = tmp_path / "serve.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "t2po.serve", str(tiny_model_dir), "--port", "0", "--log-level", "warning"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "t2po.serve", str(tiny_model_dir), "--port", "0", "--log-level", "warning",
+                                 "--inject-faults", "sleep=60"], stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         url = wait_for_server(proc, log)
         assert httpx.get(url.removesuffix("/v1") + "/health").json() == {"status": "ok", "model": tiny_model_dir.name}
         assert [m["id"] for m in httpx.get(url + "/models").json()["data"]] == [tiny_model_dir.name]
+        messages = [{"role": "user", "content": PROMPT}]
+        def hang() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(url + "/chat/completions", json={"model": tiny_model_dir.name, "messages": messages}, timeout=90)
+
+        threading.Thread(target=hang, daemon=True).start()
+        time.sleep(0.5)  # it holds the sleep fault now
         client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
-        answer = client.chat.completions.create(model=tiny_model_dir.name, messages=[{"role": "user", "content": PROMPT}], max_tokens=5)
+        answer = client.chat.completions.create(model=tiny_model_dir.name, messages=messages, max_tokens=5)
         assert answer.usage.completion_tokens <= 5 and answer.choices[0].message.role == "assistant"
-    finally:
+        start = time.monotonic()
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=10)
+        assert time.monotonic() - start < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)

@@ -40,7 +40,7 @@ class Generation:
     uncertainty: list[float]  # M_t per generated token
     forced: list[bool]  # True where the intervention forced the token
     text: str  # decoded response (for parsing only)
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    finish_reason: str  # "stop" (EOS or stop string), "length", or "cancelled" (the caller's should_stop)
     turn_score: float = math.nan  # Mbar over the configured window (spec §3)
     tti_triggers: dict[str, int] = field(default_factory=dict)  # {"budget": n, "stagnation": n}
     think_length: int = 0  # tokens inside think spans

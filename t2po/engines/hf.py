@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,10 +66,13 @@ class HFEngine(Engine):
         sampling: SamplingParams,
         intervention: InterventionConfig | None = None,
         pixel_inputs: list[dict | None] | None = None,
+        should_stop: Callable[[int], bool] | None = None,
     ) -> list[Generation]:
         """Sample one response per prompt (token ids). `intervention=None` behaves like
         `InterventionConfig(enabled=False)`: nothing is forced, M_t, turn scores and think lengths
-        are still recorded. `pixel_inputs`: per prompt, the pixel inputs of its image (None: none)."""
+        are still recorded. `pixel_inputs`: per prompt, the pixel inputs of its image (None: none).
+        `should_stop(row)`, asked once per decode step for each unfinished row, ends that row with
+        finish reason "cancelled" when it answers True (`t2po serve`: the client hung up)."""
         check_request(prompts, sampling)
         if pixel_inputs is not None:
             from t2po.vlm import NEEDS_VLM, is_vision_language
@@ -90,7 +93,7 @@ class HFEngine(Engine):
         self.model.eval()
         try:
             with torch.inference_mode():
-                token_ids, logprobs, finish, cached = self._decode(prompts, sampling, tti, config, pixel_inputs)
+                token_ids, logprobs, finish, cached = self._decode(prompts, sampling, tti, config, pixel_inputs, should_stop)
         finally:
             self.model.train(was_training)
 
@@ -129,6 +132,7 @@ class HFEngine(Engine):
         tti: ThinkingIntervention | None,
         config: InterventionConfig,
         pixel_inputs: list[dict | None] | None = None,
+        should_stop: Callable[[int], bool] | None = None,
     ) -> tuple[list[list[int]], list[list[float]], list[str], list[int]]:
         from t2po import vlm
 
@@ -169,6 +173,10 @@ class HFEngine(Engine):
                     finish[row] = "stop"
                 elif len(token_ids[row]) >= sampling.max_new_tokens:
                     finish[row] = "length"
+            if should_stop is not None:  # the caller gave up on these rows
+                for row in active:
+                    if finish[row] is None and should_stop(row):
+                        finish[row] = "cancelled"
             keep = [i for i, row in enumerate(active) if finish[row] is None]
             if not keep:
                 break
