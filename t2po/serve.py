@@ -62,15 +62,16 @@ FAULTS_HELP = """\
 Testing aid: --inject-faults SPEC makes the first chat requests fail on purpose, in order. SPEC is a
 comma-separated list of KIND or KIND*COUNT: an HTTP status (429, 500, 503, ...: an OpenAI-style error
 body), sleep=SECONDS (wait, then answer normally: past a client's timeout), empty (an answer with
-empty content) or malformed (a 200 answer that is not a chat completion).
-Example: --inject-faults 429*2,sleep=5,500,malformed
+empty content), malformed (a 200 answer that is not a chat completion) or notjson (a 200 answer
+whose body is not JSON).
+Example: --inject-faults 429*2,sleep=5,500,malformed,notjson
 """
 
 
 @dataclass(frozen=True)
 class Fault:
     """One injected fault: `kind` is "status" (answer HTTP `value`), "sleep" (wait `value` seconds,
-    then answer), "empty" or "malformed"."""
+    then answer), "empty", "malformed" or "notjson"."""
 
     kind: str
     value: float = 0.0
@@ -80,7 +81,7 @@ class FaultPlan:
     """The faults of `--inject-faults SPEC` (see the module docstring), handed out one per chat
     request in arrival order; thread-safe."""
 
-    _ITEM = re.compile(r"^(?P<kind>\d{3}|sleep=(?P<secs>\d+(?:\.\d+)?)|empty|malformed)(?:\*(?P<count>\d+))?$")
+    _ITEM = re.compile(r"^(?P<kind>\d{3}|sleep=(?P<secs>\d+(?:\.\d+)?)|empty|malformed|notjson)(?:\*(?P<count>\d+))?$")
 
     def __init__(self, spec: str | None) -> None:
         self.faults: list[Fault] = []
@@ -92,7 +93,7 @@ class FaultPlan:
             if m is None:
                 raise ValueError(
                     f"fault {item!r} in --inject-faults: use an HTTP status (429, 500, ...), sleep=SECONDS, "
-                    "empty or malformed, optionally with *COUNT, comma-separated (e.g. 429*2,sleep=5,malformed)"
+                    "empty, malformed or notjson, optionally with *COUNT, comma-separated (e.g. 429*2,sleep=5,malformed)"
                 )
             kind = m.group("kind")
             if kind.isdigit():
@@ -417,6 +418,8 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
             return refuse(e)
         if fault is not None and fault.kind == "malformed":
             return JSONResponse({"object": "chat.completion", "model": served_model, "choices": "no choices here"})
+        if fault is not None and fault.kind == "notjson":
+            return Response("<html>502 Bad Gateway</html>", media_type="application/json")
         if fault is not None and fault.kind == "empty":
             empty = Generation([], [], [], [], "", "stop", prompt_tokens=len(prompt_ids))
             return JSONResponse(_completion(served_model, empty, []))

@@ -118,6 +118,28 @@ def test_empty_and_malformed_answers_become_empty_text(engine):
     assert (malformed.text, malformed.finish_reason, malformed.usage_reported) == ("", "malformed", False)
 
 
+def test_an_answer_that_is_not_json_is_retried_then_an_invalid_action(engine):
+    with serving(engine, "notjson,notjson") as url:
+        assert agent_for(url).respond(PROMPT).retry_reasons == ["notjson", "notjson"]  # then answered
+        assert agent_for(url).respond(PROMPT).attempts == 1
+    with serving(engine, "notjson*3") as url:
+        reply = agent_for(url, retry=RetryPolicy(max_retries=2, backoff=0.01)).respond(PROMPT)
+    assert (reply.text, reply.finish_reason, reply.attempts, reply.usage_reported) == ("", "malformed", 3, False)
+
+
+def test_negative_or_odd_token_usage_counts_as_not_reported():
+    from types import SimpleNamespace
+
+    from t2po.engines.openai_api import _read_completion
+
+    choice = SimpleNamespace(message=SimpleNamespace(content="hi"), finish_reason="stop")
+    for prompt_tokens, completion_tokens in ((-5, 3), (5, -1), (True, 2), (1.5, 2)):
+        usage = SimpleNamespace(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+        assert _read_completion(SimpleNamespace(choices=[choice], usage=usage)) == ("hi", "stop", None)
+    usage = SimpleNamespace(prompt_tokens=7, completion_tokens=0)
+    assert _read_completion(SimpleNamespace(choices=[choice], usage=usage)) == ("hi", "stop", (7, 0))
+
+
 def test_invalid_requests_get_openai_style_errors(engine):
     with serving(engine) as url:
         client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
@@ -251,10 +273,10 @@ def test_batcher_groups_waiting_requests_with_equal_sampling(tiny_model):
 
 
 def test_fault_spec_parsing():
-    plan = FaultPlan("429*2, sleep=1.5,empty,malformed,503")
+    plan = FaultPlan("429*2, sleep=1.5,empty,malformed,503,notjson")
     kinds = [(f.kind, f.value) for f in plan.faults]
-    assert kinds == [("status", 429), ("status", 429), ("sleep", 1.5), ("empty", 0), ("malformed", 0), ("status", 503)]
-    assert [plan.take() for _ in range(7)][-1] is None
+    assert kinds == [("status", 429), ("status", 429), ("sleep", 1.5), ("empty", 0), ("malformed", 0), ("status", 503), ("notjson", 0)]
+    assert [plan.take() for _ in range(8)][-1] is None
     for bad in ("429x2", "sleep", "200", "teapot"):
         with pytest.raises(ValueError, match="--inject-faults"):
             FaultPlan(bad)

@@ -3,6 +3,8 @@
 One request per turn: the environment's prompt (`env.render_prompt`, the same text a local model gets
 through its chat template) is the only user message. The answer is parsed by the environment like a
 local model's response; an empty or malformed answer becomes the empty response, i.e. an invalid action.
+A 200 answer whose body is not JSON at all (a proxy's error page) is retried like a 5xx first; token
+usage that is not a pair of non-negative integers counts as not reported.
 
 Retries are this module's own loop around the official `openai` client (built with `max_retries=0`),
 so that they are visible (counted per request, reported by `t2po eval`) and testable: HTTP 408/409/429,
@@ -63,9 +65,9 @@ class APIReply:
     completion_tokens: int
     finish_reason: str  # the server's ("stop", "length", ...), or "empty" / "malformed"
     attempts: int  # requests sent for this turn (1 = no retry)
-    retry_reasons: list[str] = field(default_factory=list)  # one per retry: "429", "503", "timeout", "connection"
+    retry_reasons: list[str] = field(default_factory=list)  # one per retry: "429", "503", "timeout", "connection", "notjson"
     latency_s: float = 0.0  # wall time of the turn, retries and back-off included
-    usage_reported: bool = True  # False when the server sent no token usage
+    usage_reported: bool = True  # False when the server sent no token usage (or negative counts)
 
 
 def api_key_from_env(name: str) -> str:
@@ -200,7 +202,11 @@ class OpenAIChatAgent:
                 reason, retry_after = "timeout", None
             except openai.APIConnectionError:
                 reason, retry_after = "connection", None
+            except (ValueError, openai.APIResponseValidationError):  # a 200 whose body is not JSON
+                reason, retry_after = "notjson", None
             if len(reasons) >= self.retry.max_retries:
+                if reason == "notjson":  # an answer, just unreadable: the empty response, an invalid action
+                    return APIReply("", 0, 0, "malformed", len(reasons) + 1, reasons, time.monotonic() - start, usage_reported=False)
                 raise APIError(
                     f"{self.base_url}: no answer after {len(reasons) + 1} attempts (failures: {', '.join(reasons + [reason])}). "
                     "The server may be overloaded or down: rerun later (finished episodes are kept), or raise "
@@ -253,8 +259,9 @@ def _read_completion(response: Any) -> tuple[str, str, tuple[int, int] | None]:
     usage = None
     try:
         u = response.usage
-        if u is not None and isinstance(u.prompt_tokens, int) and isinstance(u.completion_tokens, int):
-            usage = (u.prompt_tokens, u.completion_tokens)
+        counts = (u.prompt_tokens, u.completion_tokens) if u is not None else ()
+        if counts and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            usage = counts
     except AttributeError:
         pass
     try:
