@@ -199,6 +199,31 @@ class Config:
             errors.append(f"rollout.vllm.kv_cache_gib={r.vllm.kv_cache_gib}: must be > 0 (or null for a share of the memory)")
         if not 0 < r.vllm.gpu_memory_utilization < 1:
             errors.append(f"rollout.vllm.gpu_memory_utilization={r.vllm.gpu_memory_utilization}: must be in (0, 1)")
+        # ranges of the remaining numbers: a value outside them fails here, not after an iteration
+        for name, value, low, high in [
+            ("trainer.save_every", self.trainer.save_every, 1, None), ("trainer.val_every", self.trainer.val_every, 0, None),
+            ("trainer.keep_checkpoints", self.trainer.keep_checkpoints, 1, None), ("trainer.trace_episodes", self.trainer.trace_episodes, 0, None),
+            ("rollout.val_num_tasks", r.val_num_tasks, 1, None), ("rollout.max_prompt_tokens", r.max_prompt_tokens, 1, None),
+            ("rollout.tti.eps", r.tti.eps, 0, None), ("rollout.tti.alpha", r.tti.alpha, 0, 1),
+            ("rollout.tti.turn_score_skip", r.tti.turn_score_skip, 0, None), ("rollout.tds.eta", r.tds.eta, 0, None),
+            ("rollout.tds.max_try", r.tds.max_try, 0, None), ("rollout.sampling.top_k", r.sampling.top_k, 0, None),
+            ("rollout.val_sampling.top_k", r.val_sampling.top_k, 0, None),
+            ("algo.gamma", self.algo.gamma, 0, 1), ("algo.lam", self.algo.lam, 0, 1), ("algo.clip_low", self.algo.clip_low, 0, 1),
+            ("algo.clip_high", self.algo.clip_high, 0, None), ("algo.dual_clip", self.algo.dual_clip, 1, None),
+            ("algo.entropy_coef", self.algo.entropy_coef, 0, None), ("algo.kl_coef", self.algo.kl_coef, 0, None),
+            ("algo.value_coef", self.algo.value_coef, 0, None), ("algo.value_clip", self.algo.value_clip, 0, None),
+            ("algo.step_weight", self.algo.step_weight, 0, None), ("optim.grad_clip", self.optim.grad_clip, 0, None),
+            ("optim.weight_decay", self.optim.weight_decay, 0, None), ("model.lora_rank", self.model.lora_rank, 1, None),
+            ("model.lora_alpha", self.model.lora_alpha, 1, None), ("model.lora_dropout", self.model.lora_dropout, 0, 1),
+            ("warmup.episodes", self.warmup.episodes, 0, None), ("warmup.epochs", self.warmup.epochs, 1, None),
+            ("warmup.batch_size", self.warmup.batch_size, 1, None),
+        ] + [(n, v, 1, None) for n, v in [("rollout.max_turns", r.max_turns), ("rollout.tti.patience", r.tti.patience),
+                                           ("rollout.tti.budget", r.tti.budget), ("model.lora_layers", self.model.lora_layers),
+                                           ("trainer.threads", self.trainer.threads)] if v is not None]:
+            if not (value >= low and (high is None or value <= high)):  # NaN fails too
+                errors.append(f"{name}={value}: must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}")
+        if self.warmup.episodes > 0 and not self.warmup.lr > 0:
+            errors.append(f"warmup.lr={self.warmup.lr}: must be > 0")
         if self.env.ray_workers < 0:
             errors.append(f"env.ray_workers={self.env.ray_workers}: must be >= 0 (0 = in-process environments)")
         if self.trainer.iterations < 0:
@@ -221,8 +246,9 @@ class Config:
                 errors.append(f"trainer.trackers: unknown tracker {t!r}{did_you_mean(t, known_trackers)}; choose from {sorted(known_trackers)}")
         from t2po.envs import env_option_errors  # environments are imported only to check their options
 
-        errors += env_option_errors(self.env.name, self.env.options, "env.options.")
-        errors += env_option_errors(self.env.name, self.env.val_options, "env.val_options.")
+        option_errors = env_option_errors(self.env.name, self.env.options, "env.options.")
+        # an unknown env.name is one error, not one per option set
+        errors += option_errors + [e for e in env_option_errors(self.env.name, self.env.val_options, "env.val_options.") if e not in option_errors]
         _check_model_reads_images(self, errors)
         if errors:
             raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(errors))

@@ -131,6 +131,10 @@ class SokobanEnv(BatchEnv):
             value = values[name]
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}; got {value!r}.")
+        inside = (dim_room[0] - 2) * (dim_room[1] - 2)  # cells within the wall ring
+        if num_boxes + 1 > inside:
+            raise ValueError(f"num_boxes={num_boxes} boxes and the player do not fit in a {dim_room[0]}x{dim_room[1]} room "
+                             f"({inside} cells inside its walls); use fewer boxes or a larger dim_room.")
         if observation_mode not in OBSERVATION_MODES:
             raise ValueError(f"observation_mode must be one of {OBSERVATION_MODES}; got {observation_mode!r}.")
         if prompt_style not in ("reference", "compact"):
