@@ -21,6 +21,9 @@ A LoRA adapter's `adapter_config.json` names the real model folder it applies to
 adapter holds the warm-up's ranks and the RL ranks side by side on the warm-up's own base
 (`combine_adapters`: PEFT cannot stack an adapter on an adapter folder). `t2po export` writes a merged
 Hugging Face model folder.
+Resuming reads a checkpoint's files whole before it applies any of them, and falls back to the next
+older checkpoint when one cannot be read (a damaged disk, a file truncated behind the trainer's back):
+`load_checkpoint` raises `CorruptCheckpoint` naming the file and the problem.
 No pickle anywhere. Module-level imports are light (no torch): the API evaluation path imports it.
 """
 
@@ -30,13 +33,14 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import warnings
 from collections.abc import Iterator
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # = t2po.models.DEFAULT_MODEL (kept import-free: no torch here)
@@ -45,8 +49,23 @@ CHECKPOINTS = "checkpoints"
 WARMUP_MODEL = "warmup_model"
 
 
+KILL_AT_ENV = "T2PO_KILL_AT"
+
+
+def kill_point(phase: str, where: object) -> None:
+    """Testing aid for crash consistency (tests/test_faults.py): with `T2PO_KILL_AT=phase:where`
+    (e.g. `update:2`, `checkpoint:3`, `validation:after_warmup`) in the environment, the process
+    SIGKILLs itself here, as `kill -9` would, with no cleanup of any kind."""
+    if os.environ.get(KILL_AT_ENV) == f"{phase}:{where}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint folder whose files cannot be read back; the message names the file and the problem."""
+
+
 # ----------------------------------------------------------------------------------------------
-# Atomic writes
+# Atomic writes and append-only logs
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -62,6 +81,28 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_jsonl_log(path: Path, note: Callable[[str], None] | None = None) -> list[dict]:
+    """The records of an append-only JSONL log (metrics.jsonl, validation.jsonl). A line that is not
+    a JSON object, in practice the last one, torn by a kill in mid-write, is dropped with a note."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if note is not None:
+                note(f"{path.name}: dropped line {number}, which is not a JSON record (torn by a kill?): {line[:60]!r}")
+            continue
+        records.append(record)
+    return records
 
 
 @contextlib.contextmanager
@@ -98,13 +139,24 @@ def is_sharded(ckpt: Path) -> bool:
     return any(Path(ckpt).glob("shard-*.safetensors"))
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest complete checkpoint (ignores half-written `.tmp` folders)."""
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """The complete checkpoints, newest first (whether their files read back is `load_checkpoint`'s
+    business)."""
     ckpt_root = Path(ckpt_root)
     if not ckpt_root.exists():
-        return None
-    candidates = sorted(p for p in ckpt_root.glob("iter_*") if is_complete(p))
-    return candidates[-1] if candidates else None
+        return []
+    return sorted((p for p in ckpt_root.glob("iter_*") if is_complete(p)), reverse=True)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint with a readable trainer state (ignores half-written `.tmp` folders)."""
+    for ckpt in complete_checkpoints(ckpt_root):
+        try:
+            load_trainer_state(ckpt)
+        except (OSError, CorruptCheckpoint):
+            continue
+        return ckpt
+    return None
 
 
 def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
@@ -115,7 +167,13 @@ def prune_checkpoints(ckpt_root: Path, keep: int) -> None:
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / "trainer_state.json").read_text())
+    try:
+        state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+    except ValueError as e:
+        raise CorruptCheckpoint(f"trainer_state.json is not JSON ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("iteration"), int):
+        raise CorruptCheckpoint("trainer_state.json holds no iteration")
+    return state
 
 
 def optimizer_to_tensors(optimizer: Any) -> tuple[dict[str, Any], dict]:
@@ -235,6 +293,7 @@ def save_checkpoint(ckpt_root: Path, iteration: int, model: Any, optimizer: Any,
         if value_head is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
         tensors, meta = optimizer_to_tensors(optimizer)
+        kill_point("checkpoint", iteration)  # half written
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(meta))
         save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
@@ -251,20 +310,58 @@ def _distributed_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, value_head: Any, lora: bool) -> dict:
-    """Load weights, optimizer and RNG (one-process checkpoints) into an already-built model, or a
-    sharded checkpoint onto any world size; returns the trainer state."""
-    if is_sharded(ckpt):
-        from t2po.distributed import load_sharded
-
-        return load_sharded(ckpt, model, optimizer)
+def read_checkpoint(ckpt: Path, lora: bool, value_head: bool) -> dict[str, Any]:
+    """Every file of a one-process checkpoint, read into memory; `CorruptCheckpoint` when one is
+    missing or unreadable (so that nothing is applied from a checkpoint that cannot be used whole)."""
     import torch
     from safetensors.torch import load_file
 
+    def tensors(path: Path) -> dict[str, Any]:
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error type for a bad header or size
+            raise CorruptCheckpoint(f"{path.relative_to(ckpt)} cannot be read ({type(e).__name__}: {e})") from None
+
+    saved: dict[str, Any] = {"state": load_trainer_state(ckpt)}
+    if lora:
+        saved["weights"] = tensors(ckpt / "adapter" / "adapter_model.safetensors")
+    else:
+        files = sorted((ckpt / "model").glob("*.safetensors"))
+        if not files:
+            raise CorruptCheckpoint("model/ holds no safetensors weights")
+        saved["weights"] = {k: v for f in files for k, v in tensors(f).items()}
+    if value_head and (ckpt / "value_head.safetensors").exists():
+        saved["value_head"] = tensors(ckpt / "value_head.safetensors")
+    saved["optimizer"] = tensors(ckpt / "optimizer.safetensors")
+    try:
+        saved["optimizer_meta"] = json.loads((ckpt / "optimizer.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"optimizer.json cannot be read ({e})") from None
+    rng = tensors(ckpt / "rng.safetensors").get("torch_rng")
+    if rng is None or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        raise CorruptCheckpoint("rng.safetensors holds no torch RNG state")
+    saved["rng"] = rng
+    return saved
+
+
+def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, value_head: Any, lora: bool) -> dict:
+    """Load weights, optimizer and RNG (one-process checkpoints) into an already-built model, or a
+    sharded checkpoint onto any world size; returns the trainer state. `CorruptCheckpoint` when a
+    file cannot be read (a one-process checkpoint: before anything is changed)."""
+    if is_sharded(ckpt):
+        from t2po.distributed import load_sharded
+
+        try:
+            return load_sharded(ckpt, model, optimizer)
+        except Exception as e:  # noqa: BLE001 (the caller loads an older checkpoint over whatever was applied)
+            raise CorruptCheckpoint(f"{type(e).__name__}: {e}") from None
+    import torch
+
+    saved = read_checkpoint(ckpt, lora, value_head is not None)
+    weights = saved["weights"]
     if lora:
         from peft import set_peft_model_state_dict
 
-        weights = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
         prefix_rank = checkpoint_info(ckpt).get("warmup_adapter_rank", 0)
         if prefix_rank:  # the warm-up's ranks are merged into the base already
             weights = split_combined_adapter(weights, prefix_rank)
@@ -273,18 +370,15 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, value_head: Any, lor
         if unexpected:
             raise RuntimeError(f"Checkpoint {ckpt} does not match the model's LoRA layout (unexpected keys: {unexpected[:3]}...)")
     else:
-        weights = {}
-        for f in sorted((ckpt / "model").glob("*.safetensors")):
-            weights.update(load_file(str(f)))
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected:
             raise RuntimeError(f"Checkpoint {ckpt} does not match the model (unexpected keys: {unexpected[:3]}...)")
-    if value_head is not None and (ckpt / "value_head.safetensors").exists():
-        value_head.load_state_dict(load_file(str(ckpt / "value_head.safetensors")))
+    if value_head is not None and "value_head" in saved:
+        value_head.load_state_dict(saved["value_head"])
     if optimizer is not None:
-        optimizer_from_tensors(optimizer, load_file(str(ckpt / "optimizer.safetensors")), json.loads((ckpt / "optimizer.json").read_text()))
-    torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch_rng"])
-    return load_trainer_state(ckpt)
+        optimizer_from_tensors(optimizer, saved["optimizer"], saved["optimizer_meta"])
+    torch.set_rng_state(saved["rng"])
+    return saved["state"]
 
 
 # ----------------------------------------------------------------------------------------------

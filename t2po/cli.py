@@ -12,12 +12,17 @@
     t2po sft DATA --out DIR                         multi-turn SFT; `t2po train model.path=DIR` starts from it
     t2po report RUN [RUN ...] [--out DIR] [--mlflow] plots + summary table, compare runs and seeds
     t2po export RUN_OR_CHECKPOINT --out DIR         a merged Hugging Face model folder (+ the LoRA adapter)
+
+Every command reports an expected error (a bad config value, a missing file or folder, an unreachable
+server, bad data) as one line naming the fix, with exit status 2 and no traceback (`T2PO_DEBUG=1`
+shows it); a training run that fails while it sets up leaves no run folder behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import traceback
@@ -73,10 +78,10 @@ def _train(argv: list[str]) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    try:
-        from t2po.config import load_run_config
-        from t2po.trainer.trainer import Trainer
+    from t2po.config import load_run_config
+    from t2po.trainer.trainer import Trainer
 
+    try:
         if ns.resume:
             if preset:
                 parser.error("--resume takes the run folder's own config; give only key=value overrides")
@@ -106,6 +111,8 @@ def _train(argv: list[str]) -> int:
         error = e
         if isinstance(e, KeyboardInterrupt):
             print(f"t2po train: stopped ({e or 'Ctrl-C'}); continue with: t2po train --resume {trainer.run_dir}", file=sys.stderr, flush=True)
+        elif isinstance(e, user_errors()) and not os.environ.get("T2PO_DEBUG"):  # one line: the message names the fix
+            print(f"t2po train: {e}", file=sys.stderr, flush=True)
         else:
             traceback.print_exc()
     finally:
@@ -113,6 +120,8 @@ def _train(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, previous)
     if isinstance(error, KeyboardInterrupt):
         return 130
+    if isinstance(error, user_errors()):
+        return 2
     return 1 if error is not None else 0
 
 
@@ -146,6 +155,14 @@ def _presets(argv: list[str]) -> int:
     print("\nA preset is a YAML file; `t2po train PATH.yaml` takes one from anywhere (`base: NAME` extends a packaged one). "
           "`t2po train PRESET --print-config` shows what it resolves to.")
     return 0
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the input is wrong" (config, files, data, servers), not "t2po has a
+    bug": reported as one line. Their messages name the fix where they are raised."""
+    from t2po.tracking import MissingPackage
+
+    return (ValueError, OSError, ImportError, MissingPackage)
 
 
 def _delegate(module: str) -> callable:
@@ -186,7 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean {near!r}?" if near else ""
         print(f"t2po: unknown command {cmd!r}.{hint} Commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return COMMANDS[cmd][0](rest)
+    try:
+        return COMMANDS[cmd][0](rest)
+    except user_errors() as e:
+        if os.environ.get("T2PO_DEBUG"):
+            raise
+        message = str(e) or type(e).__name__
+        print(f"t2po {cmd}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 60, devi
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device={device!r}: choose auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.device=cuda, but torch {torch.__version__} sees no GPU: install a CUDA build of torch on a GPU machine, or set trainer.device=auto or cpu")
+        raise ValueError(f"trainer.device=cuda, but torch {torch.__version__} sees no GPU: install a CUDA build of torch on a GPU machine, or set trainer.device=auto or cpu")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistContext(device=torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"))

@@ -91,10 +91,18 @@ def load_conversations(path: Path) -> list[Conversation]:
         rows = pq.read_table(path).to_pylist()
         rows = [{**r, "steps": json.loads(r["steps"]), "metrics": json.loads(r["metrics"])} for r in rows]
     else:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise ValueError(f"{path}, line {number}: not a JSON object ({e}); expected one conversation per line, "
+                                 "as written by `t2po rft collect`.") from None
     out = []
     for k, r in enumerate(rows):
-        if "steps" not in r or not isinstance(r["steps"], list):
+        if not isinstance(r, dict) or "steps" not in r or not isinstance(r["steps"], list):
             raise ValueError(f"{path}: row {k} has no 'steps' list; expected rows written by `t2po rft collect`.")
         for step in r["steps"]:
             if isinstance(step.get("image"), str):

@@ -109,6 +109,10 @@ class Tracker:
         """End the run as `status` (FINISHED, FAILED, KILLED; None: `run_status()`)."""
         raise NotImplementedError
 
+    def forget_after(self, step: int) -> None:
+        """Delete the training metrics logged past `step` (iterations lost in a kill, redone after a
+        resume), so that each step keeps one value. Trackers that cannot delete keep both."""
+
 
 def _check_sqlite(path: Path) -> None:
     """Fail fast on a store SQLite cannot open (MLflow itself retries for about 100 s before giving up)."""
@@ -183,6 +187,23 @@ class MlflowTracker(Tracker):
         batch = [Metric(k, v, now, int(step)) for k, v in _numeric(metrics).items()]
         for start in range(0, len(batch), 1000):  # MLflow's limit per batch
             self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def forget_after(self, step: int) -> None:
+        # MLflow has no API to delete metric values: edit its SQLite store (metrics holds every value,
+        # latest_metrics the newest per key, recomputed here as MLflow orders them). The warm-up's
+        # sft/* metrics count epochs, not iterations, and stay.
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(self.store_dir / MLFLOW_STORE)) as db, db:
+            db.execute("DELETE FROM metrics WHERE run_uuid = ? AND step > ? AND key NOT LIKE 'sft/%'", (self.run_id, int(step)))
+            db.execute("DELETE FROM latest_metrics WHERE run_uuid = ?", (self.run_id,))
+            db.execute(
+                "INSERT INTO latest_metrics (key, value, timestamp, step, is_nan, run_uuid) "
+                "SELECT m.key, m.value, m.timestamp, m.step, m.is_nan, m.run_uuid FROM metrics m WHERE m.run_uuid = ? AND NOT EXISTS ("
+                "SELECT 1 FROM metrics o WHERE o.run_uuid = m.run_uuid AND o.key = m.key AND (o.step > m.step OR (o.step = m.step AND "
+                "(o.timestamp > m.timestamp OR (o.timestamp = m.timestamp AND o.value > m.value)))))",
+                (self.run_id,),
+            )
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
         if Path(path).is_dir():
@@ -298,6 +319,9 @@ class TrackerGroup:
     def log_traces(self, traces: list[dict], phase: str, step: int) -> None:
         if traces:
             self._call("log_traces", traces, phase, step)
+
+    def forget_after(self, step: int) -> None:
+        self._call("forget_after", step)
 
     def close(self, status: str | None = None) -> None:
         self._call("close", status or run_status())

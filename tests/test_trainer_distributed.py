@@ -150,7 +150,7 @@ def test_device_and_engine_settings_that_cannot_work(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="set optim.recompute_logprobs=true"):
         load_config("default", ["rollout.engine=vllm"])  # the preset takes the engine's log-probs
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="trainer.device=cuda.*sees no GPU.*trainer.device=auto or cpu"):
+        with pytest.raises(ValueError, match="trainer.device=cuda.*sees no GPU.*trainer.device=auto or cpu"):
             Trainer(load_config("default", overrides(tiny_model_dir, tmp_path, 1, "trainer.device=cuda")), quiet=True).setup()
     try:
         import vllm  # noqa: F401

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import shutil
 import sys
 import time
 from datetime import datetime
@@ -34,7 +35,8 @@ import yaml
 from t2po.algos import StepBatch, kl_penalty, ppo_policy_loss
 from t2po.algos.losses import value_loss
 from t2po.checkpoints import (
-    CHECKPOINTS, WARMUP_MODEL, atomic_dir, atomic_write_text, is_sharded, latest_checkpoint, load_checkpoint, point_adapter_at, save_checkpoint,
+    CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, complete_checkpoints, is_sharded, kill_point, latest_checkpoint,
+    load_checkpoint, point_adapter_at, read_jsonl_log, save_checkpoint,
 )
 from t2po.config import Config
 from t2po.distributed import (
@@ -56,9 +58,9 @@ class Trainer:
         self.resume = resume
         self.quiet = quiet
         if run_dir is None:
-            env = cfg.env.name.rpartition(":")[2]  # an environment outside the package: package.module:ClassName
-            name = cfg.trainer.run_name or f"{env}-{cfg.algo.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-            run_dir = Path(cfg.trainer.output_dir) / name
+            run_dir = new_run_dir(cfg)
+        elif not resume:
+            refuse_existing_run(Path(run_dir))
         self.run_dir = Path(run_dir)
         self.rollout = cfg.resolved_rollout()  # TTI/TDS on or off and the validation budget, as this run plays them
         self.start_iteration = 0
@@ -66,8 +68,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
+        """Build everything. What can fail on the user's input (model path, environment options and
+        data, device) is built before the run folder exists; if a later step fails, a run folder
+        this call created is removed again: a run that never started leaves nothing behind."""
         from t2po.models import load_model, resolve_dtype
-        from t2po.tracking import make_trackers
 
         cfg = self.cfg
         if cfg.trainer.threads:
@@ -82,47 +86,81 @@ class Trainer:
                 raise ValueError("multi-process training supports t2po, gigpo, grpo and rloo without warm-up; run ppo or the warm-up (t2po sft) in one process")
             self.run_dir = Path(from_rank0(str(self.run_dir)))
             self.quiet = self.quiet or not self.dist.is_main
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        # everything printed from here on is also in <run_dir>/train.log, the explanation of a run that died
-        self.console = ConsoleLog(self.run_dir) if self.dist.is_main else None
-        silence_library_progress()
         self.ckpt_root = self.run_dir / CHECKPOINTS
-        if not self.resume and self.dist.is_main:
-            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.state_path = self.run_dir / "run_state.json"
-        self.run_state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"warmup_done": False, "validation": {}}
+        self.run_state = {"warmup_done": False, "validation": {}}
+        if self.resume and self.state_path.exists():
+            try:
+                self.run_state = json.loads(self.state_path.read_text())
+            except ValueError as e:  # written atomically, so only a damaged disk gets here
+                raise ValueError(f"{self.state_path} is damaged ({e}); restore it or start a new run") from None
 
-        self.log(f"run folder: {self.run_dir}")
         base_path = cfg.model.path
         if self.run_state.get("warmup_done") and (self.run_dir / WARMUP_MODEL).exists():
             base_path = str(self.run_dir / WARMUP_MODEL)
         self.model, self.tokenizer = load_model(base_path, dtype=resolve_dtype(cfg.model.dtype, self.device))
         self.base_model_path = base_path
-        if not self.engine_spec.shares_policy_weights:
-            self.engine_model_dir = self._engine_model_dir(base_path)
         self.train_env = self._make_env(cfg.env.options)
         val_opts = {"split": "valid", **cfg.env.options, **cfg.env.val_options}
         if "split" in cfg.env.options and "split" not in cfg.env.val_options:
             val_opts["split"] = "valid"
         self.val_env = self._make_env(val_opts)
-        self.trackers = make_trackers(cfg.trainer.trackers if self.dist.is_main else [], self.run_dir, cfg.to_dict(), quiet=self.quiet)
-        self._wrap_trainable()
-        if self.resume:
-            ckpt = latest_checkpoint(self.ckpt_root)
-            if ckpt is not None:
-                if self.dist.distributed and not is_sharded(ckpt):
-                    raise ValueError(f"{ckpt} was written by one process; resume it with one process (python -m t2po.cli train --resume {self.run_dir}), "
-                                     "or start the multi-process run from its weights (model.path)")
-                state = load_checkpoint(ckpt, self.model, self.optimizer, self.value_head, cfg.model.lora)  # a sharded one loads on any world size
-                self.start_iteration = state["iteration"]
-                self.scheduler_step = state.get("scheduler_step", self.start_iteration)
-                self._set_lr()
-                self._drop_metrics_after(self.start_iteration)
-                self.log(f"resumed from {ckpt} (iteration {self.start_iteration})")
-            else:
-                self._drop_metrics_after(0)
-        self.engine = self._make_engine()
+        created = not self.run_dir.exists()
+        try:
+            self._setup_run_folder()
+        except BaseException:
+            if created and not self.resume and self.dist.is_main:
+                for part in ("trackers", "console"):
+                    if getattr(self, part, None) is not None:
+                        getattr(self, part).close()
+                        setattr(self, part, None)
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         return self
+
+    def _setup_run_folder(self) -> None:
+        """The run folder, its config, the trainable policy, trackers, the resumed checkpoint, and the
+        rollout engine."""
+        from t2po.tracking import make_trackers
+
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # everything printed from here on is also in <run_dir>/train.log, the explanation of a run that died
+        self.console = ConsoleLog(self.run_dir) if self.dist.is_main else None
+        silence_library_progress()
+        if not self.resume and self.dist.is_main:
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.log(f"run folder: {self.run_dir}")
+        if not self.engine_spec.shares_policy_weights:  # exported from the base model, before LoRA wraps it
+            self.engine_model_dir = self._engine_model_dir(self.base_model_path)
+        self._wrap_trainable()
+        self.trackers = make_trackers(cfg.trainer.trackers if self.dist.is_main else [], self.run_dir, cfg.to_dict(), quiet=self.quiet)
+        if self.resume:
+            ckpt = self._load_newest_loadable_checkpoint()
+            self._forget_work_after(self.start_iteration)
+            if ckpt is not None:
+                self.log(f"resumed from {ckpt} (iteration {self.start_iteration})")
+        self.engine = self._make_engine()
+
+    def _load_newest_loadable_checkpoint(self) -> Path | None:
+        """Load the newest checkpoint that can be read whole; say which newer ones were skipped and why.
+        None (start from iteration 0) when there is none."""
+        for ckpt in complete_checkpoints(self.ckpt_root):
+            if self.dist.distributed and not is_sharded(ckpt):
+                raise ValueError(f"{ckpt} was written by one process; resume it with one process (python -m t2po.cli train --resume {self.run_dir}), "
+                                 "or start the multi-process run from its weights (model.path)")
+            try:  # a sharded one loads on any world size
+                state = load_checkpoint(ckpt, self.model, self.optimizer, self.value_head, self.cfg.model.lora)
+            except CorruptCheckpoint as e:
+                self.note(f"skipped checkpoint {ckpt}: {e}; trying the one before")
+                continue
+            self.start_iteration = state["iteration"]
+            self.scheduler_step = state.get("scheduler_step", self.start_iteration)
+            self._set_lr()
+            return ckpt
+        if any(self.ckpt_root.glob("iter_*")):
+            self.note(f"no checkpoint in {self.ckpt_root} can be loaded: starting again from iteration 0")
+        return None
 
     def _make_engine(self):
         """The rollout engine (`rollout.engine`): one that shares the policy module (transformers), or
@@ -177,12 +215,23 @@ class Trainer:
             return RayEnvPool(self.cfg.env.name, options, num_workers=self.cfg.env.ray_workers)
         return make_env(self.cfg.env.name, **options)
 
-    def _drop_metrics_after(self, iteration: int) -> None:
-        """Forget the metrics of iterations lost in a kill (they are redone after the resume)."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists() and self.dist.is_main:
-            keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["iteration"] <= iteration]
-            atomic_write_text(path, "".join(l + "\n" for l in keep))
+    def _forget_work_after(self, iteration: int) -> None:
+        """Forget what the iterations after `iteration`, lost in a kill, wrote: they are redone after
+        the resume, and their validations replayed. Their metrics lines, validations (`iter_k` past
+        `iteration`; `final` while iterations remain) and tracker values go; validation.jsonl is
+        rewritten from the run state, so a validation killed between the two writes counts once."""
+        val = self.run_state["validation"]
+        for tag in list(val):
+            if (tag.startswith("iter_") and int(tag.split("_")[1]) > iteration) or (tag == "final" and iteration < self.cfg.trainer.iterations):
+                del val[tag]
+        self._save_run_state()
+        if not self.dist.is_main:
+            return
+        metrics = [m for m in read_jsonl_log(self.run_dir / "metrics.jsonl", self.note) if m.get("iteration", 0) <= iteration]
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+        read_jsonl_log(self.run_dir / "validation.jsonl", self.note)  # notes a torn line
+        atomic_write_text(self.run_dir / "validation.jsonl", "".join(json.dumps({"tag": t, **v}) + "\n" for t, v in val.items()))
+        self.trackers.forget_after(iteration)
 
     def _wrap_trainable(self) -> None:
         cfg = self.cfg
@@ -240,6 +289,11 @@ class Trainer:
         if not self.quiet:
             print(msg, flush=True)
 
+    def note(self, msg: str) -> None:
+        """Something the user should know even with --quiet (a skipped checkpoint, a dropped log line)."""
+        if getattr(self, "dist", None) is None or self.dist.is_main:
+            print(f"t2po train: {msg}", file=sys.stderr, flush=True)
+
     def _global_stats(self, result: RolloutResult) -> dict[str, float]:
         """Rollout statistics over every rank's episodes: the numbers one process playing all the
         tasks would report (rates over all episodes/steps, counts summed)."""
@@ -271,6 +325,7 @@ class Trainer:
                                       cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
                                       seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank, progress=bar)
         stats = {**self._global_stats(result), "seconds": from_rank0(time.time() - t0)}
+        kill_point("validation", tag)
         self.run_state["validation"][tag] = stats
         self._save_run_state()
         if not self.dist.is_main:
@@ -487,6 +542,7 @@ class Trainer:
                 self.rollout.sampling, self.rollout.tti, self.rollout.tds,
                 cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
                 seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank, progress=bar)
+        kill_point("rollout", it + 1)
         t_rollout = time.time() - t0
         samples = result.samples
         if cfg.algo.dynamic_sampling:
@@ -504,6 +560,7 @@ class Trainer:
             t2 = time.time()
             metrics.update({f"actor/{k}": v for k, v in self.update(samples, adv, old, ref, values, returns, it).items()})
             self._sync_engine()
+            kill_point("update", it + 1)
             metrics["time/update"] = time.time() - t2
         metrics["train/samples"] = sum_over_ranks(len(samples))
         metrics["time/iteration"] = time.time() - t0
@@ -532,11 +589,14 @@ class Trainer:
         t_start = time.time()
         self.log(self._plan_line())
         val = self.run_state["validation"]
-        if self.start_iteration == 0 and not self.run_state.get("warmup_done"):
-            if cfg.trainer.val_before_train and "before" not in val:
-                self.validate("before")
-            if cfg.warmup.episodes > 0:
-                self.warmup()
+        # a validation lost to a kill is replayed here (the weights it measures are the ones loaded)
+        if self.start_iteration == 0:
+            if not self.run_state.get("warmup_done"):
+                if cfg.trainer.val_before_train and "before" not in val:
+                    self.validate("before")
+                if cfg.warmup.episodes > 0:
+                    self.warmup()
+            if cfg.warmup.episodes > 0 and "after_warmup" not in val:
                 self.validate("after_warmup")
         for it in range(self.start_iteration, cfg.trainer.iterations):
             metrics = self.iteration(it)
@@ -557,7 +617,7 @@ class Trainer:
                 # several ranks: every rank writes its shards (docs/scaling.md)
                 save_checkpoint(self.ckpt_root, it + 1, self.model, self.optimizer, state, self.value_head, cfg.model.lora, cfg.trainer.keep_checkpoints,
                                 sharded=self.dist.distributed, base=base, prefix_adapter=prefix)
-        if "final" not in val or self.start_iteration < cfg.trainer.iterations:
+        if "final" not in val:  # dropped on resume while iterations remained
             self.validate("final")
         summary = self.summary(time.time() - t_start)
         if not self.dist.is_main:
@@ -652,3 +712,27 @@ def format_summary(s: dict) -> str:
         lines.append(f"  corpus: {corpus['name']} ({corpus['num_passages']:,} passages, {corpus['path']})")
     lines += [f"  run folder: {s['run_dir']}", f"  checkpoint: {s['checkpoint']}", "=" * 72]
     return "\n".join(lines)
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A new run never writes into a folder that holds files (metrics, checkpoints and the summary
+    would mix two runs, and pruning would delete the new checkpoints)."""
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir} already holds a run: continue it with `t2po train --resume {run_dir}`, "
+                              "or start a new one under another trainer.run_name (or none: a fresh timestamped name)")
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """`output_dir/run_name`, refused if it holds a run; without a run name, `<env>-<algo>-<timestamp>`,
+    with `-2`, `-3`, ... when a run started in the same second already took it."""
+    if cfg.trainer.run_name:
+        run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.run_name
+        refuse_existing_run(run_dir)
+        return run_dir
+    env = cfg.env.name.rpartition(":")[2]  # an environment outside the package: package.module:ClassName
+    stem = Path(cfg.trainer.output_dir) / f"{env}-{cfg.algo.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir, k = stem, 1
+    while run_dir.exists():
+        k += 1
+        run_dir = stem.with_name(f"{stem.name}-{k}")
+    return run_dir

@@ -1,0 +1,257 @@
+"""Fault injection: `kill -9` at every training phase, corrupted checkpoints and logs, a reused run
+name, bad configuration values. Each asserts the outcome: which checkpoint a resume used, metrics
+without duplicates, every validation present once, a clear one-line error, nothing left behind.
+
+The kills are real SIGKILLs of a forked child (no cleanup, no `finally`), placed deterministically
+with `T2PO_KILL_AT=phase:where` (`t2po.trainer.checkpoint.kill_point`). One tiny run is trained
+through all of them and shared by the tests that corrupt it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import run_training
+from t2po.cli import main as cli_main
+from t2po.config import load_config
+from t2po.tracking import MLFLOW_STORE, MlflowTracker
+from t2po.checkpoints import KILL_AT_ENV
+from t2po.trainer.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+ITERATIONS = 3
+
+
+def overrides(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model.path={model_dir}", f"trainer.output_dir={out}", "trainer.run_name=run", f"trainer.iterations={ITERATIONS}",
+        "trainer.trackers=[console]", "trainer.val_before_train=true", "trainer.val_every=2", "trainer.keep_checkpoints=3",
+        "trainer.trace_episodes=0", "trainer.report=false", "warmup.episodes=1", "warmup.epochs=1", "rollout.num_tasks=1",
+        "rollout.group_size=2", "rollout.max_new_tokens=8", "rollout.val_num_tasks=1", "rollout.turn_score_skip=0",
+        "env.options.max_steps=2", "optim.mini_batch_size=4", "model.lora_rank=4", *extra,
+    ]
+
+
+def run_in_child(cfg_overrides: list[str], run_dir: Path, resume: bool, kill_at: str | None, log: Path) -> int:
+    """Train in a forked child (stdout/stderr to `log`); returns its wait status as a signal number
+    (SIGKILL when the kill point fired) or 0 for a clean finish."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            sys.stdout = sys.stderr = open(log, "a", buffering=1)  # noqa: SIM115 (the child ends with os._exit)
+            if kill_at is not None:
+                os.environ[KILL_AT_ENV] = kill_at
+            trainer = Trainer(load_config("default", cfg_overrides), run_dir=run_dir if resume else None, resume=resume)
+            try:
+                trainer.setup()
+                trainer.train()
+            finally:
+                trainer.cleanup()
+            code = 0
+        except BaseException as e:  # noqa: BLE001 (reported to the parent through the log)
+            print(f"child failed: {e!r}", file=sys.stderr)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# kill points in the order the run reaches them; each resume goes past the previous point
+KILLS = ["validation:before", "validation:after_warmup", "rollout:1", "update:2", "validation:iter_2", "checkpoint:2",
+         "checkpoint:3", "validation:final"]
+
+
+@pytest.fixture(scope="module")
+def killed_run(tiny_model_dir, tmp_path_factory):
+    """The run after one kill at each point and a final clean resume; the child logs per stage."""
+    out = tmp_path_factory.mktemp("faults")
+    run_dir = out / "run"
+    cfg = overrides(tiny_model_dir, out)
+    stages = []
+    for k, kill_at in enumerate(KILLS + [None]):
+        log = out / f"stage{k}.log"
+        status = run_in_child(cfg, run_dir, resume=k > 0, kill_at=kill_at, log=log)
+        stages.append((kill_at, status, log.read_text()))
+    return run_dir, stages
+
+
+def test_kill_at_every_phase_then_resume(killed_run):
+    run_dir, stages = killed_run
+    for kill_at, status, log in stages:
+        expected = signal.SIGKILL if kill_at is not None else 0
+        assert status == expected, f"stage {kill_at}: status {status}\n{log[-3000:]}"
+    logs = {kill_at: log for kill_at, _, log in stages}
+    # each resume continued from the checkpoint the kill left complete
+    assert "resumed from" not in logs["validation:after_warmup"]  # no checkpoint yet: starts over at 0
+    assert f"resumed from {run_dir / 'checkpoints' / 'iter_000001'}" in logs["checkpoint:2"]  # redid 2 after the validation kill
+    assert f"resumed from {run_dir / 'checkpoints' / 'iter_000001'}" in logs["checkpoint:3"]  # checkpoint 2 was half written
+    assert f"resumed from {run_dir / 'checkpoints' / 'iter_000002'}" in logs["validation:final"]
+    assert f"resumed from {run_dir / 'checkpoints' / 'iter_000003'}" in logs[None]
+    assert [m["iteration"] for m in records(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    assert [v["tag"] for v in records(run_dir / "validation.jsonl")] == ["before", "after_warmup", "iter_2", "final"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("before_warmup", "after_warmup", "after_rl"):
+        assert summary[key] is not None, key
+    assert summary["checkpoint"] == str(run_dir / "checkpoints" / "iter_000003")
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_mlflow_forgets_the_iterations_a_resume_redoes(tmp_path):
+    """What the trainer calls on resume (`TrackerGroup.forget_after`): the MLflow run of the folder keeps
+    one value per metric and step, and its latest values are the redone ones."""
+    first = MlflowTracker(tmp_path, {"a": 1})
+    for step in (1, 2, 3):
+        first.log_metrics({"rollout/success_rate": step / 10, "sft/loss": 5.0}, step)
+    first.close()
+    resumed = MlflowTracker(tmp_path, {"a": 1})  # the same MLflow run (found by the run folder)
+    assert resumed.run_id == first.run_id
+    resumed.forget_after(1)
+    for step in (2, 3):
+        resumed.log_metrics({"rollout/success_rate": step}, step)
+    resumed.close()
+    with sqlite3.connect(tmp_path / MLFLOW_STORE) as db:
+        rows = db.execute("SELECT step, value FROM metrics WHERE key = 'rollout/success_rate' ORDER BY step").fetchall()
+        latest = db.execute("SELECT step, value FROM latest_metrics WHERE key = 'rollout/success_rate'").fetchall()
+        sft_steps = [s for (s,) in db.execute("SELECT step FROM metrics WHERE key = 'sft/loss' ORDER BY step")]
+    assert rows == [(1, 0.1), (2, 2.0), (3, 3.0)] and latest == [(3, 3.0)]
+    assert sft_steps == [1, 2, 3]  # the warm-up's epochs are not iterations
+
+
+# damage done to the newest checkpoint: (file, new content from the old bytes, what the note says)
+CORRUPTIONS = {
+    "truncated adapter": ("adapter/adapter_model.safetensors", lambda b: b[: len(b) // 2], "adapter/adapter_model.safetensors cannot be read"),
+    "empty trainer_state.json": ("trainer_state.json", lambda b: b"", "trainer_state.json is not JSON"),
+    "0-byte optimizer": ("optimizer.safetensors", lambda b: b"", "optimizer.safetensors cannot be read"),
+    "random RNG bytes": ("rng.safetensors", lambda b: os.urandom(len(b)), "rng.safetensors cannot be read"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(CORRUPTIONS))
+def test_corrupted_latest_checkpoint_falls_back_to_the_one_before(tiny_model_dir, killed_run, tmp_path, capsys, damage):
+    source, _ = killed_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    name, change, why = CORRUPTIONS[damage]
+    target = run_dir / "checkpoints" / "iter_000003" / name
+    target.write_bytes(change(target.read_bytes()))
+    # a torn last line in both logs, as a kill in mid-write leaves it
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 4, "rollout/succ')
+    with open(run_dir / "validation.jsonl", "a") as f:
+        f.write('{"tag": "iter_4", "succ')
+    capsys.readouterr()
+    cfg = load_config("default", overrides(tiny_model_dir, run_dir.parent))
+    trainer = run_training(cfg, run_dir=run_dir, resume=True)
+    err = capsys.readouterr().err
+    assert f"skipped checkpoint {run_dir / 'checkpoints' / 'iter_000003'}: " in err and why in err
+    assert "metrics.jsonl: dropped line 4" in err and "validation.jsonl: dropped line 5" in err
+    assert trainer.start_iteration == 2
+    assert [m["iteration"] for m in records(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    assert [v["tag"] for v in records(run_dir / "validation.jsonl")] == ["before", "after_warmup", "iter_2", "final"]
+    assert json.loads((run_dir / "checkpoints" / "iter_000003" / "trainer_state.json").read_text())["iteration"] == 3
+
+
+def test_a_reused_run_name_is_refused_and_the_old_run_untouched(tiny_model_dir, killed_run, capsys):
+    run_dir, _ = killed_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    cfg = overrides(tiny_model_dir, run_dir.parent)
+    assert cli_main(["train", "--quiet", *cfg]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("t2po train: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{run_dir} already holds a run: continue it with `t2po train --resume {run_dir}`" in err
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
+BAD_VALUES = {
+    "trainer.save_every=0": "trainer.save_every=0: must be >= 1",
+    "trainer.val_every=-1": "trainer.val_every=-1: must be >= 0",
+    "algo.clip_low=5": "algo.clip_low=5.0: must be in [0, 1]",
+    "model.lora_rank=0": "model.lora_rank=0: must be >= 1",
+    "env.name=nosuch": "Unknown environment 'nosuch'",
+    "model.path=/nonexistent": "cannot load a model from '/nonexistent'",
+    "env.options.dim_room=foo": "dim_room must be two integers",
+    "env.options.max_steps=0": "max_steps must be an integer >= 1",
+    "env.options.num_boxes=30": "num_boxes=30 boxes and the player do not fit",
+    "trainer.device=cuda": "sees no GPU",
+}
+MISSING_DATA = {
+    "alfworld": ("alfworld", "data_dir"),
+    "webshop": ("webshop", "data_dir"),
+    "search": ("search", "data_dir"),
+}
+
+
+def _train_fails_cleanly(args: list[str], out: Path, capsys, expected: str) -> None:
+    assert cli_main(["train", "--quiet", *args]) == 2, expected
+    err = capsys.readouterr().err
+    assert expected in err, err
+    # one message (progress bars of the model loading aside), no traceback
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("t2po train: ")]) == 1, err
+    assert not out.exists() or not any(out.iterdir()), f"left behind: {list(out.rglob('*'))}"
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_VALUES))
+def test_bad_config_value_is_one_clear_line_and_leaves_nothing(tiny_model_dir, tmp_path, capsys, bad):
+    if bad == "trainer.device=cuda":
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    out = tmp_path / "runs"
+    args = [a for a in overrides(tiny_model_dir, out) if not a.startswith(bad.split("=")[0] + "=")] + [bad]
+    if bad == "env.name=nosuch":
+        args = [a for a in args if not a.startswith("env.options.")]
+    _train_fails_cleanly(args, out, capsys, BAD_VALUES[bad])
+
+
+@pytest.mark.parametrize("env", sorted(MISSING_DATA))
+def test_missing_data_dir_is_one_clear_line_and_leaves_nothing(tiny_model_dir, tmp_path, capsys, env):
+    out = tmp_path / "runs"
+    args = [a for a in overrides(tiny_model_dir, out) if not a.startswith("env.options.") and not a.startswith("warmup.")]
+    args += [f"env.name={env}", f"env.options.{MISSING_DATA[env][1]}={tmp_path / 'nodata'}", "warmup.episodes=0"]
+    _train_fails_cleanly(args, out, capsys, str(tmp_path / "nodata"))
+
+
+def test_unwritable_output_dir_is_one_clear_line(tiny_model_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    _train_fails_cleanly(overrides(tiny_model_dir, blocker / "runs"), blocker / "runs", capsys, str(blocker))
+    assert blocker.read_text() == ""
+
+
+def test_rft_collect_with_a_missing_policy_and_sft_on_bad_jsonl(tmp_path, capsys):
+    out = tmp_path / "demos.jsonl"
+    assert cli_main(["rft", "collect", "sokoban", "--policy", "/nonexistent", "--episodes", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("t2po rft: ") and "/nonexistent" in err and "Traceback" not in err
+    assert not out.exists()
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"steps": []}\n{"steps": [\n')
+    assert cli_main(["sft", str(data), "--out", str(tmp_path / "model")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}, line 2: not a JSON object" in err and "Traceback" not in err
+    assert not (tmp_path / "model").exists()
+
+
+def test_the_real_command_exits_2_without_a_traceback(tmp_path):
+    """The same through a real `t2po` process (exit status, stderr, nothing written)."""
+    out = subprocess.run([sys.executable, "-m", "t2po.cli", "train", f"trainer.output_dir={tmp_path / 'runs'}", "trainer.save_every=0"],
+                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert out.returncode == 2 and "trainer.save_every=0: must be >= 1" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists()
