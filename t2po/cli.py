@@ -160,9 +160,11 @@ def _presets(argv: list[str]) -> int:
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "the input is wrong" (config, files, data, servers), not "t2po has a
     bug": reported as one line. Their messages name the fix where they are raised."""
+    from t2po.engines.openai_api import APIError
+    from t2po.envs.search.server import RetrievalError
     from t2po.tracking import MissingPackage
 
-    return (ValueError, OSError, ImportError, MissingPackage)
+    return (ValueError, OSError, ImportError, MissingPackage, APIError, RetrievalError)
 
 
 def _delegate(module: str) -> callable:
