@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from t2po.checkpoints import read_jsonl_log
+
 SEED_KEYS = ("trainer.seed", "trainer.run_name", "trainer.output_dir")  # differ between seeds of one configuration
 
 
@@ -84,16 +86,8 @@ class Run:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            # a run killed mid-write leaves a cut last line; anything else is worth knowing about
-            print(f"t2po report: skipping unreadable line {n} of {path}", file=sys.stderr)
-    return rows
+    # a run killed mid-write leaves a cut last line: skipped with a note, as the trainer's resume does
+    return read_jsonl_log(path, lambda message: print(f"t2po report: {message}", file=sys.stderr))
 
 
 def load_run(path: str | Path) -> Run:

@@ -113,7 +113,7 @@ def test_configurations_are_labelled_by_their_differences_and_killed_runs_are_re
     fake_run(tmp_path / "runs", "t2po-s1", "t2po", 1, [0.25, 0.25, 1.0])
     fake_run(tmp_path / "runs", "grpo-s0", "grpo", 0, [0.5, 0.25], finished=False)
     out = write_report([tmp_path / "runs"], tmp_path / "out")  # a folder of runs stands for all of them
-    assert "unreadable line 3" in capsys.readouterr().err
+    assert "metrics.jsonl: dropped line 3" in capsys.readouterr().err
     groups = group_runs([load_run(p) for p in sorted((tmp_path / "runs").iterdir())])
     assert sorted(g.label for g in groups) == ["algo.name=grpo", "algo.name=t2po"]
     t2po = next(g for g in groups if g.label == "algo.name=t2po")
