@@ -35,7 +35,7 @@ def overrides(model_dir: Path, out: Path, *extra: str) -> list[str]:
         f"model.path={model_dir}", f"trainer.output_dir={out}", "trainer.run_name=run", f"trainer.iterations={ITERATIONS}",
         "trainer.trackers=[console]", "trainer.val_before_train=true", "trainer.val_every=2", "trainer.keep_checkpoints=3",
         "trainer.trace_episodes=0", "trainer.report=false", "warmup.episodes=1", "warmup.epochs=1", "rollout.num_tasks=1",
-        "rollout.group_size=2", "rollout.max_new_tokens=8", "rollout.val_num_tasks=1", "rollout.turn_score_skip=0",
+        "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1", "rollout.tti.turn_score_skip=0",
         "env.options.max_steps=2", "optim.mini_batch_size=4", "model.lora_rank=4", *extra,
     ]
 
