@@ -215,3 +215,42 @@ def test_search_has_no_expert_and_says_what_to_do(env):
 
     with pytest.raises(ValueError, match="'search' has no expert; use `t2po rft collect` with a model"):
         play_expert_episodes(env, [0, 1])
+
+
+def _regex_projection(text: str) -> tuple[str, bool]:
+    """verl-agent's search projection (agent_system/environments/env_package/search/projection.py,
+    `search_projection`) as regexes, as this module had it: the reference for the one-scan parser."""
+    import re
+
+    lowered = text.lower()
+    if "</search>" in lowered:
+        text_cut = text[: lowered.index("</search>") + len("</search>")]
+    elif "</answer>" in lowered:
+        text_cut = text[: lowered.index("</answer>") + len("</answer>")]
+    else:
+        text_cut = text
+    search = re.search(r"<search>(.*?)</search>", text_cut, re.IGNORECASE | re.DOTALL)
+    answer = re.search(r"<answer>(.*?)</answer>", text_cut, re.IGNORECASE | re.DOTALL)
+    if search:
+        action, empty = f"<search>{search.group(1).strip()}</search>", not search.group(1).strip()
+    elif answer:
+        action, empty = f"<answer>{answer.group(1).strip()}</answer>", False
+    else:
+        return "", False
+    n_search = len(re.findall(r"<search>", text, re.IGNORECASE))
+    n_answer = len(re.findall(r"<answer>", text, re.IGNORECASE))
+    return action, not (n_search and n_answer) and n_search <= 1 and n_answer <= 1 and not empty
+
+
+def test_one_scan_parser_matches_the_regex_projection_in_linear_time():
+    import random
+
+    rng = random.Random(0)
+    parts = ["<search>", "</search>", "<answer>", "</answer>", "<SEARCH>", "</Answer>", "x", " ", "<think>", "y "]
+    for _ in range(20_000):
+        text = "".join(rng.choice(parts) for _ in range(rng.randrange(8)))
+        parsed = parse_search_action(text)
+        assert (parsed.action, parsed.valid) == _regex_projection(text), text
+    start = time.perf_counter()
+    assert not parse_search_action("<think>x</think>" + "<answer>" * 100_000).valid  # the regexes: minutes
+    assert time.perf_counter() - start < 2.0
