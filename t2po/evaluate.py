@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("local models")
     g.add_argument("--batch-size", type=int, default=8, help="episodes decoded together (default 8); each batch is written when it finishes")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto)")
-    g.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--dtype", default="auto", help="auto (default: bfloat16 where the hardware multiplies bf16 natively, a GPU or an AVX512-BF16/AMX CPU, else float32), float32 or bfloat16")
     g.add_argument("--tti-budget", type=int, default=None, help="TTI think-token budget B (default: the run's setting, else none)")
     g = p.add_argument_group("API models")
     g.add_argument("--api-base", default=None, metavar="URL", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")

@@ -34,7 +34,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def test_local_eval_writes_json_markdown_and_traces(tiny_model_dir, tiny_model, tmp_path, capsys):
     out = tmp_path / "eval"
-    rc = main(["sokoban", str(tiny_model_dir), "--episodes", "3", "--batch-size", "2", "--max-new-tokens", "12",
+    # float32 like the `tiny_model` fixture replayed below (the default, auto, is bf16 on a bf16-capable CPU)
+    rc = main(["sokoban", str(tiny_model_dir), "--episodes", "3", "--batch-size", "2", "--max-new-tokens", "12", "--dtype", "float32",
                *SMALL_SOKOBAN, "--out", str(out)])
     assert rc == 0
     records = read_jsonl(out / "episodes.jsonl")
