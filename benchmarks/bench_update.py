@@ -41,7 +41,7 @@ from t2po.engines.base import SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
 from t2po.models import load_model, lora_targets
-from t2po.trainer.policy import forward_micro_batch, make_micro_batch, pack_by_length
+from t2po.policy import forward_micro_batch, make_micro_batch, pack_by_length
 
 PRECISIONS = {"fp32": (torch.float32, False), "fp32_autocast": (torch.float32, True), "bf16": (torch.bfloat16, False), "bf16_autocast": (torch.bfloat16, True)}
 

@@ -17,6 +17,12 @@ to -inf); the returned log-prob is `logp[token]`, i.e. under the raw logits, tem
 emitted, EOS included; `text` is decoded without special tokens and, when a stop string ended the
 row, cut right after it (the ids keep the whole last token).
 
+Precision: the engine computes in the model's dtype (`model.dtype`; the CPU presets use bfloat16 on
+AVX512-BF16/AMX CPUs) and takes log-probs and M_t from the float32 upcast of the logits. A bf16
+model's decode-step log-probs differ from the trainer's bf16 forward of the same tokens (mean |delta|
+0.04, 0.5% of tokens with a ratio outside [0.8, 1.2]; float32: 3e-6 and 0%, benchmarks/bench_update.py),
+which is why bf16 presets recompute the old log-probs (`optim.recompute_logprobs`).
+
 Vision-language models (`t2po.vlm`): a prompt may come with pixel inputs (`pixel_inputs`, one dict
 or None per prompt, from `t2po.vlm.build_image_prompt`); they go into the prefill only. Qwen2-VL-class
 models get their multimodal RoPE positions for the prefill from the model's own `get_rope_index`
