@@ -43,8 +43,8 @@ class ModelConfig:
     dtype: str = _f("float32", "Parameter dtype: auto, float32 or bfloat16. auto = bfloat16 where the hardware multiplies bf16 natively "
                     "(CUDA; a CPU with AVX512-BF16 or AMX), else float32 (the CPU presets use auto). With LoRA the adapters stay float32 "
                     "(peft), so bf16 base weights still train the adapters in full precision. Measured on a 2-core AVX512-BF16 CPU "
-                    "(benchmarks/bench_engine.py, bench_update.py; docs/results/cpu_path.json): bf16 weights make the engine ~1.6x "
-                    "faster than float32 and the update faster than float32 weights + bf16 autocast; but a bf16 engine's log-probs "
+                    "(benchmarks/bench_engine.py, bench_update.py; docs/results/cpu_path.json): bf16 weights make the engine 1.5x "
+                    "faster than float32 and the update 2.1x (float32 weights + bf16 autocast: 2.0x, bf16 + autocast: 1.8x); but a bf16 engine's log-probs "
                     "differ from the trainer's bf16 forward by 0.04 on average (0.5% of tokens outside the clip range [0.8, 1.2], "
                     "float32: 3e-6, 0%), so bf16 presets set optim.recompute_logprobs=true.")
     lora: bool = _f(True, "Train LoRA adapters (peft) instead of all weights; the reference policy is then the adapter-disabled base model.")
