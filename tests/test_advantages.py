@@ -8,9 +8,11 @@ import torch
 
 from t2po.algos.advantages import (
     discounted_returns,
+    episode_scores,
     gae_advantages,
     gigpo_advantages,
     grpo_advantages,
+    penalized_step_returns,
     rloo_advantages,
     step_group_ids,
 )
@@ -37,6 +39,52 @@ def test_discounted_returns_rejects_bad_input():
         discounted_returns([1.0, 2.0], [0], gamma=0.9)
     with pytest.raises(ValueError, match="NaN"):
         discounted_returns([1.0, float("nan")], [0, 0], gamma=0.9)
+
+
+# ---------------------------------------------------------------- invalid-action penalty credit
+
+
+def test_penalty_lowers_only_the_invalid_steps_own_score_and_return():
+    """Reference: verl-agent `verl/trainer/ppo/ray_trainer.py` `apply_invalid_action_penalty` (subtracts
+    the coefficient from the invalid step's own last-token reward and its own `step_rewards` entry) and
+    `gigpo/core_gigpo.py` `compute_step_discounted_returns` (discounted env returns, computed before).
+    Trajectory a: env rewards 0, 0, 10, step 1 invalid (penalty 0.1); gamma 0.5.
+      scores:  10 - [0, 0.1, 0] = [10, 9.9, 10]
+      returns: [0 + 0.5 * (0 + 0.5 * 10), 0 + 0.5 * 10, 10] - [0, 0.1, 0] = [2.5, 4.9, 10]"""
+    env_rewards, penalties, trajs = [0.0, 0.0, 10.0], [0.0, 0.1, 0.0], ["a", "a", "a"]
+    np.testing.assert_allclose(episode_scores(env_rewards, penalties, trajs), [10.0, 9.9, 10.0])
+    np.testing.assert_allclose(penalized_step_returns(env_rewards, penalties, trajs, gamma=0.5), [2.5, 4.9, 10.0])
+
+
+def test_issue_example_one_failing_group_with_one_invalid_step():
+    """The issue's example against the reference's rule (verl-agent `apply_invalid_action_penalty`,
+    `gigpo/core_gigpo.py` `compute_gigpo_outcome_advantage` / `episode_norm_reward`, mean_std_norm,
+    compute across steps). One task group, two failing trajectories of 3 steps, trajectory t1's first
+    step invalid, every anchor distinct (singleton step groups, A_S = 0).
+      scores [-0.1, 0, 0 | 0, 0, 0]: mean -1/60, unbiased var ((1/12)^2 + 5 (1/60)^2) / 5 = 1/600
+      A_E = (-1/12) sqrt(600) = -2.0412 for the invalid step, (1/60) sqrt(600) = +0.4082 for the others
+    (crediting the trajectory total to every step gave [-0.91 x 3 | +0.91 x 3])."""
+    env_rewards = [0.0] * 6
+    penalties = [0.1, 0.0, 0.0, 0.0, 0.0, 0.0]
+    trajs = ["t1", "t1", "t1", "t2", "t2", "t2"]
+    groups = ["g"] * 6
+    scores = episode_scores(env_rewards, penalties, trajs)
+    returns = penalized_step_returns(env_rewards, penalties, trajs, gamma=0.95)
+    adv = gigpo_advantages(scores, returns, groups, trajs, ["a0", "a1", "a2", "b0", "b1", "b2"], mode="mean_std_norm")
+    np.testing.assert_allclose(adv, [-2.0412, 0.4082, 0.4082, 0.4082, 0.4082, 0.4082], atol=1e-4)
+    np.testing.assert_allclose(grpo_advantages(scores, groups, trajs), adv, atol=1e-9)
+
+
+def test_penalty_credit_with_a_shared_first_anchor():
+    """As above (verl-agent `apply_invalid_action_penalty`, `core_gigpo.step_norm_reward`), but both
+    trajectories start from one anchor: step group {t1 step 0, t2 step 0} with returns [-0.1, 0]
+    (0.95 x 0 + 0 - 0.1 and 0), mean -0.05, unbiased std 0.1 / sqrt(2) -> A_S = -/+ 0.7071."""
+    trajs = ["t1", "t1", "t1", "t2", "t2", "t2"]
+    scores = episode_scores([0.0] * 6, [0.1, 0, 0, 0, 0, 0], trajs)
+    returns = penalized_step_returns([0.0] * 6, [0.1, 0, 0, 0, 0, 0], trajs, gamma=0.95)
+    np.testing.assert_allclose(returns, [-0.1, 0, 0, 0, 0, 0])
+    adv = gigpo_advantages(scores, returns, ["g"] * 6, trajs, ["s", "a1", "a2", "s", "b1", "b2"], mode="mean_std_norm")
+    np.testing.assert_allclose(adv, [-2.0412 - 0.7071, 0.4082, 0.4082, 0.4082 + 0.7071, 0.4082, 0.4082], atol=1e-4)
 
 
 # ---------------------------------------------------------------- GRPO

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -94,6 +96,19 @@ def test_advantages_on_a_constructed_batch_have_expected_shape_and_sign(algo, tm
     assert adv.shape == (4,) and returns is None
     assert adv[0] > 0 and adv[1] > 0, "the winning trajectory's steps must be reinforced"
     assert adv[2] < 0 and adv[3] < 0, "the losing trajectory's steps must be discouraged"
+
+
+@pytest.mark.parametrize("algo", ["t2po", "grpo"])
+def test_trainer_credits_the_invalid_action_penalty_to_its_own_step(algo, tmp_path):
+    """The issue's example through `Trainer.compute_advantages`, against the reference's rule (verl-agent
+    `apply_invalid_action_penalty` + `core_gigpo.episode_norm_reward`, mean_std_norm): every trajectory
+    fails, t0's first step is invalid (reward -0.1, env reward 0) -> [-2.0412, +0.4082 x 5]."""
+    cfg = load_config("default", [f"algo.name={algo}", "algo.gigpo_mode=mean_std_norm", "algo.norm_by_std=true"])
+    trainer = Trainer(cfg, run_dir=tmp_path, quiet=True)
+    samples = [_sample(t, 0, k, 0.0, f"{t}-{k}") for t in range(2) for k in range(3)]
+    samples[0] = dataclasses.replace(samples[0], reward=-0.1, valid=False)
+    adv, _, _ = trainer.compute_advantages(samples)
+    np.testing.assert_allclose(adv, [-2.0412, 0.4082, 0.4082, 0.4082, 0.4082, 0.4082], atol=1e-4)
 
 
 def _state_tensors(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -8,9 +8,11 @@ or strings; the samples of one trajectory appear in step order.
 from t2po.algos.advantages import (
     GIGPO_MODES,
     discounted_returns,
+    episode_scores,
     gae_advantages,
     gigpo_advantages,
     grpo_advantages,
+    penalized_step_returns,
     rloo_advantages,
     turn_level_gae,
 )
@@ -29,6 +31,8 @@ __all__ = [
     "tds_resample_mask",
     "TDSConfig",
     "discounted_returns",
+    "episode_scores",
+    "penalized_step_returns",
     "grpo_advantages",
     "gigpo_advantages",
     "rloo_advantages",

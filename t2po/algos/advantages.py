@@ -94,6 +94,44 @@ def discounted_returns(rewards: Any, traj_ids: Any, gamma: float) -> np.ndarray:
     return returns
 
 
+def episode_scores(env_rewards: Any, penalties: Any, traj_ids: Any) -> np.ndarray:
+    """Episode score of every step sample, credited as the reference does (spec §4, "Rewards"):
+
+        s_i = sum_{j in traj(i)} r_j - p_i
+
+    `env_rewards[j]` is the environment's reward at step j, `penalties[i]` the invalid-action penalty
+    of sample i's own step (0 for a valid action). In verl-agent the reward manager puts the
+    episode's environment reward on every step sample's last response token and
+    `apply_invalid_action_penalty` then subtracts the penalty from the invalid step's own token
+    reward; a sample's score is its own token-level reward sum. So a penalty lowers the score of the
+    step that earned it and of no other step of the trajectory.
+    """
+    env_rewards = _as_float_array(env_rewards, "env_rewards")
+    penalties = _as_float_array(penalties, "penalties")
+    traj_ids = _as_ids(traj_ids, "traj_ids")
+    _check_same_length(env_rewards=env_rewards, penalties=penalties, traj_ids=traj_ids)
+    totals: dict[Hashable, float] = {}
+    for traj, reward in zip(traj_ids, env_rewards):
+        totals[traj] = totals.get(traj, 0.0) + reward
+    return np.array([totals[traj] for traj in traj_ids], dtype=np.float64) - penalties
+
+
+def penalized_step_returns(env_rewards: Any, penalties: Any, traj_ids: Any, gamma: float) -> np.ndarray:
+    """GiGPO's step returns with the penalty credited as the reference does (spec §4, "Step returns"):
+
+        G_i = sum_{j >= i} gamma^(j - i) r_j - p_i
+
+    verl-agent computes the discounted returns of the environment rewards
+    (`compute_step_discounted_returns`) and `apply_invalid_action_penalty` then subtracts the
+    penalty from the invalid step's own return only: an earlier step does not inherit a later
+    step's penalty.
+    """
+    penalties = _as_float_array(penalties, "penalties")
+    returns = discounted_returns(env_rewards, traj_ids, gamma)
+    _check_same_length(env_rewards=returns, penalties=penalties)
+    return returns - penalties
+
+
 def _group_mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and unbiased (n - 1) std of one group; a group with one member gets mean 0, std 1 (spec §4)."""
     if len(values) == 1:
@@ -128,8 +166,8 @@ def grpo_advantages(
         A_i = (s_i - mean_g) / (std_g + eps)      norm_by_std=True  (GiGPO "mean_std_norm")
         A_i =  s_i - mean_g                       norm_by_std=False (GiGPO "mean_norm")
 
-    `scores[i]` is the episode score of sample i's trajectory (its total reward, repeated on each step
-    sample); g is the sample's task group. Members of the group statistics:
+    `scores[i]` is the episode score of sample i (`episode_scores`: its trajectory's total
+    environment reward, less its own step's invalid-action penalty); g is the sample's task group. Members of the group statistics:
     - across_steps=True (the reference default, "compute across steps"): every step sample of every
       trajectory in the group contributes its score, so long trajectories weigh more;
     - across_steps=False: one score per trajectory, the one on its first sample in array order.

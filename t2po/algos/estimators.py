@@ -18,7 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from t2po.algos.advantages import discounted_returns, gigpo_advantages, grpo_advantages, rloo_advantages, turn_level_gae
+from t2po.algos.advantages import (
+    episode_scores,
+    gigpo_advantages,
+    grpo_advantages,
+    penalized_step_returns,
+    rloo_advantages,
+    turn_level_gae,
+)
 
 
 @dataclass
@@ -31,14 +38,22 @@ class StepBatch:
     group_ids: list[Hashable]  # the task group (GRPO/GiGPO group) of each step
     anchor_obs: list[str]  # the observation each step acted on (GiGPO's step groups)
     values: np.ndarray | None = None  # critic values, for algorithms with a critic
+    penalties: np.ndarray | None = None  # per step, the invalid-action penalty inside `rewards` (None: none)
+
+    @property
+    def _penalties(self) -> np.ndarray:
+        return np.zeros_like(self.rewards) if self.penalties is None else self.penalties
 
     @property
     def episode_scores(self) -> np.ndarray:
-        """Per step: the total reward of its trajectory."""
-        totals: dict[Hashable, float] = {}
-        for t, r in zip(self.traj_ids, self.rewards):
-            totals[t] = totals.get(t, 0.0) + r
-        return np.array([totals[t] for t in self.traj_ids])
+        """Per step: its trajectory's total environment reward less its own step's penalty, as the
+        reference credits it (`t2po.algos.advantages.episode_scores`)."""
+        return episode_scores(self.rewards + self._penalties, self._penalties, self.traj_ids)
+
+    def step_returns(self, gamma: float) -> np.ndarray:
+        """Per step: the discounted return of the environment rewards less its own step's penalty
+        (`t2po.algos.advantages.penalized_step_returns`)."""
+        return penalized_step_returns(self.rewards + self._penalties, self._penalties, self.traj_ids, gamma)
 
 
 @dataclass
@@ -73,8 +88,7 @@ def register_algorithm(name: str, *, critic: bool = False, tti: bool = False, td
 @register_algorithm("t2po", tti=True, tds=True)  # spec §4: GiGPO advantages on rollouts with TTI and TDS
 def gigpo(batch: StepBatch, settings: Any) -> Advantages:
     """GiGPO (spec §4): episode-level plus step-level (anchor state) group advantages."""
-    step_returns = discounted_returns(batch.rewards, batch.traj_ids, settings.gamma)
-    adv, ep_part, step_part = gigpo_advantages(batch.episode_scores, step_returns, batch.group_ids, batch.traj_ids, batch.anchor_obs,
+    adv, ep_part, step_part = gigpo_advantages(batch.episode_scores, batch.step_returns(settings.gamma), batch.group_ids, batch.traj_ids, batch.anchor_obs,
                                                step_weight=settings.step_weight, mode=settings.gigpo_mode,
                                                similarity_threshold=settings.similarity_threshold, return_parts=True)
     return Advantages(adv, info={"adv/episode_abs": float(np.mean(np.abs(ep_part))), "adv/step_abs": float(np.mean(np.abs(step_part)))})

@@ -387,20 +387,20 @@ class Trainer:
         """Per-sample advantages (and per-sample critic returns for an algorithm with a critic), by
         the estimator of `algo.name` (t2po.algos.ALGORITHMS)."""
         batch = StepBatch(np.array([s.reward for s in samples], dtype=np.float64), [s.traj_id for s in samples],
-                          [s.group_id for s in samples], [s.anchor_obs for s in samples], values)
+                          [s.group_id for s in samples], [s.anchor_obs for s in samples], values,
+                          penalties=np.array([s.env_reward - s.reward for s in samples], dtype=np.float64))
         out = self.cfg.algorithm.advantages(batch, self.cfg.algo)
         adv = out.advantages
         info = {**out.info, "adv/mean": float(np.mean(adv)), "adv/std": float(np.std(adv))}
         return np.asarray(adv, dtype=np.float32), out.returns, info
 
     def _filter_zero_variance_groups(self, samples: list[StepSample]) -> list[StepSample]:
-        """DAPO-style dynamic sampling: drop groups whose episode scores are all equal."""
-        totals: dict[int, float] = {}
-        for s in samples:
-            totals[s.traj_id] = totals.get(s.traj_id, 0.0) + s.reward
+        """DAPO-style dynamic sampling: drop groups whose episode scores (`StepBatch.episode_scores`) are all equal."""
+        scores = StepBatch(np.array([s.reward for s in samples], dtype=np.float64), [s.traj_id for s in samples], [s.group_id for s in samples],
+                           [s.anchor_obs for s in samples], penalties=np.array([s.env_reward - s.reward for s in samples])).episode_scores
         by_group: dict[int, set] = {}
-        for s in samples:
-            by_group.setdefault(s.group_id, set()).add(round(totals[s.traj_id], 8))
+        for s, score in zip(samples, scores):
+            by_group.setdefault(s.group_id, set()).add(round(float(score), 8))
         keep = {g for g, vals in by_group.items() if len(vals) > 1}
         return [s for s in samples if s.group_id in keep]
 
