@@ -23,7 +23,7 @@ from typing import Any, Callable
 import yaml
 
 from t2po.envs.base import BatchEnv, EnvState
-from t2po.envs.parsing import ParsedAction, parse_think_action
+from t2po.envs.parsing import RESPONSE_FORMATS, ParsedAction, check_response_format, parse_think_action
 from t2po.suggest import closest, did_you_mean
 
 _REGISTRY: dict[str, type[BatchEnv]] = {}
@@ -94,10 +94,19 @@ def get_env_class(name: str) -> type[BatchEnv]:
     return _REGISTRY[name]
 
 
+#: options every environment takes besides its constructor's: `response_format` ("strict", the
+#: reference's format check, or "lenient"; see `t2po.envs.parsing`)
+COMMON_OPTIONS = ("response_format",)
+
+
 def make_env(name: str, **options: Any) -> BatchEnv:
-    """Build a registered environment; `options` are its constructor's keyword arguments."""
+    """Build a registered environment; `options` are its constructor's keyword arguments plus the
+    `COMMON_OPTIONS`."""
     cls = get_env_class(name)
-    return cls(**options)
+    response_format = check_response_format(options.pop("response_format", RESPONSE_FORMATS[0]))
+    env = cls(**options)
+    env.response_format = response_format
+    return env
 
 
 def list_envs() -> list[str]:
@@ -142,11 +151,16 @@ def env_option_errors(name: str, options: dict, where: str = "env.options.") -> 
         cls = get_env_class(name)
     except ValueError as e:
         return [f"env.name: {e}"]
+    errors = []
+    if "response_format" in options:
+        try:
+            check_response_format(options["response_format"])
+        except ValueError as e:
+            errors.append(f"{where}response_format: {e}")
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return []
-    valid = [n for n in params if n != "self"]
-    errors = []
+        return errors
+    valid = [n for n in params if n != "self"] + list(COMMON_OPTIONS)
     for key in options:
         if key not in valid:
             near = closest(key, valid)
@@ -154,5 +168,5 @@ def env_option_errors(name: str, options: dict, where: str = "env.options.") -> 
     return errors
 
 
-__all__ = ["BatchEnv", "EnvState", "ParsedAction", "make_env", "register_env", "get_env_class", "list_envs", "parse_think_action",
+__all__ = ["COMMON_OPTIONS", "BatchEnv", "EnvState", "ParsedAction", "make_env", "register_env", "get_env_class", "list_envs", "parse_think_action",
            "parse_env_options", "env_option_errors"]

@@ -56,8 +56,8 @@ class EnvState:
 
 class BatchEnv(abc.ABC):
     """A batch of environment instances. Subclasses implement `reset`, `step`, `task_description`,
-    `render_prompt`; they may override `parse_action` (the default is the strict
-    `<think>...</think><action>...</action>` format) and `close`."""
+    `render_prompt`; they may override `parse_action` (the default is the
+    `<think>...</think><action>...</action>` format, strict unless `response_format` is "lenient") and `close`."""
 
     #: registry name, set by `@register_env`
     name: str = ""
@@ -67,6 +67,9 @@ class BatchEnv(abc.ABC):
     check_admissible: bool = False
     #: how many past (observation, action) pairs the prompt shows
     history_length: int = 2
+    #: "strict" (the reference's format check) or "lenient" (`t2po.envs.parsing`); `make_env` sets it
+    #: from the `response_format` option
+    response_format: str = "strict"
 
     @abc.abstractmethod
     def reset(self, seeds: list[int]) -> list[EnvState]:
@@ -89,7 +92,7 @@ class BatchEnv(abc.ABC):
         """Turn a model response into the action sent to the environment plus a validity flag.
         Never raises: malformed output is an invalid action."""
         admissible = state.admissible_actions if self.check_admissible else None
-        return parse_think_action(response, admissible)
+        return parse_think_action(response, admissible, strict=self.response_format == "strict")
 
     def expert_response(self, index: int, state: EnvState) -> str | None:
         """A demonstration response for instance `index` in `state`, in the environment's response

@@ -228,7 +228,7 @@ class WebShopEnv(BatchEnv):
         """The `<think>...</think><action>...</action>` format, then admissibility: `search[q]` with
         a non-empty query other than the placeholder when the page has a search box, or one of
         the page's `click[...]` actions. Never raises."""
-        parsed = parse_think_action(response)
+        parsed = parse_think_action(response, strict=self.response_format == "strict")
         if not parsed.valid:
             return parsed
         name, arg = parse_action(parsed.action)
