@@ -72,6 +72,15 @@ def test_search_r1_response_shape(server):
     assert plain[0][0] == first["document"]
 
 
+@pytest.mark.parametrize("topk", [0, None])
+def test_falsy_topk_means_the_server_default(server, topk):
+    """Search-R1 `search_r1/search/retrieval_server.py` `retrieve_endpoint`: `if not request.topk:
+    request.topk = config.retrieval_topk`, so topk 0 or null returns the server's default (3 here)."""
+    reply = httpx.post(server.url + "/retrieve", json={"queries": ["capital of norway"], "topk": topk}, timeout=30.0, trust_env=False)
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["result"][0]) == 3
+
+
 def test_empty_oversized_and_invalid_requests(server, client):
     assert client.retrieve(["", "   "], topk=3) == [[], []]
     long_query = "first nobel prize in physics " * 500  # cut to MAX_QUERY_CHARS on both sides

@@ -129,11 +129,28 @@ def test_wrong_category_scores_zero():
 def test_type_factor_half_when_only_a_few_title_nouns_match():
     # another query, one shared category level, 1 of the 6 goal title nouns -> 1/6 in [0.1, 0.2]
     other = _shampoo(name="Velora Body Lotion", query="body lotion", product_category="Beauty & Personal Care › Skin Care › Body")
-    assert title_nouns(_goal().name) == {"velora", "sulfate", "free", "shampoo", "dry", "hair"}
+    assert title_nouns(_goal().name) == ["velora", "sulfate", "free", "shampoo", "dry", "hair"]
     out = purchase_reward(other, _goal(), price=12.5, chosen_options={"scent": "lavender", "size": "16 fl oz"})
     assert out.title_score == pytest.approx(1 / 6)
     assert out.r_type == 0.5
     assert out.reward == pytest.approx(5 / 5 * 0.5)
+
+
+def test_title_score_divides_by_the_goal_nouns_with_repeats():
+    """WebShop `web_agent_site/engine/goal.py` `get_type_reward`:
+    title_score = len(set(purchased_nouns) & set(desired_nouns)) / len(desired_nouns), desired_nouns
+    a list with repeats. Goal nouns [phone, case, case, case, case, iphone, clear, case] (8; "for"
+    and "13" are not nouns), bought [iphone, screen, protector]: 1 shared / 8 = 0.125, not > 0.2,
+    >= 0.1; no query match, one shared category level -> r_type 0.5 (dividing by the 4 distinct
+    nouns gave 0.25 and r_type 1.0)."""
+    goal = _goal(name="Phone Case Case Case Case for iPhone 13, Clear Case", query="phone cases")
+    bought = _shampoo(name="iPhone 13 Screen Protector", query="screen protectors",
+                      product_category="Beauty & Personal Care › Skin Care › Body")
+    assert title_nouns(goal.name) == ["phone", "case", "case", "case", "case", "iphone", "clear", "case"]
+    out = purchase_reward(bought, goal, price=12.5, chosen_options={"scent": "lavender", "size": "16 fl oz"})
+    assert out.title_score == pytest.approx(1 / 8)
+    assert (out.query_match, out.category_match) == (False, False)
+    assert out.r_type == 0.5
 
 
 def test_human_goal_options_are_plain_strings():

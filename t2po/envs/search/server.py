@@ -11,7 +11,7 @@ Endpoints (as Search-R1's `retrieval_server.py`):
 - `POST /retrieve` with `{"queries": [str, ...], "topk": k, "return_scores": bool}` returns
   `{"result": [per query: [{"document": {"id", "contents"}, "score": float}, ...]]}`, or, when
   `return_scores` is false, `{"result": [per query: [{"id", "contents"}, ...]]}`. `topk` defaults to
-  the server's `--topk`. An empty query gets an empty list; a query longer than `MAX_QUERY_CHARS`
+  the server's `--topk` (absent, null or 0: Search-R1 treats a falsy topk as the default). An empty query gets an empty list; a query longer than `MAX_QUERY_CHARS`
   (1024) characters is cut to that length. More than `MAX_QUERIES` queries or a `topk` above `MAX_TOPK`
   is a 422 error.
 - `GET /health` returns `{"status": "ok", "corpus": {name, path, num_passages, sha256},
@@ -54,7 +54,7 @@ class RetrieveRequest(BaseModel):
     """Body of `POST /retrieve` (Search-R1's QueryRequest)."""
 
     queries: list[str] = Field(max_length=MAX_QUERIES)
-    topk: int | None = Field(default=None, ge=1, le=MAX_TOPK)
+    topk: int | None = Field(default=None, ge=0, le=MAX_TOPK)  # 0 or null: the server's default, as Search-R1
     return_scores: bool = False
 
 

@@ -158,15 +158,16 @@ def _spacy_tagger() -> Any:
 
 
 @lru_cache(maxsize=65536)
-def title_nouns(title: str, mode: str = "closed_class") -> frozenset[str]:
-    """The lower-cased nouns of a product title, as `get_type_reward` collects them."""
+def title_nouns(title: str, mode: str = "closed_class") -> list[str]:
+    """The lower-cased nouns of a product title in order, repeats kept, as `get_type_reward` collects
+    them (its title score divides by the length of this list)."""
     if mode == "spacy":
         doc = _spacy_tagger()(title)
-        return frozenset(t.text.lower() for t in doc if t.pos_ in ("PNOUN", "NOUN", "PROPN"))
+        return [t.text.lower() for t in doc if t.pos_ in ("PNOUN", "NOUN", "PROPN")]
     if mode != "closed_class":
         raise ValueError(f"Unknown title_nouns mode {mode!r}; use one of {TITLE_NOUN_MODES}.")
     words = re.findall(r"[^\W\d_]+", title.lower())
-    return frozenset(w for w in words if len(w) > 1 and w not in _CLOSED_CLASS)
+    return [w for w in words if len(w) > 1 and w not in _CLOSED_CLASS]
 
 
 # --------------------------------------------------------------------------- reward terms
@@ -181,7 +182,8 @@ def type_reward(purchased: Product, goal: Goal, nouns_mode: str = "closed_class"
 
     desired = title_nouns(goal.name, nouns_mode)
     bought = title_nouns(purchased.name, nouns_mode)
-    title_score = 0.2 if not desired else len(bought & desired) / len(desired)
+    # as WebShop: distinct shared nouns over the goal's noun list *with* repeats
+    title_score = 0.2 if not desired else len(set(bought) & set(desired)) / len(desired)
 
     r_type = 1.0
     if not (query_match or category_match or title_score > 0.2):
