@@ -238,6 +238,12 @@ class Config:
             errors.append("rollout top_p values must be in (0, 1]")
         if self.algo.dynamic_sampling and r.tds.enabled:  # explicit True only
             errors.append("algo.dynamic_sampling and rollout.tds.enabled are alternatives (spec §3): turn one off")
+        if r.tds.quantile is not None and not 0 < r.tds.quantile < 1:
+            errors.append(f"rollout.tds.quantile={r.tds.quantile}: must be in (0, 1) (or null for the absolute rollout.tds.eta)")
+        if r.tds.window < 1:
+            errors.append(f"rollout.tds.window={r.tds.window}: must be >= 1")
+        if r.tti.eps_rel is not None and r.tti.eps_rel <= 0:
+            errors.append(f"rollout.tti.eps_rel={r.tti.eps_rel}: must be > 0 (or null for the absolute rollout.tti.eps)")
         if self.algo.similarity_threshold is not None and not 0 < self.algo.similarity_threshold <= 1:
             errors.append(f"algo.similarity_threshold={self.algo.similarity_threshold}: must be in (0, 1]")
         known_trackers = {"console", "mlflow", "tensorboard", "wandb"}

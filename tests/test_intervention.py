@@ -175,3 +175,24 @@ def test_tiny_tokenizer_variants(tiny_model):
     pieces = vocabulary_text(tokenizer)
     opened = states.index(True)
     assert "".join(pieces[t] for t in ids[: opened + 1]).endswith("<think>")
+
+
+def test_relative_tolerance_scales_with_the_rows_spread_of_m():
+    """eps_rel: stagnant when |M_t - M_{t-1}| <= eps_rel * (population std of the row's earlier think M).
+    M = 0, 1, 0, 1, 0.5, 0.51, 0.52, 0.53 with eps_rel 0.1, K = 3, by hand:
+      t1..t4 move by 0.5-1, far above 0.1 x std (std of [0], [0, 1], [0, 1, 0], [0, 1, 0, 1] = 0, 0.5, 0.471, 0.5);
+      t5: std([0, 1, 0, 1, 0.5]) = sqrt(0.2) = 0.447 -> tol 0.0447 >= 0.01: stagnant 1;
+      t6: tol 0.1 x 0.41 -> stagnant 2; t7: tol 0.1 x 0.38 -> stagnant 3 -> the end tag is forced at t7.
+    The absolute eps 1e-4 (the paper's) never sees a 0.01 step as stagnant."""
+    ms = [0.0, 1.0, 0.0, 1.0, 0.5, 0.51, 0.52, 0.53, 0.54]
+    relative = id_tti(patience=3, eps_rel=0.1)
+    relative.start([[START]])
+    run(relative, [[(m, WORD)] for m in ms])
+    assert relative.rows[0].forced_positions == [7, 8]
+    assert relative.rows[0].triggers == {"budget": 0, "stagnation": 1}
+    absolute = id_tti(patience=3, eps=1e-4)
+    absolute.start([[START]])
+    run(absolute, [[(m, WORD)] for m in ms])
+    assert absolute.rows[0].forced_positions == []
+    with pytest.raises(ValueError, match="eps_rel"):
+        id_tti(eps_rel=0.0)

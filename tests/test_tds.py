@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from t2po.algos.sampling import tds_resample_mask
+from t2po.algos.sampling import TDSQuantileThreshold, tds_resample_mask, turn_score_deltas
 
 
 def test_tds_rule_edge_cases():
@@ -31,3 +31,34 @@ def test_tds_rejects_bad_input():
         tds_resample_mask([0.1], [0.2], eta=-0.1)
     with pytest.raises(ValueError, match="prev_scores"):
         tds_resample_mask(["high"], [0.2])
+
+
+def test_turn_score_deltas_mark_ineligible_turns_nan():
+    deltas = turn_score_deltas([None, 0.5, 0.5], [0.4, 0.45, float("nan")])
+    assert np.isnan(deltas[0]) and deltas[1] == pytest.approx(0.05) and np.isnan(deltas[2])
+
+
+def test_quantile_threshold_flags_the_chosen_fraction_of_deltas():
+    # window [0.01, 0.02, ..., 0.10]; linear quantile 0.3 = 0.01 + 0.3 * 9 * 0.01 = 0.037
+    threshold = TDSQuantileThreshold(quantile=0.3, window=10)
+    assert threshold.eta() == 0.0  # nothing observed: flags nothing
+    prev = np.zeros(10)
+    scores = np.arange(1, 11) / 100
+    threshold.observe(turn_score_deltas(prev, scores))
+    assert threshold.eta() == pytest.approx(0.037)
+    assert tds_resample_mask(prev, scores, threshold.eta()).tolist() == [True] * 3 + [False] * 7
+    # at the paper's absolute eta every one of these small deltas is in the band
+    assert tds_resample_mask(prev, scores, 0.3).all()
+
+
+def test_quantile_threshold_follows_the_recent_window_and_round_trips():
+    threshold = TDSQuantileThreshold(quantile=0.5, window=4)
+    threshold.observe([1.0, 2.0, 3.0, 4.0, float("nan")])
+    assert threshold.eta() == pytest.approx(2.5)
+    threshold.observe([10.0, 20.0])  # the two oldest leave the window: [3, 4, 10, 20]
+    assert threshold.eta() == pytest.approx(7.0)
+    restored = TDSQuantileThreshold(quantile=0.5, window=4)
+    restored.load_state_dict(threshold.state_dict())
+    assert restored.eta() == threshold.eta() and list(restored.deltas) == [3.0, 4.0, 10.0, 20.0]
+    with pytest.raises(ValueError, match="quantile must lie in"):
+        TDSQuantileThreshold(quantile=1.0)

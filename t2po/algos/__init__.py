@@ -19,7 +19,7 @@ from t2po.algos.advantages import (
 from t2po.algos.estimators import ALGORITHMS, Advantages, Algorithm, StepBatch, register_algorithm
 from t2po.algos.intervention import InterventionConfig, ThinkingIntervention
 from t2po.algos.losses import KL_KINDS, LOSS_AGG_MODES, kl_penalty, ppo_policy_loss
-from t2po.algos.sampling import TDSConfig, tds_resample_mask
+from t2po.algos.sampling import TDSConfig, TDSQuantileThreshold, tds_resample_mask, turn_score_deltas
 from t2po.algos.uncertainty import entropy_from_logits, turn_score, uncertainty_signal
 
 __all__ = [
@@ -30,6 +30,8 @@ __all__ = [
     "InterventionConfig",
     "tds_resample_mask",
     "TDSConfig",
+    "turn_score_deltas",
+    "TDSQuantileThreshold",
     "discounted_returns",
     "episode_scores",
     "penalized_step_returns",

@@ -1,7 +1,16 @@
-"""TDS: the turn-level dynamic sampling rule (spec `shared/spec/t2po-method.md` §3)."""
+"""TDS: the turn-level dynamic sampling rule (spec `shared/spec/t2po-method.md` §3), with its threshold
+either absolute (the paper's eta) or relative to the run's own turn-score deltas (`TDSQuantileThreshold`).
+
+Why a relative threshold: |Mbar(k) - Mbar(k-1)| depends on the model's M scale. At eta = 0.3 a
+135M-parameter model has 72-100 % of its eligible turns in the band (issue 18: p10/p50/p90 =
+0.017/0.067/0.159 on Sokoban), so TDS redraws almost every turn instead of selecting the stuck ones.
+Flagging the turns below a quantile of the recent deltas makes the flag rate a setting.
+"""
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,8 +23,10 @@ class TDSConfig:
     """Turn-level dynamic sampling (spec §3) as the rollout loop takes it and the config holds it
     (`rollout.tds.*`); training only."""
 
-    eta: float = field(default=0.3, metadata={"help": "TDS threshold eta: a turn is regenerated when 0 < |delta| < eta."})
+    eta: float = field(default=0.3, metadata={"help": "TDS threshold eta: a turn is regenerated when 0 < |delta| < eta (the paper's absolute threshold; unused when quantile is set)."})
     max_try: int = field(default=2, metadata={"help": "TDS regenerations per turn at most."})
+    quantile: float | None = field(default=None, metadata={"help": "Threshold relative to the run's own deltas instead of eta: regenerate the turns whose |delta Mbar| is below this quantile of the last `window` first-sample deltas (TDSQuantileThreshold), so the flag rate is about this fraction at any model scale. null = the absolute eta (the paper's)."})
+    window: int = field(default=1024, metadata={"help": "Recent first-sample deltas the quantile threshold is estimated from (kept across iterations and checkpointed)."})
     enabled: bool | None = field(default=True, metadata={"help": "Turn-level dynamic sampling on or off. In the config, null = on for t2po, off for the baselines (the algorithm's default); always off with algo.dynamic_sampling."})
 
 
@@ -55,3 +66,53 @@ def tds_resample_mask(prev_scores: Any, scores: Any, eta: float = 0.3) -> np.nda
     with np.errstate(invalid="ignore"):
         # Comparisons with NaN are False, so a missing score never resamples.
         return (delta > 0.0) & (delta < eta)
+
+
+def turn_score_deltas(prev_scores: Any, scores: Any) -> np.ndarray:
+    """|Mbar(k) - Mbar(k-1)| per environment (spec §3); NaN where either score is missing (a first
+    turn, an empty response)."""
+    prev = _as_scores(prev_scores, "prev_scores")
+    current = _as_scores(scores, "scores")
+    if prev.shape != current.shape:
+        raise ValueError(
+            f"prev_scores ({prev.shape[0]}) and scores ({current.shape[0]}) need one entry per environment"
+        )
+    return np.abs(current - prev)
+
+
+class TDSQuantileThreshold:
+    """A TDS threshold relative to the run's own deltas: eta = the `quantile` of the last `window`
+    first-sample deltas |Mbar(k) - Mbar(k-1)| of eligible turns (numpy's linear quantile).
+
+    Use per turn: `observe(deltas of the batch's first samples)`, then `eta()`, then
+    `tds_resample_mask(prev, scores, eta)` for the first samples and their regenerations. Because a
+    batch's own deltas enter the window before its threshold is read, the fraction of a batch
+    flagged is close to `quantile` from the first turn of a run on. Regenerated samples' deltas are
+    not observed: the threshold describes the policy's first draws. The window is the state to keep
+    across iterations (`state_dict` / `load_state_dict`, saved with checkpoints).
+    """
+
+    def __init__(self, quantile: float, window: int = 1024) -> None:
+        if not 0.0 < quantile < 1.0:
+            raise ValueError(f"the TDS quantile must lie in (0, 1), got {quantile}")
+        if window < 1:
+            raise ValueError(f"the TDS window must hold at least one delta, got {window}")
+        self.quantile = quantile
+        self.deltas: deque[float] = deque(maxlen=window)
+
+    def observe(self, deltas: Iterable[float]) -> None:
+        """Add the finite deltas (NaN = ineligible turn, skipped)."""
+        self.deltas.extend(float(d) for d in deltas if np.isfinite(d))
+
+    def eta(self) -> float:
+        """The current threshold; 0 (flags nothing) before any delta has been observed."""
+        if not self.deltas:
+            return 0.0
+        return float(np.quantile(np.fromiter(self.deltas, dtype=np.float64), self.quantile))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"quantile": self.quantile, "window": self.deltas.maxlen, "deltas": list(self.deltas)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.deltas.clear()
+        self.observe(state["deltas"])

@@ -83,6 +83,7 @@ def make_intervention(config: InterventionConfig, tokenizer, token_text: Sequenc
         token_text=token_text,
         patience=config.patience if config.enabled else None,
         eps=config.eps,
+        eps_rel=config.eps_rel,
         budget=config.budget if config.enabled else None,
         alpha=config.alpha,
         confidence=config.confidence,

@@ -95,13 +95,13 @@ class _RequestTrace:
 
     def observe(self, m_t: float) -> int | None:
         row = self.row
-        self.undo = (len(row.uncertainty), row.stagnant_steps, row.previous_m, dict(row.triggers), list(row.pending))
+        self.undo = (len(row.uncertainty), row.stagnant_steps, row.previous_m, dict(row.triggers), list(row.pending), row.think_m)
         return self.tti.observe(0, m_t)
 
     def _roll_back(self) -> None:
         # Undo exactly what ThinkingIntervention.observe changed (it never touches the span state).
         row = self.row
-        length, row.stagnant_steps, row.previous_m, row.triggers, row.pending = self.undo
+        length, row.stagnant_steps, row.previous_m, row.triggers, row.pending, row.think_m = self.undo
         del row.uncertainty[length:], row.forced[length:]
         row.awaiting = None
 
@@ -127,7 +127,7 @@ def _check_settings(params: vllm.SamplingParams) -> None:
     settings = _settings(params)
     if settings is None:
         return
-    required = {"key", "prompt_ids", "think_start_ids", "think_end_ids", "patience", "eps", "budget", "alpha", "confidence"}
+    required = {"key", "prompt_ids", "think_start_ids", "think_end_ids", "patience", "eps", "eps_rel", "budget", "alpha", "confidence"}
     missing = required - set(settings) if isinstance(settings, dict) else required
     if missing:
         raise ValueError(f"extra_args[{EXTRA_ARG!r}] lacks {sorted(missing)}; build requests with vllm_request()")
@@ -146,7 +146,7 @@ class _InterventionBatch:
         if key not in _TRACES:  # a request resumed after preemption keeps its trace
             tti = ThinkingIntervention(
                 settings["think_start_ids"], settings["think_end_ids"], patience=settings["patience"], eps=settings["eps"],
-                budget=settings["budget"], alpha=settings["alpha"], confidence=settings["confidence"],
+                eps_rel=settings["eps_rel"], budget=settings["budget"], alpha=settings["alpha"], confidence=settings["confidence"],
                 token_text=_token_text(self.tokenizer_path),
             )
             tti.start([settings["prompt_ids"]])  # a prompt ending with the start tag opens the span
@@ -403,6 +403,7 @@ def vllm_request(prompt: list[int], key: str, tti: ThinkingIntervention, samplin
         "think_end_ids": tti.think_end_ids,
         "patience": tti.patience,
         "eps": tti.eps,
+        "eps_rel": tti.eps_rel,
         "budget": tti.budget,
         "alpha": tti.alpha,
         "confidence": tti.confidence,
