@@ -9,10 +9,12 @@ Reads only the run folders' files (`config.yaml`, `metrics.jsonl`, `validation.j
 (default `<first run>/report/`):
   - one PNG per quantity over iterations (success rate, reward, task score, invalid actions,
     response length per turn with its shortest-longest band, responses cut at the token limit, KL,
-    gradient norm, policy entropy, TTI triggers, think length, TDS resample fraction, tokens, held-out
-    validation success; fractions on a [0, 1] axis), `time_split.png` (seconds per iteration by phase) and `overview.png` with all of them;
+    gradient norm, policy entropy, TTI triggers, think length, TDS flag rates, turn-score deltas,
+    TDS extra tokens, tokens, held-out validation success; fractions on a [0, 1] axis), `time_split.png`
+    (seconds per iteration by phase) and `overview.png` with all of them;
   - `report.md`: per-run and per-configuration tables (final / best training success, held-out
-    validation before and after training, tokens, time) that embed the plots.
+    validation before and after training, tokens, time), an exploration-control table (what TTI and
+    TDS did per iteration), and the plots.
 Runs whose configs are equal except for `trainer.seed`, `trainer.run_name` and `trainer.output_dir`
 are seeds of one configuration: drawn as the mean over seeds with a min-max band. Configurations
 are labelled by the config keys in which they differ (e.g. `algo.name=grpo`).
@@ -227,8 +229,12 @@ PANELS = (
     Panel("entropy", "policy entropy", (("actor/entropy", "entropy"),), "nats per token"),
     Panel("tti_triggers", "TTI triggers (end of thinking forced)",
           (("rollout/tti_stagnation_triggers", "stagnation"), ("rollout/tti_budget_triggers", "budget")), "triggers"),
-    Panel("think_length", "think length", (("rollout/think_length", "think tokens"),), "tokens per turn"),
-    Panel("tds_resample_fraction", "TDS: resampled turns", (("rollout/tds_resample_fraction", "resampled"),), "fraction of turns", domain=FRACTION),
+    Panel("think_length", "think length", (("rollout/think_length", "mean"), ("rollout/think_length_p90", "p90")), "think tokens per turn"),
+    Panel("tds_flag_rate", "TDS: flagged turns (of eligible turns)",
+          (("rollout/tds_flag_rate", "first samples"), ("rollout/tds_regen_flag_rate", "regenerated samples (again in the band)")), "fraction", domain=FRACTION),
+    Panel("tds_delta", "|Mbar(k) - Mbar(k-1)| of first samples, TDS threshold",
+          (("rollout/tds_delta_p50", "p50"), ("rollout/tds_delta_p10", "p10"), ("rollout/tds_delta_p90", "p90"), ("rollout/tds_eta", "relative eta")), "delta"),
+    Panel("tds_extra_tokens", "TDS: tokens of discarded samples", (("rollout/tds_extra_token_fraction", "extra"),), "fraction of generated tokens", domain=FRACTION),
     Panel("tokens", "tokens per iteration",
           (("rollout/generated_tokens", "generated (incl. TDS discards)"), ("rollout/response_tokens", "trained on")), "tokens"),
 )
@@ -425,6 +431,37 @@ def _minutes(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds / 60:.1f}"
 
 
+#: (metric, column title, digits) of the exploration-control table: what TTI and TDS did (spec §2-§3)
+EXPLORATION_COLUMNS = (
+    ("rollout/tti_stagnation_triggers", "TTI stagnation triggers", 1),
+    ("rollout/tti_budget_triggers", "TTI budget triggers", 1),
+    ("rollout/forced_tokens", "forced tokens", 1),
+    ("rollout/think_length", "think length", 1),
+    ("rollout/think_length_p90", "think p90", 1),
+    ("rollout/tds_flag_rate", "TDS flag rate (eligible)", 3),
+    ("rollout/tds_regen_flag_rate", "regenerated flagged again", 3),
+    ("rollout/tds_delta_p10", "delta p10", 3),
+    ("rollout/tds_delta_p50", "delta p50", 3),
+    ("rollout/tds_delta_p90", "delta p90", 3),
+    ("rollout/tds_extra_token_fraction", "TDS extra tokens", 3),
+)
+
+
+def exploration_markdown(groups: list[RunGroup]) -> list[str]:
+    """Per configuration, each exploration-control metric per iteration as min / mean / max over the
+    iterations of all its seeds ("–" where no run logged it)."""
+    lines = ["", "## Exploration control (per iteration: mean [min, max] over iterations and seeds)", "",
+             "| configuration | " + " | ".join(title for _, title, _ in EXPLORATION_COLUMNS) + " |",
+             "|---|" + "---|" * len(EXPLORATION_COLUMNS)]
+    for group in groups:
+        cells = []
+        for key, _, digits in EXPLORATION_COLUMNS:
+            values = np.concatenate([run.series(key)[1] for run in group.runs]) if group.runs else np.array([])
+            cells.append("–" if not values.size else f"{values.mean():.{digits}f} [{values.min():.{digits}f}, {values.max():.{digits}f}]")
+        lines.append(f"| {group.label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def summary_markdown(groups: list[RunGroup], plots: list[tuple[str, str]]) -> str:
     val_tasks = {g.runs[0].config.get("rollout", {}).get("val_num_tasks") for g in groups}
     lines = ["# t2po report", "", f"{sum(len(g.runs) for g in groups)} run(s) in {len(groups)} configuration(s). "
@@ -452,6 +489,7 @@ def summary_markdown(groups: list[RunGroup], plots: list[tuple[str, str]]) -> st
         rl = col("rl_seconds")
         lines.append(f"| {group.label} | {len(group.runs)} | {_mean_std(col('val_final'))} | {_mean_std(col('val_after_warmup'))} | "
                      f"{_mean_std(col('val_before'))} | {_mean_std(col('train_final'))} | {_minutes(float(np.mean(rl)) if rl else None)} |")
+    lines += exploration_markdown(groups)
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{title}]({name}.png)" for name, title in plots]

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from t2po.algos import TDSConfig, tds_resample_mask
+from t2po.algos import TDSConfig, TDSQuantileThreshold, tds_resample_mask, turn_score_deltas
 from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams
 from t2po.envs.base import BatchEnv, EnvState
 from t2po.policies import NO_ANSWER, EnginePolicy, Policy, Turn
@@ -57,6 +57,8 @@ class StepSample:
     action: str
     invalid_reason: str = ""
     resampled: int = 0  # TDS regenerations of this turn
+    tds_delta: float = math.nan  # |Mbar - previous accepted Mbar| of this turn's first sample (NaN: first turn)
+    tds_regen_flagged: int = 0  # regenerations of this turn that fell in the TDS band again
     tti_triggers: dict[str, int] = field(default_factory=dict)
     think_length: int = 0
     image: Any = None  # the observation's PIL image (image observations), else None
@@ -140,10 +142,14 @@ def collect_rollouts(
     max_prompt_tokens: int | None = None,
     seed: int = 0,
     progress: Any = None,
+    tds_threshold: TDSQuantileThreshold | None = None,
 ) -> RolloutResult:
     """Play `len(task_seeds) * group_size` episodes to the end (or `max_turns`). `policy` is a
     `t2po.policies.Policy`, or an engine played with `sampling` and `intervention` (`EnginePolicy`).
-    `progress` (a `t2po.progress.Progress` over the episodes) is advanced as episodes finish, once per turn."""
+    `progress` (a `t2po.progress.Progress` over the episodes) is advanced as episodes finish, once per turn.
+
+    With a relative TDS threshold (`tds.quantile`), `tds_threshold` carries the window of recent
+    deltas across calls (the trainer keeps one per run); without it each call starts an empty one."""
     if isinstance(policy, Engine):
         if sampling is None:
             raise ValueError("collect_rollouts(engine, ...) needs the sampling parameters (sampling=SamplingParams(...))")
@@ -151,6 +157,8 @@ def collect_rollouts(
     tokenizer = policy.tokenizer
     if tds is not None and tokenizer is None:
         raise ValueError("TDS (spec §3) needs turn scores, which only a token-level policy (an engine) gives")
+    if tds is not None and tds.enabled and tds.quantile is not None and tds_threshold is None:
+        tds_threshold = TDSQuantileThreshold(tds.quantile, tds.window)
     seeds = [s for s in task_seeds for _ in range(group_size)]
     group_ids = [g for g in range(len(task_seeds)) for _ in range(group_size)]
     n = len(seeds)
@@ -191,13 +199,18 @@ def collect_rollouts(
             counters["prefill_tokens"] += sum(g.prompt_tokens - g.cached_prompt_tokens for g in gens)
             distinct = {(tuple(t.prompt_ids), j if t.pixel_inputs is not None else -1) for j, t in enumerate(turns)}
             counters["unique_prompt_tokens"] += sum(len(ids) for ids, _ in distinct)
-        resampled = [0] * len(idx)
+        resampled, regen_flagged = [0] * len(idx), [0] * len(idx)
+        prev = [prev_score[i] for i in idx]
+        first_deltas = turn_score_deltas(prev, [g.turn_score for g in gens])
         discarded: list[list[dict]] = [[] for _ in idx]
         if tds is not None and tds.enabled:
-            prev = [prev_score[i] for i in idx]
-            counters["tds_eligible_turns"] += sum(not math.isnan(p) for p in prev)
+            counters["tds_eligible_turns"] += int(np.isfinite(first_deltas).sum())
+            counters["tds_extra_tokens"] += 0  # present (0) in an iteration where nothing is flagged
+            if tds_threshold is not None:
+                tds_threshold.observe(first_deltas)
+            eta = tds.eta if tds_threshold is None else tds_threshold.eta()
+            flagged = np.flatnonzero(tds_resample_mask(prev, [g.turn_score for g in gens], eta))
             for attempt in range(1, tds.max_try + 1):
-                flagged = np.flatnonzero(tds_resample_mask(prev, [g.turn_score for g in gens], tds.eta))
                 if flagged.size == 0:
                     break
                 regen = policy.act([turns[j] for j in flagged], call_seed(seed, turn, attempt))
@@ -209,6 +222,11 @@ def collect_rollouts(
                     gens[j] = g
                     resampled[j] += 1
                 counters["tds_regenerations"] += flagged.size
+                # does resampling select? the regenerated samples in the band again
+                again = tds_resample_mask([prev[j] for j in flagged], [g.turn_score for g in regen], eta)
+                for j in flagged[again]:
+                    regen_flagged[j] += 1
+                flagged = flagged[again]
         actions: list[str | None] = [None] * n
         parsed_of = {}
         for j, i in enumerate(idx):
@@ -238,6 +256,8 @@ def collect_rollouts(
                     action=parsed.action,
                     invalid_reason=f"{g.finish_reason} answer" if g.finish_reason in NO_ANSWER else parsed.reason,
                     resampled=resampled[j],
+                    tds_delta=float(first_deltas[j]),
+                    tds_regen_flagged=regen_flagged[j],
                     tti_triggers=dict(g.tti_triggers),
                     think_length=g.think_length,
                     image=states[i].image,
@@ -286,10 +306,20 @@ COUNTERS = ("generated_tokens", "tds_extra_tokens", "tds_regenerations", "tds_el
 
 
 def rollout_stats(episodes: list[Episode], counters: dict[str, float] | None = None) -> dict[str, float]:
-    """Episode metrics (spec §2-§3 evidence: TTI triggers by kind, think length, TDS resampling)."""
+    """Episode metrics, with the evidence of what T2PO's exploration control did (spec §2-§3):
+
+    - TTI: `tti_budget_triggers`, `tti_stagnation_triggers`, `forced_tokens`, `think_length` (mean
+      tokens inside think spans per turn) and `think_length_p90`;
+    - TDS: `tds_flag_rate` = turns regenerated / eligible turns (a second or later turn whose first
+      sample has a turn score); `tds_delta_p10/p50/p90` = percentiles of |Mbar(k) - Mbar(k-1)| of
+      the first samples (also without TDS: what a threshold would see); `tds_regen_flag_rate` = the
+      regenerated samples that fell in the band again (close to the flag rate: the redraw selects
+      nothing); `tds_extra_token_fraction` = tokens of discarded samples / all generated tokens.
+    """
     counters = counters or {}
     samples = [x for ep in episodes for x in ep.samples]
-    n_steps = max(len(samples), 1)
+    deltas = np.array([x.tds_delta for x in samples if math.isfinite(x.tds_delta)])
+    regenerations = sum(x.resampled for x in samples)
     stats: dict[str, float] = {
         "episodes": float(len(episodes)),
         "success_rate": float(np.mean([ep.won for ep in episodes])) if episodes else 0.0,
@@ -306,12 +336,20 @@ def rollout_stats(episodes: list[Episode], counters: dict[str, float] | None = N
         "tti_budget_triggers": float(sum(x.tti_triggers.get("budget", 0) for x in samples)),
         "tti_stagnation_triggers": float(sum(x.tti_triggers.get("stagnation", 0) for x in samples)),
         "think_length": float(np.mean([x.think_length for x in samples])) if samples else 0.0,
+        "think_length_p90": float(np.percentile([x.think_length for x in samples], 90)) if samples else 0.0,
         "forced_tokens": float(sum(sum(x.forced_mask) for x in samples)),
-        "tds_resample_fraction": float(sum(x.resampled > 0 for x in samples)) / n_steps,
+        "tds_flag_rate": float(sum(x.resampled > 0 for x in samples)) / max(deltas.size, 1),
     }
+    if deltas.size:
+        for q in (10, 50, 90):
+            stats[f"tds_delta_p{q}"] = float(np.percentile(deltas, q))
+    if regenerations:
+        stats["tds_regen_flag_rate"] = sum(x.tds_regen_flagged for x in samples) / regenerations
     for key in COUNTERS:
         if key in counters:
             stats[key] = float(counters[key])
+    if counters.get("generated_tokens") and "tds_extra_tokens" in counters:
+        stats["tds_extra_token_fraction"] = counters["tds_extra_tokens"] / counters["generated_tokens"]
     # numeric task metrics (e.g. score), averaged over finished episodes
     numeric: dict[str, list[float]] = defaultdict(list)
     for ep in episodes:

@@ -18,7 +18,7 @@ from t2po.report import PANELS, draw_panel, group_runs, load_run, main, write_re
 from t2po.trainer.trainer import Trainer
 
 EXPECTED_PLOTS = ["success_rate", "episode_reward", "invalid_action_rate", "response_length", "clip_ratio", "kl", "grad_norm", "entropy", "tti_triggers", "think_length",
-                  "tds_resample_fraction", "tokens", "validation_success", "time_split", "overview"]
+                  "tds_flag_rate", "tds_delta", "tds_extra_tokens", "tokens", "validation_success", "time_split", "overview"]
 
 
 @pytest.fixture(scope="module")

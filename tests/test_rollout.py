@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from t2po.algos import tds_resample_mask
+from t2po.algos.sampling import TDSQuantileThreshold
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
-from t2po.rollout import TDSConfig, collect_rollouts
+from t2po.rollout import Episode, StepSample, TDSConfig, collect_rollouts, rollout_stats
 
 
 class RecordingEngine(HFEngine):
@@ -186,3 +187,40 @@ def test_stats_count_responses_cut_at_the_token_limit_and_the_length_range():
     stats = rollout_stats([episode])
     assert stats["clip_ratio"] == 0.5
     assert (stats["response_length_min"], stats["response_length"], stats["response_length_max"]) == (3.0, 6.0, 8.0)
+
+
+def _sample(step, delta, resampled=0, regen_flagged=0, think=0):
+    return StepSample(prompt_ids=[1], response_ids=[2] * 5, forced_mask=[False] * 5, rollout_logprobs=[0.0] * 5, reward=0.0, env_reward=0.0,
+                      done=False, valid=True, anchor_obs="", group_id=0, traj_id=0, step=step, turn_score=0.5, response_text="",
+                      action="", resampled=resampled, tds_delta=delta, tds_regen_flagged=regen_flagged, think_length=think)
+
+
+def test_exploration_diagnostics_by_hand():
+    """Flag rate over eligible turns (not all steps), regenerated samples flagged again, delta
+    percentiles (numpy linear), think p90, extra-token fraction."""
+    samples = [_sample(0, math.nan, think=0), _sample(1, 0.1, resampled=1, regen_flagged=1, think=10),
+               _sample(1, 0.5, think=20), _sample(2, 0.2, resampled=2, regen_flagged=1, think=30)]
+    episode = Episode(traj_id=0, group_id=0, seed=0, samples=samples, won=False, total_reward=0.0, truncated=True, metrics={}, observations=[])
+    stats = rollout_stats([episode], {"generated_tokens": 200, "tds_extra_tokens": 50})
+    assert stats["tds_flag_rate"] == pytest.approx(2 / 3)  # 2 of the 3 eligible turns (the first turn is not)
+    assert stats["tds_regen_flag_rate"] == pytest.approx(2 / 3)  # 2 of 3 regenerations again in the band
+    # sorted deltas [0.1, 0.2, 0.5]: p10 at position 0.2 -> 0.12, p50 0.2, p90 at 1.8 -> 0.2 + 0.8 * 0.3
+    assert (stats["tds_delta_p10"], stats["tds_delta_p50"], stats["tds_delta_p90"]) == pytest.approx((0.12, 0.2, 0.44))
+    assert stats["think_length"] == 15 and stats["think_length_p90"] == pytest.approx(27.0)
+    assert stats["tds_extra_token_fraction"] == 0.25
+
+
+def test_relative_tds_threshold_flags_the_quantile_of_the_first_eligible_turn(engine):
+    """With a quantile threshold, a batch's own deltas enter the window first: of the 4 eligible
+    second turns (distinct deltas) exactly 2 lie below the median and are regenerated."""
+    threshold = TDSQuantileThreshold(0.5, window=64)
+    result = collect_rollouts(engine, make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3), task_seeds=[3, 4],
+                              group_size=2, sampling=SamplingParams(max_new_tokens=10), intervention=InterventionConfig(turn_score_skip=0),
+                              tds=TDSConfig(quantile=0.5, max_try=1), tds_threshold=threshold)
+    second = [s for s in result.samples if s.step == 1]
+    assert len(second) == 4 and len({s.tds_delta for s in second}) == 4
+    assert sum(s.resampled for s in second) == 2
+    assert all(s.resampled == (s.tds_delta < np.median([x.tds_delta for x in second])) for s in second)
+    eligible = [s for s in result.samples if math.isfinite(s.tds_delta)]
+    assert len(threshold.deltas) == len(eligible) == result.stats["tds_eligible_turns"]
+    assert result.stats["tds_flag_rate"] == pytest.approx(sum(s.resampled > 0 for s in eligible) / len(eligible))

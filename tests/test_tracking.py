@@ -64,7 +64,7 @@ def test_tiny_training_logs_to_its_mlflow_store_and_resume_continues_the_run(tin
     assert run.info.run_name == "run" and run.info.status == "FINISHED"
     assert run.data.params["algo.name"] == "t2po" and run.data.params["rollout.group_size"] == "2"
     logged = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for key in ("rollout/success_rate", "actor/grad_norm", "actor/entropy", "rollout/tds_resample_fraction", "time/rollout"):
+    for key in ("rollout/success_rate", "actor/grad_norm", "actor/entropy", "rollout/tds_flag_rate", "time/rollout"):
         history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
         assert [m.step for m in history] == [1, 2], key
         assert [m.value for m in history] == pytest.approx([l[key] for l in logged]), key

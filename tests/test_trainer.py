@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from helpers import run_training
 from t2po.checkpoints import latest_checkpoint
-from t2po.config import load_config
+from t2po.config import ConfigError, load_config
 from t2po.rollout import StepSample
 from t2po.trainer.trainer import Trainer
 
@@ -68,7 +68,7 @@ def test_two_iterations_change_parameters_and_log_metrics(tiny_model_dir, tmp_pa
     lines = [json.loads(l) for l in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [l["iteration"] for l in lines] == [1, 2]
     for key in ("rollout/success_rate", "rollout/invalid_action_rate", "actor/grad_norm", "actor/pg_loss", "actor/entropy",
-                "actor/clip_frac", "rollout/tds_resample_fraction", "rollout/tti_stagnation_triggers", "time/rollout", "time/update",
+                "actor/clip_frac", "rollout/tds_flag_rate", "rollout/tti_stagnation_triggers", "time/rollout", "time/update",
                 "actor/real_token_ratio"):
         assert key in lines[0], f"{algo}: metric {key} missing"
     assert 0 < lines[0]["actor/real_token_ratio"] <= 1
@@ -109,6 +109,20 @@ def test_trainer_credits_the_invalid_action_penalty_to_its_own_step(algo, tmp_pa
     samples[0] = dataclasses.replace(samples[0], reward=-0.1, valid=False)
     adv, _, _ = trainer.compute_advantages(samples)
     np.testing.assert_allclose(adv, [-2.0412, 0.4082, 0.4082, 0.4082, 0.4082, 0.4082], atol=1e-4)
+
+
+def test_relative_exploration_options_log_diagnostics_and_checkpoint_the_tds_window(tiny_model_dir, tmp_path):
+    overrides = tiny_overrides(tiny_model_dir, tmp_path, iterations=1) + ["rollout.tds.quantile=0.5", "rollout.tti.eps_rel=0.5",
+                                                                          "rollout.tti.patience=2", "rollout.tti.budget=4"]
+    trainer = run_trainer(overrides)
+    (line,) = [json.loads(l) for l in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for key in ("rollout/tds_flag_rate", "rollout/tds_delta_p50", "rollout/tds_eta", "rollout/think_length_p90",
+                "rollout/tds_extra_token_fraction", "rollout/tti_budget_triggers", "rollout/forced_tokens"):
+        assert key in line, key
+    state = json.loads((trainer.run_dir / "checkpoints" / "iter_000001" / "trainer_state.json").read_text())
+    assert len(state["tds_threshold"]["deltas"]) == line["rollout/tds_eligible_turns"] > 0
+    with pytest.raises(ConfigError, match="rollout.tds.quantile"):
+        load_config("default", ["rollout.tds.quantile=1.5"])
 
 
 def _state_tensors(ckpt: Path) -> dict[str, torch.Tensor]:

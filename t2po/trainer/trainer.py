@@ -34,6 +34,7 @@ import yaml
 
 from t2po.algos import StepBatch, kl_penalty, ppo_policy_loss
 from t2po.algos.losses import value_loss
+from t2po.algos.sampling import TDSQuantileThreshold
 from t2po.checkpoints import (
     CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, complete_checkpoints, is_sharded, kill_point, latest_checkpoint,
     load_checkpoint, point_adapter_at, read_jsonl_log, save_checkpoint,
@@ -135,6 +136,9 @@ class Trainer:
             self.engine_model_dir = self._engine_model_dir(self.base_model_path)
         self._wrap_trainable()
         self.trackers = make_trackers(cfg.trainer.trackers if self.dist.is_main else [], self.run_dir, cfg.to_dict(), quiet=self.quiet)
+        # the relative TDS threshold's window of recent deltas: run state, kept across iterations and checkpoints
+        tds = self.rollout.tds
+        self.tds_threshold = TDSQuantileThreshold(tds.quantile, tds.window) if tds.enabled and tds.quantile is not None else None
         if self.resume:
             ckpt = self._load_newest_loadable_checkpoint()
             self._forget_work_after(self.start_iteration)
@@ -155,6 +159,8 @@ class Trainer:
                 self.note(f"skipped checkpoint {ckpt}: {e}; trying the one before")
                 continue
             self.start_iteration = state["iteration"]
+            if self.tds_threshold is not None and "tds_threshold" in state:
+                self.tds_threshold.load_state_dict(state["tds_threshold"])
             self.scheduler_step = state.get("scheduler_step", self.start_iteration)
             self._set_lr()
             return ckpt
@@ -541,7 +547,7 @@ class Trainer:
                 self.engine, self.train_env, shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size), cfg.rollout.group_size,
                 self.rollout.sampling, self.rollout.tti, self.rollout.tds,
                 cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
-                seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank, progress=bar)
+                seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank, progress=bar, tds_threshold=self.tds_threshold)
         kill_point("rollout", it + 1)
         t_rollout = time.time() - t0
         samples = result.samples
@@ -549,6 +555,8 @@ class Trainer:
             samples = self._filter_zero_variance_groups(samples)
         metrics: dict[str, float] = {f"rollout/{k}": v for k, v in self._global_stats(result).items()}
         metrics["time/rollout"] = t_rollout
+        if self.tds_threshold is not None:
+            metrics["rollout/tds_eta"] = self.tds_threshold.eta()  # the relative threshold after this iteration
         if self.dist.distributed and sum_over_ranks(float(not samples)) > 0:
             raise RuntimeError(f"iteration {it}: a rank has no training sample left (dynamic sampling dropped all its groups); use more tasks per rank")
         if samples:
@@ -614,6 +622,8 @@ class Trainer:
                 # warm-up (an adapter folder) the warm-up's own base, with the two adapters combined
                 prefix = Path(self.base_model_path) if self.base_model_path and is_adapter_directory(self.base_model_path) else None
                 base = adapter_base(prefix) if prefix else str(model_directory(self.base_model_path))
+                if self.tds_threshold is not None:
+                    state["tds_threshold"] = self.tds_threshold.state_dict()
                 # several ranks: every rank writes its shards (docs/scaling.md)
                 save_checkpoint(self.ckpt_root, it + 1, self.model, self.optimizer, state, self.value_head, cfg.model.lora, cfg.trainer.keep_checkpoints,
                                 sharded=self.dist.distributed, base=base, prefix_adapter=prefix)
@@ -646,7 +656,8 @@ class Trainer:
     def _progress_line(self, it: int, m: dict) -> str:
         return (f"[iter {it + 1}/{self.cfg.trainer.iterations}] success {m.get('rollout/success_rate', 0):.3f}  "
                 f"reward {m.get('rollout/episode_reward', 0):.2f}  invalid {m.get('rollout/invalid_action_rate', 0):.2f}  "
-                f"tds {m.get('rollout/tds_resample_fraction', 0):.2f}  tti {m.get('rollout/tti_stagnation_triggers', 0):.0f}/{m.get('rollout/tti_budget_triggers', 0):.0f}  "
+                f"tds {m.get('rollout/tds_flag_rate', 0):.2f}/elig  tti {m.get('rollout/tti_stagnation_triggers', 0):.0f}/{m.get('rollout/tti_budget_triggers', 0):.0f}  "
+                f"think {m.get('rollout/think_length', 0):.0f}  "
                 f"grad {m.get('actor/grad_norm', float('nan')):.3f}  kl {m.get('actor/approx_kl', float('nan')):.4f}  "
                 f"({m.get('time/rollout', 0):.0f}s rollout, {m.get('time/update', 0):.0f}s update)")
 
