@@ -1,0 +1,190 @@
+"""A seeded ablation on the main job's setting: T2PO with the paper's thresholds, T2PO with the calibrated
+relative options, GiGPO and GRPO, several seeds each (issue 18).
+
+    python benchmarks/ablation.py                                   # 4 arms x seeds 0 1 2, configs/default.yaml
+    python benchmarks/ablation.py --arms gigpo grpo --seeds 3 4     # a subset (or more seeds)
+    python benchmarks/ablation.py --set trainer.iterations=2        # dotted overrides for every run
+
+- Per seed the main job's warm-up (SFT on expert demonstrations) runs once, in `<out>/warmup-seed<s>`;
+  every arm of that seed starts from that model in its own run folder `<out>/<arm>-seed<s>`, as a
+  `t2po train` run that had done this warm-up itself: it validates the warmed-up model (the "before
+  RL" numbers, with the arm's own TTI setting), trains, validates again.
+- Resumable: a finished run (its `summary.json`) is skipped; a killed one resumes from its last
+  checkpoint; a finished warm-up is reused. Arms differ from the preset only by `ARMS` below.
+- Writes `--json` (default `<out>/ablation.json`) with a top-level `runs` list, one entry per (arm,
+  seed) run found finished in `<out>`: held-out success and valid-action rate before and after RL,
+  per-iteration success / invalid-action rate / KL / gradient norm / exploration diagnostics, tokens
+  generated, TTI triggers, TDS flag rate, wall time. Then `t2po report` of the arm runs into
+  `<out>/report/` (seeds of one arm as a mean with a min-max band).
+Nothing here asserts or picks a winner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from t2po.config import load_config
+from t2po.trainer.checkpoint import atomic_write_text
+from t2po.trainer.trainer import Trainer
+
+# Dotted overrides of the preset per arm. "t2po-paper" restores the paper's absolute thresholds
+# (spec §2-§3: eps 1e-4 over K = 20 tokens, eta 0.3, no think budget below the response length);
+# "t2po-calibrated" is the preset as it stands (configs/default.yaml: the relative options).
+ARMS: dict[str, list[str]] = {
+    "t2po-paper": ["algo.name=t2po", "rollout.tti_eps=1e-4", "rollout.tti_eps_rel=null", "rollout.tti_patience=20",
+                   "rollout.tti_budget=null", "rollout.tds_eta=0.3", "rollout.tds_quantile=null"],
+    "t2po-calibrated": ["algo.name=t2po"],
+    "gigpo": ["algo.name=gigpo"],
+    "grpo": ["algo.name=grpo"],
+}
+# per-iteration metrics kept in the JSON (metrics.jsonl key -> JSON name)
+ITERATION_KEYS = {
+    "rollout/success_rate": "success_rate", "rollout/invalid_action_rate": "invalid_action_rate",
+    "actor/approx_kl": "approx_kl", "actor/kl": "kl_to_reference", "actor/grad_norm": "grad_norm",
+    "rollout/generated_tokens": "generated_tokens", "rollout/tti_stagnation_triggers": "tti_stagnation_triggers",
+    "rollout/tti_budget_triggers": "tti_budget_triggers", "rollout/forced_tokens": "forced_tokens",
+    "rollout/think_length": "think_length", "rollout/tds_flag_rate": "tds_flag_rate",
+    "rollout/tds_regen_flag_rate": "tds_regen_flag_rate", "rollout/tds_delta_p50": "tds_delta_p50",
+    "rollout/tds_extra_token_fraction": "tds_extra_token_fraction", "time/iteration": "seconds",
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[ablation] {msg}", flush=True)
+
+
+def run_warmup(preset: str, common: list[str], seed: int, folder: Path) -> dict:
+    """The preset's warm-up for one seed (reused when done); returns its run state."""
+    state_path = folder / "run_state.json"
+    if state_path.exists() and json.loads(state_path.read_text()).get("warmup_done"):
+        return json.loads(state_path.read_text())
+    cfg = load_config(preset, [*common, f"trainer.seed={seed}"])
+    if cfg.warmup.episodes <= 0:
+        raise SystemExit(f"the {preset} preset has no warm-up (warmup.episodes=0): there is nothing to share between arms")
+    _log(f"seed {seed}: warm-up into {folder}")
+    trainer = Trainer(cfg, run_dir=folder, resume=folder.exists())
+    try:
+        trainer.setup()
+        trainer.warmup()
+    finally:
+        trainer.cleanup()
+    return json.loads(state_path.read_text())
+
+
+def run_arm(preset: str, common: list[str], arm: str, seed: int, out: Path, warm_folder: Path, warm_state: dict) -> None:
+    """One arm of one seed from the seed's warm-up model: validate, train, validate (resumes a killed run)."""
+    run_dir = out / f"{arm}-seed{seed}"
+    cfg = load_config(preset, [*common, *ARMS[arm], f"trainer.seed={seed}", f"trainer.output_dir={out}", f"trainer.run_name={run_dir.name}"])
+    if not (run_dir / "run_state.json").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        link = run_dir / "warmup_model"
+        if not link.exists():
+            link.symlink_to(os.path.relpath(warm_folder / "warmup_model", run_dir), target_is_directory=True)
+        # the state a `t2po train` run has after its own warm-up (the Trainer then starts RL from warmup_model)
+        atomic_write_text(run_dir / "run_state.json", json.dumps({"warmup_done": True, "validation": {}, "warmup": warm_state.get("warmup")}, indent=1))
+    _log(f"{run_dir.name}: training")
+    trainer = Trainer(cfg, run_dir=run_dir, resume=True)
+    try:
+        trainer.setup()
+        if "after_warmup" not in trainer.run_state["validation"]:
+            trainer.validate("after_warmup")
+        trainer.train()
+    finally:
+        trainer.cleanup()
+
+
+def _validation(state: dict, tag: str) -> dict | None:
+    v = state["validation"].get(tag)
+    if v is None:
+        return None
+    return {"success_rate": v["success_rate"], "valid_action_rate": 1 - v["invalid_action_rate"], "episode_reward": v["episode_reward"]}
+
+
+def run_entry(run_dir: Path, arm: str, seed: int, warm_state: dict) -> dict:
+    """The JSON entry of one finished run, read back from its folder."""
+    state = json.loads((run_dir / "run_state.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    iterations = [{"iteration": m["iteration"], **{name: m[key] for key, name in ITERATION_KEYS.items() if key in m}} for m in metrics]
+    total = lambda name: float(sum(it.get(name, 0.0) for it in iterations))  # noqa: E731
+    flag_rates = [it["tds_flag_rate"] for it in iterations if "tds_flag_rate" in it]
+    validation_seconds = sum(v.get("seconds", 0.0) for tag, v in state["validation"].items() if tag == "after_warmup")
+    return {
+        "arm": arm,
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "overrides": ARMS[arm],
+        "before_rl": _validation(state, "after_warmup"),
+        "after_rl": _validation(state, "final"),
+        "iterations": iterations,
+        "generated_tokens": total("generated_tokens"),
+        "tti_triggers": {"stagnation": total("tti_stagnation_triggers"), "budget": total("tti_budget_triggers")},
+        "tds_flag_rate_mean": sum(flag_rates) / len(flag_rates) if flag_rates else 0.0,
+        "wall_seconds": summary["seconds"] + validation_seconds,  # this run's validations and RL (a resumed run: since the resume)
+        "warmup_seconds": (warm_state.get("warmup") or {}).get("seconds"),  # shared by the arms of the seed
+    }
+
+
+def write_json(path: Path, out: Path, preset: str, common: list[str], argv: list[str]) -> list[dict]:
+    """Every finished (arm, seed) run in `out`, as one JSON file."""
+    runs = []
+    for arm in ARMS:
+        for run_dir in sorted(out.glob(f"{arm}-seed*")):
+            seed = int(run_dir.name.rsplit("seed", 1)[1])
+            if (run_dir / "summary.json").exists():
+                warm = out / f"warmup-seed{seed}" / "run_state.json"
+                runs.append(run_entry(run_dir, arm, seed, json.loads(warm.read_text()) if warm.exists() else {}))
+    doc = {"setting": {"preset": preset, "overrides": common, "arms": ARMS, "command": "python benchmarks/ablation.py " + " ".join(argv)},
+           "runs": runs}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(doc, indent=1))
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="default", help="the setting (default: the main job, configs/default.yaml)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides for every run (warm-up included)")
+    parser.add_argument("--out", default="bench_results/ablation", help="folder of the warm-ups and run folders")
+    parser.add_argument("--json", default=None, help="the JSON written (default: <out>/ablation.json)")
+    parser.add_argument("--no-report", action="store_true", help="skip the `t2po report` comparison")
+    ns = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(ns.out)
+    common = ["trainer.trackers=[console]", "trainer.report=false", *ns.set]
+    for arm in ns.arms:  # every configuration checked before any work
+        load_config(ns.preset, [*common, *ARMS[arm]])
+    t0 = time.time()
+    for seed in ns.seeds:
+        warm_folder = out / f"warmup-seed{seed}"
+        warm_state = None
+        for arm in ns.arms:
+            if (out / f"{arm}-seed{seed}" / "summary.json").exists():
+                _log(f"{arm}-seed{seed}: finished, skipped")
+                continue
+            warm_state = warm_state or run_warmup(ns.preset, common, seed, warm_folder)
+            run_arm(ns.preset, common, arm, seed, out, warm_folder, warm_state)
+    json_path = Path(ns.json) if ns.json else out / "ablation.json"
+    runs = write_json(json_path, out, ns.preset, common, argv)
+    _log(f"{len(runs)} finished runs in {json_path} ({(time.time() - t0) / 60:.1f} min this call)")
+    if not ns.no_report and runs:
+        from t2po.report import write_report
+
+        report = write_report([r["run_dir"] for r in runs], out / "report")
+        _log(f"comparison: {report}/report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Do TTI and TDS act at the main job's setting? Exploration diagnostics of candidate settings, cheaply.
+
+Runs the main job's warm-up once (configs/default.yaml: 16 expert episodes, 3 epochs; ~1 min), then
+collects training rollouts at the main job's setting (8 tasks x 4, Sokoban, 40 response tokens) with
+each candidate's TTI / TDS settings, `--batches` batches per candidate (one per "iteration", the
+relative TDS threshold carried across them as in training), and prints what the mechanisms did:
+TTI triggers by kind, think length, the TDS flag rate over eligible turns, the flag rate of the
+regenerated samples, |delta Mbar| percentiles and the extra tokens. No training step: the policy is
+the warmed-up one throughout (what the first RL iteration sees).
+
+    python benchmarks/calibrate_exploration.py --out bench_results/calibrate.json \\
+        --candidate paper: \\
+        --candidate q30-b12:rollout.tds_quantile=0.3,rollout.tti_budget=12
+
+A candidate is `name:` followed by comma-separated dotted overrides of the main job's config; the
+warm-up is kept in `--run-dir` and reused by later invocations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from t2po.algos.sampling import TDSQuantileThreshold
+from t2po.config import load_config
+from t2po.rollout import collect_rollouts
+from t2po.trainer.trainer import Trainer
+
+SHOWN = ("tti_stagnation_triggers", "tti_budget_triggers", "forced_tokens", "think_length", "think_length_p90", "tds_flag_rate",
+         "tds_regen_flag_rate", "tds_delta_p10", "tds_delta_p50", "tds_delta_p90", "tds_extra_token_fraction", "success_rate",
+         "invalid_action_rate", "generated_tokens")
+
+
+def parse_candidate(text: str) -> tuple[str, list[str]]:
+    name, sep, overrides = text.partition(":")
+    if not sep or not name:
+        raise SystemExit(f"--candidate {text!r}: write NAME:KEY=VALUE,KEY=VALUE (or NAME: for the preset as it is)")
+    return name, [o for o in overrides.split(",") if o]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--candidate", action="append", required=True, help="NAME:KEY=VALUE,... (dotted config overrides)")
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--batches", type=int, default=3, help="rollout batches per candidate")
+    parser.add_argument("--run-dir", default="bench_results/calibrate_warmup", help="where the warm-up is kept (reused)")
+    parser.add_argument("--out", default="bench_results/calibrate_exploration.json")
+    ns = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    candidates = [parse_candidate(c) for c in ns.candidate]
+    configs = {name: load_config(ns.preset, overrides) for name, overrides in candidates}  # every config checked before any work
+
+    base = load_config(ns.preset, ["trainer.trackers=[]", "trainer.report=false"])
+    trainer = Trainer(base, run_dir=ns.run_dir, resume=Path(ns.run_dir, "run_state.json").exists(), quiet=False)
+    trainer.setup()
+    if not trainer.run_state.get("warmup_done"):
+        trainer.warmup()
+    results = {}
+    try:
+        for name, cfg in configs.items():
+            trainer.cfg = cfg  # the candidate's rollout settings; the model stays the warmed-up one
+            r = cfg.rollout
+            threshold = TDSQuantileThreshold(r.tds_quantile, r.tds_window) if cfg.use_tds and r.tds_quantile is not None else None
+            batches = []
+            for k in range(ns.batches):
+                t0 = time.time()
+                result = collect_rollouts(trainer.engine, trainer.train_env, trainer.task_seeds(k), r.group_size, trainer._sampling(False),
+                                          trainer._intervention(), trainer._tds(), r.max_turns, r.invalid_action_penalty, r.max_prompt_tokens,
+                                          seed=cfg.trainer.seed * 7_777 + k, tds_threshold=threshold)
+                stats = {key: result.stats[key] for key in SHOWN if key in result.stats}
+                stats["seconds"] = time.time() - t0
+                if threshold is not None:
+                    stats["tds_eta"] = threshold.eta()
+                batches.append(stats)
+                print(f"{name} batch {k + 1}: " + "  ".join(f"{key} {value:.3g}" for key, value in stats.items()), flush=True)
+            results[name] = {"overrides": dict(candidates)[name], "batches": batches}
+    finally:
+        trainer.cleanup()
+    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(ns.out).write_text(json.dumps(results, indent=1))
+    print(f"wrote {ns.out}")
+
+
+if __name__ == "__main__":
+    main()
