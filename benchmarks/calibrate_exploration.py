@@ -19,16 +19,20 @@ warm-up is kept in `--run-dir` and reused by later invocations.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import time
 from pathlib import Path
+
+import numpy as np
 
 from t2po.algos.sampling import TDSQuantileThreshold
 from t2po.config import load_config
 from t2po.rollout import collect_rollouts
 from t2po.trainer.trainer import Trainer
 
+PAPER_ETA = 0.3  # spec §3
 SHOWN = ("tti_stagnation_triggers", "tti_budget_triggers", "forced_tokens", "think_length", "think_length_p90", "tds_flag_rate",
          "tds_regen_flag_rate", "tds_delta_p10", "tds_delta_p50", "tds_delta_p90", "tds_extra_token_fraction", "success_rate",
          "invalid_action_rate", "generated_tokens")
@@ -62,21 +66,30 @@ def main() -> None:
     try:
         for name, cfg in configs.items():
             trainer.cfg = cfg  # the candidate's rollout settings; the model stays the warmed-up one
+            env = trainer.train_env if cfg.env == base.env else trainer._make_env(cfg.env.options)  # e.g. another response_format
             r = cfg.rollout
             threshold = TDSQuantileThreshold(r.tds_quantile, r.tds_window) if cfg.use_tds and r.tds_quantile is not None else None
             batches = []
             for k in range(ns.batches):
                 t0 = time.time()
-                result = collect_rollouts(trainer.engine, trainer.train_env, trainer.task_seeds(k), r.group_size, trainer._sampling(False),
+                result = collect_rollouts(trainer.engine, env, trainer.task_seeds(k), r.group_size, trainer._sampling(False),
                                           trainer._intervention(), trainer._tds(), r.max_turns, r.invalid_action_penalty, r.max_prompt_tokens,
                                           seed=cfg.trainer.seed * 7_777 + k, tds_threshold=threshold)
                 stats = {key: result.stats[key] for key in SHOWN if key in result.stats}
+                # what the paper's absolute eta would flag among the same first samples
+                deltas = np.array([x.tds_delta for x in result.samples if np.isfinite(x.tds_delta)])
+                stats["flag_rate_at_eta_0.3"] = float(np.mean((deltas > 0) & (deltas < PAPER_ETA))) if deltas.size else 0.0
                 stats["seconds"] = time.time() - t0
+                reasons = collections.Counter(x.invalid_reason for x in result.samples if not x.valid)
+                stats["invalid_reasons"] = dict(reasons.most_common())
                 if threshold is not None:
                     stats["tds_eta"] = threshold.eta()
                 batches.append(stats)
-                print(f"{name} batch {k + 1}: " + "  ".join(f"{key} {value:.3g}" for key, value in stats.items()), flush=True)
+                print(f"{name} batch {k + 1}: " + "  ".join(f"{key} {value:.3g}" if isinstance(value, float | int) else f"{key} {value}"
+                                                           for key, value in stats.items()), flush=True)
             results[name] = {"overrides": dict(candidates)[name], "batches": batches}
+            if env is not trainer.train_env:
+                env.close()
     finally:
         trainer.cleanup()
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
