@@ -36,8 +36,8 @@ from t2po.trainer.trainer import Trainer
 # (spec §2-§3: eps 1e-4 over K = 20 tokens, eta 0.3, no think budget below the response length);
 # "t2po-calibrated" is the preset as it stands (configs/default.yaml: the relative options).
 ARMS: dict[str, list[str]] = {
-    "t2po-paper": ["algo.name=t2po", "rollout.tti_eps=1e-4", "rollout.tti_eps_rel=null", "rollout.tti_patience=20",
-                   "rollout.tti_budget=null", "rollout.tds_eta=0.3", "rollout.tds_quantile=null"],
+    "t2po-paper": ["algo.name=t2po", "rollout.tti.eps=1e-4", "rollout.tti.eps_rel=null", "rollout.tti.patience=20",
+                   "rollout.tti.budget=null", "rollout.tds.eta=0.3", "rollout.tds.quantile=null"],
     "t2po-calibrated": ["algo.name=t2po"],
     "gigpo": ["algo.name=gigpo"],
     "grpo": ["algo.name=grpo"],

@@ -10,7 +10,7 @@ the warmed-up one throughout (what the first RL iteration sees).
 
     python benchmarks/calibrate_exploration.py --out bench_results/calibrate.json \\
         --candidate paper: \\
-        --candidate q30-b12:rollout.tds_quantile=0.3,rollout.tti_budget=12
+        --candidate q30-b28:rollout.tds.quantile=0.3,rollout.tti.budget=28
 
 A candidate is `name:` followed by comma-separated dotted overrides of the main job's config; the
 warm-up is kept in `--run-dir` and reused by later invocations.
@@ -29,6 +29,7 @@ import numpy as np
 
 from t2po.algos.sampling import TDSQuantileThreshold
 from t2po.config import load_config
+from t2po.envs import make_env
 from t2po.rollout import collect_rollouts
 from t2po.trainer.trainer import Trainer
 
@@ -65,15 +66,14 @@ def main() -> None:
     results = {}
     try:
         for name, cfg in configs.items():
-            trainer.cfg = cfg  # the candidate's rollout settings; the model stays the warmed-up one
-            env = trainer.train_env if cfg.env == base.env else trainer._make_env(cfg.env.options)  # e.g. another response_format
-            r = cfg.rollout
-            threshold = TDSQuantileThreshold(r.tds_quantile, r.tds_window) if cfg.use_tds and r.tds_quantile is not None else None
+            env = trainer.train_env if cfg.env == base.env else make_env(cfg.env.name, **cfg.env.options)  # e.g. another response_format
+            r = cfg.resolved_rollout()  # the candidate's rollout settings; the model stays the warmed-up one
+            threshold = TDSQuantileThreshold(r.tds.quantile, r.tds.window) if r.tds.enabled and r.tds.quantile is not None else None
             batches = []
             for k in range(ns.batches):
                 t0 = time.time()
-                result = collect_rollouts(trainer.engine, env, trainer.task_seeds(k), r.group_size, trainer._sampling(False),
-                                          trainer._intervention(), trainer._tds(), r.max_turns, r.invalid_action_penalty, r.max_prompt_tokens,
+                result = collect_rollouts(trainer.engine, env, trainer.task_seeds(k), r.group_size, r.sampling, r.tti, r.tds,
+                                          r.max_turns, r.invalid_action_penalty, r.max_prompt_tokens,
                                           seed=cfg.trainer.seed * 7_777 + k, tds_threshold=threshold)
                 stats = {key: result.stats[key] for key in SHOWN if key in result.stats}
                 # what the paper's absolute eta would flag among the same first samples

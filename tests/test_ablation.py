@@ -22,7 +22,7 @@ def test_ablation_smoke_runs_resumes_and_reports(tiny_model_dir, tmp_path):
     ablation = _ablation()
     out = tmp_path / "ablation"
     tiny = [f"model.path={tiny_model_dir}", "trainer.iterations=1", "warmup.episodes=2", "warmup.epochs=1", "rollout.num_tasks=1",
-            "rollout.group_size=2", "rollout.max_new_tokens=8", "rollout.val_num_tasks=1", "rollout.turn_score_skip=0",
+            "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1", "rollout.tti.turn_score_skip=0",
             "env.options.max_steps=2", "model.lora_rank=4", "trainer.trace_episodes=0"]
     args = ["--out", str(out), "--seeds", "0", "1", "--arms", "t2po-paper", "grpo", "--set", *tiny]
     assert ablation.main(args) == 0
