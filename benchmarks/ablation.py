@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from t2po.config import load_config
-from t2po.trainer.checkpoint import atomic_write_text
+from t2po.checkpoints import WARMUP_MODEL, atomic_write_text
 from t2po.trainer.trainer import Trainer
 
 # Dotted overrides of the preset per arm. "t2po-paper" restores the paper's absolute thresholds
@@ -85,9 +85,9 @@ def run_arm(preset: str, common: list[str], arm: str, seed: int, out: Path, warm
         import yaml
 
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        link = run_dir / "warmup_model"
+        link = run_dir / WARMUP_MODEL
         if not link.exists():
-            link.symlink_to(os.path.relpath(warm_folder / "warmup_model", run_dir), target_is_directory=True)
+            link.symlink_to(os.path.relpath(warm_folder / WARMUP_MODEL, run_dir), target_is_directory=True)
         # the state a `t2po train` run has after its own warm-up (the Trainer then starts RL from warmup_model)
         atomic_write_text(run_dir / "run_state.json", json.dumps({"warmup_done": True, "validation": {}, "warmup": warm_state.get("warmup")}, indent=1))
     _log(f"{run_dir.name}: training")
