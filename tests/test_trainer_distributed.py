@@ -69,7 +69,10 @@ def adapter(ckpt: Path) -> dict[str, torch.Tensor]:
 def test_two_ranks_train_as_one_process_and_resume_on_one(tiny_model_dir, tmp_path):
     # greedy; 3 tasks: rank 0 plays 2, rank 1 plays 1 (statistics must weigh them); small micro-batches:
     # the ranks run different numbers of them (the short rank pads with weight-0 passes)
-    greedy = ["rollout.sampling.temperature=0", "rollout.num_tasks=3", "optim.micro_batch_tokens=600"]
+    # the paper's absolute thresholds: the relative TDS one is estimated by each rank from its own turns, and the
+    # relative TTI tolerance compares M_t differences of the size of the float noise of another batch composition
+    greedy = ["rollout.sampling.temperature=0", "rollout.num_tasks=3", "optim.micro_batch_tokens=600", "rollout.tds.quantile=null",
+              "rollout.tti.eps_rel=null"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "-m", "t2po.cli", "train", "--quiet", *overrides(tiny_model_dir, tmp_path / "two", 2, *greedy)]
     out = subprocess.run(launch, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
@@ -106,8 +109,11 @@ def test_two_ranks_train_as_one_process_and_resume_on_one(tiny_model_dir, tmp_pa
     single = run_in_process(overrides(tiny_model_dir, tmp_path / "one", 3, *greedy, "trainer.run_name=run"))
     straight = metrics(single.run_dir)
     for a, b in zip(resumed, straight):
-        rollout = {k: v for k, v in b.items() if k.startswith("rollout/")}
+        # turn-score percentiles move with the float noise of another batch composition; the rest is exact
+        rollout = {k: v for k, v in b.items() if k.startswith("rollout/") and not k.startswith("rollout/tds_delta_")}
         assert {k: a[k] for k in rollout} == pytest.approx(rollout, rel=1e-9), f"iteration {b['iteration']}: other rollouts"
+        noisy = {k: v for k, v in b.items() if k.startswith("rollout/tds_delta_")}
+        assert {k: a[k] for k in noisy} == pytest.approx(noisy, abs=1e-3)
         assert a["train/samples"] == b["train/samples"]
         # FSDP2 sums the ranks' token-weighted gradients: the single-process gradient
         assert a["actor/grad_norm"] == pytest.approx(b["actor/grad_norm"], rel=1e-4)

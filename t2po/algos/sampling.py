@@ -89,7 +89,9 @@ class TDSQuantileThreshold:
     batch's own deltas enter the window before its threshold is read, the fraction of a batch
     flagged is close to `quantile` from the first turn of a run on. Regenerated samples' deltas are
     not observed: the threshold describes the policy's first draws. The window is the state to keep
-    across iterations (`state_dict` / `load_state_dict`, saved with checkpoints).
+    across iterations (`state_dict` / `load_state_dict`, saved with checkpoints). Under torchrun each
+    rank keeps its own window of its own turns (the rollout loop has no collective per turn), so the
+    flag rate is about `quantile` on every rank, but the flags differ from one process's.
     """
 
     def __init__(self, quantile: float, window: int = 1024) -> None:
