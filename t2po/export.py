@@ -5,7 +5,7 @@
 
 DIR holds the merged model (LoRA merged into its base, or the full fine-tuned weights) as safetensors
 with `config.json`, `generation_config.json` and the tokenizer with its chat template, so that
-`AutoModelForCausalLM.from_pretrained(DIR)` loads it (tests/test_export.py), and it is the standard
+`AutoModelForCausalLM.from_pretrained(DIR)` loads it (tests/commands/test_export.py), and it is the standard
 layout that vLLM (`vllm serve DIR`) and conversion tools (llama.cpp's convert_hf_to_gguf.py, the
 Hub) read. For a LoRA checkpoint,
 `DIR/adapter/` is the adapter alone, its `adapter_config.json` naming the base it was trained on (the

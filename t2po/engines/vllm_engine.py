@@ -4,7 +4,7 @@
     gens = engine.generate(prompt_ids, SamplingParams(max_new_tokens=500), InterventionConfig(budget=450))
     ...; optimizer.step(); engine.sync_weights(policy)                      # after every update
 
-Same interface and same results as `HFEngine` (`tests/test_vllm_engine.py` compares them token by
+Same interface and same results as `HFEngine` (`tests/engines/test_vllm_engine.py` compares them token by
 token): `token_ids` exactly as sampled, `logprobs` under the raw logits (vLLM's default
 `raw_logprobs`), and from the same decoding pass M_t per token, the tokens TTI forced, trigger
 counts, think length and the turn score, returned with each response (spec §3).

@@ -16,7 +16,7 @@ the actor's local index. `reset` and `step` run on all actors at once; the per-i
 (`render_prompt`, `parse_action`, `expert_response`, `episode_metrics`) are one round trip each.
 
 Same seeds, same episodes: an environment is deterministic by seed whatever the batch it sits in
-(`BatchEnv.reset`), so sharding changes nothing that a rollout sees; `tests/test_ray_pool.py` checks
+(`BatchEnv.reset`), so sharding changes nothing that a rollout sees; `tests/envs/test_ray_pool.py` checks
 that a rollout through the pool equals the in-process one token for token.
 
 The in-process environment stays the default everywhere; the pool is opt-in. Ray itself is an

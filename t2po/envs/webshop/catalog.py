@@ -371,7 +371,7 @@ def _kind(noun: str, title: str, query: str, path: str, attributes: str, options
 
 
 # Option values are chosen so that no two values of one group match each other under the reward's
-# fuzzy matching (checked by tests/test_webshop_reward.py), so a wrong choice always costs reward.
+# fuzzy matching (checked by tests/envs/test_webshop_reward.py), so a wrong choice always costs reward.
 PRODUCT_TYPES: dict[str, list[ProductType]] = {
     "beauty": [
         _kind("shampoo", "Shampoo", "shampoo", "Beauty & Personal Care › Hair Care › Shampoo & Conditioner › Shampoos",

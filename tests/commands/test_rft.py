@@ -15,7 +15,7 @@ from t2po.rft import collect
 from t2po.sft import Conversation, load_conversations, play_expert_episodes, save_conversations, sft_train, tokenize_conversations
 from t2po.policy import make_micro_batch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SOKOBAN = {"dim_room": [5, 5], "num_boxes": 1, "num_gen_steps": 3, "max_steps": 6, "history_length": 1}
 
 

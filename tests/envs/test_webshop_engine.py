@@ -10,7 +10,7 @@ from t2po.envs.webshop import catalog as catalog_module
 from t2po.envs.webshop.catalog import generate_catalog, generated_catalog, load_official_catalog
 from t2po.envs.webshop.engine import SearchIndex, Shop, rich_text, simple_text
 
-DATA = Path(__file__).parent / "data" / "webshop"
+DATA = Path(__file__).resolve().parents[1] / "data" / "webshop"
 
 
 @pytest.fixture(scope="module")

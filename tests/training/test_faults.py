@@ -26,7 +26,7 @@ from t2po.tracking import MLFLOW_STORE, MlflowTracker
 from t2po.checkpoints import KILL_AT_ENV
 from t2po.trainer.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ITERATIONS = 3
 
 

@@ -12,7 +12,7 @@ from t2po import cli
 from t2po.config import _all_keys, list_presets
 from t2po.envs import list_envs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def t2po(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

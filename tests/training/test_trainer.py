@@ -22,7 +22,7 @@ from t2po.config import ConfigError, load_config
 from t2po.rollout import StepSample
 from t2po.trainer.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_overrides(model_dir: Path, out: Path, algo: str = "t2po", iterations: int = 2) -> list[str]:

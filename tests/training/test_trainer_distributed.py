@@ -27,7 +27,7 @@ from t2po.checkpoints import latest_checkpoint, resolve_policy
 from t2po.config import ConfigError, load_config
 from t2po.trainer.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 

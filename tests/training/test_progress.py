@@ -20,7 +20,7 @@ from t2po.progress import ConsoleLog, Progress
 from t2po.tracking import MLFLOW_EXPERIMENT, mlflow_store_uri
 from t2po.trainer.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def smoke_args(model_dir: Path, out: Path, *extra: str) -> list[str]:

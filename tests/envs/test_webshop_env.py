@@ -9,7 +9,7 @@ from t2po.envs import make_env
 from t2po.envs.parsing import extract_tag
 from t2po.envs.webshop.env import SUCCESS_REWARD, WebShopEnv
 
-DATA = Path(__file__).parent / "data" / "webshop"
+DATA = Path(__file__).resolve().parents[1] / "data" / "webshop"
 
 
 def _respond(action: str) -> str:

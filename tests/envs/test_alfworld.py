@@ -17,7 +17,7 @@ from t2po.envs import make_env
 from t2po.envs.alfworld import TASK_TYPES, aggregate_alfworld_metrics
 from t2po.envs.alfworld.games import collect_games, find_games_root, unpack_archive
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _alive(pid: int) -> bool:

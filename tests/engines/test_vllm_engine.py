@@ -251,7 +251,7 @@ def test_two_ranks_roll_out_with_vllm_as_with_the_transformers_engine(model_dir,
                 "trainer.trackers=[console]", "trainer.val_before_train=false", "trainer.report=false", "trainer.trace_episodes=8",
                 "warmup.episodes=0", "rollout.sampling.temperature=0", "optim.recompute_logprobs=true", "optim.lr=1e-2", "rollout.num_tasks=2",
                 "rollout.group_size=2", "rollout.sampling.max_new_tokens=12", "rollout.val_num_tasks=2", "env.options.max_steps=2", "model.lora_rank=4", *extra]
-        out = subprocess.run(args, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        out = subprocess.run(args, cwd=Path(__file__).resolve().parents[2], env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         return tmp_path / name

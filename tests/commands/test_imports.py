@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "t2po"
+PACKAGE = Path(__file__).resolve().parents[2] / "t2po"
 
 
 def _module_name(path: Path) -> str:
