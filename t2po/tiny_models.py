@@ -9,13 +9,11 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from t2po.models import SMOLLM2_CHAT_TEMPLATE, cache_root
+from t2po.models import SMOLLM2_CHAT_TEMPLATE, build_cached_directory, cache_root
 
 _TINY_VLM_VERSION = 1  # bump when build_tiny_vlm's output changes, so that caches are rebuilt
 
@@ -150,23 +148,9 @@ def build_tiny_vlm(
 
 
 def tiny_vlm_directory() -> Path:
-    """The cached tiny random VLM (`build_tiny_vlm`), built on first use (temporary directory, then
-    rename), for the CPU image-mode presets and `t2po eval ENV tiny-vlm`."""
-    target = cache_root() / "models" / f"tiny-vlm-v{_TINY_VLM_VERSION}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build_tiny_vlm(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished the same build first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    """The cached tiny random VLM (`build_tiny_vlm`), built on first use, for the CPU image-mode
+    presets and `t2po eval ENV tiny-vlm`."""
+    return build_cached_directory(cache_root() / "models" / f"tiny-vlm-v{_TINY_VLM_VERSION}", build_tiny_vlm)
 
 
 def _tiny_tokenizer(vocab_size: int, special_tokens: list[str], pad_token: str):
