@@ -75,6 +75,7 @@ class Trainer:
         from t2po.models import load_model, resolve_dtype
 
         cfg = self.cfg
+        silence_library_progress()  # before the first model load: the run's own progress lines only
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         torch.manual_seed(cfg.trainer.seed)
@@ -128,7 +129,6 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # everything printed from here on is also in <run_dir>/train.log, the explanation of a run that died
         self.console = ConsoleLog(self.run_dir) if self.dist.is_main else None
-        silence_library_progress()
         if not self.resume and self.dist.is_main:
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.log(f"run folder: {self.run_dir}")

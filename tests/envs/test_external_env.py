@@ -59,6 +59,10 @@ def user_folder(tmp_path, monkeypatch) -> Path:
     folder.mkdir()
     (folder / "my_guess_env.py").write_text(GUESS_ENV)
     monkeypatch.syspath_prepend(str(folder))  # as PYTHONPATH=my_project would
+    # the environments these tests load stay out of the registry the other test files see
+    import t2po.envs
+
+    monkeypatch.setattr(t2po.envs, "_REGISTRY", dict(t2po.envs._REGISTRY))
     return folder
 
 

@@ -97,11 +97,12 @@ def test_a_run_that_fails_ends_failed_in_mlflow_with_its_traceback_in_train_log(
         raise RuntimeError("out of memory in iteration 1")
 
     monkeypatch.setattr(Trainer, "iteration", broken)
+    handler = signal.getsignal(signal.SIGTERM)  # the default, or one another library installed (ray.init does)
     assert cli.main(smoke_args(tiny_model_dir, tmp_path, "warmup.episodes=0", "trainer.val_before_train=false")) == 1
     assert _status(tmp_path / "run") == "FAILED"
     log = (tmp_path / "run" / "train.log").read_text()
     assert "Traceback" in log and "RuntimeError: out of memory in iteration 1" in log
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
 
 
 def test_sigterm_ends_the_mlflow_run_killed(tiny_model_dir, tmp_path, monkeypatch):

@@ -197,9 +197,9 @@ def test_episode_trace_shows_forced_think_end_and_resampled_turns(tiny_model):
 def test_sampled_episodes_are_mlflow_traces_of_the_run_with_turns_forced_tokens_and_tds_discards(tiny_model_dir, tmp_path):
     import mlflow
 
-    # tds.eta large: every turn after the first is regenerated once, so discarded responses exist
+    # the absolute threshold, eta large: every turn after the first is regenerated once, so discarded responses exist
     cfg = load_config("default", tiny_run_overrides(tiny_model_dir, tmp_path, "[console,mlflow]") + [
-        "trainer.iterations=1", "rollout.tds.eta=100", "rollout.tds.max_try=1"])
+        "trainer.iterations=1", "rollout.tds.quantile=null", "rollout.tds.eta=100", "rollout.tds.max_try=1"])
     run_dir = run_training(cfg).run_dir
     client, run = the_run(run_dir)
     mlflow.set_tracking_uri(mlflow_store_uri(run_dir))
