@@ -32,7 +32,7 @@ def build_tiny_model(
     The byte-level BPE tokenizer is trained offline on a short built-in text covering the agent
     tags, ASCII letters, digits, punctuation and grid symbols; with the default `vocab_size` the
     tags are several tokens each, as with real tokenizers. Same arguments -> same files."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = _tiny_tokenizer(vocab_size, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], pad_token="<|im_end|>")
     tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
@@ -49,19 +49,7 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return _save_seeded(LlamaForCausalLM, config, tokenizer, tokenizer, out_dir, seed)
 
 
 # The Qwen2-VL chat template (ChatML, an image content part renders as the vision placeholder block).
@@ -96,7 +84,7 @@ def build_tiny_vlm(
     image becomes 4 to 16 placeholder tokens. Weights are drawn with std 0.2 instead of transformers'
     0.02, so that the image visibly moves the output (with 0.02 two pictures change the log-probs by
     ~1e-4, the size of the engine/trainer tolerance). Same arguments -> same files."""
-    from transformers import GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from t2po.vlm import image_only_processor_class
@@ -132,9 +120,17 @@ def build_tiny_vlm(
         vision_end_token_id=token_id("<|vision_end|>"),
         tie_word_embeddings=True,
     )
+    return _save_seeded(Qwen2VLForConditionalGeneration, config, tokenizer, processor, out_dir, seed)
+
+
+def _save_seeded(model_class, config, tokenizer, saver, out_dir: str | os.PathLike, seed: int) -> Path:
+    """Initialise `model_class(config)` from `seed` and save it with `saver` (tokenizer or processor)
+    as a Hugging Face model directory."""
+    from transformers import GenerationConfig
+
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config)
+        model = model_class(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -143,7 +139,7 @@ def build_tiny_vlm(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    processor.save_pretrained(out)
+    saver.save_pretrained(out)
     return out
 
 
