@@ -8,9 +8,11 @@ for both engines.
   (`repeat_kv`), `torch.multinomial`, and every generate call prefills every row (TDS regenerations
   prefill their prompts again, group members prefill the same turn-0 prompt once each);
 - `default`: bfloat16 weights, grouped-query decode attention, inverse-CDF sampling, one prefill per
-  distinct prompt (in-call deduplication + the prefix store that TDS regenerations hit).
+  distinct prompt (in-call deduplication + the prefix store that TDS regenerations hit), the prompts'
+  shared beginning (system turn, instructions) once per call.
 Runs alternate (A/B, repeated, medians). `prefill_tokens_over_unique`: prompt tokens the default
-engine prefilled per iteration / the distinct prompt tokens of the iteration (1.0 = no re-prefill).
+engine prefilled per iteration / the distinct prompt tokens of the iteration (1.0 = no prompt prefilled
+twice; below 1 because the beginning all prompts of a call share is prefilled once per call).
 
     python benchmarks/bench_rollout.py --threads 2 --out bench_results/rollout.json
 """

@@ -12,7 +12,8 @@ Headline keys (each benchmark's docstring says how it is measured):
   probes (1.0 = at the hardware's limit);
 - `update_speedup_vs_fp32`: the PPO update, fp32 / the chosen precision (`--update-precision`);
 - `prefill_tokens_over_unique`: prompt tokens prefilled in a rollout iteration / distinct prompt
-  tokens of the iteration (1.0 = no prompt prefilled twice);
+  tokens of the iteration (1.0 = no prompt prefilled twice; below 1: the prompts' shared beginning is
+  prefilled once per generate call, not once per distinct prompt);
 - `tti_monitoring_overhead`: generate call with M_t monitoring / without, minus 1.
 """
 

@@ -6,7 +6,8 @@ Why not `model.generate`: the loop here gives every guarantee the rollout needs 
 - log-probs and M_t (spec §1) come from the very logits each token is drawn from (no second pass).
 
 Decoding: every distinct prompt is prefilled once (rows with the same prompt, e.g. the group members
-of a task at turn 0, share it; a prompt the previous call prefilled with the same weights, e.g. a TDS
+of a task at turn 0, share it; the beginning all prompts of a call share, e.g. the system turn and
+the task's instructions, is prefilled once for all of them; a prompt the previous call prefilled with the same weights, e.g. a TDS
 regeneration, is not prefilled again: `_prefill`), the rows' K/V are assembled left-padded into one
 preallocated cache, then the batch decodes one token per step. Per step and row: `logp =
 log_softmax(z)` of the raw logits z; M_t from `logp`; the token is sampled from softmax(z /
@@ -203,8 +204,8 @@ class HFEngine(Engine):
         return token_ids, logprobs, finish, cached
 
     def _prefill(self, prompts: list[list[int]], pixel_inputs: list[dict | None], device: torch.device, new_tokens: int):
-        """The batch's KV cache after its prompts, with one forward pass over the prompts not yet in
-        the prefix store (each distinct prompt once). Returns (cache, attention mask, next position per
+        """The batch's KV cache after its prompts, prefilling only the prompts not yet in the prefix
+        store (each distinct prompt once, their shared beginning once: `_prefill_forward`). Returns (cache, attention mask, next position per
         row, logits of the next token [B, V], prompt tokens per row served without a forward pass); the
         cache has room for `new_tokens` more positions.
 
@@ -221,11 +222,15 @@ class HFEngine(Engine):
         store = self._prefix_store if stamp == self._prefix_stamp else {}
         missing = list(dict.fromkeys(k for k in keys if k not in store))
         first = {k: keys.index(k) for k in missing}
+        shared = 0
         if missing:
             rows = [first[k] for k in missing]
-            store.update(zip(missing, self._prefill_forward([prompts[r] for r in rows], [pixel_inputs[r] for r in rows], device)))
-        prefilled_rows = set(first.values())
-        cached = [0 if row in prefilled_rows else len(p) for row, p in enumerate(prompts)]
+            entries, shared = self._prefill_forward([prompts[r] for r in rows], [pixel_inputs[r] for r in rows], device)
+            store.update(zip(missing, entries))
+        # served without a forward pass: a stored or repeated prompt whole, the shared beginning for
+        # every newly prefilled prompt but the first
+        prefilled = {row: (0 if i == 0 else shared) for i, row in enumerate(first.values())}
+        cached = [prefilled.get(row, len(p)) for row, p in enumerate(prompts)]
         self._prefix_store, self._prefix_stamp = {k: store[k] for k in dict.fromkeys(keys)}, stamp
 
         entries = [store[k] for k in keys]
@@ -246,28 +251,40 @@ class HFEngine(Engine):
         next_position = torch.stack([e.next_position for e in entries])[:, None]
         return cache, attention_mask, next_position, logits, cached
 
-    def _prefill_forward(self, prompts: list[list[int]], pixel_inputs: list[dict | None], device: torch.device) -> list[_Prefix]:
-        """One left-padded forward pass over `prompts`; each row's K/V without its padding."""
+    def _prefill_forward(self, prompts: list[list[int]], pixel_inputs: list[dict | None], device: torch.device) -> tuple[list[_Prefix], int]:
+        """Each prompt's K/V without padding, the next-token logits and position, from one forward pass
+        over the batch. Text prompts that begin alike (the chat template's system turn and the task's
+        instructions: 83 of the main job's ~150 prompt tokens) have that shared beginning prefilled
+        once (`shared_prefix_length`), then the rest of every row continues from its K/V; returns the
+        number of prompt tokens so served to every row but the first."""
         from transformers import DynamicCache
 
         from t2po import vlm
 
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            attention_mask[row, width - len(prompt) :] = 1
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-        next_position = position_ids[:, -1] + 1
         pixels = vlm.collate_pixel_inputs(pixel_inputs if any(x is not None for x in pixel_inputs) else [], device)
-        if pixels is not None:
-            position_ids = vlm.position_ids(self.model, input_ids, attention_mask, pixels)  # [3, B, L] for M-RoPE
-            next_position = position_ids.reshape(-1, *input_ids.shape).amax(dim=(0, 2)) + 1
+        shared = shared_prefix_length(prompts) if pixels is None else 0
         cache = DynamicCache(config=self.model.config)
         if not all(type(layer) is DynamicLayer for layer in cache.layers):
             raise ValueError("the transformers engine needs a model whose KV cache is a plain DynamicCache (no sliding-window layers)")
+        if shared:
+            self.model(input_ids=torch.tensor([prompts[0][:shared]], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.expand(len(prompts), -1, -1, -1), layer.values.expand(len(prompts), -1, -1, -1)
+        # the rest of each row, left-padded after the shared part: [shared | padding | rest of the prompt]
+        rests = [p[shared:] for p in prompts]
+        width = max(len(r) for r in rests)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), shared + width), dtype=torch.long)
+        attention_mask[:, :shared] = 1
+        for row, rest in enumerate(rests):
+            input_ids[row, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+            attention_mask[row, shared + width - len(rest) :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, shared:]
+        next_position = position_ids[:, -1] + 1
+        if pixels is not None:
+            position_ids = vlm.position_ids(self.model, input_ids, attention_mask, pixels)  # [3, B, L] for M-RoPE
+            next_position = position_ids.reshape(-1, *input_ids.shape).amax(dim=(0, 2)) + 1
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -278,16 +295,17 @@ class HFEngine(Engine):
             **(pixels or {}),
         )
         logits = out.logits[:, -1, :]
+        keep = [attention_mask[row].nonzero().squeeze(1) for row in range(len(prompts))]
         return [
             _Prefix(
-                keys=[layer.keys[row, :, width - len(prompt) :] for layer in cache.layers],
-                values=[layer.values[row, :, width - len(prompt) :] for layer in cache.layers],
+                keys=[layer.keys[row][:, keep[row]] for layer in cache.layers],
+                values=[layer.values[row][:, keep[row]] for layer in cache.layers],
                 logits=logits[row],
                 next_position=next_position[row],
                 length=len(prompt),
             )
             for row, prompt in enumerate(prompts)
-        ]
+        ], shared
 
     def _intervention(self, config: InterventionConfig) -> ThinkingIntervention:
         if self._token_text is None:
@@ -335,6 +353,23 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, generator: tor
     # u < total strictly, so the token found has positive probability even after rounding
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(1)
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens at the start of every prompt that are the same in all of them, leaving each prompt at least
+    one token of its own (its last token's logits are the first token's distribution); 0 for a single
+    prompt or a common part too short to be worth a separate forward pass."""
+    if len(prompts) < 2:
+        return 0
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n if n >= _MIN_SHARED_PREFIX else 0
+
+
+_MIN_SHARED_PREFIX = 16  # below this the extra forward pass costs more than the tokens it saves
 
 
 class _PreallocatedLayer(DynamicLayer):

@@ -8,7 +8,7 @@ import torch
 
 from t2po.algos.uncertainty import turn_score, uncertainty_signal
 from t2po.engines.base import InterventionConfig, SamplingParams
-from t2po.engines.hf import HFEngine, sample_tokens
+from t2po.engines.hf import HFEngine, sample_tokens, shared_prefix_length
 
 
 def chat(tokenizer, text, prefill=""):
@@ -197,9 +197,10 @@ def test_sampler_draws_from_the_filtered_distribution(temperature, top_k, top_p)
 
 
 def test_one_prefill_per_distinct_prompt_and_cached_prefill_matches_a_full_one(tiny_model, prompts):
-    """Group members with the same prompt share one prefill, a later call of the same prompts (a TDS
-    regeneration) prefills nothing, and the logits decoded from re-assembled cached K/V equal those of
-    an unpadded full forward pass (teacher forcing) within fp tolerance; a weight update drops the store."""
+    """Group members with the same prompt share one prefill, the beginning all prompts share (the chat
+    template's system turn) is prefilled once, a later call of the same prompts (a TDS regeneration)
+    prefills nothing, and the logits decoded from re-assembled cached K/V equal those of an unpadded
+    full forward pass (teacher forcing) within fp tolerance; a weight update drops the store."""
     model, tokenizer = tiny_model
     engine = HFEngine(model, tokenizer)
     a, b, c = prompts
@@ -210,18 +211,27 @@ def test_one_prefill_per_distinct_prompt_and_cached_prefill_matches_a_full_one(t
     )
     try:
         batch = [a, b, a, c, a]
+        shared = shared_prefix_length([a, b, c])
+        assert shared >= 16 and a[:shared] == b[:shared] == c[:shared] and a[shared] != b[shared]  # the system turn
         gens = engine.generate(batch, SamplingParams(temperature=1.0, max_new_tokens=8, seed=4))
-        assert prefill_rows == [3]  # a, b, c once each
-        assert [g.cached_prompt_tokens for g in gens] == [0, 0, len(a), 0, len(a)]
+        assert prefill_rows == [1, 3]  # the shared beginning once, then a, b, c once each
+        assert [g.cached_prompt_tokens for g in gens] == [0, shared, len(a), shared, len(a)]
         regen = engine.generate([c, a], SamplingParams(temperature=1.0, max_new_tokens=8, seed=5))
-        assert prefill_rows == [3] and [g.cached_prompt_tokens for g in regen] == [len(c), len(a)]
+        assert prefill_rows == [1, 3] and [g.cached_prompt_tokens for g in regen] == [len(c), len(a)]
         with torch.no_grad():
             next(model.parameters()).mul_(1.0)  # an in-place update (the optimizer's kind), same values
         again = engine.generate([a], SamplingParams(temperature=1.0, max_new_tokens=4, seed=5))
-        assert prefill_rows == [3, 1] and again[0].cached_prompt_tokens == 0
+        assert prefill_rows == [1, 3, 1] and again[0].cached_prompt_tokens == 0
     finally:
         hook.remove()
     for prompt, gen in [*zip(batch, gens), *zip([c, a], regen)]:
         logp, m = teacher_forced(model, prompt, gen.token_ids)
         assert torch.allclose(torch.tensor(gen.logprobs), logp, atol=1e-4)
         assert torch.allclose(torch.tensor(gen.uncertainty), m, atol=1e-4)
+
+
+def test_shared_prefix_length():
+    assert shared_prefix_length([list(range(40)), list(range(30)) + [99] * 5]) == 30
+    assert shared_prefix_length([list(range(40)), list(range(40))]) == 39  # each prompt keeps a token of its own
+    assert shared_prefix_length([list(range(40))]) == 0  # one prompt: nothing to share
+    assert shared_prefix_length([list(range(40)), list(range(10)) + [99] * 30]) == 0  # too short to pay off
