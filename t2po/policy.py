@@ -6,6 +6,11 @@ hidden states that predict response tokens go through the LM head (a [B, T_respo
 instead of [B, L, V]). For a vision-language model the micro-batch also carries the pixel inputs of
 its rows' images (exactly those the engine saw) and the forward pass uses the engine's positions and
 placeholder rule (`t2po.vlm`), so the recomputed log-probs equal the engine's.
+
+The tokens all rows of a text micro-batch begin with (`MicroBatch.shared`: the chat template's system
+turn and the task's instructions, 83 of the main job's ~180 tokens per sample) run through the model
+once, as a batch of one; the rest of every row attends to their K/V (expanded to the batch, so their
+gradients add up over the rows). Same logits as the full forward pass, up to rounding.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from t2po.algos import entropy_from_logits
+from t2po.engines.base import shared_prefix_length
 from t2po.vlm import collate_pixel_inputs, is_vision_language, multimodal_body, placeholder_token_ids, position_ids
 
 
@@ -28,14 +34,18 @@ class MicroBatch:
     response_ids: torch.Tensor  # [B, T] right-padded
     response_mask: torch.Tensor  # [B, T] 1 on real response tokens
     pixel_inputs: dict | None = None  # the rows' images, collated (t2po.vlm); None without images
+    shared: int = 0  # leading tokens every row has (run once for the micro-batch); 0 with images
 
     @property
     def real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        """Tokens the forward pass computes that are not padding."""
+        return int(self.attention_mask.sum()) - (len(self.indices) - 1) * self.shared
 
     @property
     def processed_tokens(self) -> int:
-        return int(self.input_ids.numel())
+        """Tokens the forward pass computes, padding included."""
+        B, L = self.input_ids.shape
+        return self.shared + B * (L - self.shared)
 
     def to(self, device: torch.device | str) -> "MicroBatch":
         """This micro-batch with every tensor on `device` (the policy's)."""
@@ -82,7 +92,8 @@ def make_micro_batch(indices: list[int], prompts: list[list[int]], responses: li
             response_mask[b, : len(r)] = 1.0
     prompt_lens = torch.tensor([len(prompts[i]) for i in indices])
     pixels = collate_pixel_inputs([pixel_inputs[i] for i in indices]) if pixel_inputs is not None else None
-    return MicroBatch(indices, input_ids, attention_mask, prompt_lens, response_ids, response_mask, pixels)
+    shared = shared_prefix_length([prompts[i] for i in indices]) if pixels is None else 0
+    return MicroBatch(indices, input_ids, attention_mask, prompt_lens, response_ids, response_mask, pixels, shared)
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -110,11 +121,21 @@ def forward_micro_batch(
         pixels = {k: v.to(mb.input_ids.device) for k, v in mb.pixel_inputs.items()} if mb.pixel_inputs else None
         inputs["position_ids"] = position_ids(model, mb.input_ids, mb.attention_mask, pixels)
         inputs.update(pixels or {})
-    with torch.autocast(mb.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-        hidden = decoder(**inputs).last_hidden_state  # [B, L, H]
     B, T = mb.response_ids.shape
-    # hidden state at position p predicts token p + 1: response token t sits at prompt_len + t
-    prompt_lens = mb.prompt_lens.to(hidden.device)
+    with torch.autocast(mb.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+        if mb.shared:  # the shared beginning once, then every row's rest on top of its K/V
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=decoder.config)
+            decoder(input_ids=mb.input_ids[:1, : mb.shared], past_key_values=cache, use_cache=True)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1)
+            inputs["input_ids"] = mb.input_ids[:, mb.shared :]
+            inputs["past_key_values"], inputs["use_cache"] = cache, True
+        hidden = decoder(**inputs).last_hidden_state  # [B, L - shared, H]
+    # hidden state at position p predicts token p + 1: response token t sits at prompt_len + t;
+    # hidden[:, j] is position shared + j
+    prompt_lens = mb.prompt_lens.to(hidden.device) - mb.shared
     pos = (prompt_lens.unsqueeze(1) - 1 + torch.arange(T, device=hidden.device).unsqueeze(0)).clamp(max=hidden.shape[1] - 1)
     h = hidden.gather(1, pos.unsqueeze(-1).expand(B, T, hidden.shape[-1]))
     logits = head(h).float()

@@ -117,3 +117,22 @@ class Engine(abc.ABC):
 
     def close(self) -> None:
         """Release resources."""
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens at the start of every prompt that are the same in all of them (the chat template's system
+    turn, a task's instructions), leaving each prompt at least one token of its own (its last token's
+    hidden state predicts the first response token); 0 for a single prompt or a common part too short
+    to be worth a separate forward pass. The engine prefills that part once per call and the trainer
+    runs it once per micro-batch."""
+    if len(prompts) < 2:
+        return 0
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n if n >= _MIN_SHARED_PREFIX else 0
+
+
+_MIN_SHARED_PREFIX = 16  # below this the extra forward pass costs more than the tokens it saves

@@ -44,7 +44,7 @@ from transformers import DynamicLayer
 
 from t2po.algos.intervention import ThinkingIntervention, vocabulary_text
 from t2po.algos.uncertainty import turn_score, uncertainty_from_logprobs
-from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams, check_request, make_intervention
+from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams, check_request, make_intervention, shared_prefix_length
 
 
 class HFEngine(Engine):
@@ -353,23 +353,6 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, generator: tor
     # u < total strictly, so the token found has positive probability even after rounding
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(1)
-
-
-def shared_prefix_length(prompts: list[list[int]]) -> int:
-    """Tokens at the start of every prompt that are the same in all of them, leaving each prompt at least
-    one token of its own (its last token's logits are the first token's distribution); 0 for a single
-    prompt or a common part too short to be worth a separate forward pass."""
-    if len(prompts) < 2:
-        return 0
-    limit = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    n = 0
-    while n < limit and all(p[n] == first[n] for p in prompts):
-        n += 1
-    return n if n >= _MIN_SHARED_PREFIX else 0
-
-
-_MIN_SHARED_PREFIX = 16  # below this the extra forward pass costs more than the tokens it saves
 
 
 class _PreallocatedLayer(DynamicLayer):

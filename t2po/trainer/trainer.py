@@ -420,6 +420,8 @@ class Trainer:
         for group in pack_by_length(lengths, self.cfg.optim.micro_batch_tokens):
             mb = make_micro_batch(group, prompts, responses, pad, pixels)
             mb.indices = [idx[g] for g in group]
+            if self.dist.distributed:  # sharded ranks gather each layer once per forward pass, all the same number of times
+                mb.shared = 0
             yield mb.to(self.device)
 
     @torch.no_grad()

@@ -8,7 +8,8 @@ import torch
 
 from t2po.algos.uncertainty import turn_score, uncertainty_signal
 from t2po.engines.base import InterventionConfig, SamplingParams
-from t2po.engines.hf import HFEngine, sample_tokens, shared_prefix_length
+from t2po.engines.base import shared_prefix_length
+from t2po.engines.hf import HFEngine, sample_tokens
 
 
 def chat(tokenizer, text, prefill=""):

@@ -110,14 +110,17 @@ def test_two_ranks_train_as_one_process_and_resume_on_one(tiny_model_dir, tmp_pa
     single = run_in_process(overrides(tiny_model_dir, tmp_path / "one", 3, *greedy, "trainer.run_name=run"))
     straight = metrics(single.run_dir)
     for a, b in zip(resumed, straight):
-        # turn-score percentiles move with the float noise of another batch composition; the rest is exact
-        rollout = {k: v for k, v in b.items() if k.startswith("rollout/") and not k.startswith("rollout/tds_delta_")}
+        # turn-score percentiles move with the float noise of another batch composition, and the prefill
+        # work with it (each rank's engine prefills the beginning its own prompts share); the rest is exact
+        rollout = {k: v for k, v in b.items() if k.startswith("rollout/") and not k.startswith("rollout/tds_delta_") and k != "rollout/prefill_tokens"}
         assert {k: a[k] for k in rollout} == pytest.approx(rollout, rel=1e-9), f"iteration {b['iteration']}: other rollouts"
         noisy = {k: v for k, v in b.items() if k.startswith("rollout/tds_delta_")}
         assert {k: a[k] for k in noisy} == pytest.approx(noisy, abs=1e-3)
         assert a["train/samples"] == b["train/samples"]
-        # FSDP2 sums the ranks' token-weighted gradients: the single-process gradient
-        assert a["actor/grad_norm"] == pytest.approx(b["actor/grad_norm"], rel=1e-4)
+        # FSDP2 sums the ranks' token-weighted gradients: the single-process gradient (up to float noise:
+        # the single process runs its rows' shared beginning once, the sharded ranks run whole rows, and
+        # AdamW turns that noise into weight differences the later iterations' gradients inherit)
+        assert a["actor/grad_norm"] == pytest.approx(b["actor/grad_norm"], rel=1e-3), f"iteration {b['iteration']}"
     # weights after iteration 3 (which needs the optimizer state of the 2-rank checkpoint)
     mine, theirs = adapter(run / "checkpoints" / "iter_000003"), adapter(single.run_dir / "checkpoints" / "iter_000003")
     assert mine.keys() == theirs.keys()
