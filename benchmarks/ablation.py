@@ -14,7 +14,8 @@ relative options, GiGPO and GRPO, several seeds each (issue 18).
 - Writes `--json` (default `<out>/ablation.json`) with a top-level `runs` list, one entry per (arm,
   seed) run found finished in `<out>`: held-out success and valid-action rate before and after RL,
   per-iteration success / invalid-action rate / KL / gradient norm / exploration diagnostics, tokens
-  generated, TTI triggers, TDS flag rate, wall time. Then `t2po report` of the arm runs into
+  generated, TTI triggers, TDS flag rate, wall time; and per arm (`arms`) the mean, min and max over
+  its seeds, also printed as a Markdown table. Then `t2po report` of the arm runs into
   `<out>/report/` (seeds of one arm as a mean with a min-max band).
 Nothing here asserts or picks a winner.
 """
@@ -133,6 +134,45 @@ def run_entry(run_dir: Path, arm: str, seed: int, warm_state: dict) -> dict:
     }
 
 
+def arm_summary(runs: list[dict]) -> dict:
+    """Per arm over its seeds: mean, min and max of the held-out figures and the exploration cost."""
+    def stat(values: list) -> dict | None:
+        values = [float(v) for v in values if v is not None]
+        return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)} if values else None
+
+    summary = {}
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        rs = [r for r in runs if r["arm"] == arm]
+        held_out = lambda when, key: stat([(r[when] or {}).get(key) for r in rs])  # noqa: E731
+        summary[arm] = {
+            "seeds": [r["seed"] for r in rs],
+            "held_out_success_before_rl": held_out("before_rl", "success_rate"),
+            "held_out_success_after_rl": held_out("after_rl", "success_rate"),
+            "held_out_valid_actions_before_rl": held_out("before_rl", "valid_action_rate"),
+            "held_out_valid_actions_after_rl": held_out("after_rl", "valid_action_rate"),
+            "training_success_last_iteration": stat([r["iterations"][-1].get("success_rate") for r in rs if r["iterations"]]),
+            "generated_tokens": stat([r["generated_tokens"] for r in rs]),
+            "tds_flag_rate_mean": stat([r["tds_flag_rate_mean"] for r in rs]),
+            "tti_stagnation_triggers": stat([r["tti_triggers"]["stagnation"] for r in rs]),
+            "tti_budget_triggers": stat([r["tti_triggers"]["budget"] for r in rs]),
+        }
+    return summary
+
+
+def markdown_table(summary: dict) -> str:
+    """The per-arm summary as a Markdown table (mean over seeds, [min, max])."""
+    def cell(s: dict | None, digits: int = 3) -> str:
+        return "-" if s is None else f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
+
+    lines = ["| arm | seeds | held-out success before RL | after RL | valid actions after RL | tokens generated (RL) | TDS flag rate | TTI stagnation / budget triggers |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm, a in summary.items():
+        tti = f"{a['tti_stagnation_triggers']['mean']:.0f} / {a['tti_budget_triggers']['mean']:.0f}"
+        lines.append(f"| {arm} | {len(a['seeds'])} | {cell(a['held_out_success_before_rl'])} | {cell(a['held_out_success_after_rl'])} | "
+                     f"{cell(a['held_out_valid_actions_after_rl'])} | {a['generated_tokens']['mean']:,.0f} | {cell(a['tds_flag_rate_mean'], 2)} | {tti} |")
+    return "\n".join(lines)
+
+
 def write_json(path: Path, out: Path, preset: str, common: list[str], argv: list[str]) -> list[dict]:
     """Every finished (arm, seed) run in `out`, as one JSON file."""
     runs = []
@@ -143,7 +183,7 @@ def write_json(path: Path, out: Path, preset: str, common: list[str], argv: list
                 warm = out / f"warmup-seed{seed}" / "run_state.json"
                 runs.append(run_entry(run_dir, arm, seed, json.loads(warm.read_text()) if warm.exists() else {}))
     doc = {"setting": {"preset": preset, "overrides": common, "arms": ARMS, "command": "python benchmarks/ablation.py " + " ".join(argv)},
-           "runs": runs}
+           "arms": arm_summary(runs), "runs": runs}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(doc, indent=1))
     return runs
@@ -178,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path = Path(ns.json) if ns.json else out / "ablation.json"
     runs = write_json(json_path, out, ns.preset, common, argv)
     _log(f"{len(runs)} finished runs in {json_path} ({(time.time() - t0) / 60:.1f} min this call)")
+    if runs:
+        print(markdown_table(arm_summary(runs)), flush=True)
     if not ns.no_report and runs:
         from t2po.report import write_report
 

@@ -243,7 +243,14 @@ def combine_adapters(prefix_dir: Path, adapter_dir: Path) -> int:
     first = json.loads((Path(prefix_dir) / "adapter_config.json").read_text())
     second = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     same = ("target_modules", "layers_to_transform", "use_rslora", "rank_pattern", "alpha_pattern")
-    if first["lora_alpha"] / first["r"] != second["lora_alpha"] / second["r"] or any(first.get(k) != second.get(k) for k in same):
+
+    def layout(config: dict, key: str):
+        # peft keeps target_modules as a set and writes it in the set's order, which string hashing
+        # makes differ between processes (a resumed run writes the same modules in another order)
+        value = config.get(key)
+        return sorted(value) if key == "target_modules" and isinstance(value, list) else value
+
+    if first["lora_alpha"] / first["r"] != second["lora_alpha"] / second["r"] or any(layout(first, k) != layout(second, k) for k in same):
         raise ValueError(f"cannot combine the adapters in {prefix_dir} and {adapter_dir}: different LoRA layouts")
     w1 = load_file(str(Path(prefix_dir) / "adapter_model.safetensors"))
     w2 = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))

@@ -15,6 +15,7 @@ gradients add up over the rows). Same logits as the full forward pass, up to rou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -105,15 +106,102 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     return base.get_decoder(), base.get_output_embeddings()
 
 
+class FrozenTrunk:
+    """The hidden states entering decoder layer `layer`, the first layer with a trainable parameter, per
+    sample (index in the trainer's sample list -> [prompt + response tokens, hidden]).
+
+    Below that layer nothing trains (LoRA on the last layers only, `model.lora_layers`), so the
+    embeddings and the layers under it compute the same states in every forward pass over a sample.
+    The old-log-prob pass records them, and the update's passes over the same samples start at `layer`
+    (the layers below are skipped for the pass, the recorded states fed in): in the main job (LoRA on
+    the last 8 of 30 layers) the update's forward pass runs 8 layers instead of 30. The same layers on
+    the same inputs, so the same results up to rounding (tests/training/test_policy_forward.py)."""
+
+    def __init__(self, layer: int) -> None:
+        self.layer = layer
+        self.states: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def first_trainable_layer(model: torch.nn.Module) -> int:
+        """Index of the first decoder layer with a trainable parameter; 0 (nothing to skip) when the
+        embeddings train, no layer trains, the model reads images, or its attention has dropout (the
+        states of a training-mode pass would then differ from the recorded ones)."""
+        if is_vision_language(model):
+            return 0
+        decoder, _ = decoder_and_head(model)
+        layers = getattr(decoder, "layers", None)
+        if layers is None or getattr(decoder.config, "attention_dropout", 0.0) or any(p.requires_grad for p in decoder.get_input_embeddings().parameters()):
+            return 0
+        trainable = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
+        return trainable[0] if trainable else 0
+
+
+class _SkippedLayer(torch.nn.Module):
+    """Stands in for a frozen decoder layer whose output the trunk already holds: passes its input on."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        if hasattr(layer, "attention_type"):
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+@contextlib.contextmanager
+def _trunk_pass(decoder: torch.nn.Module, trunk: FrozenTrunk | None, mb: MicroBatch):
+    """Inside: the decoder's passes over `mb` record the states entering `trunk.layer` (some row not
+    recorded yet) or start there from the recorded ones (every row recorded). Yields nothing."""
+    if trunk is None:
+        yield
+        return
+    layers = decoder.layers
+    replay = all(i in trunk.states for i in mb.indices)
+    lengths = mb.attention_mask.sum(dim=1).tolist()
+    seen: list[torch.Tensor] = []
+    if replay:  # the states each decoder call of `forward_micro_batch` starts from: the shared part, then the rows
+        rows = [trunk.states[i] for i in mb.indices]
+        queue = [rows[0][None, : mb.shared]] if mb.shared else []
+        rest = rows[0].new_zeros((len(rows), mb.input_ids.shape[1] - mb.shared, rows[0].shape[-1]))
+        for b, (row, n) in enumerate(zip(rows, lengths)):
+            rest[b, : n - mb.shared] = row[mb.shared : n]
+        queue.append(rest)
+
+    def hook(module, args, kwargs):
+        if not replay:
+            seen.append((args[0] if args else kwargs["hidden_states"]).detach())
+            return None
+        states = queue.pop(0)
+        return ((states, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": states})
+
+    handle = layers[trunk.layer].register_forward_pre_hook(hook, with_kwargs=True)
+    frozen = [layers[i] for i in range(trunk.layer)]
+    if replay:
+        for i, layer in enumerate(frozen):
+            layers[i] = _SkippedLayer(layer)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, layer in enumerate(frozen):
+            layers[i] = layer
+    if not replay:
+        rest = seen[-1]
+        for b, (i, n) in enumerate(zip(mb.indices, lengths)):
+            trunk.states[i] = torch.cat([seen[0][0], rest[b, : n - mb.shared]]) if mb.shared else rest[b, :n].clone()
+
+
 def forward_micro_batch(
     model: torch.nn.Module,
     mb: MicroBatch,
     with_entropy: bool = False,
     value_head: torch.nn.Module | None = None,
     autocast_bf16: bool = False,
+    trunk: FrozenTrunk | None = None,
 ) -> dict[str, torch.Tensor]:
     """Log-probs [B, T] of the response tokens (and entropies [B, T], values [B] at the last prompt
-    token) from one forward pass."""
+    token) from one forward pass. `trunk`: record the rows' states below its layer, or, when it holds
+    every row's, start the pass there."""
     decoder, head = decoder_and_head(model)
     inputs = {"input_ids": mb.input_ids, "attention_mask": mb.attention_mask}
     vision = is_vision_language(model)
@@ -122,13 +210,16 @@ def forward_micro_batch(
         inputs["position_ids"] = position_ids(model, mb.input_ids, mb.attention_mask, pixels)
         inputs.update(pixels or {})
     B, T = mb.response_ids.shape
-    with torch.autocast(mb.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+    with torch.autocast(mb.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast_bf16), _trunk_pass(decoder, trunk, mb):
         if mb.shared:  # the shared beginning once, then every row's rest on top of its K/V
             from transformers import DynamicCache
 
             cache = DynamicCache(config=decoder.config)
             decoder(input_ids=mb.input_ids[:1, : mb.shared], past_key_values=cache, use_cache=True)
+            filled = next(layer for layer in cache.layers if layer.keys is not None)
             for layer in cache.layers:
+                if layer.keys is None:  # skipped by the trunk: zeros nothing reads, so every layer reports the shared length
+                    layer.update(torch.zeros_like(filled.keys), torch.zeros_like(filled.values))
                 layer.keys, layer.values = layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1)
             inputs["input_ids"] = mb.input_ids[:, mb.shared :]
             inputs["past_key_values"], inputs["use_cache"] = cache, True

@@ -47,7 +47,7 @@ from t2po.distributed import (
 from t2po.engines import engine_class, engine_spec, make_engine
 from t2po.envs import make_env
 from t2po.models import adapter_base, is_adapter_directory, model_directory
-from t2po.policy import forward_micro_batch, make_micro_batch, pack_by_length
+from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.progress import ConsoleLog, Progress, silence_library_progress
 from t2po.rollout import COUNTERS, RolloutResult, StepSample, collect_rollouts, rollout_stats
 from t2po.tracking import validation_step
@@ -66,6 +66,7 @@ class Trainer:
         self.rollout = cfg.resolved_rollout()  # TTI/TDS on or off and the validation budget, as this run plays them
         self.start_iteration = 0
         self.history: dict[str, Any] = {}
+        self.trunk: FrozenTrunk | None = None  # set by _score_samples for the update that follows
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -434,6 +435,10 @@ class Trainer:
         ref: list[torch.Tensor] | None = [None] * len(samples) if self.cfg.algo.kl_coef > 0 else None  # type: ignore[list-item]
         values = np.zeros(len(samples)) if self.value_head is not None else None
         bf16 = self.cfg.optim.bf16
+        # the states entering the first trained layer, recorded here and replayed by this iteration's
+        # update (t2po.policy.FrozenTrunk); sharded ranks run every layer
+        layer = 0 if self.dist.distributed else FrozenTrunk.first_trainable_layer(self.model)
+        self.trunk = FrozenTrunk(layer) if layer else None
         # inside `gathered`: no collective per forward pass, so ranks may run different numbers of them
         with gathered(self.model):
             self._score_into(samples, old, ref, values, bf16)
@@ -441,7 +446,7 @@ class Trainer:
 
     def _score_into(self, samples, old, ref, values, bf16) -> None:
         for mb in self._micro_batches(list(range(len(samples))), samples):
-            out = forward_micro_batch(self.model, mb, value_head=self.value_head, autocast_bf16=bf16)
+            out = forward_micro_batch(self.model, mb, value_head=self.value_head, autocast_bf16=bf16, trunk=self.trunk)
             for b, i in enumerate(mb.indices):
                 if self.cfg.optim.recompute_logprobs:
                     old[i] = out["logp"][b, : len(samples[i].response_ids)].clone()
@@ -484,7 +489,8 @@ class Trainer:
                 for mb, real in padded(list(self._micro_batches(mini, samples)), filler):
                     real_tokens += mb.real_tokens
                     processed_tokens += mb.processed_tokens
-                    out = forward_micro_batch(self.model, mb, with_entropy=True, value_head=self.value_head, autocast_bf16=cfg.optim.bf16)
+                    out = forward_micro_batch(self.model, mb, with_entropy=True, value_head=self.value_head, autocast_bf16=cfg.optim.bf16,
+                                              trunk=self.trunk if real else None)
                     B, T = mb.response_ids.shape
                     dev = self.device
                     old_lp = torch.zeros(B, T, device=dev)
@@ -531,6 +537,7 @@ class Trainer:
                 self.optimizer.step()
                 bar.update(1)
         bar.close()
+        self.trunk = None  # this iteration's samples only
         self.scheduler_step += 1
         metrics = mean_over_ranks({k: sums[k] / counts[k] for k in sums})
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]

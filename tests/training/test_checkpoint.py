@@ -215,3 +215,28 @@ def test_locate_policy_on_each_kind_of_argument(tiny_model_dir, tmp_path):
     stray = _fake_checkpoint(tmp_path / "loose", "iter_000001")
     with pytest.raises(FileNotFoundError, match="not inside a t2po run folder"):
         locate_policy(stray)
+
+
+def test_combine_adapters_reads_target_modules_as_a_set(tmp_path):
+    """peft writes target_modules in its set's order, which differs between processes (string hashing):
+    a run resumed in a new process must still combine its RL adapter with the warm-up's. Other layouts
+    are refused."""
+    from safetensors.torch import load_file, save_file
+
+    from t2po.checkpoints import combine_adapters
+
+    def adapter(folder, modules, r, seed):
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": 2 * r, "target_modules": modules}))
+        g = torch.Generator().manual_seed(seed)
+        save_file({"m.lora_A.weight": torch.randn(r, 6, generator=g), "m.lora_B.weight": torch.randn(5, r, generator=g)},
+                  str(folder / "adapter_model.safetensors"))
+
+    adapter(tmp_path / "warm", ["q_proj", "v_proj", "k_proj"], 2, 0)
+    adapter(tmp_path / "rl", ["k_proj", "q_proj", "v_proj"], 3, 1)
+    assert combine_adapters(tmp_path / "warm", tmp_path / "rl") == 2
+    combined = load_file(str(tmp_path / "rl" / "adapter_model.safetensors"))
+    assert combined["m.lora_A.weight"].shape == (5, 6) and combined["m.lora_B.weight"].shape == (5, 5)
+    adapter(tmp_path / "other", ["q_proj", "o_proj", "k_proj"], 3, 2)
+    with pytest.raises(ValueError, match="different LoRA layouts"):
+        combine_adapters(tmp_path / "warm", tmp_path / "other")

@@ -2,7 +2,7 @@
 name, bad configuration values. Each asserts the outcome: which checkpoint a resume used, metrics
 without duplicates, every validation present once, a clear one-line error, nothing left behind.
 
-The kills are real SIGKILLs of a forked child (no cleanup, no `finally`), placed deterministically
+The kills are real SIGKILLs of a child process (no cleanup, no `finally`), placed deterministically
 with `T2PO_KILL_AT=phase:where` (`t2po.trainer.checkpoint.kill_point`). One tiny run is trained
 through all of them and shared by the tests that corrupt it."""
 
@@ -40,31 +40,32 @@ def overrides(model_dir: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+CHILD = """
+import json, sys
+from t2po.config import load_config
+from t2po.trainer.trainer import Trainer
+job = json.loads(sys.argv[1])
+trainer = Trainer(load_config("default", job["overrides"]), run_dir=job["run_dir"], resume=job["resume"])
+try:
+    trainer.setup()
+    trainer.train()
+finally:
+    trainer.cleanup()
+"""
+
+
 def run_in_child(cfg_overrides: list[str], run_dir: Path, resume: bool, kill_at: str | None, log: Path) -> int:
-    """Train in a forked child (stdout/stderr to `log`); returns its wait status as a signal number
-    (SIGKILL when the kill point fired) or 0 for a clean finish."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            sys.stdout = sys.stderr = open(log, "a", buffering=1)  # noqa: SIM115 (the child ends with os._exit)
-            if kill_at is not None:
-                os.environ[KILL_AT_ENV] = kill_at
-            trainer = Trainer(load_config("default", cfg_overrides), run_dir=run_dir if resume else None, resume=resume)
-            try:
-                trainer.setup()
-                trainer.train()
-            finally:
-                trainer.cleanup()
-            code = 0
-        except BaseException as e:  # noqa: BLE001 (reported to the parent through the log)
-            print(f"child failed: {e!r}", file=sys.stderr)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    """Train in a child process (stdout/stderr to `log`); returns the signal that ended it (SIGKILL when
+    the kill point fired) or its exit status (0: a clean finish). A fresh interpreter, not a fork of
+    pytest: a fork inherits the locks other tests' threads (torch.distributed, OpenMP) held at that
+    moment and can hang on them."""
+    env = {k: v for k, v in os.environ.items() if k != KILL_AT_ENV}
+    if kill_at is not None:
+        env[KILL_AT_ENV] = kill_at
+    job = json.dumps({"overrides": cfg_overrides, "run_dir": str(run_dir) if resume else None, "resume": resume})
+    with open(log, "a") as out:
+        code = subprocess.run([sys.executable, "-c", CHILD, job], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600).returncode
+    return -code if code < 0 else code
 
 
 def records(path: Path) -> list[dict]:

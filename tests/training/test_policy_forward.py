@@ -6,7 +6,7 @@ import dataclasses
 import torch
 
 from t2po.models import load_model
-from t2po.policy import forward_micro_batch, make_micro_batch
+from t2po.policy import FrozenTrunk, _SkippedLayer, forward_micro_batch, make_micro_batch
 
 
 def chat(tokenizer, text):
@@ -46,3 +46,51 @@ def test_rows_without_a_common_beginning_run_whole(tiny_model):
     _, tokenizer = tiny_model
     mb = make_micro_batch([0, 1], [[1, 2, 3] * 10, [4, 5, 6] * 10], [[7], [8]], tokenizer.pad_token_id)
     assert mb.shared == 0 and mb.processed_tokens == mb.input_ids.numel()
+
+
+def test_frozen_trunk_replay_skips_the_frozen_layers_and_equals_the_full_pass(tiny_model_dir):
+    """LoRA on the last layer only: the old-log-prob pass records the states entering it, the update's
+    pass starts there (the frozen layers do not run) and gives the full pass's log-probs and gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    base, tokenizer = load_model(tiny_model_dir)
+    n = base.config.num_hidden_layers
+    assert n >= 2
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[n - 1],
+                                            layers_pattern="layers", init_lora_weights=False))
+    trunk = FrozenTrunk(FrozenTrunk.first_trainable_layer(model))
+    assert trunk.layer == n - 1
+    prompts = [chat(tokenizer, t) for t in ("Push the box up.", "hi", "Grid:\n#####\n#_@$#\n#####")]
+    responses = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    first_layer_calls = []
+    decoder = model.get_base_model().get_decoder()
+    hook = decoder.layers[0].register_forward_hook(lambda *a: first_layer_calls.append(1))
+    results = {}
+    try:
+        for name, rows in (("whole", [0, 1, 2]), ("shared", [0, 1, 2])):  # with and without the shared beginning
+            mb = make_micro_batch(rows, prompts, responses, tokenizer.pad_token_id)
+            if name == "whole":
+                mb = dataclasses.replace(mb, shared=0)
+            trunk.states.clear()
+            with torch.no_grad():
+                recorded = forward_micro_batch(model, mb, trunk=trunk)  # records
+            assert sorted(trunk.states) == rows and first_layer_calls
+            assert [len(trunk.states[i]) for i in rows] == [len(prompts[i]) + len(responses[i]) for i in rows]
+            first_layer_calls.clear()
+            for mode in ("replay", "full"):
+                model.zero_grad(set_to_none=True)
+                out = forward_micro_batch(model, mb, with_entropy=True, trunk=trunk if mode == "replay" else None)
+                out["logp"].sum().backward()
+                results[name, mode] = (out["logp"].detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+                assert bool(first_layer_calls) == (mode == "full")  # replay skips the frozen layers
+                first_layer_calls.clear()
+            assert torch.allclose(recorded["logp"], results[name, "full"][0], atol=1e-5)
+    finally:
+        hook.remove()
+    assert all(type(layer) is not _SkippedLayer for layer in decoder.layers)  # put back
+    for name in ("whole", "shared"):
+        (replay_logp, replay_grads), (full_logp, full_grads) = results[name, "replay"], results[name, "full"]
+        assert torch.allclose(replay_logp, full_logp, atol=1e-5)
+        assert len(replay_grads) == len(full_grads) == 4  # lora_A and lora_B of q_proj and v_proj in the last layer
+        for a, b in zip(replay_grads, full_grads):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
