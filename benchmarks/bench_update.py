@@ -16,6 +16,12 @@ Precisions compared (each model gets its own LoRA adapters, trainable in float32
 - `bf16_autocast`: bfloat16 base weights and bf16 autocast.
 Runs alternate between the precisions (A/B/C/D, repeated, medians) so that machine load drifts evenly.
 
+The trainer's step at the default precision (bf16), old-log-prob pass + update, in three variants
+(alternated, medians): `whole_rows` (every row runs every layer: the trainer before these features),
+`shared_prefix` (the beginning all rows of a micro-batch share runs once, `MicroBatch.shared`), and
+`shared_prefix_trunk` (the default: also the layers below LoRA run only in the old-log-prob pass and
+the update replays their output, `t2po.policy.FrozenTrunk`). `trainer_step_speedup_vs_whole_rows`.
+
 Log-prob agreement: the engine samples with the precision's weights (its own log-probs are the old
 log-probs when `optim.recompute_logprobs=false`); the trainer's forward in the same precision scores
 the same tokens. Reported: mean |delta log p| and the fraction of tokens whose ratio exp(delta) lies
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import statistics
@@ -41,7 +48,7 @@ from t2po.engines.base import SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
 from t2po.models import load_model, lora_targets
-from t2po.policy import forward_micro_batch, make_micro_batch, pack_by_length
+from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 
 PRECISIONS = {"fp32": (torch.float32, False), "fp32_autocast": (torch.float32, True), "bf16": (torch.bfloat16, False), "bf16_autocast": (torch.bfloat16, True)}
 
@@ -63,8 +70,15 @@ def with_lora(model):
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM", **targets))
 
 
-def update(model, optimizer, prompts, responses, old, pad_id, autocast: bool, mini_batch: int, micro_tokens: int) -> float:
-    """One PPO update over all samples (fixed advantages +-1); returns the seconds it took."""
+def micro_batch(indices, prompts, responses, pad_id, shared: bool):
+    mb = make_micro_batch(indices, prompts, responses, pad_id)
+    return mb if shared else dataclasses.replace(mb, shared=0)
+
+
+def update(model, optimizer, prompts, responses, old, pad_id, autocast: bool, mini_batch: int, micro_tokens: int,
+           shared: bool = True, trunk: FrozenTrunk | None = None) -> float:
+    """One PPO update over all samples (fixed advantages +-1); returns the seconds it took. `shared`:
+    run the rows' common beginning once; `trunk`: replay the frozen layers' recorded output."""
     model.train()
     advantages = torch.tensor([1.0 if i % 2 else -1.0 for i in range(len(prompts))])
     start = time.perf_counter()
@@ -73,8 +87,8 @@ def update(model, optimizer, prompts, responses, old, pad_id, autocast: bool, mi
         optimizer.zero_grad(set_to_none=True)
         tokens = sum(len(responses[i]) for i in mini)
         for group in pack_by_length([len(prompts[i]) + len(responses[i]) for i in mini], micro_tokens):
-            mb = make_micro_batch([mini[j] for j in group], prompts, responses, pad_id)
-            out = forward_micro_batch(model, mb, with_entropy=True, autocast_bf16=autocast)
+            mb = micro_batch([mini[j] for j in group], prompts, responses, pad_id, shared)
+            out = forward_micro_batch(model, mb, with_entropy=True, autocast_bf16=autocast, trunk=trunk)
             old_lp = torch.zeros_like(out["logp"])
             for b, i in enumerate(mb.indices):
                 old_lp[b, : len(old[i])] = old[i]
@@ -85,13 +99,15 @@ def update(model, optimizer, prompts, responses, old, pad_id, autocast: bool, mi
     return time.perf_counter() - start
 
 
-def trainer_logprobs(model, prompts, responses, pad_id, autocast: bool, micro_tokens: int) -> list[torch.Tensor]:
+def trainer_logprobs(model, prompts, responses, pad_id, autocast: bool, micro_tokens: int, shared: bool = True,
+                     trunk: FrozenTrunk | None = None) -> list[torch.Tensor]:
+    """The old-log-prob pass (records the frozen layers' output into `trunk`)."""
     model.eval()
     scores: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
     with torch.no_grad():
         for group in pack_by_length([len(p) + len(r) for p, r in zip(prompts, responses)], micro_tokens):
-            mb = make_micro_batch(group, prompts, responses, pad_id)
-            logp = forward_micro_batch(model, mb, autocast_bf16=autocast)["logp"]
+            mb = micro_batch(group, prompts, responses, pad_id, shared)
+            logp = forward_micro_batch(model, mb, autocast_bf16=autocast, trunk=trunk)["logp"]
             for b, i in enumerate(mb.indices):
                 scores[i] = logp[b, : len(responses[i])].float()
     return scores
@@ -132,6 +148,18 @@ def main() -> None:
             seconds[name].append(update(model, optimizer, prompts, responses, old, tokenizer.pad_token_id, autocast, 16, 4096))
             print(f"{name:14s} {seconds[name][-1]:6.2f} s", flush=True)
     median = {name: statistics.median(s) for name, s in seconds.items()}
+
+    model, optimizer, responses, old, autocast = setups["bf16"]
+    step: dict[str, list[float]] = {"whole_rows": [], "shared_prefix": [], "shared_prefix_trunk": []}
+    for _ in range(args.repeats):
+        for name in step:
+            start = time.perf_counter()
+            trunk = FrozenTrunk(FrozenTrunk.first_trainable_layer(model)) if name.endswith("trunk") else None
+            trainer_logprobs(model, prompts, responses, tokenizer.pad_token_id, autocast, 4096, shared=name != "whole_rows", trunk=trunk)
+            update(model, optimizer, prompts, responses, old, tokenizer.pad_token_id, autocast, 16, 4096, shared=name != "whole_rows", trunk=trunk)
+            step[name].append(time.perf_counter() - start)
+            print(f"bf16 step {name:20s} {step[name][-1]:6.2f} s", flush=True)
+    step_median = {name: statistics.median(s) for name, s in step.items()}
     summary = {
         "model": "smollm2-135m-instruct, LoRA r16 on the last 8 layers",
         "samples": args.samples,
@@ -141,7 +169,10 @@ def main() -> None:
         "update_seconds": median,
         "update_speedup_vs_fp32": {name: median["fp32"] / s for name, s in median.items()},
         "logprob_agreement": agreement,
+        "trainer_step_seconds": step_median,
+        "trainer_step_speedup_vs_whole_rows": {name: step_median["whole_rows"] / s for name, s in step_median.items()},
         "all_seconds": seconds,
+        "all_trainer_step_seconds": step,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +181,8 @@ def main() -> None:
         a = agreement[name]
         print(f"{name:14s} update {median[name]:6.2f} s ({summary['update_speedup_vs_fp32'][name]:.2f}x)  engine vs trainer: "
               f"mean |dlogp| {a['mean_abs_delta_logp']:.4f}, outside [0.8, 1.2] {100 * a['outside_clip_fraction']:.2f}% of {a['tokens']} tokens")
+    for name, sec in step_median.items():
+        print(f"bf16 step {name:20s} {sec:6.2f} s ({summary['trainer_step_speedup_vs_whole_rows'][name]:.2f}x)")
     print(f"wrote {out}")
 
 

@@ -14,7 +14,9 @@ Headline keys (each benchmark's docstring says how it is measured):
 - `prefill_tokens_over_unique`: prompt tokens prefilled in a rollout iteration / distinct prompt
   tokens of the iteration (1.0 = no prompt prefilled twice; below 1: the prompts' shared beginning is
   prefilled once per generate call, not once per distinct prompt);
-- `tti_monitoring_overhead`: generate call with M_t monitoring / without, minus 1.
+- `tti_monitoring_overhead`: generate call with M_t monitoring / without, minus 1;
+- `trainer_step_speedup_vs_whole_rows`: old-log-prob pass + update in bf16, every row through every
+  layer / the default (shared beginning once per micro-batch, frozen layers replayed).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main() -> None:
         "roofline_ratio": engine["roofline_ratio"],
         "update_speedup_vs_fp32": update["update_speedup_vs_fp32"][args.update_precision],
         "update_precision": args.update_precision,
+        "trainer_step_speedup_vs_whole_rows": update["trainer_step_speedup_vs_whole_rows"]["shared_prefix_trunk"],
         "prefill_tokens_over_unique": rollout["prefill_tokens_over_unique"],
         "tti_monitoring_overhead": engine["tti_monitoring_overhead"],
         "rollout_speedup_vs_fp32": rollout["rollout_speedup_vs_fp32"],

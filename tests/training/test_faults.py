@@ -24,7 +24,6 @@ from t2po.cli import main as cli_main
 from t2po.config import load_config
 from t2po.tracking import MLFLOW_STORE, MlflowTracker
 from t2po.checkpoints import KILL_AT_ENV
-from t2po.trainer.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 ITERATIONS = 3
@@ -43,7 +42,6 @@ def overrides(model_dir: Path, out: Path, *extra: str) -> list[str]:
 CHILD = """
 import json, sys
 from t2po.config import load_config
-from t2po.trainer.trainer import Trainer
 job = json.loads(sys.argv[1])
 trainer = Trainer(load_config("default", job["overrides"]), run_dir=job["run_dir"], resume=job["resume"])
 try:
