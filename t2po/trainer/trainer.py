@@ -2,7 +2,8 @@
 
 One iteration (spec §4):
   1. collect B x N episodes with the current policy (TTI inside decoding, TDS between turns for t2po);
-  2. recompute old log-probs (and reference log-probs when the KL loss is on; critic values for ppo);
+  2. recompute old log-probs (and reference log-probs when the KL loss is on; critic values for ppo),
+     recording what the layers below LoRA output for step 4 (`t2po.policy.FrozenTrunk`);
   3. advantages: GiGPO (t2po, gigpo), GRPO, RLOO, or turn-level GAE with a critic (ppo);
   4. one PPO-clip pass over the batch in mini-batches (dual clip, token-mean), gradient clipping,
      learning-rate warm-up, optional entropy bonus and KL loss.
@@ -10,7 +11,8 @@ Launched by torchrun with several processes, every rank plays its share of the t
 policy is FSDP2-sharded (t2po/distributed.py, docs/scaling.md). Rollouts run on the transformers
 engine, which shares the policy module, or on vLLM (`rollout.engine=vllm`), which gets the weights
 after every update; everything trains on the rank's GPU when there is one. It deliberately leaves out
-asynchronous rollouts and sequence packing across samples (samples are grouped by length instead).
+asynchronous rollouts and sequence packing across samples (samples are grouped by length instead;
+the beginning all rows of a micro-batch share, e.g. the system turn, runs once: `t2po.policy`).
 
 A recipe in the torchtune sense: `Trainer(cfg).setup()`, `.train()`, `.cleanup()`.
 """
