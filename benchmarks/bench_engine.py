@@ -6,9 +6,10 @@ Sokoban turn-0 prompts (compact style, ~150 tokens, distinct rooms), temperature
 
 Timed configurations (each repeated; runs alternate so machine load drifts evenly; medians):
 - `fp32_baseline`: the engine before issue 17: float32 weights, transformers' SDPA attention (it copies
-  every K/V head per query head, `repeat_kv`), `torch.multinomial` sampling;
-- `fp32`: float32 weights, today's decode step (grouped-query attention without the copy,
-  `t2po.attention`; inverse-CDF sampling, `t2po.engines.hf.sample_tokens`);
+  every K/V head per query head, `repeat_kv`), `torch.multinomial` sampling, every prompt prefilled whole;
+- `fp32`: float32 weights, today's engine (grouped-query attention without the copy,
+  `t2po.attention`; inverse-CDF sampling, `t2po.engines.hf.sample_tokens`; the beginning the prompts
+  share prefilled once, `t2po.engines.base.shared_prefix_length`);
 - `bf16` (the default): bfloat16 weights, today's decode step; M_t + turn scores monitored, as in the
   rollouts, with the intervention disabled;
 - `bf16_unmonitored`: the same without M_t (`monitor_uncertainty=False`), same seed, so the same
@@ -44,7 +45,7 @@ import t2po.engines.hf as hf
 from t2po.algos.intervention import ThinkingIntervention, vocabulary_text
 from t2po.algos.uncertainty import uncertainty_from_logprobs
 from t2po.attention import GROUPED_SDPA
-from t2po.engines.base import InterventionConfig, SamplingParams
+from t2po.engines.base import InterventionConfig, SamplingParams, shared_prefix_length
 from t2po.engines.hf import HFEngine, sample_tokens
 from t2po.envs import make_env
 from t2po.models import load_model
@@ -70,14 +71,14 @@ def multinomial_sampler(logits, sampling, generator):
 
 def time_engine(model, tokenizer, prompts, sampling, monitor: bool = True, baseline: bool = False) -> dict:
     engine = HFEngine(model, tokenizer, monitor_uncertainty=monitor)
-    if baseline:
-        hf.sample_tokens = multinomial_sampler
+    if baseline:  # the sampler before issue 17, and every row's prompt prefilled whole
+        hf.sample_tokens, hf.shared_prefix_length = multinomial_sampler, lambda prompts: 0
     try:
         start = time.perf_counter()
         gens = engine.generate(prompts, sampling, InterventionConfig(enabled=False) if monitor else None)
         seconds = time.perf_counter() - start
     finally:
-        hf.sample_tokens = sample_tokens
+        hf.sample_tokens, hf.shared_prefix_length = sample_tokens, shared_prefix_length
     return {"seconds": seconds, "tokens": sum(g.num_tokens for g in gens), "token_ids": [g.token_ids for g in gens]}
 
 

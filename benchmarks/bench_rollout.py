@@ -41,10 +41,10 @@ from bench_engine import multinomial_sampler
 
 def rollout(model, tokenizer, baseline: bool, seed: int, max_new_tokens: int) -> dict:
     env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3, history_length=0, prompt_style="compact")
-    sampler, prompt_key = hf.sample_tokens, hf._prompt_key
+    sampler, prompt_key, shared = hf.sample_tokens, hf._prompt_key, hf.shared_prefix_length
     if baseline:  # the engine before issue 17: multinomial sampling, no prefill shared between rows or calls
         rows = itertools.count()
-        hf.sample_tokens, hf._prompt_key = multinomial_sampler, lambda prompt, pixels: (next(rows),)
+        hf.sample_tokens, hf._prompt_key, hf.shared_prefix_length = multinomial_sampler, lambda prompt, pixels: (next(rows),), lambda prompts: 0
     try:
         start = time.perf_counter()
         result = collect_rollouts(HFEngine(model, tokenizer), env, task_seeds=list(range(100, 108)), group_size=4,
@@ -52,7 +52,7 @@ def rollout(model, tokenizer, baseline: bool, seed: int, max_new_tokens: int) ->
                                   intervention=InterventionConfig(turn_score_skip=4), tds=TDSConfig(eta=0.3, max_try=1), seed=seed)
         seconds = time.perf_counter() - start
     finally:
-        hf.sample_tokens, hf._prompt_key = sampler, prompt_key
+        hf.sample_tokens, hf._prompt_key, hf.shared_prefix_length = sampler, prompt_key, shared
         env.close()
     keys = ("steps", "generated_tokens", "prompt_tokens", "prefill_tokens", "unique_prompt_tokens", "tds_regenerations", "success_rate")
     return {"seconds": seconds, **{k: result.stats[k] for k in keys}}
