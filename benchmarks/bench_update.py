@@ -8,7 +8,12 @@ mini-batches of 16 samples. One update = for every mini-batch: forward (log-prob
 clipped policy loss (`t2po.algos.losses.ppo_policy_loss`), backward, AdamW step (the trainer's
 `update`, without KL and critic).
 
-Precisions compared (each model gets its own LoRA adapters, trainable in float32):
+`update_speedup_vs_fp32`: the update before issue 17 (`fp32_before`: float32, every row through every
+layer) / the trainer's update today (`default`: bf16 base weights, the rows' shared beginning once,
+the frozen layers' output replayed from the old-log-prob pass, which runs untimed before it).
+
+Precisions compared with today's forward pass (`update_speedup_by_precision`; each model gets its own
+LoRA adapters, trainable in float32):
 - `fp32`: float32 weights, no autocast (the presets before issue 17);
 - `fp32_autocast`: float32 weights, bf16 autocast in the forward (`optim.bf16=true`);
 - `bf16`: bfloat16 base weights (`model.dtype=bfloat16`), float32 LoRA adapters (peft keeps adapters
@@ -142,10 +147,21 @@ def main() -> None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         setups[name] = (model, optimizer, responses, old, autocast)
 
-    seconds: dict[str, list[float]] = {name: [] for name in PRECISIONS}
+    def default_update(model, optimizer, responses, old, autocast) -> float:
+        # the trainer's update: the old-log-prob pass (untimed here) records the frozen layers' output
+        trunk = FrozenTrunk(FrozenTrunk.first_trainable_layer(model))
+        trainer_logprobs(model, prompts, responses, tokenizer.pad_token_id, autocast, 4096, trunk=trunk)
+        return update(model, optimizer, prompts, responses, old, tokenizer.pad_token_id, autocast, 16, 4096, trunk=trunk)
+
+    timed = {"fp32_before": lambda: update(*setups["fp32"][:2], prompts, setups["fp32"][2], setups["fp32"][3], tokenizer.pad_token_id, False,
+                                           16, 4096, shared=False),
+             **{name: (lambda name=name: update(setups[name][0], setups[name][1], prompts, setups[name][2], setups[name][3],
+                                                tokenizer.pad_token_id, setups[name][4], 16, 4096)) for name in PRECISIONS},
+             "default": lambda: default_update(*setups["bf16"])}
+    seconds: dict[str, list[float]] = {name: [] for name in timed}
     for _ in range(args.repeats):
-        for name, (model, optimizer, responses, old, autocast) in setups.items():
-            seconds[name].append(update(model, optimizer, prompts, responses, old, tokenizer.pad_token_id, autocast, 16, 4096))
+        for name, run in timed.items():
+            seconds[name].append(run())
             print(f"{name:14s} {seconds[name][-1]:6.2f} s", flush=True)
     median = {name: statistics.median(s) for name, s in seconds.items()}
 
@@ -167,7 +183,8 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "update_seconds": median,
-        "update_speedup_vs_fp32": {name: median["fp32"] / s for name, s in median.items()},
+        "update_speedup_vs_fp32": median["fp32_before"] / median["default"],
+        "update_speedup_by_precision": {name: median["fp32"] / median[name] for name in PRECISIONS},
         "logprob_agreement": agreement,
         "trainer_step_seconds": step_median,
         "trainer_step_speedup_vs_whole_rows": {name: step_median["whole_rows"] / s for name, s in step_median.items()},
@@ -177,9 +194,10 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
+    print(f"update: fp32 before issue 17 {median['fp32_before']:.2f} s, default {median['default']:.2f} s ({summary['update_speedup_vs_fp32']:.2f}x)")
     for name in PRECISIONS:
         a = agreement[name]
-        print(f"{name:14s} update {median[name]:6.2f} s ({summary['update_speedup_vs_fp32'][name]:.2f}x)  engine vs trainer: "
+        print(f"{name:14s} update {median[name]:6.2f} s ({summary['update_speedup_by_precision'][name]:.2f}x)  engine vs trainer: "
               f"mean |dlogp| {a['mean_abs_delta_logp']:.4f}, outside [0.8, 1.2] {100 * a['outside_clip_fraction']:.2f}% of {a['tokens']} tokens")
     for name, sec in step_median.items():
         print(f"bf16 step {name:20s} {sec:6.2f} s ({summary['trainer_step_speedup_vs_whole_rows'][name]:.2f}x)")

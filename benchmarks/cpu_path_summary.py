@@ -10,7 +10,8 @@ Headline keys (each benchmark's docstring says how it is measured):
   (bf16 weights, grouped-query decode attention, inverse-CDF sampling);
 - `roofline_ratio`: the default's call / the floor estimated from this machine's matmul and memory
   probes (1.0 = at the hardware's limit);
-- `update_speedup_vs_fp32`: the PPO update, fp32 / the chosen precision (`--update-precision`);
+- `update_speedup_vs_fp32`: the PPO update before issue 17 (fp32, whole rows) / today's (bf16, shared
+  beginning once, frozen layers replayed);
 - `prefill_tokens_over_unique`: prompt tokens prefilled in a rollout iteration / distinct prompt
   tokens of the iteration (1.0 = no prompt prefilled twice; below 1: the prompts' shared beginning is
   prefilled once per generate call, not once per distinct prompt);
@@ -31,15 +32,13 @@ def main() -> None:
     parser.add_argument("--engine", default="bench_results/engine.json")
     parser.add_argument("--update", default="bench_results/update.json")
     parser.add_argument("--rollout", default="bench_results/rollout.json")
-    parser.add_argument("--update-precision", default="bf16", help="the precision the presets use (a key of bench_update's PRECISIONS)")
     parser.add_argument("--out", default="docs/results/cpu_path.json")
     args = parser.parse_args()
     engine, update, rollout = (json.loads(Path(p).read_text()) for p in (args.engine, args.update, args.rollout))
     summary = {
         "engine_speedup_vs_fp32": engine["engine_speedup_vs_fp32"],
         "roofline_ratio": engine["roofline_ratio"],
-        "update_speedup_vs_fp32": update["update_speedup_vs_fp32"][args.update_precision],
-        "update_precision": args.update_precision,
+        "update_speedup_vs_fp32": update["update_speedup_vs_fp32"],
         "trainer_step_speedup_vs_whole_rows": update["trainer_step_speedup_vs_whole_rows"]["shared_prefix_trunk"],
         "prefill_tokens_over_unique": rollout["prefill_tokens_over_unique"],
         "tti_monitoring_overhead": engine["tti_monitoring_overhead"],
