@@ -45,7 +45,7 @@ class ModelConfig:
                     "(peft), so bf16 base weights still train the adapters in full precision. Measured on a 2-core AVX512-BF16 CPU "
                     "(benchmarks/bench_engine.py, bench_update.py; docs/results/cpu_path.json): bf16 weights make the engine 1.5x "
                     "faster than float32 and the update 2.1x (float32 weights + bf16 autocast: 2.0x, bf16 + autocast: 1.8x); but a bf16 engine's log-probs "
-                    "differ from the trainer's bf16 forward by 0.04 on average (0.5% of tokens outside the clip range [0.8, 1.2], "
+                    "differ from the trainer's bf16 forward by 0.045 on average (0.5-0.9% of tokens outside the clip range [0.8, 1.2], "
                     "float32: 3e-6, 0%), so bf16 presets set optim.recompute_logprobs=true.")
     lora: bool = _f(True, "Train LoRA adapters (peft) instead of all weights; the reference policy is then the adapter-disabled base model.")
     lora_rank: int = _f(16, "LoRA rank r.")
@@ -123,7 +123,7 @@ class OptimConfig:
     grad_clip: float = _f(1.0, "Gradient-norm clip.")
     mini_batch_size: int = _f(32, "Step samples per optimizer step (PPO mini-batch).")
     micro_batch_tokens: int = _f(4096, "Padded tokens per forward pass at most (samples are packed by length).")
-    recompute_logprobs: bool = _f(True, "Recompute old log-probs with a forward pass before the update (as verl). False takes the engine's log-probs and saves one forward pass per sample: right with float32 weights and the transformers engine (it shares the trainer's weights; log-probs agree to ~3e-6), not with bfloat16 weights (decode and full forward round differently: mean |delta| 0.04, 0.5% of tokens outside the clip range).")
+    recompute_logprobs: bool = _f(True, "Recompute old log-probs with a forward pass before the update (as verl). False takes the engine's log-probs and saves one forward pass per sample: right with float32 weights and the transformers engine (it shares the trainer's weights; log-probs agree to ~3e-6), not with bfloat16 weights (decode and full forward round differently: mean |delta| 0.045, 0.5-0.9% of tokens outside the clip range).")
     ppo_epochs: int = _f(1, "Passes over the batch per iteration (spec §4: 1).")
     bf16: bool = _f(False, "bf16 autocast for the trainer's forward passes (on CPU only helps with AVX512-BF16/AMX). For float32 weights; with model.dtype=bfloat16 the matmuls already run in bf16.")
 

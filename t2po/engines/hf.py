@@ -21,7 +21,7 @@ row, cut right after it (the ids keep the whole last token).
 Precision: the engine computes in the model's dtype (`model.dtype`; the CPU presets use bfloat16 on
 AVX512-BF16/AMX CPUs) and takes log-probs and M_t from the float32 upcast of the logits. A bf16
 model's decode-step log-probs differ from the trainer's bf16 forward of the same tokens (mean |delta|
-0.04, 0.5% of tokens with a ratio outside [0.8, 1.2]; float32: 3e-6 and 0%, benchmarks/bench_update.py),
+0.045, 0.5-0.9% of tokens with a ratio outside [0.8, 1.2]; float32: 3e-6 and 0%, benchmarks/bench_update.py),
 which is why bf16 presets recompute the old log-probs (`optim.recompute_logprobs`).
 
 Vision-language models (`t2po.vlm`): a prompt may come with pixel inputs (`pixel_inputs`, one dict
