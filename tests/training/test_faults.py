@@ -42,6 +42,7 @@ def overrides(model_dir: Path, out: Path, *extra: str) -> list[str]:
 CHILD = """
 import json, sys
 from t2po.config import load_config
+from t2po.trainer.trainer import Trainer
 job = json.loads(sys.argv[1])
 trainer = Trainer(load_config("default", job["overrides"]), run_dir=job["run_dir"], resume=job["resume"])
 try:
