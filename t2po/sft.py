@@ -27,7 +27,7 @@ import torch
 
 from t2po.envs.base import BatchEnv
 from t2po.policies import ExpertPolicy
-from t2po.policy import forward_micro_batch, make_micro_batch, pack_by_length
+from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.rollout import build_prompt, collect_rollouts
 
 
@@ -167,6 +167,7 @@ def sft_train(
     step = 0
     epoch_losses = []
     device = params[0].device  # the micro-batches go where the model is
+    trunk = _frozen_trunk(model, prompts, responses, epochs)
     model.train()
     for epoch in range(epochs):
         order = list(range(len(examples)))
@@ -180,7 +181,7 @@ def sft_train(
             lengths = [len(prompts[i]) + len(responses[i]) for i in batch]
             for group in pack_by_length(lengths, micro_batch_tokens):
                 mb = make_micro_batch([batch[g] for g in group], prompts, responses, pad, pixels).to(device)
-                out = forward_micro_batch(model, mb)
+                out = forward_micro_batch(model, mb, trunk=trunk)
                 loss = -(out["logp"] * mb.response_mask).sum() / max(n_tokens, 1)
                 loss.backward()
                 loss_sum += loss.item()
@@ -198,6 +199,25 @@ def sft_train(
             log({"sft/epoch": epoch + 1, "sft/loss": epoch_losses[-1]})
     model.eval()
     return epoch_losses
+
+
+# the most memory the recorded trunk states may take (e.g. 10k examples of 200 tokens of a 576-wide model in bf16: 2.3 GB)
+TRUNK_BYTES = 2 * 2**30
+
+
+def _frozen_trunk(model: torch.nn.Module, prompts: list, responses: list, epochs: int) -> FrozenTrunk | None:
+    """A `t2po.policy.FrozenTrunk` for SFT under LoRA on the last layers: the first epoch records the
+    states entering the first trainable layer, later epochs start their passes there (the main job's
+    warm-up: 3 epochs, 13-18 s -> 9-11 s). None for one epoch, nothing to skip, a sharded model
+    (FSDP2 needs the same collectives on every rank), or states over `TRUNK_BYTES`."""
+    if epochs < 2 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    layer = FrozenTrunk.first_trainable_layer(model)
+    if not layer:
+        return None
+    config = model.config.get_text_config()
+    size = sum(len(p) + len(r) for p, r in zip(prompts, responses)) * config.hidden_size * next(model.parameters()).element_size()
+    return FrozenTrunk(layer) if size <= TRUNK_BYTES else None
 
 
 def _image_to_url(image: Any) -> str:

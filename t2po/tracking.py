@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -143,6 +144,10 @@ class MlflowTracker(Tracker):
         # "Creating initial MLflow database tables..." on every new run folder is noise, not news
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         logging.getLogger("mlflow.tracing.export.async_export_queue").setLevel(logging.WARNING)  # "Flushing ... before program exit"
+        # Traces are written when they end, not by MLflow's background queue: its consumer polls, so
+        # every flush (one per iteration and validation, and one at exit) waited ~2 s doing nothing,
+        # 13 s of the main job; written in place a batch of traces takes ~0.08 s. An explicit setting wins.
+        os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
         self.run_dir = Path(run_dir).resolve()
         self.store_dir = Path(store_dir or run_dir).resolve()
         self.store_dir.mkdir(parents=True, exist_ok=True)

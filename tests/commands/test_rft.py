@@ -63,6 +63,38 @@ def test_sft_loss_decreases(tiny_model_dir):
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+def test_sft_under_lora_on_the_last_layer_runs_the_frozen_layers_in_the_first_epoch_only(tiny_model_dir, monkeypatch):
+    """Later epochs start at the first LoRA layer from the states the first epoch recorded
+    (t2po.sft._frozen_trunk) and train exactly as the full passes do."""
+    from peft import LoraConfig, get_peft_model
+
+    import t2po.sft
+    from t2po.models import load_model
+
+    env = make_env("sokoban", **SOKOBAN)
+    convs = play_expert_episodes(env, range(3))
+    results = {}
+    for mode in ("trunk", "full"):
+        base, tokenizer = load_model(tiny_model_dir)
+        n = base.config.num_hidden_layers
+        torch.manual_seed(0)
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[n - 1], layers_pattern="layers"))
+        examples = tokenize_conversations(convs, tokenizer)
+        calls = []  # forward passes of layer 0 per epoch
+        model.get_base_model().get_decoder().layers[0].register_forward_hook(lambda *a: calls.append(len(epochs)))
+        epochs = []
+        monkeypatch.setattr(t2po.sft, "TRUNK_BYTES", 2**31 if mode == "trunk" else 0)
+        losses = sft_train(model, tokenizer, examples, epochs=3, lr=3e-3, batch_size=2, log=lambda m: epochs.append(m["sft/epoch"]))
+        results[mode] = (losses, [p.detach().clone() for p in model.parameters() if p.requires_grad])
+        per_epoch = [calls.count(e) for e in range(3)]
+        assert per_epoch[0] > 0
+        assert (per_epoch[1:] == [0, 0]) == (mode == "trunk"), per_epoch
+    (trunk_losses, trunk_params), (full_losses, full_params) = results["trunk"], results["full"]
+    assert trunk_losses == pytest.approx(full_losses, abs=1e-4)
+    for a, b in zip(trunk_params, full_params):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
 def test_collect_sft_train_pipeline(tiny_model_dir, tmp_path):
     def t2po(*args):
         out = subprocess.run([sys.executable, "-m", "t2po.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
