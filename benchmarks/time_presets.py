@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -79,8 +80,6 @@ def main() -> None:
             print(f"[presets] {preset}: measured already ({runs[preset]['wall_seconds']} s), skipped", flush=True)
             continue
         if (out / preset).exists():
-            import shutil
-
             shutil.rmtree(out / preset)
         print(f"[presets] {preset} ...", flush=True)
         runs[preset] = time_preset(preset, out, args.set)

@@ -208,7 +208,7 @@ TRUNK_BYTES = 2 * 2**30
 def _frozen_trunk(model: torch.nn.Module, prompts: list, responses: list, epochs: int) -> FrozenTrunk | None:
     """A `t2po.policy.FrozenTrunk` for SFT under LoRA on the last layers: the first epoch records the
     states entering the first trainable layer, later epochs start their passes there (the main job's
-    warm-up: 3 epochs, 13-18 s -> 9-11 s). None for one epoch, nothing to skip, a sharded model
+    warm-up: 3 epochs, 13 s -> 10 s in consecutive runs). None for one epoch, nothing to skip, a sharded model
     (FSDP2 needs the same collectives on every rank), or states over `TRUNK_BYTES`."""
     if epochs < 2 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None

@@ -80,9 +80,9 @@ def test_sft_under_lora_on_the_last_layer_runs_the_frozen_layers_in_the_first_ep
         torch.manual_seed(0)
         model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[n - 1], layers_pattern="layers"))
         examples = tokenize_conversations(convs, tokenizer)
-        calls = []  # forward passes of layer 0 per epoch
+        epochs = []  # finished epochs, from sft_train's log
+        calls = []  # per forward pass of layer 0: the epoch it ran in
         model.get_base_model().get_decoder().layers[0].register_forward_hook(lambda *a: calls.append(len(epochs)))
-        epochs = []
         monkeypatch.setattr(t2po.sft, "TRUNK_BYTES", 2**31 if mode == "trunk" else 0)
         losses = sft_train(model, tokenizer, examples, epochs=3, lr=3e-3, batch_size=2, log=lambda m: epochs.append(m["sft/epoch"]))
         results[mode] = (losses, [p.detach().clone() for p in model.parameters() if p.requires_grad])
