@@ -8,4 +8,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# OpenMP threads that give their core back when the machine is busy, sized to the cores this process
+# may use; before torch is imported, which reads them once (t2po/openmp.py).
+from t2po import openmp as _openmp  # noqa: E402
+
+OPENMP_SETTINGS = _openmp.configure()
+
 __version__ = "0.1.0"
