@@ -144,6 +144,8 @@ class TrainerConfig:
     run_name: str | None = _f(None, "Run folder name; default: <env>-<algo>-<timestamp>.")
     val_every: int = _f(5, "Validate every k iterations (0 = only before and after training).")
     val_before_train: bool = _f(True, "Validate before training (and before the warm-up, if any).")
+    val_tti: bool = _f(False, "Validation decodes with the thinking intervention (TTI) as training does. False: one decoder "
+                       "(TTI off) for every algorithm, so held-out figures compare policies, not decoders.")
     save_every: int = _f(1, "Checkpoint every k iterations (the last iteration is always saved).")
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (oldest deleted).")
     trackers: list = _f(["console", "mlflow"], "Trackers: console, mlflow, tensorboard, wandb.")

@@ -11,6 +11,8 @@ same rules. A policy answers a batch of turns:
   prompt text (and image) in, text out, with the server's token usage, retries and latency.
 - `ExpertPolicy`: the environment's expert (`BatchEnv.expert_response`), for demonstrations; no
   answer (None) ends that episode where it stands.
+- `RandomPolicy`: a uniformly random admissible action each turn, the chance reference point of
+  `t2po.references`.
 
 Text policies (`tokenizer = None`) return `Generation`s without token ids.
 """
@@ -18,6 +20,7 @@ Text policies (`tokenizer = None`) return `Generation`s without token ids.
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -108,3 +111,20 @@ class ExpertPolicy:
     def act(self, turns: list[Turn], seed: int) -> list[Generation | None]:
         # no move can still win (e.g. an unsolvable deal): the demonstration ends there
         return [None if (r := self.env.expert_response(t.index, t.state)) is None else text_generation(r) for t in turns]
+
+
+class RandomPolicy:
+    """A uniformly random admissible action every turn, in the `<think>...</think><action>...</action>`
+    format: what "chance" means in an environment with a fixed action set (`t2po.references`)."""
+
+    tokenizer = None
+
+    def act(self, turns: list[Turn], seed: int) -> list[Generation]:
+        rng = random.Random(seed)
+        out = []
+        for t in turns:
+            actions = t.state.admissible_actions
+            if not actions:
+                raise ValueError("RandomPolicy needs an environment that lists its admissible actions.")
+            out.append(text_generation(f"<think>random</think><action>{rng.choice(actions)}</action>"))
+        return out

@@ -303,6 +303,13 @@ def draw_validation(ax, groups: list[RunGroup]) -> bool:
         if len(xs):
             _draw_line(ax, xs, mean, lo, hi, len(group.runs) > 1, color, "-", _group_label(group), order)
             drawn = True
+    drawn_refs = set()  # the random mover and the expert on the same held-out tasks (t2po.references), once per figure
+    for group in groups:
+        refs = (group.runs[0].summary or {}).get("references") or {}
+        for key, style, label in (("random", "--", "random mover"), ("expert", ":", "expert")):
+            if refs.get(key) and key not in drawn_refs:
+                ax.axhline(refs[key]["success"], color="0.4", linestyle=style, linewidth=1.2, label=f"{label} ({refs[key]['success']:.2f})")
+                drawn_refs.add(key)
     _decorate(ax, "held-out validation success", "fraction of tasks solved", groups, FRACTION)
     return drawn
 
@@ -478,6 +485,10 @@ def summary_markdown(groups: list[RunGroup], plots: list[tuple[str, str]]) -> st
             lines.append(f"| {run.name} | {group.label} | {run.seed} | {r['status']} | {_fmt(r['train_final'])} | {best} | "
                          f"{_fmt(r['val_before'])} | {_fmt(r['val_after_warmup'])} | {_fmt(r['val_final'])} | "
                          f"{_fmt(r['tokens'], 0)} | {_minutes(r['rl_seconds'])} | {_minutes(r['wall_seconds'])} |")
+    refs = {(k, v["success"], v["method"]) for g in groups for r in g.runs for k, v in ((r.summary or {}).get("references") or {}).items() if v}
+    if refs:
+        lines += ["", "Reference points on the same held-out tasks: " + "; ".join(
+            f"{'random mover' if k == 'random' else 'expert'} {p:.3f} ({m})" for k, p, m in sorted(refs)) + "."]
     corpora = [(run.name, run.corpus) for group in groups for run in group.runs if run.corpus]
     if corpora:
         lines += ["", "Search corpus: " + "; ".join(f"{name}: `{corpus}`" for name, corpus in corpora) + "."]

@@ -100,6 +100,12 @@ class BatchEnv(abc.ABC):
         walkthrough, oracle). None where the environment has no expert. Used for warm-up SFT/RFT."""
         return None
 
+    def random_success(self, seeds: list[int]) -> list[float] | None:
+        """Per task, the exact probability that uniformly random admissible actions win within
+        `max_steps`, where the environment can enumerate it (Sokoban); None = estimate it by play
+        (`t2po.references.random_mover`)."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """What a reported result depends on beyond the options (Search QA: the corpus and retriever),
         kept with training summaries and evaluation results. Empty by default."""

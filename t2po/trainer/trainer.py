@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import yaml
 
+from t2po import references
 from t2po.algos import StepBatch, kl_penalty, ppo_policy_loss
 from t2po.algos.losses import value_loss
 from t2po.algos.sampling import TDSQuantileThreshold
@@ -328,12 +329,18 @@ class Trainer:
         self.model.eval()
         seeds = list(range(cfg.rollout.val_num_tasks))  # the same held-out tasks in every run (the split sets them apart)
         seeds = shard_tasks(seeds, self.dist.rank, self.dist.world_size)
+        self.reference_points()
         t0 = time.time()
         with self._rollout_weights(), Progress(len(seeds), f"[val {tag}]", "episode", disable=self.quiet) as bar:
-            result = collect_rollouts(self.engine, self.val_env, seeds, 1, self.rollout.val_sampling, self.rollout.tti, None,
+            tti = self.rollout.tti if cfg.trainer.val_tti else None  # None: nothing forced (the decoder every algorithm shares)
+            result = collect_rollouts(self.engine, self.val_env, seeds, 1, self.rollout.val_sampling, tti, None,
                                       cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
                                       seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank, progress=bar)
         stats = {**self._global_stats(result), "seconds": from_rank0(time.time() - t0)}
+        if not self.dist.distributed:  # per-task outcomes, so runs can be paired task by task
+            outcome = {ep.group_id: int(ep.won) for ep in result.episodes}
+            stats["per_task_success"] = [outcome.get(g, 0) for g in range(len(seeds))]
+        stats["success_stderr"] = references.stderr(stats["success_rate"], cfg.rollout.val_num_tasks)
         kill_point("validation", tag)
         self.run_state["validation"][tag] = stats
         self._save_run_state()
@@ -342,10 +349,20 @@ class Trainer:
         with open(self.run_dir / "validation.jsonl", "a") as f:
             f.write(json.dumps({"tag": tag, **stats}) + "\n")
         self._write_traces(f"val_{tag}", result, "validation", validation_step(tag, self.cfg.trainer.iterations))
-        self.trackers.log_metrics({f"val/{k}": v for k, v in stats.items()}, step=validation_step(tag, self.cfg.trainer.iterations))
+        self.trackers.log_metrics({f"val/{k}": v for k, v in stats.items() if not isinstance(v, list)}, step=validation_step(tag, self.cfg.trainer.iterations))
         self.log(f"[val {tag}] success {stats['success_rate']:.3f}  valid actions {1 - stats['invalid_action_rate']:.3f}  "
                  f"reward {stats['episode_reward']:.2f}  turns {stats['episode_length']:.1f}  ({stats['seconds']:.0f}s)")
         return stats
+
+    def reference_points(self) -> dict:
+        """The random mover's and the expert's success on the validation tasks (`t2po.references`),
+        computed once per run and kept in the run state."""
+        if "references" not in self.run_state:
+            seeds = list(range(self.cfg.rollout.val_num_tasks))
+            refs = references.reference_points(self.val_env, seeds, self.cfg.rollout.max_turns)
+            self.run_state["references"] = {k: v and {key: v[key] for key in ("success", "stderr", "method")} for k, v in refs.items()}
+            self._save_run_state()
+        return self.run_state["references"]
 
     def _save_run_state(self) -> None:
         if self.dist.is_main:
@@ -680,7 +697,7 @@ class Trainer:
             if tag not in val:
                 return None
             v = val[tag]
-            return {"success_rate": v["success_rate"], "valid_action_rate": 1 - v["invalid_action_rate"], "episode_reward": v["episode_reward"], "episode_length": v["episode_length"]}
+            return {"success_rate": v["success_rate"], "success_stderr": v.get("success_stderr"), "valid_action_rate": 1 - v["invalid_action_rate"], "episode_reward": v["episode_reward"], "episode_length": v["episode_length"]}
 
         return {
             "run_dir": str(self.run_dir),
@@ -693,6 +710,9 @@ class Trainer:
             **({"after_warmup": pick("after_warmup")} if self.cfg.warmup.episodes > 0 else {}),
             "after_rl": pick("final"),
             "validation_tasks": self.cfg.rollout.val_num_tasks,
+            "references": self.run_state.get("references", {}),
+            "validation_curve": [{"tag": t, "step": validation_step(t, self.cfg.trainer.iterations), "success_rate": v["success_rate"]}
+                                 for t, v in val.items()],
             # what a result depends on beyond the config (Search QA: the corpus the retriever served)
             **({"environment": described} if (described := self.val_env.describe()) else {}),
         }
@@ -729,6 +749,16 @@ def format_summary(s: dict) -> str:
         v = s.get(key)
         if v:
             lines.append(f"    {label:<38} {v['success_rate']:>7.3f}   {v['valid_action_rate']:>13.3f}   {v['episode_reward']:>6.2f}")
+    refs = s.get("references") or {}
+    for key, label in (("random", "random mover (same tasks)"), ("expert", "expert (same tasks)")):
+        if refs.get(key):
+            r = refs[key]
+            lines.append(f"    {label:<38} {r['success']:>7.3f}   ({r['method']})")
+    final, chance = s.get("after_rl"), refs.get("random")
+    if final and chance and final["success_rate"] < chance["success"]:
+        lines.append(f"  ! held-out success after RL ({final['success_rate']:.3f}) is below the random mover's ({chance['success']:.3f})")
+    if final and final.get("success_stderr") is not None:
+        lines.append(f"  standard error of one validation's success: +-{final['success_stderr']:.3f} (binomial, {s['validation_tasks']} tasks)")
     corpus = (s.get("environment") or {}).get("corpus")
     if corpus:
         lines.append(f"  corpus: {corpus['name']} ({corpus['num_passages']:,} passages, {corpus['path']})")

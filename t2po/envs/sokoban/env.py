@@ -56,6 +56,21 @@ _COMPACT_INTRO = (
 _COMPACT_INSTRUCTION = "Answer with <think>brief reasoning</think><action>up, down, left or right</action>."
 
 
+def random_solve_probability(room: Room, steps: int, memo: dict | None = None) -> float:
+    """Probability that `steps` uniformly random moves (each of the four, every step counting, as in
+    an episode) solve `room`: P(room, k) = 1 if solved, 0 if k = 0, else the mean over the four moves m
+    of P(room after m, k - 1). Exact, memoized on (position, steps left)."""
+    memo = {} if memo is None else memo
+    if room.solved:
+        return 1.0
+    if steps == 0:
+        return 0.0
+    key = (room, steps)
+    if key not in memo:
+        memo[key] = sum(random_solve_probability(room.move(m)[0], steps - 1, memo) for m in ACTIONS) / len(ACTIONS)
+    return memo[key]
+
+
 @dataclass
 class _Episode:
     seed: int  # the room seed (split offset included)
@@ -268,6 +283,16 @@ class SokobanEnv(BatchEnv):
         else:
             step = f"Your current observation is{':' if mode == 'text' else ''}"
         return _INTRO + legend + _RULES + "# Current Step\n" + step + current + _INSTRUCTION
+
+    # ---- reference points -----------------------------------------------------------------------
+
+    def random_success(self, seeds: list[int]) -> list[float]:
+        """Exact chance of a uniformly random mover solving each room within `max_steps`
+        (`random_solve_probability`)."""
+        offset = VALID_SEED_OFFSET if self.split == "valid" else 0
+        memo: dict[tuple[Room, int], float] = {}
+        return [random_solve_probability(generate_room(int(s) + offset, self.dim_room, self.num_boxes, self.num_gen_steps), self.max_steps, memo)
+                for s in seeds]
 
     # ---- expert ---------------------------------------------------------------------------------
 
