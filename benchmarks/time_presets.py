@@ -13,6 +13,11 @@ setup to the final validation), the peak resident memory of the process, its exi
 iterations and the held-out validation (success and valid-action rate after the warm-up and after
 RL). It is rewritten after every preset, so a stopped benchmark keeps what it measured; a preset
 whose entry and run folder exist is skipped on the next call (`--again` reruns it).
+The JSON records the CPU kind (model name, the AVX2 / AVX-512 / AVX512-BF16 / AMX flags) and the
+dtype `model.dtype: auto` picks on it, since the same job runs bfloat16 on an AVX512-BF16/AMX CPU and
+float32 elsewhere. `--emulate-avx2` runs on a newer CPU as an AVX2-only one would: ATen, oneDNN and MKL
+kernels capped at AVX2 (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`, `MKL_ENABLE_INSTRUCTIONS`) and
+`model.dtype=float32` (what `auto` picks without bf16 hardware); the JSON says so.
 Nothing here asserts: the README's preset times are read from this file.
 """
 
@@ -40,13 +45,39 @@ def held_out(summary: dict, key: str) -> dict | None:
     return {"success_rate": v["success_rate"], "valid_action_rate": v["valid_action_rate"]} if v else None
 
 
-def time_preset(preset: str, out: Path, overrides: list[str]) -> dict:
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def cpu_kind(emulate_avx2: bool) -> dict:
+    """The CPU model, its vector/matrix extensions, and the dtype `model.dtype: auto` resolves to."""
+    import torch
+
+    from t2po.models import native_bf16
+
+    info = {"model": platform.processor() or platform.machine(), "flags": []}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["model"] = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                info["flags"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+                break
+    except OSError:
+        pass
+    info["auto_dtype"] = "float32" if emulate_avx2 else str(torch.bfloat16 if native_bf16() else torch.float32).removeprefix("torch.")
+    if emulate_avx2:
+        info["emulated"] = {"as": "AVX2-only CPU, float32", **AVX2_ONLY}
+    return info
+
+
+def time_preset(preset: str, out: Path, overrides: list[str], env: dict | None = None) -> dict:
     run_dir = out / preset
     cmd = [sys.executable, "-m", "t2po.cli", "train", preset, f"trainer.output_dir={out}", f"trainer.run_name={preset}", *overrides]
     log = out / f"{preset}.log"
     start = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, cwd=REPO)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage
     wall = time.perf_counter() - start
     entry = {"command": " ".join(["t2po", "train", preset, *overrides]), "exit_status": os.waitstatus_to_exitcode(status),
@@ -67,12 +98,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("bench_results/presets.json"))
     parser.add_argument("--again", action="store_true", help="rerun presets the JSON already holds")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides for every run")
+    parser.add_argument("--emulate-avx2", action="store_true", help="run as an AVX2-only CPU would (kernels capped at AVX2, float32)")
     args = parser.parse_args()
+    if args.emulate_avx2:
+        args.set = [*args.set, "model.dtype=float32"]
     presets = args.presets or cpu_presets()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
-    results.update({"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "python": platform.python_version()},
+    results.update({"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+                                "cpu": cpu_kind(args.emulate_avx2), "load_average": os.getloadavg()},
                     "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()})
     runs = results.setdefault("presets", {})
     for preset in presets:
@@ -82,7 +117,7 @@ def main() -> None:
         if (out / preset).exists():
             shutil.rmtree(out / preset)
         print(f"[presets] {preset} ...", flush=True)
-        runs[preset] = time_preset(preset, out, args.set)
+        runs[preset] = time_preset(preset, out, args.set, AVX2_ONLY if args.emulate_avx2 else None)
         r = runs[preset]
         print(f"[presets] {preset}: {r['wall_seconds'] / 60:.1f} min (t2po {r.get('t2po_seconds', float('nan')) / 60:.1f} min), "
               f"exit {r['exit_status']}, peak {r['peak_rss_mb']} MB", flush=True)
