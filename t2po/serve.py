@@ -464,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: derived from MODEL)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--engine", default="hf", help="generation engine: hf (default), vllm, or package.module:Class (as rollout.engine)")
     parser.add_argument("--no-tti", action="store_true", help="decode without the thinking intervention (spec §2)")
     parser.add_argument("--tti-budget", type=int, default=None, help="TTI think-token budget B (default: the run's setting, else none)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="concurrent requests decoded together at most (default 8)")
@@ -483,9 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from t2po.checkpoints import intervention_for, resolve_policy
-    from t2po.engines import make_engine
+    from t2po.engines import engine_for_policy, engine_spec
 
     try:
+        engine_spec(ns.engine)  # an unknown engine fails before the model loads
         model, tokenizer, description = resolve_policy(ns.model, dtype=ns.dtype, device=ns.device)
     except (FileNotFoundError, ValueError) as e:
         print(f"t2po serve: {e}", file=sys.stderr)
@@ -493,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     intervention = intervention_for(ns.model, enabled=not ns.no_tti, budget=ns.tti_budget)
     name = ns.served_model_name or served_name(ns.model)
     limits = ServeLimits(ns.max_tokens, model_positions(model), ns.max_request_bytes)
-    app = build_app(make_engine("hf", model, tokenizer), name, intervention, faults, ns.max_batch_size, limits)
+    app = build_app(engine_for_policy(ns.engine, model, tokenizer), name, intervention, faults, ns.max_batch_size, limits)
 
     # Bind first, so that --port 0 can report the port actually taken.
     family = socket.AF_INET6 if ":" in ns.host else socket.AF_INET

@@ -7,7 +7,10 @@ plus what it needs from the rest of the trainer (a critic) and its default for T
 
 `settings` is the config's `algo` section (`gamma`, `lam`, `step_weight`, ...). A new algorithm is
 one module with such a function, imported by `t2po/algos/__init__.py` (which registers it); the
-config's choice list is `ALGORITHMS`' keys.
+config's choice list is `ALGORITHMS`' keys. From outside the package no edit is needed:
+`algo.name=my_pkg.my_mod:my_advantages` (a function as above, or an `Algorithm` to say it needs a
+critic or its TTI/TDS defaults), or an installed package's entry point in the group `t2po.algos`
+(`get_algorithm`, `t2po.plugins`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from t2po.algos.advantages import (
     rloo_advantages,
     turn_level_gae,
 )
+from t2po.plugins import load_object, resolve
 
 
 @dataclass
@@ -82,6 +86,24 @@ def register_algorithm(name: str, *, critic: bool = False, tti: bool = False, td
         return fn
 
     return deco
+
+
+ENTRY_POINT_GROUP = "t2po.algos"
+
+
+def get_algorithm(name: str) -> Algorithm:
+    """The algorithm `algo.name` names: a registered one, "package.module:attribute" (an advantage
+    function or an `Algorithm`), or an entry point of the group `t2po.algos`."""
+    return resolve(name, ALGORITHMS, ENTRY_POINT_GROUP, "Algorithm", _load_algorithm)
+
+
+def _load_algorithm(path: str) -> Algorithm:
+    obj = load_object(path, "Algorithm", lambda v: isinstance(v, Algorithm) or callable(v) and not isinstance(v, type),
+                      "advantage function or Algorithm")
+    if isinstance(obj, Algorithm):
+        return obj
+    # a function its module registered under a name of its own keeps that registration's settings
+    return next((a for a in ALGORITHMS.values() if a.advantages is obj), None) or Algorithm(obj)
 
 
 @register_algorithm("gigpo")

@@ -54,6 +54,9 @@ class HFEngine(Engine):
     `uncertainty` and `turn_score`); it exists to measure what monitoring costs.
     The engine shares `model` with the trainer: it samples from the module's current weights."""
 
+    shares_policy_weights = True
+    reads_images = True
+
     def __init__(self, model, tokenizer, monitor_uncertainty: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer

@@ -307,6 +307,17 @@ class VLLMEngine(Engine):
         self.llm = vllm.LLM(logits_processors=[processor], **options)
         self._token_text: list[str] | None = None
 
+    @classmethod
+    def build(cls, policy, tokenizer, settings, *, model_dir=None, seed: int = 0, distributed: bool = False) -> "VLLMEngine":
+        """From `rollout.vllm` (`settings.vllm`), in the policy's dtype; under torchrun vLLM joins the
+        ranks' process group, one replica per rank on its own GPU."""
+        v = settings.vllm
+        return cls(model_dir, tokenizer, dtype=str(policy.dtype).removeprefix("torch."),
+                   max_model_len=v.max_model_len or settings.max_prompt_tokens + settings.sampling.max_new_tokens,
+                   gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager, seed=seed,
+                   **({"kv_cache_memory_bytes": int(v.kv_cache_gib * 1024**3)} if v.kv_cache_gib else {}),
+                   **({"distributed_executor_backend": "external_launcher"} if distributed else {}))
+
     def generate(
         self,
         prompts: list[list[int]],
