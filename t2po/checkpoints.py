@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from t2po.errors import InvalidInput, UserError
 from t2po.model_cache import DEFAULT_MODEL, TINY_VLM
 
 
@@ -60,7 +61,7 @@ def kill_point(phase: str, where: object) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class CorruptCheckpoint(ValueError):
+class CorruptCheckpoint(UserError, ValueError):
     """A checkpoint folder whose files cannot be read back; the message names the file and the problem."""
 
 
@@ -251,11 +252,11 @@ def combine_adapters(prefix_dir: Path, adapter_dir: Path) -> int:
         return sorted(value) if key == "target_modules" and isinstance(value, list) else value
 
     if first["lora_alpha"] / first["r"] != second["lora_alpha"] / second["r"] or any(layout(first, k) != layout(second, k) for k in same):
-        raise ValueError(f"cannot combine the adapters in {prefix_dir} and {adapter_dir}: different LoRA layouts")
+        raise InvalidInput(f"cannot combine the adapters in {prefix_dir} and {adapter_dir}: different LoRA layouts")
     w1 = load_file(str(Path(prefix_dir) / "adapter_model.safetensors"))
     w2 = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     if set(w1) != set(w2):
-        raise ValueError(f"cannot combine the adapters in {prefix_dir} and {adapter_dir}: different LoRA modules")
+        raise InvalidInput(f"cannot combine the adapters in {prefix_dir} and {adapter_dir}: different LoRA modules")
     combined = {k: torch.cat([w1[k], w2[k]], dim=0 if ".lora_A." in k else 1).contiguous() for k in w2}
     save_file(combined, str(Path(adapter_dir) / "adapter_model.safetensors"), metadata={"format": "pt"})
     rank = first["r"] + second["r"]
@@ -524,7 +525,7 @@ def resolve_policy(path: str | os.PathLike | None, dtype: Any = None, device: An
             raise FileNotFoundError(f"checkpoint {source.checkpoint}/model holds no .safetensors weights")
         _, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected:
-            raise ValueError(f"checkpoint {source.checkpoint} does not match its base model {source.base or DEFAULT_MODEL} (unexpected weights {unexpected[:3]})")
+            raise InvalidInput(f"checkpoint {source.checkpoint} does not match its base model {source.base or DEFAULT_MODEL} (unexpected weights {unexpected[:3]})")
     model.eval()
     return model, tokenizer, source.description
 

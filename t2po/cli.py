@@ -27,6 +27,8 @@ import signal
 import sys
 import traceback
 
+from t2po.errors import UserError
+
 TRAIN_HELP = """\
 Train an agent with T2PO or a baseline.
 
@@ -158,13 +160,11 @@ def _presets(argv: list[str]) -> int:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean "the input is wrong" (config, files, data, servers), not "t2po has a
-    bug": reported as one line. Their messages name the fix where they are raised."""
-    from t2po.engines.openai_api import APIError
-    from t2po.envs.search.server import RetrievalError
-    from t2po.tracking import MissingPackage
-
-    return (ValueError, OSError, ImportError, MissingPackage, APIError, RetrievalError)
+    """The exceptions that mean "the input is wrong", not "t2po has a bug": reported as one line.
+    `UserError` (t2po/errors.py) is every expected error t2po raises, its message naming the fix; the
+    file-system errors are a path the user gave that is missing, taken or not readable. Any other
+    exception (a ValueError from the algorithm layer, an ImportError inside t2po) keeps its traceback."""
+    return (UserError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def _delegate(module: str) -> callable:

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from t2po.errors import InvalidInput
 from t2po.model_cache import DEFAULT_MODEL, SMOLLM2_CHAT_TEMPLATE, TINY_VLM, build_cached_directory, cache_root
 from t2po.tiny_models import tiny_vlm_directory
 
@@ -225,7 +226,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device = 
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}: use auto, one of {sorted(names)} or a torch.dtype")
+        raise InvalidInput(f"unknown dtype {dtype!r}: use auto, one of {sorted(names)} or a torch.dtype")
     return names[dtype]
 
 
@@ -239,12 +240,12 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
 
 def _prepare_tokenizer(tokenizer, directory: Path) -> None:
     if not tokenizer.chat_template:
-        raise ValueError(
+        raise InvalidInput(
             f"the tokenizer in {directory} has no chat template; t2po renders every prompt with it. "
             "Add a `chat_template` (tokenizer_config.json or chat_template.jinja) to the model directory"
         )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer in {directory} has neither a pad nor an eos token; add a pad_token")
+            raise InvalidInput(f"the tokenizer in {directory} has neither a pad nor an eos token; add a pad_token")
         tokenizer.pad_token = tokenizer.eos_token  # pad positions are masked out, so any id works
     tokenizer.padding_side = "left"

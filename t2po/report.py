@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from t2po.checkpoints import read_jsonl_log
+from t2po.errors import InvalidInput
 
 SEED_KEYS = ("trainer.seed", "trainer.run_name", "trainer.output_dir")  # differ between seeds of one configuration
 
@@ -503,7 +504,7 @@ def write_report(run_paths: list[str | Path], out: str | Path | None = None) -> 
     """Plots and `report.md` for the given run folders; returns the output folder."""
     runs = [load_run(p) for p in expand_run_paths(run_paths)]
     if not runs:
-        raise ValueError("no run folders given; pass one or more folders that `t2po train` created")
+        raise InvalidInput("no run folders given; pass one or more folders that `t2po train` created")
     out = Path(out) if out is not None else runs[0].path / "report"
     out.mkdir(parents=True, exist_ok=True)
     # drop plots of an earlier report that this one may not redraw (only our own file names)

@@ -35,13 +35,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from t2po.errors import UserError
+
 MLFLOW_STORE = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
 MLFLOW_EXPERIMENT = "t2po"
 RUN_DIR_TAG = "t2po.run_dir"  # identifies the MLflow run of a run folder, so `--resume` continues it
 
 
-class MissingPackage(RuntimeError):
+class MissingPackage(UserError, RuntimeError):
     """An optional tracker whose package is not installed."""
 
 

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 
 
 from t2po.algos.uncertainty import CONFIDENCE_FORMS
+from t2po.errors import out_of_range
+from t2po.suggest import did_you_mean
 
 TRIGGER_KINDS = ("budget", "stagnation")
 
@@ -65,6 +67,17 @@ class InterventionConfig:
     alpha: float = _setting(0.6, "M_t mixing weight alpha (spec §1).")
     confidence: str = _setting("logprob", "conf_t in M_t: logprob (default) or prob.")
     turn_score_skip: int = _setting(32, "The turn score skips this many leading response tokens (spec §3, reference: 32).")
+
+    def check(self, prefix: str = "") -> list[str]:
+        """One line per setting that cannot work (`prefix`: where the config holds it, e.g. "rollout.tti.")."""
+        errors = out_of_range(f"{prefix}eps", self.eps, 0) + out_of_range(f"{prefix}alpha", self.alpha, 0, 1)
+        errors += out_of_range(f"{prefix}turn_score_skip", self.turn_score_skip, 0)
+        errors += [e for k in ("patience", "budget") if getattr(self, k) is not None for e in out_of_range(f"{prefix}{k}", getattr(self, k), 1)]
+        if self.confidence not in CONFIDENCE_FORMS:
+            errors.append(f"{prefix}confidence={self.confidence!r}: choose {' or '.join(CONFIDENCE_FORMS)}{did_you_mean(self.confidence, CONFIDENCE_FORMS)}")
+        if self.eps_rel is not None and self.eps_rel <= 0:
+            errors.append(f"{prefix}eps_rel={self.eps_rel}: must be > 0 (or null for the absolute {prefix}eps)")
+        return errors
 
 
 @dataclass

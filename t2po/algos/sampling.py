@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from t2po.errors import out_of_range
+
 
 @dataclass
 class TDSConfig:
@@ -28,6 +30,13 @@ class TDSConfig:
     quantile: float | None = field(default=None, metadata={"help": "Threshold relative to the run's own deltas instead of eta: regenerate the turns whose |delta Mbar| is below this quantile of the last `window` first-sample deltas (TDSQuantileThreshold), so the flag rate is about this fraction at any model scale. null = the absolute eta (the paper's)."})
     window: int = field(default=1024, metadata={"help": "Recent first-sample deltas the quantile threshold is estimated from (kept across iterations and checkpointed)."})
     enabled: bool | None = field(default=True, metadata={"help": "Turn-level dynamic sampling on or off. In the config, null = on for t2po, off for the baselines (the algorithm's default); always off with algo.dynamic_sampling."})
+
+    def check(self, prefix: str = "") -> list[str]:
+        """One line per setting that cannot work (`prefix`: where the config holds it, e.g. "rollout.tds.")."""
+        errors = out_of_range(f"{prefix}eta", self.eta, 0) + out_of_range(f"{prefix}max_try", self.max_try, 0)
+        if self.quantile is not None and not 0 < self.quantile < 1:
+            errors.append(f"{prefix}quantile={self.quantile}: must be in (0, 1) (or null for the absolute {prefix}eta)")
+        return errors + out_of_range(f"{prefix}window", self.window, 1)
 
 
 def _as_scores(scores: Any, name: str) -> np.ndarray:

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import yaml
 
-from t2po.algos import StepBatch, kl_penalty, ppo_policy_loss
-from t2po.algos.losses import value_loss
+from t2po.algos import StepBatch
+from t2po.algos.losses import LossBatch, get_loss
 from t2po.algos.sampling import TDSQuantileThreshold
 from t2po.checkpoints import (
     CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, complete_checkpoints, is_sharded, kill_point, latest_checkpoint,
@@ -46,8 +46,9 @@ from t2po.distributed import (
     barrier, clip_grad_norm, from_rank0, gather_objects, gathered, init_distributed, mean_over_ranks, padded,
     plan_mini_batches, shard_model, shard_tasks, sum_over_ranks,
 )
-from t2po.engines import engine_class, engine_spec, make_engine
+from t2po.engines import engine_class, engine_spec
 from t2po.envs import make_env
+from t2po.errors import InvalidInput
 from t2po.models import adapter_base, is_adapter_directory, model_directory
 from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.progress import ConsoleLog, Progress, silence_library_progress
@@ -69,6 +70,8 @@ class Trainer:
         self.start_iteration = 0
         self.history: dict[str, Any] = {}
         self.trunk: FrozenTrunk | None = None  # set by _score_samples for the update that follows
+        self.engine_model_dir: Path | None = None  # the model folder of an engine with its own copy of the weights
+        self.loss_fn = get_loss(cfg.algo.loss)  # (LossBatch, cfg.algo) -> (loss, metrics), t2po.algos.losses
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -88,7 +91,7 @@ class Trainer:
         self.device = self.dist.device
         if self.dist.distributed:
             if cfg.algorithm.critic or cfg.warmup.episodes > 0:
-                raise ValueError("multi-process training supports t2po, gigpo, grpo and rloo without warm-up; run ppo or the warm-up (t2po sft) in one process")
+                raise InvalidInput("multi-process training supports t2po, gigpo, grpo and rloo without warm-up; run ppo or the warm-up (t2po sft) in one process")
             self.run_dir = Path(from_rank0(str(self.run_dir)))
             self.quiet = self.quiet or not self.dist.is_main
         self.ckpt_root = self.run_dir / CHECKPOINTS
@@ -98,7 +101,7 @@ class Trainer:
             try:
                 self.run_state = json.loads(self.state_path.read_text())
             except ValueError as e:  # written atomically, so only a damaged disk gets here
-                raise ValueError(f"{self.state_path} is damaged ({e}); restore it or start a new run") from None
+                raise InvalidInput(f"{self.state_path} is damaged ({e}); restore it or start a new run") from None
 
         base_path = cfg.model.path
         if self.run_state.get("warmup_done") and (self.run_dir / WARMUP_MODEL).exists():
@@ -154,7 +157,7 @@ class Trainer:
         None (start from iteration 0) when there is none."""
         for ckpt in complete_checkpoints(self.ckpt_root):
             if self.dist.distributed and not is_sharded(ckpt):
-                raise ValueError(f"{ckpt} was written by one process; resume it with one process (python -m t2po.cli train --resume {self.run_dir}), "
+                raise InvalidInput(f"{ckpt} was written by one process; resume it with one process (python -m t2po.cli train --resume {self.run_dir}), "
                                  "or start the multi-process run from its weights (model.path)")
             try:  # a sharded one loads on any world size
                 state = load_checkpoint(ckpt, self.model, self.optimizer, self.value_head, self.cfg.model.lora)
@@ -172,21 +175,14 @@ class Trainer:
         return None
 
     def _make_engine(self):
-        """The rollout engine (`rollout.engine`): one that shares the policy module (transformers), or
-        one with its own copy of the weights (vLLM, `rollout.vllm`), loaded from the policy now and
-        after every update."""
-        cfg = self.cfg
-        if self.engine_spec.shares_policy_weights:
-            return make_engine(cfg.rollout.engine, self.model, self.tokenizer)
-        r = cfg.rollout
-        engine = make_engine(cfg.rollout.engine, self.engine_model_dir, self.tokenizer, dtype=str(self.model.dtype).removeprefix("torch."),
-                             max_model_len=r.vllm.max_model_len or r.max_prompt_tokens + r.sampling.max_new_tokens,
-                             gpu_memory_utilization=r.vllm.gpu_memory_utilization, enforce_eager=r.vllm.enforce_eager,
-                             seed=cfg.trainer.seed + self.dist.rank,
-                             **({"kv_cache_memory_bytes": int(r.vllm.kv_cache_gib * 1024**3)} if r.vllm.kv_cache_gib else {}),
-                             # under torchrun: vLLM joins the ranks' process group, one replica per rank on its own GPU
-                             **({"distributed_executor_backend": "external_launcher"} if self.dist.distributed else {}))
-        self._sync_engine(engine)
+        """The rollout engine (`rollout.engine`), built from its own settings (`Engine.build`): one that
+        shares the policy module (transformers), or one with its own copy of the weights (vLLM,
+        `rollout.vllm`), given the policy's weights now and after every update."""
+        engine = engine_class(self.cfg.rollout.engine).build(
+            self.model, self.tokenizer, self.cfg.rollout, model_dir=self.engine_model_dir,
+            seed=self.cfg.trainer.seed + self.dist.rank, distributed=self.dist.distributed)
+        if not self.engine_spec.shares_policy_weights:
+            self._sync_engine(engine)
         return engine
 
     def _engine_model_dir(self, base_path: str | None) -> Path:
@@ -508,33 +504,21 @@ class Trainer:
                     # weight of this micro-batch in the mini-batch mean (token-mean: by tokens; seq-mean: by rows)
                     w = (loss_mask.sum().item() / max(n_tok, 1)) if a.loss_agg == "token-mean" else len(mb.indices) / share.global_samples
                     w = w if real else 0.0
-                    pg_loss, m = ppo_policy_loss(out["logp"], old_lp, adv_t, loss_mask, a.clip_low, a.clip_high, a.dual_clip, a.loss_agg)
-                    loss = pg_loss
-                    denom = loss_mask.sum().clamp(min=1)
-                    entropy = (out["entropy"] * loss_mask).sum() / denom
-                    if a.entropy_coef > 0:
-                        loss = loss - a.entropy_coef * entropy
+                    ref_lp = values = v_old = v_ret = None
                     if ref is not None:
                         ref_lp = torch.zeros(B, T, device=dev)
                         for b, i in enumerate(mb.indices):
                             ref_lp[b, : len(ref[i])] = ref[i]
-                        kl = (kl_penalty(out["logp"], ref_lp, a.kl_kind) * loss_mask).sum() / denom
-                        loss = loss + a.kl_coef * kl
-                        acc("kl", kl.item())
                     if self.value_head is not None:
+                        values = out["values"]
                         v_old = torch.tensor([old_values[i] for i in mb.indices], dtype=torch.float32, device=dev)
                         v_ret = torch.tensor([returns[i] for i in mb.indices], dtype=torch.float32, device=dev)
-                        vl, vm = value_loss(out["values"].unsqueeze(1), v_old.unsqueeze(1), v_ret.unsqueeze(1), torch.ones(B, 1, device=dev), a.value_clip)
-                        loss = loss + a.value_coef * vl
-                        acc("value_loss", vl.item())
-                        acc("vf_clip_frac", vm["vf_clip_frac"])
+                    loss, m = self.loss_fn(LossBatch(out["logp"], out["entropy"], old_lp, adv_t, loss_mask, ref_lp, values, v_old, v_ret), a)
                     (loss * w).backward()
                     if not real:
                         continue
-                    acc("pg_loss", pg_loss.item())
-                    acc("entropy", entropy.item())
-                    for k in ("clip_frac", "clip_frac_lower", "approx_kl"):
-                        acc(k, m[k])
+                    for k, v in m.items():
+                        acc(k, v)
                 acc("grad_norm", clip_grad_norm(params, cfg.optim.grad_clip))
                 self.optimizer.step()
                 bar.update(1)

@@ -45,6 +45,7 @@ from t2po.envs.search.data import (
     question_pool,
 )
 from t2po.envs.search.server import BackgroundServer, RetrievalClient, load_retriever
+from t2po.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -181,16 +182,16 @@ class SearchEnv(BatchEnv):
                  timeout: float = 30.0, data_dir: str | None = None, corpus: str | None = None,
                  retriever: str = "bm25"):
         if topk < 1:
-            raise ValueError(f"topk must be at least 1, got {topk}.")
+            raise InvalidInput(f"topk must be at least 1, got {topk}.")
         if max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1, got {max_steps}.")
+            raise InvalidInput(f"max_steps must be at least 1, got {max_steps}.")
         split = "validation" if split == "valid" else split  # the trainer's generic name
         if split not in SPLITS:
-            raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
+            raise InvalidInput(f"Unknown split {split!r}; use one of {SPLITS}.")
         if not data_sources or set(data_sources) - set(DATA_SOURCES):
-            raise ValueError(f"data_sources must be a non-empty subset of {DATA_SOURCES}, got {data_sources!r}.")
+            raise InvalidInput(f"data_sources must be a non-empty subset of {DATA_SOURCES}, got {data_sources!r}.")
         if retriever_url is not None and (corpus is not None or retriever != "bm25"):
-            raise ValueError("The options corpus/retriever configure the in-process retrieval server; with "
+            raise InvalidInput("The options corpus/retriever configure the in-process retrieval server; with "
                              "retriever_url set, the running server decides its corpus. Drop one or the other.")
         self.topk, self.split, self.max_steps, self.history_length = topk, split, max_steps, history_length
         self.data_sources = tuple(data_sources)
@@ -208,7 +209,7 @@ class SearchEnv(BatchEnv):
             raise
         if not self.questions:
             self.close()
-            raise ValueError(f"No {split} questions for data sources {self.data_sources}.")
+            raise InvalidInput(f"No {split} questions for data sources {self.data_sources}.")
         self.corpus_name = self.server_info["corpus"]["name"]
         logger.info("Search env (%s, %d questions) retrieves from %s: corpus %s", split, len(self.questions),
                     retriever_url, self.server_info["corpus"])

@@ -29,6 +29,7 @@ from t2po.envs.parsing import ParsedAction, parse_think_action
 from t2po.envs.webshop.catalog import SPLITS, Catalog, Goal, generated_catalog, load_official_catalog
 from t2po.envs.webshop.engine import INDEX_CACHE_MIN_PRODUCTS, Page, SearchIndex, Shop, ShopSession, parse_action, rich_text, simple_text
 from t2po.envs.webshop.reward import FUZZY_MATCH_THRESHOLD, TITLE_NOUN_MODES, goal_option_list, normalize_color, token_set_ratio
+from t2po.errors import InvalidInput
 
 SUCCESS_REWARD = 10.0  # spec §4: 10 for success in WebShop
 OBSERVATION_MODES = ("text", "text_rich")
@@ -152,15 +153,15 @@ class WebShopEnv(BatchEnv):
         cache_dir: str | None = None,
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"WebShop split must be one of {', '.join(SPLITS)}, got {split!r}.")
+            raise InvalidInput(f"WebShop split must be one of {', '.join(SPLITS)}, got {split!r}.")
         if observation_mode not in OBSERVATION_MODES:
-            raise ValueError(f"observation_mode must be one of {', '.join(OBSERVATION_MODES)}, got {observation_mode!r}.")
+            raise InvalidInput(f"observation_mode must be one of {', '.join(OBSERVATION_MODES)}, got {observation_mode!r}.")
         if title_nouns not in TITLE_NOUN_MODES:
-            raise ValueError(f"title_nouns must be one of {', '.join(TITLE_NOUN_MODES)}, got {title_nouns!r}.")
+            raise InvalidInput(f"title_nouns must be one of {', '.join(TITLE_NOUN_MODES)}, got {title_nouns!r}.")
         if max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1, got {max_steps}.")
+            raise InvalidInput(f"max_steps must be at least 1, got {max_steps}.")
         if num_products is not None and num_products < 1:
-            raise ValueError(f"num_products must be at least 1 (or unset), got {num_products}.")
+            raise InvalidInput(f"num_products must be at least 1 (or unset), got {num_products}.")
         self.split = split
         self.max_steps = max_steps
         self.history_length = history_length
