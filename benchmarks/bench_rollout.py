@@ -1,7 +1,7 @@
 """One rollout iteration of the main job: the engine before issue 17 against today's default, and the
 prefill work against the distinct prompt tokens.
 
-Workload (`configs/default.yaml`): SmolLM2-135M-Instruct, 8 Sokoban rooms x 4 group members (batch
+Workload (`t2po/configs/default.yaml`): SmolLM2-135M-Instruct, 8 Sokoban rooms x 4 group members (batch
 32), at most 3 turns, 40 new tokens, TTI monitoring on, TDS on (eta 0.3, one retry), the same seed
 for both engines.
 - `fp32_baseline`: the engine before issue 17: float32 weights, transformers' SDPA attention

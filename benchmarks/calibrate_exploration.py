@@ -1,6 +1,6 @@
 """Do TTI and TDS act at the main job's setting? Exploration diagnostics of candidate settings, cheaply.
 
-Runs the main job's warm-up once (configs/default.yaml: 16 expert episodes, 3 epochs; ~1 min), then
+Runs the main job's warm-up once (t2po/configs/default.yaml: 16 expert episodes, 3 epochs; ~1 min), then
 collects training rollouts at the main job's setting (8 tasks x 4, Sokoban, 40 response tokens) with
 each candidate's TTI / TDS settings, `--batches` batches per candidate (one per "iteration", the
 relative TDS threshold carried across them as in training), and prints what the mechanisms did:

@@ -37,7 +37,7 @@ Train an agent with T2PO or a baseline.
   t2po train alfworld-cpu algo.name=gigpo     any preset plus dotted overrides
   t2po train --resume runs/sokoban-t2po-...   continue a run after a stop or a kill
 
-PRESET is a name from `t2po presets` (files in configs/) or a path to a YAML file. Overrides are
+PRESET is a name from `t2po presets` (files in t2po/configs/) or a path to a YAML file. Overrides are
 section.key=value with YAML values (rollout.group_size=8, env.options.dim_room=[6,6], model.path=null).
 `--print-config` prints the resolved configuration (preset + overrides) as YAML and exits, writing
 nothing; `--help-config` lists every key with that value, the code default where it differs, and its

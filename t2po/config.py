@@ -3,7 +3,7 @@
     cfg = load_config("alfworld-cpu", ["algo.name=grpo", "rollout.group_size=4"])
 
 Every field has a help text (`field(metadata={"help": ...})`); `t2po train --help-config` prints them.
-Presets are YAML files in `configs/` holding a partial tree; a preset may name another preset in
+Presets are YAML files in `t2po/configs/` holding a partial tree; a preset may name another preset in
 `base:` that it extends. Unknown or mistyped keys fail with the nearest valid key; bad values fail
 before any work starts: each section checks its own values (`check()`, including the algorithm classes
 the tree holds: `SamplingParams`, `InterventionConfig`, `TDSConfig`) and `Config.validate` adds the rules
@@ -23,6 +23,7 @@ else (`_read_preset`, `_apply`, `_coerce`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import inspect
 import sys
 import typing
@@ -419,8 +420,9 @@ def upgrade_keys(data: dict, source: str) -> dict:
 
 
 def configs_dir() -> Path:
-    """`configs/` at the repository root (the package is installed in editable mode)."""
-    return Path(__file__).resolve().parents[1] / "configs"
+    """`t2po/configs/`, the presets installed with the package (package data, pyproject.toml), found
+    through `importlib.resources` in an editable install and in an installed wheel alike."""
+    return Path(str(importlib.resources.files("t2po") / "configs"))
 
 
 def list_presets() -> list[str]:
@@ -556,7 +558,7 @@ def _looks_numeric(s: str) -> bool:
 
 
 def load_config(preset: str | None = None, overrides: list[str] | None = None, validate: bool = True) -> Config:
-    """Defaults <- preset YAML (default: `configs/default.yaml`) <- dotted overrides."""
+    """Defaults <- preset YAML (default: `t2po/configs/default.yaml`) <- dotted overrides."""
     cfg = Config()
     data = _read_preset(preset or "default")
     for ov in overrides or []:
