@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from t2po.algos.sampling import TDSQuantileThreshold
+from t2po.algos.sampling import TDSQuantileThreshold, TDSResampler
 from t2po.config import load_config
 from t2po.envs import make_env
-from t2po.rollout import collect_rollouts
+from t2po.policies import EnginePolicy
+from t2po.rollout import RolloutSettings, collect_rollouts
 from t2po.trainer.trainer import Trainer
 
 PAPER_ETA = 0.3  # spec §3
@@ -72,9 +73,9 @@ def main() -> None:
             batches = []
             for k in range(ns.batches):
                 t0 = time.time()
-                result = collect_rollouts(trainer.engine, env, trainer.task_seeds(k), r.group_size, r.sampling, r.tti, r.tds,
-                                          r.max_turns, r.invalid_action_penalty, r.max_prompt_tokens,
-                                          seed=cfg.trainer.seed * 7_777 + k, tds_threshold=threshold)
+                result = collect_rollouts(EnginePolicy(trainer.engine, r.sampling, r.tti), env, trainer.task_seeds(k),
+                                          RolloutSettings(r.group_size, r.max_turns, r.invalid_action_penalty, r.max_prompt_tokens),
+                                          seed=cfg.trainer.seed * 7_777 + k, resampler=TDSResampler(r.tds, threshold) if r.tds.enabled else None)
                 stats = {key: result.stats[key] for key in SHOWN if key in result.stats}
                 # what the paper's absolute eta would flag among the same first samples
                 deltas = np.array([x.tds_delta for x in result.samples if np.isfinite(x.tds_delta)])

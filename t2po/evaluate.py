@@ -58,8 +58,8 @@ from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy, api_key_from_env
 from t2po.envs import BatchEnv, env_option_errors, make_env, parse_env_options, split_env_overrides
 from t2po.errors import InvalidInput
-from t2po.policies import NO_ANSWER, APIPolicy
-from t2po.rollout import INVALID_ACTION_PENALTY, Episode, collect_rollouts
+from t2po.policies import NO_ANSWER, APIPolicy, EnginePolicy
+from t2po.rollout import INVALID_ACTION_PENALTY, Episode, RolloutSettings, collect_rollouts
 from t2po.tracking import episode_trace
 
 DEFAULT_EPISODES = 16
@@ -547,9 +547,10 @@ def _play_local(run: EvalRun, policy: _LocalPolicy, pending: list[int], done: di
             t0 = time.monotonic()
             desc = f"[episodes {start + 1}-{start + len(batch)} of {len(pending)}]"
             with Progress(len(batch), desc, "episode", disable=run.quiet) as bar:  # a batch can take minutes
-                result = collect_rollouts(engine, env, batch, 1, policy.sampling, policy.intervention, tds=None,
-                                          invalid_action_penalty=run.folder.setup["invalid_action_penalty"],
-                                          max_prompt_tokens=policy.max_prompt_tokens, seed=batch[0], progress=bar)
+                settings = RolloutSettings(invalid_action_penalty=run.folder.setup["invalid_action_penalty"],
+                                           max_prompt_tokens=policy.max_prompt_tokens)
+                result = collect_rollouts(EnginePolicy(engine, policy.sampling, policy.intervention), env, batch, settings,
+                                          seed=batch[0], progress=bar)
             share = (time.monotonic() - t0) / len(batch)  # an episode's share of the batch's wall time
             for episode in result.episodes:
                 run.finish_episode(done, *episode_files(episode, tokenizer, run.env_name, run.split, share))
@@ -571,7 +572,7 @@ def _play_api(run: EvalRun, agent: OpenAIChatAgent, pending: list[int], done: di
         try:
             start = time.monotonic()
             # one episode per call, its request seeds from its task seed; the turns as in training
-            result = collect_rollouts(policy, env, [seed], 1, invalid_action_penalty=penalty, seed=seed)
+            result = collect_rollouts(policy, env, [seed], RolloutSettings(invalid_action_penalty=penalty), seed=seed)
             return episode_files(result.episodes[0], None, run.env_name, run.split, time.monotonic() - start)
         finally:
             envs.put(env)

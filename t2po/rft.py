@@ -64,13 +64,14 @@ def collect(env_name: str, policy: str, episodes: int, threshold: float, out: Pa
             from t2po.checkpoints import resolve_policy
             from t2po.engines import engine_for_policy
             from t2po.engines.base import InterventionConfig, SamplingParams
-            from t2po.rollout import collect_rollouts
+            from t2po.policies import EnginePolicy
+            from t2po.rollout import RolloutSettings, collect_rollouts
 
             model, tokenizer, description = resolve_policy(None if policy == "default" else policy)
-            engine = engine_for_policy(engine_name, model, tokenizer)
+            player = EnginePolicy(engine_for_policy(engine_name, model, tokenizer),
+                                  SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens), InterventionConfig())
             for start in range(0, len(seeds), batch_size):
-                result = collect_rollouts(engine, env, seeds[start : start + batch_size], group_size,
-                                          SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens), InterventionConfig(), seed=seed + start)
+                result = collect_rollouts(player, env, seeds[start : start + batch_size], RolloutSettings(group_size), seed=seed + start)
                 for ep in result.episodes:
                     played += 1
                     if episode_score(ep.won, ep.metrics) <= threshold:

@@ -29,7 +29,7 @@ from t2po.envs.base import BatchEnv
 from t2po.errors import InvalidInput
 from t2po.policies import ExpertPolicy
 from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
-from t2po.rollout import build_prompt, collect_rollouts
+from t2po.rollout import RolloutSettings, build_prompt, collect_rollouts
 
 
 @dataclass
@@ -55,7 +55,7 @@ def play_expert_episodes(env: BatchEnv, seeds: Iterable[int], max_turns: int | N
     """Play `env`'s expert (`expert_response`) on the given task seeds through the rollout loop
     (`ExpertPolicy`) and record the conversations. A demonstration ends where the expert has no move."""
     seeds = list(seeds)
-    result = collect_rollouts(ExpertPolicy(env), env, seeds, 1, max_turns=max_turns)
+    result = collect_rollouts(ExpertPolicy(env), env, seeds, RolloutSettings(max_turns=max_turns))
     if seeds and not result.samples:
         raise InvalidInput(f"Environment {env.name!r} gave no expert move on seeds {seeds[:8]}{'...' if len(seeds) > 8 else ''}; "
                          "use `t2po rft collect` with a model instead.")

@@ -6,7 +6,7 @@ other machines, the instances of a batch can live in Ray actors instead of the t
     import ray
     ray.init(num_cpus=4)                                    # or an existing cluster: ray.init("auto")
     env = RayEnvPool("alfworld", {"max_steps": 50}, num_workers=4)
-    result = collect_rollouts(engine, env, task_seeds, group_size, sampling)   # unchanged
+    result = collect_rollouts(policy, env, task_seeds, settings)   # unchanged
     env.close()
 
 Each actor builds the environment once with `make_env(name, **options)`. `reset(seeds)` splits the

@@ -20,7 +20,6 @@ A recipe in the torchtune sense: `Trainer(cfg).setup()`, `.train()`, `.cleanup()
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import json
 import shutil
@@ -36,7 +35,7 @@ import yaml
 
 from t2po.algos import StepBatch
 from t2po.algos.losses import LossBatch, get_loss
-from t2po.algos.sampling import TDSQuantileThreshold
+from t2po.algos.sampling import TDSResampler
 from t2po.checkpoints import (
     CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, complete_checkpoints, is_sharded, kill_point, latest_checkpoint,
     load_checkpoint, point_adapter_at, read_jsonl_log, save_checkpoint,
@@ -50,10 +49,12 @@ from t2po.engines import engine_class, engine_spec
 from t2po.envs import make_env
 from t2po.errors import InvalidInput
 from t2po.models import adapter_base, is_adapter_directory, model_directory
+from t2po.policies import EnginePolicy
 from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.progress import ConsoleLog, Progress, silence_library_progress
-from t2po.rollout import COUNTERS, RolloutResult, StepSample, collect_rollouts, rollout_stats
+from t2po.rollout import COUNTERS, RolloutResult, RolloutSettings, StepSample, collect_rollouts, rollout_stats
 from t2po.tracking import validation_step
+from t2po.trainer.batch import TrainingBatch
 
 
 class Trainer:
@@ -142,9 +143,10 @@ class Trainer:
             self.engine_model_dir = self._engine_model_dir(self.base_model_path)
         self._wrap_trainable()
         self.trackers = make_trackers(cfg.trainer.trackers if self.dist.is_main else [], self.run_dir, cfg.to_dict(), quiet=self.quiet)
-        # the relative TDS threshold's window of recent deltas: run state, kept across iterations and checkpoints
-        tds = self.rollout.tds
-        self.tds_threshold = TDSQuantileThreshold(tds.quantile, tds.window) if tds.enabled and tds.quantile is not None else None
+        # TDS for the training rollouts; its relative threshold's window of recent deltas is run state, kept
+        # across iterations and checkpoints
+        self.tds = TDSResampler(self.rollout.tds) if self.rollout.tds.enabled else None
+        self.tds_threshold = self.tds.threshold if self.tds is not None else None
         if self.resume:
             ckpt = self._load_newest_loadable_checkpoint()
             self._forget_work_after(self.start_iteration)
@@ -304,14 +306,14 @@ class Trainer:
         tasks would report (rates over all episodes/steps, counts summed)."""
         if not self.dist.distributed:
             return dict(result.stats)
-        # the episodes without what the statistics do not read (token ids, texts, images)
-        light = [dataclasses.replace(ep, observations=[], samples=[
-            dataclasses.replace(x, prompt_ids=[], response_ids=[0] * len(x.response_ids), rollout_logprobs=[], response_text="", anchor_obs="",
-                                image=None, pixel_inputs=None, prompt_text="", discarded=[])
-            for x in ep.samples]) for ep in result.episodes]
-        everyone = gather_objects((light, {k: result.stats[k] for k in COUNTERS if k in result.stats}))
+        # what the statistics read of each episode (`Episode.stats`), not the samples' token ids, texts, images
+        everyone = gather_objects(([ep.stats() for ep in result.episodes], {k: result.stats[k] for k in COUNTERS if k in result.stats}))
         counters = {k: sum(c[k] for _, c in everyone if k in c) for k in COUNTERS if any(k in c for _, c in everyone)}
         return rollout_stats([ep for episodes, _ in everyone for ep in episodes], counters)
+
+    def _play_settings(self, group_size: int) -> RolloutSettings:
+        r = self.cfg.rollout
+        return RolloutSettings(group_size, r.max_turns, r.invalid_action_penalty, r.max_prompt_tokens)
 
     def task_seeds(self, iteration: int) -> list[int]:
         rng = np.random.default_rng([self.cfg.trainer.seed, iteration])
@@ -326,9 +328,8 @@ class Trainer:
         seeds = shard_tasks(seeds, self.dist.rank, self.dist.world_size)
         t0 = time.time()
         with self._rollout_weights(), Progress(len(seeds), f"[val {tag}]", "episode", disable=self.quiet) as bar:
-            result = collect_rollouts(self.engine, self.val_env, seeds, 1, self.rollout.val_sampling, self.rollout.tti, None,
-                                      cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
-                                      seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank, progress=bar)
+            result = collect_rollouts(EnginePolicy(self.engine, self.rollout.val_sampling, self.rollout.tti), self.val_env, seeds,
+                                      self._play_settings(group_size=1), seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank, progress=bar)
         stats = {**self._global_stats(result), "seconds": from_rank0(time.time() - t0)}
         kill_point("validation", tag)
         self.run_state["validation"][tag] = stats
@@ -460,76 +461,55 @@ class Trainer:
                     ref[i] = ref_out["logp"][b, : len(samples[i].response_ids)].clone()
 
     # ------------------------------------------------------------------ update
-    def update(self, samples: list[StepSample], adv: np.ndarray, old: list[torch.Tensor], ref: list[torch.Tensor] | None,
-               old_values: np.ndarray | None, returns: np.ndarray | None, iteration: int) -> dict[str, float]:
+    def update(self, samples: list[StepSample], batch: TrainingBatch, iteration: int) -> dict[str, float]:
+        """One PPO pass (`optim.ppo_epochs`) over the iteration's samples in mini-batches of
+        `optim.mini_batch_size`, each accumulated over micro-batches of `optim.micro_batch_tokens`:
+        the loss component (`algo.loss`) per micro-batch, weighted into the mini-batch mean, then
+        gradient clipping and one optimizer step."""
         cfg = self.cfg
-        a = cfg.algo
         self.model.train()
         rng = np.random.default_rng([cfg.trainer.seed, iteration, 17])
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-
-        def acc(key: str, value: float) -> None:
-            sums[key] = sums.get(key, 0.0) + value
-            counts[key] = counts.get(key, 0) + 1
-
-        real_tokens = processed_tokens = 0
-        lengths = [len(s.response_ids) for s in samples]
+        log = _Means()
+        tokens = [0, 0]  # real, processed (padding included)
         filler = next(self._micro_batches([0], samples))  # run with loss weight 0 (t2po.distributed.padded)
         # one process: rng.permutation(len(samples)) in mini_batch_size chunks per epoch; several: the same global plan
+        lengths = [len(s.response_ids) for s in samples]
         plans = [plan_mini_batches(lengths, cfg.optim.mini_batch_size, rng) for _ in range(cfg.optim.ppo_epochs)]
-        bar = Progress(sum(map(len, plans)), f"[update iter {iteration + 1}]", "step", disable=self.quiet)
-        for plan in plans:
-            for share in plan:
-                mini, n_tok = share.indices, share.global_tokens
+        with Progress(sum(map(len, plans)), f"[update iter {iteration + 1}]", "step", disable=self.quiet) as bar:
+            for share in (share for plan in plans for share in plan):
                 self.optimizer.zero_grad(set_to_none=True)
-                for mb, real in padded(list(self._micro_batches(mini, samples)), filler):
-                    real_tokens += mb.real_tokens
-                    processed_tokens += mb.processed_tokens
-                    out = forward_micro_batch(self.model, mb, with_entropy=True, value_head=self.value_head, autocast_bf16=cfg.optim.bf16,
-                                              trunk=self.trunk if real else None)
-                    B, T = mb.response_ids.shape
-                    dev = self.device
-                    old_lp = torch.zeros(B, T, device=dev)
-                    for b, i in enumerate(mb.indices):
-                        old_lp[b, : len(old[i])] = old[i].to(dev)
-                    loss_mask = mb.response_mask.clone()
-                    if a.mask_forced_tokens:
-                        for b, i in enumerate(mb.indices):
-                            forced = samples[i].forced_mask
-                            if any(forced):
-                                loss_mask[b, : len(forced)] *= 1.0 - torch.tensor(forced, dtype=torch.float32, device=dev)
-                    adv_t = torch.tensor([adv[i] for i in mb.indices], dtype=torch.float32, device=dev)
-                    # weight of this micro-batch in the mini-batch mean (token-mean: by tokens; seq-mean: by rows)
-                    w = (loss_mask.sum().item() / max(n_tok, 1)) if a.loss_agg == "token-mean" else len(mb.indices) / share.global_samples
-                    w = w if real else 0.0
-                    ref_lp = values = v_old = v_ret = None
-                    if ref is not None:
-                        ref_lp = torch.zeros(B, T, device=dev)
-                        for b, i in enumerate(mb.indices):
-                            ref_lp[b, : len(ref[i])] = ref[i]
-                    if self.value_head is not None:
-                        values = out["values"]
-                        v_old = torch.tensor([old_values[i] for i in mb.indices], dtype=torch.float32, device=dev)
-                        v_ret = torch.tensor([returns[i] for i in mb.indices], dtype=torch.float32, device=dev)
-                    loss, m = self.loss_fn(LossBatch(out["logp"], out["entropy"], old_lp, adv_t, loss_mask, ref_lp, values, v_old, v_ret), a)
-                    (loss * w).backward()
-                    if not real:
-                        continue
-                    for k, v in m.items():
-                        acc(k, v)
-                acc("grad_norm", clip_grad_norm(params, cfg.optim.grad_clip))
+                for mb, real in padded(list(self._micro_batches(share.indices, samples)), filler):
+                    tokens[0] += mb.real_tokens
+                    tokens[1] += mb.processed_tokens
+                    loss, weight, metrics = self._micro_batch_loss(mb, batch, share, real)
+                    (loss * weight).backward()
+                    if real:
+                        log.add(metrics)
+                log.add({"grad_norm": clip_grad_norm(params, cfg.optim.grad_clip)})
                 self.optimizer.step()
                 bar.update(1)
-        bar.close()
         self.trunk = None  # this iteration's samples only
         self.scheduler_step += 1
-        metrics = mean_over_ranks({k: sums[k] / counts[k] for k in sums})
+        metrics = mean_over_ranks(log.means())
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics["real_token_ratio"] = real_tokens / max(processed_tokens, 1)
+        metrics["real_token_ratio"] = tokens[0] / max(tokens[1], 1)
         self._set_lr()
         return metrics
+
+    def _micro_batch_loss(self, mb, batch: TrainingBatch, share, real: bool) -> tuple[torch.Tensor, float, dict[str, float]]:
+        """The loss component on one micro-batch, its weight in the mini-batch mean (token-mean: by
+        tokens; seq-mean: by rows; 0 for a filler), and its metrics."""
+        a = self.cfg.algo
+        out = forward_micro_batch(self.model, mb, with_entropy=True, value_head=self.value_head, autocast_bf16=self.cfg.optim.bf16,
+                                  trunk=self.trunk if real else None)
+        rows = batch.rows(mb.indices, mb.response_mask)
+        loss, metrics = self.loss_fn(LossBatch(out["logp"], out["entropy"], values=out.get("values"), **rows), a)
+        if a.loss_agg == "token-mean":
+            weight = rows["mask"].sum().item() / max(share.global_tokens, 1)
+        else:
+            weight = len(mb.indices) / share.global_samples
+        return loss, weight if real else 0.0, metrics
 
     # ------------------------------------------------------------------ iteration
     def iteration(self, it: int) -> dict[str, float]:
@@ -539,10 +519,9 @@ class Trainer:
         episodes = len(shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size)) * cfg.rollout.group_size
         with self._rollout_weights(), Progress(episodes, f"[rollout iter {it + 1}]", "episode", disable=self.quiet) as bar:
             result: RolloutResult = collect_rollouts(
-                self.engine, self.train_env, shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size), cfg.rollout.group_size,
-                self.rollout.sampling, self.rollout.tti, self.rollout.tds,
-                cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
-                seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank, progress=bar, tds_threshold=self.tds_threshold)
+                EnginePolicy(self.engine, self.rollout.sampling, self.rollout.tti), self.train_env,
+                shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size), self._play_settings(cfg.rollout.group_size),
+                seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank, resampler=self.tds, progress=bar)
         kill_point("rollout", it + 1)
         t_rollout = time.time() - t0
         samples = result.samples
@@ -558,10 +537,12 @@ class Trainer:
             t1 = time.time()
             old, ref, values = self._score_samples(samples)
             adv, returns, adv_info = self.compute_advantages(samples, values)
+            batch = TrainingBatch.build([s.forced_mask for s in samples], old, adv, ref, values, returns, cfg.algo.mask_forced_tokens,
+                                        self.device)
             metrics.update(adv_info)
             metrics["time/old_logprob"] = time.time() - t1
             t2 = time.time()
-            metrics.update({f"actor/{k}": v for k, v in self.update(samples, adv, old, ref, values, returns, it).items()})
+            metrics.update({f"actor/{k}": v for k, v in self.update(samples, batch, it).items()})
             self._sync_engine()
             kill_point("update", it + 1)
             metrics["time/update"] = time.time() - t2
@@ -700,6 +681,22 @@ class Trainer:
             gc.collect()
         if getattr(self, "console", None) is not None:
             self.console.close()
+
+
+class _Means:
+    """Running means of logged values, key by key (the update's metrics over its micro-batches)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
 def _count(n: int, noun: str) -> str:

@@ -6,6 +6,7 @@ dependencies from the project's own environment, whose editable t2po it does not
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -25,7 +26,12 @@ def _run(*args, **kw) -> subprocess.CompletedProcess:
 
 
 def test_a_wheel_installed_elsewhere_finds_its_presets(tmp_path):
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", tmp_path / "dist", REPO)
+    # built from a copy of what the wheel is made of: setuptools writes build/ and *.egg-info next to the source
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "t2po", source / "t2po", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", tmp_path / "dist", source)
     wheel = next((tmp_path / "dist").glob("t2po-*.whl"))
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", "--without-pip", venv)
