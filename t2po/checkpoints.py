@@ -33,7 +33,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -44,21 +43,11 @@ from typing import Any, Callable
 
 from t2po.errors import InvalidInput, UserError
 from t2po.model_cache import DEFAULT_MODEL, TINY_VLM
+from t2po.testing import kill_point
 
 
 CHECKPOINTS = "checkpoints"
 WARMUP_MODEL = "warmup_model"
-
-
-KILL_AT_ENV = "T2PO_KILL_AT"
-
-
-def kill_point(phase: str, where: object) -> None:
-    """Testing aid for crash consistency (tests/training/test_faults.py): with `T2PO_KILL_AT=phase:where`
-    (e.g. `update:2`, `checkpoint:3`, `validation:after_warmup`) in the environment, the process
-    SIGKILLs itself here, as `kill -9` would, with no cleanup of any kind."""
-    if os.environ.get(KILL_AT_ENV) == f"{phase}:{where}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CorruptCheckpoint(UserError, ValueError):

@@ -26,7 +26,7 @@ ends the generations in progress and the server within seconds.
 
 Testing aid: `--inject-faults SPEC` makes the first chat requests fail on purpose, in order (error
 statuses such as 429, sleeps past a client's timeout, empty or malformed answers), so that a client's
-retry handling can be tested against a real server; `FAULTS_HELP` below gives the syntax.
+retry handling can be tested against a real server; `t2po.testing.FAULTS_HELP` gives the syntax.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import contextlib
 import json
 import math
 import queue
-import re
 import socket
 import sys
 import threading
@@ -52,70 +51,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams
+from t2po.testing import FAULTS_HELP, FaultPlan
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_TOKENS_LIMIT = 4096  # --max-tokens
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # --max-request-bytes
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 SHUTDOWN_GRACE_S = 3.0  # after SIGTERM, requests still running after this are cancelled
-FAULTS_HELP = """\
-Testing aid: --inject-faults SPEC makes the first chat requests fail on purpose, in order. SPEC is a
-comma-separated list of KIND or KIND*COUNT: an HTTP status (429, 500, 503, ...: an OpenAI-style error
-body), sleep=SECONDS (wait, then answer normally: past a client's timeout), empty (an answer with
-empty content), malformed (a 200 answer that is not a chat completion) or notjson (a 200 answer
-whose body is not JSON).
-Example: --inject-faults 429*2,sleep=5,500,malformed,notjson
-"""
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One injected fault: `kind` is "status" (answer HTTP `value`), "sleep" (wait `value` seconds,
-    then answer), "empty", "malformed" or "notjson"."""
-
-    kind: str
-    value: float = 0.0
-
-
-class FaultPlan:
-    """The faults of `--inject-faults SPEC` (see the module docstring), handed out one per chat
-    request in arrival order; thread-safe."""
-
-    _ITEM = re.compile(r"^(?P<kind>\d{3}|sleep=(?P<secs>\d+(?:\.\d+)?)|empty|malformed|notjson)(?:\*(?P<count>\d+))?$")
-
-    def __init__(self, spec: str | None) -> None:
-        self.faults: list[Fault] = []
-        for item in (spec or "").split(","):
-            item = item.strip()
-            if not item:
-                continue
-            m = self._ITEM.match(item)
-            if m is None:
-                raise ValueError(
-                    f"fault {item!r} in --inject-faults: use an HTTP status (429, 500, ...), sleep=SECONDS, "
-                    "empty, malformed or notjson, optionally with *COUNT, comma-separated (e.g. 429*2,sleep=5,malformed)"
-                )
-            kind = m.group("kind")
-            if kind.isdigit():
-                if not 400 <= int(kind) <= 599:
-                    raise ValueError(f"fault {item!r} in --inject-faults: an HTTP error status is 400-599")
-                fault = Fault("status", float(kind))
-            elif m.group("secs") is not None:
-                fault = Fault("sleep", float(m.group("secs")))
-            else:
-                fault = Fault(kind)
-            self.faults += [fault] * int(m.group("count") or 1)
-        self._next = 0
-        self._lock = threading.Lock()
-
-    def take(self) -> Fault | None:
-        with self._lock:
-            if self._next >= len(self.faults):
-                return None
-            self._next += 1
-            return self.faults[self._next - 1]
-
-
 class GenerationBatcher:
     """Runs `engine.generate` in one worker thread. Requests queued while it is busy (or within
     `wait_s` of the first) that share sampling settings (seed aside) are decoded as one batch.

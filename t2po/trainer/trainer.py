@@ -37,7 +37,7 @@ from t2po.algos import StepBatch
 from t2po.algos.losses import LossBatch, get_loss
 from t2po.algos.sampling import TDSResampler
 from t2po.checkpoints import (
-    CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, complete_checkpoints, is_sharded, kill_point, latest_checkpoint,
+    CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, complete_checkpoints, is_sharded, latest_checkpoint,
     load_checkpoint, point_adapter_at, read_jsonl_log, save_checkpoint,
 )
 from t2po.config import Config
@@ -53,6 +53,7 @@ from t2po.policies import EnginePolicy
 from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.progress import ConsoleLog, Progress, silence_library_progress
 from t2po.rollout import COUNTERS, RolloutResult, RolloutSettings, StepSample, collect_rollouts, rollout_stats
+from t2po.testing import kill_point
 from t2po.tracking import validation_step
 from t2po.trainer.batch import TrainingBatch
 
