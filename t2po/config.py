@@ -56,13 +56,10 @@ def _section(factory: Any, help: str) -> Any:
 @dataclass
 class ModelConfig:
     path: str | None = _f(None, "Model: a local Hugging Face causal-LM or vision-language (image-text-to-text, e.g. Qwen2.5-VL) directory, a t2po run folder or checkpoint, tiny-vlm (a tiny random VLM for CPU smoke runs of image mode), or None for the embedded SmolLM2-135M-Instruct.")
-    dtype: str = _f("float32", "Parameter dtype: auto, float32 or bfloat16. auto = bfloat16 where the hardware multiplies bf16 natively "
-                    "(CUDA; a CPU with AVX512-BF16 or AMX), else float32 (the CPU presets use auto). With LoRA the adapters stay float32 "
-                    "(peft), so bf16 base weights still train the adapters in full precision. Measured on a 2-core AVX512-BF16 CPU "
-                    "(benchmarks/bench_engine.py, bench_update.py; docs/results/cpu_path.json): bf16 weights make the engine 1.5x "
-                    "faster than float32 and the update 2.1x (float32 weights + bf16 autocast: 2.0x, bf16 + autocast: 1.8x); but a bf16 engine's log-probs "
-                    "differ from the trainer's bf16 forward by 0.045 on average (0.5-0.9% of tokens outside the clip range [0.8, 1.2], "
-                    "float32: 3e-6, 0%), so bf16 presets set optim.recompute_logprobs=true.")
+    dtype: str = _f("float32", "Parameter dtype: auto, float32 or bfloat16. auto = bfloat16 where the hardware multiplies "
+                    "bf16 natively (CUDA; a CPU with AVX512-BF16 or AMX), else float32 (the CPU presets use auto). With LoRA "
+                    "the adapters stay float32 (peft). A bf16 engine's log-probs differ from the trainer's, so bf16 needs "
+                    "optim.recompute_logprobs=true (speed and log-prob figures: docs/results/cpu_path.json).")
     lora: bool = _f(True, "Train LoRA adapters (peft) instead of all weights; the reference policy is then the adapter-disabled base model.")
     lora_rank: int = _f(16, "LoRA rank r.")
     lora_alpha: int = _f(32, "LoRA scaling alpha.")
@@ -191,7 +188,10 @@ class OptimConfig:
     grad_clip: float = _f(1.0, "Gradient-norm clip.")
     mini_batch_size: int = _f(32, "Step samples per optimizer step (PPO mini-batch).")
     micro_batch_tokens: int = _f(4096, "Padded tokens per forward pass at most (samples are packed by length).")
-    recompute_logprobs: bool = _f(True, "Recompute old log-probs with a forward pass before the update (as verl). False takes the engine's log-probs and saves one forward pass per sample: right with float32 weights and the transformers engine (it shares the trainer's weights; log-probs agree to ~3e-6), not with bfloat16 weights (decode and full forward round differently: mean |delta| 0.045, 0.5-0.9% of tokens outside the clip range).")
+    recompute_logprobs: bool = _f(True, "Recompute old log-probs with a forward pass before the update (as verl). False takes "
+                                  "the engine's log-probs and saves one forward pass per sample: right with float32 weights "
+                                  "and an engine that shares the trainer's weights, not with bfloat16 weights, whose decode "
+                                  "and full forward round differently (docs/results/cpu_path.json).")
     ppo_epochs: int = _f(1, "Passes over the batch per iteration (spec §4: 1).")
     bf16: bool = _f(False, "bf16 autocast for the trainer's forward passes (on CPU only helps with AVX512-BF16/AMX). For float32 weights; with model.dtype=bfloat16 the matmuls already run in bf16.")
 
