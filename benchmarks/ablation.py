@@ -34,7 +34,7 @@ from t2po.checkpoints import WARMUP_MODEL, atomic_write_text
 from t2po.trainer.trainer import Trainer
 
 # Dotted overrides of the preset per arm. "t2po-paper" restores the paper's absolute thresholds
-# (spec §2-§3: eps 1e-4 over K = 20 tokens, eta 0.3, no think budget below the response length);
+# (docs/method.md §2-§3: eps 1e-4 over K = 20 tokens, eta 0.3, no think budget below the response length);
 # "t2po-calibrated" is the preset as it stands (t2po/configs/default.yaml: the relative options).
 ARMS: dict[str, list[str]] = {
     "t2po-paper": ["algo.name=t2po", "rollout.tti.eps=1e-4", "rollout.tti.eps_rel=null", "rollout.tti.patience=20",

@@ -34,7 +34,7 @@ from t2po.policies import EnginePolicy
 from t2po.rollout import RolloutSettings, collect_rollouts
 from t2po.trainer.trainer import Trainer
 
-PAPER_ETA = 0.3  # spec §3
+PAPER_ETA = 0.3  # docs/method.md §3
 SHOWN = ("tti_stagnation_triggers", "tti_budget_triggers", "forced_tokens", "think_length", "think_length_p90", "tds_flag_rate",
          "tds_regen_flag_rate", "tds_delta_p10", "tds_delta_p50", "tds_delta_p90", "tds_extra_token_fraction", "success_rate",
          "invalid_action_rate", "generated_tokens")

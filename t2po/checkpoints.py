@@ -2,7 +2,7 @@
 knows the layout (the trainer writes it, `t2po eval`, `t2po serve` and `t2po rft` read it):
 
     RUN/config.yaml                      the run's resolved config
-    RUN/warmup_model/                    the warm-up (spec §5), when one ran: the base the checkpoints
+    RUN/warmup_model/                    the warm-up (docs/method.md §5), when one ran: the base the checkpoints
                                          apply to (else the config's model.path); a LoRA warm-up is its
                                          adapter on model.path (`load_model` merges it), a full one the model
     RUN/checkpoints/iter_000012/         one complete checkpoint, written as iter_000012.tmp/ and renamed:
@@ -520,7 +520,7 @@ def resolve_policy(path: str | os.PathLike | None, dtype: Any = None, device: An
 
 
 def intervention_for(path: str | os.PathLike | None, enabled: bool = True, budget: int | None = None) -> Any:
-    """The thinking-intervention settings (spec §2) for evaluating or serving `path`: a run's own
+    """The thinking-intervention settings (docs/method.md §2) for evaluating or serving `path`: a run's own
     `rollout.tti` when `path` is a run or checkpoint, else `InterventionConfig()`; `enabled` says
     whether TTI forces (on for evaluation, as in validation), `budget` overrides B."""
     from t2po.engines.base import InterventionConfig

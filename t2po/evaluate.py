@@ -16,7 +16,7 @@
   prompts, parsing, invalid-action penalty, turn limit and trace format as training. Model loading
   (run folders, checkpoints of one or several ranks, LoRA or full weights) is `t2po.checkpoints`.
 - Local models (`collect_rollouts` with `HFEngine`), TTI on
-  and TDS off (spec §3: evaluation uses TTI but not TDS), validation sampling (spec §6: temperature
+  and TDS off (docs/method.md §3: evaluation uses TTI but not TDS), validation sampling (docs/method.md §6: temperature
   0.6, top-p 0.95, top-k 20), `--batch-size` episodes at a time. A run folder or checkpoint also
   supplies its environment options, response budget and TTI settings (flags override them).
 - API models (`t2po.engines.openai_api`, played as `t2po.policies.APIPolicy`): one chat request per
@@ -338,7 +338,7 @@ def _parse_env_options(items: list[str], env_name: str) -> dict[str, Any]:
 
 
 def evaluation_sampling(run_config: Config | None) -> SamplingParams:
-    """Validation sampling (spec §6): a run's own `rollout.val_sampling`, else the config's defaults
+    """Validation sampling (docs/method.md §6): a run's own `rollout.val_sampling`, else the config's defaults
     with the engines' default response budget."""
     if run_config is not None:
         return run_config.resolved_rollout().val_sampling
@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE", help="environment option (YAML value), repeatable, e.g. dim_room=[6,6] or observation_mode=image; overrides a run's own options. The same as env.options.KEY=VALUE, the spelling `t2po train` takes")
     g.add_argument("--out", default=None, help="output folder (default: evals/<env>-<split>-<model>)")
     g.add_argument("--quiet", action="store_true", help="print only the final table")
-    g = p.add_argument_group("sampling (defaults: spec §6 validation sampling, or a run's own validation settings)")
+    g = p.add_argument_group("sampling (defaults: docs/method.md §6 validation sampling, or a run's own validation settings)")
     g.add_argument("--temperature", type=float, default=None, help="default 0.6 (0 = greedy)")
     g.add_argument("--top-p", type=float, default=None, help="default 0.95")
     g.add_argument("--top-k", type=int, default=None, help="default 20 for local models; for APIs sent only when given (not an OpenAI parameter)")

@@ -432,7 +432,7 @@ def _minutes(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds / 60:.1f}"
 
 
-#: (metric, column title, digits) of the exploration-control table: what TTI and TDS did (spec §2-§3)
+#: (metric, column title, digits) of the exploration-control table: what TTI and TDS did (docs/method.md §2-§3)
 EXPLORATION_COLUMNS = (
     ("rollout/tti_stagnation_triggers", "TTI stagnation triggers", 1),
     ("rollout/tti_budget_triggers", "TTI budget triggers", 1),

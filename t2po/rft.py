@@ -1,4 +1,4 @@
-"""Cold start (spec §5): rejection-sampling data collection and multi-turn SFT.
+"""Cold start (docs/method.md §5): rejection-sampling data collection and multi-turn SFT.
 
     t2po rft collect sokoban --policy expert --episodes 64 --out data/sokoban.jsonl
     t2po rft collect sokoban --policy runs/my-run --episodes 256 --threshold 0.8 --out data/rft.jsonl

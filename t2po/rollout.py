@@ -1,5 +1,5 @@
 """The multi-turn rollout loop: environments x policy, with TTI inside decoding and TDS between
-decoding and stepping (spec §2-§4). Training, validation, `t2po eval`, the warm-up's demonstrations
+decoding and stepping (docs/method.md §2-§4). Training, validation, `t2po eval`, the warm-up's demonstrations
 and `t2po rft collect` all play through it, whatever answers the turns (`t2po.policies`: a
 token-level engine, an API model, an environment's expert).
 
@@ -68,7 +68,7 @@ class StepSample:
     prompt_text: str = ""  # the user message (env.render_prompt), before any chat template
     finish_reason: str = ""  # the engine's: "stop" or "length" (cut at rollout.max_new_tokens)
     usage: dict = field(default_factory=dict)  # a text policy's accounting (API: completion tokens, attempts, ...)
-    # the responses TDS generated for this turn and then replaced (spec §3), oldest first: kept for the
+    # the responses TDS generated for this turn and then replaced (docs/method.md §3), oldest first: kept for the
     # traces only, never trained on ({"text", "token_ids", "turn_score", "forced"})
     discarded: list[dict] = field(default_factory=list)
 
@@ -174,7 +174,7 @@ class RolloutSettings:
 
     group_size: int = 1  # episodes per task seed (the GRPO/GiGPO group)
     max_turns: int | None = None  # None: the environment's max_steps
-    invalid_action_penalty: float = INVALID_ACTION_PENALTY  # subtracted from a step whose action is invalid (spec §4)
+    invalid_action_penalty: float = INVALID_ACTION_PENALTY  # subtracted from a step whose action is invalid (docs/method.md §4)
     max_prompt_tokens: int | None = None  # prompts are cut from the left past this
 
 
@@ -186,7 +186,7 @@ def collect_rollouts(policy: Policy, env: BatchEnv, task_seeds: list[int], setti
     `progress` (a `t2po.progress.Progress` over the episodes) advances as episodes finish."""
     tokenizer = policy.tokenizer
     if resampler is not None and tokenizer is None:
-        raise ValueError("TDS (spec §3) needs turn scores, which only a token-level policy (an engine) gives")
+        raise ValueError("TDS (docs/method.md §3) needs turn scores, which only a token-level policy (an engine) gives")
     play = _Play(env, [s for s in task_seeds for _ in range(settings.group_size)], settings.group_size)
     counters: dict[str, float] = defaultdict(float)
     if resampler is not None:
@@ -242,7 +242,7 @@ class _Play:
         self.observations: list[list[str]] = [[st.observation] for st in self.states]
         self.histories: list[list[tuple[str, str]]] = [[] for _ in range(n)]
         self.samples: list[list[StepSample]] = [[] for _ in range(n)]
-        self.prev_score = [math.nan] * n  # turn score of the accepted previous turn (spec §3)
+        self.prev_score = [math.nan] * n  # turn score of the accepted previous turn (docs/method.md §3)
         self.active = [not st.done for st in self.states]
 
     def render(self, tokenizer: Any, max_prompt_tokens: int | None, counters: dict[str, float]) -> list[Turn]:
@@ -312,7 +312,7 @@ COUNTERS = ("generated_tokens", "tds_extra_tokens", "tds_regenerations", "tds_el
 
 
 def rollout_stats(episodes: list[Episode] | list[EpisodeStats], counters: dict[str, float] | None = None) -> dict[str, float]:
-    """Episode metrics, with the evidence of what T2PO's exploration control did (spec §2-§3):
+    """Episode metrics, with the evidence of what T2PO's exploration control did (docs/method.md §2-§3):
 
     - TTI: `tti_budget_triggers`, `tti_stagnation_triggers`, `forced_tokens`, `think_length` (mean
       tokens inside think spans per turn) and `think_length_p90`;

@@ -9,7 +9,7 @@ Endpoints: `POST /v1/chat/completions` (non-streaming, n=1; `temperature`, `top_
 `max_tokens` / `max_completion_tokens`, `stop`, `seed`), `GET /v1/models`, `GET /health`. The messages
 are rendered with the model's chat template exactly as `t2po.rollout.build_prompt_ids` renders a
 prompt, so an agent served here sees the tokens it was trained on. Decoding is `HFEngine` with the
-thinking intervention on (spec §2; evaluation uses TTI, not TDS), `--no-tti` turns it off.
+thinking intervention on (docs/method.md §2; evaluation uses TTI, not TDS), `--no-tti` turns it off.
 Requests that arrive while the model is busy and share sampling settings are decoded as one batch
 (up to `--max-batch-size`); `seed` is best effort, as with OpenAI: a batch is sampled with its first
 request's seed.
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--engine", default="hf", help="generation engine: hf (default), vllm, or package.module:Class (as rollout.engine)")
-    parser.add_argument("--no-tti", action="store_true", help="decode without the thinking intervention (spec §2)")
+    parser.add_argument("--no-tti", action="store_true", help="decode without the thinking intervention (docs/method.md §2)")
     parser.add_argument("--tti-budget", type=int, default=None, help="TTI think-token budget B (default: the run's setting, else none)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="concurrent requests decoded together at most (default 8)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, help=f"most new tokens one request may ask for (default {DEFAULT_MAX_TOKENS_LIMIT})")

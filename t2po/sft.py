@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on multi-turn agent conversations (cold start before RL, spec §5).
+"""Supervised fine-tuning on multi-turn agent conversations (cold start before RL, docs/method.md §5).
 
 A conversation is one episode: a list of steps, each a (prompt text, response text) pair where the
 prompt is exactly what the rollout loop renders for that step (task, history, observation), so SFT

@@ -107,9 +107,9 @@ def _load_algorithm(path: str) -> Algorithm:
 
 
 @register_algorithm("gigpo")
-@register_algorithm("t2po", tti=True, tds=True)  # spec §4: GiGPO advantages on rollouts with TTI and TDS
+@register_algorithm("t2po", tti=True, tds=True)  # docs/method.md §4: GiGPO advantages on rollouts with TTI and TDS
 def gigpo(batch: StepBatch, settings: Any) -> Advantages:
-    """GiGPO (spec §4): episode-level plus step-level (anchor state) group advantages."""
+    """GiGPO (docs/method.md §4): episode-level plus step-level (anchor state) group advantages."""
     adv, ep_part, step_part = gigpo_advantages(batch.episode_scores, batch.step_returns(settings.gamma), batch.group_ids, batch.traj_ids, batch.anchor_obs,
                                                step_weight=settings.step_weight, mode=settings.gigpo_mode,
                                                similarity_threshold=settings.similarity_threshold, return_parts=True)

@@ -1,6 +1,6 @@
 """Policy-gradient losses on token tensors: PPO clip with dual clip, KL penalty, clipped value loss.
 
-Spec: `shared/spec/t2po-method.md` §4 ("Loss"). All inputs are [B, T] tensors over response tokens with
+Method: docs/method.md §4 ("Loss"). All inputs are [B, T] tensors over response tokens with
 a mask of the tokens to train on (nonzero = valid); the formulas follow verl's `compute_policy_loss`,
 `kl_penalty`, `compute_value_loss` and `agg_loss`.
 
@@ -44,7 +44,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
     """Reduce a [B, T] per-token loss to a scalar over the valid tokens (as verl's `agg_loss`).
 
-        token-mean:           sum_{b,t} m l / sum_{b,t} m              (spec §4 default)
+        token-mean:           sum_{b,t} m l / sum_{b,t} m              (docs/method.md §4 default)
         seq-mean-token-sum:   mean_b ( sum_t m l )
         seq-mean-token-mean:  mean_b ( sum_t m l / sum_t m )
 
@@ -75,7 +75,7 @@ def ppo_policy_loss(
     dual_clip: float = 3.0,
     agg: str = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO clipped surrogate with asymmetric clip range and dual clip (spec §4, "Loss").
+    """PPO clipped surrogate with asymmetric clip range and dual clip (docs/method.md §4, "Loss").
 
         r    = exp(logp - old_logp)                     (log-ratio clamped to [-20, 20])
         pg1  = -A * r
@@ -118,7 +118,7 @@ def ppo_policy_loss(
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token KL estimate between the policy and the reference policy (spec §4, "low-variance KL").
+    """Per-token KL estimate between the policy and the reference policy (docs/method.md §4, "low-variance KL").
 
         kl:          logp - ref_logp                                  (k1)
         abs:         |logp - ref_logp|
@@ -151,7 +151,7 @@ def value_loss(
     clip: float = 0.2,
     agg: str = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped value loss of the PPO critic (spec §4, PPO baseline; verl's `compute_value_loss`).
+    """Clipped value loss of the PPO critic (docs/method.md §4, PPO baseline; verl's `compute_value_loss`).
 
         V_clip = clip(V, V_old - clip, V_old + clip)
         loss   = 0.5 * agg( max((V - R)^2, (V_clip - R)^2) )

@@ -1,4 +1,4 @@
-"""TDS: the turn-level dynamic sampling rule (spec `shared/spec/t2po-method.md` §3), with its threshold
+"""TDS: the turn-level dynamic sampling rule (docs/method.md §3), with its threshold
 either absolute (the paper's eta) or relative to the run's own turn-score deltas (`TDSQuantileThreshold`).
 
 Why a relative threshold: |Mbar(k) - Mbar(k-1)| depends on the model's M scale. At eta = 0.3 a
@@ -22,7 +22,7 @@ from t2po.errors import out_of_range
 
 @dataclass
 class TDSConfig:
-    """Turn-level dynamic sampling (spec §3) as the rollout loop takes it and the config holds it
+    """Turn-level dynamic sampling (docs/method.md §3) as the rollout loop takes it and the config holds it
     (`rollout.tds.*`); training only."""
 
     eta: float = field(default=0.3, metadata={"help": "TDS threshold eta: a turn is regenerated when 0 < |delta| < eta (the paper's absolute threshold; unused when quantile is set)."})
@@ -54,7 +54,7 @@ class TurnResample:
 
 
 class TDSResampler:
-    """Turn-level dynamic sampling (spec §3) as the rollout loop's resampling phase: a turn whose turn
+    """Turn-level dynamic sampling (docs/method.md §3) as the rollout loop's resampling phase: a turn whose turn
     score moved less than the threshold since the episode's previous accepted turn is regenerated, only
     the flagged rows, in one batch, at most `max_try` times, keeping the last sample. It owns its
     threshold (the absolute `eta`, or a `TDSQuantileThreshold` whose window persists across the calls of
@@ -117,7 +117,7 @@ def _as_scores(scores: Any, name: str) -> np.ndarray:
 
 
 def tds_resample_mask(prev_scores: Any, scores: Any, eta: float = 0.3) -> np.ndarray:
-    """Which turns TDS regenerates (spec §3): the turns whose score barely moved.
+    """Which turns TDS regenerates (docs/method.md §3): the turns whose score barely moved.
 
         delta = |Mbar(k) - Mbar(k-1)|,   resample  <=>  0 < delta < eta
 
@@ -141,7 +141,7 @@ def tds_resample_mask(prev_scores: Any, scores: Any, eta: float = 0.3) -> np.nda
 
 
 def turn_score_deltas(prev_scores: Any, scores: Any) -> np.ndarray:
-    """|Mbar(k) - Mbar(k-1)| per environment (spec §3); NaN where either score is missing (a first
+    """|Mbar(k) - Mbar(k-1)| per environment (docs/method.md §3); NaN where either score is missing (a first
     turn, an empty response)."""
     prev = _as_scores(prev_scores, "prev_scores")
     current = _as_scores(scores, "scores")

@@ -1,8 +1,8 @@
 """The generation-engine interface shared by every engine (transformers, vLLM, OpenAI-compatible APIs).
 
 An engine turns a batch of prompt token ids into one `Generation` per row. Training samples use the
-returned `token_ids` as-is (never re-tokenized from text); `logprobs`, `uncertainty` (M_t, spec §1),
-`forced` (tokens written by the thinking intervention, spec §2) and `turn_score` (spec §3) come from
+returned `token_ids` as-is (never re-tokenized from text); `logprobs`, `uncertainty` (M_t, docs/method.md §1),
+`forced` (tokens written by the thinking intervention, docs/method.md §2) and `turn_score` (docs/method.md §3) come from
 the same decoding pass.
 """
 
@@ -53,7 +53,7 @@ class Generation:
     forced: list[bool]  # True where the intervention forced the token
     text: str  # decoded response (for parsing only)
     finish_reason: str  # "stop" (EOS or stop string), "length", or "cancelled" (the caller's should_stop)
-    turn_score: float = math.nan  # Mbar over the configured window (spec §3)
+    turn_score: float = math.nan  # Mbar over the configured window (docs/method.md §3)
     tti_triggers: dict[str, int] = field(default_factory=dict)  # {"budget": n, "stagnation": n}
     think_length: int = 0  # tokens inside think spans
     prompt_tokens: int = 0

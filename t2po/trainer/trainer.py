@@ -1,6 +1,6 @@
 """The RL trainer: rollouts -> advantages -> PPO-clip update, with checkpoints and resume.
 
-One iteration (spec §4):
+One iteration (docs/method.md §4):
   1. collect B x N episodes with the current policy (TTI inside decoding, TDS between turns for t2po);
   2. recompute old log-probs (and reference log-probs when the KL loss is on; critic values for ppo),
      recording what the layers below LoRA output for step 4 (`t2po.policy.FrozenTrunk`);
@@ -322,7 +322,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
     def validate(self, tag: str) -> dict[str, float]:
-        """Held-out tasks (validation split), TTI on, TDS off, validation sampling (spec §6)."""
+        """Held-out tasks (validation split), TTI on, TDS off, validation sampling (docs/method.md §6)."""
         cfg = self.cfg
         self.model.eval()
         seeds = list(range(cfg.rollout.val_num_tasks))  # the same held-out tasks in every run (the split sets them apart)
@@ -351,7 +351,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ warm-up
     def warmup(self) -> None:
-        """Supervised warm-up on expert demonstrations in the response format (spec §5 cold start),
+        """Supervised warm-up on expert demonstrations in the response format (docs/method.md §5 cold start),
         merged into the base weights so that RL starts from (and, under LoRA, regularises towards) it."""
         from t2po.models import save_tokenizer
         from t2po.sft import play_expert_episodes, save_conversations, sft_steps, sft_train, tokenize_conversations

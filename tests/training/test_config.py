@@ -18,8 +18,8 @@ def test_defaults_are_the_specs_and_a_dict_round_trip_keeps_them():
     cfg = config_from_dict({})
     assert cfg == Config()
     r = cfg.rollout
-    assert (r.sampling.temperature, r.sampling.top_p, r.sampling.top_k) == (1.0, 1.0, 0)  # spec §6: training
-    assert (r.val_sampling.temperature, r.val_sampling.top_p, r.val_sampling.top_k) == (0.6, 0.95, 20)  # spec §6: validation
+    assert (r.sampling.temperature, r.sampling.top_p, r.sampling.top_k) == (1.0, 1.0, 0)  # docs/method.md §6: training
+    assert (r.val_sampling.temperature, r.val_sampling.top_p, r.val_sampling.top_k) == (0.6, 0.95, 20)  # docs/method.md §6: validation
     assert r.tti.enabled is None and r.tds.enabled is None and r.val_sampling.max_new_tokens is None  # left to the algorithm
     assert (r.tds.eta, r.tti.turn_score_skip, cfg.algo.name) == (0.3, 32, "t2po")
     # what a run folder stores (to_dict) reads back to the same config, for a preset far from the defaults

@@ -54,7 +54,7 @@ def _split_calls(calls):
 
 
 def _separating_eta(tiny_model) -> tuple[float, set[int], object]:
-    """An eta that TDS must act on: from a run without TDS, the second turns' |delta Mbar| (spec §3),
+    """An eta that TDS must act on: from a run without TDS, the second turns' |delta Mbar| (docs/method.md §3),
     and an eta between the 2nd and 3rd smallest, so that exactly two of the four second turns are
     flagged on the first try (the first two turns play the same with TDS on: turn 0 is never
     resampled). Returns (eta, the flagged trajectories, the run without TDS)."""

@@ -5,7 +5,7 @@
     prompt = env.render_prompt(0, history=[], state=states[0])
     states = env.step(["go to countertop 1", None, "look", "open fridge 1"])
 
-Behaviour follows verl-agent's ALFWorld environment (the reference of spec §6): its prompt templates, the
+Behaviour follows verl-agent's ALFWorld environment (the reference of docs/method.md §6): its prompt templates, the
 admissible-action check (an action outside the list is invalid but still sent; the game answers
 "Nothing happens."), reward 10 for a won game and 0 otherwise, at most 50 steps, the raw game text as
 observation and as GiGPO anchor observation. Per-task-type success rates come from

@@ -29,7 +29,7 @@ from t2po.errors import InvalidInput
 #: environment variable that points at the folder with the Search QA files
 DATA_DIR_ENV = "T2PO_SEARCH_DATA"
 #: percentage of (normalised) questions that go to the validation split; about 950 of the ~4,700
-#: questions, enough for the paper's 512 validation tasks (spec §6)
+#: questions, enough for the paper's 512 validation tasks (docs/method.md §6)
 VALIDATION_PERCENT = 20
 SPLITS = ("train", "validation")
 DATA_SOURCES = ("nq", "hotpotqa")

@@ -8,7 +8,7 @@ turn ends it unanswered (reward 0), as in the reference.
 
 Format checking follows verl-agent's search projection: the response is cut after the first
 `</search>` (or, if none, the first `</answer>`); the first `<search>` block, else the first `<answer>`
-block, is the action. The response is invalid (penalised by the trainer, spec §4) when it has no
+block, is the action. The response is invalid (penalised by the trainer, docs/method.md §4) when it has no
 complete block, has both `<search>` and `<answer>` tags, or repeats either tag; an invalid response
 with a block still acts on it. Unlike the reference, an empty `<search></search>` is invalid and is
 not sent to the server. An invalid turn without a block (and an empty search) gets an empty
@@ -165,7 +165,7 @@ class SearchEnv(BatchEnv):
     - `topk` (3): passages per search, as in Search-R1.
     - `split` ("train" | "validation", "valid" is an alias): disjoint by a hash of the normalised question (`data.split_of`).
     - `data_sources` (["nq", "hotpotqa"]): which questions to draw.
-    - `max_steps` (4) and `history_length` (4): the paper's Search settings (spec §6).
+    - `max_steps` (4) and `history_length` (4): the paper's Search settings (docs/method.md §6).
     - `timeout` (30.0): seconds per retrieval request; failures are retried 3 times with back-off,
       then the step raises `RetrieverUnavailableError`.
     - `data_dir` (None): folder with the question files (default `../shared/data/search`).

@@ -9,7 +9,7 @@
   (observation, action) pairs and the available actions.
 - Actions: `search[<query>]` (any query, when the page has a search box) and `click[<element>]` for
   the page's clickables; `check_admissible` flags anything else as invalid (the shop ignores it).
-- Reward (spec §4, verl-agent): 10 when the purchase scores 1 (WebShop's reward, `reward.py`), else
+- Reward (docs/method.md §4, verl-agent): 10 when the purchase scores 1 (WebShop's reward, `reward.py`), else
   0; the episode ends at "Buy Now" or after `max_steps` steps. Final metrics: `success` (0/1) and
   `score` (the purchase's WebShop reward in [0, 1]; 0 without a purchase). The paper reports
   score as mean(score) x 100.
@@ -31,7 +31,7 @@ from t2po.envs.webshop.engine import INDEX_CACHE_MIN_PRODUCTS, Page, SearchIndex
 from t2po.envs.webshop.reward import FUZZY_MATCH_THRESHOLD, TITLE_NOUN_MODES, goal_option_list, normalize_color, token_set_ratio
 from t2po.errors import InvalidInput
 
-SUCCESS_REWARD = 10.0  # spec §4: 10 for success in WebShop
+SUCCESS_REWARD = 10.0  # docs/method.md §4: 10 for success in WebShop
 OBSERVATION_MODES = ("text", "text_rich")
 PROMPT_CHAR_LIMIT = 13000  # verl-agent falls back to the no-history template above this
 SEARCH_PLACEHOLDER = "search[<your query>]"
