@@ -58,6 +58,7 @@ class StepSample:
     response_text: str
     action: str
     invalid_reason: str = ""
+    penalty: float = 0.0  # the invalid-action penalty subtracted in `reward` (0 for a valid action)
     resampled: int = 0  # TDS regenerations of this turn
     tds_delta: float = math.nan  # |Mbar - previous accepted Mbar| of this turn's first sample (NaN: first turn)
     tds_regen_flagged: int = 0  # regenerations of this turn that fell in the TDS band again
@@ -282,7 +283,7 @@ class _Play:
             self.samples[i].append(StepSample(
                 prompt_ids=t.prompt_ids or [], response_ids=list(g.token_ids), forced_mask=list(g.forced),
                 rollout_logprobs=list(g.logprobs), reward=float(new.reward) - (0.0 if parsed.valid else penalty),
-                env_reward=float(new.reward), done=bool(new.done), valid=parsed.valid,
+                env_reward=float(new.reward), penalty=0.0 if parsed.valid else penalty, done=bool(new.done), valid=parsed.valid,
                 anchor_obs=states[i].anchor_obs or states[i].observation, group_id=self.group_ids[i], traj_id=i, step=turn,
                 turn_score=g.turn_score, response_text=g.text, action=parsed.action,
                 invalid_reason=f"{g.finish_reason} answer" if g.finish_reason in NO_ANSWER else parsed.reason,

@@ -37,27 +37,32 @@ class StepBatch:
     """One iteration's training samples as an estimator reads them: one entry per environment
     step; the steps of a trajectory in order."""
 
-    rewards: np.ndarray  # per-step reward (the invalid-action penalty already subtracted)
+    env_rewards: np.ndarray  # per-step reward of the environment
     traj_ids: list[Hashable]
     group_ids: list[Hashable]  # the task group (GRPO/GiGPO group) of each step
     anchor_obs: list[str]  # the observation each step acted on (GiGPO's step groups)
     values: np.ndarray | None = None  # critic values, for algorithms with a critic
-    penalties: np.ndarray | None = None  # per step, the invalid-action penalty inside `rewards` (None: none)
+    penalties: np.ndarray | None = None  # per step, the invalid-action penalty (None: none)
 
     @property
     def _penalties(self) -> np.ndarray:
-        return np.zeros_like(self.rewards) if self.penalties is None else self.penalties
+        return np.zeros_like(self.env_rewards) if self.penalties is None else self.penalties
+
+    @property
+    def rewards(self) -> np.ndarray:
+        """Per step: the environment reward less the invalid-action penalty."""
+        return self.env_rewards - self._penalties
 
     @property
     def episode_scores(self) -> np.ndarray:
         """Per step: its trajectory's total environment reward less its own step's penalty, as the
         reference credits it (`t2po.algos.advantages.episode_scores`)."""
-        return episode_scores(self.rewards + self._penalties, self._penalties, self.traj_ids)
+        return episode_scores(self.env_rewards, self._penalties, self.traj_ids)
 
     def step_returns(self, gamma: float) -> np.ndarray:
         """Per step: the discounted return of the environment rewards less its own step's penalty
         (`t2po.algos.advantages.penalized_step_returns`)."""
-        return penalized_step_returns(self.rewards + self._penalties, self._penalties, self.traj_ids, gamma)
+        return penalized_step_returns(self.env_rewards, self._penalties, self.traj_ids, gamma)
 
 
 @dataclass

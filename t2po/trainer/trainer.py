@@ -393,18 +393,14 @@ class Trainer:
     def compute_advantages(self, samples: list[StepSample], values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
         """Per-sample advantages (and per-sample critic returns for an algorithm with a critic), by
         the estimator of `algo.name` (t2po.algos.ALGORITHMS)."""
-        batch = StepBatch(np.array([s.reward for s in samples], dtype=np.float64), [s.traj_id for s in samples],
-                          [s.group_id for s in samples], [s.anchor_obs for s in samples], values,
-                          penalties=np.array([s.env_reward - s.reward for s in samples], dtype=np.float64))
-        out = self.cfg.algorithm.advantages(batch, self.cfg.algo)
+        out = self.cfg.algorithm.advantages(_step_batch(samples, values), self.cfg.algo)
         adv = out.advantages
         info = {**out.info, "adv/mean": float(np.mean(adv)), "adv/std": float(np.std(adv))}
         return np.asarray(adv, dtype=np.float32), out.returns, info
 
     def _filter_zero_variance_groups(self, samples: list[StepSample]) -> list[StepSample]:
         """DAPO-style dynamic sampling: drop groups whose episode scores (`StepBatch.episode_scores`) are all equal."""
-        scores = StepBatch(np.array([s.reward for s in samples], dtype=np.float64), [s.traj_id for s in samples], [s.group_id for s in samples],
-                           [s.anchor_obs for s in samples], penalties=np.array([s.env_reward - s.reward for s in samples])).episode_scores
+        scores = _step_batch(samples).episode_scores
         by_group: dict[int, set] = {}
         for s, score in zip(samples, scores):
             by_group.setdefault(s.group_id, set()).add(round(float(score), 8))
@@ -682,6 +678,13 @@ class Trainer:
             gc.collect()
         if getattr(self, "console", None) is not None:
             self.console.close()
+
+
+def _step_batch(samples: list[StepSample], values: np.ndarray | None = None) -> StepBatch:
+    """The samples as an advantage estimator reads them: environment rewards and penalties side by side."""
+    return StepBatch(np.array([s.env_reward for s in samples], dtype=np.float64), [s.traj_id for s in samples],
+                     [s.group_id for s in samples], [s.anchor_obs for s in samples], values,
+                     penalties=np.array([s.penalty for s in samples], dtype=np.float64))
 
 
 class _Means:
