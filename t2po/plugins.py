@@ -34,13 +34,13 @@ def load_object(path: str, what: str, accepts: Callable[[Any], bool], expected: 
     except ModuleNotFoundError as e:
         if e.name is None or not module_name.startswith(e.name):  # the module itself imports something missing
             raise
-        raise PluginError(f"{what} {path!r}: cannot import module {module_name!r} ({e}). Install its package or put its "
-                          "folder on PYTHONPATH.") from None
+        raise PluginError(f"{what} {path!r}: cannot import module {module_name!r} ({e}). Install its package or "
+                          "put its folder on PYTHONPATH.") from None
     obj = getattr(module, attribute, None)
     if not accepts(obj):
         found = sorted(n for n, v in vars(module).items() if not n.startswith("_") and accepts(v))
-        raise PluginError(f"{what} {path!r}: {module_name} has no {expected} {attribute!r}{did_you_mean(attribute, found)} "
-                          f"(there: {', '.join(found) or 'none'}).")
+        raise PluginError(f"{what} {path!r}: {module_name} has no {expected} {attribute!r}"
+                          f"{did_you_mean(attribute, found)} (there: {', '.join(found) or 'none'}).")
     return obj
 
 
@@ -56,6 +56,7 @@ def resolve(name: str, registry: dict[str, Any], group: str, what: str, load: Ca
         registry[name] = load(plugins[name])
     else:
         known = sorted(set(registry) | set(plugins))
-        raise PluginError(f"unknown {what.lower()} {name!r}{did_you_mean(name, known)}; choose one of {', '.join(known)}, or one "
-                          f"of your own as package.module:{'Class' if what in ('Engine', 'Environment') else 'function'}")
+        own = "Class" if what in ("Engine", "Environment") else "function"
+        raise PluginError(f"unknown {what.lower()} {name!r}{did_you_mean(name, known)}; choose one of {', '.join(known)}, "
+                          f"or one of your own as package.module:{own}")
     return registry[name]

@@ -29,7 +29,8 @@ class TrainingBatch:
 
     @classmethod
     def build(cls, forced: list[list[bool]], old: list[torch.Tensor], adv: np.ndarray, ref: list[torch.Tensor] | None,
-              values: np.ndarray | None, returns: np.ndarray | None, mask_forced: bool, device: torch.device) -> "TrainingBatch":
+              values: np.ndarray | None, returns: np.ndarray | None, mask_forced: bool,
+              device: torch.device) -> "TrainingBatch":
         width = max((len(f) for f in forced), default=0)
         keep = None
         if mask_forced and any(any(f) for f in forced):
@@ -46,5 +47,5 @@ class TrainingBatch:
         width = response_mask.shape[1]
         take = lambda t: None if t is None else t[index, :width] if t.ndim == 2 else t[index]  # noqa: E731
         mask = response_mask if self.keep is None else response_mask * take(self.keep)
-        return {"old_logp": take(self.old_logp), "advantages": take(self.advantages), "mask": mask, "ref_logp": take(self.ref_logp),
-                "old_values": take(self.old_values), "returns": take(self.returns)}
+        return {"old_logp": take(self.old_logp), "advantages": take(self.advantages), "mask": mask,
+                "ref_logp": take(self.ref_logp), "old_values": take(self.old_values), "returns": take(self.returns)}

@@ -31,7 +31,8 @@ def test_a_wheel_installed_elsewhere_finds_its_presets(tmp_path):
     shutil.copytree(REPO / "t2po", source / "t2po", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", tmp_path / "dist", source)
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+         "-w", tmp_path / "dist", source)
     wheel = next((tmp_path / "dist").glob("t2po-*.whl"))
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", "--without-pip", venv)

@@ -69,7 +69,8 @@ class SayYes(BatchEnv):
                 continue
             self.turns[i] += 1
             won = action.strip().lower() == "yes"
-            out.append(EnvState("Again: is the sky blue?", reward=float(won), won=won, done=won or self.turns[i] >= self.max_steps))
+            done = won or self.turns[i] >= self.max_steps
+            out.append(EnvState("Again: is the sky blue?", reward=float(won), won=won, done=done))
         return out
 
     def render_prompt(self, index, history, state):
@@ -94,20 +95,24 @@ def user_module(tmp_path, monkeypatch):
 
 def test_an_algorithm_loss_engine_and_environment_from_a_user_module_train(user_module, tiny_model_dir, tmp_path):
     cfg = load_config("default", [
-        f"model.path={tiny_model_dir}", "model.lora_rank=4", "env.name=my_rl_parts:SayYes", "algo.name=my_rl_parts:every_step_plus_one",
+        f"model.path={tiny_model_dir}", "model.lora_rank=4", "env.name=my_rl_parts:SayYes",
+        "algo.name=my_rl_parts:every_step_plus_one",
         "algo.loss=my_rl_parts:reinforce", "rollout.engine=my_rl_parts:CountingEngine", "trainer.iterations=1",
-        f"trainer.output_dir={tmp_path / 'runs'}", "trainer.trackers=[console]", "trainer.val_before_train=false", "trainer.report=false",
-        "warmup.episodes=0", "rollout.num_tasks=2", "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1",
+        f"trainer.output_dir={tmp_path / 'runs'}", "trainer.trackers=[console]", "trainer.val_before_train=false",
+        "trainer.report=false", "warmup.episodes=0", "rollout.num_tasks=2", "rollout.group_size=2",
+        "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1",
         "rollout.tti.turn_score_skip=0", "optim.lr=1e-2", "optim.mini_batch_size=4"])
     parts = importlib.import_module("my_rl_parts")
     # a plain function registers no TTI/TDS default: off, as for the baselines
     assert cfg.resolved_rollout().tti.enabled is False and cfg.resolved_rollout().tds.enabled is False
     trainer = run_training(cfg)
     assert isinstance(trainer.engine, parts.CountingEngine)
-    assert parts.calls["generate"] > 0 and parts.calls["reset"] >= 2, parts.calls  # training and validation played through them
+    # training and validation played through them
+    assert parts.calls["generate"] > 0 and parts.calls["reset"] >= 2, parts.calls
     metrics = json.loads((trainer.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert parts.calls["advantages"] == 1 and metrics["adv/user"] == 1.0 and metrics["adv/mean"] == 1.0
-    assert parts.calls["loss"] >= 1 and "actor/reinforce" in metrics and "actor/clip_frac" not in metrics, sorted(metrics)
+    assert parts.calls["loss"] >= 1, parts.calls
+    assert "actor/reinforce" in metrics and "actor/clip_frac" not in metrics, sorted(metrics)
 
 
 def test_entry_points_name_every_layer(user_module):
@@ -118,7 +123,8 @@ def test_entry_points_name_every_layer(user_module):
     (dist / "entry_points.txt").write_text(
         "[t2po.algos]\nplus_one = my_rl_parts:every_step_plus_one\n[t2po.losses]\nreinforce = my_rl_parts:reinforce\n"
         "[t2po.engines]\ncounting = my_rl_parts:CountingEngine\n[t2po.envs]\nsay_yes = my_rl_parts:SayYes\n")
-    cfg = load_config("default", ["algo.name=plus_one", "algo.loss=reinforce", "rollout.engine=counting", "env.name=say_yes"])
+    cfg = load_config("default", ["algo.name=plus_one", "algo.loss=reinforce", "rollout.engine=counting",
+                                  "env.name=say_yes"])
     parts = importlib.import_module("my_rl_parts")
     assert cfg.algorithm.advantages is parts.every_step_plus_one
     assert t2po.algos.losses.get_loss("reinforce") is parts.reinforce
@@ -129,10 +135,13 @@ def test_entry_points_name_every_layer(user_module):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("algo.name=my_rl_parts:every_step", "algo.name: Algorithm 'my_rl_parts:every_step': my_rl_parts has no advantage function or "
-                                          "Algorithm 'every_step' \\(did you mean 'every_step_plus_one'\\?\\)"),
-    ("algo.loss=no_such_module:reinforce", "algo.loss: Loss 'no_such_module:reinforce': cannot import module 'no_such_module'.*PYTHONPATH"),
-    ("rollout.engine=my_rl_parts:SayYes", "rollout.engine: Engine 'my_rl_parts:SayYes': my_rl_parts has no Engine subclass 'SayYes'"),
+    ("algo.name=my_rl_parts:every_step",
+     "algo.name: Algorithm 'my_rl_parts:every_step': my_rl_parts has no advantage function or "
+     "Algorithm 'every_step' \\(did you mean 'every_step_plus_one'\\?\\)"),
+    ("algo.loss=no_such_module:reinforce",
+     "algo.loss: Loss 'no_such_module:reinforce': cannot import module 'no_such_module'.*PYTHONPATH"),
+    ("rollout.engine=my_rl_parts:SayYes",
+     "rollout.engine: Engine 'my_rl_parts:SayYes': my_rl_parts has no Engine subclass 'SayYes'"),
     ("algo.loss=ppo2", "algo.loss: unknown loss 'ppo2' \\(did you mean 'ppo'\\?\\)"),
 ])
 def test_a_bad_module_path_is_a_config_error_naming_the_fix(user_module, override, message):
