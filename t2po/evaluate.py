@@ -51,7 +51,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from t2po.checkpoints import PolicySource, atomic_write_text, intervention_for, locate_policy, resolve_policy
+from t2po.checkpoints import atomic_write_text
 from t2po.config import Config, RolloutConfig
 from t2po.engines import engine_spec
 from t2po.engines.base import InterventionConfig, SamplingParams
@@ -59,6 +59,7 @@ from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy, api_
 from t2po.envs import BatchEnv, env_option_errors, make_env, parse_env_options, split_env_overrides
 from t2po.errors import InvalidInput
 from t2po.policies import NO_ANSWER, APIPolicy, EnginePolicy
+from t2po.policy_source import PolicySource, intervention_for, locate_policy, resolve_policy
 from t2po.rollout import INVALID_ACTION_PENALTY, Episode, RolloutSettings, collect_rollouts
 from t2po.tracking import episode_trace
 

@@ -61,10 +61,10 @@ def collect(env_name: str, policy: str, episodes: int, threshold: float, out: Pa
             played = len(convs)
             kept = [c for c in convs if episode_score(c.won, c.metrics) > threshold]
         else:
-            from t2po.checkpoints import resolve_policy
             from t2po.engines import engine_for_policy
             from t2po.engines.base import InterventionConfig, SamplingParams
             from t2po.policies import EnginePolicy
+            from t2po.policy_source import resolve_policy
             from t2po.rollout import RolloutSettings, collect_rollouts
 
             model, tokenizer, description = resolve_policy(None if policy == "default" else policy)

@@ -388,7 +388,7 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
 def served_name(path: str | None) -> str:
     """The model name a client asks for: the run name plus checkpoint, the directory name, or the
     embedded default's name."""
-    from t2po.checkpoints import policy_short_name
+    from t2po.policy_source import policy_short_name
 
     return policy_short_name(path)
 
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from t2po.checkpoints import intervention_for, resolve_policy
+    from t2po.policy_source import intervention_for, resolve_policy
     from t2po.engines import engine_for_policy, engine_spec
 
     try:

@@ -20,7 +20,7 @@ from helpers import wait_for_server
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
-from t2po.checkpoints import resolve_policy
+from t2po.policy_source import resolve_policy
 from t2po.evaluate import main, markdown_table, summarize
 from t2po.policies import EnginePolicy
 from t2po.rollout import RolloutSettings, collect_rollouts
