@@ -1,7 +1,7 @@
 """A seeded ablation on the main job's setting: T2PO with the paper's thresholds, T2PO with the calibrated
 relative options, GiGPO and GRPO, several seeds each (issue 18).
 
-    python benchmarks/ablation.py                                   # 4 arms x seeds 0 1 2, configs/default.yaml
+    python benchmarks/ablation.py                                   # 4 arms x seeds 0 1 2, t2po/configs/default.yaml
     python benchmarks/ablation.py --arms gigpo grpo --seeds 3 4     # a subset (or more seeds)
     python benchmarks/ablation.py --set trainer.iterations=2        # dotted overrides for every run
 
@@ -34,8 +34,8 @@ from t2po.checkpoints import WARMUP_MODEL, atomic_write_text
 from t2po.trainer.trainer import Trainer
 
 # Dotted overrides of the preset per arm. "t2po-paper" restores the paper's absolute thresholds
-# (spec §2-§3: eps 1e-4 over K = 20 tokens, eta 0.3, no think budget below the response length);
-# "t2po-calibrated" is the preset as it stands (configs/default.yaml: the relative options).
+# (docs/method.md §2-§3: eps 1e-4 over K = 20 tokens, eta 0.3, no think budget below the response length);
+# "t2po-calibrated" is the preset as it stands (t2po/configs/default.yaml: the relative options).
 ARMS: dict[str, list[str]] = {
     "t2po-paper": ["algo.name=t2po", "rollout.tti.eps=1e-4", "rollout.tti.eps_rel=null", "rollout.tti.patience=20",
                    "rollout.tti.budget=null", "rollout.tds.eta=0.3", "rollout.tds.quantile=null"],
@@ -192,7 +192,7 @@ def write_json(path: Path, out: Path, preset: str, common: list[str], argv: list
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="default", help="the setting (default: the main job, configs/default.yaml)")
+    parser.add_argument("--preset", default="default", help="the setting (default: the main job, t2po/configs/default.yaml)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides for every run (warm-up included)")

@@ -6,7 +6,7 @@ Each measurement is a fresh child process (OpenMP reads its environment once, at
   as many threads as the machine has cores), `new`: what t2po sets on import;
 - condition `idle`: nothing else runs; `busy`: one competing CPU-bound process (a Python busy loop) runs for
   the whole measurement, as a browser tab, a second job or a CI neighbour would.
-Work, at the main job's shape (configs/default.yaml, the model's auto dtype): `engine`, the HF engine's
+Work, at the main job's shape (t2po/configs/default.yaml, the model's auto dtype): `engine`, the HF engine's
 batch-32 generate call (Sokoban turn-0 prompts, 40 new tokens, TTI monitoring on); `update`, one PPO update
 over 32 samples (mini-batches of 16, the frozen trunk replayed, as the trainer does; the old-log-prob pass
 that records the trunk runs untimed before it). The order of (setting, condition) pairs alternates over the

@@ -1,7 +1,7 @@
 """The transformers engine on the CPU: the new default against the fp32 engine before issue 17,
 against `model.generate`, per-step costs, and the hardware's limit for the same work.
 
-Workload (the main job's, `configs/default.yaml`): the embedded SmolLM2-135M-Instruct, a batch of 32
+Workload (the main job's, `t2po/configs/default.yaml`): the embedded SmolLM2-135M-Instruct, a batch of 32
 Sokoban turn-0 prompts (compact style, ~150 tokens, distinct rooms), temperature 1, 40 new tokens.
 
 Timed configurations (each repeated; runs alternate so machine load drifts evenly; medians):

@@ -1,7 +1,7 @@
 """One rollout iteration of the main job: the engine before issue 17 against today's default, and the
 prefill work against the distinct prompt tokens.
 
-Workload (`configs/default.yaml`): SmolLM2-135M-Instruct, 8 Sokoban rooms x 4 group members (batch
+Workload (`t2po/configs/default.yaml`): SmolLM2-135M-Instruct, 8 Sokoban rooms x 4 group members (batch
 32), at most 3 turns, 40 new tokens, TTI monitoring on, TDS on (eta 0.3, one retry), the same seed
 for both engines.
 - `fp32_baseline`: the engine before issue 17: float32 weights, transformers' SDPA attention
@@ -30,11 +30,13 @@ from pathlib import Path
 import torch
 
 import t2po.engines.hf as hf
+from t2po.algos.sampling import TDSResampler
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
 from t2po.models import load_model
-from t2po.rollout import TDSConfig, collect_rollouts
+from t2po.policies import EnginePolicy
+from t2po.rollout import RolloutSettings, TDSConfig, collect_rollouts
 
 from bench_engine import multinomial_sampler
 
@@ -47,9 +49,10 @@ def rollout(model, tokenizer, baseline: bool, seed: int, max_new_tokens: int) ->
         hf.sample_tokens, hf._prompt_key, hf.shared_prefix_length = multinomial_sampler, lambda prompt, pixels: (next(rows),), lambda prompts: 0
     try:
         start = time.perf_counter()
-        result = collect_rollouts(HFEngine(model, tokenizer), env, task_seeds=list(range(100, 108)), group_size=4,
-                                  sampling=SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens),
-                                  intervention=InterventionConfig(turn_score_skip=4), tds=TDSConfig(eta=0.3, max_try=1), seed=seed)
+        policy = EnginePolicy(HFEngine(model, tokenizer), SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens),
+                              InterventionConfig(turn_score_skip=4))
+        result = collect_rollouts(policy, env, list(range(100, 108)), RolloutSettings(group_size=4),
+                                  resampler=TDSResampler(TDSConfig(eta=0.3, max_try=1)), seed=seed)
         seconds = time.perf_counter() - start
     finally:
         hf.sample_tokens, hf._prompt_key, hf.shared_prefix_length = sampler, prompt_key, shared

@@ -1,7 +1,7 @@
 """Cost of the PPO update on the CPU per precision, and how well the engine's log-probs agree with the
 trainer's in each.
 
-Workload: the main job's shape (`configs/default.yaml`): SmolLM2-135M-Instruct with LoRA (rank 16,
+Workload: the main job's shape (`t2po/configs/default.yaml`): SmolLM2-135M-Instruct with LoRA (rank 16,
 alpha 32) on the last 8 layers, Sokoban turn-0 prompts (compact style, ~150 tokens), responses of
 up to 40 tokens sampled by the transformers engine, micro-batches of at most 4096 padded tokens,
 mini-batches of 16 samples. One update = for every mini-batch: forward (log-probs + entropy), the
@@ -59,7 +59,7 @@ PRECISIONS = {"fp32": (torch.float32, False), "fp32_autocast": (torch.float32, T
 
 
 def main_job_prompts(tokenizer, count: int, seed: int) -> list[list[int]]:
-    """Turn-0 prompts of the main job's Sokoban rooms (configs/default.yaml env options)."""
+    """Turn-0 prompts of the main job's Sokoban rooms (t2po/configs/default.yaml env options)."""
     env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3, history_length=0, prompt_style="compact")
     states = env.reset(seeds=[seed + i for i in range(count)])
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": env.render_prompt(i, [], s)}], add_generation_prompt=True)["input_ids"]

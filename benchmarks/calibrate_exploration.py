@@ -1,6 +1,6 @@
 """Do TTI and TDS act at the main job's setting? Exploration diagnostics of candidate settings, cheaply.
 
-Runs the main job's warm-up once (configs/default.yaml: 16 expert episodes, 3 epochs; ~1 min), then
+Runs the main job's warm-up once (t2po/configs/default.yaml: 16 expert episodes, 3 epochs; ~1 min), then
 collects training rollouts at the main job's setting (8 tasks x 4, Sokoban, 40 response tokens) with
 each candidate's TTI / TDS settings, `--batches` batches per candidate (one per "iteration", the
 relative TDS threshold carried across them as in training), and prints what the mechanisms did:
@@ -27,13 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from t2po.algos.sampling import TDSQuantileThreshold
+from t2po.algos.sampling import TDSQuantileThreshold, TDSResampler
 from t2po.config import load_config
 from t2po.envs import make_env
-from t2po.rollout import collect_rollouts
+from t2po.policies import EnginePolicy
+from t2po.rollout import RolloutSettings, collect_rollouts
 from t2po.trainer.trainer import Trainer
 
-PAPER_ETA = 0.3  # spec §3
+PAPER_ETA = 0.3  # docs/method.md §3
 SHOWN = ("tti_stagnation_triggers", "tti_budget_triggers", "forced_tokens", "think_length", "think_length_p90", "tds_flag_rate",
          "tds_regen_flag_rate", "tds_delta_p10", "tds_delta_p50", "tds_delta_p90", "tds_extra_token_fraction", "success_rate",
          "invalid_action_rate", "generated_tokens")
@@ -72,9 +73,9 @@ def main() -> None:
             batches = []
             for k in range(ns.batches):
                 t0 = time.time()
-                result = collect_rollouts(trainer.engine, env, trainer.task_seeds(k), r.group_size, r.sampling, r.tti, r.tds,
-                                          r.max_turns, r.invalid_action_penalty, r.max_prompt_tokens,
-                                          seed=cfg.trainer.seed * 7_777 + k, tds_threshold=threshold)
+                result = collect_rollouts(EnginePolicy(trainer.engine, r.sampling, r.tti), env, trainer.task_seeds(k),
+                                          RolloutSettings(r.group_size, r.max_turns, r.invalid_action_penalty, r.max_prompt_tokens),
+                                          seed=cfg.trainer.seed * 7_777 + k, resampler=TDSResampler(r.tds, threshold) if r.tds.enabled else None)
                 stats = {key: result.stats[key] for key in SHOWN if key in result.stats}
                 # what the paper's absolute eta would flag among the same first samples
                 deltas = np.array([x.tds_delta for x in result.samples if np.isfinite(x.tds_delta)])

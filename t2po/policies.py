@@ -26,6 +26,7 @@ from typing import Any, Callable, Protocol
 
 from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams
 from t2po.envs.base import BatchEnv, EnvState
+from t2po.errors import InvalidInput
 
 #: finish reasons of a text policy whose answer was no text at all (an invalid action)
 NO_ANSWER = ("empty", "malformed")
@@ -105,7 +106,7 @@ class ExpertPolicy:
 
     def __init__(self, env: BatchEnv) -> None:
         if type(env).expert_response is BatchEnv.expert_response:
-            raise ValueError(f"Environment {env.name!r} has no expert; use `t2po rft collect` with a model instead.")
+            raise InvalidInput(f"Environment {env.name!r} has no expert; use `t2po rft collect` with a model instead.")
         self.env = env
 
     def act(self, turns: list[Turn], seed: int) -> list[Generation | None]:

@@ -33,10 +33,10 @@ def random_mover(env: BatchEnv, seeds: list[int], max_turns: int | None = None, 
         mean = sum(exact) / len(exact)
         return {"success": mean, "stderr": 0.0, "method": "exact", "per_task": exact}
     from t2po.policies import RandomPolicy
-    from t2po.rollout import collect_rollouts
+    from t2po.rollout import RolloutSettings, collect_rollouts
 
     try:
-        result = collect_rollouts(RandomPolicy(), env, list(seeds), samples, max_turns=max_turns, seed=seed)
+        result = collect_rollouts(RandomPolicy(), env, list(seeds), RolloutSettings(group_size=samples, max_turns=max_turns), seed=seed)
     except ValueError:  # no admissible-action list: chance is not defined by a uniform choice
         return None
     per_task = [0.0] * len(seeds)
@@ -53,9 +53,9 @@ def expert(env: BatchEnv, seeds: list[int], max_turns: int | None = None) -> dic
     if type(env).expert_response is BatchEnv.expert_response:
         return None
     from t2po.policies import ExpertPolicy
-    from t2po.rollout import collect_rollouts
+    from t2po.rollout import RolloutSettings, collect_rollouts
 
-    result = collect_rollouts(ExpertPolicy(env), env, list(seeds), 1, max_turns=max_turns)
+    result = collect_rollouts(ExpertPolicy(env), env, list(seeds), RolloutSettings(max_turns=max_turns))
     per_task = [0.0] * len(seeds)
     for ep in result.episodes:
         per_task[ep.group_id] = float(ep.won)

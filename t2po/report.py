@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from t2po.checkpoints import read_jsonl_log
+from t2po.errors import InvalidInput
 
 SEED_KEYS = ("trainer.seed", "trainer.run_name", "trainer.output_dir")  # differ between seeds of one configuration
 
@@ -438,7 +439,7 @@ def _minutes(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds / 60:.1f}"
 
 
-#: (metric, column title, digits) of the exploration-control table: what TTI and TDS did (spec §2-§3)
+#: (metric, column title, digits) of the exploration-control table: what TTI and TDS did (docs/method.md §2-§3)
 EXPLORATION_COLUMNS = (
     ("rollout/tti_stagnation_triggers", "TTI stagnation triggers", 1),
     ("rollout/tti_budget_triggers", "TTI budget triggers", 1),
@@ -514,7 +515,7 @@ def write_report(run_paths: list[str | Path], out: str | Path | None = None) -> 
     """Plots and `report.md` for the given run folders; returns the output folder."""
     runs = [load_run(p) for p in expand_run_paths(run_paths)]
     if not runs:
-        raise ValueError("no run folders given; pass one or more folders that `t2po train` created")
+        raise InvalidInput("no run folders given; pass one or more folders that `t2po train` created")
     out = Path(out) if out is not None else runs[0].path / "report"
     out.mkdir(parents=True, exist_ok=True)
     # drop plots of an earlier report that this one may not redraw (only our own file names)

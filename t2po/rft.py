@@ -1,4 +1,4 @@
-"""Cold start (spec §5): rejection-sampling data collection and multi-turn SFT.
+"""Cold start (docs/method.md §5): rejection-sampling data collection and multi-turn SFT.
 
     t2po rft collect sokoban --policy expert --episodes 64 --out data/sokoban.jsonl
     t2po rft collect sokoban --policy runs/my-run --episodes 256 --threshold 0.8 --out data/rft.jsonl
@@ -47,7 +47,8 @@ def _environment(env: str | None, preset: str | None, options: dict) -> tuple[st
 
 
 def collect(env_name: str, policy: str, episodes: int, threshold: float, out: Path, env_options: dict, seed: int = 0,
-            group_size: int = 1, batch_size: int = 16, max_new_tokens: int = 128, temperature: float = 1.0) -> dict:
+            group_size: int = 1, batch_size: int = 16, max_new_tokens: int = 128, temperature: float = 1.0,
+            engine_name: str = "hf") -> dict:
     from t2po.envs import make_env
 
     env = make_env(env_name, **env_options)
@@ -60,16 +61,17 @@ def collect(env_name: str, policy: str, episodes: int, threshold: float, out: Pa
             played = len(convs)
             kept = [c for c in convs if episode_score(c.won, c.metrics) > threshold]
         else:
-            from t2po.checkpoints import resolve_policy
-            from t2po.engines import make_engine
+            from t2po.engines import engine_for_policy
             from t2po.engines.base import InterventionConfig, SamplingParams
-            from t2po.rollout import collect_rollouts
+            from t2po.policies import EnginePolicy
+            from t2po.policy_source import resolve_policy
+            from t2po.rollout import RolloutSettings, collect_rollouts
 
             model, tokenizer, description = resolve_policy(None if policy == "default" else policy)
-            engine = make_engine("hf", model, tokenizer)
+            player = EnginePolicy(engine_for_policy(engine_name, model, tokenizer),
+                                  SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens), InterventionConfig())
             for start in range(0, len(seeds), batch_size):
-                result = collect_rollouts(engine, env, seeds[start : start + batch_size], group_size,
-                                          SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens), InterventionConfig(), seed=seed + start)
+                result = collect_rollouts(player, env, seeds[start : start + batch_size], RolloutSettings(group_size), seed=seed + start)
                 for ep in result.episodes:
                     played += 1
                     if episode_score(ep.won, ep.metrics) <= threshold:
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="environment option (YAML value), repeatable; the same as env.options.KEY=VALUE, the spelling `t2po train` takes")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--max-new-tokens", type=int, default=128)
+    c.add_argument("--engine", default="hf", help="generation engine of a model policy: hf (default), vllm, or package.module:Class")
     from t2po.envs import env_option_errors, parse_env_options, split_env_overrides
 
     argv, env_overrides = split_env_overrides(list(sys.argv[1:] if argv is None else argv))
@@ -143,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     errors = env_option_errors(env_name, options, "--env-option ")
     if errors:
         raise SystemExit(f"t2po rft collect: {errors[0]}")
-    stats = collect(env_name, ns.policy, ns.episodes, ns.threshold, ns.out, options, ns.seed, max_new_tokens=ns.max_new_tokens)
+    from t2po.engines import engine_spec
+
+    engine_spec(ns.engine)  # an unknown engine fails before any work
+    stats = collect(env_name, ns.policy, ns.episodes, ns.threshold, ns.out, options, ns.seed, max_new_tokens=ns.max_new_tokens,
+                    engine_name=ns.engine)
     print(f"kept {stats['kept']} of {stats['episodes']} episodes (score > {ns.threshold}) -> {ns.out}")
     return 0
 

@@ -1,20 +1,21 @@
 """The multi-turn rollout loop: environments x policy, with TTI inside decoding and TDS between
-decoding and stepping (spec §2-§4). Training, validation, `t2po eval`, the warm-up's demonstrations
+decoding and stepping (docs/method.md §2-§4). Training, validation, `t2po eval`, the warm-up's demonstrations
 and `t2po rft collect` all play through it, whatever answers the turns (`t2po.policies`: a
 token-level engine, an API model, an environment's expert).
 
-For B tasks x N group members: reset, then per turn: build prompts for the active instances, answer
-them in one batch, apply TDS (training only: regenerate only the flagged rows, in one batch, at most
-`max_try` times, keep the last sample), parse, step, record. Every environment step becomes one
+For B tasks x N group members: reset, then per turn the phases render -> act -> drop unanswered ->
+resample -> step and record, then the episodes. The resampling phase is TDS (training only: an object
+passed in, `t2po.algos.sampling.TDSResampler`, that regenerates only the flagged rows, in one batch, at
+most `max_try` times, and keeps the last sample). Every environment step becomes one
 `StepSample`; a token-level policy's sample carries the exact token ids the engine produced. An
 observation with an image (an environment in image mode) is rendered by the vision-language model's
 processor (`t2po.vlm`); the step sample then also carries the prompt's pixel inputs, exactly those
 the engine saw. `episode_trace` (t2po.tracking) writes an episode for people to read.
 
-    from t2po.rollout import collect_rollouts, TDSConfig
-    result = collect_rollouts(engine, env, task_seeds=[0, 1], group_size=4,
-                              sampling=SamplingParams(max_new_tokens=64), intervention=InterventionConfig())
-    result = collect_rollouts(APIPolicy(agent), env, task_seeds=[7], group_size=1, seed=7)
+    from t2po.rollout import RolloutSettings, collect_rollouts
+    policy = EnginePolicy(engine, SamplingParams(max_new_tokens=64), InterventionConfig())
+    result = collect_rollouts(policy, env, [0, 1], RolloutSettings(group_size=4), resampler=TDSResampler(TDSConfig()))
+    result = collect_rollouts(APIPolicy(agent), env, [7], RolloutSettings(), seed=7)
     result.stats["success_rate"], result.samples[0].response_ids
 """
 
@@ -27,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from t2po.algos import TDSConfig, TDSQuantileThreshold, tds_resample_mask, turn_score_deltas
-from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams
+from t2po.algos import TDSConfig, turn_score_deltas
+from t2po.algos.sampling import TDSResampler, TurnResample
+from t2po.engines.base import Generation
 from t2po.envs.base import BatchEnv, EnvState
-from t2po.policies import NO_ANSWER, EnginePolicy, Policy, Turn
+from t2po.policies import NO_ANSWER, Policy, Turn
 
 #: reward subtracted for a step whose response parses to no valid action (the config's default)
 INVALID_ACTION_PENALTY = 0.1
@@ -56,6 +58,7 @@ class StepSample:
     response_text: str
     action: str
     invalid_reason: str = ""
+    penalty: float = 0.0  # the invalid-action penalty subtracted in `reward` (0 for a valid action)
     resampled: int = 0  # TDS regenerations of this turn
     tds_delta: float = math.nan  # |Mbar - previous accepted Mbar| of this turn's first sample (NaN: first turn)
     tds_regen_flagged: int = 0  # regenerations of this turn that fell in the TDS band again
@@ -66,9 +69,47 @@ class StepSample:
     prompt_text: str = ""  # the user message (env.render_prompt), before any chat template
     finish_reason: str = ""  # the engine's: "stop" or "length" (cut at rollout.max_new_tokens)
     usage: dict = field(default_factory=dict)  # a text policy's accounting (API: completion tokens, attempts, ...)
-    # the responses TDS generated for this turn and then replaced (spec §3), oldest first: kept for the
+    # the responses TDS generated for this turn and then replaced (docs/method.md §3), oldest first: kept for the
     # traces only, never trained on ({"text", "token_ids", "turn_score", "forced"})
     discarded: list[dict] = field(default_factory=list)
+
+    @property
+    def response_length(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def forced_tokens(self) -> int:
+        return sum(self.forced_mask)
+
+    def stats(self) -> "StepStats":
+        return StepStats(self.valid, self.response_length, self.forced_tokens, self.finish_reason, dict(self.tti_triggers),
+                         self.think_length, self.tds_delta, self.resampled, self.tds_regen_flagged)
+
+
+@dataclass
+class StepStats:
+    """What `rollout_stats` reads of a step: a few numbers, so that ranks gather these, not the samples."""
+
+    valid: bool
+    response_length: int
+    forced_tokens: int
+    finish_reason: str
+    tti_triggers: dict[str, int]
+    think_length: int
+    tds_delta: float
+    resampled: int
+    tds_regen_flagged: int
+
+
+@dataclass
+class EpisodeStats:
+    """What `rollout_stats` reads of an episode (`Episode.stats()`)."""
+
+    won: bool
+    total_reward: float
+    length: int
+    metrics: dict[str, Any]
+    samples: list[StepStats]
 
 
 @dataclass
@@ -86,6 +127,9 @@ class Episode:
     @property
     def length(self) -> int:
         return len(self.samples)
+
+    def stats(self) -> EpisodeStats:
+        return EpisodeStats(self.won, self.total_reward, self.length, dict(self.metrics), [s.stats() for s in self.samples])
 
 
 @dataclass
@@ -119,185 +163,148 @@ def build_prompt(tokenizer: Any, text: str, image: Any = None, max_prompt_tokens
     return ids, pixels, False
 
 
-def _discarded(g: Generation) -> dict:
-    return {"text": g.text, "token_ids": list(g.token_ids), "turn_score": g.turn_score, "forced": list(g.forced)}
-
-
 def call_seed(seed: int, turn: int, attempt: int) -> int:
     """The sampler seed of one policy call: distinct and reproducible per (rollout seed, turn, TDS
     attempt). Servers that honour a request's seed then repeat their answers."""
     return (seed * 1_000_003 + turn * 1_009 + attempt * 7 + 1) % (2**63 - 1)
 
 
-def collect_rollouts(
-    policy: Policy | Engine,
-    env: BatchEnv,
-    task_seeds: list[int],
-    group_size: int,
-    sampling: SamplingParams | None = None,
-    intervention: InterventionConfig | None = None,
-    tds: TDSConfig | None = None,
-    max_turns: int | None = None,
-    invalid_action_penalty: float = INVALID_ACTION_PENALTY,
-    max_prompt_tokens: int | None = None,
-    seed: int = 0,
-    progress: Any = None,
-    tds_threshold: TDSQuantileThreshold | None = None,
-) -> RolloutResult:
-    """Play `len(task_seeds) * group_size` episodes to the end (or `max_turns`). `policy` is a
-    `t2po.policies.Policy`, or an engine played with `sampling` and `intervention` (`EnginePolicy`).
-    `progress` (a `t2po.progress.Progress` over the episodes) is advanced as episodes finish, once per turn.
+@dataclass
+class RolloutSettings:
+    """How a batch of episodes is played (training and validation fill it from the config's `rollout`)."""
 
-    With a relative TDS threshold (`tds.quantile`), `tds_threshold` carries the window of recent
-    deltas across calls (the trainer keeps one per run); without it each call starts an empty one."""
-    if isinstance(policy, Engine):
-        if sampling is None:
-            raise ValueError("collect_rollouts(engine, ...) needs the sampling parameters (sampling=SamplingParams(...))")
-        policy = EnginePolicy(policy, sampling, intervention)
+    group_size: int = 1  # episodes per task seed (the GRPO/GiGPO group)
+    max_turns: int | None = None  # None: the environment's max_steps
+    invalid_action_penalty: float = INVALID_ACTION_PENALTY  # subtracted from a step whose action is invalid (docs/method.md §4)
+    max_prompt_tokens: int | None = None  # prompts are cut from the left past this
+
+
+def collect_rollouts(policy: Policy, env: BatchEnv, task_seeds: list[int], settings: RolloutSettings, *, seed: int = 0,
+                     resampler: TDSResampler | None = None, progress: Any = None) -> RolloutResult:
+    """Play `len(task_seeds) * settings.group_size` episodes to the end (or `settings.max_turns`).
+    `policy` answers the turns (`t2po.policies`: `EnginePolicy(engine, sampling, intervention)`, an API
+    model, an expert); `resampler` is TDS (`t2po.algos.sampling.TDSResampler`, training only);
+    `progress` (a `t2po.progress.Progress` over the episodes) advances as episodes finish."""
     tokenizer = policy.tokenizer
-    if tds is not None and tokenizer is None:
-        raise ValueError("TDS (spec §3) needs turn scores, which only a token-level policy (an engine) gives")
-    if tds is not None and tds.enabled and tds.quantile is not None and tds_threshold is None:
-        tds_threshold = TDSQuantileThreshold(tds.quantile, tds.window)
-    seeds = [s for s in task_seeds for _ in range(group_size)]
-    group_ids = [g for g in range(len(task_seeds)) for _ in range(group_size)]
-    n = len(seeds)
-    states: list[EnvState] = env.reset(seeds)
-    observations: list[list[str]] = [[st.observation] for st in states]
-    histories: list[list[tuple[str, str]]] = [[] for _ in range(n)]
-    samples_of: list[list[StepSample]] = [[] for _ in range(n)]
-    prev_score = [math.nan] * n  # turn score of the accepted previous turn (spec §3)
-    active = [not st.done for st in states]
-    max_turns = max_turns or env.max_steps
+    if resampler is not None and tokenizer is None:
+        raise ValueError("TDS (docs/method.md §3) needs turn scores, which only a token-level policy (an engine) gives")
+    play = _Play(env, [s for s in task_seeds for _ in range(settings.group_size)], settings.group_size)
     counters: dict[str, float] = defaultdict(float)
-
+    if resampler is not None:
+        resampler.begin()
+    max_turns = settings.max_turns or env.max_steps
     for turn in range(max_turns):
-        idx = [i for i in range(n) if active[i]]
-        if not idx:
+        turns = play.render(tokenizer, settings.max_prompt_tokens, counters)
+        if not turns:
             break
+        answers: list[Generation | None] = policy.act(turns, call_seed(seed, turn, 0))
+        turns, gens = play.drop_unanswered(turns, answers)
+        if not turns:
+            break
+        _count_generation(counters, gens, turns if tokenizer is not None else None)
+        prev = [play.prev_score[t.index] for t in turns]
+        first_deltas = turn_score_deltas(prev, [g.turn_score for g in gens])
+
+        def regenerate(rows, attempt: int, turns=turns, turn=turn) -> list[Generation]:
+            regen = policy.act([turns[j] for j in rows], call_seed(seed, turn, attempt))
+            _count_generation(counters, regen)
+            return regen
+
+        tds = resampler.resample(prev, gens, regenerate) if resampler is not None else TurnResample.none(len(gens))
+        finished = play.step_and_record(turns, gens, first_deltas, tds, turn, settings.invalid_action_penalty, tokenizer is None)
+        if progress is not None:
+            progress.update(finished, note=f"turn {turn + 1}/{max_turns}")
+    if progress is not None and sum(play.active):
+        progress.update(sum(play.active), note="turn limit")  # the episodes that max_turns cut short
+    for key, value in (resampler.counters if resampler is not None else {}).items():
+        counters[key] += value
+    episodes = play.episodes()
+    return RolloutResult(samples=[x for ep in episodes for x in ep.samples], episodes=episodes, stats=rollout_stats(episodes, counters))
+
+
+def _count_generation(counters: dict[str, float], gens: list[Generation], turns: list[Turn] | None = None) -> None:
+    """Tokens generated and prefilled; with `turns` (a token-level policy's first answers) also the
+    turn's distinct prompt tokens (an image prompt counts as distinct)."""
+    counters["generated_tokens"] += sum(g.num_tokens for g in gens)
+    if turns is not None:
+        counters["prefill_tokens"] += sum(g.prompt_tokens - g.cached_prompt_tokens for g in gens)
+        distinct = {(tuple(t.prompt_ids), j if t.pixel_inputs is not None else -1) for j, t in enumerate(turns)}
+        counters["unique_prompt_tokens"] += sum(len(ids) for ids, _ in distinct)
+
+
+class _Play:
+    """The state of a batch of episodes between the loop's phases: environment states, histories,
+    recorded steps, the previous accepted turn score (TDS) and which episodes are still running."""
+
+    def __init__(self, env: BatchEnv, seeds: list[int], group_size: int) -> None:
+        self.env, self.seeds, n = env, seeds, len(seeds)
+        self.group_ids = [k // group_size for k in range(n)]
+        self.states: list[EnvState] = env.reset(seeds)
+        self.observations: list[list[str]] = [[st.observation] for st in self.states]
+        self.histories: list[list[tuple[str, str]]] = [[] for _ in range(n)]
+        self.samples: list[list[StepSample]] = [[] for _ in range(n)]
+        self.prev_score = [math.nan] * n  # turn score of the accepted previous turn (docs/method.md §3)
+        self.active = [not st.done for st in self.states]
+
+    def render(self, tokenizer: Any, max_prompt_tokens: int | None, counters: dict[str, float]) -> list[Turn]:
+        """The running episodes' prompts: the environment's text, and for a token-level policy its ids
+        (the chat template, or the VLM processor for an image) and pixel inputs."""
         turns = []
-        for i in idx:
-            text = env.render_prompt(i, histories[i], states[i])
+        for i in (i for i, running in enumerate(self.active) if running):
+            text = self.env.render_prompt(i, self.histories[i], self.states[i])
             if tokenizer is None:
-                turns.append(Turn(i, states[i], text))
+                turns.append(Turn(i, self.states[i], text))
                 continue
-            ids, pixel_inputs, cut = build_prompt(tokenizer, text, states[i].image, max_prompt_tokens)
-            turns.append(Turn(i, states[i], text, ids, pixel_inputs))
+            ids, pixel_inputs, cut = build_prompt(tokenizer, text, self.states[i].image, max_prompt_tokens)
+            turns.append(Turn(i, self.states[i], text, ids, pixel_inputs))
             counters["prompts_truncated"] += cut
             counters["prompt_tokens"] += len(ids)
-        answers: list[Generation | None] = policy.act(turns, call_seed(seed, turn, 0))
-        if any(g is None for g in answers):  # no answer: that episode ends here, unstepped
-            for t, g in zip(turns, answers):
-                active[t.index] = active[t.index] and g is not None
-            turns = [t for t, g in zip(turns, answers) if g is not None]
-            if not turns:
-                break
-        gens: list[Generation] = [g for g in answers if g is not None]
-        idx = [t.index for t in turns]
-        counters["generated_tokens"] += sum(g.num_tokens for g in gens)
-        if tokenizer is not None:  # prompt tokens prefilled vs the turn's distinct prompts (an image prompt counts as distinct)
-            counters["prefill_tokens"] += sum(g.prompt_tokens - g.cached_prompt_tokens for g in gens)
-            distinct = {(tuple(t.prompt_ids), j if t.pixel_inputs is not None else -1) for j, t in enumerate(turns)}
-            counters["unique_prompt_tokens"] += sum(len(ids) for ids, _ in distinct)
-        resampled, regen_flagged = [0] * len(idx), [0] * len(idx)
-        prev = [prev_score[i] for i in idx]
-        first_deltas = turn_score_deltas(prev, [g.turn_score for g in gens])
-        discarded: list[list[dict]] = [[] for _ in idx]
-        if tds is not None and tds.enabled:
-            counters["tds_eligible_turns"] += int(np.isfinite(first_deltas).sum())
-            counters["tds_extra_tokens"] += 0  # present (0) in an iteration where nothing is flagged
-            if tds_threshold is not None:
-                tds_threshold.observe(first_deltas)
-            eta = tds.eta if tds_threshold is None else tds_threshold.eta()
-            flagged = np.flatnonzero(tds_resample_mask(prev, [g.turn_score for g in gens], eta))
-            for attempt in range(1, tds.max_try + 1):
-                if flagged.size == 0:
-                    break
-                regen = policy.act([turns[j] for j in flagged], call_seed(seed, turn, attempt))
-                for j, g in zip(flagged, regen):
-                    counters["tds_extra_tokens"] += gens[j].num_tokens  # the discarded sample's tokens
-                    discarded[j].append(_discarded(gens[j]))
-                    counters["generated_tokens"] += g.num_tokens
-                    counters["prefill_tokens"] += g.prompt_tokens - g.cached_prompt_tokens
-                    gens[j] = g
-                    resampled[j] += 1
-                counters["tds_regenerations"] += flagged.size
-                # does resampling select? the regenerated samples in the band again
-                again = tds_resample_mask([prev[j] for j in flagged], [g.turn_score for g in regen], eta)
-                for j in flagged[again]:
-                    regen_flagged[j] += 1
-                flagged = flagged[again]
-        actions: list[str | None] = [None] * n
-        parsed_of = {}
-        for j, i in enumerate(idx):
-            parsed = env.parse_action(gens[j].text, states[i])
-            parsed_of[i] = parsed
+        return turns
+
+    def drop_unanswered(self, turns: list[Turn], answers: list[Generation | None]) -> tuple[list[Turn], list[Generation]]:
+        """No answer (None) ends that episode here, unstepped."""
+        for t, g in zip(turns, answers):
+            self.active[t.index] = self.active[t.index] and g is not None
+        return [t for t, g in zip(turns, answers) if g is not None], [g for g in answers if g is not None]
+
+    def step_and_record(self, turns: list[Turn], gens: list[Generation], first_deltas: np.ndarray, tds: TurnResample, turn: int,
+                        penalty: float, text_policy: bool) -> int:
+        """Parse each answer, step the environments, record one `StepSample` per step; returns how
+        many episodes ended."""
+        env, states = self.env, self.states
+        actions: list[str | None] = [None] * len(states)
+        parsed_of = {t.index: env.parse_action(g.text, states[t.index]) for t, g in zip(turns, gens)}
+        for i, parsed in parsed_of.items():
             actions[i] = parsed.action
         new_states = env.step(actions)
-        for j, i in enumerate(idx):
-            g, parsed, new, t = gens[j], parsed_of[i], new_states[i], turns[j]
+        for j, (t, g) in enumerate(zip(turns, gens)):
+            i, parsed, new = t.index, parsed_of[t.index], new_states[t.index]
             assert new is not None, f"{env.name}.step returned None for active instance {i}"
-            samples_of[i].append(
-                StepSample(
-                    prompt_ids=t.prompt_ids or [],
-                    response_ids=list(g.token_ids),
-                    forced_mask=list(g.forced),
-                    rollout_logprobs=list(g.logprobs),
-                    reward=float(new.reward) - (0.0 if parsed.valid else invalid_action_penalty),
-                    env_reward=float(new.reward),
-                    done=bool(new.done),
-                    valid=parsed.valid,
-                    anchor_obs=states[i].anchor_obs or states[i].observation,
-                    group_id=group_ids[i],
-                    traj_id=i,
-                    step=turn,
-                    turn_score=g.turn_score,
-                    response_text=g.text,
-                    action=parsed.action,
-                    invalid_reason=f"{g.finish_reason} answer" if g.finish_reason in NO_ANSWER else parsed.reason,
-                    resampled=resampled[j],
-                    tds_delta=float(first_deltas[j]),
-                    tds_regen_flagged=regen_flagged[j],
-                    tti_triggers=dict(g.tti_triggers),
-                    think_length=g.think_length,
-                    image=states[i].image,
-                    pixel_inputs=t.pixel_inputs,
-                    prompt_text=t.prompt,
-                    finish_reason=g.finish_reason,
-                    usage={"prompt_tokens": g.prompt_tokens, **g.usage} if tokenizer is None else {},
-                    discarded=discarded[j],
-                )
-            )
-            histories[i].append((states[i].observation, parsed.action))
-            prev_score[i] = g.turn_score
+            self.samples[i].append(StepSample(
+                prompt_ids=t.prompt_ids or [], response_ids=list(g.token_ids), forced_mask=list(g.forced),
+                rollout_logprobs=list(g.logprobs), reward=float(new.reward) - (0.0 if parsed.valid else penalty),
+                env_reward=float(new.reward), penalty=0.0 if parsed.valid else penalty, done=bool(new.done), valid=parsed.valid,
+                anchor_obs=states[i].anchor_obs or states[i].observation, group_id=self.group_ids[i], traj_id=i, step=turn,
+                turn_score=g.turn_score, response_text=g.text, action=parsed.action,
+                invalid_reason=f"{g.finish_reason} answer" if g.finish_reason in NO_ANSWER else parsed.reason,
+                resampled=tds.resampled[j], tds_delta=float(first_deltas[j]), tds_regen_flagged=tds.regen_flagged[j],
+                tti_triggers=dict(g.tti_triggers), think_length=g.think_length, image=states[i].image, pixel_inputs=t.pixel_inputs,
+                prompt_text=t.prompt, finish_reason=g.finish_reason,
+                usage={"prompt_tokens": g.prompt_tokens, **g.usage} if text_policy else {}, discarded=tds.discarded[j]))
+            self.histories[i].append((states[i].observation, parsed.action))
+            self.prev_score[i] = g.turn_score
             states[i] = new
-            observations[i].append(new.observation)
-            if new.done:
-                active[i] = False
-        if progress is not None:
-            progress.update(sum(new_states[i].done for i in idx), note=f"turn {turn + 1}/{max_turns}")
+            self.observations[i].append(new.observation)
+            self.active[i] = self.active[i] and not new.done
+        return sum(new_states[t.index].done for t in turns)
 
-    if progress is not None and sum(active):
-        progress.update(sum(active), note="turn limit")  # the episodes that max_turns cut short
-    episodes = []
-    for i in range(n):
-        s = samples_of[i]
-        metrics = env.episode_metrics(i, states[i]) if s else {}
-        episodes.append(
-            Episode(
-                traj_id=i,
-                group_id=group_ids[i],
-                seed=seeds[i],
-                samples=s,
-                won=bool(states[i].won),
-                total_reward=float(sum(x.reward for x in s)),
-                truncated=bool(s) and not s[-1].done,
-                metrics=metrics,
-                observations=observations[i],
-            )
-        )
-    samples = [x for ep in episodes for x in ep.samples]
-    return RolloutResult(samples=samples, episodes=episodes, stats=rollout_stats(episodes, counters))
+    def episodes(self) -> list[Episode]:
+        out = []
+        for i, s in enumerate(self.samples):
+            out.append(Episode(traj_id=i, group_id=self.group_ids[i], seed=self.seeds[i], samples=s, won=bool(self.states[i].won),
+                               total_reward=float(sum(x.reward for x in s)), truncated=bool(s) and not s[-1].done,
+                               metrics=self.env.episode_metrics(i, self.states[i]) if s else {}, observations=self.observations[i]))
+        return out
 
 
 # Statistics counted while playing (not derivable from the episodes): summed when batches are merged.
@@ -305,8 +312,8 @@ COUNTERS = ("generated_tokens", "tds_extra_tokens", "tds_regenerations", "tds_el
             "prefill_tokens", "unique_prompt_tokens")
 
 
-def rollout_stats(episodes: list[Episode], counters: dict[str, float] | None = None) -> dict[str, float]:
-    """Episode metrics, with the evidence of what T2PO's exploration control did (spec §2-§3):
+def rollout_stats(episodes: list[Episode] | list[EpisodeStats], counters: dict[str, float] | None = None) -> dict[str, float]:
+    """Episode metrics, with the evidence of what T2PO's exploration control did (docs/method.md §2-§3):
 
     - TTI: `tti_budget_triggers`, `tti_stagnation_triggers`, `forced_tokens`, `think_length` (mean
       tokens inside think spans per turn) and `think_length_p90`;
@@ -327,17 +334,17 @@ def rollout_stats(episodes: list[Episode], counters: dict[str, float] | None = N
         "episode_length": float(np.mean([ep.length for ep in episodes])) if episodes else 0.0,
         "invalid_action_rate": float(np.mean([not x.valid for x in samples])) if samples else 0.0,
         "steps": float(len(samples)),
-        "response_tokens": float(sum(len(x.response_ids) for x in samples)),
-        "response_length": float(np.mean([len(x.response_ids) for x in samples])) if samples else 0.0,
-        "response_length_min": float(min(len(x.response_ids) for x in samples)) if samples else 0.0,
-        "response_length_max": float(max(len(x.response_ids) for x in samples)) if samples else 0.0,
+        "response_tokens": float(sum(x.response_length for x in samples)),
+        "response_length": float(np.mean([x.response_length for x in samples])) if samples else 0.0,
+        "response_length_min": float(min(x.response_length for x in samples)) if samples else 0.0,
+        "response_length_max": float(max(x.response_length for x in samples)) if samples else 0.0,
         # responses cut at the token limit (verl's response_length/clip_ratio)
         "clip_ratio": float(np.mean([x.finish_reason == "length" for x in samples])) if samples else 0.0,
         "tti_budget_triggers": float(sum(x.tti_triggers.get("budget", 0) for x in samples)),
         "tti_stagnation_triggers": float(sum(x.tti_triggers.get("stagnation", 0) for x in samples)),
         "think_length": float(np.mean([x.think_length for x in samples])) if samples else 0.0,
         "think_length_p90": float(np.percentile([x.think_length for x in samples], 90)) if samples else 0.0,
-        "forced_tokens": float(sum(sum(x.forced_mask) for x in samples)),
+        "forced_tokens": float(sum(x.forced_tokens for x in samples)),
         "tds_flag_rate": float(sum(x.resampled > 0 for x in samples)) / max(deltas.size, 1),
     }
     if deltas.size:

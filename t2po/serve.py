@@ -9,7 +9,7 @@ Endpoints: `POST /v1/chat/completions` (non-streaming, n=1; `temperature`, `top_
 `max_tokens` / `max_completion_tokens`, `stop`, `seed`), `GET /v1/models`, `GET /health`. The messages
 are rendered with the model's chat template exactly as `t2po.rollout.build_prompt_ids` renders a
 prompt, so an agent served here sees the tokens it was trained on. Decoding is `HFEngine` with the
-thinking intervention on (spec §2; evaluation uses TTI, not TDS), `--no-tti` turns it off.
+thinking intervention on (docs/method.md §2; evaluation uses TTI, not TDS), `--no-tti` turns it off.
 Requests that arrive while the model is busy and share sampling settings are decoded as one batch
 (up to `--max-batch-size`); `seed` is best effort, as with OpenAI: a batch is sampled with its first
 request's seed.
@@ -26,7 +26,7 @@ ends the generations in progress and the server within seconds.
 
 Testing aid: `--inject-faults SPEC` makes the first chat requests fail on purpose, in order (error
 statuses such as 429, sleeps past a client's timeout, empty or malformed answers), so that a client's
-retry handling can be tested against a real server; `FAULTS_HELP` below gives the syntax.
+retry handling can be tested against a real server; `t2po.testing.FAULTS_HELP` gives the syntax.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import contextlib
 import json
 import math
 import queue
-import re
 import socket
 import sys
 import threading
@@ -52,70 +51,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams
+from t2po.testing import FAULTS_HELP, FaultPlan
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_TOKENS_LIMIT = 4096  # --max-tokens
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # --max-request-bytes
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 SHUTDOWN_GRACE_S = 3.0  # after SIGTERM, requests still running after this are cancelled
-FAULTS_HELP = """\
-Testing aid: --inject-faults SPEC makes the first chat requests fail on purpose, in order. SPEC is a
-comma-separated list of KIND or KIND*COUNT: an HTTP status (429, 500, 503, ...: an OpenAI-style error
-body), sleep=SECONDS (wait, then answer normally: past a client's timeout), empty (an answer with
-empty content), malformed (a 200 answer that is not a chat completion) or notjson (a 200 answer
-whose body is not JSON).
-Example: --inject-faults 429*2,sleep=5,500,malformed,notjson
-"""
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One injected fault: `kind` is "status" (answer HTTP `value`), "sleep" (wait `value` seconds,
-    then answer), "empty", "malformed" or "notjson"."""
-
-    kind: str
-    value: float = 0.0
-
-
-class FaultPlan:
-    """The faults of `--inject-faults SPEC` (see the module docstring), handed out one per chat
-    request in arrival order; thread-safe."""
-
-    _ITEM = re.compile(r"^(?P<kind>\d{3}|sleep=(?P<secs>\d+(?:\.\d+)?)|empty|malformed|notjson)(?:\*(?P<count>\d+))?$")
-
-    def __init__(self, spec: str | None) -> None:
-        self.faults: list[Fault] = []
-        for item in (spec or "").split(","):
-            item = item.strip()
-            if not item:
-                continue
-            m = self._ITEM.match(item)
-            if m is None:
-                raise ValueError(
-                    f"fault {item!r} in --inject-faults: use an HTTP status (429, 500, ...), sleep=SECONDS, "
-                    "empty, malformed or notjson, optionally with *COUNT, comma-separated (e.g. 429*2,sleep=5,malformed)"
-                )
-            kind = m.group("kind")
-            if kind.isdigit():
-                if not 400 <= int(kind) <= 599:
-                    raise ValueError(f"fault {item!r} in --inject-faults: an HTTP error status is 400-599")
-                fault = Fault("status", float(kind))
-            elif m.group("secs") is not None:
-                fault = Fault("sleep", float(m.group("secs")))
-            else:
-                fault = Fault(kind)
-            self.faults += [fault] * int(m.group("count") or 1)
-        self._next = 0
-        self._lock = threading.Lock()
-
-    def take(self) -> Fault | None:
-        with self._lock:
-            if self._next >= len(self.faults):
-                return None
-            self._next += 1
-            return self.faults[self._next - 1]
-
-
 class GenerationBatcher:
     """Runs `engine.generate` in one worker thread. Requests queued while it is busy (or within
     `wait_s` of the first) that share sampling settings (seed aside) are decoded as one batch.
@@ -446,7 +388,7 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
 def served_name(path: str | None) -> str:
     """The model name a client asks for: the run name plus checkpoint, the directory name, or the
     embedded default's name."""
-    from t2po.checkpoints import policy_short_name
+    from t2po.policy_source import policy_short_name
 
     return policy_short_name(path)
 
@@ -464,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: derived from MODEL)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--no-tti", action="store_true", help="decode without the thinking intervention (spec §2)")
+    parser.add_argument("--engine", default="hf", help="generation engine: hf (default), vllm, or package.module:Class (as rollout.engine)")
+    parser.add_argument("--no-tti", action="store_true", help="decode without the thinking intervention (docs/method.md §2)")
     parser.add_argument("--tti-budget", type=int, default=None, help="TTI think-token budget B (default: the run's setting, else none)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="concurrent requests decoded together at most (default 8)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, help=f"most new tokens one request may ask for (default {DEFAULT_MAX_TOKENS_LIMIT})")
@@ -482,10 +425,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from t2po.checkpoints import intervention_for, resolve_policy
-    from t2po.engines import make_engine
+    from t2po.policy_source import intervention_for, resolve_policy
+    from t2po.engines import engine_for_policy, engine_spec
 
     try:
+        engine_spec(ns.engine)  # an unknown engine fails before the model loads
         model, tokenizer, description = resolve_policy(ns.model, dtype=ns.dtype, device=ns.device)
     except (FileNotFoundError, ValueError) as e:
         print(f"t2po serve: {e}", file=sys.stderr)
@@ -493,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     intervention = intervention_for(ns.model, enabled=not ns.no_tti, budget=ns.tti_budget)
     name = ns.served_model_name or served_name(ns.model)
     limits = ServeLimits(ns.max_tokens, model_positions(model), ns.max_request_bytes)
-    app = build_app(make_engine("hf", model, tokenizer), name, intervention, faults, ns.max_batch_size, limits)
+    app = build_app(engine_for_policy(ns.engine, model, tokenizer), name, intervention, faults, ns.max_batch_size, limits)
 
     # Bind first, so that --port 0 can report the port actually taken.
     family = socket.AF_INET6 if ":" in ns.host else socket.AF_INET

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning on multi-turn agent conversations (cold start before RL, spec §5).
+"""Supervised fine-tuning on multi-turn agent conversations (cold start before RL, docs/method.md §5).
 
 A conversation is one episode: a list of steps, each a (prompt text, response text) pair where the
 prompt is exactly what the rollout loop renders for that step (task, history, observation), so SFT
@@ -26,9 +26,10 @@ from typing import Any, Callable, Iterable
 import torch
 
 from t2po.envs.base import BatchEnv
+from t2po.errors import InvalidInput
 from t2po.policies import ExpertPolicy
 from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
-from t2po.rollout import build_prompt, collect_rollouts
+from t2po.rollout import RolloutSettings, build_prompt, collect_rollouts
 
 
 @dataclass
@@ -54,9 +55,9 @@ def play_expert_episodes(env: BatchEnv, seeds: Iterable[int], max_turns: int | N
     """Play `env`'s expert (`expert_response`) on the given task seeds through the rollout loop
     (`ExpertPolicy`) and record the conversations. A demonstration ends where the expert has no move."""
     seeds = list(seeds)
-    result = collect_rollouts(ExpertPolicy(env), env, seeds, 1, max_turns=max_turns)
+    result = collect_rollouts(ExpertPolicy(env), env, seeds, RolloutSettings(max_turns=max_turns))
     if seeds and not result.samples:
-        raise ValueError(f"Environment {env.name!r} gave no expert move on seeds {seeds[:8]}{'...' if len(seeds) > 8 else ''}; "
+        raise InvalidInput(f"Environment {env.name!r} gave no expert move on seeds {seeds[:8]}{'...' if len(seeds) > 8 else ''}; "
                          "use `t2po rft collect` with a model instead.")
     convs = []
     for ep in result.episodes:
@@ -98,12 +99,12 @@ def load_conversations(path: Path) -> list[Conversation]:
             try:
                 rows.append(json.loads(line))
             except ValueError as e:
-                raise ValueError(f"{path}, line {number}: not a JSON object ({e}); expected one conversation per line, "
+                raise InvalidInput(f"{path}, line {number}: not a JSON object ({e}); expected one conversation per line, "
                                  "as written by `t2po rft collect`.") from None
     out = []
     for k, r in enumerate(rows):
         if not isinstance(r, dict) or "steps" not in r or not isinstance(r["steps"], list):
-            raise ValueError(f"{path}: row {k} has no 'steps' list; expected rows written by `t2po rft collect`.")
+            raise InvalidInput(f"{path}: row {k} has no 'steps' list; expected rows written by `t2po rft collect`.")
         for step in r["steps"]:
             if isinstance(step.get("image"), str):
                 step["image"] = _image_from_url(step["image"])
@@ -124,7 +125,7 @@ def tokenize_conversations(convs: list[Conversation], tokenizer: Any, max_prompt
             if step.get("image") is not None:
                 prompt_ids, pixels, _ = build_prompt(tokenizer, step["prompt"], step["image"], max_prompt_tokens)
                 if step.get("prompt_ids") and step["prompt_ids"] != prompt_ids:
-                    raise ValueError(f"{conv.env} seed {conv.seed}: the recorded prompt ids differ from the image prompt this model's processor renders; collect the episodes with this model")
+                    raise InvalidInput(f"{conv.env} seed {conv.seed}: the recorded prompt ids differ from the image prompt this model's processor renders; collect the episodes with this model")
             else:
                 prompt_ids = step.get("prompt_ids") or build_prompt(tokenizer, step["prompt"], None, max_prompt_tokens)[0]
             ids = step.get("response_ids")
@@ -155,7 +156,7 @@ def sft_train(
     `examples` are (prompt ids, response ids[, pixel inputs]). Returns the mean loss of each epoch.
     `progress` (a `t2po.progress.Progress` over `sft_steps(...)` optimizer steps) advances per step."""
     if not examples:
-        raise ValueError("No SFT examples: the conversation set is empty.")
+        raise InvalidInput("No SFT examples: the conversation set is empty.")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
@@ -231,5 +232,5 @@ def _image_from_url(url: str) -> Any:
 
     head, _, data = url.partition(",")
     if not head.startswith("data:image/"):
-        raise ValueError(f"a conversation step's image must be a data URL (data:image/png;base64,...), got {url[:40]!r}")
+        raise InvalidInput(f"a conversation step's image must be a data URL (data:image/png;base64,...), got {url[:40]!r}")
     return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")

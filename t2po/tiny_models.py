@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from t2po.models import SMOLLM2_CHAT_TEMPLATE, build_cached_directory, cache_root
+from t2po.model_cache import SMOLLM2_CHAT_TEMPLATE, build_cached_directory, cache_root
 
 _TINY_VLM_VERSION = 1  # bump when build_tiny_vlm's output changes, so that caches are rebuilt
 

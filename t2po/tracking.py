@@ -35,13 +35,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from t2po.errors import UserError
+
 MLFLOW_STORE = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
 MLFLOW_EXPERIMENT = "t2po"
 RUN_DIR_TAG = "t2po.run_dir"  # identifies the MLflow run of a run folder, so `--resume` continues it
 
 
-class MissingPackage(RuntimeError):
+class MissingPackage(UserError, RuntimeError):
     """An optional tracker whose package is not installed."""
 
 
@@ -414,7 +416,7 @@ def episode_trace(episode: Any, tokenizer: Any = None) -> dict:
             "tti_triggers": dict(s.tti_triggers),
             "think_length": s.think_length,
             "tds_resampled": s.resampled,
-            # the responses TDS replaced (spec §3), kept to be seen, never trained on
+            # the responses TDS replaced (docs/method.md §3), kept to be seen, never trained on
             "tds_discarded": [{"response": d["text"], "response_ids": list(d["token_ids"]), "turn_score": _finite(d["turn_score"]),
                                "forced": _forced_spans(d["token_ids"], d["forced"], tokenizer)} for d in s.discarded],
             "turn_score": _finite(s.turn_score),

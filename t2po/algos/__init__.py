@@ -1,6 +1,6 @@
 """The T2PO algorithms as pure numpy/torch functions (no environment, engine or trainer imports).
 
-Every function cites the section of the method spec (`shared/spec/t2po-method.md`) it implements.
+Every function cites the section of the method description (docs/method.md) it implements.
 Per-sample arrays are 1-D with one entry per training sample (one environment step); ids may be ints
 or strings; the samples of one trajectory appear in step order.
 """

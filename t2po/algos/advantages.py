@@ -1,6 +1,6 @@
 """Advantage estimators: step returns, GRPO, GiGPO, RLOO (per environment step) and GAE (per token).
 
-Spec: `shared/spec/t2po-method.md` §4. The group estimators work on 1-D per-sample arrays, one entry per
+Method: docs/method.md §4. The group estimators work on 1-D per-sample arrays, one entry per
 training sample (= one environment step). Ids may be ints or strings. The samples of one trajectory
 appear in step order, but trajectories may be interleaved in the arrays: nothing here assumes that the
 samples of a trajectory or of a group are contiguous. Group estimators return float64 numpy arrays;
@@ -74,7 +74,7 @@ def _check_trajectories_in_one_group(group_ids: list[Hashable], traj_ids: list[H
 
 
 def discounted_returns(rewards: Any, traj_ids: Any, gamma: float) -> np.ndarray:
-    """Discounted return of every step within its trajectory (spec §4, "Step returns").
+    """Discounted return of every step within its trajectory (docs/method.md §4, "Step returns").
 
         G_t = sum_{j >= t} gamma^(j - t) r_j,   i.e. G_t = r_t + gamma * G_{t+1}, G_{T+1} = 0
 
@@ -95,7 +95,7 @@ def discounted_returns(rewards: Any, traj_ids: Any, gamma: float) -> np.ndarray:
 
 
 def episode_scores(env_rewards: Any, penalties: Any, traj_ids: Any) -> np.ndarray:
-    """Episode score of every step sample, credited as the reference does (spec §4, "Rewards"):
+    """Episode score of every step sample, credited as the reference does (docs/method.md §4, "Rewards"):
 
         s_i = sum_{j in traj(i)} r_j - p_i
 
@@ -117,7 +117,7 @@ def episode_scores(env_rewards: Any, penalties: Any, traj_ids: Any) -> np.ndarra
 
 
 def penalized_step_returns(env_rewards: Any, penalties: Any, traj_ids: Any, gamma: float) -> np.ndarray:
-    """GiGPO's step returns with the penalty credited as the reference does (spec §4, "Step returns"):
+    """GiGPO's step returns with the penalty credited as the reference does (docs/method.md §4, "Step returns"):
 
         G_i = sum_{j >= i} gamma^(j - i) r_j - p_i
 
@@ -133,7 +133,7 @@ def penalized_step_returns(env_rewards: Any, penalties: Any, traj_ids: Any, gamm
 
 
 def _group_mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and unbiased (n - 1) std of one group; a group with one member gets mean 0, std 1 (spec §4)."""
+    """Mean and unbiased (n - 1) std of one group; a group with one member gets mean 0, std 1 (docs/method.md §4)."""
     if len(values) == 1:
         return 0.0, 1.0
     return float(np.mean(values)), float(np.std(values, ddof=1))
@@ -161,7 +161,7 @@ def grpo_advantages(
     across_steps: bool = True,
     eps: float = 1e-6,
 ) -> np.ndarray:
-    """GRPO advantage of every step sample from its episode score (spec §4, "Episode advantage").
+    """GRPO advantage of every step sample from its episode score (docs/method.md §4, "Episode advantage").
 
         A_i = (s_i - mean_g) / (std_g + eps)      norm_by_std=True  (GiGPO "mean_std_norm")
         A_i =  s_i - mean_g                       norm_by_std=False (GiGPO "mean_norm")
@@ -192,7 +192,7 @@ def grpo_advantages(
 
 
 def step_group_ids(anchor_obs: Any, group_ids: Any, similarity_threshold: float | None = None) -> np.ndarray:
-    """Anchor-state step groups of GiGPO (spec §4, "Step advantage"): one int label per sample.
+    """Anchor-state step groups of GiGPO (docs/method.md §4, "Step advantage"): one int label per sample.
 
     Within one task group, samples whose anchor observations are identical share a label. With a
     `similarity_threshold` (Search: 0.9) anchors are clustered greedily instead, which makes the result
@@ -265,7 +265,7 @@ def gigpo_advantages(
     eps: float = 1e-6,
     return_parts: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GiGPO advantage of every step sample (spec §4): A = A_E + step_weight * A_S.
+    """GiGPO advantage of every step sample (docs/method.md §4): A = A_E + step_weight * A_S.
 
     Episode part A_E: `grpo_advantages(scores, group_ids, traj_ids, across_steps=True)`, i.e.
         mean_norm:      A_E = s - mean_g
@@ -304,7 +304,7 @@ def gigpo_advantages(
 
 
 def rloo_advantages(scores: Any, group_ids: Any, traj_ids: Any, across_steps: bool = False) -> np.ndarray:
-    """RLOO: leave-one-out baseline within the task group (spec §4, baselines).
+    """RLOO: leave-one-out baseline within the task group (docs/method.md §4, baselines).
 
         A_i = s_i - mean_{j != i} s_j = n / (n - 1) * (s_i - mean_g)
 
@@ -346,7 +346,7 @@ def gae_advantages(
     lam: float,
     whiten: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over token sequences, for the PPO baseline (spec §4, baselines).
+    """Generalised advantage estimation over token sequences, for the PPO baseline (docs/method.md §4, baselines).
 
     Inputs are [B, T] tensors: token-level rewards (usually the reward on the last valid token),
     critic values, and the mask of valid (response) tokens. Over the valid tokens t < t' (the next
@@ -385,7 +385,7 @@ def gae_advantages(
 
 
 def turn_level_gae(rewards: Any, values: Any, traj_ids: Any, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
-    """Turn-level GAE for the PPO baseline (spec §4, baselines): each trajectory's environment steps
+    """Turn-level GAE for the PPO baseline (docs/method.md §4, baselines): each trajectory's environment steps
     are one row of `gae_advantages` (one (reward, value) pair per step, whitened over the batch).
     Per-sample inputs in step order within a trajectory; returns per-sample (advantages, returns)."""
     rewards = _as_float_array(rewards, "rewards")

@@ -1,4 +1,4 @@
-"""TTI: the token-level thinking intervention (spec §2), for a batch of sequences decoded together.
+"""TTI: the token-level thinking intervention (docs/method.md §2), for a batch of sequences decoded together.
 
 Each row (sequence) has its own state; rows may start, think and finish at different steps.
 
@@ -6,7 +6,7 @@ Each row (sequence) has its own state; rows may start, think and finish at diffe
   until it ends with the end tag (`</think>`). A prompt whose text, trailing whitespace aside, ends
   with the start tag (a template that pre-fills `<think>`) starts its row inside the span. A second
   start tag inside an open span does not restart the span (so it cannot extend the budget).
-- Inside a span, M_t (spec §1) is compared with the previous step's: |M_t - M_{t-1}| <= eps for
+- Inside a span, M_t (docs/method.md §1) is compared with the previous step's: |M_t - M_{t-1}| <= eps for
   `patience` (K) consecutive comparisons is *stagnation*; the token sampled from these logits is then
   forced to be the first end-tag token (every other logit -inf) and the counter resets.
 - Relative tolerance (`eps_rel`, issue 18): instead of the absolute eps, a step is stagnant when
@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 
 
 from t2po.algos.uncertainty import CONFIDENCE_FORMS
+from t2po.errors import out_of_range
+from t2po.suggest import did_you_mean
 
 TRIGGER_KINDS = ("budget", "stagnation")
 
@@ -52,7 +54,7 @@ def _setting(default, help: str):
 
 @dataclass
 class InterventionConfig:
-    """Token-level thinking intervention (TTI, spec §2) and turn-score settings (spec §3), as the
+    """Token-level thinking intervention (TTI, docs/method.md §2) and turn-score settings (docs/method.md §3), as the
     engines take them and as the config holds them (`rollout.tti.*`)."""
 
     enabled: bool | None = _setting(True, "Force the end of thinking (TTI). False: nothing is forced, but M_t and turn scores are still computed. In the config, null = on for t2po, off for the baselines (the algorithm's default).")
@@ -62,9 +64,20 @@ class InterventionConfig:
     eps: float = _setting(1e-4, "Stagnation threshold eps on |M_t - M_{t-1}| (the paper's; set for a 4B model, it never fires on a 135M one).")
     eps_rel: float | None = _setting(None, "Stagnation tolerance relative to the row's own spread, instead of eps: a step is stagnant when |M_t - M_{t-1}| <= eps_rel x the running std of the row's M_t in think spans. null = the absolute eps (the paper's).")
     budget: int | None = _setting(None, "Think-token budget B (paper: 450); null = no budget.")
-    alpha: float = _setting(0.6, "M_t mixing weight alpha (spec §1).")
+    alpha: float = _setting(0.6, "M_t mixing weight alpha (docs/method.md §1).")
     confidence: str = _setting("logprob", "conf_t in M_t: logprob (default) or prob.")
-    turn_score_skip: int = _setting(32, "The turn score skips this many leading response tokens (spec §3, reference: 32).")
+    turn_score_skip: int = _setting(32, "The turn score skips this many leading response tokens (docs/method.md §3, reference: 32).")
+
+    def check(self, prefix: str = "") -> list[str]:
+        """One line per setting that cannot work (`prefix`: where the config holds it, e.g. "rollout.tti.")."""
+        errors = out_of_range(f"{prefix}eps", self.eps, 0) + out_of_range(f"{prefix}alpha", self.alpha, 0, 1)
+        errors += out_of_range(f"{prefix}turn_score_skip", self.turn_score_skip, 0)
+        errors += [e for k in ("patience", "budget") if getattr(self, k) is not None for e in out_of_range(f"{prefix}{k}", getattr(self, k), 1)]
+        if self.confidence not in CONFIDENCE_FORMS:
+            errors.append(f"{prefix}confidence={self.confidence!r}: choose {' or '.join(CONFIDENCE_FORMS)}{did_you_mean(self.confidence, CONFIDENCE_FORMS)}")
+        if self.eps_rel is not None and self.eps_rel <= 0:
+            errors.append(f"{prefix}eps_rel={self.eps_rel}: must be > 0 (or null for the absolute {prefix}eps)")
+        return errors
 
 
 @dataclass
@@ -96,7 +109,7 @@ _FREE = -1  # `awaiting` value of a step whose token is sampled freely
 
 
 class ThinkingIntervention:
-    """Per-row TTI state machine (spec §2); see the module docstring for the rules.
+    """Per-row TTI state machine (docs/method.md §2); see the module docstring for the rules.
 
     `patience=None` disables the stagnation rule and `budget=None` the budget rule; with both off
     the intervention only monitors (M_t traces, think lengths) and never forces anything. `eps_rel`

@@ -1,13 +1,25 @@
 """Policy-gradient losses on token tensors: PPO clip with dual clip, KL penalty, clipped value loss.
 
-Spec: `shared/spec/t2po-method.md` §4 ("Loss"). All inputs are [B, T] tensors over response tokens with
+Method: docs/method.md §4 ("Loss"). All inputs are [B, T] tensors over response tokens with
 a mask of the tokens to train on (nonzero = valid); the formulas follow verl's `compute_policy_loss`,
 `kl_penalty`, `compute_value_loss` and `agg_loss`.
+
+The trainer's objective is a loss component (`algo.loss`, default `ppo`: `ppo_loss`) that takes one
+micro-batch (`LossBatch`) and the config's `algo` section and returns (loss, metrics), as torchtune's
+GRPO recipe calls its `loss_fn`. A new objective is a function registered with `@register_loss("name")`,
+or from outside the package `algo.loss=my_pkg.my_mod:my_loss` / an entry point of the group
+`t2po.losses` (`get_loss`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+
+from t2po.plugins import load_object, resolve
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 KL_KINDS = ("kl", "abs", "mse", "low_var_kl")
@@ -32,7 +44,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
     """Reduce a [B, T] per-token loss to a scalar over the valid tokens (as verl's `agg_loss`).
 
-        token-mean:           sum_{b,t} m l / sum_{b,t} m              (spec §4 default)
+        token-mean:           sum_{b,t} m l / sum_{b,t} m              (docs/method.md §4 default)
         seq-mean-token-sum:   mean_b ( sum_t m l )
         seq-mean-token-mean:  mean_b ( sum_t m l / sum_t m )
 
@@ -63,7 +75,7 @@ def ppo_policy_loss(
     dual_clip: float = 3.0,
     agg: str = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO clipped surrogate with asymmetric clip range and dual clip (spec §4, "Loss").
+    """PPO clipped surrogate with asymmetric clip range and dual clip (docs/method.md §4, "Loss").
 
         r    = exp(logp - old_logp)                     (log-ratio clamped to [-20, 20])
         pg1  = -A * r
@@ -106,7 +118,7 @@ def ppo_policy_loss(
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token KL estimate between the policy and the reference policy (spec §4, "low-variance KL").
+    """Per-token KL estimate between the policy and the reference policy (docs/method.md §4, "low-variance KL").
 
         kl:          logp - ref_logp                                  (k1)
         abs:         |logp - ref_logp|
@@ -139,7 +151,7 @@ def value_loss(
     clip: float = 0.2,
     agg: str = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped value loss of the PPO critic (spec §4, PPO baseline; verl's `compute_value_loss`).
+    """Clipped value loss of the PPO critic (docs/method.md §4, PPO baseline; verl's `compute_value_loss`).
 
         V_clip = clip(V, V_old - clip, V_old + clip)
         loss   = 0.5 * agg( max((V - R)^2, (V_clip - R)^2) )
@@ -156,4 +168,72 @@ def value_loss(
     loss = 0.5 * aggregate_loss(torch.maximum(loss1, loss2), valid, agg)
     with torch.no_grad():
         metrics = {"vf_clip_frac": _masked_mean((loss2 > loss1).to(values.dtype), valid).item()}
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective as a component
+
+
+@dataclass
+class LossBatch:
+    """One micro-batch as a loss reads it: [B, T] tensors over the response tokens, [B] per row."""
+
+    logp: torch.Tensor  # log-probs of the response tokens under the policy being trained
+    entropy: torch.Tensor  # the policy's entropy at each response position
+    old_logp: torch.Tensor  # log-probs under the policy that sampled (or its recomputation)
+    advantages: torch.Tensor  # [B], one per step sample
+    mask: torch.Tensor  # the tokens to train on (padding and, by default, TTI-forced tokens left out)
+    ref_logp: torch.Tensor | None = None  # the reference policy's log-probs (KL loss on)
+    values: torch.Tensor | None = None  # [B] the critic's values now (algorithms with a critic)
+    old_values: torch.Tensor | None = None  # [B] the critic's values when the batch was scored
+    returns: torch.Tensor | None = None  # [B] the critic's regression target
+
+
+LossFn = Callable[[LossBatch, Any], "tuple[torch.Tensor, dict[str, float]]"]
+LOSSES: dict[str, LossFn] = {}
+ENTRY_POINT_GROUP = "t2po.losses"
+
+
+def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+    """Register `fn(batch: LossBatch, settings) -> (loss, metrics)` as `algo.loss=name`."""
+
+    def deco(fn: LossFn) -> LossFn:
+        LOSSES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_loss(name: str) -> LossFn:
+    """The loss `algo.loss` names: a registered one, "package.module:function", or an entry point of
+    the group `t2po.losses`."""
+    return resolve(name, LOSSES, ENTRY_POINT_GROUP, "Loss",
+                   lambda path: load_object(path, "Loss", lambda v: callable(v) and not isinstance(v, type), "loss function"))
+
+
+@register_loss("ppo")
+def ppo_loss(batch: LossBatch, settings: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    """The spec's objective (§4): PPO clip with dual clip, minus `entropy_coef` x the mean token entropy,
+    plus `kl_coef` x the mean token KL to the reference (when `ref_logp` is given), plus `value_coef` x
+    the clipped value loss (when the critic's `values` are given). Entropy and KL are means over the
+    micro-batch's trained tokens."""
+    s = settings
+    pg_loss, metrics = ppo_policy_loss(batch.logp, batch.old_logp, batch.advantages, batch.mask, s.clip_low, s.clip_high,
+                                       s.dual_clip, s.loss_agg)
+    loss = pg_loss
+    denom = batch.mask.sum().clamp(min=1)
+    entropy = (batch.entropy * batch.mask).sum() / denom
+    if s.entropy_coef > 0:
+        loss = loss - s.entropy_coef * entropy
+    metrics = {"pg_loss": pg_loss.item(), "entropy": entropy.item(), **metrics}
+    if batch.ref_logp is not None:
+        kl = (kl_penalty(batch.logp, batch.ref_logp, s.kl_kind) * batch.mask).sum() / denom
+        loss = loss + s.kl_coef * kl
+        metrics["kl"] = kl.item()
+    if batch.values is not None:
+        ones = torch.ones(len(batch.values), 1, device=batch.values.device)
+        vl, vm = value_loss(batch.values.unsqueeze(1), batch.old_values.unsqueeze(1), batch.returns.unsqueeze(1), ones, s.value_clip)
+        loss = loss + s.value_coef * vl
+        metrics.update(value_loss=vl.item(), **vm)
     return loss, metrics

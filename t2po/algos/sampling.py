@@ -1,4 +1,4 @@
-"""TDS: the turn-level dynamic sampling rule (spec `shared/spec/t2po-method.md` §3), with its threshold
+"""TDS: the turn-level dynamic sampling rule (docs/method.md §3), with its threshold
 either absolute (the paper's eta) or relative to the run's own turn-score deltas (`TDSQuantileThreshold`).
 
 Why a relative threshold: |Mbar(k) - Mbar(k-1)| depends on the model's M scale. At eta = 0.3 a
@@ -9,18 +9,20 @@ Flagging the turns below a quantile of the recent deltas makes the flag rate a s
 
 from __future__ import annotations
 
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from t2po.errors import out_of_range
+
 
 @dataclass
 class TDSConfig:
-    """Turn-level dynamic sampling (spec §3) as the rollout loop takes it and the config holds it
+    """Turn-level dynamic sampling (docs/method.md §3) as the rollout loop takes it and the config holds it
     (`rollout.tds.*`); training only."""
 
     eta: float = field(default=0.3, metadata={"help": "TDS threshold eta: a turn is regenerated when 0 < |delta| < eta (the paper's absolute threshold; unused when quantile is set)."})
@@ -28,6 +30,76 @@ class TDSConfig:
     quantile: float | None = field(default=None, metadata={"help": "Threshold relative to the run's own deltas instead of eta: regenerate the turns whose |delta Mbar| is below this quantile of the last `window` first-sample deltas (TDSQuantileThreshold), so the flag rate is about this fraction at any model scale. null = the absolute eta (the paper's)."})
     window: int = field(default=1024, metadata={"help": "Recent first-sample deltas the quantile threshold is estimated from (kept across iterations and checkpointed)."})
     enabled: bool | None = field(default=True, metadata={"help": "Turn-level dynamic sampling on or off. In the config, null = on for t2po, off for the baselines (the algorithm's default); always off with algo.dynamic_sampling."})
+
+    def check(self, prefix: str = "") -> list[str]:
+        """One line per setting that cannot work (`prefix`: where the config holds it, e.g. "rollout.tds.")."""
+        errors = out_of_range(f"{prefix}eta", self.eta, 0) + out_of_range(f"{prefix}max_try", self.max_try, 0)
+        if self.quantile is not None and not 0 < self.quantile < 1:
+            errors.append(f"{prefix}quantile={self.quantile}: must be in (0, 1) (or null for the absolute {prefix}eta)")
+        return errors + out_of_range(f"{prefix}window", self.window, 1)
+
+
+@dataclass
+class TurnResample:
+    """What TDS did to one turn's rows: regenerations per row, regenerated samples that fell in the band
+    again, and the replaced responses (kept for the traces only, never trained on)."""
+
+    resampled: list[int]
+    regen_flagged: list[int]
+    discarded: list[list[dict]]
+
+    @classmethod
+    def none(cls, rows: int) -> "TurnResample":
+        return cls([0] * rows, [0] * rows, [[] for _ in range(rows)])
+
+
+class TDSResampler:
+    """Turn-level dynamic sampling (docs/method.md §3) as the rollout loop's resampling phase: a turn whose turn
+    score moved less than the threshold since the episode's previous accepted turn is regenerated, only
+    the flagged rows, in one batch, at most `max_try` times, keeping the last sample. It owns its
+    threshold (the absolute `eta`, or a `TDSQuantileThreshold` whose window persists across the calls of
+    one resampler: the trainer keeps one per run and checkpoints it) and its counters (`begin` starts
+    a rollout call's). Validation and evaluation pass no resampler."""
+
+    def __init__(self, config: TDSConfig, threshold: "TDSQuantileThreshold | None" = None) -> None:
+        self.config = config
+        if threshold is None and config.quantile is not None:
+            threshold = TDSQuantileThreshold(config.quantile, config.window)
+        self.threshold = threshold
+        self.counters: dict[str, float] = {}
+
+    def begin(self) -> None:
+        """Start a rollout call's counters (eligible turns, regenerations, tokens of discarded samples)."""
+        self.counters = defaultdict(float)
+
+    def resample(self, prev_scores: list[float], gens: list, regenerate: Callable[[np.ndarray, int], list]) -> TurnResample:
+        """Regenerate the flagged rows of one turn in place in `gens` (each with `turn_score`,
+        `num_tokens`, `text`, `token_ids`, `forced`); `regenerate(rows, attempt)` answers those rows again."""
+        c, out = self.counters, TurnResample.none(len(gens))
+        first_deltas = turn_score_deltas(prev_scores, [g.turn_score for g in gens])
+        c["tds_eligible_turns"] += int(np.isfinite(first_deltas).sum())
+        c["tds_extra_tokens"] += 0  # present (0) in an iteration where nothing is flagged
+        if self.threshold is not None:
+            self.threshold.observe(first_deltas)
+        eta = self.config.eta if self.threshold is None else self.threshold.eta()
+        flagged = np.flatnonzero(tds_resample_mask(prev_scores, [g.turn_score for g in gens], eta))
+        for attempt in range(1, self.config.max_try + 1):
+            if flagged.size == 0:
+                break
+            regen = regenerate(flagged, attempt)
+            for j, g in zip(flagged, regen):
+                c["tds_extra_tokens"] += gens[j].num_tokens  # the discarded sample's tokens
+                out.discarded[j].append({"text": gens[j].text, "token_ids": list(gens[j].token_ids),
+                                         "turn_score": gens[j].turn_score, "forced": list(gens[j].forced)})
+                gens[j] = g
+                out.resampled[j] += 1
+            c["tds_regenerations"] += flagged.size
+            # does resampling select? the regenerated samples in the band again
+            again = tds_resample_mask([prev_scores[j] for j in flagged], [g.turn_score for g in regen], eta)
+            for j in flagged[again]:
+                out.regen_flagged[j] += 1
+            flagged = flagged[again]
+        return out
 
 
 def _as_scores(scores: Any, name: str) -> np.ndarray:
@@ -45,7 +117,7 @@ def _as_scores(scores: Any, name: str) -> np.ndarray:
 
 
 def tds_resample_mask(prev_scores: Any, scores: Any, eta: float = 0.3) -> np.ndarray:
-    """Which turns TDS regenerates (spec §3): the turns whose score barely moved.
+    """Which turns TDS regenerates (docs/method.md §3): the turns whose score barely moved.
 
         delta = |Mbar(k) - Mbar(k-1)|,   resample  <=>  0 < delta < eta
 
@@ -69,7 +141,7 @@ def tds_resample_mask(prev_scores: Any, scores: Any, eta: float = 0.3) -> np.nda
 
 
 def turn_score_deltas(prev_scores: Any, scores: Any) -> np.ndarray:
-    """|Mbar(k) - Mbar(k-1)| per environment (spec §3); NaN where either score is missing (a first
+    """|Mbar(k) - Mbar(k-1)| per environment (docs/method.md §3); NaN where either score is missing (a first
     turn, an empty response)."""
     prev = _as_scores(prev_scores, "prev_scores")
     current = _as_scores(scores, "scores")

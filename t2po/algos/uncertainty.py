@@ -1,4 +1,4 @@
-"""The per-token uncertainty signal M_t (spec §1) and the turn score Mbar (spec §3).
+"""The per-token uncertainty signal M_t (docs/method.md §1) and the turn score Mbar (docs/method.md §3).
 
 M_t mixes the confidence of the top token with the normalised entropy of one decoding step:
 
@@ -23,12 +23,12 @@ CONFIDENCE_FORMS = ("logprob", "prob")
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of softmax(logits) over the last dimension, as float32 (H_t of spec §1)."""
+    """Entropy in nats of softmax(logits) over the last dimension, as float32 (H_t of docs/method.md §1)."""
     return _entropy(torch.log_softmax(logits.float(), dim=-1))
 
 
 def uncertainty_from_logprobs(logprobs: torch.Tensor, alpha: float = 0.6, confidence: str = "logprob") -> torch.Tensor:
-    """M_t (spec §1) from float32 log-probabilities of shape [..., V] (already log_softmax-ed).
+    """M_t (docs/method.md §1) from float32 log-probabilities of shape [..., V] (already log_softmax-ed).
 
     Engines that need the log-probabilities anyway call this to avoid a second log_softmax."""
     if confidence not in CONFIDENCE_FORMS:
@@ -45,7 +45,7 @@ def uncertainty_from_logprobs(logprobs: torch.Tensor, alpha: float = 0.6, confid
 
 
 def uncertainty_signal(logits: torch.Tensor, alpha: float = 0.6, confidence: str = "logprob") -> torch.Tensor:
-    """M_t (spec §1) for raw logits of shape [..., V] (before temperature); float32, shape [...].
+    """M_t (docs/method.md §1) for raw logits of shape [..., V] (before temperature); float32, shape [...].
 
     `confidence="logprob"` (default) uses max log p; `"prob"` uses max p (other versions of the
     authors' code). A uniform distribution gives alpha * (-log V); a one-hot one gives 1 - alpha."""
@@ -53,7 +53,7 @@ def uncertainty_signal(logits: torch.Tensor, alpha: float = 0.6, confidence: str
 
 
 def turn_score(uncertainty: Sequence[float] | torch.Tensor, skip: int = 32) -> float:
-    """Mbar(k) (spec §3): the mean of M_t over a response's tokens after its first `skip` tokens.
+    """Mbar(k) (docs/method.md §3): the mean of M_t over a response's tokens after its first `skip` tokens.
 
     The reference skips the first 32 tokens. A response with `skip` tokens or fewer has no tokens
     after the window, so its score is the mean over all of its tokens instead (a short turn still gets

@@ -6,16 +6,24 @@
 
 A new engine is one module with an `Engine` subclass plus its line in `ENGINES` below (modules are
 imported on first use, so an engine's optional dependency, e.g. vLLM, costs nothing until it is chosen).
+An engine outside the package needs no edit here: `rollout.engine=my_pkg.my_mod:MyEngine`, or an
+installed package's entry point in the group `t2po.engines`; its class attributes
+`shares_policy_weights` and `reads_images` say what its registry entry would. The trainer builds
+every engine through its `build` classmethod, which reads the engine's own settings section.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from t2po.engines.base import Engine
-from t2po.suggest import did_you_mean
+from t2po.plugins import load_object, resolve
 
 
 @dataclass(frozen=True)
@@ -36,10 +44,18 @@ ENGINES: dict[str, EngineSpec] = {
 }
 
 
+ENTRY_POINT_GROUP = "t2po.engines"
+
+
 def engine_spec(name: str) -> EngineSpec:
-    if name not in ENGINES:
-        raise ValueError(f"unknown engine {name!r}{did_you_mean(name, ENGINES)}; engines: {', '.join(ENGINES)}")
-    return ENGINES[name]
+    """What engine `name` is: a registered one, "package.module:Class" (an `Engine` subclass, imported
+    now), or an entry point of the group `t2po.engines`."""
+    return resolve(name, ENGINES, ENTRY_POINT_GROUP, "Engine", _load_spec)
+
+
+def _load_spec(path: str) -> EngineSpec:
+    cls = load_object(path, "Engine", lambda v: isinstance(v, type) and issubclass(v, Engine), "Engine subclass")
+    return EngineSpec(f"{cls.__module__}:{cls.__qualname__}", cls.shares_policy_weights, cls.reads_images)
 
 
 def engine_class(name: str) -> type[Engine]:
@@ -54,4 +70,19 @@ def make_engine(name: str, model: Any, tokenizer: Any, **options: Any) -> Engine
     return engine_class(name)(model, tokenizer, **options)
 
 
-__all__ = ["ENGINES", "Engine", "EngineSpec", "engine_class", "engine_spec", "make_engine"]
+def engine_for_policy(name: str, model: Any, tokenizer: Any) -> Engine:
+    """Engine `name` playing the policy module `model` outside training (`t2po eval`, `serve`, `rft
+    collect`, their `--engine`): built on the module itself, or, for an engine with its own copy of
+    the weights, from the policy written to a temporary Hugging Face folder (removed at exit)."""
+    if engine_spec(name).shares_policy_weights:
+        return make_engine(name, model, tokenizer)
+    from t2po.models import save_tokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="t2po-engine-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    save_tokenizer(tokenizer, folder)
+    return make_engine(name, folder, tokenizer)
+
+
+__all__ = ["ENGINES", "Engine", "EngineSpec", "engine_class", "engine_for_policy", "engine_spec", "make_engine"]

@@ -1,8 +1,8 @@
 """The generation-engine interface shared by every engine (transformers, vLLM, OpenAI-compatible APIs).
 
 An engine turns a batch of prompt token ids into one `Generation` per row. Training samples use the
-returned `token_ids` as-is (never re-tokenized from text); `logprobs`, `uncertainty` (M_t, spec §1),
-`forced` (tokens written by the thinking intervention, spec §2) and `turn_score` (spec §3) come from
+returned `token_ids` as-is (never re-tokenized from text); `logprobs`, `uncertainty` (M_t, docs/method.md §1),
+`forced` (tokens written by the thinking intervention, docs/method.md §2) and `turn_score` (docs/method.md §3) come from
 the same decoding pass.
 """
 
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from t2po.algos.intervention import InterventionConfig, ThinkingIntervention
+from t2po.errors import out_of_range
 
 __all__ = ["Engine", "Generation", "InterventionConfig", "SamplingParams", "check_request", "make_intervention"]
 
@@ -30,6 +31,17 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings; the stop string is kept in the response
     seed: int | None = None  # seeds the sampler for this call (same seed + same inputs = same output)
 
+    def check(self, prefix: str = "", budget_may_be_null: bool = False) -> list[str]:
+        """One line per setting that cannot work (`prefix`: where the config holds it, e.g.
+        "rollout.sampling."; `budget_may_be_null`: max_new_tokens null means another section's budget)."""
+        errors = out_of_range(f"{prefix}temperature", self.temperature, 0) + out_of_range(f"{prefix}top_k", self.top_k, 0)
+        if not 0 < self.top_p <= 1:
+            errors.append(f"{prefix}top_p={self.top_p}: must be in (0, 1]")
+        if not (budget_may_be_null and self.max_new_tokens is None):
+            errors += [e + (" (or null = the training budget)" if budget_may_be_null else "")
+                       for e in out_of_range(f"{prefix}max_new_tokens", self.max_new_tokens, 1)]
+        return errors
+
 
 @dataclass
 class Generation:
@@ -41,7 +53,7 @@ class Generation:
     forced: list[bool]  # True where the intervention forced the token
     text: str  # decoded response (for parsing only)
     finish_reason: str  # "stop" (EOS or stop string), "length", or "cancelled" (the caller's should_stop)
-    turn_score: float = math.nan  # Mbar over the configured window (spec §3)
+    turn_score: float = math.nan  # Mbar over the configured window (docs/method.md §3)
     tti_triggers: dict[str, int] = field(default_factory=dict)  # {"budget": n, "stagnation": n}
     think_length: int = 0  # tokens inside think spans
     prompt_tokens: int = 0
@@ -93,12 +105,24 @@ def make_intervention(config: InterventionConfig, tokenizer, token_text: Sequenc
 class Engine(abc.ABC):
     """A batched generator. `tokenizer` is a Hugging Face tokenizer with a chat template.
 
-    Engines are built by name with `t2po.engines.make_engine`; what the trainer must know about one
-    is stated in its registry entry (`t2po.engines.ENGINES`): whether it samples from the trainer's
-    own policy module (`shares_policy_weights`) or loads its own copy from a model folder and gets the
-    weights through `sync_weights` after every update."""
+    Engines are built by name with `t2po.engines.make_engine`, and by the trainer with `build`; what
+    the trainer must know about one is stated in its registry entry (`t2po.engines.ENGINES`) and, for
+    an engine from outside the package, in the two class attributes below: whether it samples from the
+    trainer's own policy module (`shares_policy_weights`) or loads its own copy from a model folder and
+    gets the weights through `sync_weights` after every update, and whether it reads images."""
 
     tokenizer: object
+    shares_policy_weights: bool = False
+    reads_images: bool = False
+
+    @classmethod
+    def build(cls, policy, tokenizer, settings, *, model_dir=None, seed: int = 0, distributed: bool = False) -> "Engine":
+        """The engine a training run uses, built from its own settings: `settings` is the config's
+        `rollout` section (an engine with options reads its own sub-section, vLLM `rollout.vllm`).
+        `policy` is the policy module; an engine that does not share it starts from `model_dir` (a
+        Hugging Face folder of the policy) and is given the policy's weights by `sync_weights`.
+        `seed`: this process's sampling seed; `distributed`: launched with several processes."""
+        return cls(policy, tokenizer)
 
     @abc.abstractmethod
     def generate(

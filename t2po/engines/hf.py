@@ -1,9 +1,9 @@
 """Generation with a Hugging Face transformers model: our own batched decoding loop over a KV cache.
 
 Why not `model.generate`: the loop here gives every guarantee the rollout needs in one place:
-- per-row state: the thinking intervention (spec §2) decides per row; EOS and stop strings end a row;
+- per-row state: the thinking intervention (docs/method.md §2) decides per row; EOS and stop strings end a row;
 - finished rows leave the batch (their KV cache rows are dropped), so they stop consuming compute;
-- log-probs and M_t (spec §1) come from the very logits each token is drawn from (no second pass).
+- log-probs and M_t (docs/method.md §1) come from the very logits each token is drawn from (no second pass).
 
 Decoding: every distinct prompt is prefilled once (rows with the same prompt, e.g. the group members
 of a task at turn 0, share it; the beginning all prompts of a call share, e.g. the system turn and
@@ -53,6 +53,9 @@ class HFEngine(Engine):
     `monitor_uncertainty=False` switches M_t off entirely (no M_t, no intervention, NaN
     `uncertainty` and `turn_score`); it exists to measure what monitoring costs.
     The engine shares `model` with the trainer: it samples from the module's current weights."""
+
+    shares_policy_weights = True
+    reads_images = True
 
     def __init__(self, model, tokenizer, monitor_uncertainty: bool = True) -> None:
         self.model = model
@@ -210,7 +213,7 @@ class HFEngine(Engine):
         cache has room for `new_tokens` more positions.
 
         The store keeps the prefilled K/V of the previous call's distinct prompts (unpadded, with the
-        next-token logits and next position), so a TDS regeneration of the same turn (spec §3)
+        next-token logits and next position), so a TDS regeneration of the same turn (docs/method.md §3)
         prefills nothing; it is dropped as soon as the weights change (any in-place update of a
         parameter bumps its version counter) and holds nothing a call did not use. A prompt's K/V do
         not depend on the padding it was prefilled with (its positions start at 0 at its first token),

@@ -31,11 +31,13 @@ from typing import Any
 
 import openai
 
+from t2po.errors import UserError
+
 #: HTTP statuses worth another try (request timeout, conflict, rate limit, server errors)
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 
 
-class APIError(RuntimeError):
+class APIError(UserError, RuntimeError):
     """A request the server refused for good, or that failed after every retry; the message says what
     happened and what to do."""
 

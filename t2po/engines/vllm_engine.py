@@ -1,4 +1,4 @@
-"""Generation with vLLM, the thinking intervention (spec §2) and M_t (spec §1) inside vLLM's sampler.
+"""Generation with vLLM, the thinking intervention (docs/method.md §2) and M_t (docs/method.md §1) inside vLLM's sampler.
 
     engine = VLLMEngine("path/to/Qwen3-4B", gpu_memory_utilization=0.4)     # colocated with the trainer
     gens = engine.generate(prompt_ids, SamplingParams(max_new_tokens=500), InterventionConfig(budget=450))
@@ -7,11 +7,11 @@
 Same interface and same results as `HFEngine` (`tests/engines/test_vllm_engine.py` compares them token by
 token): `token_ids` exactly as sampled, `logprobs` under the raw logits (vLLM's default
 `raw_logprobs`), and from the same decoding pass M_t per token, the tokens TTI forced, trigger
-counts, think length and the turn score, returned with each response (spec §3).
+counts, think length and the turn score, returned with each response (docs/method.md §3).
 
 How. vLLM runs custom logits processors once per decoding step over the whole batch, after its
 built-in bias/penalty/bad-words stages (none are configured here) and before temperature and
-top-k/top-p, so they see the model's raw logits: exactly where spec §1-§2 put M_t and the forcing.
+top-k/top-p, so they see the model's raw logits: exactly where docs/method.md §1-§2 put M_t and the forcing.
 Every request carries its TTI settings and a unique key in `SamplingParams.extra_args["t2po_tti"]`;
 the processor keeps one `ThinkingIntervention` (one row) per request, in `_TRACES` under that key:
 - per step it first catches the request up with the token the previous step emitted (vLLM
@@ -306,6 +306,17 @@ class VLLMEngine(Engine):
         self.model_runner = "v2" if uses_v2 else "v1"
         self.llm = vllm.LLM(logits_processors=[processor], **options)
         self._token_text: list[str] | None = None
+
+    @classmethod
+    def build(cls, policy, tokenizer, settings, *, model_dir=None, seed: int = 0, distributed: bool = False) -> "VLLMEngine":
+        """From `rollout.vllm` (`settings.vllm`), in the policy's dtype; under torchrun vLLM joins the
+        ranks' process group, one replica per rank on its own GPU."""
+        v = settings.vllm
+        return cls(model_dir, tokenizer, dtype=str(policy.dtype).removeprefix("torch."),
+                   max_model_len=v.max_model_len or settings.max_prompt_tokens + settings.sampling.max_new_tokens,
+                   gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager, seed=seed,
+                   **({"kv_cache_memory_bytes": int(v.kv_cache_gib * 1024**3)} if v.kv_cache_gib else {}),
+                   **({"distributed_executor_backend": "external_launcher"} if distributed else {}))
 
     def generate(
         self,

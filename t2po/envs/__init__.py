@@ -24,6 +24,7 @@ import yaml
 
 from t2po.envs.base import BatchEnv, EnvState
 from t2po.envs.parsing import RESPONSE_FORMATS, ParsedAction, check_response_format, parse_think_action
+from t2po.errors import InvalidInput
 from t2po.suggest import closest, did_you_mean
 
 _REGISTRY: dict[str, type[BatchEnv]] = {}
@@ -64,12 +65,12 @@ def _import_env_class(path: str) -> type[BatchEnv]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        raise ValueError(f"Environment {path!r}: cannot import module {module_name!r} ({e}). Install its package or put its folder "
+        raise InvalidInput(f"Environment {path!r}: cannot import module {module_name!r} ({e}). Install its package or put its folder "
                          "on PYTHONPATH.") from e
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, BatchEnv)):
         found = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, BatchEnv) and v is not BatchEnv)
-        raise ValueError(f"Environment {path!r}: {module_name} has no BatchEnv subclass {class_name!r}{did_you_mean(class_name, found)} "
+        raise InvalidInput(f"Environment {path!r}: {module_name} has no BatchEnv subclass {class_name!r}{did_you_mean(class_name, found)} "
                          f"(BatchEnv subclasses there: {', '.join(found) or 'none'}).")
     return cls
 
@@ -89,7 +90,7 @@ def get_env_class(name: str) -> type[BatchEnv]:
     if name not in _REGISTRY:
         known = list_envs()
         near = closest(name, known)
-        raise ValueError(f"Unknown environment {name!r}.{f' Did you mean {near!r}?' if near else ''} Known: {', '.join(known)}; "
+        raise InvalidInput(f"Unknown environment {name!r}.{f' Did you mean {near!r}?' if near else ''} Known: {', '.join(known)}; "
                          "an environment of your own: env.name=package.module:ClassName.")
     return _REGISTRY[name]
 
@@ -120,7 +121,7 @@ def parse_env_options(items: list[str], flag: str = "--env-option") -> dict[str,
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"{flag} {item!r}: write key=value, e.g. {flag} dim_room=[6,6]")
+            raise InvalidInput(f"{flag} {item!r}: write key=value, e.g. {flag} dim_room=[6,6]")
         try:
             options[key] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:

@@ -1,6 +1,6 @@
 """Turning model responses into environment actions (the reference's "projection" functions).
 
-A response is valid when it has the form `<think> ... </think><action> ... </action>` (spec §2),
+A response is valid when it has the form `<think> ... </think><action> ... </action>` (docs/method.md §2),
 contains no CJK characters (the reference rejects them), and, where the environment checks it, the
 action is admissible. The format check has two modes (`RESPONSE_FORMATS`, the environment option
 `response_format`):
@@ -67,7 +67,7 @@ def _strict_form_violation(text: str) -> str:
 
 
 def parse_think_action(response: str, admissible: list[str] | None = None, lowercase: bool = True, strict: bool = True) -> ParsedAction:
-    """The `<think>...</think><action>...</action>` check (spec §4 "invalid action"); `strict` is the
+    """The `<think>...</think><action>...</action>` check (docs/method.md §4 "invalid action"); `strict` is the
     reference's whole-response form, `strict=False` the lenient mode (module docstring)."""
     text = response if isinstance(response, str) else ""
     action = extract_tag(text, "action")

@@ -6,7 +6,7 @@ other machines, the instances of a batch can live in Ray actors instead of the t
     import ray
     ray.init(num_cpus=4)                                    # or an existing cluster: ray.init("auto")
     env = RayEnvPool("alfworld", {"max_steps": 50}, num_workers=4)
-    result = collect_rollouts(engine, env, task_seeds, group_size, sampling)   # unchanged
+    result = collect_rollouts(policy, env, task_seeds, settings)   # unchanged
     env.close()
 
 Each actor builds the environment once with `make_env(name, **options)`. `reset(seeds)` splits the
@@ -33,6 +33,7 @@ from typing import Any
 from t2po.envs import get_env_class, make_env
 from t2po.envs.base import BatchEnv, EnvState
 from t2po.envs.parsing import ParsedAction
+from t2po.errors import InvalidInput, MissingPackage
 
 
 class EnvWorker:
@@ -96,11 +97,11 @@ class RayEnvPool(BatchEnv):
         try:
             import ray
         except ImportError as e:
-            raise ImportError("RayEnvPool needs Ray: pip install ray==2.60.0 (or use the in-process environment, the default)") from e
+            raise MissingPackage("RayEnvPool needs Ray: pip install ray==2.60.0 (or use the in-process environment, the default)") from e
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
-            raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+            raise InvalidInput(f"num_workers must be an integer >= 1, got {num_workers!r}")
         if num_cpus_per_worker is not None and num_cpus_per_worker < 0:
-            raise ValueError(f"num_cpus_per_worker must be >= 0, got {num_cpus_per_worker}")
+            raise InvalidInput(f"num_cpus_per_worker must be >= 0, got {num_cpus_per_worker}")
         get_env_class(env_name)  # an unknown name fails here, with suggestions, before any actor starts
         self.name = env_name
         self.env_options = dict(env_options or {})

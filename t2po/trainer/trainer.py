@@ -1,6 +1,6 @@
 """The RL trainer: rollouts -> advantages -> PPO-clip update, with checkpoints and resume.
 
-One iteration (spec §4):
+One iteration (docs/method.md §4):
   1. collect B x N episodes with the current policy (TTI inside decoding, TDS between turns for t2po);
   2. recompute old log-probs (and reference log-probs when the KL loss is on; critic values for ppo),
      recording what the layers below LoRA output for step 4 (`t2po.policy.FrozenTrunk`);
@@ -20,7 +20,6 @@ A recipe in the torchtune sense: `Trainer(cfg).setup()`, `.train()`, `.cleanup()
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import json
 import shutil
@@ -35,11 +34,11 @@ import torch
 import yaml
 
 from t2po import references
-from t2po.algos import StepBatch, kl_penalty, ppo_policy_loss
-from t2po.algos.losses import value_loss
-from t2po.algos.sampling import TDSQuantileThreshold
+from t2po.algos import StepBatch
+from t2po.algos.losses import LossBatch, get_loss
+from t2po.algos.sampling import TDSResampler
 from t2po.checkpoints import (
-    CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, complete_checkpoints, is_sharded, kill_point, latest_checkpoint,
+    CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, complete_checkpoints, is_sharded, latest_checkpoint,
     load_checkpoint, point_adapter_at, read_jsonl_log, save_checkpoint,
 )
 from t2po.config import Config
@@ -47,13 +46,17 @@ from t2po.distributed import (
     barrier, clip_grad_norm, from_rank0, gather_objects, gathered, init_distributed, mean_over_ranks, padded,
     plan_mini_batches, shard_model, shard_tasks, sum_over_ranks,
 )
-from t2po.engines import engine_class, engine_spec, make_engine
+from t2po.engines import engine_class, engine_spec
 from t2po.envs import make_env
+from t2po.errors import InvalidInput
 from t2po.models import adapter_base, is_adapter_directory, model_directory
+from t2po.policies import EnginePolicy
 from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.progress import ConsoleLog, Progress, silence_library_progress
-from t2po.rollout import COUNTERS, RolloutResult, StepSample, collect_rollouts, rollout_stats
+from t2po.rollout import COUNTERS, RolloutResult, RolloutSettings, StepSample, collect_rollouts, rollout_stats
+from t2po.testing import kill_point
 from t2po.tracking import validation_step
+from t2po.trainer.batch import TrainingBatch
 
 
 class Trainer:
@@ -70,6 +73,8 @@ class Trainer:
         self.start_iteration = 0
         self.history: dict[str, Any] = {}
         self.trunk: FrozenTrunk | None = None  # set by _score_samples for the update that follows
+        self.engine_model_dir: Path | None = None  # the model folder of an engine with its own copy of the weights
+        self.loss_fn = get_loss(cfg.algo.loss)  # (LossBatch, cfg.algo) -> (loss, metrics), t2po.algos.losses
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -89,7 +94,7 @@ class Trainer:
         self.device = self.dist.device
         if self.dist.distributed:
             if cfg.algorithm.critic or cfg.warmup.episodes > 0:
-                raise ValueError("multi-process training supports t2po, gigpo, grpo and rloo without warm-up; run ppo or the warm-up (t2po sft) in one process")
+                raise InvalidInput("multi-process training supports t2po, gigpo, grpo and rloo without warm-up; run ppo or the warm-up (t2po sft) in one process")
             self.run_dir = Path(from_rank0(str(self.run_dir)))
             self.quiet = self.quiet or not self.dist.is_main
         self.ckpt_root = self.run_dir / CHECKPOINTS
@@ -99,7 +104,7 @@ class Trainer:
             try:
                 self.run_state = json.loads(self.state_path.read_text())
             except ValueError as e:  # written atomically, so only a damaged disk gets here
-                raise ValueError(f"{self.state_path} is damaged ({e}); restore it or start a new run") from None
+                raise InvalidInput(f"{self.state_path} is damaged ({e}); restore it or start a new run") from None
 
         base_path = cfg.model.path
         if self.run_state.get("warmup_done") and (self.run_dir / WARMUP_MODEL).exists():
@@ -140,9 +145,10 @@ class Trainer:
             self.engine_model_dir = self._engine_model_dir(self.base_model_path)
         self._wrap_trainable()
         self.trackers = make_trackers(cfg.trainer.trackers if self.dist.is_main else [], self.run_dir, cfg.to_dict(), quiet=self.quiet)
-        # the relative TDS threshold's window of recent deltas: run state, kept across iterations and checkpoints
-        tds = self.rollout.tds
-        self.tds_threshold = TDSQuantileThreshold(tds.quantile, tds.window) if tds.enabled and tds.quantile is not None else None
+        # TDS for the training rollouts; its relative threshold's window of recent deltas is run state, kept
+        # across iterations and checkpoints
+        self.tds = TDSResampler(self.rollout.tds) if self.rollout.tds.enabled else None
+        self.tds_threshold = self.tds.threshold if self.tds is not None else None
         if self.resume:
             ckpt = self._load_newest_loadable_checkpoint()
             self._forget_work_after(self.start_iteration)
@@ -155,7 +161,7 @@ class Trainer:
         None (start from iteration 0) when there is none."""
         for ckpt in complete_checkpoints(self.ckpt_root):
             if self.dist.distributed and not is_sharded(ckpt):
-                raise ValueError(f"{ckpt} was written by one process; resume it with one process (python -m t2po.cli train --resume {self.run_dir}), "
+                raise InvalidInput(f"{ckpt} was written by one process; resume it with one process (python -m t2po.cli train --resume {self.run_dir}), "
                                  "or start the multi-process run from its weights (model.path)")
             try:  # a sharded one loads on any world size
                 state = load_checkpoint(ckpt, self.model, self.optimizer, self.value_head, self.cfg.model.lora)
@@ -173,21 +179,14 @@ class Trainer:
         return None
 
     def _make_engine(self):
-        """The rollout engine (`rollout.engine`): one that shares the policy module (transformers), or
-        one with its own copy of the weights (vLLM, `rollout.vllm`), loaded from the policy now and
-        after every update."""
-        cfg = self.cfg
-        if self.engine_spec.shares_policy_weights:
-            return make_engine(cfg.rollout.engine, self.model, self.tokenizer)
-        r = cfg.rollout
-        engine = make_engine(cfg.rollout.engine, self.engine_model_dir, self.tokenizer, dtype=str(self.model.dtype).removeprefix("torch."),
-                             max_model_len=r.vllm.max_model_len or r.max_prompt_tokens + r.sampling.max_new_tokens,
-                             gpu_memory_utilization=r.vllm.gpu_memory_utilization, enforce_eager=r.vllm.enforce_eager,
-                             seed=cfg.trainer.seed + self.dist.rank,
-                             **({"kv_cache_memory_bytes": int(r.vllm.kv_cache_gib * 1024**3)} if r.vllm.kv_cache_gib else {}),
-                             # under torchrun: vLLM joins the ranks' process group, one replica per rank on its own GPU
-                             **({"distributed_executor_backend": "external_launcher"} if self.dist.distributed else {}))
-        self._sync_engine(engine)
+        """The rollout engine (`rollout.engine`), built from its own settings (`Engine.build`): one that
+        shares the policy module (transformers), or one with its own copy of the weights (vLLM,
+        `rollout.vllm`), given the policy's weights now and after every update."""
+        engine = engine_class(self.cfg.rollout.engine).build(
+            self.model, self.tokenizer, self.cfg.rollout, model_dir=self.engine_model_dir,
+            seed=self.cfg.trainer.seed + self.dist.rank, distributed=self.dist.distributed)
+        if not self.engine_spec.shares_policy_weights:
+            self._sync_engine(engine)
         return engine
 
     def _engine_model_dir(self, base_path: str | None) -> Path:
@@ -309,14 +308,14 @@ class Trainer:
         tasks would report (rates over all episodes/steps, counts summed)."""
         if not self.dist.distributed:
             return dict(result.stats)
-        # the episodes without what the statistics do not read (token ids, texts, images)
-        light = [dataclasses.replace(ep, observations=[], samples=[
-            dataclasses.replace(x, prompt_ids=[], response_ids=[0] * len(x.response_ids), rollout_logprobs=[], response_text="", anchor_obs="",
-                                image=None, pixel_inputs=None, prompt_text="", discarded=[])
-            for x in ep.samples]) for ep in result.episodes]
-        everyone = gather_objects((light, {k: result.stats[k] for k in COUNTERS if k in result.stats}))
+        # what the statistics read of each episode (`Episode.stats`), not the samples' token ids, texts, images
+        everyone = gather_objects(([ep.stats() for ep in result.episodes], {k: result.stats[k] for k in COUNTERS if k in result.stats}))
         counters = {k: sum(c[k] for _, c in everyone if k in c) for k in COUNTERS if any(k in c for _, c in everyone)}
         return rollout_stats([ep for episodes, _ in everyone for ep in episodes], counters)
+
+    def _play_settings(self, group_size: int) -> RolloutSettings:
+        r = self.cfg.rollout
+        return RolloutSettings(group_size, r.max_turns, r.invalid_action_penalty, r.max_prompt_tokens)
 
     def task_seeds(self, iteration: int) -> list[int]:
         rng = np.random.default_rng([self.cfg.trainer.seed, iteration])
@@ -324,7 +323,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
     def validate(self, tag: str) -> dict[str, float]:
-        """Held-out tasks (validation split), TTI on, TDS off, validation sampling (spec §6)."""
+        """Held-out tasks (validation split), TTI on, TDS off, validation sampling (docs/method.md §6)."""
         cfg = self.cfg
         self.model.eval()
         seeds = list(range(cfg.rollout.val_num_tasks))  # the same held-out tasks in every run (the split sets them apart)
@@ -333,9 +332,8 @@ class Trainer:
         t0 = time.time()
         with self._rollout_weights(), Progress(len(seeds), f"[val {tag}]", "episode", disable=self.quiet) as bar:
             tti = self.rollout.tti if cfg.trainer.val_tti else None  # None: nothing forced (the decoder every algorithm shares)
-            result = collect_rollouts(self.engine, self.val_env, seeds, 1, self.rollout.val_sampling, tti, None,
-                                      cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
-                                      seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank, progress=bar)
+            result = collect_rollouts(EnginePolicy(self.engine, self.rollout.val_sampling, tti), self.val_env, seeds,
+                                      self._play_settings(group_size=1), seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank, progress=bar)
         stats = {**self._global_stats(result), "seconds": from_rank0(time.time() - t0)}
         if not self.dist.distributed:  # per-task outcomes, so runs can be paired task by task
             outcome = {ep.group_id: int(ep.won) for ep in result.episodes}
@@ -370,7 +368,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ warm-up
     def warmup(self) -> None:
-        """Supervised warm-up on expert demonstrations in the response format (spec §5 cold start),
+        """Supervised warm-up on expert demonstrations in the response format (docs/method.md §5 cold start),
         merged into the base weights so that RL starts from (and, under LoRA, regularises towards) it."""
         from t2po.models import save_tokenizer
         from t2po.sft import play_expert_episodes, save_conversations, sft_steps, sft_train, tokenize_conversations
@@ -412,18 +410,14 @@ class Trainer:
     def compute_advantages(self, samples: list[StepSample], values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
         """Per-sample advantages (and per-sample critic returns for an algorithm with a critic), by
         the estimator of `algo.name` (t2po.algos.ALGORITHMS)."""
-        batch = StepBatch(np.array([s.reward for s in samples], dtype=np.float64), [s.traj_id for s in samples],
-                          [s.group_id for s in samples], [s.anchor_obs for s in samples], values,
-                          penalties=np.array([s.env_reward - s.reward for s in samples], dtype=np.float64))
-        out = self.cfg.algorithm.advantages(batch, self.cfg.algo)
+        out = self.cfg.algorithm.advantages(_step_batch(samples, values), self.cfg.algo)
         adv = out.advantages
         info = {**out.info, "adv/mean": float(np.mean(adv)), "adv/std": float(np.std(adv))}
         return np.asarray(adv, dtype=np.float32), out.returns, info
 
     def _filter_zero_variance_groups(self, samples: list[StepSample]) -> list[StepSample]:
         """DAPO-style dynamic sampling: drop groups whose episode scores (`StepBatch.episode_scores`) are all equal."""
-        scores = StepBatch(np.array([s.reward for s in samples], dtype=np.float64), [s.traj_id for s in samples], [s.group_id for s in samples],
-                           [s.anchor_obs for s in samples], penalties=np.array([s.env_reward - s.reward for s in samples])).episode_scores
+        scores = _step_batch(samples).episode_scores
         by_group: dict[int, set] = {}
         for s, score in zip(samples, scores):
             by_group.setdefault(s.group_id, set()).add(round(float(score), 8))
@@ -481,88 +475,55 @@ class Trainer:
                     ref[i] = ref_out["logp"][b, : len(samples[i].response_ids)].clone()
 
     # ------------------------------------------------------------------ update
-    def update(self, samples: list[StepSample], adv: np.ndarray, old: list[torch.Tensor], ref: list[torch.Tensor] | None,
-               old_values: np.ndarray | None, returns: np.ndarray | None, iteration: int) -> dict[str, float]:
+    def update(self, samples: list[StepSample], batch: TrainingBatch, iteration: int) -> dict[str, float]:
+        """One PPO pass (`optim.ppo_epochs`) over the iteration's samples in mini-batches of
+        `optim.mini_batch_size`, each accumulated over micro-batches of `optim.micro_batch_tokens`:
+        the loss component (`algo.loss`) per micro-batch, weighted into the mini-batch mean, then
+        gradient clipping and one optimizer step."""
         cfg = self.cfg
-        a = cfg.algo
         self.model.train()
         rng = np.random.default_rng([cfg.trainer.seed, iteration, 17])
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-
-        def acc(key: str, value: float) -> None:
-            sums[key] = sums.get(key, 0.0) + value
-            counts[key] = counts.get(key, 0) + 1
-
-        real_tokens = processed_tokens = 0
-        lengths = [len(s.response_ids) for s in samples]
+        log = _Means()
+        tokens = [0, 0]  # real, processed (padding included)
         filler = next(self._micro_batches([0], samples))  # run with loss weight 0 (t2po.distributed.padded)
         # one process: rng.permutation(len(samples)) in mini_batch_size chunks per epoch; several: the same global plan
+        lengths = [len(s.response_ids) for s in samples]
         plans = [plan_mini_batches(lengths, cfg.optim.mini_batch_size, rng) for _ in range(cfg.optim.ppo_epochs)]
-        bar = Progress(sum(map(len, plans)), f"[update iter {iteration + 1}]", "step", disable=self.quiet)
-        for plan in plans:
-            for share in plan:
-                mini, n_tok = share.indices, share.global_tokens
+        with Progress(sum(map(len, plans)), f"[update iter {iteration + 1}]", "step", disable=self.quiet) as bar:
+            for share in (share for plan in plans for share in plan):
                 self.optimizer.zero_grad(set_to_none=True)
-                for mb, real in padded(list(self._micro_batches(mini, samples)), filler):
-                    real_tokens += mb.real_tokens
-                    processed_tokens += mb.processed_tokens
-                    out = forward_micro_batch(self.model, mb, with_entropy=True, value_head=self.value_head, autocast_bf16=cfg.optim.bf16,
-                                              trunk=self.trunk if real else None)
-                    B, T = mb.response_ids.shape
-                    dev = self.device
-                    old_lp = torch.zeros(B, T, device=dev)
-                    for b, i in enumerate(mb.indices):
-                        old_lp[b, : len(old[i])] = old[i].to(dev)
-                    loss_mask = mb.response_mask.clone()
-                    if a.mask_forced_tokens:
-                        for b, i in enumerate(mb.indices):
-                            forced = samples[i].forced_mask
-                            if any(forced):
-                                loss_mask[b, : len(forced)] *= 1.0 - torch.tensor(forced, dtype=torch.float32, device=dev)
-                    adv_t = torch.tensor([adv[i] for i in mb.indices], dtype=torch.float32, device=dev)
-                    # weight of this micro-batch in the mini-batch mean (token-mean: by tokens; seq-mean: by rows)
-                    w = (loss_mask.sum().item() / max(n_tok, 1)) if a.loss_agg == "token-mean" else len(mb.indices) / share.global_samples
-                    w = w if real else 0.0
-                    pg_loss, m = ppo_policy_loss(out["logp"], old_lp, adv_t, loss_mask, a.clip_low, a.clip_high, a.dual_clip, a.loss_agg)
-                    loss = pg_loss
-                    denom = loss_mask.sum().clamp(min=1)
-                    entropy = (out["entropy"] * loss_mask).sum() / denom
-                    if a.entropy_coef > 0:
-                        loss = loss - a.entropy_coef * entropy
-                    if ref is not None:
-                        ref_lp = torch.zeros(B, T, device=dev)
-                        for b, i in enumerate(mb.indices):
-                            ref_lp[b, : len(ref[i])] = ref[i]
-                        kl = (kl_penalty(out["logp"], ref_lp, a.kl_kind) * loss_mask).sum() / denom
-                        loss = loss + a.kl_coef * kl
-                        acc("kl", kl.item())
-                    if self.value_head is not None:
-                        v_old = torch.tensor([old_values[i] for i in mb.indices], dtype=torch.float32, device=dev)
-                        v_ret = torch.tensor([returns[i] for i in mb.indices], dtype=torch.float32, device=dev)
-                        vl, vm = value_loss(out["values"].unsqueeze(1), v_old.unsqueeze(1), v_ret.unsqueeze(1), torch.ones(B, 1, device=dev), a.value_clip)
-                        loss = loss + a.value_coef * vl
-                        acc("value_loss", vl.item())
-                        acc("vf_clip_frac", vm["vf_clip_frac"])
-                    (loss * w).backward()
-                    if not real:
-                        continue
-                    acc("pg_loss", pg_loss.item())
-                    acc("entropy", entropy.item())
-                    for k in ("clip_frac", "clip_frac_lower", "approx_kl"):
-                        acc(k, m[k])
-                acc("grad_norm", clip_grad_norm(params, cfg.optim.grad_clip))
+                for mb, real in padded(list(self._micro_batches(share.indices, samples)), filler):
+                    tokens[0] += mb.real_tokens
+                    tokens[1] += mb.processed_tokens
+                    loss, weight, metrics = self._micro_batch_loss(mb, batch, share, real)
+                    (loss * weight).backward()
+                    if real:
+                        log.add(metrics)
+                log.add({"grad_norm": clip_grad_norm(params, cfg.optim.grad_clip)})
                 self.optimizer.step()
                 bar.update(1)
-        bar.close()
         self.trunk = None  # this iteration's samples only
         self.scheduler_step += 1
-        metrics = mean_over_ranks({k: sums[k] / counts[k] for k in sums})
+        metrics = mean_over_ranks(log.means())
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics["real_token_ratio"] = real_tokens / max(processed_tokens, 1)
+        metrics["real_token_ratio"] = tokens[0] / max(tokens[1], 1)
         self._set_lr()
         return metrics
+
+    def _micro_batch_loss(self, mb, batch: TrainingBatch, share, real: bool) -> tuple[torch.Tensor, float, dict[str, float]]:
+        """The loss component on one micro-batch, its weight in the mini-batch mean (token-mean: by
+        tokens; seq-mean: by rows; 0 for a filler), and its metrics."""
+        a = self.cfg.algo
+        out = forward_micro_batch(self.model, mb, with_entropy=True, value_head=self.value_head, autocast_bf16=self.cfg.optim.bf16,
+                                  trunk=self.trunk if real else None)
+        rows = batch.rows(mb.indices, mb.response_mask)
+        loss, metrics = self.loss_fn(LossBatch(out["logp"], out["entropy"], values=out.get("values"), **rows), a)
+        if a.loss_agg == "token-mean":
+            weight = rows["mask"].sum().item() / max(share.global_tokens, 1)
+        else:
+            weight = len(mb.indices) / share.global_samples
+        return loss, weight if real else 0.0, metrics
 
     # ------------------------------------------------------------------ iteration
     def iteration(self, it: int) -> dict[str, float]:
@@ -572,10 +533,9 @@ class Trainer:
         episodes = len(shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size)) * cfg.rollout.group_size
         with self._rollout_weights(), Progress(episodes, f"[rollout iter {it + 1}]", "episode", disable=self.quiet) as bar:
             result: RolloutResult = collect_rollouts(
-                self.engine, self.train_env, shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size), cfg.rollout.group_size,
-                self.rollout.sampling, self.rollout.tti, self.rollout.tds,
-                cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
-                seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank, progress=bar, tds_threshold=self.tds_threshold)
+                EnginePolicy(self.engine, self.rollout.sampling, self.rollout.tti), self.train_env,
+                shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size), self._play_settings(cfg.rollout.group_size),
+                seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank, resampler=self.tds, progress=bar)
         kill_point("rollout", it + 1)
         t_rollout = time.time() - t0
         samples = result.samples
@@ -591,10 +551,12 @@ class Trainer:
             t1 = time.time()
             old, ref, values = self._score_samples(samples)
             adv, returns, adv_info = self.compute_advantages(samples, values)
+            batch = TrainingBatch.build([s.forced_mask for s in samples], old, adv, ref, values, returns, cfg.algo.mask_forced_tokens,
+                                        self.device)
             metrics.update(adv_info)
             metrics["time/old_logprob"] = time.time() - t1
             t2 = time.time()
-            metrics.update({f"actor/{k}": v for k, v in self.update(samples, adv, old, ref, values, returns, it).items()})
+            metrics.update({f"actor/{k}": v for k, v in self.update(samples, batch, it).items()})
             self._sync_engine()
             kill_point("update", it + 1)
             metrics["time/update"] = time.time() - t2
@@ -736,6 +698,29 @@ class Trainer:
             gc.collect()
         if getattr(self, "console", None) is not None:
             self.console.close()
+
+
+def _step_batch(samples: list[StepSample], values: np.ndarray | None = None) -> StepBatch:
+    """The samples as an advantage estimator reads them: environment rewards and penalties side by side."""
+    return StepBatch(np.array([s.env_reward for s in samples], dtype=np.float64), [s.traj_id for s in samples],
+                     [s.group_id for s in samples], [s.anchor_obs for s in samples], values,
+                     penalties=np.array([s.penalty for s in samples], dtype=np.float64))
+
+
+class _Means:
+    """Running means of logged values, key by key (the update's metrics over its micro-batches)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
 def _count(n: int, noun: str) -> str:

@@ -1,4 +1,4 @@
-"""Advantage estimators against hand-computed values (spec §4)."""
+"""Advantage estimators against hand-computed values (docs/method.md §4)."""
 
 import math
 

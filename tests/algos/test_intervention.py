@@ -1,4 +1,4 @@
-"""TTI (spec §2): per-row stagnation and budget forcing, multi-token end tags, tag matching on text."""
+"""TTI (docs/method.md §2): per-row stagnation and budget forcing, multi-token end tags, tag matching on text."""
 
 import pytest
 

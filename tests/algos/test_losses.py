@@ -1,4 +1,4 @@
-"""PPO policy loss, KL penalties and value loss against hand-computed values (spec §4)."""
+"""PPO policy loss, KL penalties and value loss against hand-computed values (docs/method.md §4)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The TDS resampling rule (spec §3): resample iff 0 < |Mbar(k) - Mbar(k-1)| < eta."""
+"""The TDS resampling rule (docs/method.md §3): resample iff 0 < |Mbar(k) - Mbar(k-1)| < eta."""
 
 import numpy as np
 import pytest

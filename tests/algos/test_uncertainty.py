@@ -1,4 +1,4 @@
-"""M_t (spec §1) and the turn score (spec §3) against hand-computed values."""
+"""M_t (docs/method.md §1) and the turn score (docs/method.md §3) against hand-computed values."""
 
 import math
 

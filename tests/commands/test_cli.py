@@ -82,3 +82,43 @@ def test_a_config_error_is_one_message_exit_2_and_writes_nothing(tmp_path):
 def test_resume_of_a_folder_that_is_no_run(tmp_path, capsys):
     assert cli.main(["train", "--resume", str(tmp_path / "nothing")]) == 2
     assert "is not a t2po run folder (no config.yaml)" in capsys.readouterr().err
+
+
+def test_a_value_error_from_the_algorithm_layer_keeps_its_traceback(monkeypatch, capsys):
+    """Only expected errors (`t2po.errors.UserError`, a path the file system refuses) are one line and
+    exit 2; a ValueError raised inside the algorithms is a bug and propagates with its traceback."""
+    import numpy as np
+    import pytest
+
+    from t2po.algos import grpo_advantages
+    from t2po.errors import InvalidInput
+
+    def train_with_a_bug(argv):
+        grpo_advantages(np.ones(3), [0, 0], [0, 1])  # mismatched lengths: the algorithm layer's own check
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "train", (train_with_a_bug, "train"))
+    with pytest.raises(ValueError) as caught:
+        cli.main(["train"])
+    assert not isinstance(caught.value, InvalidInput)
+
+    def train_with_bad_input(argv):
+        raise InvalidInput("env.options.dim_room=[2, 2]: rooms are at least 4x4")
+
+    monkeypatch.setitem(cli.COMMANDS, "train", (train_with_bad_input, "train"))
+    assert cli.main(["train"]) == 2
+    assert capsys.readouterr().err == "t2po train: env.options.dim_room=[2, 2]: rooms are at least 4x4\n"
+
+
+def test_an_environment_without_split_is_a_config_error(tmp_path, monkeypatch):
+    """Validation builds the environment with split='valid': a class without the keyword fails when the
+    config is read, not in setup after the model loaded."""
+    import pytest
+
+    from t2po.config import ConfigError, load_config
+
+    (tmp_path / "no_split_env.py").write_text(
+        "from t2po.envs.base import BatchEnv\n\nclass NoSplit(BatchEnv):\n    def __init__(self, max_steps=2):\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="env.name=no_split_env:NoSplit: its constructor takes no `split` keyword"):
+        load_config("default", ["env.name=no_split_env:NoSplit", "env.options={}"])

@@ -42,7 +42,7 @@ def test_presets_prints_whole_descriptions(capsys):
     assert cli.main(["presets"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     # the default preset's header comment, every sentence of it, not only its first line
-    assert "minutes on 2 idle cores" in text and "CPU economies" in text and "(spec §5 cold start; a 135M model does not produce it alone)" in text
+    assert "minutes on 2 idle cores" in text and "CPU economies" in text and "(docs/method.md §5 cold start; a 135M model does not produce it alone)" in text
     assert all(name in text for name in list_presets())
 
 

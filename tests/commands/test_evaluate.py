@@ -20,9 +20,10 @@ from helpers import wait_for_server
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
-from t2po.checkpoints import resolve_policy
+from t2po.policy_source import resolve_policy
 from t2po.evaluate import main, markdown_table, summarize
-from t2po.rollout import collect_rollouts
+from t2po.policies import EnginePolicy
+from t2po.rollout import RolloutSettings, collect_rollouts
 
 SMALL_SOKOBAN = ["--env-option", "dim_room=[5,5]", "--env-option", "num_gen_steps=3", "--env-option", "max_steps=3"]
 FAKE_KEY = "sk-t2po-FAKE-KEY-7f3a9c1e"
@@ -63,8 +64,8 @@ def test_local_eval_writes_json_markdown_and_traces(tiny_model_dir, tiny_model, 
     # the same rollout code as training: the first batch (seeds 0, 1) replayed directly gives the same responses
     model, tokenizer = tiny_model
     env = make_env("sokoban", split="valid", dim_room=(5, 5), num_gen_steps=3, max_steps=3)
-    direct = collect_rollouts(HFEngine(model, tokenizer), env, [0, 1], 1, SamplingParams(0.6, 0.95, 20, 12),
-                              InterventionConfig(), tds=None, seed=0)
+    direct = collect_rollouts(EnginePolicy(HFEngine(model, tokenizer), SamplingParams(0.6, 0.95, 20, 12), InterventionConfig()), env,
+                              [0, 1], RolloutSettings(), seed=0)
     for episode in direct.episodes:
         traced = read_jsonl(out / f"traces/seed-{episode.seed:06d}.jsonl")[1:]
         assert [t["response"] for t in traced] == [s.response_text for s in episode.samples]

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import run_training
 from t2po.config import load_config
-from t2po.checkpoints import resolve_policy
+from t2po.policy_source import resolve_policy
 from t2po.export import main as export_main
 from t2po.rollout import build_prompt_ids
 

@@ -21,7 +21,8 @@ from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy
 from t2po.rollout import build_prompt_ids
-from t2po.serve import DEFAULT_MAX_REQUEST_BYTES, FaultPlan, GenerationBatcher, build_app
+from t2po.serve import DEFAULT_MAX_REQUEST_BYTES, GenerationBatcher, build_app
+from t2po.testing import FaultPlan
 
 PROMPT = "You are solving the Sokoban puzzle. Think step by step inside <think> </think> tags, then give your action."
 

@@ -23,7 +23,9 @@ from t2po.engines.vllm_engine import _TRACES, TTILogitsProcessorV2, VLLMEngine, 
 from t2po.envs import make_env  # noqa: E402
 from t2po.models import load_model  # noqa: E402
 from t2po.tiny_models import build_tiny_model  # noqa: E402
-from t2po.rollout import TDSConfig, collect_rollouts  # noqa: E402
+from t2po.algos.sampling import TDSResampler  # noqa: E402
+from t2po.policies import EnginePolicy  # noqa: E402
+from t2po.rollout import RolloutSettings, TDSConfig, collect_rollouts  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +122,8 @@ def test_sync_weights_makes_vllm_sample_from_the_trained_model(vllm_engine, mode
 
 def test_rollouts_with_tds_run_on_the_vllm_engine(vllm_engine):
     env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=2)
-    result = collect_rollouts(vllm_engine, env, task_seeds=[3, 4], group_size=2, sampling=SamplingParams(max_new_tokens=16),
-                              intervention=InterventionConfig(budget=8, turn_score_skip=0), tds=TDSConfig(eta=0.5), seed=1)
+    result = collect_rollouts(EnginePolicy(vllm_engine, SamplingParams(max_new_tokens=16), InterventionConfig(budget=8, turn_score_skip=0)),
+                              env, [3, 4], RolloutSettings(group_size=2), resampler=TDSResampler(TDSConfig(eta=0.5)), seed=1)
     assert result.stats["episodes"] == 4 and result.samples
     for s in result.samples:
         assert not math.isnan(s.turn_score)

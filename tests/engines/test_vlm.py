@@ -14,7 +14,8 @@ from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
 from t2po.models import load_model, lora_targets
-from t2po.rollout import build_prompt, collect_rollouts
+from t2po.policies import EnginePolicy
+from t2po.rollout import RolloutSettings, build_prompt, collect_rollouts
 from t2po.policy import forward_micro_batch, make_micro_batch
 from t2po.vlm import build_image_prompt, collate_pixel_inputs, placeholder_token_ids
 
@@ -78,7 +79,8 @@ def test_rollout_records_exact_ids_and_pixel_inputs(vlm):
     model, tokenizer = vlm
     env = make_env("sokoban", **SOKOBAN_IMAGE)
     engine = HFEngine(model, tokenizer)
-    result = collect_rollouts(engine, env, [0, 1], 2, SamplingParams(temperature=1.0, max_new_tokens=10), InterventionConfig(), max_prompt_tokens=4096)
+    result = collect_rollouts(EnginePolicy(engine, SamplingParams(temperature=1.0, max_new_tokens=10), InterventionConfig()), env, [0, 1],
+                              RolloutSettings(group_size=2, max_prompt_tokens=4096))
     first_turn = {s.traj_id: s for s in result.samples if s.step == 0}
     states = make_env("sokoban", **SOKOBAN_IMAGE).reset([0, 0, 1, 1])
     for i, sample in first_turn.items():
@@ -100,7 +102,8 @@ def test_trainer_logprobs_with_the_same_pixels_equal_the_engine(vlm, temperature
     model, tokenizer = vlm
     engine = HFEngine(model, tokenizer)
     env = make_env("blackjack", observation_mode="both", max_steps=2)  # image and text in one prompt
-    result = collect_rollouts(engine, env, [0, 1, 2], 1, SamplingParams(temperature=temperature, max_new_tokens=12), InterventionConfig(), max_prompt_tokens=4096)
+    result = collect_rollouts(EnginePolicy(engine, SamplingParams(temperature=temperature, max_new_tokens=12), InterventionConfig()), env,
+                              [0, 1, 2], RolloutSettings(max_prompt_tokens=4096))
     samples = result.samples
     assert len({len(s.prompt_ids) for s in samples}) > 1  # padding matters
     prompts, responses = [s.prompt_ids for s in samples], [s.response_ids for s in samples]
@@ -147,7 +150,7 @@ def test_engine_and_rollout_refuse_images_for_a_text_model(tiny_model):
     model, tokenizer = tiny_model
     env = make_env("numberline", observation_mode="image")
     with pytest.raises(ValueError, match="need a vision-language model.*observation_mode=text"):
-        collect_rollouts(HFEngine(model, tokenizer), env, [0], 1, SamplingParams(max_new_tokens=4))
+        collect_rollouts(EnginePolicy(HFEngine(model, tokenizer), SamplingParams(max_new_tokens=4)), env, [0], RolloutSettings())
     with pytest.raises(ValueError, match="need a vision-language model"):
         HFEngine(model, tokenizer).generate([[1, 2]], SamplingParams(max_new_tokens=2), pixel_inputs=[{"pixel_values": torch.zeros(4, 8)}])
 
@@ -241,7 +244,8 @@ def test_idefics3_family_engine_and_trainer_agree(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(build_tiny_idefics3(tmp_path / "idefics3", tiny_model_dir))
     assert type(tokenizer.processor).__name__ == "Idefics3Processor"
     env = make_env("blackjack", observation_mode="image", max_steps=2)
-    result = collect_rollouts(HFEngine(model, tokenizer), env, [0, 1, 2], 1, SamplingParams(temperature=1.0, max_new_tokens=10), InterventionConfig(), max_prompt_tokens=4096)
+    result = collect_rollouts(EnginePolicy(HFEngine(model, tokenizer), SamplingParams(temperature=1.0, max_new_tokens=10), InterventionConfig()),
+                              env, [0, 1, 2], RolloutSettings(max_prompt_tokens=4096))
     samples = result.samples
     assert samples[0].pixel_inputs["pixel_values"].shape == (1, 1, 3, 64, 64)
     assert len({len(s.prompt_ids) for s in samples}) > 1

@@ -23,7 +23,7 @@ VALID = "<think>the box is left of me</think><action>left</action>"
     ],
 )
 def test_strict_format_rejects_what_the_lenient_one_accepts(response, reason):
-    """The reference's format as issue 18 states it (the T2PO authors' code; spec §2 response form):
+    """The reference's format as issue 18 states it (the T2PO authors' code; docs/method.md §2 response form):
     exactly one think span, then one action span, nothing else but whitespace. The extracted action
     is still returned (the environment plays it, penalised)."""
     strict = parse_think_action(response, ["left", "up"])

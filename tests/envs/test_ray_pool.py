@@ -12,7 +12,8 @@ from t2po.engines.base import InterventionConfig, SamplingParams  # noqa: E402
 from t2po.engines.hf import HFEngine  # noqa: E402
 from t2po.envs import make_env  # noqa: E402
 from t2po.envs.ray_pool import RayEnvPool  # noqa: E402
-from t2po.rollout import collect_rollouts  # noqa: E402
+from t2po.policies import EnginePolicy  # noqa: E402
+from t2po.rollout import RolloutSettings, collect_rollouts  # noqa: E402
 
 SOKOBAN = {"dim_room": (5, 5), "num_boxes": 1, "num_gen_steps": 3, "max_steps": 3}
 
@@ -76,10 +77,9 @@ def test_rollouts_through_the_pool_equal_in_process_rollouts(pool, tiny_model):
     """The real rollout loop, unchanged, with the tiny model: same token ids, rewards and episodes."""
     model, tokenizer = tiny_model
     engine = HFEngine(model, tokenizer)
-    kwargs = dict(task_seeds=[3, 4], group_size=2, sampling=SamplingParams(max_new_tokens=8),
-                  intervention=InterventionConfig(turn_score_skip=0), seed=5)
-    local = collect_rollouts(engine, make_env("sokoban", **SOKOBAN), **kwargs)
-    remote = collect_rollouts(engine, pool, **kwargs)
+    policy = EnginePolicy(engine, SamplingParams(max_new_tokens=8), InterventionConfig(turn_score_skip=0))
+    local = collect_rollouts(policy, make_env("sokoban", **SOKOBAN), [3, 4], RolloutSettings(group_size=2), seed=5)
+    remote = collect_rollouts(policy, pool, [3, 4], RolloutSettings(group_size=2), seed=5)
     assert len(local.samples) == len(remote.samples) > 4
     for a, b in zip(local.samples, remote.samples):
         assert (a.prompt_ids, a.response_ids, a.reward, a.done, a.anchor_obs, a.action, a.valid) == (

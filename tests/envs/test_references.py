@@ -9,7 +9,7 @@ from t2po.envs import make_env
 from t2po.envs.sokoban.env import random_solve_probability
 from t2po.envs.sokoban.room import Room
 from t2po.policies import text_generation
-from t2po.rollout import collect_rollouts
+from t2po.rollout import RolloutSettings, collect_rollouts
 from t2po.trainer.trainer import format_summary
 
 WALLS = frozenset({(r, c) for r in range(5) for c in range(5) if r in (0, 4) or c in (0, 4)})
@@ -63,7 +63,7 @@ class AlwaysUp:
 
 def test_a_policy_that_always_answers_up_scores_below_the_random_mover_and_is_flagged():
     env, seeds = sokoban(), list(range(32))
-    result = collect_rollouts(AlwaysUp(), env, seeds, 1, max_turns=3)
+    result = collect_rollouts(AlwaysUp(), env, seeds, RolloutSettings(max_turns=3))
     up = sum(ep.won for ep in result.episodes) / len(seeds)
     refs = references.reference_points(sokoban(), seeds, 3)
     assert up < refs["random"]["success"]

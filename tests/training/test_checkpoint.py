@@ -12,8 +12,9 @@ import pytest
 import torch
 import yaml
 
-from t2po.checkpoints import (atomic_dir, atomic_write_text, checkpoint_dir, latest_checkpoint, load_checkpoint, locate_policy, prune_checkpoints,
-                              resolve_policy, save_checkpoint)
+from t2po.checkpoints import (atomic_dir, atomic_write_text, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                              save_checkpoint)
+from t2po.policy_source import locate_policy, resolve_policy
 from t2po.config import ModelConfig
 from t2po.models import add_lora, load_model
 

@@ -18,8 +18,8 @@ def test_defaults_are_the_specs_and_a_dict_round_trip_keeps_them():
     cfg = config_from_dict({})
     assert cfg == Config()
     r = cfg.rollout
-    assert (r.sampling.temperature, r.sampling.top_p, r.sampling.top_k) == (1.0, 1.0, 0)  # spec §6: training
-    assert (r.val_sampling.temperature, r.val_sampling.top_p, r.val_sampling.top_k) == (0.6, 0.95, 20)  # spec §6: validation
+    assert (r.sampling.temperature, r.sampling.top_p, r.sampling.top_k) == (1.0, 1.0, 0)  # docs/method.md §6: training
+    assert (r.val_sampling.temperature, r.val_sampling.top_p, r.val_sampling.top_k) == (0.6, 0.95, 20)  # docs/method.md §6: validation
     assert r.tti.enabled is None and r.tds.enabled is None and r.val_sampling.max_new_tokens is None  # left to the algorithm
     assert (r.tds.eta, r.tti.turn_score_skip, cfg.algo.name) == (0.3, 32, "t2po")
     # what a run folder stores (to_dict) reads back to the same config, for a preset far from the defaults
@@ -98,7 +98,7 @@ def test_unknown_nested_keys_name_the_nearest_valid_key():
     ("env.options=[1]", "env.options=.*expected a mapping"),
     ("rollout.group_size=0", "rollout.group_size=0: must be >= 1"),
     ("rollout.sampling.max_new_tokens=0", "rollout.sampling.max_new_tokens=0: must be >= 1"),
-    ("rollout.val_sampling.top_p=0", "top_p values must be in"),
+    ("rollout.val_sampling.top_p=0", "rollout.val_sampling.top_p=0.0: must be in \\(0, 1\\]"),
     ("rollout.tti.confidence=probability", "rollout.tti.confidence='probability': choose logprob or prob"),
     ("optim.lr=-1", "optim.lr=-1.0: must be > 0"),
     ("algo.gigpo_mode=mean", "algo.gigpo_mode='mean': choose"),
@@ -176,7 +176,7 @@ def test_load_run_config_reads_an_old_style_config_yaml(tmp_path, capsys):
 
 
 def test_choice_lists_come_from_the_registries(monkeypatch):
-    with pytest.raises(ConfigError, match="algo.name='toy'"):
+    with pytest.raises(ConfigError, match="algo.name: unknown algorithm 'toy'"):
         load_config("default", ["algo.name=toy"])
 
     @register_algorithm("toy", tti=True)
@@ -188,7 +188,7 @@ def test_choice_lists_come_from_the_registries(monkeypatch):
         assert cfg.algorithm is ALGORITHMS["toy"]
     finally:
         ALGORITHMS.pop("toy")
-    with pytest.raises(ConfigError, match="rollout.engine='toy_engine': choose one of hf, vllm"):
+    with pytest.raises(ConfigError, match="rollout.engine: unknown engine 'toy_engine'; choose one of hf, vllm"):
         load_config("default", ["rollout.engine=toy_engine"])
     monkeypatch.setitem(ENGINES, "toy_engine", EngineSpec("t2po.engines.hf:HFEngine", shares_policy_weights=True, reads_images=False))
     assert load_config("default", ["rollout.engine=toy_engine"]).rollout.engine == "toy_engine"

@@ -3,7 +3,7 @@ name, bad configuration values. Each asserts the outcome: which checkpoint a res
 without duplicates, every validation present once, a clear one-line error, nothing left behind.
 
 The kills are real SIGKILLs of a child process (no cleanup, no `finally`), placed deterministically
-with `T2PO_KILL_AT=phase:where` (`t2po.trainer.checkpoint.kill_point`). One tiny run is trained
+with `T2PO_KILL_AT=phase:where` (`t2po.testing.kill_point`). One tiny run is trained
 through all of them and shared by the tests that corrupt it."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from helpers import run_training
 from t2po.cli import main as cli_main
 from t2po.config import load_config
 from t2po.tracking import MLFLOW_STORE, MlflowTracker
-from t2po.checkpoints import KILL_AT_ENV
+from t2po.testing import KILL_AT_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 ITERATIONS = 3

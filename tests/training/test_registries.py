@@ -83,7 +83,7 @@ def test_a_registered_estimator_and_environment_train(toy_registrations, tiny_mo
 
 
 def test_unregistered_names_are_config_errors():
-    with pytest.raises(ConfigError, match="algo.name='toy_ones'"):
+    with pytest.raises(ConfigError, match="algo.name: unknown algorithm 'toy_ones'"):
         load_config("default", ["algo.name=toy_ones"])
     with pytest.raises(ConfigError, match="Unknown environment 'say_yes'"):
         load_config("default", ["env.name=say_yes"])

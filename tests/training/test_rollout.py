@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from t2po.algos import tds_resample_mask
-from t2po.algos.sampling import TDSQuantileThreshold
+from t2po.algos.sampling import TDSQuantileThreshold, TDSResampler
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
-from t2po.rollout import Episode, StepSample, TDSConfig, collect_rollouts, rollout_stats
+from t2po.policies import EnginePolicy
+from t2po.rollout import Episode, RolloutSettings, StepSample, TDSConfig, collect_rollouts, rollout_stats
 
 
 class RecordingEngine(HFEngine):
@@ -36,8 +37,8 @@ def engine(tiny_model):
 
 def _run(engine, tds=None, seed=0, max_steps=3):
     env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=max_steps)
-    return collect_rollouts(engine, env, task_seeds=[3, 4], group_size=2, sampling=SamplingParams(max_new_tokens=10),
-                            intervention=InterventionConfig(turn_score_skip=0), tds=tds, seed=seed)
+    policy = EnginePolicy(engine, SamplingParams(max_new_tokens=10), InterventionConfig(turn_score_skip=0))
+    return collect_rollouts(policy, env, [3, 4], RolloutSettings(group_size=2), seed=seed, resampler=TDSResampler(tds) if tds else None)
 
 
 def _split_calls(calls):
@@ -53,7 +54,7 @@ def _split_calls(calls):
 
 
 def _separating_eta(tiny_model) -> tuple[float, set[int], object]:
-    """An eta that TDS must act on: from a run without TDS, the second turns' |delta Mbar| (spec §3),
+    """An eta that TDS must act on: from a run without TDS, the second turns' |delta Mbar| (docs/method.md §3),
     and an eta between the 2nd and 3rd smallest, so that exactly two of the four second turns are
     flagged on the first try (the first two turns play the same with TDS on: turn 0 is never
     resampled). Returns (eta, the flagged trajectories, the run without TDS)."""
@@ -160,11 +161,12 @@ def test_api_policy_plays_by_the_training_loops_rules(engine):
     from t2po.rollout import call_seed
 
     env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3)
-    local = collect_rollouts(engine, env, [3, 4], 1, SamplingParams(max_new_tokens=10), InterventionConfig(), seed=5, invalid_action_penalty=0.25)
+    local = collect_rollouts(EnginePolicy(engine, SamplingParams(max_new_tokens=10), InterventionConfig()), env, [3, 4],
+                             RolloutSettings(invalid_action_penalty=0.25), seed=5)
     script = {s.prompt_text: s.response_text for s in local.samples}
     assert len(script) == len(local.samples) and any(not s.valid for s in local.samples)
     agent = ScriptedAgent(script)
-    api = collect_rollouts(APIPolicy(agent), env, [3, 4], 1, seed=5, invalid_action_penalty=0.25)
+    api = collect_rollouts(APIPolicy(agent), env, [3, 4], RolloutSettings(invalid_action_penalty=0.25), seed=5)
     for a, b in zip(local.episodes, api.episodes, strict=True):
         assert a.observations == b.observations and a.won == b.won and a.total_reward == b.total_reward
         assert [(s.action, s.valid, s.reward) for s in a.samples] == [(s.action, s.valid, s.reward) for s in b.samples]
@@ -214,9 +216,9 @@ def test_relative_tds_threshold_flags_the_quantile_of_the_first_eligible_turn(en
     """With a quantile threshold, a batch's own deltas enter the window first: of the 4 eligible
     second turns (distinct deltas) exactly 2 lie below the median and are regenerated."""
     threshold = TDSQuantileThreshold(0.5, window=64)
-    result = collect_rollouts(engine, make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3), task_seeds=[3, 4],
-                              group_size=2, sampling=SamplingParams(max_new_tokens=10), intervention=InterventionConfig(turn_score_skip=0),
-                              tds=TDSConfig(quantile=0.5, max_try=1), tds_threshold=threshold)
+    result = collect_rollouts(EnginePolicy(engine, SamplingParams(max_new_tokens=10), InterventionConfig(turn_score_skip=0)),
+                              make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3), [3, 4],
+                              RolloutSettings(group_size=2), resampler=TDSResampler(TDSConfig(quantile=0.5, max_try=1), threshold))
     second = [s for s in result.samples if s.step == 1]
     assert len(second) == 4 and len({s.tds_delta for s in second}) == 4
     assert sum(s.resampled for s in second) == 2

@@ -106,7 +106,7 @@ def test_trainer_credits_the_invalid_action_penalty_to_its_own_step(algo, tmp_pa
     cfg = load_config("default", [f"algo.name={algo}", "algo.gigpo_mode=mean_std_norm", "algo.norm_by_std=true"])
     trainer = Trainer(cfg, run_dir=tmp_path, quiet=True)
     samples = [_sample(t, 0, k, 0.0, f"{t}-{k}") for t in range(2) for k in range(3)]
-    samples[0] = dataclasses.replace(samples[0], reward=-0.1, valid=False)
+    samples[0] = dataclasses.replace(samples[0], reward=-0.1, penalty=0.1, valid=False)
     adv, _, _ = trainer.compute_advantages(samples)
     np.testing.assert_allclose(adv, [-2.0412, 0.4082, 0.4082, 0.4082, 0.4082, 0.4082], atol=1e-4)
 

@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import run_training
-from t2po.checkpoints import latest_checkpoint, resolve_policy
+from t2po.checkpoints import latest_checkpoint
+from t2po.policy_source import resolve_policy
 from t2po.config import ConfigError, load_config
 from t2po.trainer.trainer import Trainer
 
@@ -155,7 +156,7 @@ def test_ray_environment_workers_give_the_in_process_run(tiny_model_dir, tmp_pat
 def test_device_and_engine_settings_that_cannot_work(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="trainer.device='gpu': choose auto, cpu or cuda"):
         load_config("default", ["trainer.device=gpu"])
-    with pytest.raises(ConfigError, match="rollout.engine='vlm'.*did you mean 'vllm'"):
+    with pytest.raises(ConfigError, match="rollout.engine: unknown engine 'vlm' \\(did you mean 'vllm'\\?\\)"):
         load_config("default", ["rollout.engine=vlm"])
     with pytest.raises(ConfigError, match="set optim.recompute_logprobs=true"):
         load_config("default", ["rollout.engine=vllm", "optim.recompute_logprobs=false"])  # the engine's log-probs as old log-probs

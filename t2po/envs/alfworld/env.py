@@ -5,7 +5,7 @@
     prompt = env.render_prompt(0, history=[], state=states[0])
     states = env.step(["go to countertop 1", None, "look", "open fridge 1"])
 
-Behaviour follows verl-agent's ALFWorld environment (the reference of spec §6): its prompt templates, the
+Behaviour follows verl-agent's ALFWorld environment (the reference of docs/method.md §6): its prompt templates, the
 admissible-action check (an action outside the list is invalid but still sent; the game answers
 "Nothing happens."), reward 10 for a won game and 0 otherwise, at most 50 steps, the raw game text as
 observation and as GiGPO anchor observation. Per-task-type success rates come from
@@ -21,6 +21,7 @@ from t2po.envs import register_env
 from t2po.envs.alfworld.games import TASK_TYPES, Game, collect_games, find_games_root
 from t2po.envs.alfworld.pool import WorkerPool
 from t2po.envs.base import BatchEnv, EnvState
+from t2po.errors import InvalidInput
 
 # The two prompt templates are verl-agent's ALFWORLD_TEMPLATE_NO_HIS / ALFWORLD_TEMPLATE word for word
 # (its typo "observaitons" included), so that prompts match checkpoints trained with the reference.
@@ -92,13 +93,13 @@ class AlfWorldEnv(BatchEnv):
         prompt_style: str = "reference",
     ) -> None:
         if not isinstance(max_steps, int) or max_steps < 1:
-            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
+            raise InvalidInput(f"max_steps must be a positive integer, got {max_steps!r}.")
         if not isinstance(history_length, int) or history_length < 0:
-            raise ValueError(f"history_length must be an integer >= 0, got {history_length!r}.")
+            raise InvalidInput(f"history_length must be an integer >= 0, got {history_length!r}.")
         if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 1):
-            raise ValueError(f"num_workers must be a positive integer (or None for the CPU count), got {num_workers!r}.")
+            raise InvalidInput(f"num_workers must be a positive integer (or None for the CPU count), got {num_workers!r}.")
         if prompt_style not in PROMPT_STYLES:
-            raise ValueError(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}; got {prompt_style!r}.")
+            raise InvalidInput(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}; got {prompt_style!r}.")
         self.prompt_style = prompt_style
         self.split = split
         self.max_steps = max_steps

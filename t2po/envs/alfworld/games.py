@@ -32,6 +32,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from t2po.errors import InvalidInput
+
 #: folder name of the game files inside the archive and inside an `alfworld-download` data folder
 GAMES_FOLDER = "json_2.1.1"
 ARCHIVE_NAME = "json_2.1.1.tar.xz"
@@ -107,7 +109,7 @@ def unpack_archive(archive: Path, destination: Path) -> Path:
             tar.extractall(staging, filter="data")
         unpacked = staging / GAMES_FOLDER
         if not unpacked.is_dir():
-            raise ValueError(f"{archive} does not contain a {GAMES_FOLDER}/ folder; it is not the ALFWorld game archive.")
+            raise InvalidInput(f"{archive} does not contain a {GAMES_FOLDER}/ folder; it is not the ALFWorld game archive.")
         try:
             os.rename(unpacked, target)
         except OSError:
@@ -146,7 +148,7 @@ def _seed_order(game_dir: Path) -> str:
 def collect_games(root: Path, split: str) -> list[Game]:
     """The solvable games of `split` under `root`, in seed order (see the module docstring)."""
     if split not in SPLITS:
-        raise ValueError(f"Unknown ALFWorld split {split!r}; choose one of {', '.join(SPLITS)}.")
+        raise InvalidInput(f"Unknown ALFWorld split {split!r}; choose one of {', '.join(SPLITS)}.")
     split_dir = root / SPLITS[split]
     if not split_dir.is_dir():
         raise FileNotFoundError(f"No {SPLITS[split]}/ folder in {root}. {_WHERE_TO_GET}")

@@ -20,6 +20,7 @@ from PIL import Image
 from t2po.envs import register_env
 from t2po.envs.cards.drawing import blackjack_picture
 from t2po.envs.cards.game import Card, CardGame, CardGameEnv, Move, random_card
+from t2po.errors import InvalidInput
 
 
 def hand_total(cards: list[Card]) -> tuple[int, bool]:
@@ -160,7 +161,7 @@ class BlackjackEnv(CardGameEnv):
         observation_mode: str = "image",
     ) -> None:
         if not isinstance(natural, bool):
-            raise ValueError(f"natural must be True or False, got {natural!r}.")
+            raise InvalidInput(f"natural must be True or False, got {natural!r}.")
         self.natural = natural
         super().__init__(split=split, max_steps=max_steps, history_length=history_length, observation_mode=observation_mode)
 

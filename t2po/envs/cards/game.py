@@ -26,6 +26,7 @@ from typing import Any
 from PIL import Image
 
 from t2po.envs.base import BatchEnv, EnvState
+from t2po.errors import InvalidInput
 
 SUITS = ("hearts", "diamonds", "clubs", "spades")
 _RANK_LABELS = {1: "A", 11: "J", 12: "Q", 13: "K"}
@@ -139,17 +140,17 @@ class CardGameEnv(BatchEnv):
         observation_mode: str = "image",
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"split={split!r} is not supported by {self.name}; use one of {', '.join(SPLITS)}.")
+            raise InvalidInput(f"split={split!r} is not supported by {self.name}; use one of {', '.join(SPLITS)}.")
         if observation_mode not in OBSERVATION_MODES:
-            raise ValueError(
+            raise InvalidInput(
                 f"observation_mode={observation_mode!r} is not supported; use one of {', '.join(OBSERVATION_MODES)}."
             )
         if max_steps is None:
             max_steps = self.default_max_steps
         if not isinstance(max_steps, int) or max_steps < 1:
-            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}.")
+            raise InvalidInput(f"max_steps must be a positive integer, got {max_steps!r}.")
         if not isinstance(history_length, int) or history_length < 0:
-            raise ValueError(f"history_length must be a non-negative integer, got {history_length!r}.")
+            raise InvalidInput(f"history_length must be a non-negative integer, got {history_length!r}.")
         self.split = split
         self.max_steps = max_steps
         self.history_length = history_length

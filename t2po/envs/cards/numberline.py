@@ -17,6 +17,7 @@ from PIL import Image
 from t2po.envs import register_env
 from t2po.envs.cards.drawing import number_line_picture
 from t2po.envs.cards.game import CardGame, CardGameEnv, Move
+from t2po.errors import InvalidInput
 
 
 class NumberLineGame(CardGame):
@@ -83,7 +84,7 @@ class NumberLineEnv(CardGameEnv):
         observation_mode: str = "image",
     ) -> None:
         if not isinstance(max_position, int) or max_position < 1:
-            raise ValueError(f"max_position must be a positive integer, got {max_position!r}.")
+            raise InvalidInput(f"max_position must be a positive integer, got {max_position!r}.")
         self.max_position = max_position
         super().__init__(
             split=split,

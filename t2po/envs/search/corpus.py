@@ -29,6 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from t2po.envs.search.data import default_data_dir, load_shared_questions
+from t2po.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def build_corpus(data_dir: str | Path | None = None, out: str | Path | None = No
                 if line.strip():
                     contents.setdefault(json.loads(line)["contents"])
     if not contents:
-        raise ValueError(f"No passages found in {data_dir}; the corpus would be empty.")
+        raise InvalidInput(f"No passages found in {data_dir}; the corpus would be empty.")
     _atomic_write_lines(out, (json.dumps({"id": str(i), "contents": c}, ensure_ascii=False) + "\n"
                               for i, c in enumerate(contents)))
     logger.info("Wrote %d passages to %s", len(contents), out)
@@ -116,21 +117,21 @@ def _scan(path: Path) -> tuple[np.ndarray, str]:
             digest.update(line)
             offsets.append(offsets[-1] + len(line))
             if not line.strip():
-                raise ValueError(f"{path}:{line_no}: empty line. A wiki-18 corpus has one passage per line.")
+                raise InvalidInput(f"{path}:{line_no}: empty line. A wiki-18 corpus has one passage per line.")
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e}). Each line must be "
+                raise InvalidInput(f"{path}:{line_no}: not valid JSON ({e}). Each line must be "
                                  '{"id": ..., "contents": "\\"Title\\"\\ntext"}.') from e
             if not isinstance(row, dict) or not isinstance(row.get("contents"), str) or "id" not in row:
-                raise ValueError(f"{path}:{line_no}: expected an object with an \"id\" and a string "
+                raise InvalidInput(f"{path}:{line_no}: expected an object with an \"id\" and a string "
                                  f"\"contents\" (wiki-18 format), got {str(row)[:120]!r}.")
             passage_id = str(row["id"])
             if passage_id in ids:
-                raise ValueError(f"{path}:{line_no}: duplicate passage id {passage_id!r}; ids must be unique.")
+                raise InvalidInput(f"{path}:{line_no}: duplicate passage id {passage_id!r}; ids must be unique.")
             ids.add(passage_id)
     if len(offsets) == 1:
-        raise ValueError(f"{path}: the corpus is empty.")
+        raise InvalidInput(f"{path}: the corpus is empty.")
     return np.asarray(offsets, dtype=np.int64), digest.hexdigest()
 
 

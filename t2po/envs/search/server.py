@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field
 import t2po
 from t2po.envs.search.corpus import Corpus, ensure_corpus
 from t2po.envs.search.retriever import MAX_QUERY_CHARS, RETRIEVERS, Retriever, make_retriever
+from t2po.errors import InvalidInput, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -203,11 +204,11 @@ class ServerProcess:
                 self._process.wait()
 
 
-class RetrieverUnavailableError(ConnectionError):
+class RetrieverUnavailableError(UserError, ConnectionError):
     """The retrieval server did not answer (after retries)."""
 
 
-class RetrievalError(RuntimeError):
+class RetrievalError(UserError, RuntimeError):
     """The retrieval server answered with an error or a reply that breaks the contract."""
 
 
@@ -223,7 +224,7 @@ class RetrievalClient:
         if base_url.endswith("/retrieve"):
             base_url = base_url[: -len("/retrieve")]
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"Retriever URL {base_url!r} must start with http:// or https:// "
+            raise InvalidInput(f"Retriever URL {base_url!r} must start with http:// or https:// "
                              f"(e.g. http://127.0.0.1:8000).")
         self.base_url = base_url
         self.max_retries = max_retries

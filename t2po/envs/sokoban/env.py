@@ -13,6 +13,7 @@ from t2po.envs.sokoban.generation import generate_room
 from t2po.envs.sokoban.render import TILE_LEGEND, render_image
 from t2po.envs.sokoban.room import ACTIONS, DELTAS, Pos, Room
 from t2po.envs.sokoban.solver import solve
+from t2po.errors import InvalidInput
 
 # gym-sokoban's rewards (SokobanEnv.penalty_for_step, reward_box_on_target, penalty_box_off_target,
 # reward_finished); an invalid action costs the step penalty, as in verl-agent.
@@ -139,25 +140,25 @@ class SokobanEnv(BatchEnv):
         prompt_style: str = "reference",
     ) -> None:
         if not isinstance(dim_room, (tuple, list)) or len(dim_room) != 2 or any(not isinstance(d, int) or d < 4 for d in dim_room):
-            raise ValueError(f"dim_room must be two integers >= 4 (height, width), e.g. (6, 6); got {dim_room!r}.")
+            raise InvalidInput(f"dim_room must be two integers >= 4 (height, width), e.g. (6, 6); got {dim_room!r}.")
         minimums = {"num_boxes": 1, "num_gen_steps": 1, "max_steps": 1, "history_length": 0, "render_tile_px": 4}
         values = {"num_boxes": num_boxes, "num_gen_steps": num_gen_steps, "max_steps": max_steps, "history_length": history_length, "render_tile_px": render_tile_px}
         for name, low in minimums.items():
             value = values[name]
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}.")
+                raise InvalidInput(f"{name} must be an integer >= {low}; got {value!r}.")
         inside = (dim_room[0] - 2) * (dim_room[1] - 2)  # cells within the wall ring
         if num_boxes + 1 > inside:
-            raise ValueError(f"num_boxes={num_boxes} boxes and the player do not fit in a {dim_room[0]}x{dim_room[1]} room "
+            raise InvalidInput(f"num_boxes={num_boxes} boxes and the player do not fit in a {dim_room[0]}x{dim_room[1]} room "
                              f"({inside} cells inside its walls); use fewer boxes or a larger dim_room.")
         if observation_mode not in OBSERVATION_MODES:
-            raise ValueError(f"observation_mode must be one of {OBSERVATION_MODES}; got {observation_mode!r}.")
+            raise InvalidInput(f"observation_mode must be one of {OBSERVATION_MODES}; got {observation_mode!r}.")
         if prompt_style not in ("reference", "compact"):
-            raise ValueError(f"prompt_style must be 'reference' or 'compact'; got {prompt_style!r}.")
+            raise InvalidInput(f"prompt_style must be 'reference' or 'compact'; got {prompt_style!r}.")
         if prompt_style == "compact" and observation_mode != "text":
-            raise ValueError("prompt_style='compact' is a text-mode prompt; use observation_mode='text'.")
+            raise InvalidInput("prompt_style='compact' is a text-mode prompt; use observation_mode='text'.")
         if split not in ("train", "valid"):
-            raise ValueError(f"split must be 'train' or 'valid'; got {split!r}.")
+            raise InvalidInput(f"split must be 'train' or 'valid'; got {split!r}.")
         self.dim_room = (int(dim_room[0]), int(dim_room[1]))
         self.num_boxes = num_boxes
         self.num_gen_steps = num_gen_steps

@@ -40,6 +40,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Iterator
 
+from t2po.errors import InvalidInput
+
 SPLITS = ("train", "valid", "test")
 PRICE_RANGE = [10.0 * i for i in range(1, 100)]  # WebShop's candidate price bounds
 GOAL_SHUFFLE_SEED = 233  # WebShop's SimServer shuffles the goals with this seed
@@ -110,7 +112,7 @@ class Catalog:
     def split_goals(self, split: str) -> list[Goal]:
         """The goals of `split` ("train", "valid" or "test")."""
         if split not in SPLITS:
-            raise ValueError(f"Unknown WebShop split {split!r}; use one of {', '.join(SPLITS)}.")
+            raise InvalidInput(f"Unknown WebShop split {split!r}; use one of {', '.join(SPLITS)}.")
         if self.official:
             bounds = {"test": (0, OFFICIAL_TEST_GOALS), "valid": (OFFICIAL_TEST_GOALS, OFFICIAL_VALID_END)}
             start, end = bounds.get(split, (OFFICIAL_VALID_END, len(self.goals)))
@@ -119,7 +121,7 @@ class Catalog:
             slots = {"test": (0,), "valid": (1,), "train": tuple(range(2, 10))}[split]
             goals = [g for i, g in enumerate(self.goals) if i % 10 in slots]
         if not goals:
-            raise ValueError(
+            raise InvalidInput(
                 f"WebShop split {split!r} has no goals in {self.source} ({len(self.goals)} goals in all; official data "
                 f"splits test=[0,{OFFICIAL_TEST_GOALS}) valid=[{OFFICIAL_TEST_GOALS},{OFFICIAL_VALID_END}) train=rest). "
                 "Use another split or a larger catalog."
@@ -178,7 +180,7 @@ def _read_json(path: Path) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); re-download the WebShop data file.") from err
+        raise InvalidInput(f"{path} is not valid JSON ({err}); re-download the WebShop data file.") from err
 
 
 def _parse_pricing(raw: Any) -> tuple[list[float], str]:
@@ -335,7 +337,7 @@ def _load_official(
         try:
             products.append(_parse_product(raw, attributes, reviews))
         except (KeyError, TypeError) as err:
-            raise ValueError(f"{data_dir / products_name}: product {asin} lacks a field WebShop needs ({err!r}).") from err
+            raise InvalidInput(f"{data_dir / products_name}: product {asin} lacks a field WebShop needs ({err!r}).") from err
 
     rng = random.Random(seed)
     prices = {p.asin: purchase_price(p.pricing, rng) for p in products}
@@ -587,7 +589,7 @@ def _generate_goal(product: Product, kind: ProductType, price: float, rng: rando
 def generate_catalog(num_products: int = 1000, seed: int = 0) -> Catalog:
     """A deterministic synthetic shop of `num_products` products with one goal each."""
     if num_products < 1:
-        raise ValueError(f"num_products must be at least 1, got {num_products}.")
+        raise InvalidInput(f"num_products must be at least 1, got {num_products}.")
     with paused_gc():
         return _generate(num_products, seed)
 

@@ -9,7 +9,7 @@
   (observation, action) pairs and the available actions.
 - Actions: `search[<query>]` (any query, when the page has a search box) and `click[<element>]` for
   the page's clickables; `check_admissible` flags anything else as invalid (the shop ignores it).
-- Reward (spec §4, verl-agent): 10 when the purchase scores 1 (WebShop's reward, `reward.py`), else
+- Reward (docs/method.md §4, verl-agent): 10 when the purchase scores 1 (WebShop's reward, `reward.py`), else
   0; the episode ends at "Buy Now" or after `max_steps` steps. Final metrics: `success` (0/1) and
   `score` (the purchase's WebShop reward in [0, 1]; 0 without a purchase). The paper reports
   score as mean(score) x 100.
@@ -29,8 +29,9 @@ from t2po.envs.parsing import ParsedAction, parse_think_action
 from t2po.envs.webshop.catalog import SPLITS, Catalog, Goal, generated_catalog, load_official_catalog
 from t2po.envs.webshop.engine import INDEX_CACHE_MIN_PRODUCTS, Page, SearchIndex, Shop, ShopSession, parse_action, rich_text, simple_text
 from t2po.envs.webshop.reward import FUZZY_MATCH_THRESHOLD, TITLE_NOUN_MODES, goal_option_list, normalize_color, token_set_ratio
+from t2po.errors import InvalidInput
 
-SUCCESS_REWARD = 10.0  # spec §4: 10 for success in WebShop
+SUCCESS_REWARD = 10.0  # docs/method.md §4: 10 for success in WebShop
 OBSERVATION_MODES = ("text", "text_rich")
 PROMPT_CHAR_LIMIT = 13000  # verl-agent falls back to the no-history template above this
 SEARCH_PLACEHOLDER = "search[<your query>]"
@@ -152,15 +153,15 @@ class WebShopEnv(BatchEnv):
         cache_dir: str | None = None,
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"WebShop split must be one of {', '.join(SPLITS)}, got {split!r}.")
+            raise InvalidInput(f"WebShop split must be one of {', '.join(SPLITS)}, got {split!r}.")
         if observation_mode not in OBSERVATION_MODES:
-            raise ValueError(f"observation_mode must be one of {', '.join(OBSERVATION_MODES)}, got {observation_mode!r}.")
+            raise InvalidInput(f"observation_mode must be one of {', '.join(OBSERVATION_MODES)}, got {observation_mode!r}.")
         if title_nouns not in TITLE_NOUN_MODES:
-            raise ValueError(f"title_nouns must be one of {', '.join(TITLE_NOUN_MODES)}, got {title_nouns!r}.")
+            raise InvalidInput(f"title_nouns must be one of {', '.join(TITLE_NOUN_MODES)}, got {title_nouns!r}.")
         if max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1, got {max_steps}.")
+            raise InvalidInput(f"max_steps must be at least 1, got {max_steps}.")
         if num_products is not None and num_products < 1:
-            raise ValueError(f"num_products must be at least 1 (or unset), got {num_products}.")
+            raise InvalidInput(f"num_products must be at least 1 (or unset), got {num_products}.")
         self.split = split
         self.max_steps = max_steps
         self.history_length = history_length
