@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from t2po.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # = t2po.models.DEFAULT_MODEL (kept import-free: no torch here)
 TINY_VLM = "tiny-vlm"  # = t2po.models.TINY_VLM
@@ -60,7 +62,7 @@ def kill_point(phase: str, where: object) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class CorruptCheckpoint(ValueError):
+class CorruptCheckpoint(UserError, ValueError):
     """A checkpoint folder whose files cannot be read back; the message names the file and the problem."""
 
 
@@ -83,9 +85,10 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def read_jsonl_log(path: Path, note: Callable[[str], None] | None = None) -> list[dict]:
+def read_jsonl_log(path: Path, note: Callable[[str], None] | None = None, key: tuple[str, type] | None = None) -> list[dict]:
     """The records of an append-only JSONL log (metrics.jsonl, validation.jsonl). A line that is not
-    a JSON object, in practice the last one, torn by a kill in mid-write, is dropped with a note."""
+    a JSON object, in practice the last one, torn by a kill in mid-write, is dropped with a note; so
+    is a record without `key` = (name, type), e.g. ("iteration", int)."""
     path = Path(path)
     if not path.exists():
         return []
@@ -100,6 +103,10 @@ def read_jsonl_log(path: Path, note: Callable[[str], None] | None = None) -> lis
         if not isinstance(record, dict):
             if note is not None:
                 note(f"{path.name}: dropped line {number}, which is not a JSON record (torn by a kill?): {line[:60]!r}")
+            continue
+        if key is not None and (not isinstance(record.get(key[0]), key[1]) or isinstance(record.get(key[0]), bool)):
+            if note is not None:
+                note(f"{path.name}: dropped line {number}, which has no {key[0]} (damaged?): {line[:60]!r}")
             continue
         records.append(record)
     return records
@@ -219,7 +226,13 @@ def write_checkpoint_info(folder: Path, kind: str, base: str, iteration: int, pr
 def checkpoint_info(ckpt: Path) -> dict:
     """`checkpoint.json` of a checkpoint folder ({} for folders written before it existed)."""
     path = Path(ckpt) / CHECKPOINT_INFO
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        info = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{CHECKPOINT_INFO} is not JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise CorruptCheckpoint(f"{CHECKPOINT_INFO} holds no JSON mapping")
+    return info
 
 
 def point_adapter_at(adapter_dir: Path, base: str) -> None:
@@ -364,6 +377,9 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, value_head: Any, lor
             raise CorruptCheckpoint(f"{type(e).__name__}: {e}") from None
     import torch
 
+    from t2po.runfiles import check_checkpoint
+
+    check_checkpoint(ckpt)  # every file's header first: a damaged one is named before anything is read
     saved = read_checkpoint(ckpt, lora, value_head is not None)
     weights = saved["weights"]
     if lora:
@@ -441,14 +457,19 @@ def locate_policy(path: str | os.PathLike | None) -> PolicySource:
     if not p.is_dir():
         raise FileNotFoundError(f"model {str(path)!r} is not a directory: {accepted}")
     checkpoint = None
+    from t2po.runfiles import check_warmup, checkpoint_candidates, checkpoint_problem
+
     if (p / "config.yaml").is_file() and not (p / "config.json").is_file():  # a run folder
-        checkpoint = latest_checkpoint(p / CHECKPOINTS)
+        # the newest checkpoint whose files read back; a damaged newer one is named (as `train --resume` does)
+        checkpoint = next(checkpoint_candidates(p / CHECKPOINTS, lambda m: print(f"t2po: {m}", file=sys.stderr, flush=True)), None)
         if checkpoint is None:
             raise FileNotFoundError(f"run folder {p} has no complete checkpoint yet; evaluate {p / WARMUP_MODEL} (if the warm-up ran) or wait for the first checkpoint")
     elif (p / "adapter").is_dir() or (p / "model").is_dir() or is_sharded(p):
         checkpoint = p
         if not is_complete(p):
             raise FileNotFoundError(f"checkpoint {p} is incomplete (half-written, no trainer_state.json); pass its run folder to use the latest complete checkpoint")
+        if (problem := checkpoint_problem(p)) is not None:
+            raise CorruptCheckpoint(f"checkpoint {p} is damaged: {problem}; pass its run folder to use the newest checkpoint that reads back")
     if checkpoint is None:
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():  # a model, or an adapter on its base
             raise FileNotFoundError(f"{p} holds no model: {accepted}")
@@ -460,6 +481,8 @@ def locate_policy(path: str | os.PathLike | None) -> PolicySource:
 
     run_config = load_run_config(run_dir)
     warmup = run_dir / WARMUP_MODEL  # a model folder, or after a LoRA warm-up its adapter
+    if warmup.is_dir():
+        check_warmup(run_dir)
     exists = (warmup / "config.json").is_file() or (warmup / "adapter_config.json").is_file()
     base = str(warmup) if exists else run_config.model.path
     info = checkpoint_info(checkpoint)
@@ -471,6 +494,22 @@ def locate_policy(path: str | os.PathLike | None) -> PolicySource:
 def policy_short_name(path: str | os.PathLike | None) -> str:
     """A name for a local policy (run name + checkpoint, directory name, or the default's name)."""
     return locate_policy(path).short_name
+
+
+def check_device(name: str) -> str:
+    """`name` if it is a device here (auto, cpu, cuda, cuda:N with that GPU present), else UserError."""
+    import re
+
+    if name in ("auto", "cpu"):
+        return name
+    if not re.fullmatch(r"cuda(:\d{1,3})?", name):
+        raise UserError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
+    import torch
+
+    index = int(name.partition(":")[2] or 0)
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: torch {torch.__version__} sees no such GPU ({torch.cuda.device_count()} visible); use --device cpu or auto")
+    return name
 
 
 def resolve_device(name: str) -> str:

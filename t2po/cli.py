@@ -52,7 +52,8 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     ns = parser.parse_args(argv)
 
-    from t2po.config import ConfigError, describe_config, load_config
+    from t2po.config import describe_config, load_config
+    from t2po.errors import UserError
 
     preset = None
     overrides = []
@@ -68,7 +69,7 @@ def _train(argv: list[str]) -> int:
 
         try:
             cfg = load_run_config(ns.resume, overrides) if ns.resume else load_config(preset, overrides)
-        except (ConfigError, FileNotFoundError) as e:
+        except (UserError, FileNotFoundError) as e:
             print(f"t2po train: {e}", file=sys.stderr)
             return 2
         if ns.help_config:
@@ -96,7 +97,7 @@ def _train(argv: list[str]) -> int:
         else:
             cfg = load_config(preset, overrides)
             trainer = Trainer(cfg, quiet=ns.quiet)
-    except (ConfigError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"t2po train: {e}", file=sys.stderr)
         return 2
     from t2po.tracking import run_status
@@ -162,9 +163,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     bug": reported as one line. Their messages name the fix where they are raised."""
     from t2po.engines.openai_api import APIError
     from t2po.envs.search.server import RetrievalError
+    from t2po.errors import UserError
     from t2po.tracking import MissingPackage
 
-    return (ValueError, OSError, ImportError, MissingPackage, APIError, RetrievalError)
+    return (UserError, ValueError, OSError, ImportError, MissingPackage, APIError, RetrievalError)
 
 
 def _delegate(module: str) -> callable:

@@ -186,7 +186,8 @@ BAD_VALUES = {
     "model.path=/nonexistent": "cannot load a model from '/nonexistent'",
     "env.options.dim_room=foo": "dim_room must be two integers",
     "env.options.max_steps=0": "max_steps must be an integer >= 1",
-    "env.options.num_boxes=30": "num_boxes=30 boxes and the player do not fit",
+    "env.options.num_boxes=30": "sokoban takes num_boxes in [1, 4]",
+    "env.options.dim_room=[100000,100000]": "sokoban takes dim_room in [4, 16] (each value)",
     "trainer.device=cuda": "sees no GPU",
 }
 MISSING_DATA = {
