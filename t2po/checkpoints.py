@@ -471,6 +471,9 @@ def locate_policy(path: str | os.PathLike | None) -> PolicySource:
         if (problem := checkpoint_problem(p)) is not None:
             raise CorruptCheckpoint(f"checkpoint {p} is damaged: {problem}; pass its run folder to use the newest checkpoint that reads back")
     if checkpoint is None:
+        if (p / CHECKPOINTS).is_dir() and not (p / "config.yaml").exists():
+            raise FileNotFoundError(f"{p / 'config.yaml'} is missing, so {p} cannot be read as a t2po run; restore config.yaml from a copy "
+                                    "(the MLflow run keeps one as an artifact)")
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():  # a model, or an adapter on its base
             raise FileNotFoundError(f"{p} holds no model: {accepted}")
         return PolicySource(p)

@@ -532,13 +532,10 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     """The config a run folder was trained with (its `config.yaml`), typed and validated, with
     optional dotted overrides (e.g. more iterations on a resume). A run written before keys were
     renamed loads with the new names (`upgrade_keys`)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a t2po run folder (no config.yaml). Pass the folder printed at the start of `t2po train`.")
-    from t2po.runfiles import read_mapping
+    from t2po.runfiles import read_run_config
 
-    fix = "restore it from a copy (the MLflow run keeps one as the artifact config.yaml), or start a new run"
-    data = upgrade_keys(read_mapping(path, fix), str(path))
+    path = Path(run_dir) / "config.yaml"
+    data = upgrade_keys(read_run_config(run_dir), str(path))
     for ov in overrides or []:
         _deep_update(data, upgrade_keys(parse_override(ov), f"override {ov!r}"))
     try:

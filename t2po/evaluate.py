@@ -59,7 +59,7 @@ from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy, api_key_from_env
 from t2po.envs import BatchEnv, env_option_errors, make_env, parse_env_options, split_env_overrides
 from t2po.errors import UserError
-from t2po.paths import new_folder
+from t2po.paths import first_missing, new_folder
 from t2po.policies import NO_ANSWER, APIPolicy
 from t2po.rollout import INVALID_ACTION_PENALTY, Episode, collect_rollouts
 from t2po.tracking import episode_trace
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"give either a local MODEL ({ns.model_path}) or --api-base/--model, not both")
     try:
         run, agent, policy = _prepare(ns, api)
-        created = not run.folder.path.exists()  # removed again if this command finishes no episode
+        created = first_missing(run.folder.path)  # removed again if this command finishes no episode
         done = run.folder.open()
     except (APIError, FileNotFoundError, ValueError, UserError) as e:
         print(f"t2po eval: {e}", file=sys.stderr)
@@ -428,20 +428,20 @@ def main(argv: list[str] | None = None) -> int:
         elif pending:
             _play_local(run, policy, pending, done, ns)
     except APIError as e:  # a server that stopped answering: exit 3, a runtime failure (README, Reliability)
-        if created and not done:
-            shutil.rmtree(run.folder.path, ignore_errors=True)
+        if created is not None and not done:
+            shutil.rmtree(created, ignore_errors=True)
             print(f"t2po eval: {e}", file=sys.stderr)
         else:
             print(f"t2po eval: {e} ({len(done)} finished episodes are kept in {run.folder.path}; rerun the same command to resume)", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        if created and not done:
-            shutil.rmtree(run.folder.path, ignore_errors=True)
+        if created is not None and not done:
+            shutil.rmtree(created, ignore_errors=True)
         print(f"\nt2po eval: interrupted; {len(done)} finished episodes are kept in {run.folder.path}; rerun the same command to resume.", file=sys.stderr)
         return 130
     except BaseException:
-        if created and not done:
-            shutil.rmtree(run.folder.path, ignore_errors=True)
+        if created is not None and not done:
+            shutil.rmtree(created, ignore_errors=True)
         raise
     run.write_summary(done)
     print("\n" + run.folder.table_file.read_text(), end="", flush=True)

@@ -95,3 +95,14 @@ def new_file(path: str | os.PathLike, flag: str, suffixes: tuple[str, ...]) -> P
     if out.is_dir():
         raise UserError(f"{flag} {os.fspath(path)!r} is a folder; give a file name ending in {' or '.join(suffixes)}")
     return out
+
+
+def first_missing(path: str | os.PathLike) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what a command that did no work removes
+    again), or None when `path` exists."""
+    path = Path(os.path.abspath(path))
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path

@@ -37,7 +37,7 @@ import numpy as np
 from t2po.checkpoints import read_jsonl_log
 from t2po.errors import UserError
 from t2po.paths import new_folder
-from t2po.runfiles import read_mapping
+from t2po.runfiles import read_run_config
 
 SEED_KEYS = ("trainer.seed", "trainer.run_name", "trainer.output_dir")  # differ between seeds of one configuration
 
@@ -102,9 +102,7 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist or is not a folder; pass run folders (e.g. runs/sokoban-t2po-...)")
-    if not (path / "config.yaml").exists():
-        raise FileNotFoundError(f"{path} is not a t2po run folder (no config.yaml); pass folders that `t2po train` created")
-    config = read_mapping(path / "config.yaml", "restore it from a copy, or leave this run out of the report")
+    config = read_run_config(path)
     by_iteration: dict[int, dict] = {}
     if (path / "metrics.jsonl").exists():
         for row in _read_jsonl(path / "metrics.jsonl", ("iteration", int)):

@@ -141,3 +141,21 @@ def read_mapping(path: Path, fix: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path} holds no mapping of config sections; {fix}")
     return data
+
+
+RUN_CONFIG_FIX = "restore it from a copy (the MLflow run keeps one as the artifact config.yaml), or start a new run"
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """A run folder's config.yaml as `t2po train` writes it (whole, atomically, ending in a newline),
+    or UserError naming the file: a file cut short can still be valid YAML, and would silently fill
+    the missing keys with the code defaults."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        if (Path(run_dir) / "checkpoints").is_dir():
+            raise UserError(f"{path} is missing; {RUN_CONFIG_FIX}")
+        raise FileNotFoundError(f"{run_dir} is not a t2po run folder (no config.yaml). Pass the folder printed at the start of `t2po train`.")
+    data = read_mapping(path, RUN_CONFIG_FIX)
+    if data and not path.read_bytes().endswith(b"\n"):
+        raise UserError(f"{path} is cut short (no final newline); {RUN_CONFIG_FIX}")
+    return data

@@ -95,6 +95,9 @@ class Trainer:
         self.ckpt_root = self.run_dir / CHECKPOINTS
         self.state_path = self.run_dir / "run_state.json"
         self.run_state = {"warmup_done": False, "validation": {}}
+        if self.resume and not self.state_path.exists() and any(self.ckpt_root.glob("iter_*")):
+            raise ValueError(f"{self.state_path} is missing (it says whether the warm-up ran, which the checkpoints apply to); "
+                             "restore it from a copy, or start a new run")
         if self.resume and self.state_path.exists():
             try:
                 self.run_state = json.loads(self.state_path.read_text())
