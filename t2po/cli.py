@@ -15,7 +15,9 @@
 
 Every command reports an expected error (a bad config value, a missing file or folder, an unreachable
 server, bad data) as one line naming the fix, with exit status 2 and no traceback (`T2PO_DEBUG=1`
-shows it); a training run that fails while it sets up leaves no run folder behind.
+shows it); a training run that fails while it sets up leaves no run folder behind. A server that stops
+answering in the middle of `t2po eval` is exit status 3 (finished episodes kept); an internal bug is 1,
+with its traceback. Output paths follow the path rule of `t2po/paths.py` (README, Reliability).
 """
 
 from __future__ import annotations
