@@ -235,7 +235,7 @@ class Config:
                 check_run_name(self.trainer.run_name)
             except UserError as e:
                 errors.append(str(e))
-        if (error := spelling_error(self.trainer.output_dir, "trainer.output_dir")) is not None:
+        if (error := spelling_error(self.trainer.output_dir, "trainer.output_dir", parent=True)) is not None:
             errors.append(error)
         known_trackers = {"console", "mlflow", "tensorboard", "wandb"}
         for t in self.trainer.trackers:

@@ -28,9 +28,9 @@ def check_run_name(name: str) -> str:
     return text
 
 
-def spelling_error(text: str, flag: str) -> str | None:
+def spelling_error(text: str, flag: str, parent: bool = False) -> str | None:
     """Why the spelling of an output path breaks the path rule (`..` after a folder name, no last
-    name), or None."""
+    name), or None. `parent`: a folder that holds outputs (trainer.output_dir), which may be `.` or `..`."""
     if not text or "\0" in text:
         return f"{flag} {text!r}: give a folder or file name"
     path = PurePath(os.path.expanduser(text))
@@ -40,16 +40,16 @@ def spelling_error(text: str, flag: str) -> str | None:
     if any(p != ".." for p in names[:max(last_up, 0)]):  # a `..` after a name
         return (f"{flag} {text!r} goes back up with '..' after a folder name, so it writes outside the folder it names; "
                 f"write the path without '..' after a name (a leading ../ is fine)")
-    if not names or names[-1] == "..":
+    if not parent and (not names or names[-1] == ".."):
         return f"{flag} {text!r} names no new folder or file; give a name, e.g. {flag} results/my-output"
     return None
 
 
-def output_path(path: str | os.PathLike, flag: str) -> Path:
+def output_path(path: str | os.PathLike, flag: str, parent: bool = False) -> Path:
     """`path` resolved (absolute, symlinks of its parent followed), after checking the path rule:
     `..` only at the start, a real last name, no symlink as the last part, not inside a run folder."""
     text = os.fspath(path)
-    error = spelling_error(text, flag)
+    error = spelling_error(text, flag, parent)
     if error:
         raise UserError(error)
     unresolved = Path(os.path.abspath(os.path.expanduser(text)))

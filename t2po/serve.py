@@ -485,11 +485,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from t2po.checkpoints import check_device, intervention_for, resolve_policy
     from t2po.engines import make_engine
+    from t2po.errors import UserError
 
     try:
         check_device(ns.device)
         model, tokenizer, description = resolve_policy(ns.model, dtype=ns.dtype, device=ns.device)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, UserError) as e:
         print(f"t2po serve: {e}", file=sys.stderr)
         return 2
     intervention = intervention_for(ns.model, enabled=not ns.no_tti, budget=ns.tti_budget)

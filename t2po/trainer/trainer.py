@@ -38,7 +38,7 @@ from t2po.algos import StepBatch, kl_penalty, ppo_policy_loss
 from t2po.algos.losses import value_loss
 from t2po.algos.sampling import TDSQuantileThreshold
 from t2po.checkpoints import (
-    CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, complete_checkpoints, is_sharded, kill_point, latest_checkpoint,
+    CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, is_sharded, kill_point, latest_checkpoint,
     load_checkpoint, point_adapter_at, read_jsonl_log, save_checkpoint,
 )
 from t2po.config import Config
@@ -95,8 +95,8 @@ class Trainer:
         self.ckpt_root = self.run_dir / CHECKPOINTS
         self.state_path = self.run_dir / "run_state.json"
         self.run_state = {"warmup_done": False, "validation": {}}
-        if self.resume and not self.state_path.exists() and any(self.ckpt_root.glob("iter_*")):
-            raise ValueError(f"{self.state_path} is missing (it says whether the warm-up ran, which the checkpoints apply to); "
+        if self.resume and not self.state_path.exists() and (self.run_dir / WARMUP_MODEL).exists() and any(self.ckpt_root.glob("iter_*")):
+            raise ValueError(f"{self.state_path} is missing (it says whether the warm-up the checkpoints apply to finished); "
                              "restore it from a copy, or start a new run")
         if self.resume and self.state_path.exists():
             try:
@@ -756,7 +756,7 @@ def new_run_dir(cfg: Config) -> Path:
     with `-2`, `-3`, ... when a run started in the same second already took it."""
     from t2po.paths import check_run_name, output_path
 
-    output_path(cfg.trainer.output_dir, "trainer.output_dir")  # the path rule (t2po/paths.py): not inside another run
+    output_path(cfg.trainer.output_dir, "trainer.output_dir", parent=True)  # the path rule (t2po/paths.py): not inside another run
     parent = Path(cfg.trainer.output_dir)
     if cfg.trainer.run_name:
         run_dir = parent / check_run_name(cfg.trainer.run_name)

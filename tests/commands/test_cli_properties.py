@@ -224,3 +224,13 @@ def test_the_poisons_are_refused_by_the_mechanism_under_test(workspace):
     code, stderr, _ = run_cli(["train", "smoke", "env.options.dim_room=[100000,100000]", "--print-config"])
     assert code == 2 and "sokoban takes dim_room in [4, 16]" in stderr
     assert run_cli(["train", "smoke", "trainer.run_name=victim2", "--print-config"])[0] == 0
+
+
+@pytest.mark.parametrize("text,refused", [
+    ("zz/../victim", True), ("a/../../..", True), ("runs/../x", True), ("..", True), ("/", True), ("", True), ("x/..", True),
+    ("results/x", False), ("../results/x", False), ("../../x", False), ("./x", False), ("/tmp/x", False), ("~/x", False), ("ü-ß", False),
+])
+def test_the_path_rule_refuses_only_paths_that_go_back_up(text, refused):
+    from t2po.paths import spelling_error
+
+    assert (spelling_error(text, "--out") is not None) == refused
