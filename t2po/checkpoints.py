@@ -69,9 +69,10 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def read_jsonl_log(path: Path, note: Callable[[str], None] | None = None) -> list[dict]:
+def read_jsonl_log(path: Path, note: Callable[[str], None] | None = None, key: tuple[str, type] | None = None) -> list[dict]:
     """The records of an append-only JSONL log (metrics.jsonl, validation.jsonl). A line that is not
-    a JSON object, in practice the last one, torn by a kill in mid-write, is dropped with a note."""
+    a JSON object, in practice the last one, torn by a kill in mid-write, is dropped with a note; so
+    is a record without `key` = (name, type), e.g. ("iteration", int)."""
     path = Path(path)
     if not path.exists():
         return []
@@ -86,6 +87,10 @@ def read_jsonl_log(path: Path, note: Callable[[str], None] | None = None) -> lis
         if not isinstance(record, dict):
             if note is not None:
                 note(f"{path.name}: dropped line {number}, which is not a JSON record (torn by a kill?): {line[:60]!r}")
+            continue
+        if key is not None and (not isinstance(record.get(key[0]), key[1]) or isinstance(record.get(key[0]), bool)):
+            if note is not None:
+                note(f"{path.name}: dropped line {number}, which has no {key[0]} (damaged?): {line[:60]!r}")
             continue
         records.append(record)
     return records
@@ -205,7 +210,13 @@ def write_checkpoint_info(folder: Path, kind: str, base: str, iteration: int, pr
 def checkpoint_info(ckpt: Path) -> dict:
     """`checkpoint.json` of a checkpoint folder ({} for folders written before it existed)."""
     path = Path(ckpt) / CHECKPOINT_INFO
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        info = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{CHECKPOINT_INFO} is not JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise CorruptCheckpoint(f"{CHECKPOINT_INFO} holds no JSON mapping")
+    return info
 
 
 def point_adapter_at(adapter_dir: Path, base: str) -> None:
@@ -350,6 +361,9 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, value_head: Any, lor
             raise CorruptCheckpoint(f"{type(e).__name__}: {e}") from None
     import torch
 
+    from t2po.runfiles import check_checkpoint
+
+    check_checkpoint(ckpt)  # every file's header first: a damaged one is named before anything is read
     saved = read_checkpoint(ckpt, lora, value_head is not None)
     weights = saved["weights"]
     if lora:

@@ -15,7 +15,9 @@
 
 Every command reports an expected error (a bad config value, a missing file or folder, an unreachable
 server, bad data) as one line naming the fix, with exit status 2 and no traceback (`T2PO_DEBUG=1`
-shows it); a training run that fails while it sets up leaves no run folder behind.
+shows it); a training run that fails while it sets up leaves no run folder behind. A server that stops
+answering in the middle of `t2po eval` is exit status 3 (finished episodes kept); an internal bug is 1,
+with its traceback. Output paths follow the path rule of `t2po/paths.py` (README, Reliability).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     ns = parser.parse_args(argv)
 
-    from t2po.config import ConfigError, describe_config, load_config
+    from t2po.config import describe_config, load_config
 
     preset = None
     overrides = []
@@ -70,7 +72,7 @@ def _train(argv: list[str]) -> int:
 
         try:
             cfg = load_run_config(ns.resume, overrides) if ns.resume else load_config(preset, overrides)
-        except (ConfigError, FileNotFoundError) as e:
+        except (UserError, FileNotFoundError) as e:
             print(f"t2po train: {e}", file=sys.stderr)
             return 2
         if ns.help_config:
@@ -98,7 +100,7 @@ def _train(argv: list[str]) -> int:
         else:
             cfg = load_config(preset, overrides)
             trainer = Trainer(cfg, quiet=ns.quiet)
-    except (ConfigError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"t2po train: {e}", file=sys.stderr)
         return 2
     from t2po.tracking import run_status

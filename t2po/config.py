@@ -2,7 +2,8 @@
 
     cfg = load_config("alfworld-cpu", ["algo.name=grpo", "rollout.group_size=4"])
 
-Every field has a help text (`field(metadata={"help": ...})`); `t2po train --help-config` prints them.
+Every field has a help text (`field(metadata={"help": ...})`) and every number its range (`_f(..., range=)`:
+what sizes memory, time or disk has an upper bound); `t2po train --help-config` prints them.
 Presets are YAML files in `t2po/configs/` holding a partial tree; a preset may name another preset in
 `base:` that it extends. Unknown or mistyped keys fail with the nearest valid key; bad values fail
 before any work starts: each section checks its own values (`check()`, including the algorithm classes
@@ -43,10 +44,23 @@ from t2po.plugins import PluginError
 from t2po.suggest import did_you_mean
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def _f(default: Any, help: str, range: tuple[float, float | None] | None = None, **kw: Any) -> Any:
+    """A config key: its default, its help and, for a number, its range [low, high] (high None: no
+    upper bound, for numbers that size no memory, time or disk), checked by `Config.validate`."""
+    metadata = {"help": help, **({"range": range} if range is not None else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+# Ranges of the keys whose classes live with the algorithm (SamplingParams, InterventionConfig,
+# TDSConfig: t2po/engines/base.py, t2po/algos/); the keys of this file carry theirs in `_f`.
+ALGORITHM_KEY_RANGES: dict[str, tuple[float, float | None]] = {
+    **{f"rollout.{s}.{k}": r for s in ("sampling", "val_sampling") for k, r in (("max_new_tokens", (1, 32_768)), ("top_k", (0, 100_000)))},
+    "rollout.tti.patience": (1, 32_768), "rollout.tti.budget": (1, 32_768), "rollout.tti.eps": (0, None),
+    "rollout.tti.alpha": (0, 1), "rollout.tti.turn_score_skip": (0, 32_768),
+    "rollout.tds.eta": (0, None), "rollout.tds.max_try": (0, 100), "rollout.tds.window": (1, 1_000_000),
+}
 
 
 def _section(factory: Any, help: str) -> Any:
@@ -61,11 +75,11 @@ class ModelConfig:
                     "the adapters stay float32 (peft). A bf16 engine's log-probs differ from the trainer's, so bf16 needs "
                     "optim.recompute_logprobs=true (speed and log-prob figures: docs/results/cpu_path.json).")
     lora: bool = _f(True, "Train LoRA adapters (peft) instead of all weights; the reference policy is then the adapter-disabled base model.")
-    lora_rank: int = _f(16, "LoRA rank r.")
-    lora_alpha: int = _f(32, "LoRA scaling alpha.")
-    lora_dropout: float = _f(0.0, "LoRA dropout (0 keeps old/new log-probs identical before the first update).")
+    lora_rank: int = _f(16, "LoRA rank r.", range=(1, 4096))
+    lora_alpha: int = _f(32, "LoRA scaling alpha.", range=(1, None))
+    lora_dropout: float = _f(0.0, "LoRA dropout (0 keeps old/new log-probs identical before the first update).", range=(0, 1))
     lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Module names that get LoRA adapters.")
-    lora_layers: int | None = _f(None, "LoRA only on the last N decoder layers (None = all). The backward pass then stops at those layers, which makes CPU training several times cheaper.")
+    lora_layers: int | None = _f(None, "LoRA only on the last N decoder layers (None = all). The backward pass then stops at those layers, which makes CPU training several times cheaper.", range=(1, 1000))
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, more time).")
 
     def check(self) -> list[str]:
@@ -80,7 +94,7 @@ class EnvConfig:
     name: str = _f("sokoban", "Environment name (see `t2po envs`).")
     options: dict = _f({}, "Environment constructor options, e.g. {dim_room: [6, 6], num_boxes: 1}; checked against the environment's signature.")
     val_options: dict = _f({}, "Options that differ for the validation environment (e.g. {split: valid_unseen}); split defaults to 'valid'.")
-    ray_workers: int = _f(0, "0 = environments in the training process (default); k > 0 = k Ray actors hold them (t2po.envs.ray_pool; pip install ray==2.60.0).")
+    ray_workers: int = _f(0, "0 = environments in the training process (default); k > 0 = k Ray actors hold them (t2po.envs.ray_pool; pip install ray==2.60.0).", range=(0, 1024))
 
     def check(self) -> list[str]:
         if self.ray_workers < 0:
@@ -94,7 +108,7 @@ class VLLMConfig:
 
     gpu_memory_utilization: float = _f(0.35, "Share of the GPU (on the CPU build: of host memory) vLLM takes for weights and KV cache; the trainer needs the rest.")
     kv_cache_gib: float | None = _f(None, "KV-cache size in GiB, instead of a share of the memory (on the CPU build the share is taken minus this process's size, so a fixed size is the reliable setting there).")
-    max_model_len: int | None = _f(None, "Longest prompt + response in tokens; null = rollout.max_prompt_tokens + rollout.sampling.max_new_tokens.")
+    max_model_len: int | None = _f(None, "Longest prompt + response in tokens; null = rollout.max_prompt_tokens + rollout.sampling.max_new_tokens.", range=(1, 1_048_576))
     enforce_eager: bool = _f(False, "No CUDA graphs (slower decoding, faster start, less memory).")
 
     def check(self) -> list[str]:
@@ -108,17 +122,17 @@ class VLLMConfig:
 
 @dataclass
 class RolloutConfig:
-    num_tasks: int = _f(4, "Tasks per iteration (B); each task is played by `group_size` rollouts.")
-    group_size: int = _f(4, "Rollouts per task (N), the GRPO/GiGPO group.")
-    max_turns: int | None = _f(None, "Turns per episode; None = the environment's max_steps.")
+    num_tasks: int = _f(4, "Tasks per iteration (B); each task is played by `group_size` rollouts.", range=(1, 4096))
+    group_size: int = _f(4, "Rollouts per task (N), the GRPO/GiGPO group.", range=(1, 256))
+    max_turns: int | None = _f(None, "Turns per episode; None = the environment's max_steps.", range=(1, 1000))
     sampling: SamplingParams = _section(lambda: SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=96),
                                         "Training sampling (docs/method.md §6: temperature 1.0).")
-    max_prompt_tokens: int = _f(2048, "Prompts longer than this are cut from the left (counted in metrics).")
+    max_prompt_tokens: int = _f(2048, "Prompts longer than this are cut from the left (counted in metrics).", range=(1, 131_072))
     invalid_action_penalty: float = _f(0.1, "Subtracted from a step's reward when its action is invalid (docs/method.md §4).")
     tti: InterventionConfig = _section(lambda: InterventionConfig(enabled=None),
                                        "Token-level thinking intervention (docs/method.md §2) and turn scores (docs/method.md §3), in training and validation.")
     tds: TDSConfig = _section(lambda: TDSConfig(enabled=None), "Turn-level dynamic sampling (docs/method.md §3), training only.")
-    val_num_tasks: int = _f(8, "Held-out tasks per validation.")
+    val_num_tasks: int = _f(8, "Held-out tasks per validation.", range=(1, 100_000))
     val_sampling: SamplingParams = _section(lambda: SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=None),
                                             "Validation (and `t2po eval`) sampling, docs/method.md §6: temperature 0.6, top-p 0.95, top-k 20; 0 = greedy.")
     engine: str = _f("hf", f"Rollout engine: one of {', '.join(ENGINES)}, or one of your own as package.module:Class (an "
@@ -142,25 +156,25 @@ class RolloutConfig:
 class AlgoConfig:
     name: str = _f("t2po", f"Algorithm: one of {', '.join(ALGORITHMS)} (t2po.algos.ALGORITHMS), or one of your own "
                    "as package.module:function (an advantage function). t2po = GiGPO advantages + TTI + TDS.")
-    gamma: float = _f(0.95, "Discount for step returns (docs/method.md §4).")
-    lam: float = _f(1.0, "GAE lambda (ppo).")
+    gamma: float = _f(0.95, "Discount for step returns (docs/method.md §4).", range=(0, 1))
+    lam: float = _f(1.0, "GAE lambda (ppo).", range=(0, 1))
     gigpo_mode: str = _f("mean_std_norm", f"GiGPO normalisation: {' or '.join(GIGPO_MODES)}.")
-    step_weight: float = _f(1.0, "GiGPO step-advantage weight w.")
+    step_weight: float = _f(1.0, "GiGPO step-advantage weight w.", range=(0, None))
     similarity_threshold: float | None = _f(None, "GiGPO anchor similarity threshold (Search: 0.9); None = exact match.")
     norm_by_std: bool = _f(True, "GRPO: divide by the group std.")
     loss: str = _f("ppo", "The objective (t2po.algos.losses): ppo = PPO clip with dual clip + entropy bonus + KL loss + critic "
                    "loss, as the coefficients below set them; or a loss of your own, package.module:function.")
-    clip_low: float = _f(0.2, "PPO clip range below 1.")
-    clip_high: float = _f(0.2, "PPO clip range above 1.")
-    dual_clip: float = _f(3.0, "Dual-clip constant c for negative advantages.")
+    clip_low: float = _f(0.2, "PPO clip range below 1.", range=(0, 1))
+    clip_high: float = _f(0.2, "PPO clip range above 1.", range=(0, None))
+    dual_clip: float = _f(3.0, "Dual-clip constant c for negative advantages.", range=(1, None))
     loss_agg: str = _f("token-mean", f"Loss aggregation: {', '.join(LOSS_AGG_MODES)}.")
-    entropy_coef: float = _f(0.001, "Entropy bonus coefficient (docs/method.md §4: 0.001; 0 for Search).")
-    kl_coef: float = _f(0.0, "KL loss coefficient to the reference policy (ALFWorld: 0.01).")
+    entropy_coef: float = _f(0.001, "Entropy bonus coefficient (docs/method.md §4: 0.001; 0 for Search).", range=(0, None))
+    kl_coef: float = _f(0.0, "KL loss coefficient to the reference policy (ALFWorld: 0.01).", range=(0, None))
     kl_kind: str = _f("low_var_kl", f"KL estimator: {', '.join(KL_KINDS)}.")
     dynamic_sampling: bool = _f(False, "DAPO-style filter: drop groups whose episode scores are all equal (not combined with TDS).")
     mask_forced_tokens: bool = _f(True, "Leave tokens forced by TTI out of the policy loss.")
-    value_coef: float = _f(0.5, "PPO critic: value-loss coefficient.")
-    value_clip: float = _f(0.2, "PPO critic: value clip range.")
+    value_coef: float = _f(0.5, "PPO critic: value-loss coefficient.", range=(0, None))
+    value_clip: float = _f(0.2, "PPO critic: value clip range.", range=(0, None))
 
     def check(self) -> list[str]:
         errors = []
@@ -184,15 +198,15 @@ class AlgoConfig:
 class OptimConfig:
     lr: float = _f(1e-5, "Learning rate (paper: 1e-6 for full fine-tuning of 4B models; LoRA on small models needs more).")
     warmup_ratio: float = _f(0.0, "Linear learning-rate warm-up over this fraction of iterations.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    grad_clip: float = _f(1.0, "Gradient-norm clip.")
-    mini_batch_size: int = _f(32, "Step samples per optimizer step (PPO mini-batch).")
-    micro_batch_tokens: int = _f(4096, "Padded tokens per forward pass at most (samples are packed by length).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.", range=(0, None))
+    grad_clip: float = _f(1.0, "Gradient-norm clip.", range=(0, None))
+    mini_batch_size: int = _f(32, "Step samples per optimizer step (PPO mini-batch).", range=(1, 65_536))
+    micro_batch_tokens: int = _f(4096, "Padded tokens per forward pass at most (samples are packed by length).", range=(1, 1_048_576))
     recompute_logprobs: bool = _f(True, "Recompute old log-probs with a forward pass before the update (as verl). False takes "
                                   "the engine's log-probs and saves one forward pass per sample: right with float32 weights "
                                   "and an engine that shares the trainer's weights, not with bfloat16 weights, whose decode "
                                   "and full forward round differently (docs/results/cpu_path.json).")
-    ppo_epochs: int = _f(1, "Passes over the batch per iteration (docs/method.md §4: 1).")
+    ppo_epochs: int = _f(1, "Passes over the batch per iteration (docs/method.md §4: 1).", range=(1, 100))
     bf16: bool = _f(False, "bf16 autocast for the trainer's forward passes (on CPU only helps with AVX512-BF16/AMX). For float32 weights; with model.dtype=bfloat16 the matmuls already run in bf16.")
 
     def check(self) -> list[str]:
@@ -207,10 +221,10 @@ class OptimConfig:
 
 @dataclass
 class WarmupConfig:
-    episodes: int = _f(0, "Supervised warm-up before RL: expert episodes to imitate (0 = off). Needs an environment with an expert.")
-    epochs: int = _f(2, "Warm-up passes over the demonstrations.")
+    episodes: int = _f(0, "Supervised warm-up before RL: expert episodes to imitate (0 = off). Needs an environment with an expert.", range=(0, 100_000))
+    epochs: int = _f(2, "Warm-up passes over the demonstrations.", range=(1, 1000))
     lr: float = _f(2e-4, "Warm-up learning rate.")
-    batch_size: int = _f(8, "Warm-up samples per optimizer step.")
+    batch_size: int = _f(8, "Warm-up samples per optimizer step.", range=(1, 4096))
 
     def check(self) -> list[str]:
         errors = out_of_range("warmup.episodes", self.episodes, 0) + out_of_range("warmup.epochs", self.epochs, 1)
@@ -222,20 +236,20 @@ class WarmupConfig:
 
 @dataclass
 class TrainerConfig:
-    iterations: int = _f(10, "RL iterations (one rollout batch + one update each).")
-    seed: int = _f(0, "Seed: training tasks, sampling, shuffling, initialisation. Validation plays the same held-out tasks whatever the seed (task seeds 0 .. val_num_tasks-1 of the validation split, e.g. Sokoban's valid split = rooms 1000 + k); only its sampler is seeded from s.")
+    iterations: int = _f(10, "RL iterations (one rollout batch + one update each).", range=(0, 1_000_000))
+    seed: int = _f(0, "Seed: training tasks, sampling, shuffling, initialisation. Validation plays the same held-out tasks whatever the seed (task seeds 0 .. val_num_tasks-1 of the validation split, e.g. Sokoban's valid split = rooms 1000 + k); only its sampler is seeded from s.", range=(0, 2**32 - 1))
     output_dir: str = _f("runs", "Parent folder of run folders.")
     run_name: str | None = _f(None, "Run folder name; default: <env>-<algo>-<timestamp>.")
-    val_every: int = _f(5, "Validate every k iterations (0 = only before and after training).")
+    val_every: int = _f(5, "Validate every k iterations (0 = only before and after training).", range=(0, None))
     val_before_train: bool = _f(True, "Validate before training (and before the warm-up, if any).")
     val_tti: bool = _f(False, "Validation decodes with the thinking intervention (TTI) as training does. False: one decoder "
                        "(TTI off) for every algorithm, so held-out figures compare policies, not decoders.")
-    save_every: int = _f(1, "Checkpoint every k iterations (the last iteration is always saved).")
-    keep_checkpoints: int = _f(2, "Checkpoints kept on disk (oldest deleted).")
+    save_every: int = _f(1, "Checkpoint every k iterations (the last iteration is always saved).", range=(1, None))
+    keep_checkpoints: int = _f(2, "Checkpoints kept on disk (oldest deleted).", range=(1, 1000))
     trackers: list = _f(["console", "mlflow"], "Trackers: console, mlflow, tensorboard, wandb.")
-    trace_episodes: int = _f(2, "Episodes per iteration and per validation kept as rollout traces (traces/*.jsonl and, with mlflow, MLflow Traces of the run).")
+    trace_episodes: int = _f(2, "Episodes per iteration and per validation kept as rollout traces (traces/*.jsonl and, with mlflow, MLflow Traces of the run).", range=(0, 10_000))
     report: bool = _f(True, "Write plots and report.md into <run>/report/ at the end (as `t2po report RUN`).")
-    threads: int | None = _f(None, "torch CPU threads (None = torch default).")
+    threads: int | None = _f(None, "torch CPU threads (None = torch default).", range=(1, 1024))
     device: str = _f("auto", "Where the policy trains: auto (the rank's GPU when CUDA is available, else the CPU), cpu, or cuda (fails when there is no GPU).")
 
     def check(self) -> list[str]:
@@ -275,8 +289,13 @@ class Config:
         """Fail before any work on values that cannot work: each section's own `check()`, then the rules
         that join sections (an engine's log-probs and the optimizer, TDS and dynamic sampling, the
         environment's options and `split`, image observations and the model)."""
-        errors = [e for section in (self.model, self.env, self.rollout, self.algo, self.optim, self.warmup, self.trainer)
-                  for e in section.check()]
+        # every number's range (next to its key: `_f(..., range=)`, ALGORITHM_KEY_RANGES): a value outside fails
+        # here, before a run folder exists, not after an iteration or a full disk; a section's own lower-bound
+        # line for the same key is left out
+        errors = _range_errors(self)
+        reported = {e.partition("=")[0] for e in errors}
+        errors += [e for section in (self.model, self.env, self.rollout, self.algo, self.optim, self.warmup, self.trainer)
+                   for e in section.check() if e.partition("=")[0] not in reported]
         r = self.rollout
         try:
             shares_weights = engine_spec(r.engine).shares_policy_weights
@@ -287,6 +306,15 @@ class Config:
                           "that differ slightly from the trainer's; set optim.recompute_logprobs=true")
         if self.algo.dynamic_sampling and r.tds.enabled:  # explicit True only
             errors.append("algo.dynamic_sampling and rollout.tds.enabled are alternatives (docs/method.md §3): turn one off")
+        from t2po.paths import check_run_name, spelling_error  # the path rule (t2po/paths.py)
+
+        if self.trainer.run_name is not None:
+            try:
+                check_run_name(self.trainer.run_name)
+            except UserError as e:
+                errors.append(str(e))
+        if (error := spelling_error(self.trainer.output_dir, "trainer.output_dir", parent=True)) is not None:
+            errors.append(error)
         from t2po.envs import env_option_errors  # environments are imported only to check their options
 
         option_errors = env_option_errors(self.env.name, self.env.options, "env.options.")
@@ -311,6 +339,30 @@ class Config:
         budget = r.val_sampling.max_new_tokens if r.val_sampling.max_new_tokens is not None else r.sampling.max_new_tokens
         return dataclasses.replace(r, tti=dataclasses.replace(r.tti, enabled=tti_on), tds=dataclasses.replace(r.tds, enabled=tds_on),
                                    val_sampling=dataclasses.replace(r.val_sampling, max_new_tokens=budget))
+
+
+def _range_errors(obj: Any, prefix: str = "") -> list[str]:
+    """One line per number outside its range: "in [low, high]" for a fraction, ">= low" / "<= high"
+    for a count or size (a null value, where allowed, has no range)."""
+    errors = []
+    for f in _config_fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            errors += _range_errors(value, f"{key}.")
+            continue
+        bounds = f.metadata.get("range") or ALGORITHM_KEY_RANGES.get(key)
+        if bounds is None or value is None:
+            continue
+        low, high = bounds
+        if value >= low and (high is None or value <= high):  # NaN fails too
+            continue
+        if high is not None and high <= 1:
+            errors.append(f"{key}={value}: must be in [{low}, {high}]")
+        elif value >= low:
+            errors.append(f"{key}={value}: must be <= {high:,} (range [{low}, {high:,}]: it sizes memory, time or disk)")
+        else:
+            errors.append(f"{key}={value}: must be >= {low}" + (f" (range [{low}, {high:,}])" if high is not None else ""))
+    return errors
 
 
 class ConfigError(UserError, ValueError):
@@ -437,9 +489,9 @@ def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
         path = configs_dir() / f"{name_or_path}.yaml"
     if not path.exists():
         raise ConfigError(f"Unknown preset {name_or_path!r}{did_you_mean(name_or_path, list_presets())}. Presets: {', '.join(list_presets())} (or a path to a YAML file).")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"Preset {path} must hold a mapping of config sections.")
+    from t2po.runfiles import read_mapping
+
+    data = read_mapping(path, "fix the file (`t2po train default --print-config` shows a valid one)")
     upgrade_keys(data, str(path))
     base = data.pop("base", None)
     if base:
@@ -579,10 +631,10 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     """The config a run folder was trained with (its `config.yaml`), typed and validated, with
     optional dotted overrides (e.g. more iterations on a resume). A run written before keys were
     renamed loads with the new names (`upgrade_keys`)."""
+    from t2po.runfiles import read_run_config
+
     path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a t2po run folder (no config.yaml). Pass the folder printed at the start of `t2po train`.")
-    data = upgrade_keys(yaml.safe_load(path.read_text()) or {}, str(path))
+    data = upgrade_keys(read_run_config(run_dir), str(path))
     for ov in overrides or []:
         _deep_update(data, upgrade_keys(parse_override(ov), f"override {ov!r}"))
     try:
@@ -602,7 +654,9 @@ def describe_config(cfg: Config | None = None) -> str:
             if not dataclasses.is_dataclass(value := getattr(obj, f.name)):
                 default = getattr(default_obj, f.name)
                 changed = f"   (code default: {default!r})" if value != default else ""
-                lines.append(f"  {prefix}{f.name} = {value!r}{changed}\n      {f.metadata['help']}")
+                bounds = f.metadata.get("range") or ALGORITHM_KEY_RANGES.get(f"{prefix}{f.name}")
+                shown = f" Range: [{bounds[0]}, {'no limit' if bounds[1] is None else f'{bounds[1]:,}'}]." if bounds else ""
+                lines.append(f"  {prefix}{f.name} = {value!r}{changed}\n      {f.metadata['help']}{shown}")
         for f in fields:
             if dataclasses.is_dataclass(value := getattr(obj, f.name)):
                 lines.append(f"[{prefix}{f.name}]" + (f"  {f.metadata['help']}" if "help" in f.metadata else ""))

@@ -42,6 +42,7 @@ import math
 import os
 import queue
 import re
+import shutil
 import sys
 import threading
 import time
@@ -51,15 +52,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from t2po.bounds import BATCH_SIZE, EPISODES, NEW_TOKENS, SEED, bounded
 from t2po.checkpoints import atomic_write_text
 from t2po.config import Config, RolloutConfig
 from t2po.engines import engine_spec
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy, api_key_from_env
 from t2po.envs import BatchEnv, env_option_errors, make_env, parse_env_options, split_env_overrides
-from t2po.errors import InvalidInput
+from t2po.errors import InvalidInput, UserError
+from t2po.paths import first_missing, new_folder
 from t2po.policies import NO_ANSWER, APIPolicy, EnginePolicy
-from t2po.policy_source import PolicySource, intervention_for, locate_policy, resolve_policy
+from t2po.policy_source import PolicySource, check_device, intervention_for, locate_policy, resolve_policy
 from t2po.rollout import INVALID_ACTION_PENALTY, Episode, RolloutSettings, collect_rollouts
 from t2po.tracking import episode_trace
 
@@ -370,30 +373,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="run folder, checkpoint folder, Hugging Face model directory (causal LM or vision-language model) or tiny-vlm (default: the embedded SmolLM2-135M-Instruct); not with --api-base")
     g = p.add_argument_group("tasks and output")
     g.add_argument("--split", default="valid", help="environment split (default: valid)")
-    g.add_argument("--episodes", type=int, default=DEFAULT_EPISODES, help=f"episodes = task seeds SEED .. SEED+N-1 (default {DEFAULT_EPISODES})")
-    g.add_argument("--seed", type=int, default=0, help="first task seed (default 0); samplers are seeded from the task seeds")
+    g.add_argument("--episodes", type=EPISODES, default=DEFAULT_EPISODES, help=f"episodes = task seeds SEED .. SEED+N-1 (default {DEFAULT_EPISODES})")
+    g.add_argument("--seed", type=SEED, default=0, help="first task seed (default 0); samplers are seeded from the task seeds")
     g.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE", help="environment option (YAML value), repeatable, e.g. dim_room=[6,6] or observation_mode=image; overrides a run's own options. The same as env.options.KEY=VALUE, the spelling `t2po train` takes")
     g.add_argument("--out", default=None, help="output folder (default: evals/<env>-<split>-<model>)")
     g.add_argument("--quiet", action="store_true", help="print only the final table")
     g = p.add_argument_group("sampling (defaults: docs/method.md §6 validation sampling, or a run's own validation settings)")
     g.add_argument("--temperature", type=float, default=None, help="default 0.6 (0 = greedy)")
     g.add_argument("--top-p", type=float, default=None, help="default 0.95")
-    g.add_argument("--top-k", type=int, default=None, help="default 20 for local models; for APIs sent only when given (not an OpenAI parameter)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help=f"response token budget per turn (default: the run's, else {SamplingParams().max_new_tokens})")
+    g.add_argument("--top-k", type=bounded(0, 100_000), default=None, help="default 20 for local models; for APIs sent only when given (not an OpenAI parameter)")
+    g.add_argument("--max-new-tokens", type=NEW_TOKENS, default=None, help=f"response token budget per turn (default: the run's, else {SamplingParams().max_new_tokens})")
     g = p.add_argument_group("local models")
-    g.add_argument("--batch-size", type=int, default=8, help="episodes decoded together (default 8); each batch is written when it finishes")
+    g.add_argument("--batch-size", type=BATCH_SIZE, default=8, help="episodes decoded together (default 8); each batch is written when it finishes")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto)")
     g.add_argument("--engine", default="hf", help="generation engine: hf (default), vllm, or package.module:Class (as rollout.engine)")
-    g.add_argument("--dtype", default="auto", help="auto (default: bfloat16 where the hardware multiplies bf16 natively, a GPU or an AVX512-BF16/AMX CPU, else float32), float32 or bfloat16")
-    g.add_argument("--tti-budget", type=int, default=None, help="TTI think-token budget B (default: the run's setting, else none)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="auto (default: bfloat16 where the hardware multiplies bf16 natively, a GPU or an AVX512-BF16/AMX CPU, else float32), float32 or bfloat16")
+    g.add_argument("--tti-budget", type=NEW_TOKENS, default=None, help="TTI think-token budget B (default: the run's setting, else none)")
     g = p.add_argument_group("API models")
     g.add_argument("--api-base", default=None, metavar="URL", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
     g.add_argument("--model", default=None, metavar="NAME", help="model name at the API (e.g. gpt-4o-mini)")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (default OPENAI_API_KEY); the key is never printed or stored")
-    g.add_argument("--concurrency", type=int, default=4, help="episodes played in parallel (default 4)")
-    g.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request before it is retried (default 120)")
-    g.add_argument("--max-retries", type=int, default=6, help="retries per request on 429, 5xx, timeouts and dropped connections (default 6)")
-    g.add_argument("--retry-backoff", type=float, default=1.0, help="first back-off in seconds, doubled per retry (default 1)")
+    g.add_argument("--concurrency", type=bounded(1, 256), default=4, help="episodes played in parallel (default 4)")
+    g.add_argument("--request-timeout", type=bounded(0.001, 3600, float), default=120.0, help="seconds per request before it is retried (default 120)")
+    g.add_argument("--max-retries", type=bounded(0, 100), default=6, help="retries per request on 429, 5xx, timeouts and dropped connections (default 6)")
+    g.add_argument("--retry-backoff", type=bounded(0, 600, float), default=1.0, help="first back-off in seconds, doubled per retry (default 1)")
     g.add_argument("--price-input", type=float, default=0.0, help="USD per 1M input tokens, for the cost column")
     g.add_argument("--price-output", type=float, default=0.0, help="USD per 1M output tokens, for the cost column")
     g.add_argument("--reasoning-api", action="store_true", help="request format of OpenAI reasoning models: max_completion_tokens, no temperature/top-p/top-k/seed")
@@ -410,14 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("an API model needs both --api-base URL and --model NAME")
     if api and ns.model_path is not None:
         parser.error(f"give either a local MODEL ({ns.model_path}) or --api-base/--model, not both")
-    for name, value, low in (("--episodes", ns.episodes, 1), ("--batch-size", ns.batch_size, 1), ("--concurrency", ns.concurrency, 1), ("--max-retries", ns.max_retries, 0)):
-        if value < low:
-            parser.error(f"{name} must be >= {low}")
     try:
         engine_spec(ns.engine)  # an unknown engine fails before any work
         run, agent, policy = _prepare(ns, api)
+        created = first_missing(run.folder.path)  # removed again if this command finishes no episode
         done = run.folder.open()
-    except (APIError, FileNotFoundError, ValueError) as e:
+    except (APIError, FileNotFoundError, ValueError, UserError) as e:
         print(f"t2po eval: {e}", file=sys.stderr)
         return 2
     pending = [s for s in run.seeds if s not in done]
@@ -430,12 +431,22 @@ def main(argv: list[str] | None = None) -> int:
             _play_api(run, agent, pending, done, ns.concurrency)
         elif pending:
             _play_local(run, policy, pending, done, ns)
-    except APIError as e:
-        print(f"t2po eval: {e}\n{len(done)} finished episodes are kept in {run.folder.path}; rerun the same command to resume.", file=sys.stderr)
-        return 1
+    except APIError as e:  # a server that stopped answering: exit 3, a runtime failure (README, Reliability)
+        if created is not None and not done:
+            shutil.rmtree(created, ignore_errors=True)
+            print(f"t2po eval: {e}", file=sys.stderr)
+        else:
+            print(f"t2po eval: {e} ({len(done)} finished episodes are kept in {run.folder.path}; rerun the same command to resume)", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
+        if created is not None and not done:
+            shutil.rmtree(created, ignore_errors=True)
         print(f"\nt2po eval: interrupted; {len(done)} finished episodes are kept in {run.folder.path}; rerun the same command to resume.", file=sys.stderr)
         return 130
+    except BaseException:
+        if created is not None and not done:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     run.write_summary(done)
     print("\n" + run.folder.table_file.read_text(), end="", flush=True)
     print(f"results: {run.folder.summary_file}, {run.folder.table_file}, traces in {run.folder.traces}/")
@@ -480,6 +491,7 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
                          f"temperature {described['temperature']}, top-p {described['top_p']}" + (f", top-k {described['top_k']}" if described["top_k"] is not None else ""))
         notes = [f"Model: `{ns.model}` at {agent.base_url}; {sampling_note}; up to {agent.max_tokens} tokens per turn."]
     else:
+        check_device(ns.device)
         source = locate_policy(ns.model_path)
         cfg = source.run_config
         if cfg is not None and cfg.env.name == ns.env:  # the run's own environment options (flags override them)
@@ -529,6 +541,8 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
     if corpus:
         notes.append(f"Corpus: `{corpus['name']}` ({corpus['num_passages']:,} passages, `{corpus['path']}`, sha256 {corpus['sha256'][:12]}).")
     out = Path(ns.out) if ns.out else Path("evals") / _safe_name(f"{ns.env}-{ns.split}-{model_name}")
+    # the path rule (t2po/paths.py); an earlier evaluation (its eval.json) is continued, any other non-empty folder refused
+    new_folder(out, "--out", own_marker="eval.json")
     run = EvalRun(ns.env, ns.split, options, list(range(ns.seed, ns.seed + ns.episodes)), ResultsFolder(out, setup),
                   f"{ns.env} ({ns.split}): {model_name}", notes, ns.price_input if api else 0.0, ns.price_output if api else 0.0, ns.quiet)
     return run, agent, policy

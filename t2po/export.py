@@ -26,6 +26,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from t2po.errors import UserError
+
 
 def export(source_path: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None) -> Path:
     """Write the merged model (and the adapter of a LoRA checkpoint) to `out`; returns `out`."""
@@ -34,9 +36,9 @@ def export(source_path: str | os.PathLike, out: str | os.PathLike, dtype: str | 
     from t2po.models import model_directory, resolve_dtype, save_tokenizer
     from t2po.progress import silence_library_progress
 
-    out = Path(out).expanduser().resolve()
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; pass a new folder to --out (an export never overwrites)")
+    from t2po.paths import new_folder
+
+    out = new_folder(out, "--out")  # the path rule (t2po/paths.py): a new or empty folder outside any run
     source = locate_policy(source_path)
     run_dtype = source.run_config.model.dtype if source.run_config is not None else None
     torch_dtype = resolve_dtype(dtype or run_dtype or "float32")  # "auto": what the run trained in on this hardware
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         out = export(ns.model, ns.out, ns.dtype)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, UserError) as e:
         print(f"t2po export: {e}", file=sys.stderr)
         return 2
     info = json.loads((out / "export.json").read_text())

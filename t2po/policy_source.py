@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from t2po.checkpoints import (
-    CHECKPOINTS, WARMUP_MODEL, checkpoint_info, is_complete, is_sharded, latest_checkpoint,
+    CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, checkpoint_info, is_complete, is_sharded,
 )
-from t2po.errors import InvalidInput
+from t2po.errors import InvalidInput, UserError
 from t2po.model_cache import DEFAULT_MODEL, TINY_VLM
 
 
@@ -68,15 +69,23 @@ def locate_policy(path: str | os.PathLike | None) -> PolicySource:
     if not p.is_dir():
         raise FileNotFoundError(f"model {str(path)!r} is not a directory: {accepted}")
     checkpoint = None
+    from t2po.runfiles import check_warmup, checkpoint_candidates, checkpoint_problem
+
     if (p / "config.yaml").is_file() and not (p / "config.json").is_file():  # a run folder
-        checkpoint = latest_checkpoint(p / CHECKPOINTS)
+        # the newest checkpoint whose files read back; a damaged newer one is named (as `train --resume` does)
+        checkpoint = next(checkpoint_candidates(p / CHECKPOINTS, lambda m: print(f"t2po: {m}", file=sys.stderr, flush=True)), None)
         if checkpoint is None:
             raise FileNotFoundError(f"run folder {p} has no complete checkpoint yet; evaluate {p / WARMUP_MODEL} (if the warm-up ran) or wait for the first checkpoint")
     elif (p / "adapter").is_dir() or (p / "model").is_dir() or is_sharded(p):
         checkpoint = p
         if not is_complete(p):
             raise FileNotFoundError(f"checkpoint {p} is incomplete (half-written, no trainer_state.json); pass its run folder to use the latest complete checkpoint")
+        if (problem := checkpoint_problem(p)) is not None:
+            raise CorruptCheckpoint(f"checkpoint {p} is damaged: {problem}; pass its run folder to use the newest checkpoint that reads back")
     if checkpoint is None:
+        if (p / CHECKPOINTS).is_dir() and not (p / "config.yaml").exists():
+            raise FileNotFoundError(f"{p / 'config.yaml'} is missing, so {p} cannot be read as a t2po run; restore config.yaml from a copy "
+                                    "(the MLflow run keeps one as an artifact)")
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():  # a model, or an adapter on its base
             raise FileNotFoundError(f"{p} holds no model: {accepted}")
         return PolicySource(p)
@@ -87,6 +96,8 @@ def locate_policy(path: str | os.PathLike | None) -> PolicySource:
 
     run_config = load_run_config(run_dir)
     warmup = run_dir / WARMUP_MODEL  # a model folder, or after a LoRA warm-up its adapter
+    if warmup.is_dir():
+        check_warmup(run_dir)
     exists = (warmup / "config.json").is_file() or (warmup / "adapter_config.json").is_file()
     base = str(warmup) if exists else run_config.model.path
     info = checkpoint_info(checkpoint)
@@ -98,6 +109,22 @@ def locate_policy(path: str | os.PathLike | None) -> PolicySource:
 def policy_short_name(path: str | os.PathLike | None) -> str:
     """A name for a local policy (run name + checkpoint, directory name, or the default's name)."""
     return locate_policy(path).short_name
+
+
+def check_device(name: str) -> str:
+    """`name` if it is a device here (auto, cpu, cuda, cuda:N with that GPU present), else UserError."""
+    import re
+
+    if name in ("auto", "cpu"):
+        return name
+    if not re.fullmatch(r"cuda(:\d{1,3})?", name):
+        raise UserError(f"--device {name!r}: choose auto, cpu, cuda or cuda:N")
+    import torch
+
+    index = int(name.partition(":")[2] or 0)
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: torch {torch.__version__} sees no such GPU ({torch.cuda.device_count()} visible); use --device cpu or auto")
+    return name
 
 
 def resolve_device(name: str) -> str:

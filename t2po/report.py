@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from t2po.checkpoints import read_jsonl_log
-from t2po.errors import InvalidInput
+from t2po.errors import InvalidInput, UserError
+from t2po.paths import new_folder
+from t2po.runfiles import read_run_config
 
 SEED_KEYS = ("trainer.seed", "trainer.run_name", "trainer.output_dir")  # differ between seeds of one configuration
 
@@ -88,28 +89,35 @@ class Run:
         return sorted(pts)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path, key: tuple[str, type]) -> list[dict]:
     # a run killed mid-write leaves a cut last line: skipped with a note, as the trainer's resume does
-    return read_jsonl_log(path, lambda message: print(f"t2po report: {message}", file=sys.stderr))
+    return read_jsonl_log(path, _note, key)
+
+
+def _note(message: str) -> None:
+    print(f"t2po report: {message}", file=sys.stderr)
 
 
 def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist or is not a folder; pass run folders (e.g. runs/sokoban-t2po-...)")
-    if not (path / "config.yaml").exists():
-        raise FileNotFoundError(f"{path} is not a t2po run folder (no config.yaml); pass folders that `t2po train` created")
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    config = read_run_config(path)
     by_iteration: dict[int, dict] = {}
     if (path / "metrics.jsonl").exists():
-        for row in _read_jsonl(path / "metrics.jsonl"):
-            if "iteration" in row:
-                by_iteration[int(row["iteration"])] = row  # a resumed run re-logs redone iterations: keep the last
+        for row in _read_jsonl(path / "metrics.jsonl", ("iteration", int)):
+            by_iteration[row["iteration"]] = row  # a resumed run re-logs redone iterations: keep the last
     validation: dict[str, dict] = {}
     if (path / "validation.jsonl").exists():
-        for row in _read_jsonl(path / "validation.jsonl"):
+        for row in _read_jsonl(path / "validation.jsonl", ("tag", str)):
             validation[row["tag"]] = row
-    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else None
+    summary = None
+    if (path / "summary.json").exists():
+        try:
+            summary = json.loads((path / "summary.json").read_text())
+        except (OSError, ValueError) as e:
+            _note(f"{path / 'summary.json'} cannot be read ({e}); the report goes on without it")
+        summary = summary if isinstance(summary, dict) else None
     return Run(path=path, config=config, metrics=[by_iteration[k] for k in sorted(by_iteration)], validation=validation, summary=summary)
 
 
@@ -564,9 +572,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlflow", action="store_true", help="also copy the runs into one MLflow store in the output folder")
     ns = parser.parse_args(argv)
     try:
+        if ns.out is not None:  # the path rule (t2po/paths.py); an earlier report (its report.md) is redrawn
+            new_folder(ns.out, "--out", own_marker="report.md")
         out = write_report(ns.runs, ns.out)
         ui = export_to_mlflow(ns.runs, out) if ns.mlflow else None
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, UserError) as e:
         print(f"t2po report: {e}", file=sys.stderr)
         return 2
     print((out / "report.md").read_text())

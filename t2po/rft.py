@@ -21,6 +21,9 @@ import os
 import sys
 from pathlib import Path
 
+from t2po.bounds import BATCH_SIZE, EPISODES, NEW_TOKENS, SEED, bounded
+from t2po.errors import UserError
+from t2po.paths import new_file, new_folder
 from t2po.sft import Conversation, load_conversations, play_expert_episodes, save_conversations, sft_train, tokenize_conversations
 
 
@@ -33,16 +36,16 @@ def _environment(env: str | None, preset: str | None, options: dict) -> tuple[st
     """The environment and options to collect on: ENV, or the preset's (the options given win)."""
     if preset is None:
         if env is None:
-            raise SystemExit("t2po rft collect: name the environment (e.g. `t2po rft collect sokoban`) or a training preset (--preset default).")
+            raise UserError("name the environment (e.g. `t2po rft collect sokoban`) or a training preset (--preset default).")
         return env, options
     from t2po.config import load_config
 
     try:
         cfg = load_config(preset)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"t2po rft collect: {e}") from None
+        raise UserError(str(e)) from None
     if env is not None and env != cfg.env.name:
-        raise SystemExit(f"t2po rft collect: preset {preset!r} trains on {cfg.env.name!r}, not {env!r}; drop ENV or pick another preset.")
+        raise UserError(f"preset {preset!r} trains on {cfg.env.name!r}, not {env!r}; drop ENV or pick another preset.")
     return cfg.env.name, {**cfg.env.options, **options}
 
 
@@ -97,7 +100,7 @@ def sft(data: Path, model_path: str | None, out: Path, epochs: int, lr: float, l
 
     convs = load_conversations(data)
     if not convs:
-        raise SystemExit(f"{data} holds no conversations: collect some with `t2po rft collect`.")
+        raise UserError(f"{data} holds no conversations: collect some with `t2po rft collect`.")
     torch.manual_seed(seed)
     model, tokenizer = load_model(model_path)
     examples = tokenize_conversations(convs, tokenizer)
@@ -124,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--preset", default=None, help="take the environment and its options from a training preset (e.g. default, "
                    "alfworld-cpu), so the collected prompts are the ones `t2po train PRESET` renders; --env-option still overrides")
     c.add_argument("--policy", default="expert", help="expert | default | a model folder | a run folder or checkpoint")
-    c.add_argument("--episodes", type=int, default=64)
+    c.add_argument("--episodes", type=EPISODES, default=64, help="tasks played, 1 to 100000 (default 64)")
     c.add_argument("--threshold", type=float, default=0.8, help="keep episodes whose task score is above this")
-    c.add_argument("--out", type=Path, required=True, help="output .jsonl or .parquet")
+    c.add_argument("--out", required=True, help="output .jsonl or .parquet (a new file, or one an earlier collect wrote)")
     c.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE",
                    help="environment option (YAML value), repeatable; the same as env.options.KEY=VALUE, the spelling `t2po train` takes")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--max-new-tokens", type=int, default=128)
+    c.add_argument("--seed", type=SEED, default=0)
+    c.add_argument("--max-new-tokens", type=NEW_TOKENS, default=128)
     c.add_argument("--engine", default="hf", help="generation engine of a model policy: hf (default), vllm, or package.module:Class")
     from t2po.envs import env_option_errors, parse_env_options, split_env_overrides
 
@@ -141,15 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given = parse_env_options(ns.env_option)
     except ValueError as e:
-        raise SystemExit(f"t2po rft collect: {e}") from None
+        raise UserError(str(e)) from None
+    new_file(ns.out, "--out", (".jsonl", ".parquet"))  # the path rule (t2po/paths.py)
     env_name, options = _environment(ns.env, ns.preset, given)
     errors = env_option_errors(env_name, options, "--env-option ")
     if errors:
-        raise SystemExit(f"t2po rft collect: {errors[0]}")
+        raise UserError(errors[0])
     from t2po.engines import engine_spec
 
     engine_spec(ns.engine)  # an unknown engine fails before any work
-    stats = collect(env_name, ns.policy, ns.episodes, ns.threshold, ns.out, options, ns.seed, max_new_tokens=ns.max_new_tokens,
+    stats = collect(env_name, ns.policy, ns.episodes, ns.threshold, Path(ns.out), options, ns.seed, max_new_tokens=ns.max_new_tokens,
                     engine_name=ns.engine)
     print(f"kept {stats['kept']} of {stats['episodes']} episodes (score > {ns.threshold}) -> {ns.out}")
     return 0
@@ -159,16 +163,17 @@ def sft_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="t2po sft", description="Multi-turn SFT on collected conversations (loss on assistant tokens only).")
     parser.add_argument("data", type=Path, help="conversations from `t2po rft collect` (.jsonl or .parquet)")
     parser.add_argument("--model", default=None, help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--out", type=Path, required=True, help="output model folder (safetensors)")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", required=True, help="output model folder (safetensors): a new or empty folder")
+    parser.add_argument("--epochs", type=bounded(1, 1000), default=2, help="passes over the data, 1 to 1000 (default 2)")
+    parser.add_argument("--lr", type=bounded(1e-12, 1.0, float), default=2e-4, help="learning rate in (0, 1] (default 2e-4)")
+    parser.add_argument("--batch-size", type=BATCH_SIZE, default=8, help="samples per optimizer step, 1 to 4096 (default 8)")
     parser.add_argument("--full", action="store_true", help="train all weights instead of LoRA")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=SEED, default=0)
     ns = parser.parse_args(argv)
     try:
-        stats = sft(ns.data, ns.model, ns.out, ns.epochs, ns.lr, not ns.full, ns.batch_size, ns.seed)
-    except (FileNotFoundError, ValueError) as e:
+        new_folder(ns.out, "--out")  # the path rule (t2po/paths.py): a new or empty folder, never overwritten
+        stats = sft(ns.data, ns.model, Path(ns.out), ns.epochs, ns.lr, not ns.full, ns.batch_size, ns.seed)
+    except (FileNotFoundError, ValueError, UserError) as e:
         print(f"t2po sft: {e}", file=sys.stderr)
         return 2
     print(f"SFT loss {stats['losses'][0]:.3f} -> {stats['losses'][-1]:.3f} on {stats['examples']} steps; model in {stats['out']}")

@@ -50,6 +50,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from t2po.bounds import NEW_TOKENS, PORT
 from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams
 from t2po.testing import FAULTS_HELP, FaultPlan
 
@@ -402,13 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help="a t2po run folder (its latest checkpoint), a checkpoint folder, a Hugging Face model directory, or nothing for the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="port (0 = any free port; the line printed at start says which)")
+    parser.add_argument("--port", type=PORT, default=8000, help="port (0 = any free port; the line printed at start says which)")
     parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: derived from MODEL)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16"), help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--engine", default="hf", help="generation engine: hf (default), vllm, or package.module:Class (as rollout.engine)")
     parser.add_argument("--no-tti", action="store_true", help="decode without the thinking intervention (docs/method.md §2)")
-    parser.add_argument("--tti-budget", type=int, default=None, help="TTI think-token budget B (default: the run's setting, else none)")
+    parser.add_argument("--tti-budget", type=NEW_TOKENS, default=None, help="TTI think-token budget B (default: the run's setting, else none)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="concurrent requests decoded together at most (default 8)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, help=f"most new tokens one request may ask for (default {DEFAULT_MAX_TOKENS_LIMIT})")
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help=f"largest request body accepted (default {DEFAULT_MAX_REQUEST_BYTES})")
@@ -425,13 +426,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from t2po.policy_source import intervention_for, resolve_policy
     from t2po.engines import engine_for_policy, engine_spec
+    from t2po.errors import UserError
+    from t2po.policy_source import check_device, intervention_for, resolve_policy
 
     try:
         engine_spec(ns.engine)  # an unknown engine fails before the model loads
+        check_device(ns.device)
         model, tokenizer, description = resolve_policy(ns.model, dtype=ns.dtype, device=ns.device)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, UserError) as e:
         print(f"t2po serve: {e}", file=sys.stderr)
         return 2
     intervention = intervention_for(ns.model, enabled=not ns.no_tti, budget=ns.tti_budget)

@@ -112,9 +112,10 @@ class Tracker:
         """End the run as `status` (FINISHED, FAILED, KILLED; None: `run_status()`)."""
         raise NotImplementedError
 
-    def forget_after(self, step: int) -> None:
+    def forget_after(self, step: int, warmup: bool = False) -> None:
         """Delete the training metrics logged past `step` (iterations lost in a kill, redone after a
-        resume), so that each step keeps one value. Trackers that cannot delete keep both."""
+        resume), so that each step keeps one value, and with `warmup` the warm-up's (`sft/*`, redone
+        too). Trackers that cannot delete keep both."""
 
 
 def _check_sqlite(path: Path) -> None:
@@ -195,14 +196,16 @@ class MlflowTracker(Tracker):
         for start in range(0, len(batch), 1000):  # MLflow's limit per batch
             self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
-    def forget_after(self, step: int) -> None:
+    def forget_after(self, step: int, warmup: bool = False) -> None:
         # MLflow has no API to delete metric values: edit its SQLite store (metrics holds every value,
         # latest_metrics the newest per key, recomputed here as MLflow orders them). The warm-up's
-        # sft/* metrics count epochs, not iterations, and stay.
+        # sft/* metrics count epochs, not iterations: they stay, unless the warm-up is redone.
         import sqlite3
 
         with contextlib.closing(sqlite3.connect(self.store_dir / MLFLOW_STORE)) as db, db:
             db.execute("DELETE FROM metrics WHERE run_uuid = ? AND step > ? AND key NOT LIKE 'sft/%'", (self.run_id, int(step)))
+            if warmup:
+                db.execute("DELETE FROM metrics WHERE run_uuid = ? AND key LIKE 'sft/%'", (self.run_id,))
             db.execute("DELETE FROM latest_metrics WHERE run_uuid = ?", (self.run_id,))
             db.execute(
                 "INSERT INTO latest_metrics (key, value, timestamp, step, is_nan, run_uuid) "
@@ -327,8 +330,8 @@ class TrackerGroup:
         if traces:
             self._call("log_traces", traces, phase, step)
 
-    def forget_after(self, step: int) -> None:
-        self._call("forget_after", step)
+    def forget_after(self, step: int, warmup: bool = False) -> None:
+        self._call("forget_after", step, warmup)
 
     def close(self, status: str | None = None) -> None:
         self._call("close", status or run_status())

@@ -158,6 +158,12 @@ def env_option_errors(name: str, options: dict, where: str = "env.options.") -> 
             check_response_format(options["response_format"])
         except ValueError as e:
             errors.append(f"{where}response_format: {e}")
+    for key, (low, high) in getattr(cls, "option_ranges", {}).items():  # the constructor checks the low end itself
+        value = options.get(key)
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and not v <= high for v in numbers):
+            errors.append(f"{where}{key}={value!r}: {name} takes {key} in [{low}, {high}]{' (each value)' if numbers is value else ''}; "
+                          f"larger values size memory or time beyond what a run can use")
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return errors

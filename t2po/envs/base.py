@@ -70,6 +70,9 @@ class BatchEnv(abc.ABC):
     #: "strict" (the reference's format check) or "lenient" (`t2po.envs.parsing`); `make_env` sets it
     #: from the `response_format` option
     response_format: str = "strict"
+    #: ranges [low, high] of the constructor options that size memory or time (a list option: each
+    #: element), checked with the option names before any work (`env_option_errors`)
+    option_ranges: dict[str, tuple[int, int]] = {"max_steps": (1, 1000), "history_length": (0, 1000)}
 
     @abc.abstractmethod
     def reset(self, seeds: list[int]) -> list[EnvState]:

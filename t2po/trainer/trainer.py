@@ -38,7 +38,7 @@ from t2po.algos import StepBatch
 from t2po.algos.losses import LossBatch, get_loss
 from t2po.algos.sampling import TDSResampler
 from t2po.checkpoints import (
-    CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, complete_checkpoints, is_sharded, latest_checkpoint,
+    CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, is_sharded, latest_checkpoint,
     load_checkpoint, point_adapter_at, read_jsonl_log, save_checkpoint,
 )
 from t2po.config import Config
@@ -54,6 +54,7 @@ from t2po.policies import EnginePolicy
 from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.progress import ConsoleLog, Progress, silence_library_progress
 from t2po.rollout import COUNTERS, RolloutResult, RolloutSettings, StepSample, collect_rollouts, rollout_stats
+from t2po.runfiles import check_warmup, checkpoint_candidates
 from t2po.testing import kill_point
 from t2po.tracking import validation_step
 from t2po.trainer.batch import TrainingBatch
@@ -100,14 +101,20 @@ class Trainer:
         self.ckpt_root = self.run_dir / CHECKPOINTS
         self.state_path = self.run_dir / "run_state.json"
         self.run_state = {"warmup_done": False, "validation": {}}
+        if self.resume and not self.state_path.exists() and (self.run_dir / WARMUP_MODEL).exists() and any(self.ckpt_root.glob("iter_*")):
+            raise InvalidInput(f"{self.state_path} is missing (it says whether the warm-up the checkpoints apply to finished); "
+                             "restore it from a copy, or start a new run")
         if self.resume and self.state_path.exists():
             try:
                 self.run_state = json.loads(self.state_path.read_text())
             except ValueError as e:  # written atomically, so only a damaged disk gets here
                 raise InvalidInput(f"{self.state_path} is damaged ({e}); restore it or start a new run") from None
+            if not isinstance(self.run_state, dict) or not isinstance(self.run_state.get("validation"), dict):
+                raise InvalidInput(f"{self.state_path} is damaged (no run state in it); restore it or start a new run")
 
         base_path = cfg.model.path
-        if self.run_state.get("warmup_done") and (self.run_dir / WARMUP_MODEL).exists():
+        if self.run_state.get("warmup_done"):
+            check_warmup(self.run_dir)  # a damaged or missing warm-up is named here, not met in a model load
             base_path = str(self.run_dir / WARMUP_MODEL)
         self.model, self.tokenizer = load_model(base_path, dtype=resolve_dtype(cfg.model.dtype, self.device))
         self.base_model_path = base_path
@@ -159,7 +166,7 @@ class Trainer:
     def _load_newest_loadable_checkpoint(self) -> Path | None:
         """Load the newest checkpoint that can be read whole; say which newer ones were skipped and why.
         None (start from iteration 0) when there is none."""
-        for ckpt in complete_checkpoints(self.ckpt_root):
+        for ckpt in checkpoint_candidates(self.ckpt_root, self.note, resume=True):  # each damaged one named in a note
             if self.dist.distributed and not is_sharded(ckpt):
                 raise InvalidInput(f"{ckpt} was written by one process; resume it with one process (python -m t2po.cli train --resume {self.run_dir}), "
                                  "or start the multi-process run from its weights (model.path)")
@@ -174,7 +181,7 @@ class Trainer:
             self.scheduler_step = state.get("scheduler_step", self.start_iteration)
             self._set_lr()
             return ckpt
-        if any(self.ckpt_root.glob("iter_*")):
+        if any(not p.name.endswith(".tmp") for p in self.ckpt_root.glob("iter_*")):
             self.note(f"no checkpoint in {self.ckpt_root} can be loaded: starting again from iteration 0")
         return None
 
@@ -236,11 +243,11 @@ class Trainer:
         self._save_run_state()
         if not self.dist.is_main:
             return
-        metrics = [m for m in read_jsonl_log(self.run_dir / "metrics.jsonl", self.note) if m.get("iteration", 0) <= iteration]
+        metrics = [m for m in read_jsonl_log(self.run_dir / "metrics.jsonl", self.note, ("iteration", int)) if m["iteration"] <= iteration]
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
         read_jsonl_log(self.run_dir / "validation.jsonl", self.note)  # notes a torn line
         atomic_write_text(self.run_dir / "validation.jsonl", "".join(json.dumps({"tag": t, **v}) + "\n" for t, v in val.items()))
-        self.trackers.forget_after(iteration)
+        self.trackers.forget_after(iteration, warmup=not self.run_state.get("warmup_done"))  # a warm-up not done is redone
 
     def _wrap_trainable(self) -> None:
         cfg = self.cfg
@@ -762,12 +769,16 @@ def refuse_existing_run(run_dir: Path) -> None:
 def new_run_dir(cfg: Config) -> Path:
     """`output_dir/run_name`, refused if it holds a run; without a run name, `<env>-<algo>-<timestamp>`,
     with `-2`, `-3`, ... when a run started in the same second already took it."""
+    from t2po.paths import check_run_name, output_path
+
+    output_path(cfg.trainer.output_dir, "trainer.output_dir", parent=True)  # the path rule (t2po/paths.py): not inside another run
+    parent = Path(cfg.trainer.output_dir)
     if cfg.trainer.run_name:
-        run_dir = Path(cfg.trainer.output_dir) / cfg.trainer.run_name
+        run_dir = parent / check_run_name(cfg.trainer.run_name)
         refuse_existing_run(run_dir)
         return run_dir
     env = cfg.env.name.rpartition(":")[2]  # an environment outside the package: package.module:ClassName
-    stem = Path(cfg.trainer.output_dir) / f"{env}-{cfg.algo.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    stem = parent / f"{env}-{cfg.algo.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir, k = stem, 1
     while run_dir.exists():
         k += 1

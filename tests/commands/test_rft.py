@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from t2po.envs import make_env
+from t2po.errors import UserError
 from t2po.rft import collect
 from t2po.sft import Conversation, load_conversations, play_expert_episodes, save_conversations, sft_train, tokenize_conversations
 from t2po.policy import make_micro_batch
@@ -124,9 +125,10 @@ def test_collect_takes_the_environment_from_a_preset(tmp_path):
     # the prompt is the one `t2po train default` renders: its compact 5x5 Sokoban prompt
     env = make_env("sokoban", **load_config("default").env.options)
     assert conv.steps == play_expert_episodes(env, [conv.seed])[0].steps
-    with pytest.raises(SystemExit, match="trains on 'sokoban', not 'alfworld'"):
+    # expected errors are UserError: `t2po rft` prints them as one line with exit status 2 (t2po/cli.py)
+    with pytest.raises(UserError, match="trains on 'sokoban', not 'alfworld'"):
         main(["collect", "alfworld", "--preset", "default", "--out", str(out)])
-    with pytest.raises(SystemExit, match="Unknown preset"):
+    with pytest.raises(UserError, match="Unknown preset"):
         main(["collect", "--preset", "defualt", "--out", str(out)])
 
 

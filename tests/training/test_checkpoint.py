@@ -80,8 +80,13 @@ def test_saving_prunes_to_keep_and_leaves_no_tmp_folder(tiny_model_dir, tmp_path
 
 
 def _fake_checkpoint(root: Path, name: str, complete: bool = True) -> Path:
+    """A checkpoint folder whose files read back (`t2po.runfiles.checkpoint_problem`) but hold no real policy."""
+    from safetensors.torch import save_file
+
     ckpt = root / name
     (ckpt / "adapter").mkdir(parents=True)
+    (ckpt / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    save_file({"w": torch.zeros(2)}, str(ckpt / "adapter" / "adapter_model.safetensors"))
     if complete:
         (ckpt / "trainer_state.json").write_text(json.dumps({"iteration": int(name[5:11])}))
     return ckpt
@@ -203,6 +208,9 @@ def test_locate_policy_on_each_kind_of_argument(tiny_model_dir, tmp_path):
         assert source.run_config.rollout.tti.budget == 5, "the run's config, typed"
     (run / "warmup_model").mkdir()
     (run / "warmup_model" / "config.json").write_text("{}")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(run / "warmup_model" / "model.safetensors"))
     assert locate_policy(run).base == str(run / "warmup_model"), "after a warm-up, checkpoints apply to the warm-up model"
 
     hf = locate_policy(tiny_model_dir)

@@ -132,6 +132,23 @@ def test_mlflow_forgets_the_iterations_a_resume_redoes(tmp_path):
     assert sft_steps == [1, 2, 3]  # the warm-up's epochs are not iterations
 
 
+def test_mlflow_forgets_a_warmup_that_is_redone(tmp_path):
+    """A kill during the warm-up: the resume redoes it (`forget_after(0, warmup=True)`), so its sft/* values
+    are logged once, not twice (issue 29)."""
+    first = MlflowTracker(tmp_path, {"a": 1})
+    for epoch in (1, 2):
+        first.log_metrics({"sft/loss": 5.0 - epoch}, epoch)
+    first.close()
+    resumed = MlflowTracker(tmp_path, {"a": 1})
+    resumed.forget_after(0, warmup=True)
+    for epoch in (1, 2):
+        resumed.log_metrics({"sft/loss": 4.0 - epoch}, epoch)
+    resumed.close()
+    with sqlite3.connect(tmp_path / MLFLOW_STORE) as db:
+        rows = db.execute("SELECT step, value FROM metrics WHERE key = 'sft/loss' ORDER BY step").fetchall()
+    assert rows == [(1, 3.0), (2, 2.0)]
+
+
 # damage done to the newest checkpoint: (file, new content from the old bytes, what the note says)
 CORRUPTIONS = {
     "truncated adapter": ("adapter/adapter_model.safetensors", lambda b: b[: len(b) // 2], "adapter/adapter_model.safetensors cannot be read"),
@@ -186,7 +203,8 @@ BAD_VALUES = {
     "model.path=/nonexistent": "cannot load a model from '/nonexistent'",
     "env.options.dim_room=foo": "dim_room must be two integers",
     "env.options.max_steps=0": "max_steps must be an integer >= 1",
-    "env.options.num_boxes=30": "num_boxes=30 boxes and the player do not fit",
+    "env.options.num_boxes=30": "sokoban takes num_boxes in [1, 4]",
+    "env.options.dim_room=[100000,100000]": "sokoban takes dim_room in [4, 16] (each value)",
     "trainer.device=cuda": "sees no GPU",
 }
 MISSING_DATA = {

@@ -175,6 +175,7 @@ class SearchEnv(BatchEnv):
 
     check_admissible = False
     max_steps = 4
+    option_ranges = {**BatchEnv.option_ranges, "topk": (1, 100)}  # passages per search, all shown in the prompt
     history_length = 4
 
     def __init__(self, retriever_url: str | None = None, topk: int = 3, split: str = "train",

@@ -38,6 +38,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
 import t2po
+from t2po.bounds import PORT, bounded
 from t2po.envs.search.corpus import Corpus, ensure_corpus
 from t2po.envs.search.retriever import MAX_QUERY_CHARS, RETRIEVERS, Retriever, make_retriever
 from t2po.errors import InvalidInput, UserError
@@ -290,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="wiki-18 JSONL corpus ({\"id\", \"contents\"} per line); default: the corpus built "
                              "from ../shared/data/search, at $T2PO_CACHE/search/corpus.jsonl (built if missing)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port, logged)")
+    parser.add_argument("--port", type=PORT, default=8000, help="port (default 8000; 0 = any free port, logged)")
     parser.add_argument("--retriever", choices=RETRIEVERS, default="bm25", help="bm25 (default) or dense (MiniLM)")
-    parser.add_argument("--topk", type=int, default=3, help="passages per query when a request gives no topk")
+    parser.add_argument("--topk", type=bounded(1, 1000), default=3, help="passages per query when a request gives no topk")
     args = parser.parse_args(argv)
     if not 1 <= args.topk <= MAX_TOPK:
         parser.error(f"--topk must be between 1 and {MAX_TOPK}, got {args.topk}")

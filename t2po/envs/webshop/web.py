@@ -26,6 +26,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, urlsplit
 
+from t2po.bounds import PORT, bounded
 from t2po.envs.webshop.catalog import SPLITS, Goal
 from t2po.envs.webshop.engine import Page, Shop, ShopSession
 
@@ -212,13 +213,13 @@ def make_server(site: ShopSite, host: str = "127.0.0.1", port: int = 3000) -> Th
 def main(argv: list[str] | None = None) -> int:
     """`t2po webshop-server`: serve the shop on http://HOST:PORT until interrupted."""
     parser = argparse.ArgumentParser(prog="t2po webshop-server", description="Browse the WebShop environment as HTML pages.")
-    parser.add_argument("--port", type=int, default=3000, help="port to listen on (default 3000, as WebShop)")
+    parser.add_argument("--port", type=PORT, default=3000, help="port to listen on (default 3000, as WebShop)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--split", choices=SPLITS, default="test", help="which goals to offer (default test)")
     parser.add_argument("--data-dir", default=None, help="folder with WebShop's data files (default: generated catalog)")
     parser.add_argument("--full", action="store_true", help="with --data-dir: the full data files, not the 1,000-product ones")
     parser.add_argument("--human-goals", action="store_true", help="with --data-dir: human-written instructions")
-    parser.add_argument("--num-products", type=int, default=None, help="generated catalog size (default 1000)")
+    parser.add_argument("--num-products", type=bounded(1, 1_000_000), default=None, help="generated catalog size (default 1000)")
     parser.add_argument("--catalog-seed", type=int, default=0, help="seed of the generated catalog (default 0)")
     args = parser.parse_args(argv)
 
