@@ -110,7 +110,7 @@ def _train(argv: list[str]) -> int:
     except BaseException as e:  # reported here, while the console still goes into train.log
         error = e
         if isinstance(e, KeyboardInterrupt):
-            print(f"t2po train: stopped ({e or 'Ctrl-C'}); continue with: t2po train --resume {trainer.run_dir}", file=sys.stderr, flush=True)
+            print(f"t2po train: stopped ({str(e) or 'Ctrl-C'}); continue with: t2po train --resume {trainer.run_dir}", file=sys.stderr, flush=True)
         elif isinstance(e, user_errors()) and not os.environ.get("T2PO_DEBUG"):  # one line: the message names the fix
             print(f"t2po train: {e}", file=sys.stderr, flush=True)
         else:

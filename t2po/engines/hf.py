@@ -45,6 +45,7 @@ from transformers import DynamicLayer
 from t2po.algos.intervention import ThinkingIntervention, vocabulary_text
 from t2po.algos.uncertainty import turn_score, uncertainty_from_logprobs
 from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams, check_request, make_intervention, shared_prefix_length
+from t2po.progress import activity
 
 
 class HFEngine(Engine):
@@ -187,6 +188,7 @@ class HFEngine(Engine):
             keep = [i for i, row in enumerate(active) if finish[row] is None]
             if not keep:
                 break
+            activity(f"generating token {len(token_ids[active[keep[0]]]) + 1}/{sampling.max_new_tokens}, {len(keep)}/{len(prompts)} rows")
             if len(keep) < len(active):  # finished rows leave the batch and its KV cache
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
