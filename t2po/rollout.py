@@ -21,6 +21,7 @@ the engine saw. `episode_trace` (t2po.tracking) writes an episode for people to 
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,8 @@ class StepSample:
     # the responses TDS generated for this turn and then replaced (spec §3), oldest first: kept for the
     # traces only, never trained on ({"text", "token_ids", "turn_score", "forced"})
     discarded: list[dict] = field(default_factory=list)
+    # wall-clock (start, end) in ns of the turn's generation call, TDS redraws and environment step (traces)
+    timing: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -185,7 +188,9 @@ def collect_rollouts(
             turns.append(Turn(i, states[i], text, ids, pixel_inputs))
             counters["prompts_truncated"] += cut
             counters["prompt_tokens"] += len(ids)
+        started = time.time_ns()
         answers: list[Generation | None] = policy.act(turns, call_seed(seed, turn, 0))
+        timing = {"generate": (started, time.time_ns())}
         if any(g is None for g in answers):  # no answer: that episode ends here, unstepped
             for t, g in zip(turns, answers):
                 active[t.index] = active[t.index] and g is not None
@@ -203,6 +208,7 @@ def collect_rollouts(
         prev = [prev_score[i] for i in idx]
         first_deltas = turn_score_deltas(prev, [g.turn_score for g in gens])
         discarded: list[list[dict]] = [[] for _ in idx]
+        redrawn: list[list[tuple[int, int]]] = [[] for _ in idx]
         if tds is not None and tds.enabled:
             counters["tds_eligible_turns"] += int(np.isfinite(first_deltas).sum())
             counters["tds_extra_tokens"] += 0  # present (0) in an iteration where nothing is flagged
@@ -213,7 +219,10 @@ def collect_rollouts(
             for attempt in range(1, tds.max_try + 1):
                 if flagged.size == 0:
                     break
+                started = time.time_ns()
                 regen = policy.act([turns[j] for j in flagged], call_seed(seed, turn, attempt))
+                for j in flagged:  # the call that redrew row j's answer, one per entry of discarded[j]
+                    redrawn[j].append((started, time.time_ns()))
                 for j, g in zip(flagged, regen):
                     counters["tds_extra_tokens"] += gens[j].num_tokens  # the discarded sample's tokens
                     discarded[j].append(_discarded(gens[j]))
@@ -233,7 +242,9 @@ def collect_rollouts(
             parsed = env.parse_action(gens[j].text, states[i])
             parsed_of[i] = parsed
             actions[i] = parsed.action
+        started = time.time_ns()
         new_states = env.step(actions)
+        timing["env_step"] = (started, time.time_ns())
         for j, i in enumerate(idx):
             g, parsed, new, t = gens[j], parsed_of[i], new_states[i], turns[j]
             assert new is not None, f"{env.name}.step returned None for active instance {i}"
@@ -266,6 +277,7 @@ def collect_rollouts(
                     finish_reason=g.finish_reason,
                     usage={"prompt_tokens": g.prompt_tokens, **g.usage} if tokenizer is None else {},
                     discarded=discarded[j],
+                    timing={**timing, "tds": redrawn[j]},
                 )
             )
             histories[i].append((states[i].observation, parsed.action))
