@@ -83,6 +83,12 @@ def mlflow_ui_command(store_dir: Path) -> str:
     return f"mlflow ui --backend-store-uri {mlflow_store_uri(store_dir)}"
 
 
+def mlflow_ui_page(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs in the MLflow UI. The UI opens on its GenAI overview unless told
+    `workflowType=machine_learning` (it then keeps that choice in the browser)."""
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def run_status(error: BaseException | None = None) -> str:
     """How a run ended, in MLflow's words: FINISHED, KILLED (Ctrl-C, SIGTERM: `t2po train` turns it
     into KeyboardInterrupt) or FAILED (any other exception). Default: the exception in flight."""
@@ -354,8 +360,9 @@ def make_trackers(names: list[str], run_dir: Path, params: dict, quiet: bool = F
             _report(f"{e}; training goes on without {name}.")
         except Exception as e:
             _report(f"could not start {name}: {e!r}; training goes on without it.")
-    if not quiet and any(t.name == "mlflow" for t in trackers):
-        print(f"[tracking] MLflow: {mlflow_ui_command(run_dir)}", flush=True)
+    mlflow_tracker = next((t for t in trackers if t.name == "mlflow"), None)
+    if not quiet and mlflow_tracker is not None:
+        print(f"[tracking] MLflow: {mlflow_ui_command(run_dir)}, then open {mlflow_ui_page(mlflow_tracker.experiment_id)}", flush=True)
     return TrackerGroup(trackers, quiet)
 
 
