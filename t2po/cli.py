@@ -163,7 +163,7 @@ def _presets(argv: list[str]) -> int:
     for name in list_presets():  # one line each: the first sentence of its description
         first = next(iter(preset_description(name)), "")
         first = first.split(". ")[0].rstrip(".")
-        print(textwrap.shorten(f"{name:<22}{first}", width=width, placeholder="..."))
+        print(f"{name:<22}{textwrap.shorten(first, width=width - 22, placeholder='...')}")
     print("\n`t2po presets NAME` describes one. A preset is a YAML file; `t2po train PATH.yaml` takes one from anywhere "
           "(`base: NAME` extends a packaged one).")
     return 0

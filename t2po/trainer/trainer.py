@@ -344,8 +344,8 @@ class Trainer:
         seeds = list(range(cfg.rollout.val_num_tasks))  # the same held-out tasks in every run (the split sets them apart)
         seeds = shard_tasks(seeds, self.dist.rank, self.dist.world_size)
         t0 = time.time()
-        with self._rollout_weights(), Progress(len(seeds), f"[val {tag}]", "episode", disable=self.quiet,
-                                               expected_seconds=self.timer.last.get("validation")) as bar:
+        previous = next(reversed(self.run_state["validation"].values()), {}).get("seconds")  # the last validation's time
+        with self._rollout_weights(), Progress(len(seeds), f"[val {tag}]", "episode", disable=self.quiet, expected_seconds=previous) as bar:
             result = collect_rollouts(self.engine, self.val_env, seeds, 1, self.rollout.val_sampling, self.rollout.tti, None,
                                       cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
                                       seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank, progress=bar)
