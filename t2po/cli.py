@@ -3,7 +3,7 @@
     t2po train [PRESET] [section.key=value ...]     train (default preset: the CPU main job)
     t2po train --resume RUN_DIR [key=value ...]     continue a run from its last complete checkpoint
     t2po envs                                       list environments
-    t2po presets                                    list config presets
+    t2po presets [NAME]                             list config presets, one line each (NAME: its description)
     t2po serve-retriever [--corpus FILE] [--port N] Search QA retrieval server (127.0.0.1)
     t2po webshop-server [--port N]                  the WebShop human view (127.0.0.1)
     t2po eval ENV [MODEL] [--api-base URL --model NAME]  evaluate a run, model folder or API model
@@ -114,7 +114,7 @@ def _train(argv: list[str]) -> int:
     except BaseException as e:  # reported here, while the console still goes into train.log
         error = e
         if isinstance(e, KeyboardInterrupt):
-            print(f"t2po train: stopped ({e or 'Ctrl-C'}); continue with: t2po train --resume {trainer.run_dir}", file=sys.stderr, flush=True)
+            print(f"t2po train: stopped ({str(e) or 'Ctrl-C'}); continue with: t2po train --resume {trainer.run_dir}", file=sys.stderr, flush=True)
         elif isinstance(e, user_errors()) and not os.environ.get("T2PO_DEBUG"):  # one line: the message names the fix
             print(f"t2po train: {e}", file=sys.stderr, flush=True)
         else:
@@ -150,14 +150,26 @@ def _presets(argv: list[str]) -> int:
     import shutil
     import textwrap
 
-    from t2po.config import list_presets, preset_description
+    from t2po.config import ConfigError, list_presets, preset_description
 
     width = max(shutil.get_terminal_size((100, 24)).columns, 60)
-    for name in list_presets():
-        for k, paragraph in enumerate(preset_description(name)):
-            print(textwrap.fill(paragraph, width=width, initial_indent=f"{name if k == 0 else '':<22}", subsequent_indent=" " * 22))
-    print("\nA preset is a YAML file; `t2po train PATH.yaml` takes one from anywhere (`base: NAME` extends a packaged one). "
-          "`t2po train PRESET --print-config` shows what it resolves to.")
+    if argv and argv[0] not in ("-h", "--help"):  # one preset, its whole description
+        try:
+            paragraphs = preset_description(argv[0])
+        except FileNotFoundError:
+            from t2po.suggest import did_you_mean
+
+            raise ConfigError(f"unknown preset {argv[0]!r}{did_you_mean(argv[0], list_presets())}; `t2po presets` lists them") from None
+        for paragraph in paragraphs:
+            print(textwrap.fill(paragraph, width=width) + "\n")
+        print(f"`t2po train {argv[0]} --print-config` shows every value it sets.")
+        return 0
+    for name in list_presets():  # one line each: the first sentence of its description
+        first = next(iter(preset_description(name)), "")
+        first = first.split(". ")[0].rstrip(".")
+        print(f"{name:<22}{textwrap.shorten(first, width=width - 22, placeholder='...')}")
+    print("\n`t2po presets NAME` describes one. A preset is a YAML file; `t2po train PATH.yaml` takes one from anywhere "
+          "(`base: NAME` extends a packaged one).")
     return 0
 
 

@@ -323,6 +323,7 @@ class Config:
         if not option_errors:
             errors += _check_env_takes_split(self.env.name)
         _check_model_reads_images(self, errors)
+        _check_warmup_has_an_expert(self, errors)
         if errors:
             raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(errors))
         return self
@@ -385,6 +386,21 @@ def _check_env_takes_split(name: str) -> list[str]:
         return []
     return [f"env.name={name}: its constructor takes no `split` keyword; training passes split='train' and validation "
             "split='valid' (README \"Adding an environment\"): add a `split` parameter"]
+def _check_warmup_has_an_expert(cfg: "Config", errors: list[str]) -> None:
+    """The warm-up imitates the environment's expert (`BatchEnv.expert_response`): an environment
+    without one fails here, before a model loads or a run folder exists, not after the model loaded."""
+    from t2po.envs import get_env_class
+    from t2po.envs.base import BatchEnv
+
+    if cfg.warmup.episodes <= 0:
+        return
+    try:
+        cls = get_env_class(cfg.env.name)
+    except (ValueError, UserError):
+        return  # reported by env_option_errors
+    if cls.expert_response is BatchEnv.expert_response:
+        errors.append(f"warmup.episodes={cfg.warmup.episodes}: the warm-up imitates an expert, and {cfg.env.name} has none "
+                      f"({cls.__name__} does not define expert_response); set warmup.episodes=0, or give it an expert_response")
 
 
 def _check_model_reads_images(cfg: "Config", errors: list[str]) -> None:

@@ -10,8 +10,14 @@ layout that vLLM (`vllm serve DIR`) and conversion tools (llama.cpp's convert_hf
 Hub) read. For a LoRA checkpoint,
 `DIR/adapter/` is the adapter alone, its `adapter_config.json` naming the base it was trained on (the
 run's `warmup_model/` when a warm-up ran), for `AutoPeftModelForCausalLM.from_pretrained(DIR/adapter)`.
-`DIR/export.json` records what was exported from where. The folder is written to `DIR.tmp` and
-renamed when complete; an existing non-empty DIR is never overwritten.
+The embedded model's base is named by its Hub id, `HuggingFaceTB/SmolLM2-135M-Instruct`, not by the
+cache folder on this machine (which `export.json` and `DIR/README.md` record): the adapter was
+trained on that model de-quantized from a Q4_1 GGUF, whose weights differ slightly from the Hub's.
+`DIR/export.json` records what was exported from where; `DIR/README.md` says how to load it and how
+to decode with TTI outside t2po (`t2po.engines.hf.TTILogitsProcessor` for transformers,
+`t2po.engines.vllm_engine.TTILogitsProcessor` for vLLM). Files are world-readable (0644, folders
+0755). The folder is written to `DIR.tmp` and renamed when complete; an existing non-empty DIR is
+never overwritten.
 
 The weights are those `t2po eval` and `t2po serve` load (`t2po.policy_source.resolve_policy`), in the
 dtype the run trained in.
@@ -33,7 +39,7 @@ def export(source_path: str | os.PathLike, out: str | os.PathLike, dtype: str | 
     """Write the merged model (and the adapter of a LoRA checkpoint) to `out`; returns `out`."""
     from t2po.checkpoints import atomic_dir, point_adapter_at
     from t2po.policy_source import locate_policy, resolve_policy
-    from t2po.models import model_directory, resolve_dtype, save_tokenizer
+    from t2po.models import model_directory, public_model_id, resolve_dtype, save_tokenizer
     from t2po.progress import silence_library_progress
 
     from t2po.paths import new_folder
@@ -55,15 +61,44 @@ def export(source_path: str | os.PathLike, out: str | os.PathLike, dtype: str | 
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tokenizer, tmp)  # with the chat template (a VLM: its whole processor)
         if source.checkpoint is not None:
-            base = str(model_directory(source.base))
+            local = str(model_directory(source.base))
+            base = public_model_id(local) or local
             info.update({"checkpoint": str(source.checkpoint), "base": base,
                          "iteration": json.loads((source.checkpoint / "trainer_state.json").read_text()).get("iteration")})
+            if base != local:
+                info["base_local_folder"] = local
             if (source.checkpoint / "adapter").is_dir():
                 shutil.copytree(source.checkpoint / "adapter", tmp / "adapter")
                 point_adapter_at(tmp / "adapter", base)
                 info["adapter"] = "adapter/"
         (tmp / "export.json").write_text(json.dumps(info, indent=1) + "\n")
+        (tmp / "README.md").write_text(_readme(info, tmp.name.removesuffix(".tmp")))
+        for path in [tmp, *tmp.rglob("*")]:  # atomic writes create 0600 files: make the folder shareable
+            path.chmod(0o755 if path.is_dir() else 0o644)
     return out
+
+
+def _readme(info: dict, name: str) -> str:
+    """DIR/README.md: what the folder holds and how to use it without t2po, TTI included."""
+    from t2po.models import EMBEDDED_MODEL_SOURCE
+
+    lines = [f"# {name}", "", f"Exported by `t2po export` from {info['policy']} ({info['dtype']}).", "",
+             "The merged model: `AutoModelForCausalLM.from_pretrained(\"DIR\")`, or `vllm serve DIR`."]
+    if "adapter" in info:
+        lines += ["", f"The LoRA adapter alone: `AutoPeftModelForCausalLM.from_pretrained(\"DIR/adapter\")`, on `{info['base']}`."]
+    if "base_local_folder" in info:
+        lines += ["", f"The adapter was trained on {EMBEDDED_MODEL_SOURCE} (on the exporting machine: `{info['base_local_folder']}`);",
+                  "its weights differ slightly from the Hub's bfloat16 ones, so on the Hub model the adapter's outputs differ slightly."]
+    lines += ["", "## Decoding with the thinking intervention (TTI)", "",
+              "t2po's policy forces the end of thinking (`</think>`) inside decoding; plain `generate` does not. To decode as t2po does:", "",
+              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList",
+              "from t2po.engines.base import InterventionConfig", "from t2po.engines.hf import TTILogitsProcessor", "",
+              "model, tok = AutoModelForCausalLM.from_pretrained(\"DIR\"), AutoTokenizer.from_pretrained(\"DIR\")",
+              "tti = TTILogitsProcessor(tok, InterventionConfig(budget=450))  # the run's rollout.tti settings",
+              "out = model.generate(ids, logits_processor=LogitsProcessorList([tti]), do_sample=True, top_k=0)", "```", "",
+              "With vLLM: `vllm.LLM(model=\"DIR\", logits_processors=[t2po.engines.vllm_engine.TTILogitsProcessor])` and each request's",
+              "`SamplingParams` from `t2po.engines.vllm_engine.vllm_request` (or `t2po eval` / `t2po serve` on this folder).", ""]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

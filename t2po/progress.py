@@ -8,6 +8,14 @@ On a terminal a `Progress` is a tqdm bar. When stdout is a file or a pipe (a bat
 CI) it prints a plain line instead: at the first update, then at most every `T2PO_PROGRESS_SECONDS`
 (default 30) seconds, and at the end, e.g. `[rollout iter 1] 12/32 episodes, turn 2/3 (14s, ~23s left)`.
 
+Work inside one step of a phase (the tokens of a generation call, the micro-batches of a scoring
+pass) is reported with `activity("token 120/512, 32 rows")`: the innermost open `Progress` shows it
+and prints its periodic line, so a long generation call is never silent. With `expected_seconds`
+(the same phase's measured time in the previous iteration) the time left is that rate's, not a
+count-based guess: episodes finish late in a rollout, so counting them over-estimates by 10-100x.
+
+`PhaseTimer` times the phases of an iteration as verl's `timing_s/<phase>` does (`time/<phase>` here).
+
 `ConsoleLog(run_dir)` copies everything the process prints (stdout and stderr) into
 `<run_dir>/train.log`, appending on resume, so that a run that died keeps its explanation; a bar's
 carriage-return redraws stay on the terminal, the log gets the plain lines.
@@ -17,9 +25,11 @@ weights", "Writing model shards"), which would otherwise interleave with ours.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,15 +45,22 @@ def _is_terminal(stream: Any) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+_OPEN: list["Progress"] = []  # the open bars, innermost last (`activity`)
+
+
 class Progress:
     """A progress bar on a terminal, periodic lines elsewhere (see the module docstring).
-    `disable=True` (the trainer's --quiet) shows nothing."""
+    `disable=True` (the trainer's --quiet) shows nothing. `expected_seconds`: how long the phase
+    took last time, the basis of the time left shown."""
 
-    def __init__(self, total: int, desc: str, unit: str, disable: bool = False):
+    def __init__(self, total: int, desc: str, unit: str, disable: bool = False, expected_seconds: float | None = None):
         self.total, self.desc, self.unit, self.disable = total, desc, unit, disable
+        self.expected_seconds = expected_seconds
         self.n = 0
         self.note = ""
-        self.start = self._last_line = time.monotonic()
+        self.detail = ""  # the work inside the current step (`activity`)
+        _OPEN.append(self)
+        self.start = self._last_line = self._last_draw = time.monotonic()
         self._lines = 0
         self._line_n = -1  # the count the last line showed
         out = sys.stdout
@@ -63,25 +80,46 @@ class Progress:
             if note is not None:
                 self.bar.set_postfix_str(note, refresh=False)
             self.bar.update(n)
+        self.detail = ""
         now = time.monotonic()
         if self._lines == 0 or now - self._last_line >= _interval():
             self._line(now)
+
+    def activity(self, detail: str) -> None:
+        """The work inside the current step; shown on the bar and in the next periodic line."""
+        self.detail = detail
+        if self.disable:
+            return
+        now = time.monotonic()
+        if self.bar is not None and now - self._last_draw >= 0.5:
+            self.bar.set_postfix_str(", ".join(x for x in (self.note, detail) if x), refresh=True)
+            self._last_draw = now
+        if now - self._last_line >= _interval():
+            self._line(now)
+
+    def _left(self, elapsed: float) -> str:
+        """The time left: from the phase's previous duration when known, else from the count done."""
+        if self.expected_seconds is not None and self.n < self.total and elapsed < self.expected_seconds:
+            return f", ~{self.expected_seconds - elapsed:.0f}s left"
+        return f", ~{elapsed / self.n * (self.total - self.n):.0f}s left" if 0 < self.n < self.total else ""
 
     def _line(self, now: float) -> None:
         if self.log is None:
             return
         elapsed = now - self.start
-        left = f", ~{elapsed / self.n * (self.total - self.n):.0f}s left" if 0 < self.n < self.total else ""
-        note = f", {self.note}" if self.note else ""
-        self.log.write(f"{self.desc} {self.n}/{self.total} {self.unit}s{note} ({elapsed:.0f}s{left})\n")
+        note = "".join(f", {x}" for x in (self.note, self.detail) if x)
+        self.log.write(f"{self.desc} {self.n}/{self.total} {self.unit}s{note} ({elapsed:.0f}s{self._left(elapsed)})\n")
         self.log.flush()
         self._last_line = now
         self._lines += 1
         self._line_n = self.n
 
     def close(self) -> None:
+        if self in _OPEN:
+            _OPEN.remove(self)
         if self.disable:
             return
+        self.detail = ""
         if self.bar is not None:
             self.bar.close()
         if self.n != self._line_n:
@@ -93,6 +131,49 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def activity(detail: str) -> None:
+    """Report work inside a step of the innermost open `Progress` (none open: nothing happens).
+    Called by code that does not know who shows its progress: the engines' decode loops."""
+    if _OPEN:
+        _OPEN[-1].activity(detail)
+
+
+class PhaseTimer:
+    """Wall time per phase of a training iteration (verl's `timing_s/gen`, `timing_s/update_actor`):
+
+        with timer("rollout"):
+            ...
+        metrics.update(timer.pop())   # {"time/rollout": 61.2, ...}
+
+    A phase opened inside another (the reference pass inside the scoring pass, the tracking inside a
+    validation) is taken out of the outer one's time, so the phases add up to the time they cover.
+    `last` keeps each phase's most recent total, the rate the next iteration's progress lines use."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self._nested: list[float] = []  # per open phase: the time its inner phases took
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        self._nested.append(0.0)
+        try:
+            yield
+        finally:
+            took = time.perf_counter() - start
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + took - self._nested.pop()
+            if self._nested:
+                self._nested[-1] += took
+
+    def pop(self) -> dict[str, float]:
+        """The phases timed since the last `pop`, as `time/<phase>` metrics; starts over."""
+        out = {f"time/{phase}": s for phase, s in self.seconds.items()}
+        self.last.update(self.seconds)
+        self.seconds = {}
+        return out
 
 
 class _Tee:

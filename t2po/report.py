@@ -247,7 +247,9 @@ PANELS = (
     Panel("tokens", "tokens per iteration",
           (("rollout/generated_tokens", "generated (incl. TDS discards)"), ("rollout/response_tokens", "trained on")), "tokens"),
 )
-TIME_PHASES = (("time/rollout", "rollout"), ("time/old_logprob", "old log-probs"), ("time/update", "update"))
+TIME_PHASES = (("time/rollout", "rollout"), ("time/old_logprob", "old log-probs"), ("time/reference", "reference"),
+               ("time/advantages", "advantages"), ("time/update", "update"), ("time/validation", "validation"),
+               ("time/checkpoint", "checkpoint"), ("time/tracking", "tracking"))
 LINE_STYLES = ("-", "--", ":", "-.")
 # Curves that coincide (two seeds with equal values, two counters both at 0) must stay visible: each
 # later curve is drawn thinner than the previous one, with its own marker, hollow.
@@ -306,11 +308,18 @@ def draw_panel(ax, panel: Panel, groups: list[RunGroup]) -> bool:
 
 
 def draw_validation(ax, groups: list[RunGroup]) -> bool:
-    drawn = False
+    """Held-out success per validation. One run: the band is the 95 % Wilson interval of a success rate
+    measured on `rollout.val_num_tasks` tasks (the noise of the measurement itself); several seeds:
+    their min-max."""
+    drawn = binomial = False
     for order, (group, color) in enumerate(zip(groups, _colors(len(groups)))):
         xs, mean, lo, hi = group.validation_series()
+        tasks = group.runs[0].config.get("rollout", {}).get("val_num_tasks") if len(group.runs) == 1 else None
+        if tasks:
+            lo, hi = wilson_interval(mean, tasks)
+            binomial = True
         if len(xs):
-            _draw_line(ax, xs, mean, lo, hi, len(group.runs) > 1, color, "-", _group_label(group), order)
+            _draw_line(ax, xs, mean, lo, hi, len(group.runs) > 1 or bool(tasks), color, "-", _group_label(group), order)
             drawn = True
     drawn_refs = set()  # the random mover and the expert on the same held-out tasks (t2po.references), once per figure
     for group in groups:
@@ -319,8 +328,17 @@ def draw_validation(ax, groups: list[RunGroup]) -> bool:
             if refs.get(key) and key not in drawn_refs:
                 ax.axhline(refs[key]["success"], color="0.4", linestyle=style, linewidth=1.2, label=f"{label} ({refs[key]['success']:.2f})")
                 drawn_refs.add(key)
-    _decorate(ax, "held-out validation success", "fraction of tasks solved", groups, FRACTION)
+    title = "held-out validation success" + (" (band: 95 % binomial interval)" if binomial else "")
+    _decorate(ax, title, "fraction of tasks solved", groups, FRACTION)
     return drawn
+
+
+def wilson_interval(rate: np.ndarray, n: int, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    """The Wilson score interval of success rates `rate` measured on `n` tasks each (95 % for z = 1.96)."""
+    rate = np.asarray(rate, dtype=float)
+    center = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return np.clip(center - half, 0, 1), np.clip(center + half, 0, 1)
 
 
 def draw_time_split(ax, groups: list[RunGroup]) -> bool:
@@ -373,12 +391,22 @@ def _decorate(ax, title: str, ylabel: str, groups: list[RunGroup], domain: tuple
         ax.legend(fontsize=8)
 
 
+def _run_title(fig, groups: list[RunGroup]) -> None:
+    """Which runs a figure shows, above its panels: a PNG passed around on its own still says it."""
+    runs = [run for g in groups for run in g.runs]
+    first = runs[0].config
+    what = f"{first.get('env', {}).get('name', '?')} / {first.get('algo', {}).get('name', '?')}"
+    names = ", ".join(run.name for run in runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+    fig.suptitle(f"{what}: {names}" if len(runs) == 1 else f"{len(runs)} runs: {names}", fontsize=9, color="0.3")
+
+
 def _figure(width: float = 7.0, height: float = 4.0):
     # a bare Figure renders with Agg on savefig: no pyplot, no global backend, no display needed
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=100)
-    fig.subplots_adjust(left=0.9 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.35 / height, wspace=0.25, hspace=0.45)
+    # the top margin holds the run title (`_run_title`) above the panel's own
+    fig.subplots_adjust(left=0.9 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.6 / height, wspace=0.25, hspace=0.45)
     return fig
 
 
@@ -391,6 +419,7 @@ def write_plots(groups: list[RunGroup], out: Path) -> list[tuple[str, str]]:
     for name, title, draw in drawers:
         fig = _figure()
         if draw(fig.add_subplot()):
+            _run_title(fig, groups)
             fig.savefig(out / f"{name}.png")
             written.append((name, title))
     if written:
@@ -400,6 +429,7 @@ def write_plots(groups: list[RunGroup], out: Path) -> list[tuple[str, str]]:
         by_name = {name: draw for name, _, draw in drawers}
         for k, (name, _) in enumerate(written):
             by_name[name](fig.add_subplot(rows, cols, k + 1))
+        _run_title(fig, groups)
         fig.savefig(out / "overview.png")
     return written
 

@@ -22,6 +22,7 @@ the engine saw. `episode_trace` (t2po.tracking) writes an episode for people to 
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,8 @@ class StepSample:
     # the responses TDS generated for this turn and then replaced (docs/method.md §3), oldest first: kept for the
     # traces only, never trained on ({"text", "token_ids", "turn_score", "forced"})
     discarded: list[dict] = field(default_factory=list)
+    # wall-clock (start, end) in ns of the turn's generation call, TDS redraws and environment step (traces)
+    timing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def response_length(self) -> int:
@@ -197,7 +200,9 @@ def collect_rollouts(policy: Policy, env: BatchEnv, task_seeds: list[int], setti
         turns = play.render(tokenizer, settings.max_prompt_tokens, counters)
         if not turns:
             break
+        started = time.time_ns()
         answers: list[Generation | None] = policy.act(turns, call_seed(seed, turn, 0))
+        timing = {"generate": (started, time.time_ns())}
         turns, gens = play.drop_unanswered(turns, answers)
         if not turns:
             break
@@ -205,13 +210,19 @@ def collect_rollouts(policy: Policy, env: BatchEnv, task_seeds: list[int], setti
         prev = [play.prev_score[t.index] for t in turns]
         first_deltas = turn_score_deltas(prev, [g.turn_score for g in gens])
 
-        def regenerate(rows, attempt: int, turns=turns, turn=turn) -> list[Generation]:
+        redrawn: list[list[tuple[int, int]]] = [[] for _ in gens]  # per row, the calls that redrew its answer
+
+        def regenerate(rows, attempt: int, turns=turns, turn=turn, redrawn=redrawn) -> list[Generation]:
+            started = time.time_ns()
             regen = policy.act([turns[j] for j in rows], call_seed(seed, turn, attempt))
+            for j in rows:  # one entry per entry of the row's discarded responses
+                redrawn[j].append((started, time.time_ns()))
             _count_generation(counters, regen)
             return regen
 
         tds = resampler.resample(prev, gens, regenerate) if resampler is not None else TurnResample.none(len(gens))
-        finished = play.step_and_record(turns, gens, first_deltas, tds, turn, settings.invalid_action_penalty, tokenizer is None)
+        finished = play.step_and_record(turns, gens, first_deltas, tds, turn, settings.invalid_action_penalty, tokenizer is None,
+                                        timing, redrawn)
         if progress is not None:
             progress.update(finished, note=f"turn {turn + 1}/{max_turns}")
     if progress is not None and sum(play.active):
@@ -268,15 +279,17 @@ class _Play:
         return [t for t, g in zip(turns, answers) if g is not None], [g for g in answers if g is not None]
 
     def step_and_record(self, turns: list[Turn], gens: list[Generation], first_deltas: np.ndarray, tds: TurnResample, turn: int,
-                        penalty: float, text_policy: bool) -> int:
-        """Parse each answer, step the environments, record one `StepSample` per step; returns how
-        many episodes ended."""
+                        penalty: float, text_policy: bool, timing: dict[str, Any], redrawn: list[list[tuple[int, int]]]) -> int:
+        """Parse each answer, step the environments, record one `StepSample` per step (with the wall-clock
+        times of the turn's generation, TDS redraws and environment step); returns how many episodes ended."""
         env, states = self.env, self.states
         actions: list[str | None] = [None] * len(states)
         parsed_of = {t.index: env.parse_action(g.text, states[t.index]) for t, g in zip(turns, gens)}
         for i, parsed in parsed_of.items():
             actions[i] = parsed.action
+        started = time.time_ns()
         new_states = env.step(actions)
+        timing = {**timing, "env_step": (started, time.time_ns())}
         for j, (t, g) in enumerate(zip(turns, gens)):
             i, parsed, new = t.index, parsed_of[t.index], new_states[t.index]
             assert new is not None, f"{env.name}.step returned None for active instance {i}"
@@ -290,7 +303,8 @@ class _Play:
                 resampled=tds.resampled[j], tds_delta=float(first_deltas[j]), tds_regen_flagged=tds.regen_flagged[j],
                 tti_triggers=dict(g.tti_triggers), think_length=g.think_length, image=states[i].image, pixel_inputs=t.pixel_inputs,
                 prompt_text=t.prompt, finish_reason=g.finish_reason,
-                usage={"prompt_tokens": g.prompt_tokens, **g.usage} if text_policy else {}, discarded=tds.discarded[j]))
+                usage={"prompt_tokens": g.prompt_tokens, **g.usage} if text_policy else {}, discarded=tds.discarded[j],
+                timing={**timing, "tds": redrawn[j]}))
             self.histories[i].append((states[i].observation, parsed.action))
             self.prev_score[i] = g.turn_score
             states[i] = new

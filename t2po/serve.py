@@ -5,14 +5,18 @@
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"model": "sokoban-t2po-20260101-120000-iter_000010", "messages": [{"role": "user", "content": "hi"}]}'
 
-Endpoints: `POST /v1/chat/completions` (non-streaming, n=1; `temperature`, `top_p`, `top_k`,
-`max_tokens` / `max_completion_tokens`, `stop`, `seed`), `GET /v1/models`, `GET /health`. The messages
+Endpoints: `POST /v1/chat/completions` (`stream` as server-sent events, `stream_options.include_usage`,
+`n`, `logprobs` / `top_logprobs`, `temperature`, `top_p`, `top_k`, `max_tokens` /
+`max_completion_tokens`, `stop`, `seed`; any other field is answered 400 naming it, see `FIELDS`),
+`GET /v1/models`, `GET /health`. The messages
 are rendered with the model's chat template exactly as `t2po.rollout.build_prompt_ids` renders a
 prompt, so an agent served here sees the tokens it was trained on. Decoding is `HFEngine` with the
 thinking intervention on (docs/method.md §2; evaluation uses TTI, not TDS), `--no-tti` turns it off.
 Requests that arrive while the model is busy and share sampling settings are decoded as one batch
 (up to `--max-batch-size`); `seed` is best effort, as with OpenAI: a batch is sampled with its first
-request's seed.
+request's seed (choice i of an `n` request asks for seed + i). A stream sends each choice's text as
+its tokens are decoded (text that could begin a stop string is held back until it cannot); its
+log-probs come with the choice's last chunk.
 
 The server binds 127.0.0.1 and has no authentication (clients may send any API key); `--host` opens
 it to other machines, at your own risk.
@@ -35,6 +39,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import math
 import queue
@@ -43,11 +48,12 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from t2po.bounds import NEW_TOKENS, PORT
@@ -55,6 +61,12 @@ from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingPa
 from t2po.testing import FAULTS_HELP, FaultPlan
 
 DEFAULT_MAX_TOKENS = 256
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+# The request fields served; anything else is answered 400 naming it. These are accepted when neutral
+# (the value that changes nothing) and refused otherwise:
+NEUTRAL_FIELDS = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "parallel_tool_calls": True}
+FIELDS = ("model", "messages", "stream", "stream_options", "n", "logprobs", "top_logprobs", "temperature", "top_p", "top_k",
+          "max_tokens", "max_completion_tokens", "stop", "seed", "user", *NEUTRAL_FIELDS)
 DEFAULT_MAX_TOKENS_LIMIT = 4096  # --max-tokens
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # --max-request-bytes
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
@@ -77,9 +89,11 @@ class GenerationBatcher:
         self._thread = threading.Thread(target=self._run, name="t2po-serve-generation", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt_ids: list[int], sampling: SamplingParams) -> concurrent.futures.Future:
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams, top_logprobs: int = 0,
+               on_token: Callable[[int], None] | None = None) -> concurrent.futures.Future:
+        """A future of the `Generation`; `on_token(token_id)` is called (in the worker thread) as each token is chosen."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((prompt_ids, sampling, future))
+        self._queue.put(_Job(prompt_ids, sampling, future, top_logprobs, on_token))
         return future
 
     def cancel(self, future: concurrent.futures.Future) -> None:
@@ -113,33 +127,47 @@ class GenerationBatcher:
                 pending.append(item)
             groups: dict[tuple, list] = {}
             # a request cancelled while queued is dropped here (False: its future was cancelled)
-            pending = [item for item in pending if item[2].set_running_or_notify_cancel()]
+            pending = [job for job in pending if job.future.set_running_or_notify_cancel()]
             if self._stopping.is_set():
-                for _, _, future in pending:
-                    future.set_exception(RuntimeError("the server is shutting down"))
+                for job in pending:
+                    job.future.set_exception(RuntimeError("the server is shutting down"))
                 continue
-            for item in pending:
-                s = item[1]
-                groups.setdefault((s.temperature, s.top_p, s.top_k, s.max_new_tokens, tuple(s.stop)), []).append(item)
-            for items in groups.values():
-                self._generate(items)
+            for job in pending:
+                s = job.sampling
+                groups.setdefault((s.temperature, s.top_p, s.top_k, s.max_new_tokens, tuple(s.stop), job.top_logprobs), []).append(job)
+            for jobs in groups.values():
+                self._generate(jobs)
 
-    def _generate(self, items: list) -> None:
-        sampling = items[0][1]
-
+    def _generate(self, jobs: list["_Job"]) -> None:
         def should_stop(row: int) -> bool:
-            return self._stopping.is_set() or items[row][2] in self._abandoned
+            return self._stopping.is_set() or jobs[row].future in self._abandoned
+
+        def on_token(row: int, token: int) -> None:
+            if jobs[row].on_token is not None:
+                jobs[row].on_token(token)
 
         try:
-            generations = self.engine.generate([p for p, _, _ in items], sampling, self.intervention, should_stop=should_stop)
+            generations = self.engine.generate([job.prompt_ids for job in jobs], jobs[0].sampling, self.intervention, should_stop=should_stop,
+                                               top_logprobs=jobs[0].top_logprobs, on_token=on_token)
         except Exception as e:  # the requests fail, the server stays up
-            for _, _, future in items:
-                future.set_exception(e)
+            for job in jobs:
+                job.future.set_exception(e)
             return
         finally:
-            self._abandoned.difference_update(future for _, _, future in items)
-        for (_, _, future), generation in zip(items, generations):
-            future.set_result(generation)
+            self._abandoned.difference_update(job.future for job in jobs)
+        for job, generation in zip(jobs, generations):
+            job.future.set_result(generation)
+
+
+@dataclass
+class _Job:
+    """One choice to generate: its prompt, sampling, the future of its `Generation`, and what it reports."""
+
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    future: concurrent.futures.Future
+    top_logprobs: int = 0
+    on_token: Callable[[int], None] | None = None
 
 
 class RequestError(ValueError):
@@ -162,6 +190,7 @@ class ServeLimits:
     max_tokens: int = DEFAULT_MAX_TOKENS_LIMIT  # new tokens per request (--max-tokens)
     max_positions: int | None = None  # prompt + new tokens: the model's max_position_embeddings
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # request body size (--max-request-bytes)
+    max_n: int = 16  # choices per request
 
 
 def model_positions(model: Any) -> int | None:
@@ -198,19 +227,38 @@ def _check_text(text: str, param: str) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class ChatOptions:
+    """What a chat request asks for besides the prompt and the sampling settings."""
+
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
 def parse_chat_request(body: Any, served_model: str, tokenizer: Any,
-                       limits: ServeLimits = ServeLimits()) -> tuple[list[int], SamplingParams]:
-    """Prompt token ids and sampling settings of an OpenAI chat-completions request body; raises
+                       limits: ServeLimits = ServeLimits()) -> tuple[list[int], SamplingParams, ChatOptions]:
+    """Prompt token ids, sampling settings and options of an OpenAI chat-completions request body; raises
     `RequestError` naming the field at fault or the limit exceeded."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     model = body.get("model")
     if model != served_model:
         raise RequestError(f"the model {model!r} does not exist; this server serves {served_model!r} (see /v1/models)", 404, "model")
-    if body.get("stream"):
-        raise RequestError("streaming is not supported by t2po serve: send stream=false", param="stream")
-    if body.get("n", 1) != 1:
-        raise RequestError("only n=1 is supported", param="n")
+    for name, value in body.items():
+        if name not in FIELDS:
+            raise RequestError(f"{name} is not supported by t2po serve; the fields it serves: {', '.join(FIELDS)}", param=name)
+        if name in NEUTRAL_FIELDS and value is not None and value != NEUTRAL_FIELDS[name]:
+            raise RequestError(f"{name}={json.dumps(value)} is not supported by t2po serve; leave it out "
+                               f"(or {json.dumps(NEUTRAL_FIELDS[name])})", param=name)
+    for name in ("stream", "logprobs"):
+        if body.get(name) is not None and not isinstance(body[name], bool):
+            raise RequestError(f"{name} must be true or false", param=name)
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}:
+        raise RequestError("stream_options may hold include_usage only", param="stream_options")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {role, content} objects", param="messages")
@@ -266,6 +314,11 @@ def parse_chat_request(body: Any, served_model: str, tokenizer: Any,
     top_p = number("top_p", 1.0, float, 0.0, 1.0)
     if top_p == 0:
         raise RequestError("top_p must be > 0", param="top_p")
+    top_logprobs = number("top_logprobs", 0, int, 0, MAX_TOP_LOGPROBS)
+    if top_logprobs and not body.get("logprobs"):
+        raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+    options = ChatOptions(n=number("n", 1, int, 1, limits.max_n), stream=bool(body.get("stream")),
+                          include_usage=bool(stream_options.get("include_usage")), logprobs=bool(body.get("logprobs")), top_logprobs=top_logprobs)
     sampling = SamplingParams(
         temperature=number("temperature", 1.0, float, 0.0, 2.0),
         top_p=top_p,
@@ -274,27 +327,84 @@ def parse_chat_request(body: Any, served_model: str, tokenizer: Any,
         stop=list(stop),
         seed=number("seed", None, int, -(2**63), 2**63 - 1),
     )
-    return list(ids), sampling
+    return list(ids), sampling, options
 
 
-def _completion(served_model: str, generation: Generation, stop: list[str]) -> dict[str, Any]:
+def _content(generation: Generation, stop: list[str]) -> str:
+    """The answer's text as OpenAI gives it: without the stop sequence that ended it (the engine keeps it)."""
     text = generation.text
-    for s in stop:  # OpenAI's content excludes the stop sequence (the engine keeps it)
+    for s in stop:
         if generation.finish_reason == "stop" and text.endswith(s):
-            text = text[: -len(s)]
-            break
+            return text[: -len(s)]
+    return text
+
+
+def _logprobs(generation: Generation, tokenizer: Any) -> dict[str, Any]:
+    """OpenAI's `choice.logprobs`: every generated token with its log-prob and the `top_logprobs` likeliest."""
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    top = generation.top_logprobs or [[] for _ in generation.token_ids]
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(u, v) for u, v in alternatives]}
+                        for t, lp, alternatives in zip(generation.token_ids, generation.logprobs, top)]}
+
+
+def _usage(generations: list[Generation]) -> dict[str, int]:
+    completion = sum(g.num_tokens for g in generations)
+    prompt = generations[0].prompt_tokens if generations else 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _completion(served_model: str, generations: list[Generation], stop: list[str], tokenizer: Any = None,
+                logprobs: bool = False) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": served_model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": generation.finish_reason}],
-        "usage": {
-            "prompt_tokens": generation.prompt_tokens,
-            "completion_tokens": generation.num_tokens,
-            "total_tokens": generation.prompt_tokens + generation.num_tokens,
-        },
+        "choices": [{"index": i, "message": {"role": "assistant", "content": _content(g, stop)}, "finish_reason": g.finish_reason,
+                     **({"logprobs": _logprobs(g, tokenizer)} if logprobs else {})} for i, g in enumerate(generations)],
+        "usage": _usage(generations),
     }
+
+
+class _StreamedText:
+    """One choice's text as its tokens arrive: the part that is final (no longer a possible beginning
+    of a stop string, no incomplete UTF-8 character) and not yet sent."""
+
+    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if any(s in text for s in self.stop):
+            return ""  # the engine ends the row here; the final text comes with the generation
+        safe = len(text)
+        for s in self.stop:  # hold back a tail that may grow into a stop string
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        while safe > 0 and text[safe - 1] == "\ufffd":  # a character whose bytes are not all decoded yet
+            safe -= 1
+        return self._take(text[:safe])
+
+    def finish(self, content: str) -> str:
+        return self._take(content)
+
+    def _take(self, text: str) -> str:
+        if not text.startswith(self.sent) or len(text) <= len(self.sent):
+            return ""
+        new, self.sent = text[len(self.sent):], text
+        return new
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -356,7 +466,7 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
             if await request.is_disconnected():  # the client timed out: spare the generation
                 return Response(status_code=499)
         try:
-            prompt_ids, sampling = parse_chat_request(body, served_model, engine.tokenizer, limits)
+            prompt_ids, sampling, options = parse_chat_request(body, served_model, engine.tokenizer, limits)
         except RequestError as e:
             return refuse(e)
         if fault is not None and fault.kind == "malformed":
@@ -365,23 +475,87 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
             return Response("<html>502 Bad Gateway</html>", media_type="application/json")
         if fault is not None and fault.kind == "empty":
             empty = Generation([], [], [], [], "", "stop", prompt_tokens=len(prompt_ids))
-            return JSONResponse(_completion(served_model, empty, []))
-        future = batcher.submit(prompt_ids, sampling)
-        waiter = asyncio.wrap_future(future)
-        while not waiter.done():
-            await asyncio.wait([waiter], timeout=DISCONNECT_POLL_S)
-            if not waiter.done() and await request.is_disconnected():
-                batcher.cancel(future)  # nobody will read the answer: free the engine
+            return JSONResponse(_completion(served_model, [empty], []))
+        # choice i samples with seed + i: n choices are n different samples, also when split into batches
+        samplings = [dataclasses.replace(sampling, seed=None if sampling.seed is None else sampling.seed + i) for i in range(options.n)]
+        if options.stream:
+            return StreamingResponse(stream(request, prompt_ids, samplings, options), media_type="text/event-stream")
+        futures = [batcher.submit(prompt_ids, s, options.top_logprobs) for s in samplings]
+        waiters = [asyncio.wrap_future(f) for f in futures]
+        while not all(w.done() for w in waiters):
+            await asyncio.wait(waiters, timeout=DISCONNECT_POLL_S)
+            if not all(w.done() for w in waiters) and await request.is_disconnected():
+                for future in futures:
+                    batcher.cancel(future)  # nobody will read the answer: free the engine
                 return Response(status_code=499)
         try:
-            generation = waiter.result()
+            generations = [w.result() for w in waiters]
         except ValueError as e:  # the engine's checks of the request
             return JSONResponse(_error_body(str(e), "invalid_request_error"), status_code=400)
         except RuntimeError as e:  # shutting down
             return JSONResponse(_error_body(str(e), "server_error"), status_code=503)
-        if generation.finish_reason == "cancelled":
+        if any(g.finish_reason == "cancelled" for g in generations):
             return JSONResponse(_error_body("the server is shutting down", "server_error"), status_code=503)
-        return JSONResponse(_completion(served_model, generation, sampling.stop))
+        return JSONResponse(_completion(served_model, generations, sampling.stop, engine.tokenizer, options.logprobs))
+
+    async def stream(request: Request, prompt_ids: list[int], samplings: list[SamplingParams], options: ChatOptions):
+        """The server-sent events of a streamed chat completion: a first chunk per choice with the role,
+        then text deltas as tokens are decoded, a last chunk per choice with its finish reason (and
+        log-probs), the usage when asked for, and `[DONE]`."""
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue = asyncio.Queue()
+        texts = [_StreamedText(engine.tokenizer, s.stop) for s in samplings]
+        futures = [batcher.submit(prompt_ids, s, options.top_logprobs,
+                                  on_token=lambda token, i=i: loop.call_soon_threadsafe(tokens.put_nowait, (i, token)))
+                   for i, s in enumerate(samplings)]
+        waiters = [asyncio.wrap_future(f) for f in futures]
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()), "model": served_model}
+
+        def chunk(i: int, delta: dict, finish: str | None = None, **extra: Any) -> str:
+            return _sse({**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish, **extra}]})
+
+        try:
+            for i in range(len(samplings)):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            finished: set[int] = set()
+            while True:
+                while not tokens.empty():
+                    i, token = tokens.get_nowait()
+                    if new := texts[i].add(token):
+                        yield chunk(i, {"content": new})
+                # a future resolves after its last token was queued (both reach the loop in order)
+                for i, waiter in enumerate(waiters):
+                    if i in finished or not waiter.done():
+                        continue
+                    finished.add(i)
+                    try:
+                        g = waiter.result()
+                    except (ValueError, RuntimeError) as e:
+                        yield _sse(_error_body(str(e), "invalid_request_error" if isinstance(e, ValueError) else "server_error"))
+                        return
+                    rest = texts[i].finish(_content(g, samplings[i].stop))
+                    yield chunk(i, {"content": rest} if rest else {}, g.finish_reason,
+                                **({"logprobs": _logprobs(g, engine.tokenizer)} if options.logprobs else {}))
+                if len(finished) == len(waiters):
+                    break
+                getter = asyncio.ensure_future(tokens.get())
+                done, _ = await asyncio.wait([getter, *(w for w in waiters if not w.done())], timeout=DISCONNECT_POLL_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():  # the first of the tokens waiting (the queue was empty)
+                    i, token = getter.result()
+                    if new := texts[i].add(token):
+                        yield chunk(i, {"content": new})
+                else:
+                    getter.cancel()
+                if not done and await request.is_disconnected():
+                    return
+            if options.include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage([w.result() for w in waiters])})
+            yield _sse("[DONE]")
+        finally:  # a client that hung up (or a finished stream): nothing left to generate
+            for future in futures:
+                if not future.done():
+                    batcher.cancel(future)
 
     return app
 

@@ -14,10 +14,13 @@ hence SQLite.) One MLflow UI shows one store; to compare runs side by side in ML
 `t2po/report.py`, which also draws the comparison plots).
 
 The sampled episodes (`trainer.trace_episodes` per iteration, and those of each validation) are also
-MLflow Traces of the run (`MlflowTracker.log_traces`): one trace per episode, one span per turn with
-the observation, the prompt and the response as text and token ids, the TTI-forced tokens, and each
-response TDS discarded as a child span marked `t2po.discarded`. The UI's Traces tab shows them;
-`mlflow.search_traces(locations=[experiment_id], run_id=...)` returns them.
+MLflow Traces of the run (`MlflowTracker.log_traces`): one trace per episode, tagged with its phase
+(train / validation), iteration and task so that the trace list filters on them; one span per turn
+with the observation and the prompt as code blocks (the UI renders text as Markdown, which would
+join a Sokoban grid's lines), the response with the TTI-forced tokens marked `[[forced: </think>]]`,
+and the token ids as attributes; under it the turn's generation call, each TDS redraw (the response
+it discarded marked `t2po.discarded`) and the environment step, at the times they really ran. The
+UI's Traces tab shows them; `mlflow.search_traces(locations=[experiment_id], run_id=...)` returns them.
 
 Console output is the trainer's own progress lines (`t2po.progress`), always on and copied into
 `<run_dir>/train.log`. A tracker failure never stops training: the failure is reported once on
@@ -80,6 +83,12 @@ def mlflow_store_uri(store_dir: Path) -> str:
 def mlflow_ui_command(store_dir: Path) -> str:
     """The command that shows the runs of a store (works offline; serves on 127.0.0.1:5000)."""
     return f"mlflow ui --backend-store-uri {mlflow_store_uri(store_dir)}"
+
+
+def mlflow_ui_page(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's runs in the MLflow UI. The UI opens on its GenAI overview unless told
+    `workflowType=machine_learning` (it then keeps that choice in the browser)."""
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def run_status(error: BaseException | None = None) -> str:
@@ -158,7 +167,9 @@ class MlflowTracker(Tracker):
         self.client = MlflowClient(tracking_uri=mlflow_store_uri(self.store_dir))
         experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
         if experiment is None:
-            experiment_id = self.client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=(self.store_dir / MLFLOW_ARTIFACTS).as_uri())
+            # a training experiment: the UI opens on its runs and charts, not on the GenAI overview
+            experiment_id = self.client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=(self.store_dir / MLFLOW_ARTIFACTS).as_uri(),
+                                                          tags={"mlflow.experimentKind": "custom_model_development"})
         else:
             experiment_id = experiment.experiment_id
         previous = [r for r in self.client.search_runs([experiment_id], max_results=1000) if r.data.tags.get(RUN_DIR_TAG) == str(self.run_dir)]
@@ -354,8 +365,9 @@ def make_trackers(names: list[str], run_dir: Path, params: dict, quiet: bool = F
             _report(f"{e}; training goes on without {name}.")
         except Exception as e:
             _report(f"could not start {name}: {e!r}; training goes on without it.")
-    if not quiet and any(t.name == "mlflow" for t in trackers):
-        print(f"[tracking] MLflow: {mlflow_ui_command(run_dir)}", flush=True)
+    mlflow_tracker = next((t for t in trackers if t.name == "mlflow"), None)
+    if not quiet and mlflow_tracker is not None:
+        print(f"[tracking] MLflow: {mlflow_ui_command(run_dir)}, then open {mlflow_ui_page(mlflow_tracker.experiment_id)}", flush=True)
     return TrackerGroup(trackers, quiet)
 
 
@@ -393,6 +405,19 @@ def _forced_spans(ids: list[int], forced: list[bool], tokenizer: Any) -> list[di
     return spans
 
 
+def _marked(ids: list[int], forced: list[bool], tokenizer: Any) -> str:
+    """The response text with each run of TTI-forced tokens shown as `[[forced: ...]]`."""
+    parts, k = [], 0
+    while k < len(ids):
+        end = k
+        while end < len(ids) and forced[end] == forced[k]:
+            end += 1
+        text = tokenizer.decode(ids[k:end])
+        parts.append(f"[[forced: {text}]]" if forced[k] else text)
+        k = end
+    return "".join(parts)
+
+
 def episode_trace(episode: Any, tokenizer: Any = None) -> dict:
     """One episode (`t2po.rollout.Episode`) as a JSON-ready dict: a line of the trainer's
     `traces/iter_NNNNNN.jsonl`, and the header and turn lines of `t2po eval`'s `traces/seed-NNNNNN.jsonl`.
@@ -416,6 +441,7 @@ def episode_trace(episode: Any, tokenizer: Any = None) -> dict:
             "prompt_tokens": usage.pop("prompt_tokens", len(s.prompt_ids)),
             "completion_tokens": usage.pop("completion_tokens", len(s.response_ids)),
             "forced": _forced_spans(s.response_ids, s.forced_mask, tokenizer) if any(s.forced_mask) else [],
+            "response_marked": _marked(s.response_ids, s.forced_mask, tokenizer) if tokenizer is not None and any(s.forced_mask) else s.response_text,
             "tti_triggers": dict(s.tti_triggers),
             "think_length": s.think_length,
             "tds_resampled": s.resampled,
@@ -430,6 +456,7 @@ def episode_trace(episode: Any, tokenizer: Any = None) -> dict:
             "reward": s.reward,
             "done": s.done,
             "finish_reason": s.finish_reason,
+            "timing": {k: list(v) if k != "tds" else [list(t) for t in v] for k, v in s.timing.items()},
             **usage,
         })
     return {
@@ -449,31 +476,68 @@ def _finite(x: float) -> float | None:
     return None if x is None or math.isnan(x) else float(x)
 
 
+def _code(text: str | None) -> str | None:
+    """`text` as a fenced code block: the trace UI renders strings as Markdown, which joins lines and
+    turns `#` rows of a grid into headings."""
+    if text is None:
+        return None
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    return f"{fence}\n{text}\n{fence}"
+
+
+def _rounded(x: Any) -> Any:
+    return round(x, 4) if isinstance(x, float) else x
+
+
 def _log_episode_trace(mlflow: Any, trace: dict, run_id: str, phase: str, step: int) -> None:
     """One episode (an `episode_trace` dict) as one MLflow trace: the episode span (AGENT), a span per
-    turn (LLM), a child span per TDS-discarded response (attribute `t2po.discarded`)."""
+    turn (LLM) and under it the generation call, each TDS redraw (the response it discarded, attribute
+    `t2po.discarded`) and the environment step (TOOL), with the times recorded during the rollout
+    (`StepSample.timing`; a trace without them gets the logging time)."""
     from mlflow.tracing.constant import TraceMetadataKey
 
+    steps = trace["steps"]
+    times = [t for turn in steps for t in (turn.get("timing") or {}).values() if t and isinstance(t[0], int)]
+    times += [t for turn in steps for t in (turn.get("timing") or {}).get("tds", [])]
     name = f"{phase} {step}: task {trace['seed']}, episode {trace['traj_id']}"
-    with mlflow.start_span(name, span_type="AGENT") as root:
-        steps = trace["steps"]
-        root.set_inputs({"task_seed": trace["seed"], "first_observation": steps[0]["observation"] if steps else trace["final_observation"]})
-        root.set_attributes({"t2po.phase": phase, "t2po.step": step, "t2po.group_id": trace["group_id"], "t2po.traj_id": trace["traj_id"],
-                             "t2po.metrics": trace["metrics"]})
-        mlflow.update_current_trace(
-            metadata={TraceMetadataKey.SOURCE_RUN: run_id},  # what `search_traces(run_id=...)` and the run's Traces tab select on
-            tags={"t2po.phase": phase, "t2po.step": str(step), "t2po.won": str(trace["won"]).lower()})
-        for turn in steps:
-            with mlflow.start_span(f"turn {turn['step']}", span_type="LLM") as span:
-                span.set_inputs({"observation": turn["observation"], "prompt": turn["prompt"], "prompt_ids": turn["prompt_ids"]})
-                span.set_outputs({"response": turn["response"], "response_ids": turn["response_ids"], "action": turn["action"]})
-                span.set_attributes({f"t2po.{k}": turn[k] for k in (
-                    "valid", "invalid_reason", "reward", "env_reward", "done", "turn_score", "think_length", "tti_triggers",
-                    "forced", "tds_resampled", "finish_reason") if k in turn})
-                for k, discarded in enumerate(turn.get("tds_discarded", [])):
-                    with mlflow.start_span(f"discarded by TDS ({k + 1})", span_type="LLM") as child:
-                        child.set_inputs({"prompt_ids": turn["prompt_ids"]})
-                        child.set_outputs({"response": discarded["response"], "response_ids": discarded["response_ids"]})
-                        child.set_attributes({"t2po.discarded": True, "t2po.turn_score": discarded["turn_score"], "t2po.forced": discarded["forced"]})
-        root.set_outputs({"won": trace["won"], "total_reward": trace["total_reward"], "truncated": trace["truncated"],
-                          "final_observation": trace["final_observation"]})
+    root = mlflow.start_span_no_context(
+        name, span_type="AGENT", start_time_ns=min((t[0] for t in times), default=None),
+        inputs={"task_seed": trace["seed"], "first_observation": _code(steps[0]["observation"] if steps else trace["final_observation"])},
+        attributes={"t2po.phase": phase, "t2po.step": step, "t2po.group_id": trace["group_id"], "t2po.traj_id": trace["traj_id"],
+                    "t2po.metrics": trace["metrics"]},
+        # what the trace list filters on; SOURCE_RUN is what `search_traces(run_id=...)` and the run's Traces tab select on
+        tags={"t2po.phase": phase, "t2po.step": str(step), "t2po.iteration" if phase == "train" else "t2po.validation_step": str(step),
+              "t2po.task": str(trace["seed"]), "t2po.won": str(trace["won"]).lower()},
+        metadata={TraceMetadataKey.SOURCE_RUN: run_id})
+    for turn in steps:
+        timing = turn.get("timing") or {}
+        generate, env_step, redraws = timing.get("generate"), timing.get("env_step"), timing.get("tds", [])
+        span = mlflow.start_span_no_context(
+            f"turn {turn['step']}", span_type="LLM", parent_span=root, start_time_ns=generate[0] if generate else None,
+            inputs={"observation": _code(turn["observation"]), "prompt": _code(turn["prompt"])})
+        span.set_outputs({"response": _code(turn.get("response_marked", turn["response"])), "action": turn["action"],
+                          "reward": _rounded(turn["reward"])})
+        span.set_attributes({f"t2po.{k}": _rounded(turn[k]) for k in (
+            "valid", "invalid_reason", "reward", "env_reward", "done", "turn_score", "think_length", "tti_triggers",
+            "forced", "tds_resampled", "finish_reason") if k in turn})
+        span.set_attributes({"t2po.prompt_ids": turn["prompt_ids"], "t2po.response_ids": turn["response_ids"]})  # after the text
+        # the calls that produced each discarded response: the generation, then the redraws before the last
+        sources = [generate, *redraws]
+        for k, discarded in enumerate(turn.get("tds_discarded", [])):
+            when = sources[k] if k < len(sources) and sources[k] else None
+            child = mlflow.start_span_no_context(
+                f"discarded by TDS ({k + 1})", span_type="LLM", parent_span=span, start_time_ns=when[0] if when else None,
+                attributes={"t2po.discarded": True, "t2po.turn_score": _rounded(discarded["turn_score"]), "t2po.forced": discarded["forced"]})
+            child.set_outputs({"response": _code(discarded["response"]), "response_ids": discarded["response_ids"]})
+            child.end(end_time_ns=when[1] if when else None)
+        for label, when in [("generation", generate), *[(f"TDS redraw {k + 1}", r) for k, r in enumerate(redraws)],
+                            ("environment step", env_step)]:
+            if when:
+                mlflow.start_span_no_context(label, span_type="TOOL" if label == "environment step" else "LLM", parent_span=span,
+                                             start_time_ns=when[0]).end(end_time_ns=when[1])
+        span.end(end_time_ns=env_step[1] if env_step else None)
+    root.end(outputs={"won": trace["won"], "total_reward": _rounded(trace["total_reward"]), "truncated": trace["truncated"],
+                      "final_observation": _code(trace["final_observation"])},
+             end_time_ns=max((t[1] for t in times), default=None))

@@ -59,6 +59,7 @@ class Generation:
     prompt_tokens: int = 0
     usage: dict = field(default_factory=dict)  # a text policy's accounting (API: completion tokens, attempts, retries, latency)
     cached_prompt_tokens: int = 0  # prompt tokens served from a prefix cache (not prefilled again)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, the k likeliest (HFEngine top_logprobs=k)
 
     @property
     def num_tokens(self) -> int:

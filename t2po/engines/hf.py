@@ -40,11 +40,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicLayer
+from transformers import DynamicLayer, LogitsProcessor
 
 from t2po.algos.intervention import ThinkingIntervention, vocabulary_text
 from t2po.algos.uncertainty import turn_score, uncertainty_from_logprobs
 from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams, check_request, make_intervention, shared_prefix_length
+from t2po.progress import activity
 
 
 class HFEngine(Engine):
@@ -77,12 +78,16 @@ class HFEngine(Engine):
         intervention: InterventionConfig | None = None,
         pixel_inputs: list[dict | None] | None = None,
         should_stop: Callable[[int], bool] | None = None,
+        top_logprobs: int = 0,
+        on_token: Callable[[int, int], None] | None = None,
     ) -> list[Generation]:
         """Sample one response per prompt (token ids). `intervention=None` behaves like
         `InterventionConfig(enabled=False)`: nothing is forced, M_t, turn scores and think lengths
         are still recorded. `pixel_inputs`: per prompt, the pixel inputs of its image (None: none).
         `should_stop(row)`, asked once per decode step for each unfinished row, ends that row with
-        finish reason "cancelled" when it answers True (`t2po serve`: the client hung up)."""
+        finish reason "cancelled" when it answers True (`t2po serve`: the client hung up).
+        `top_logprobs=k` records the k likeliest tokens and their log-probs at each step (`t2po serve`'s
+        logprobs); `on_token(row, token_id)` is called as each token is chosen (streaming)."""
         check_request(prompts, sampling)
         if pixel_inputs is not None:
             from t2po.vlm import NEEDS_VLM, is_vision_language
@@ -103,7 +108,8 @@ class HFEngine(Engine):
         self.model.eval()
         try:
             with torch.inference_mode():
-                token_ids, logprobs, finish, cached = self._decode(prompts, sampling, tti, config, pixel_inputs, should_stop)
+                token_ids, logprobs, finish, cached, top = self._decode(prompts, sampling, tti, config, pixel_inputs, should_stop,
+                                                                       top_logprobs, on_token)
         finally:
             self.model.train(was_training)
 
@@ -131,6 +137,7 @@ class HFEngine(Engine):
                     think_length=think_length,
                     prompt_tokens=len(prompt),
                     cached_prompt_tokens=cached[row],
+                    top_logprobs=top[row],
                 )
             )
         return generations
@@ -143,7 +150,9 @@ class HFEngine(Engine):
         config: InterventionConfig,
         pixel_inputs: list[dict | None] | None = None,
         should_stop: Callable[[int], bool] | None = None,
-    ) -> tuple[list[list[int]], list[list[float]], list[str], list[int]]:
+        top_logprobs: int = 0,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> tuple[list[list[int]], list[list[float]], list[str], list[int], list[list[list[tuple[int, float]]]]]:
         from t2po import vlm
 
         device = next(self.model.parameters()).device
@@ -155,6 +164,7 @@ class HFEngine(Engine):
 
         token_ids: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
+        top: list[list[list[tuple[int, float]]]] = [[] for _ in prompts]
         finish: list[str | None] = [None] * len(prompts)
         active = list(range(len(prompts)))  # prompt row of each batch position
         cache, attention_mask, next_position, logits, cached = self._prefill(prompts, pixel_inputs or [None] * len(prompts), device, sampling.max_new_tokens)
@@ -171,10 +181,16 @@ class HFEngine(Engine):
                     positions, tokens = zip(*forced)
                     chosen[list(positions)] = torch.tensor(tokens, device=chosen.device)
             chosen_logp = logp.gather(1, chosen[:, None]).squeeze(1)
+            if top_logprobs:
+                best = logp.topk(top_logprobs, dim=-1)
+                for i, (values, ids) in enumerate(zip(best.values.tolist(), best.indices.tolist())):
+                    top[active[i]].append(list(zip(ids, values)))
             for i, (token, token_logp) in enumerate(zip(chosen.tolist(), chosen_logp.tolist())):
                 row = active[i]
                 token_ids[row].append(token)
                 logprobs[row].append(token_logp)
+                if on_token is not None:
+                    on_token(row, token)
                 if tti is not None:
                     tti.advance(row, token)
                 if token in self.eos_token_ids:
@@ -190,6 +206,7 @@ class HFEngine(Engine):
             keep = [i for i, row in enumerate(active) if finish[row] is None]
             if not keep:
                 break
+            activity(f"generating token {len(token_ids[active[keep[0]]]) + 1}/{sampling.max_new_tokens}, {len(keep)}/{len(prompts)} rows")
             if len(keep) < len(active):  # finished rows leave the batch and its KV cache
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
@@ -204,7 +221,7 @@ class HFEngine(Engine):
                 use_cache=True,
             ).logits[:, -1, :]
             next_position = next_position + 1
-        return token_ids, logprobs, finish, cached
+        return token_ids, logprobs, finish, cached, top
 
     def _prefill(self, prompts: list[list[int]], pixel_inputs: list[dict | None], device: torch.device, new_tokens: int):
         """The batch's KV cache after its prompts, prefilling only the prompts not yet in the prefix
@@ -441,3 +458,44 @@ def _eos_ids(model, tokenizer) -> set[int]:
     if not ids:
         raise ValueError("the model and tokenizer define no eos token; set tokenizer.eos_token")
     return ids
+
+
+class TTILogitsProcessor(LogitsProcessor):
+    """The thinking intervention (spec §2) for plain transformers `generate`, outside t2po:
+
+        tti = TTILogitsProcessor(tokenizer, InterventionConfig(budget=450))
+        model.generate(ids, logits_processor=LogitsProcessorList([tti]), do_sample=True, temperature=0.7, top_k=0)
+
+    It applies `ThinkingIntervention` to the logits as `HFEngine` does: M_t from the raw logits of
+    each step, and when the rule fires every logit but the end-tag token set to -inf, so that the
+    token chosen is the one t2po forces (tests/commands/test_export.py checks them token by token).
+    transformers runs custom processors after its own (repetition penalty and the like, none by
+    default) and before temperature, top-k and top-p, so the processor sees the logits t2po's engine
+    sees. One instance per `generate` call (it keeps each row's state; only the end of a prompt
+    matters, so left padding does not). `rows[i].forced` marks what it forced in row i.
+    """
+
+    def __init__(self, tokenizer, config: InterventionConfig | None = None) -> None:
+        self.config = config if config is not None else InterventionConfig()
+        self.tti = make_intervention(self.config, tokenizer, vocabulary_text(tokenizer))
+        self.started = False
+
+    @property
+    def rows(self):
+        return self.tti.rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.started:
+            self.tti.start(input_ids.tolist())
+            self.started = True
+        else:  # the token each row chose at the previous step
+            for row, token in enumerate(input_ids[:, -1].tolist()):
+                self.tti.advance(row, token)
+        m = uncertainty_from_logprobs(torch.log_softmax(scores.float(), dim=-1), self.config.alpha, self.config.confidence).tolist()
+        for row, m_t in enumerate(m):
+            forced = self.tti.observe(row, m_t)
+            if forced is not None:
+                scores[row] = float("-inf")
+                scores[row, forced] = 0.0
+        return scores
+

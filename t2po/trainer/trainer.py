@@ -52,7 +52,7 @@ from t2po.errors import InvalidInput
 from t2po.models import adapter_base, is_adapter_directory, model_directory
 from t2po.policies import EnginePolicy
 from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
-from t2po.progress import ConsoleLog, Progress, silence_library_progress
+from t2po.progress import ConsoleLog, PhaseTimer, Progress, silence_library_progress
 from t2po.rollout import COUNTERS, RolloutResult, RolloutSettings, StepSample, collect_rollouts, rollout_stats
 from t2po.runfiles import check_warmup, checkpoint_candidates
 from t2po.testing import kill_point
@@ -76,6 +76,8 @@ class Trainer:
         self.trunk: FrozenTrunk | None = None  # set by _score_samples for the update that follows
         self.engine_model_dir: Path | None = None  # the model folder of an engine with its own copy of the weights
         self.loss_fn = get_loss(cfg.algo.loss)  # (LossBatch, cfg.algo) -> (loss, metrics), t2po.algos.losses
+        self.timer = PhaseTimer()  # time/<phase> of each iteration (t2po.progress)
+        self.iteration_seconds: list[float] = []  # this session's iterations, the rate of the ETA
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -148,6 +150,7 @@ class Trainer:
         if not self.resume and self.dist.is_main:
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.log(f"run folder: {self.run_dir}")
+        self.log(self._setup_line())
         if not self.engine_spec.shares_policy_weights:  # exported from the base model, before LoRA wraps it
             self.engine_model_dir = self._engine_model_dir(self.base_model_path)
         self._wrap_trainable()
@@ -285,6 +288,18 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = self.cfg.optim.lr * factor
 
+    def _setup_line(self) -> str:
+        """Where and on what the run computes: device, dtype and why, CPU threads, the model's source."""
+        from t2po.models import dtype_reason, model_source
+
+        cfg = self.cfg
+        threads = f"trainer.threads={cfg.trainer.threads}" if cfg.trainer.threads else "torch's default; set trainer.threads"
+        model = model_source(cfg.model.path)
+        if self.base_model_path != cfg.model.path:
+            model = f"this run's warm-up model {self.base_model_path}, trained from {model}"
+        return (f"[setup] device {self.device}, {dtype_reason(cfg.model.dtype, self.device)}, {_count(torch.get_num_threads(), 'CPU thread')} ({threads}); "
+                f"model: {model}")
+
     def _plan_line(self) -> str:
         """What this run will do, said before it starts (how much work is coming)."""
         cfg = self.cfg
@@ -337,7 +352,8 @@ class Trainer:
         seeds = shard_tasks(seeds, self.dist.rank, self.dist.world_size)
         self.reference_points()
         t0 = time.time()
-        with self._rollout_weights(), Progress(len(seeds), f"[val {tag}]", "episode", disable=self.quiet) as bar:
+        previous = next(reversed(self.run_state["validation"].values()), {}).get("seconds")  # the last validation's time
+        with self._rollout_weights(), Progress(len(seeds), f"[val {tag}]", "episode", disable=self.quiet, expected_seconds=previous) as bar:
             tti = self.rollout.tti if cfg.trainer.val_tti else None  # None: nothing forced (the decoder every algorithm shares)
             result = collect_rollouts(EnginePolicy(self.engine, self.rollout.val_sampling, tti), self.val_env, seeds,
                                       self._play_settings(group_size=1), seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank, progress=bar)
@@ -353,8 +369,10 @@ class Trainer:
             return stats
         with open(self.run_dir / "validation.jsonl", "a") as f:
             f.write(json.dumps({"tag": tag, **stats}) + "\n")
-        self._write_traces(f"val_{tag}", result, "validation", validation_step(tag, self.cfg.trainer.iterations))
-        self.trackers.log_metrics({f"val/{k}": v for k, v in stats.items() if not isinstance(v, list)}, step=validation_step(tag, self.cfg.trainer.iterations))
+        with self.timer("tracking"):
+            self._write_traces(f"val_{tag}", result, "validation", validation_step(tag, self.cfg.trainer.iterations))
+            self.trackers.log_metrics({f"val/{k}": v for k, v in stats.items() if not isinstance(v, list)},
+                                      step=validation_step(tag, self.cfg.trainer.iterations))
         self.log(f"[val {tag}] success {stats['success_rate']:.3f}  valid actions {1 - stats['invalid_action_rate']:.3f}  "
                  f"reward {stats['episode_reward']:.2f}  turns {stats['episode_length']:.1f}  ({stats['seconds']:.0f}s)")
         return stats
@@ -465,7 +483,10 @@ class Trainer:
         return old, ref, values
 
     def _score_into(self, samples, old, ref, values, bf16) -> None:
+        bar = Progress(len(samples), "[old log-probs]" if ref is None else "[old and reference log-probs]", "sample", disable=self.quiet,
+                       expected_seconds=self.timer.last.get("old_logprob", 0) + self.timer.last.get("reference", 0) or None)
         for mb in self._micro_batches(list(range(len(samples))), samples):
+            bar.update(0, note=f"micro-batch of {len(mb.indices)}")
             out = forward_micro_batch(self.model, mb, value_head=self.value_head, autocast_bf16=bf16, trunk=self.trunk)
             for b, i in enumerate(mb.indices):
                 if self.cfg.optim.recompute_logprobs:
@@ -476,10 +497,12 @@ class Trainer:
                     values[i] = float(out["values"][b])
             if ref is not None:
                 ctx = self.model.disable_adapter() if self.cfg.model.lora else contextlib.nullcontext()
-                with ctx:
+                with ctx, self.timer("reference"):
                     ref_out = forward_micro_batch(self.ref_model or self.model, mb, autocast_bf16=bf16)
                 for b, i in enumerate(mb.indices):
                     ref[i] = ref_out["logp"][b, : len(samples[i].response_ids)].clone()
+            bar.update(len(mb.indices))
+        bar.close()
 
     # ------------------------------------------------------------------ update
     def update(self, samples: list[StepSample], batch: TrainingBatch, iteration: int) -> dict[str, float]:
@@ -497,7 +520,8 @@ class Trainer:
         # one process: rng.permutation(len(samples)) in mini_batch_size chunks per epoch; several: the same global plan
         lengths = [len(s.response_ids) for s in samples]
         plans = [plan_mini_batches(lengths, cfg.optim.mini_batch_size, rng) for _ in range(cfg.optim.ppo_epochs)]
-        with Progress(sum(map(len, plans)), f"[update iter {iteration + 1}]", "step", disable=self.quiet) as bar:
+        with Progress(sum(map(len, plans)), f"[update iter {iteration + 1}]", "step", disable=self.quiet,
+                      expected_seconds=self.timer.last.get("update")) as bar:
             for share in (share for plan in plans for share in plan):
                 self.optimizer.zero_grad(set_to_none=True)
                 for mb, real in padded(list(self._micro_batches(share.indices, samples)), filler):
@@ -534,42 +558,42 @@ class Trainer:
 
     # ------------------------------------------------------------------ iteration
     def iteration(self, it: int) -> dict[str, float]:
+        """Rollout, scoring, advantages and update of iteration `it`, each phase timed by `self.timer`
+        (`train` adds their `time/<phase>` to the metrics with validation, checkpoint and tracking)."""
         cfg = self.cfg
-        t0 = time.time()
         self.model.eval()
         episodes = len(shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size)) * cfg.rollout.group_size
-        with self._rollout_weights(), Progress(episodes, f"[rollout iter {it + 1}]", "episode", disable=self.quiet) as bar:
+        with self.timer("rollout"), self._rollout_weights(), Progress(episodes, f"[rollout iter {it + 1}]", "episode", disable=self.quiet,
+                                                                      expected_seconds=self.timer.last.get("rollout")) as bar:
             result: RolloutResult = collect_rollouts(
                 EnginePolicy(self.engine, self.rollout.sampling, self.rollout.tti), self.train_env,
                 shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size), self._play_settings(cfg.rollout.group_size),
                 seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank, resampler=self.tds, progress=bar)
         kill_point("rollout", it + 1)
-        t_rollout = time.time() - t0
         samples = result.samples
         if cfg.algo.dynamic_sampling:
             samples = self._filter_zero_variance_groups(samples)
-        metrics: dict[str, float] = {f"rollout/{k}": v for k, v in self._global_stats(result).items()}
-        metrics["time/rollout"] = t_rollout
+        with self.timer("rollout"):  # several ranks: waits for the slowest one
+            metrics: dict[str, float] = {f"rollout/{k}": v for k, v in self._global_stats(result).items()}
         if self.tds_threshold is not None:
             metrics["rollout/tds_eta"] = self.tds_threshold.eta()  # the relative threshold after this iteration
         if self.dist.distributed and sum_over_ranks(float(not samples)) > 0:
             raise RuntimeError(f"iteration {it}: a rank has no training sample left (dynamic sampling dropped all its groups); use more tasks per rank")
         if samples:
-            t1 = time.time()
-            old, ref, values = self._score_samples(samples)
-            adv, returns, adv_info = self.compute_advantages(samples, values)
-            batch = TrainingBatch.build([s.forced_mask for s in samples], old, adv, ref, values, returns, cfg.algo.mask_forced_tokens,
-                                        self.device)
+            with self.timer("old_logprob"):  # less the reference pass inside it (`_score_into`)
+                old, ref, values = self._score_samples(samples)
+            with self.timer("advantages"):
+                adv, returns, adv_info = self.compute_advantages(samples, values)
             metrics.update(adv_info)
-            metrics["time/old_logprob"] = time.time() - t1
-            t2 = time.time()
-            metrics.update({f"actor/{k}": v for k, v in self.update(samples, batch, it).items()})
-            self._sync_engine()
+            with self.timer("update"):
+                batch = TrainingBatch.build([s.forced_mask for s in samples], old, adv, ref, values, returns, cfg.algo.mask_forced_tokens,
+                                            self.device)
+                metrics.update({f"actor/{k}": v for k, v in self.update(samples, batch, it).items()})
+                self._sync_engine()
             kill_point("update", it + 1)
-            metrics["time/update"] = time.time() - t2
         metrics["train/samples"] = sum_over_ranks(len(samples))
-        metrics["time/iteration"] = time.time() - t0
-        self._write_traces(f"iter_{it + 1:06d}", result, "train", it + 1)
+        with self.timer("tracking"):
+            self._write_traces(f"iter_{it + 1:06d}", result, "train", it + 1)
         return metrics
 
     def _write_traces(self, name: str, result: RolloutResult, phase: str, step: int) -> None:
@@ -591,7 +615,6 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
     def train(self) -> dict:
         cfg = self.cfg
-        t_start = time.time()
         self.log(self._plan_line())
         val = self.run_state["validation"]
         # a validation lost to a kill is replayed here (the weights it measures are the ones loaded)
@@ -603,30 +626,32 @@ class Trainer:
                     self.warmup()
             if cfg.warmup.episodes > 0 and "after_warmup" not in val:
                 self.validate("after_warmup")
+        # An iteration's line (metrics.jsonl, trackers, console) comes after its validation and checkpoint,
+        # as verl logs a step, so that its time/<phase> cover the whole iteration; the time between two
+        # lines is its time/iteration (the previous line's own tracking included).
+        self.timer.pop()  # the validations before the loop are timed in validation.jsonl
+        mark = time.perf_counter()
         for it in range(self.start_iteration, cfg.trainer.iterations):
             metrics = self.iteration(it)
             metrics["iteration"] = it + 1
-            if self.dist.is_main:
-                with open(self.run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-            self.trackers.log_metrics(metrics, step=it + 1)
-            self.log(self._progress_line(it, metrics))
             if cfg.trainer.val_every and (it + 1) % cfg.trainer.val_every == 0 and it + 1 < cfg.trainer.iterations:
-                self.validate(f"iter_{it + 1}")
-            if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
-                state = {"scheduler_step": self.scheduler_step, "base_model": self.base_model_path}
-                # the folder the weights apply to, named in checkpoint.json and the adapter; after a LoRA
-                # warm-up (an adapter folder) the warm-up's own base, with the two adapters combined
-                prefix = Path(self.base_model_path) if self.base_model_path and is_adapter_directory(self.base_model_path) else None
-                base = adapter_base(prefix) if prefix else str(model_directory(self.base_model_path))
-                if self.tds_threshold is not None:
-                    state["tds_threshold"] = self.tds_threshold.state_dict()
-                # several ranks: every rank writes its shards (docs/scaling.md)
-                save_checkpoint(self.ckpt_root, it + 1, self.model, self.optimizer, state, self.value_head, cfg.model.lora, cfg.trainer.keep_checkpoints,
-                                sharded=self.dist.distributed, base=base, prefix_adapter=prefix)
+                with self.timer("validation"):
+                    self.validate(f"iter_{it + 1}")
+            with self.timer("checkpoint"):
+                self._save_checkpoint(it)
+            metrics.update(self.timer.pop())
+            now = time.perf_counter()
+            metrics["time/iteration"], mark = now - mark, now
+            self.iteration_seconds.append(metrics["time/iteration"])
+            with self.timer("tracking"):
+                if self.dist.is_main:
+                    with open(self.run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                self.trackers.log_metrics(metrics, step=it + 1)
+            self.log(self._progress_line(it, metrics))
         if "final" not in val:  # dropped on resume while iterations remained
             self.validate("final")
-        summary = self.summary(time.time() - t_start)
+        summary = self.summary(self._run_seconds())
         if not self.dist.is_main:
             return summary
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
@@ -637,6 +662,29 @@ class Trainer:
             self._write_report()
         self.log(format_summary(summary))
         return summary
+
+    def _save_checkpoint(self, it: int) -> None:
+        """The checkpoint after iteration `it` when `trainer.save_every` (or the last iteration) asks for one."""
+        cfg = self.cfg
+        if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
+            state = {"scheduler_step": self.scheduler_step, "base_model": self.base_model_path}
+            # the folder the weights apply to, named in checkpoint.json and the adapter; after a LoRA
+            # warm-up (an adapter folder) the warm-up's own base, with the two adapters combined
+            prefix = Path(self.base_model_path) if self.base_model_path and is_adapter_directory(self.base_model_path) else None
+            base = adapter_base(prefix) if prefix else str(model_directory(self.base_model_path))
+            if self.tds_threshold is not None:
+                state["tds_threshold"] = self.tds_threshold.state_dict()
+            # several ranks: every rank writes its shards (docs/scaling.md)
+            save_checkpoint(self.ckpt_root, it + 1, self.model, self.optimizer, state, self.value_head, cfg.model.lora, cfg.trainer.keep_checkpoints,
+                            sharded=self.dist.distributed, base=base, prefix_adapter=prefix)
+
+    def _run_seconds(self) -> float:
+        """The run's wall time over all its sessions (resumes): its iterations (metrics.jsonl), warm-up and
+        the validations outside iterations. Setup (model loading) and work a kill lost are not counted."""
+        lines = read_jsonl_log(self.run_dir / "metrics.jsonl", self.note) if self.dist.is_main else []
+        val = self.run_state["validation"]
+        return (sum(m.get("time/iteration", 0.0) for m in lines) + self.run_state.get("warmup", {}).get("seconds", 0.0)
+                + sum(val[tag]["seconds"] for tag in ("before", "after_warmup", "final") if tag in val))
 
     def _write_report(self) -> None:
         """Plots and report.md into `<run_dir>/report/` (`t2po report`), attached as the artifact folder
@@ -656,7 +704,16 @@ class Trainer:
                 f"tds {m.get('rollout/tds_flag_rate', 0):.2f}/elig  tti {m.get('rollout/tti_stagnation_triggers', 0):.0f}/{m.get('rollout/tti_budget_triggers', 0):.0f}  "
                 f"think {m.get('rollout/think_length', 0):.0f}  "
                 f"grad {m.get('actor/grad_norm', float('nan')):.3f}  kl {m.get('actor/approx_kl', float('nan')):.4f}  "
-                f"({m.get('time/rollout', 0):.0f}s rollout, {m.get('time/update', 0):.0f}s update)")
+                f"({self._time_line(it, m)})")
+
+    def _time_line(self, it: int, m: dict) -> str:
+        """Where iteration `it` spent its time, and the time left at this session's measured rates:
+        the mean iteration, plus the final validation at the last validation's duration."""
+        phases = ", ".join(f"{m[f'time/{k}']:.0f}s {label}" for k, label in PHASE_LABELS if f"time/{k}" in m)
+        left = len(range(it + 1, self.cfg.trainer.iterations)) * float(np.mean(self.iteration_seconds))
+        if "final" not in self.run_state["validation"] and self.run_state["validation"]:
+            left += list(self.run_state["validation"].values())[-1]["seconds"]
+        return f"{phases} = {m['time/iteration']:.0f}s; ~{_duration(left)} left"
 
     def summary(self, seconds: float) -> dict:
         val = self.run_state["validation"]
@@ -728,6 +785,14 @@ class _Means:
 
     def means(self) -> dict[str, float]:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
+# the console names of the time/<phase> metrics, in the order an iteration runs them
+PHASE_LABELS = (("rollout", "rollout"), ("old_logprob", "old log-probs"), ("reference", "reference"), ("advantages", "advantages"),
+                ("update", "update"), ("validation", "validation"), ("checkpoint", "checkpoint"), ("tracking", "tracking"))
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _count(n: int, noun: str) -> str:
@@ -735,7 +800,7 @@ def _count(n: int, noun: str) -> str:
 
 
 def format_summary(s: dict) -> str:
-    lines = ["", "=" * 72, f"t2po run finished: {s['env']} / {s['algo']}, {s['iterations']} iterations, {s['seconds'] / 60:.1f} min",
+    lines = ["", "=" * 72, f"t2po run finished: {s['env']} / {s['algo']}, {_count(s['iterations'], 'iteration')}, {s['seconds'] / 60:.1f} min",
              f"  held-out validation ({s['validation_tasks']} tasks):            success   valid actions   reward"]
     for key, label in (("before", "before training"), ("before_warmup", "before warm-up"), ("after_warmup", "after warm-up (SFT)"), ("after_rl", "after RL")):
         v = s.get(key)

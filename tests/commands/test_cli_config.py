@@ -38,12 +38,17 @@ def test_help_config_shows_the_presets_values_next_to_the_help(capsys):
     assert len(keys) == len(_all_keys())  # every key
 
 
-def test_presets_prints_whole_descriptions(capsys):
+def test_presets_prints_one_line_each_and_a_whole_description_by_name(capsys):
     assert cli.main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[: len(list_presets())]] == list_presets()
+    assert lines[len(list_presets())] == "" and "`t2po presets NAME` describes one" in lines[-1]
+    assert cli.main(["presets", "default"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     # the default preset's header comment, every sentence of it, not only its first line
     assert "minutes on 2 idle cores" in text and "CPU economies" in text and "(docs/method.md §5 cold start; a 135M model does not produce it alone)" in text
-    assert all(name in text for name in list_presets())
+    assert cli.main(["presets", "defualt"]) == 2
+    assert "unknown preset 'defualt'" in capsys.readouterr().err
 
 
 def test_eval_and_rft_take_environment_options_as_train_does(tiny_model_dir, tmp_path, capsys):

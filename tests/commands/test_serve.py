@@ -21,7 +21,7 @@ from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy
 from t2po.rollout import build_prompt_ids
-from t2po.serve import DEFAULT_MAX_REQUEST_BYTES, GenerationBatcher, build_app
+from t2po.serve import DEFAULT_MAX_REQUEST_BYTES, GenerationBatcher, _StreamedText, build_app
 from t2po.testing import FaultPlan
 
 PROMPT = "You are solving the Sokoban puzzle. Think step by step inside <think> </think> tags, then give your action."
@@ -74,6 +74,53 @@ def test_served_answer_equals_local_engine_answer(engine, tiny_model):
     assert reply.completion_tokens == local.num_tokens
     assert reply.attempts == 1 and reply.retry_reasons == []
     assert reply.finish_reason == local.finish_reason
+
+
+def test_openai_client_streams_gets_n_choices_and_logprobs(engine, tiny_model):
+    """The official client against the real server: a stream's deltas add up to the non-streamed answer
+    of the same seed, token by token as decoded; n=2 gives two different samples; log-probs are the
+    engine's, with the top alternatives, the chosen token among them."""
+    _, tokenizer = tiny_model
+    prompt_ids, _ = build_prompt_ids(tokenizer, PROMPT)
+    local = engine.generate([prompt_ids], SamplingParams(temperature=1.0, max_new_tokens=12, seed=7), InterventionConfig(), top_logprobs=3)[0]
+    messages = [{"role": "user", "content": PROMPT}]
+    with serving(engine) as url:
+        client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
+        ask = dict(model="tiny", messages=messages, max_tokens=12, temperature=1.0, seed=7)
+        chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+        answer = client.chat.completions.create(**ask, logprobs=True, top_logprobs=3)
+        two, two_again = (client.chat.completions.create(**ask, n=2) for _ in range(2))
+        streamed_two = list(client.chat.completions.create(**ask, n=2, stream=True, logprobs=True))
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) > 2, "text arrives in pieces"
+    assert "".join(deltas) == answer.choices[0].message.content == local.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == local.finish_reason
+    assert chunks[-1].usage.completion_tokens == local.num_tokens and chunks[-1].choices == []
+    content = answer.choices[0].logprobs.content
+    assert [t.logprob for t in content] == pytest.approx(local.logprobs, abs=1e-5)
+    assert [t.token for t in content] == [tokenizer.decode([i]) for i in local.token_ids]
+    for token, (chosen, alternatives) in zip(content, zip(local.token_ids, local.top_logprobs)):
+        assert len(token.top_logprobs) == 3 and [a.logprob for a in token.top_logprobs] == sorted([a.logprob for a in token.top_logprobs], reverse=True)
+        assert token.top_logprobs[0].logprob == pytest.approx(alternatives[0][1], abs=1e-5)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[1].message.content != two.choices[0].message.content
+    assert [c.message.content for c in two.choices] == [c.message.content for c in two_again.choices]  # seeded: reproducible
+    for index in (0, 1):
+        text = "".join(c.choices[0].delta.content or "" for c in streamed_two if c.choices and c.choices[0].index == index)
+        assert text == two.choices[index].message.content
+        last = [c.choices[0] for c in streamed_two if c.choices and c.choices[0].index == index][-1]
+        assert last.finish_reason is not None and len(last.logprobs.content) > 0
+
+
+def test_a_stream_holds_back_text_that_may_begin_a_stop_string():
+    class Chars:  # one character per token id
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(i) for i in ids)
+
+    text = _StreamedText(Chars(), ["END"])
+    sent = [text.add(ord(c)) for c in "ab EN"]
+    assert sent == ["a", "b", " ", "", ""]  # "E", "EN" may begin "END"
+    assert text.add(ord("X")) == "ENX"
+    assert text.finish("ab ENX tail") == " tail"
 
 
 def test_agent_retries_429_and_5xx_with_backoff(engine):
@@ -144,8 +191,15 @@ def test_negative_or_odd_token_usage_counts_as_not_reported():
 def test_invalid_requests_get_openai_style_errors(engine):
     with serving(engine) as url:
         client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
-        with pytest.raises(openai.BadRequestError, match="streaming is not supported"):
-            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], stream=True)
+        with pytest.raises(openai.BadRequestError, match="tools is not supported by t2po serve; the fields it serves: model, messages"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+        with pytest.raises(openai.BadRequestError, match="presence_penalty=0.5 is not supported by t2po serve; leave it out"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], presence_penalty=0.5)
+        with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs=true"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], top_logprobs=2)
+        with pytest.raises(openai.BadRequestError, match="n=17 is out of range"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=17)
         with pytest.raises(openai.BadRequestError, match="temperature=5.*out of range"):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=5)
         with pytest.raises(openai.BadRequestError, match="text-only model"):

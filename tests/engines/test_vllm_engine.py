@@ -238,6 +238,46 @@ def test_trainer_rolls_out_with_vllm_and_syncs_the_update(model_dir, tmp_path):
         trainer.cleanup()
 
 
+def test_an_export_loads_in_vllm_and_decodes_as_t2po(model_dir, tmp_path):
+    """`t2po export` of a trained LoRA run is a folder vLLM builds its model from as it is (no weights
+    sent by t2po); its greedy answers, with and without TTI (t2po's vLLM logits processor), are those of
+    t2po's own loader and engine on the run's checkpoint."""
+    from t2po.policy_source import resolve_policy
+    from t2po.config import load_config
+    from t2po.export import main as export_main
+    from t2po.trainer.trainer import Trainer
+
+    cfg = load_config("default", [
+        f"model.path={model_dir}", f"trainer.output_dir={tmp_path}", "trainer.run_name=run", "trainer.iterations=1",
+        "trainer.trackers=[console]", "trainer.val_before_train=false", "trainer.report=false", "warmup.episodes=0", "model.dtype=float32",
+        "optim.lr=1e-2", "rollout.num_tasks=2", "rollout.group_size=2", "rollout.sampling.max_new_tokens=12",
+        "rollout.val_num_tasks=1", "rollout.tti.turn_score_skip=0", "env.options.max_steps=2", "model.lora_rank=4",
+    ])
+    trainer = Trainer(cfg, quiet=True)
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    out = tmp_path / "exported"
+    assert export_main([str(trainer.run_dir), "--out", str(out)]) == 0
+    model, tokenizer, _ = resolve_policy(trainer.run_dir, dtype="float32")
+    reference = HFEngine(model, tokenizer)
+    exported = VLLMEngine(out, dtype="float32", max_model_len=1024, kv_cache_memory_bytes=64 * 1024**2, enforce_eager=True)
+    try:
+        prompts = _prompts(tokenizer)
+        sampling = SamplingParams(temperature=0.0, max_new_tokens=16)
+        for config in (InterventionConfig(enabled=False, turn_score_skip=4), InterventionConfig(budget=6, patience=None, turn_score_skip=4)):
+            ours, theirs = exported.generate(prompts, sampling, config), reference.generate(prompts, sampling, config)
+            for a, b in zip(ours, theirs):
+                _assert_same(a, b)
+            untrained = HFEngine(*load_model(model_dir)).generate(prompts, sampling, config)
+            assert [g.token_ids for g in theirs] != [g.token_ids for g in untrained], "training changed nothing: the test would prove nothing"
+        assert sum(sum(g.forced) for g in ours) > 0, "the budget is chosen so that TTI fires"
+    finally:
+        exported.close()
+
+
 def test_two_ranks_roll_out_with_vllm_as_with_the_transformers_engine(model_dir, tmp_path):
     """torchrun, 2 gloo ranks, FSDP2 + LoRA: each rank runs its own vLLM engine inside the ranks'
     process group (`external_launcher`) and reloads the gathered, LoRA-merged weights after every

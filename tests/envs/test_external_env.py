@@ -108,3 +108,42 @@ def test_entry_point_group_registers_an_installed_environment(user_folder):
     assert get_env_class("guess").__name__ == "GuessEnv"
     env = make_env("guess", high=2)
     assert [s.anchor_obs for s in env.reset([0, 1])] == ["start", "start"]
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_readme_command_runs_as_written(user_folder, tiny_model_dir, tmp_path, monkeypatch):
+    """README "Adding an environment": the command line, split as a shell splits it, trains (with a tiny
+    model and budget added)."""
+    import shlex
+
+    from t2po import cli
+
+    readme = (REPO / "README.md").read_text().splitlines()
+    line = next(x for x in readme if "t2po train default env.name=my_guess_env:GuessEnv" in x)
+    words = shlex.split(line, comments=True)
+    assert words[0] == "PYTHONPATH=my_project" and words[1] == "t2po"  # my_project is on sys.path (user_folder)
+    tiny = [f"model.path={tiny_model_dir}", "model.lora_rank=4", "trainer.iterations=1", "trainer.trackers=[console]", "trainer.report=false",
+            "trainer.val_before_train=false", f"trainer.output_dir={tmp_path / 'runs'}", "rollout.num_tasks=2", "rollout.group_size=2",
+            "rollout.sampling.max_new_tokens=12", "rollout.val_num_tasks=1", "env.options.max_steps=2"]
+    assert cli.main(words[2:] + tiny) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert "GuessEnv" in run.name and json.loads((run / "summary.json").read_text())["after_rl"] is not None
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["rollout/episodes"] == 4
+
+
+def test_a_warmup_without_an_expert_is_refused_with_the_fix_before_any_model_loads(user_folder, tmp_path, monkeypatch, capsys):
+    import t2po.models
+    from t2po import cli
+
+    def no_loading(*a, **kw):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(t2po.models, "load_model", no_loading)
+    status = cli.main(["train", "default", "env.name=my_guess_env:GuessEnv", "warmup.episodes=4", f"trainer.output_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert ("warmup.episodes=4: the warm-up imitates an expert, and my_guess_env:GuessEnv has none (GuessEnv does not define "
+            "expert_response); set warmup.episodes=0") in err
+    assert not (tmp_path / "runs").exists()

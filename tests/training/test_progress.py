@@ -5,6 +5,7 @@ when a run dies."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -16,9 +17,9 @@ import pytest
 from mlflow import MlflowClient
 
 from t2po import cli
-from t2po.progress import ConsoleLog, Progress
+from t2po.progress import ConsoleLog, PhaseTimer, Progress, activity
 from t2po.tracking import MLFLOW_EXPERIMENT, mlflow_store_uri
-from t2po.trainer.trainer import Trainer
+from t2po.trainer.trainer import Trainer, format_summary
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -115,3 +116,72 @@ def test_sigterm_ends_the_mlflow_run_killed(tiny_model_dir, tmp_path, monkeypatc
     assert cli.main(smoke_args(tiny_model_dir, tmp_path, "warmup.episodes=0", "trainer.val_before_train=false")) == 130
     assert _status(tmp_path / "run") == "KILLED"
     assert "stopped (SIGTERM); continue with: t2po train --resume" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_ctrl_c_says_so(tiny_model_dir, tmp_path, monkeypatch):
+    def interrupted(self, it):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "iteration", interrupted)
+    assert cli.main(smoke_args(tiny_model_dir, tmp_path, "warmup.episodes=0", "trainer.val_before_train=false")) == 130
+    assert "t2po train: stopped (Ctrl-C); continue with: t2po train --resume" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_phase_timer_takes_inner_phases_out_of_the_outer_one(monkeypatch):
+    clock = iter([0.0, 1.0, 4.0, 10.0, 10.0, 12.5])  # perf_counter at each phase's start and end
+    monkeypatch.setattr("t2po.progress.time.perf_counter", lambda: next(clock))
+    timer = PhaseTimer()
+    with timer("old_logprob"):  # 0 .. 10, with the reference pass 1 .. 4 inside it
+        with timer("reference"):
+            pass
+    with timer("update"):  # 10 .. 12.5
+        pass
+    assert timer.pop() == {"time/old_logprob": 7.0, "time/reference": 3.0, "time/update": 2.5}
+    assert timer.pop() == {} and timer.last == {"old_logprob": 7.0, "reference": 3.0, "update": 2.5}
+
+
+def test_work_inside_a_step_shows_in_the_periodic_line_with_the_time_left_at_the_last_rate(monkeypatch, capsys):
+    monkeypatch.setenv("T2PO_PROGRESS_SECONDS", "0")
+    with Progress(4, "[rollout iter 2]", "episode", expected_seconds=3600):
+        activity("generating token 7/512, 32/32 rows")  # what the engine's decode loop reports
+    activity("no bar open: nothing")
+    assert capsys.readouterr().out == "[rollout iter 2] 0/4 episodes, generating token 7/512, 32/32 rows (0s, ~3600s left)\n"
+
+
+def test_iteration_phases_add_up_to_its_wall_time_and_the_run_time_spans_resumes(tiny_model_dir, tmp_path, capsys):
+    from test_trainer import tiny_overrides
+
+    from t2po.config import load_config
+    from t2po.trainer.trainer import PHASE_LABELS
+
+    def run(iterations: int, resume: bool) -> dict:
+        overrides = tiny_overrides(tiny_model_dir, tmp_path, iterations=iterations) + ["trainer.val_every=1", "algo.kl_coef=0.05",
+                                                                                      "model.dtype=float32", "trainer.threads=1"]
+        trainer = Trainer(load_config("default", overrides), run_dir=tmp_path / "run" if resume else None, resume=resume)
+        try:
+            trainer.setup()
+            return trainer.train()
+        finally:
+            trainer.cleanup()
+
+    run(2, resume=False)
+    out = capsys.readouterr().out
+    assert f"[setup] device cpu, float32 (model.dtype=float32), 1 CPU thread (trainer.threads=1); model: {tiny_model_dir}" in out
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for m in lines:
+        phases = {k: v for k, v in m.items() if k.startswith("time/") and k != "time/iteration"}
+        expected = {f"time/{p}" for p, _ in PHASE_LABELS} - ({"time/validation"} if m["iteration"] == 2 else set())  # none after the last
+        assert set(phases) == expected
+        assert sum(phases.values()) == pytest.approx(m["time/iteration"], rel=0.05)
+        line = next(x for x in out.splitlines() if x.startswith(f"[iter {m['iteration']}/2]"))
+        for _, label in PHASE_LABELS:
+            assert (f"s {label}" in line) == (f"time/{_}" in m), (label, line)
+        assert f"= {m['time/iteration']:.0f}s; ~" in line
+    run(3, resume=True)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == [1, 2, 3]
+    validation = [json.loads(x) for x in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
+    final = next(v["seconds"] for v in validation if v["tag"] == "final")
+    assert summary["seconds"] == pytest.approx(sum(m["time/iteration"] for m in lines) + final)  # both sessions
+    assert "1 iteration," not in format_summary({**summary, "iterations": 3}) and "1 iteration," in format_summary({**summary, "iterations": 1})

@@ -205,3 +205,24 @@ def test_mlflow_export_puts_all_runs_in_one_store(tmp_path):
     # exporting again replaces the copy instead of duplicating the runs
     assert main([str(a), str(b), "--out", str(out), "--mlflow"]) == 0
     assert len(client.search_runs([client.get_experiment_by_name(MLFLOW_EXPERIMENT).experiment_id])) == 2
+
+
+def test_one_runs_validation_band_is_the_binomial_interval_and_figures_carry_the_run_title(tmp_path):
+    from t2po.report import _run_title, draw_validation, wilson_interval
+
+    lo, hi = wilson_interval(np.array([0.5, 0.0]), 10)  # 5/10 and 0/10 solved (hand-computed Wilson 95 % bounds)
+    assert lo == pytest.approx([0.2366, 0.0], abs=1e-4) and hi == pytest.approx([0.7634, 0.2775], abs=1e-4)
+    run = _metrics_run(tmp_path, "val-run", [{"rollout/success_rate": 0.5}] * 2)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["rollout"]["val_num_tasks"] = 10
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "validation.jsonl").write_text("".join(json.dumps({"tag": t, "success_rate": r}) + "\n" for t, r in (("before", 0.0), ("final", 0.5))))
+    groups = group_runs([load_run(run)])
+    fig = Figure()
+    ax = fig.add_subplot()
+    assert draw_validation(ax, groups)
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(0.0) and band.max() == pytest.approx(0.7634, abs=1e-4)
+    assert "95 % binomial interval" in ax.get_title()
+    _run_title(fig, groups)
+    assert fig.get_suptitle() == "sokoban / t2po: val-run"

@@ -217,16 +217,26 @@ def test_sampled_episodes_are_mlflow_traces_of_the_run_with_turns_forced_tokens_
         assert root.span_type == "AGENT" and root.outputs["won"] == episode["won"]
         turns = sorted((s for s in spans if s.parent_id == root.span_id), key=lambda s: s.name)
         assert len(turns) == len(episode["steps"])
+        assert trace.info.tags["t2po.iteration"] == "1" and trace.info.tags["t2po.task"] == str(episode["seed"])
         for span, step in zip(turns, episode["steps"]):
-            # decoded text and the engine's token ids, forced TTI tokens as in the JSONL (test_episode_trace_shows_forced_...)
-            assert span.outputs["response_ids"] == step["response_ids"] and span.outputs["response"] == step["response"]
-            assert span.inputs["prompt_ids"] == step["prompt_ids"]
-            assert span.attributes["t2po.forced"] == step["forced"]
+            # text as code blocks (a grid keeps its lines), the engine's token ids as attributes, forced TTI tokens as in the JSONL
+            assert span.inputs["observation"] == f"```\n{step['observation']}\n```" and "\n" in step["observation"]
+            assert span.outputs["response"] == f"```\n{step['response_marked']}\n```"
+            assert span.attributes["t2po.response_ids"] == step["response_ids"] and span.attributes["t2po.prompt_ids"] == step["prompt_ids"]
+            assert span.attributes["t2po.forced"] == step["forced"] and span.attributes["t2po.reward"] == round(step["reward"], 4)
             children = [s for s in spans if s.parent_id == span.span_id]
-            assert len(children) == len(step["tds_discarded"]) == step["tds_resampled"]
-            for child, discarded in zip(children, step["tds_discarded"]):
-                assert child.attributes["t2po.discarded"] is True and child.outputs["response_ids"] == discarded["response_ids"]
+            discarded = [c for c in children if c.attributes.get("t2po.discarded")]
+            assert len(discarded) == len(step["tds_discarded"]) == step["tds_resampled"]
+            for child, dropped in zip(discarded, step["tds_discarded"]):
+                assert child.outputs["response_ids"] == dropped["response_ids"]
                 discarded_spans += 1
+            # the phases of the turn at the times they ran, in order, inside the turn's span
+            calls = {c.name: c for c in children if not c.attributes.get("t2po.discarded")}
+            timing = step["timing"]
+            assert calls["generation"].start_time_ns == timing["generate"][0] and calls["generation"].end_time_ns == timing["generate"][1]
+            assert calls["environment step"].start_time_ns == timing["env_step"][0] >= timing["generate"][1]
+            assert [calls[f"TDS redraw {k + 1}"].start_time_ns for k in range(step["tds_resampled"])] == [t[0] for t in timing["tds"]]
+            assert span.start_time_ns == timing["generate"][0] and span.end_time_ns == timing["env_step"][1]
     assert discarded_spans > 0, "TDS discarded nothing: the discarded spans were not tested"
 
 
