@@ -33,12 +33,33 @@ from t2po.config import load_config
 from t2po.checkpoints import WARMUP_MODEL, atomic_write_text
 from t2po.trainer.trainer import Trainer
 
-# Dotted overrides of the preset per arm. "t2po-paper" restores the paper's absolute thresholds
-# (spec §2-§3: eps 1e-4 over K = 20 tokens, eta 0.3, no think budget below the response length);
+
+def preset_overrides(name: str) -> list[str]:
+    """A preset that extends `default` as dotted overrides of it (its `base:` line dropped)."""
+    import yaml
+
+    from t2po.config import configs_dir
+
+    data = yaml.safe_load((configs_dir() / f"{name}.yaml").read_text())
+    data.pop("base", None)
+
+    def flatten(node: dict, prefix: str) -> list[str]:
+        out = []
+        for key, value in node.items():
+            if isinstance(value, dict) and key not in ("options", "val_options"):
+                out += flatten(value, f"{prefix}{key}.")
+            else:
+                out.append(f"{prefix}{key}={json.dumps(value)}")
+        return out
+
+    return flatten(data, "")
+
+
+# Dotted overrides of the preset per arm. "t2po-paper" is configs/t2po-paper.yaml (every exploration value of the
+# reference's scripts: eps 1e-4 over K = 20 tokens, eta 0.3, max_try 2, budget 450; tests/training/test_paper_preset.py);
 # "t2po-calibrated" is the preset as it stands (configs/default.yaml: the relative options).
 ARMS: dict[str, list[str]] = {
-    "t2po-paper": ["algo.name=t2po", "rollout.tti.eps=1e-4", "rollout.tti.eps_rel=null", "rollout.tti.patience=20",
-                   "rollout.tti.budget=null", "rollout.tds.eta=0.3", "rollout.tds.quantile=null"],
+    "t2po-paper": preset_overrides("t2po-paper"),
     "t2po-calibrated": ["algo.name=t2po"],
     "gigpo": ["algo.name=gigpo"],
     "grpo": ["algo.name=grpo"],

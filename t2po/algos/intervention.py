@@ -61,10 +61,10 @@ class InterventionConfig:
     patience: int | None = _setting(20, "Stagnation patience K: consecutive near-constant M_t steps before the end tag is forced (null = no stagnation rule).")
     eps: float = _setting(1e-4, "Stagnation threshold eps on |M_t - M_{t-1}| (the paper's; set for a 4B model, it never fires on a 135M one).")
     eps_rel: float | None = _setting(None, "Stagnation tolerance relative to the row's own spread, instead of eps: a step is stagnant when |M_t - M_{t-1}| <= eps_rel x the running std of the row's M_t in think spans. null = the absolute eps (the paper's).")
-    budget: int | None = _setting(None, "Think-token budget B (paper: 450); null = no budget.")
+    budget: int | None = _setting(None, "Think-token budget B (the reference's scripts: 450, configs/t2po-paper.yaml; configs/default.yaml: 28 of its 40-token responses); null = no budget.")
     alpha: float = _setting(0.6, "M_t mixing weight alpha (spec §1).")
     confidence: str = _setting("logprob", "conf_t in M_t: logprob (default) or prob.")
-    turn_score_skip: int = _setting(32, "The turn score skips this many leading response tokens (spec §3, reference: 32).")
+    turn_score_skip: int = _setting(32, "The turn score skips this many leading response tokens (spec §3, reference: 32 of 300-500 response tokens; configs/default.yaml and configs/t2po-paper.yaml use 4, the same share of their 40-token responses).")
 
 
 @dataclass
