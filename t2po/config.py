@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from t2po.algos import ALGORITHMS, GIGPO_MODES, KL_KINDS, LOSS_AGG_MODES, InterventionConfig, TDSConfig
+from t2po.algos import ALGORITHMS, GIGPO_MODES, KL_KINDS, LOSS_AGG_MODES, TDS_CONTROLS, TTI_CONTROLS, InterventionConfig, TDSConfig
 from t2po.algos.uncertainty import CONFIDENCE_FORMS
 from t2po.engines import ENGINES
 from t2po.engines.base import SamplingParams
@@ -180,7 +180,8 @@ class Config:
             errors.append(f"algo.name={self.algo.name!r}: choose one of {', '.join(ALGORITHMS)}{did_you_mean(self.algo.name, ALGORITHMS)}")
         for key, value, choices in (("algo.gigpo_mode", self.algo.gigpo_mode, GIGPO_MODES), ("algo.loss_agg", self.algo.loss_agg, LOSS_AGG_MODES),
                                     ("algo.kl_kind", self.algo.kl_kind, KL_KINDS), ("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16")),
-                                    ("trainer.device", self.trainer.device, ("auto", "cpu", "cuda")), ("rollout.tti.confidence", r.tti.confidence, CONFIDENCE_FORMS)):
+                                    ("trainer.device", self.trainer.device, ("auto", "cpu", "cuda")), ("rollout.tti.confidence", r.tti.confidence, CONFIDENCE_FORMS),
+                                    ("rollout.tti.control", r.tti.control, TTI_CONTROLS), ("rollout.tds.control", r.tds.control, TDS_CONTROLS)):
             if value not in choices:
                 errors.append(f"{key}={value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}{did_you_mean(value, choices)}")
         for name, value in [("rollout.num_tasks", r.num_tasks), ("rollout.group_size", r.group_size),
@@ -242,8 +243,11 @@ class Config:
             errors.append(f"rollout.tds.quantile={r.tds.quantile}: must be in (0, 1) (or null for the absolute rollout.tds.eta)")
         if r.tds.window < 1:
             errors.append(f"rollout.tds.window={r.tds.window}: must be >= 1")
-        if r.tti.eps_rel is not None and r.tti.eps_rel <= 0:
-            errors.append(f"rollout.tti.eps_rel={r.tti.eps_rel}: must be > 0 (or null for the absolute rollout.tti.eps)")
+        if r.tti.control == "random" and not 0 < r.tti.random_rate <= 1:
+            errors.append(f"rollout.tti.random_rate={r.tti.random_rate}: the random-truncation control needs a rate in (0, 1] "
+                          "(TTI's stagnation triggers per think token of a T2PO run)")
+        if r.tti.eps_floor is not None and r.tti.eps_floor <= 0:
+            errors.append(f"rollout.tti.eps_floor={r.tti.eps_floor}: must be > 0 (or null for the absolute rollout.tti.eps)")
         if self.algo.similarity_threshold is not None and not 0 < self.algo.similarity_threshold <= 1:
             errors.append(f"algo.similarity_threshold={self.algo.similarity_threshold}: must be in (0, 1]")
         known_trackers = {"console", "mlflow", "tensorboard", "wandb"}

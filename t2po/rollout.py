@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from t2po.algos import TDSConfig, TDSQuantileThreshold, tds_resample_mask, turn_score_deltas
+from t2po.algos import TDSConfig, TDSQuantileThreshold, random_resample_mask, tds_diagnostics, tds_resample_mask, turn_score_deltas
 from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams
 from t2po.envs.base import BatchEnv, EnvState
 from t2po.policies import NO_ANSWER, EnginePolicy, Policy, Turn
@@ -58,7 +58,8 @@ class StepSample:
     invalid_reason: str = ""
     resampled: int = 0  # TDS regenerations of this turn
     tds_delta: float = math.nan  # |Mbar - previous accepted Mbar| of this turn's first sample (NaN: first turn)
-    tds_regen_flagged: int = 0  # regenerations of this turn that fell in the TDS band again
+    tds_kept_delta: float = math.nan  # the same for the sample kept (the last redraw of a regenerated turn)
+    tds_in_band: tuple[bool, bool] = (False, False)  # (first sample, kept sample) in the TDS band (TDS on, eligible turns)
     tti_triggers: dict[str, int] = field(default_factory=dict)
     think_length: int = 0
     image: Any = None  # the observation's PIL image (image observations), else None
@@ -119,8 +120,9 @@ def build_prompt(tokenizer: Any, text: str, image: Any = None, max_prompt_tokens
     return ids, pixels, False
 
 
-def _discarded(g: Generation) -> dict:
-    return {"text": g.text, "token_ids": list(g.token_ids), "turn_score": g.turn_score, "forced": list(g.forced)}
+def _discarded(g: Generation, prev: float) -> dict:
+    return {"text": g.text, "token_ids": list(g.token_ids), "turn_score": g.turn_score, "forced": list(g.forced),
+            "tds_delta": float(turn_score_deltas([prev], [g.turn_score])[0])}
 
 
 def call_seed(seed: int, turn: int, attempt: int) -> int:
@@ -199,34 +201,38 @@ def collect_rollouts(
             counters["prefill_tokens"] += sum(g.prompt_tokens - g.cached_prompt_tokens for g in gens)
             distinct = {(tuple(t.prompt_ids), j if t.pixel_inputs is not None else -1) for j, t in enumerate(turns)}
             counters["unique_prompt_tokens"] += sum(len(ids) for ids, _ in distinct)
-        resampled, regen_flagged = [0] * len(idx), [0] * len(idx)
+        resampled = [0] * len(idx)
         prev = [prev_score[i] for i in idx]
         first_deltas = turn_score_deltas(prev, [g.turn_score for g in gens])
         discarded: list[list[dict]] = [[] for _ in idx]
+        in_band = np.zeros((len(idx), 2), dtype=bool)  # (first sample, kept sample) in the band
         if tds is not None and tds.enabled:
             counters["tds_eligible_turns"] += int(np.isfinite(first_deltas).sum())
             counters["tds_extra_tokens"] += 0  # present (0) in an iteration where nothing is flagged
             if tds_threshold is not None:
                 tds_threshold.observe(first_deltas)
             eta = tds.eta if tds_threshold is None else tds_threshold.eta()
-            flagged = np.flatnonzero(tds_resample_mask(prev, [g.turn_score for g in gens], eta))
+            in_band[:, 0] = tds_resample_mask(prev, [g.turn_score for g in gens], eta)
+            control = np.random.default_rng(call_seed(seed, turn, 0)) if tds.control == "random" else None
+            flagged = np.flatnonzero(in_band[:, 0] if control is None else random_resample_mask(in_band[:, 0], np.isfinite(first_deltas), control))
             for attempt in range(1, tds.max_try + 1):
                 if flagged.size == 0:
                     break
                 regen = policy.act([turns[j] for j in flagged], call_seed(seed, turn, attempt))
                 for j, g in zip(flagged, regen):
                     counters["tds_extra_tokens"] += gens[j].num_tokens  # the discarded sample's tokens
-                    discarded[j].append(_discarded(gens[j]))
+                    discarded[j].append(_discarded(gens[j], prev[j]))
                     counters["generated_tokens"] += g.num_tokens
                     counters["prefill_tokens"] += g.prompt_tokens - g.cached_prompt_tokens
                     gens[j] = g
                     resampled[j] += 1
                 counters["tds_regenerations"] += flagged.size
-                # does resampling select? the regenerated samples in the band again
                 again = tds_resample_mask([prev[j] for j in flagged], [g.turn_score for g in regen], eta)
-                for j in flagged[again]:
-                    regen_flagged[j] += 1
+                if control is not None:  # the control redraws as many of them, at random
+                    again = random_resample_mask(again, np.ones(flagged.size, dtype=bool), control)
                 flagged = flagged[again]
+            in_band[:, 1] = tds_resample_mask(prev, [g.turn_score for g in gens], eta)
+        kept_deltas = turn_score_deltas(prev, [g.turn_score for g in gens])
         actions: list[str | None] = [None] * n
         parsed_of = {}
         for j, i in enumerate(idx):
@@ -257,7 +263,8 @@ def collect_rollouts(
                     invalid_reason=f"{g.finish_reason} answer" if g.finish_reason in NO_ANSWER else parsed.reason,
                     resampled=resampled[j],
                     tds_delta=float(first_deltas[j]),
-                    tds_regen_flagged=regen_flagged[j],
+                    tds_kept_delta=float(kept_deltas[j]),
+                    tds_in_band=(bool(in_band[j, 0]), bool(in_band[j, 1])),
                     tti_triggers=dict(g.tti_triggers),
                     think_length=g.think_length,
                     image=states[i].image,
@@ -312,14 +319,15 @@ def rollout_stats(episodes: list[Episode], counters: dict[str, float] | None = N
       tokens inside think spans per turn) and `think_length_p90`;
     - TDS: `tds_flag_rate` = turns regenerated / eligible turns (a second or later turn whose first
       sample has a turn score); `tds_delta_p10/p50/p90` = percentiles of |Mbar(k) - Mbar(k-1)| of
-      the first samples (also without TDS: what a threshold would see); `tds_regen_flag_rate` = the
-      regenerated samples that fell in the band again (close to the flag rate: the redraw selects
-      nothing); `tds_extra_token_fraction` = tokens of discarded samples / all generated tokens.
+      the first samples (also without TDS: what a threshold would see); what TDS changed
+      (`t2po.algos.tds_diagnostics`): the in-band share of eligible turns before and after resampling,
+      |delta Mbar| of the kept vs the discarded samples of regenerated turns; `tds_extra_token_fraction`
+      = tokens of discarded samples / all generated tokens. (A "regenerated samples flagged again" rate
+      says nothing about selection: a fresh i.i.d. draw lands in the band with the band's own probability.)
     """
     counters = counters or {}
     samples = [x for ep in episodes for x in ep.samples]
     deltas = np.array([x.tds_delta for x in samples if math.isfinite(x.tds_delta)])
-    regenerations = sum(x.resampled for x in samples)
     stats: dict[str, float] = {
         "episodes": float(len(episodes)),
         "success_rate": float(np.mean([ep.won for ep in episodes])) if episodes else 0.0,
@@ -335,6 +343,7 @@ def rollout_stats(episodes: list[Episode], counters: dict[str, float] | None = N
         "clip_ratio": float(np.mean([x.finish_reason == "length" for x in samples])) if samples else 0.0,
         "tti_budget_triggers": float(sum(x.tti_triggers.get("budget", 0) for x in samples)),
         "tti_stagnation_triggers": float(sum(x.tti_triggers.get("stagnation", 0) for x in samples)),
+        "tti_random_triggers": float(sum(x.tti_triggers.get("random", 0) for x in samples)),  # the control arm
         "think_length": float(np.mean([x.think_length for x in samples])) if samples else 0.0,
         "think_length_p90": float(np.percentile([x.think_length for x in samples], 90)) if samples else 0.0,
         "forced_tokens": float(sum(sum(x.forced_mask) for x in samples)),
@@ -343,8 +352,11 @@ def rollout_stats(episodes: list[Episode], counters: dict[str, float] | None = N
     if deltas.size:
         for q in (10, 50, 90):
             stats[f"tds_delta_p{q}"] = float(np.percentile(deltas, q))
-    if regenerations:
-        stats["tds_regen_flag_rate"] = sum(x.tds_regen_flagged for x in samples) / regenerations
+    if "tds_eligible_turns" in counters:  # TDS was on
+        eligible = [x for x in samples if math.isfinite(x.tds_delta)]
+        stats.update(tds_diagnostics([x.tds_in_band[0] for x in eligible], [x.tds_in_band[1] for x in eligible],
+                                     [x.tds_kept_delta for x in eligible if x.resampled],
+                                     [d["tds_delta"] for x in eligible for d in x.discarded]))
     for key in COUNTERS:
         if key in counters:
             stats[key] = float(counters[key])

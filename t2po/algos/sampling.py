@@ -18,6 +18,10 @@ import numpy as np
 import torch
 
 
+#: TDS or its control arm (`TDSConfig.control`)
+TDS_CONTROLS = ("none", "random")
+
+
 @dataclass
 class TDSConfig:
     """Turn-level dynamic sampling (spec §3) as the rollout loop takes it and the config holds it
@@ -27,6 +31,7 @@ class TDSConfig:
     max_try: int = field(default=2, metadata={"help": "TDS regenerations per turn at most (the reference's scripts: 2, configs/t2po-paper.yaml; configs/default.yaml uses 1 to halve the cost of redraws)."})
     quantile: float | None = field(default=None, metadata={"help": "Threshold relative to the run's own deltas instead of eta: regenerate the turns whose |delta Mbar| is below this quantile of the last `window` first-sample deltas (TDSQuantileThreshold), so the flag rate is about this fraction at any model scale. null = the absolute eta (the paper's)."})
     window: int = field(default=1024, metadata={"help": "Recent first-sample deltas the quantile threshold is estimated from (kept across iterations and checkpointed)."})
+    control: str = field(default="none", metadata={"help": "Control arm for TDS (issue 27): none = TDS's rule; random = redraw as many eligible turns as the rule flags, chosen uniformly at random (and as many of the redrawn ones as the rule flags again on each further try): TDS's cost and rate without its uncertainty signal."})
     enabled: bool | None = field(default=True, metadata={"help": "Turn-level dynamic sampling on or off. In the config, null = on for t2po, off for the baselines (the algorithm's default); always off with algo.dynamic_sampling."})
 
 
@@ -78,6 +83,39 @@ def turn_score_deltas(prev_scores: Any, scores: Any) -> np.ndarray:
             f"prev_scores ({prev.shape[0]}) and scores ({current.shape[0]}) need one entry per environment"
         )
     return np.abs(current - prev)
+
+
+def random_resample_mask(rule_mask: np.ndarray, eligible: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The random-resampling control (issue 27): as many rows as `rule_mask` flags, drawn uniformly
+    without replacement from the `eligible` rows, so the redraw rate is TDS's and only the choice of rows
+    loses the uncertainty signal."""
+    rule_mask, eligible = np.asarray(rule_mask, dtype=bool), np.asarray(eligible, dtype=bool)
+    chosen = rng.choice(np.flatnonzero(eligible), size=min(int(rule_mask.sum()), int(eligible.sum())), replace=False)
+    mask = np.zeros(rule_mask.shape, dtype=bool)
+    mask[chosen] = True
+    return mask
+
+
+def tds_diagnostics(first_in_band: Any, kept_in_band: Any, kept_deltas: Any, discarded_deltas: Any) -> dict[str, float]:
+    """What TDS changed in a batch (issue 27), over its eligible turns (a second or later turn with a score):
+
+    - `tds_inband_before` / `tds_inband_after`: the share of eligible turns whose first sample / kept sample
+      lies in the band 0 < |delta Mbar| < eta. Selection shows as after < before; an i.i.d. redraw of every
+      flagged turn lands in the band again with the band's own probability.
+    - `tds_kept_delta_mean` / `_p50`: |delta Mbar| of the kept samples of regenerated turns (`kept_deltas`),
+      `tds_discarded_delta_mean` / `_p50`: that of the discarded samples. Empty groups are left out.
+    """
+    first, kept = np.asarray(first_in_band, dtype=bool), np.asarray(kept_in_band, dtype=bool)
+    stats: dict[str, float] = {}
+    if first.size:
+        stats["tds_inband_before"] = float(first.mean())
+        stats["tds_inband_after"] = float(kept.mean())
+    for name, values in (("kept", kept_deltas), ("discarded", discarded_deltas)):
+        values = np.asarray([v for v in values if np.isfinite(v)], dtype=np.float64)
+        if values.size:
+            stats[f"tds_{name}_delta_mean"] = float(values.mean())
+            stats[f"tds_{name}_delta_p50"] = float(np.median(values))
+    return stats
 
 
 class TDSQuantileThreshold:

@@ -93,7 +93,7 @@ class HFEngine(Engine):
             raise ValueError("the thinking intervention needs M_t: build the engine with monitor_uncertainty=True")
         if not prompts:
             return []
-        tti = self._intervention(config) if self.monitor_uncertainty else None
+        tti = self._intervention(config, sampling.seed) if self.monitor_uncertainty else None
         if tti is not None:
             tti.start(prompts)
         was_training = self.model.training
@@ -308,10 +308,10 @@ class HFEngine(Engine):
             for row, prompt in enumerate(prompts)
         ], shared
 
-    def _intervention(self, config: InterventionConfig) -> ThinkingIntervention:
+    def _intervention(self, config: InterventionConfig, seed: int | None) -> ThinkingIntervention:
         if self._token_text is None:
             self._token_text = vocabulary_text(self.tokenizer)
-        return make_intervention(config, self.tokenizer, self._token_text)
+        return make_intervention(config, self.tokenizer, self._token_text, seed)
 
     def _hits_stop(self, ids: list[int], stop: Sequence[str], window: int) -> bool:
         # A row stops at the first occurrence, so any occurrence in the recent window is a new one.

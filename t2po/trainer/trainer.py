@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from t2po.algos import StepBatch, kl_penalty, ppo_policy_loss
-from t2po.algos.losses import value_loss
+from t2po.algos.losses import loss_token_counts, value_loss
 from t2po.algos.sampling import TDSQuantileThreshold
 from t2po.checkpoints import (
     CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, complete_checkpoints, is_sharded, kill_point, latest_checkpoint,
@@ -479,7 +479,8 @@ class Trainer:
             counts[key] = counts.get(key, 0) + 1
 
         real_tokens = processed_tokens = 0
-        lengths = [len(s.response_ids) for s in samples]
+        # the token-mean denominator: the tokens the loss mask keeps
+        lengths = loss_token_counts([len(s.response_ids) for s in samples], [s.forced_mask for s in samples], a.mask_forced_tokens)
         filler = next(self._micro_batches([0], samples))  # run with loss weight 0 (t2po.distributed.padded)
         # one process: rng.permutation(len(samples)) in mini_batch_size chunks per epoch; several: the same global plan
         plans = [plan_mini_batches(lengths, cfg.optim.mini_batch_size, rng) for _ in range(cfg.optim.ppo_epochs)]

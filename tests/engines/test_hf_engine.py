@@ -148,6 +148,18 @@ def test_stagnation_trigger_with_loose_eps(engine, tiny_model):
     assert not any(gen.forced[:3])
 
 
+def test_random_truncation_control_replaces_the_stagnation_rule(engine, tiny_model):
+    """rollout.tti.control=random: the loose eps that makes every step stagnant forces nothing; with rate 1 the
+    end tag is forced at the first think token, counted as "random"."""
+    _, tokenizer = tiny_model
+    thinking = chat(tokenizer, "Push the box up.", prefill="<think>\n")
+    sampling = SamplingParams(temperature=0, max_new_tokens=10, seed=3)
+    never = engine.generate([thinking], sampling, InterventionConfig(patience=3, eps=10.0, control="random", random_rate=1e-9))[0]
+    assert not any(never.forced) and never.tti_triggers["stagnation"] == 0
+    always = engine.generate([thinking], sampling, InterventionConfig(patience=3, eps=10.0, control="random", random_rate=1.0))[0]
+    assert always.forced[0] and always.tti_triggers["random"] == 1 and always.tti_triggers["stagnation"] == 0
+
+
 def test_monitoring_off_samples_the_same_tokens(tiny_model, prompts, engine):
     model, tokenizer = tiny_model
     sampling = SamplingParams(temperature=1.0, max_new_tokens=10, seed=11)

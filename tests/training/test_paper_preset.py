@@ -39,7 +39,7 @@ def test_paper_preset_sets_the_reference_values():
     assert r.tds.max_try == REFERENCE["tds_max_try"]
     assert r.tds.eta == REFERENCE["eta"] and r.tds.quantile is None  # absolute threshold, no relative one
     assert r.tti.patience == REFERENCE["stagnation_patience"]
-    assert r.tti.eps == REFERENCE["stagnation_eps"] and r.tti.eps_rel is None
+    assert r.tti.eps == REFERENCE["stagnation_eps"] and r.tti.eps_floor is None
     assert r.tti.budget == REFERENCE["num_think_tokens"]
     assert r.tti.alpha == REFERENCE["combine_alpha"] and r.tti.confidence == "logprob"
     assert cfg.algo.gamma == REFERENCE["gamma"] and cfg.algo.step_weight == REFERENCE["step_advantage_w"]

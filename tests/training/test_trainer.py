@@ -111,11 +111,18 @@ def test_trainer_credits_the_invalid_action_penalty_to_its_own_step(algo, tmp_pa
     np.testing.assert_allclose(adv, [-2.0412, 0.4082, 0.4082, 0.4082, 0.4082, 0.4082], atol=1e-4)
 
 
-def test_relative_exploration_options_log_diagnostics_and_checkpoint_the_tds_window(tiny_model_dir, tmp_path):
-    overrides = tiny_overrides(tiny_model_dir, tmp_path, iterations=1) + ["rollout.tds.quantile=0.5", "rollout.tti.eps_rel=0.5",
+def test_relative_exploration_options_log_diagnostics_and_checkpoint_the_tds_window(tiny_model_dir, tmp_path, monkeypatch):
+    overrides = tiny_overrides(tiny_model_dir, tmp_path, iterations=1) + ["rollout.tds.quantile=0.5", "rollout.tti.eps_floor=0.5",
                                                                           "rollout.tti.patience=2", "rollout.tti.budget=4"]
+    import t2po.trainer.trainer as trainer_module
+
+    denominators = []  # the per-sample token counts the update's token-mean weights are computed from
+    plan = trainer_module.plan_mini_batches
+    monkeypatch.setattr(trainer_module, "plan_mini_batches", lambda lengths, *a: denominators.append(list(lengths)) or plan(lengths, *a))
     trainer = run_trainer(overrides)
     (line,) = [json.loads(l) for l in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # the token-mean denominator counts the tokens the loss mask keeps: forced ones are masked (algo.mask_forced_tokens)
+    assert line["rollout/forced_tokens"] > 0 and sum(denominators[0]) == line["rollout/response_tokens"] - line["rollout/forced_tokens"]
     for key in ("rollout/tds_flag_rate", "rollout/tds_delta_p50", "rollout/tds_eta", "rollout/think_length_p90",
                 "rollout/tds_extra_token_fraction", "rollout/tti_budget_triggers", "rollout/forced_tokens"):
         assert key in line, key
