@@ -162,7 +162,10 @@ def _validation(state: dict, tag: str) -> dict | None:
     v = state["validation"].get(tag)
     if v is None:
         return None
-    return {"success_rate": v["success_rate"], "valid_action_rate": 1 - v["invalid_action_rate"], "episode_reward": v["episode_reward"]}
+    out = {"success_rate": v["success_rate"], "valid_action_rate": 1 - v["invalid_action_rate"], "episode_reward": v["episode_reward"]}
+    if "tti_on/success_rate" in v:  # the same model decoded with its TTI (trainer.val_tti=both)
+        out.update({"tti_on_success_rate": v["tti_on/success_rate"], "tti_on_valid_action_rate": 1 - v["tti_on/invalid_action_rate"]})
+    return out
 
 
 def run_entry(run_dir: Path, arm: str, seed: int, warm_state: dict) -> dict:
@@ -216,6 +219,7 @@ def arm_summary(runs: list[dict]) -> dict:
             "held_out_success_after_rl": held_out("after_rl", "success_rate"),
             "held_out_valid_actions_before_rl": held_out("before_rl", "valid_action_rate"),
             "held_out_valid_actions_after_rl": held_out("after_rl", "valid_action_rate"),
+            "held_out_success_after_rl_tti_on": held_out("after_rl", "tti_on_success_rate"),
             "training_success_last_iteration": stat([r["iterations"][-1].get("success_rate") for r in rs if r["iterations"]]),
             "generated_tokens": stat([r["generated_tokens"] for r in rs]),
             "tds_flag_rate_mean": stat([r["tds_flag_rate_mean"] for r in rs]),
@@ -230,11 +234,13 @@ def markdown_table(summary: dict) -> str:
     def cell(s: dict | None, digits: int = 3) -> str:
         return "-" if s is None else f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 
-    lines = ["| arm | seeds | held-out success before RL | after RL | valid actions after RL | tokens generated (RL) | TDS flag rate | TTI stagnation / budget triggers |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | seeds | held-out success before RL (TTI off) | after RL (TTI off) | after RL (TTI on) | valid actions after RL | "
+             "tokens generated (RL) | TDS flag rate | TTI stagnation / budget triggers |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arm, a in summary.items():
         tti = f"{a['tti_stagnation_triggers']['mean']:.0f} / {a['tti_budget_triggers']['mean']:.0f}"
         lines.append(f"| {arm} | {len(a['seeds'])} | {cell(a['held_out_success_before_rl'])} | {cell(a['held_out_success_after_rl'])} | "
+                     f"{cell(a['held_out_success_after_rl_tti_on'])} | "
                      f"{cell(a['held_out_valid_actions_after_rl'])} | {a['generated_tokens']['mean']:,.0f} | {cell(a['tds_flag_rate_mean'], 2)} | {tti} |")
     return "\n".join(lines)
 
@@ -270,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(ns.out)
-    common = ["trainer.trackers=[console]", "trainer.report=false", *ns.set]
+    # one decoder for every arm (TTI off), and the T2PO arms also with their TTI (issue 27)
+    common = ["trainer.trackers=[console]", "trainer.report=false", "trainer.val_tti=both", *ns.set]
     for arm in ns.arms:  # every configuration checked before any work (the control's rate as a stand-in)
         load_config(ns.preset, [*common, *ARMS[arm], *(["rollout.tti.random_rate=0.05"] if arm == "random-truncation" else [])])
     t0 = time.time()

@@ -136,6 +136,10 @@ class WarmupConfig:
     batch_size: int = _f(8, "Warm-up samples per optimizer step.")
 
 
+#: TTI in validation (`trainer.val_tti`)
+VAL_TTI = ("off", "on", "both")
+
+
 @dataclass
 class TrainerConfig:
     iterations: int = _f(10, "RL iterations (one rollout batch + one update each).")
@@ -144,6 +148,7 @@ class TrainerConfig:
     run_name: str | None = _f(None, "Run folder name; default: <env>-<algo>-<timestamp>.")
     val_every: int = _f(5, "Validate every k iterations (0 = only before and after training).")
     val_before_train: bool = _f(True, "Validate before training (and before the warm-up, if any).")
+    val_tti: str = _f("off", "TTI in validation: off (every algorithm validated under one decoder, so held-out figures compare policies; issue 27: TTI on cost the same warmed-up model 0.125 success), on (the run's own TTI setting, as before issue 27), or both (off as the run's figures, plus the run's TTI as tti_on/* keys in validation.jsonl when it has TTI on).")
     save_every: int = _f(1, "Checkpoint every k iterations (the last iteration is always saved).")
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (oldest deleted).")
     trackers: list = _f(["console", "mlflow"], "Trackers: console, mlflow, tensorboard, wandb.")
@@ -181,7 +186,8 @@ class Config:
         for key, value, choices in (("algo.gigpo_mode", self.algo.gigpo_mode, GIGPO_MODES), ("algo.loss_agg", self.algo.loss_agg, LOSS_AGG_MODES),
                                     ("algo.kl_kind", self.algo.kl_kind, KL_KINDS), ("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16")),
                                     ("trainer.device", self.trainer.device, ("auto", "cpu", "cuda")), ("rollout.tti.confidence", r.tti.confidence, CONFIDENCE_FORMS),
-                                    ("rollout.tti.control", r.tti.control, TTI_CONTROLS), ("rollout.tds.control", r.tds.control, TDS_CONTROLS)):
+                                    ("rollout.tti.control", r.tti.control, TTI_CONTROLS), ("rollout.tds.control", r.tds.control, TDS_CONTROLS),
+                                    ("trainer.val_tti", self.trainer.val_tti, VAL_TTI)):
             if value not in choices:
                 errors.append(f"{key}={value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}{did_you_mean(value, choices)}")
         for name, value in [("rollout.num_tasks", r.num_tasks), ("rollout.group_size", r.group_size),

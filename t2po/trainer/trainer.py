@@ -323,17 +323,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
     def validate(self, tag: str) -> dict[str, float]:
-        """Held-out tasks (validation split), TTI on, TDS off, validation sampling (spec §6)."""
-        cfg = self.cfg
-        self.model.eval()
-        seeds = list(range(cfg.rollout.val_num_tasks))  # the same held-out tasks in every run (the split sets them apart)
-        seeds = shard_tasks(seeds, self.dist.rank, self.dist.world_size)
-        t0 = time.time()
-        with self._rollout_weights(), Progress(len(seeds), f"[val {tag}]", "episode", disable=self.quiet) as bar:
-            result = collect_rollouts(self.engine, self.val_env, seeds, 1, self.rollout.val_sampling, self.rollout.tti, None,
-                                      cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
-                                      seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank, progress=bar)
-        stats = {**self._global_stats(result), "seconds": from_rank0(time.time() - t0)}
+        """Held-out tasks (validation split), TDS off, validation sampling (spec §6), TTI as `trainer.val_tti`
+        says: off (one decoder for every algorithm, so the figures compare policies), on (the run's own TTI
+        setting), or both (off, then, for a run with TTI on, the same tasks and sampler seed with TTI as
+        `tti_on/*` keys of the same record)."""
+        tti_off = dataclasses.replace(self.rollout.tti, enabled=False)
+        primary = self.rollout.tti if self.cfg.trainer.val_tti == "on" else tti_off
+        result, stats = self._play_validation(tag, primary)
+        stats["val_tti_enabled"] = float(bool(primary.enabled))
+        if self.cfg.trainer.val_tti == "both" and self.rollout.tti.enabled:
+            _, with_tti = self._play_validation(f"{tag} tti", self.rollout.tti)
+            stats.update({f"tti_on/{k}": v for k, v in with_tti.items()})
         kill_point("validation", tag)
         self.run_state["validation"][tag] = stats
         self._save_run_state()
@@ -343,9 +343,24 @@ class Trainer:
             f.write(json.dumps({"tag": tag, **stats}) + "\n")
         self._write_traces(f"val_{tag}", result, "validation", validation_step(tag, self.cfg.trainer.iterations))
         self.trackers.log_metrics({f"val/{k}": v for k, v in stats.items()}, step=validation_step(tag, self.cfg.trainer.iterations))
+        with_tti = f"  [TTI on: success {stats['tti_on/success_rate']:.3f}  valid actions {1 - stats['tti_on/invalid_action_rate']:.3f}]" \
+            if "tti_on/success_rate" in stats else ""
         self.log(f"[val {tag}] success {stats['success_rate']:.3f}  valid actions {1 - stats['invalid_action_rate']:.3f}  "
-                 f"reward {stats['episode_reward']:.2f}  turns {stats['episode_length']:.1f}  ({stats['seconds']:.0f}s)")
+                 f"reward {stats['episode_reward']:.2f}  turns {stats['episode_length']:.1f}  ({stats['seconds']:.0f}s){with_tti}")
         return stats
+
+    def _play_validation(self, label: str, tti) -> tuple[RolloutResult, dict[str, float]]:
+        """One pass over the held-out tasks with the thinking intervention `tti` (its `enabled` decides)."""
+        cfg = self.cfg
+        self.model.eval()
+        seeds = list(range(cfg.rollout.val_num_tasks))  # the same held-out tasks in every run (the split sets them apart)
+        seeds = shard_tasks(seeds, self.dist.rank, self.dist.world_size)
+        t0 = time.time()
+        with self._rollout_weights(), Progress(len(seeds), f"[val {label}]", "episode", disable=self.quiet) as bar:
+            result = collect_rollouts(self.engine, self.val_env, seeds, 1, self.rollout.val_sampling, tti, None,
+                                      cfg.rollout.max_turns, cfg.rollout.invalid_action_penalty, cfg.rollout.max_prompt_tokens,
+                                      seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank, progress=bar)
+        return result, {**self._global_stats(result), "seconds": from_rank0(time.time() - t0)}
 
     def _save_run_state(self) -> None:
         if self.dist.is_main:
