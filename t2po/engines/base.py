@@ -42,7 +42,7 @@ class Generation:
     text: str  # decoded response (for parsing only)
     finish_reason: str  # "stop" (EOS or stop string), "length", or "cancelled" (the caller's should_stop)
     turn_score: float = math.nan  # Mbar over the configured window (spec §3)
-    tti_triggers: dict[str, int] = field(default_factory=dict)  # {"budget": n, "stagnation": n}
+    tti_triggers: dict[str, int] = field(default_factory=dict)  # {"budget": n, "stagnation": n, "random": n}
     think_length: int = 0  # tokens inside think spans
     prompt_tokens: int = 0
     usage: dict = field(default_factory=dict)  # a text policy's accounting (API: completion tokens, attempts, retries, latency)

@@ -39,8 +39,8 @@ def test_rows_trigger_stagnation_at_their_own_steps():
     # row 1: START at step 2, in span from step 3, comparisons at 4, 5, 6 -> forced at 6, 7
     assert emitted[1][2] == START and emitted[1][6:8] == [END_A, END_B]
     assert tti.rows[1].forced_positions == [6, 7]
-    assert tti.rows[0].triggers == {"budget": 0, "stagnation": 1}
-    assert tti.rows[1].triggers == {"budget": 0, "stagnation": 1}
+    assert tti.rows[0].triggers == {"budget": 0, "stagnation": 1, "random": 0}
+    assert tti.rows[1].triggers == {"budget": 0, "stagnation": 1, "random": 0}
     # a row outside any think span is never forced, however stagnant
     assert tti.rows[2].forced_positions == [] and tti.rows[2].think_length == 0
     # after the forced end tag the rows are outside and write freely again
@@ -55,7 +55,7 @@ def test_budget_forces_the_end_tag_and_counts_separately():
     steps = [[(0.1 * t, WORD)] for t in range(8)]  # M_t changes by 0.1 every step: never stagnant
     emitted = run(tti, steps)
     assert emitted[0][:6] == [WORD] * 4 + [END_A, END_B]
-    assert tti.rows[0].triggers == {"budget": 1, "stagnation": 0}
+    assert tti.rows[0].triggers == {"budget": 1, "stagnation": 0, "random": 0}
     assert tti.rows[0].think_length == 6
 
 
@@ -64,7 +64,7 @@ def test_budget_takes_precedence_when_both_rules_fire():
     tti.start([[START]])
     emitted = run(tti, [[(0.3, WORD)]] * 4)
     assert emitted[0][2:4] == [END_A, END_B]
-    assert tti.rows[0].triggers == {"budget": 1, "stagnation": 0}
+    assert tti.rows[0].triggers == {"budget": 1, "stagnation": 0, "random": 0}
 
 
 def test_counter_resets_on_movement_and_after_forcing():
@@ -191,7 +191,7 @@ def test_relative_tolerance_is_a_fraction_of_the_rows_noise_floor():
     relative.start([[START]])
     run(relative, [[(m, WORD)] for m in ms])
     assert relative.rows[0].forced_positions == [7, 8]
-    assert relative.rows[0].triggers == {"budget": 0, "stagnation": 1}
+    assert relative.rows[0].triggers == {"budget": 0, "stagnation": 1, "random": 0}
     absolute = id_tti(patience=3, eps=1e-4)
     absolute.start([[START]])
     run(absolute, [[(m, WORD)] for m in ms])

@@ -57,7 +57,6 @@ _COMPACT_INTRO = (
 _COMPACT_INSTRUCTION = "Answer with <think>brief reasoning</think><action>up, down, left or right</action>."
 
 
-@dataclass
 #: the reference's Sokoban action pool, in the order it is searched ("still" is valid and moves nothing)
 REFERENCE_ACTIONS = ("up", "down", "left", "right", "still")
 
@@ -92,6 +91,7 @@ def sokoban_projection(response: str) -> ParsedAction:
     return ParsedAction(action, True)
 
 
+@dataclass
 class _Episode:
     seed: int  # the room seed (split offset included)
     room: Room
