@@ -69,8 +69,8 @@ def sokoban_prompts(tokenizer, batch_size: int, seed: int) -> list[list[int]]:
     return prompts
 
 
-def multinomial_sampler(logits, sampling, generator):
-    """The sampler before issue 17 (same filtering, then `torch.multinomial`)."""
+def multinomial_sampler(logits, sampling, generator, probs=None):
+    """The sampler before issue 17 (same filtering, then `torch.multinomial`; it computed its own softmax)."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
