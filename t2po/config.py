@@ -346,6 +346,14 @@ RENAMED = {
 }
 
 
+#: keys removed for a rule that means something else (not renamed: a value cannot be carried over)
+REPLACED = {
+    "rollout.tti.eps_rel": "issue 27 replaced that stagnation rule (<= eps_rel x the row's std of M_t, which fires on 45 % of "
+                           "white-noise spans) by rollout.tti.eps_floor (<= eps_floor x the row's median change of M_t; "
+                           "configs/default.yaml uses 0.3 with patience 4). Set rollout.tti.eps_floor instead.",
+}
+
+
 def upgrade_keys(data: dict, source: str) -> dict:
     """Move keys of `RENAMED` in a (partial) config tree to their new place; one line on stderr says
     which (`source`: the file or override they came from)."""
@@ -458,6 +466,8 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     names = [f.name for f in _config_fields(obj)]
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in REPLACED:
+            raise ConfigError(f"{full} no longer exists: {REPLACED[full]}")
         if key not in names:
             candidates = [f"{prefix}{n}" for n in names]
             raise ConfigError(f"Unknown config key {full!r}{did_you_mean(full, candidates + _all_keys())}. Run `t2po train --help-config` for all keys.")
