@@ -346,11 +346,12 @@ RENAMED = {
 }
 
 
-#: keys removed for a rule that means something else (not renamed: a value cannot be carried over)
+#: keys removed for a rule that means something else (not renamed: a value cannot be carried over, except null =
+#: off, which the replacing key in the same section, named first, also means)
 REPLACED = {
-    "rollout.tti.eps_rel": "issue 27 replaced that stagnation rule (<= eps_rel x the row's std of M_t, which fires on 45 % of "
+    "rollout.tti.eps_rel": ("eps_floor", "issue 27 replaced that stagnation rule (<= eps_rel x the row's std of M_t, which fires on 45 % of "
                            "white-noise spans) by rollout.tti.eps_floor (<= eps_floor x the row's median change of M_t; "
-                           "configs/default.yaml uses 0.3 with patience 4). Set rollout.tti.eps_floor instead.",
+                           "configs/default.yaml uses 0.3 with patience 4). Set rollout.tti.eps_floor instead."),
 }
 
 
@@ -467,7 +468,12 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if full in REPLACED:
-            raise ConfigError(f"{full} no longer exists: {REPLACED[full]}")
+            target, why = REPLACED[full]
+            if value is None:  # eps_rel=null meant the paper's absolute eps, which eps_floor=null means now
+                print(f"t2po config: {full}=null read as {prefix}{target}=null; {why}", file=sys.stderr)
+                setattr(obj, target, None)
+                continue
+            raise ConfigError(f"{full} no longer exists: {why}")
         if key not in names:
             candidates = [f"{prefix}{n}" for n in names]
             raise ConfigError(f"Unknown config key {full!r}{did_you_mean(full, candidates + _all_keys())}. Run `t2po train --help-config` for all keys.")
