@@ -57,7 +57,8 @@ def preset_overrides(name: str) -> list[str]:
 
 
 # Dotted overrides of the preset per arm. "t2po-paper" is configs/t2po-paper.yaml (every exploration value of the
-# reference's scripts: eps 1e-4 over K = 20 tokens, eta 0.3, max_try 2, budget 450; tests/training/test_paper_preset.py);
+# reference's scripts: eps 1e-4 over K = 20 tokens, eta 0.3, max_try 2, budget 450;
+# tests/training/test_paper_preset.py);
 # "t2po-calibrated" is the preset as it stands (configs/default.yaml: the relative options).
 ARMS: dict[str, list[str]] = {
     "t2po-paper": preset_overrides("t2po-paper"),
@@ -80,7 +81,8 @@ ITERATION_KEYS = {
     "rollout/tti_budget_triggers": "tti_budget_triggers", "rollout/forced_tokens": "forced_tokens",
     "rollout/think_length": "think_length", "rollout/tds_flag_rate": "tds_flag_rate",
     "rollout/tds_inband_before": "tds_inband_before", "rollout/tds_inband_after": "tds_inband_after",
-    "rollout/tds_kept_delta_mean": "tds_kept_delta_mean", "rollout/tds_discarded_delta_mean": "tds_discarded_delta_mean",
+    "rollout/tds_kept_delta_mean": "tds_kept_delta_mean",
+    "rollout/tds_discarded_delta_mean": "tds_discarded_delta_mean",
     "rollout/tti_random_triggers": "tti_random_triggers", "rollout/tds_delta_p50": "tds_delta_p50",
     "rollout/tds_extra_token_fraction": "tds_extra_token_fraction", "time/iteration": "seconds",
 }
@@ -103,10 +105,12 @@ def arm_overrides(arm: str, seed: int, out: Path, random_rate: float | None) -> 
         source = out / f"{RATE_SOURCE}-seed{seed}"
         if not (source / "summary.json").exists():
             raise SystemExit(f"the random-truncation arm copies TTI's rate from {source}, which has not finished: "
-                             f"run the {RATE_SOURCE} arm of seed {seed} first (list it before random-truncation in --arms) or give --random-rate")
+                             f"run the {RATE_SOURCE} arm of seed {seed} first (list it before random-truncation in "
+                             "--arms) or give --random-rate")
         random_rate = tti_rate(source)
         if random_rate <= 0:
-            raise SystemExit(f"{source} never triggered TTI's stagnation rule: there is no rate to copy; give --random-rate")
+            raise SystemExit(f"{source} never triggered TTI's stagnation rule: there is no rate to copy; "
+                             "give --random-rate")
     return [*ARMS[arm], f"rollout.tti.random_rate={random_rate:.6g}"]
 
 
@@ -162,9 +166,11 @@ def _validation(state: dict, tag: str) -> dict | None:
     v = state["validation"].get(tag)
     if v is None:
         return None
-    out = {"success_rate": v["success_rate"], "valid_action_rate": 1 - v["invalid_action_rate"], "episode_reward": v["episode_reward"]}
+    out = {"success_rate": v["success_rate"], "valid_action_rate": 1 - v["invalid_action_rate"],
+           "episode_reward": v["episode_reward"]}
     if "tti_on/success_rate" in v:  # the same model decoded with its TTI (trainer.val_tti=both)
-        out.update({"tti_on_success_rate": v["tti_on/success_rate"], "tti_on_valid_action_rate": 1 - v["tti_on/invalid_action_rate"]})
+        out.update({"tti_on_success_rate": v["tti_on/success_rate"],
+                    "tti_on_valid_action_rate": 1 - v["tti_on/invalid_action_rate"]})
     return out
 
 
@@ -272,14 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="the JSON written (default: <out>/ablation.json)")
     parser.add_argument("--no-report", action="store_true", help="skip the `t2po report` comparison")
     parser.add_argument("--random-rate", type=float, default=None,
-                        help="the random-truncation control's per-think-token rate (default: TTI's rate in the same seed's t2po-calibrated run)")
+                        help="the random-truncation control's per-think-token rate "
+                             "(default: TTI's rate in the same seed's t2po-calibrated run)")
     ns = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(ns.out)
     # one decoder for every arm (TTI off), and the T2PO arms also with their TTI (issue 27)
     common = ["trainer.trackers=[console]", "trainer.report=false", "trainer.val_tti=both", *ns.set]
     for arm in ns.arms:  # every configuration checked before any work (the control's rate as a stand-in)
-        load_config(ns.preset, [*common, *ARMS[arm], *(["rollout.tti.random_rate=0.05"] if arm == "random-truncation" else [])])
+        stand_in = ["rollout.tti.random_rate=0.05"] if arm == "random-truncation" else []
+        load_config(ns.preset, [*common, *ARMS[arm], *stand_in])
     t0 = time.time()
     for seed in ns.seeds:
         warm_folder = out / f"warmup-seed{seed}"

@@ -72,9 +72,11 @@ def main() -> None:
     prompts = [build_prompt_ids(tokenizer, env.render_prompt(i, [], s))[0] + start_ids for i, s in enumerate(states)]
     t0 = time.time()
     engine = HFEngine(model, tokenizer)
-    sampling = SamplingParams(temperature=cfg.rollout.sampling.temperature, top_p=cfg.rollout.sampling.top_p,
-                              top_k=cfg.rollout.sampling.top_k, max_new_tokens=cfg.rollout.sampling.max_new_tokens, seed=ns.seed)
-    gens = engine.generate(prompts, sampling, InterventionConfig(enabled=False, think_start=tti.think_start, think_end=tti.think_end))
+    train = cfg.rollout.sampling
+    sampling = SamplingParams(temperature=train.temperature, top_p=train.top_p, top_k=train.top_k,
+                              max_new_tokens=train.max_new_tokens, seed=ns.seed)
+    monitor = InterventionConfig(enabled=False, think_start=tti.think_start, think_end=tti.think_end)  # M_t only
+    gens = engine.generate(prompts, sampling, monitor)
     seconds = time.time() - t0
     spans = []
     for g in gens:
@@ -96,7 +98,8 @@ def main() -> None:
     result = {
         "model": ns.model or "embedded SmolLM2-135M-Instruct", "preset": ns.preset, "spans": len(spans),
         "think_tokens_mean": float(np.mean([len(s) for s in spans])),
-        "relative_rule": {"eps_floor": tti.eps_floor or 0.3, "patience": tti.patience, "fires": float(np.mean(relative))},
+        "relative_rule": {"eps_floor": tti.eps_floor or 0.3, "patience": tti.patience,
+                          "fires": float(np.mean(relative))},
         "paper_rule": {"eps": 1e-4, "patience": 20, "fires": float(np.mean(paper))},
         "relative_rule_by_paper_judgement": split,
         "token_changes": {"within_1e-4": float(np.mean(changes <= 1e-4)), "p10": float(np.percentile(changes, 10)),

@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from t2po.algos import ALGORITHMS, GIGPO_MODES, KL_KINDS, LOSS_AGG_MODES, TDS_CONTROLS, TTI_CONTROLS, InterventionConfig, TDSConfig
+from t2po.algos import (ALGORITHMS, GIGPO_MODES, KL_KINDS, LOSS_AGG_MODES, TDS_CONTROLS, TTI_CONTROLS, InterventionConfig,
+                        TDSConfig)
 from t2po.algos.uncertainty import CONFIDENCE_FORMS
 from t2po.engines import ENGINES
 from t2po.engines.base import SamplingParams
@@ -148,7 +149,10 @@ class TrainerConfig:
     run_name: str | None = _f(None, "Run folder name; default: <env>-<algo>-<timestamp>.")
     val_every: int = _f(5, "Validate every k iterations (0 = only before and after training).")
     val_before_train: bool = _f(True, "Validate before training (and before the warm-up, if any).")
-    val_tti: str = _f("off", "TTI in validation: off (every algorithm validated under one decoder, so held-out figures compare policies; issue 27: TTI on cost the same warmed-up model 0.125 success), on (the run's own TTI setting, as before issue 27), or both (off as the run's figures, plus the run's TTI as tti_on/* keys in validation.jsonl when it has TTI on).")
+    val_tti: str = _f("off", "TTI in validation: off (every algorithm validated under one decoder, so held-out figures "
+                             "compare policies; issue 27: TTI on cost the same warmed-up model 0.125 success), on (the "
+                             "run's own TTI setting, as before issue 27), or both (off as the run's figures, plus the "
+                             "run's TTI as tti_on/* keys in validation.jsonl when it has TTI on).")
     save_every: int = _f(1, "Checkpoint every k iterations (the last iteration is always saved).")
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (oldest deleted).")
     trackers: list = _f(["console", "mlflow"], "Trackers: console, mlflow, tensorboard, wandb.")
@@ -186,7 +190,8 @@ class Config:
         for key, value, choices in (("algo.gigpo_mode", self.algo.gigpo_mode, GIGPO_MODES), ("algo.loss_agg", self.algo.loss_agg, LOSS_AGG_MODES),
                                     ("algo.kl_kind", self.algo.kl_kind, KL_KINDS), ("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16")),
                                     ("trainer.device", self.trainer.device, ("auto", "cpu", "cuda")), ("rollout.tti.confidence", r.tti.confidence, CONFIDENCE_FORMS),
-                                    ("rollout.tti.control", r.tti.control, TTI_CONTROLS), ("rollout.tds.control", r.tds.control, TDS_CONTROLS),
+                                    ("rollout.tti.control", r.tti.control, TTI_CONTROLS),
+                                    ("rollout.tds.control", r.tds.control, TDS_CONTROLS),
                                     ("trainer.val_tti", self.trainer.val_tti, VAL_TTI)):
             if value not in choices:
                 errors.append(f"{key}={value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}{did_you_mean(value, choices)}")
@@ -250,10 +255,11 @@ class Config:
         if r.tds.window < 1:
             errors.append(f"rollout.tds.window={r.tds.window}: must be >= 1")
         if r.tti.control == "random" and not 0 < r.tti.random_rate <= 1:
-            errors.append(f"rollout.tti.random_rate={r.tti.random_rate}: the random-truncation control needs a rate in (0, 1] "
-                          "(TTI's stagnation triggers per think token of a T2PO run)")
+            errors.append(f"rollout.tti.random_rate={r.tti.random_rate}: the random-truncation control needs a rate in "
+                          "(0, 1] (TTI's stagnation triggers per think token of a T2PO run)")
         if r.tti.eps_floor is not None and r.tti.eps_floor <= 0:
-            errors.append(f"rollout.tti.eps_floor={r.tti.eps_floor}: must be > 0 (or null for the absolute rollout.tti.eps)")
+            errors.append(f"rollout.tti.eps_floor={r.tti.eps_floor}: must be > 0 (or null for the absolute "
+                          f"rollout.tti.eps)")
         if self.algo.similarity_threshold is not None and not 0 < self.algo.similarity_threshold <= 1:
             errors.append(f"algo.similarity_threshold={self.algo.similarity_threshold}: must be in (0, 1]")
         known_trackers = {"console", "mlflow", "tensorboard", "wandb"}
@@ -349,9 +355,10 @@ RENAMED = {
 #: keys removed for a rule that means something else (not renamed: a value cannot be carried over, except null =
 #: off, which the replacing key in the same section, named first, also means)
 REPLACED = {
-    "rollout.tti.eps_rel": ("eps_floor", "issue 27 replaced that stagnation rule (<= eps_rel x the row's std of M_t, which fires on 45 % of "
-                           "white-noise spans) by rollout.tti.eps_floor (<= eps_floor x the row's median change of M_t; "
-                           "configs/default.yaml uses 0.3 with patience 4). Set rollout.tti.eps_floor instead."),
+    "rollout.tti.eps_rel": ("eps_floor", "issue 27 replaced that stagnation rule (<= eps_rel x the row's std of M_t, "
+                                         "which fires on 45 % of white-noise spans) by rollout.tti.eps_floor (<= "
+                                         "eps_floor x the row's median change of M_t; configs/default.yaml uses 0.3 "
+                                         "with patience 4). Set rollout.tti.eps_floor instead."),
 }
 
 

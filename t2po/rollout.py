@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from t2po.algos import TDSConfig, TDSQuantileThreshold, random_resample_mask, tds_diagnostics, tds_resample_mask, turn_score_deltas
+from t2po.algos import (TDSConfig, TDSQuantileThreshold, random_resample_mask, tds_diagnostics, tds_resample_mask,
+                        turn_score_deltas)
 from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams
 from t2po.envs.base import BatchEnv, EnvState
 from t2po.policies import NO_ANSWER, EnginePolicy, Policy, Turn
@@ -59,7 +60,7 @@ class StepSample:
     resampled: int = 0  # TDS regenerations of this turn
     tds_delta: float = math.nan  # |Mbar - previous accepted Mbar| of this turn's first sample (NaN: first turn)
     tds_kept_delta: float = math.nan  # the same for the sample kept (the last redraw of a regenerated turn)
-    tds_in_band: tuple[bool, bool] = (False, False)  # (first sample, kept sample) in the TDS band (TDS on, eligible turns)
+    tds_in_band: tuple[bool, bool] = (False, False)  # (first sample, kept sample) in the TDS band (TDS on, eligible)
     tti_triggers: dict[str, int] = field(default_factory=dict)
     think_length: int = 0
     image: Any = None  # the observation's PIL image (image observations), else None
@@ -214,7 +215,10 @@ def collect_rollouts(
             eta = tds.eta if tds_threshold is None else tds_threshold.eta()
             in_band[:, 0] = tds_resample_mask(prev, [g.turn_score for g in gens], eta)
             control = np.random.default_rng(call_seed(seed, turn, 0)) if tds.control == "random" else None
-            flagged = np.flatnonzero(in_band[:, 0] if control is None else random_resample_mask(in_band[:, 0], np.isfinite(first_deltas), control))
+            if control is not None:  # the random-resampling control: as many eligible turns, chosen at random
+                flagged = np.flatnonzero(random_resample_mask(in_band[:, 0], np.isfinite(first_deltas), control))
+            else:
+                flagged = np.flatnonzero(in_band[:, 0])
             for attempt in range(1, tds.max_try + 1):
                 if flagged.size == 0:
                     break

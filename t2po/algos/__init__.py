@@ -19,8 +19,8 @@ from t2po.algos.advantages import (
 from t2po.algos.estimators import ALGORITHMS, Advantages, Algorithm, StepBatch, register_algorithm
 from t2po.algos.intervention import TTI_CONTROLS, InterventionConfig, ThinkingIntervention
 from t2po.algos.losses import KL_KINDS, LOSS_AGG_MODES, kl_penalty, ppo_policy_loss
-from t2po.algos.sampling import (TDS_CONTROLS, TDSConfig, TDSQuantileThreshold, random_resample_mask, tds_diagnostics, tds_resample_mask,
-                                turn_score_deltas)
+from t2po.algos.sampling import (TDS_CONTROLS, TDSConfig, TDSQuantileThreshold, random_resample_mask, tds_diagnostics,
+                                tds_resample_mask, turn_score_deltas)
 from t2po.algos.uncertainty import entropy_from_logits, turn_score, uncertainty_signal
 
 __all__ = [

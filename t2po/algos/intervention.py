@@ -72,13 +72,25 @@ class InterventionConfig:
     think_end: str = _setting("</think>", "Tag that closes a think span; its tokens are what TTI forces.")
     patience: int | None = _setting(20, "Stagnation patience K: consecutive near-constant M_t steps before the end tag is forced (null = no stagnation rule).")
     eps: float = _setting(1e-4, "Stagnation threshold eps on |M_t - M_{t-1}| (the paper's; set for a 4B model, it never fires on a 135M one).")
-    eps_floor: float | None = _setting(None, "Stagnation tolerance relative to the row's noise floor, instead of eps: a step is stagnant when |M_t - M_{t-1}| <= eps_floor x the median |M_s - M_{s-1}| of the row's earlier think tokens (once it has K of them); scale-free, fires on ~1 % of 20-token noise spans at 0.3 with K 4 (t2po.algos.intervention). null = the absolute eps (the paper's).")
-    budget: int | None = _setting(None, "Think-token budget B (the reference's scripts: 450, configs/t2po-paper.yaml; configs/default.yaml: 28 of its 40-token responses); null = no budget.")
+    eps_floor: float | None = _setting(None, "Stagnation tolerance relative to the row's noise floor, instead of eps: "
+                                             "a step is stagnant when |M_t - M_{t-1}| <= eps_floor x the median |M_s - "
+                                             "M_{s-1}| of the row's earlier think tokens (once it has K of them); "
+                                             "scale-free, fires on ~1 % of 20-token noise spans at 0.3 with K 4 "
+                                             "(t2po.algos.intervention). null = the absolute eps (the paper's).")
+    budget: int | None = _setting(None, "Think-token budget B (the reference's scripts: 450, configs/t2po-paper.yaml; "
+                                        "configs/default.yaml: 28 of its 40-token responses); null = no budget.")
     alpha: float = _setting(0.6, "M_t mixing weight alpha (spec §1).")
     confidence: str = _setting("logprob", "conf_t in M_t: logprob (default) or prob.")
-    control: str = _setting("none", "Control arm for TTI (issue 27): none = TTI's own rules; random = the stagnation rule is replaced by ending thinking at random think tokens, each with probability random_rate (the budget stays): TTI's rate of truncation without its uncertainty signal.")
-    random_rate: float = _setting(0.0, "control=random: per-think-token probability of forcing the end tag. Set it to TTI's measured rate (stagnation triggers / think tokens of a T2PO run; benchmarks/ablation.py takes it from the same seed's t2po-calibrated run).")
-    turn_score_skip: int = _setting(32, "The turn score skips this many leading response tokens (spec §3, reference: 32 of 300-500 response tokens; configs/default.yaml and configs/t2po-paper.yaml use 4, the same share of their 40-token responses).")
+    control: str = _setting("none", "Control arm for TTI (issue 27): none = TTI's own rules; random = the stagnation "
+                                    "rule is replaced by ending thinking at random think tokens, each with probability "
+                                    "random_rate (the budget stays): TTI's rate of truncation without its uncertainty "
+                                    "signal.")
+    random_rate: float = _setting(0.0, "control=random: per-think-token probability of forcing the end tag. Set it to "
+                                       "TTI's measured rate (stagnation triggers / think tokens of a T2PO run; "
+                                       "benchmarks/ablation.py takes it from the same seed's t2po-calibrated run).")
+    turn_score_skip: int = _setting(32, "The turn score skips this many leading response tokens (spec §3, reference: "
+                                        "32 of 300-500 response tokens; configs/default.yaml and "
+                                        "configs/t2po-paper.yaml use 4, the same share of their 40-token responses).")
 
 
 @dataclass
@@ -205,7 +217,8 @@ class ThinkingIntervention:
                 state.stagnant_steps = 0
             else:
                 change = abs(m_t - state.previous_m)
-                tolerance = self.eps if self.eps_floor is None else stagnation_tolerance(state.think_changes, self.eps_floor, self.patience)
+                tolerance = self.eps if self.eps_floor is None else \
+                    stagnation_tolerance(state.think_changes, self.eps_floor, self.patience)
                 state.stagnant_steps = state.stagnant_steps + 1 if change <= tolerance else 0
                 if self.eps_floor is not None:
                     bisect.insort(state.think_changes, change)

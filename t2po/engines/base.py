@@ -72,7 +72,8 @@ def check_request(prompts: list[list[int]], sampling: SamplingParams) -> None:
         raise ValueError("stop strings must be non-empty")
 
 
-def make_intervention(config: InterventionConfig, tokenizer, token_text: Sequence[str], seed: int | None = None) -> ThinkingIntervention:
+def make_intervention(config: InterventionConfig, tokenizer, token_text: Sequence[str],
+                      seed: int | None = None) -> ThinkingIntervention:
     """The `ThinkingIntervention` of one generate call: tags tokenized with `tokenizer`, matched on
     `token_text` (the decoded vocabulary, `vocabulary_text`). A disabled config forces nothing
     (no patience, no budget) but still records M_t and think spans. The random-truncation control

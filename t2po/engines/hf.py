@@ -148,7 +148,8 @@ class HFEngine(Engine):
             generator = torch.Generator(device=device).manual_seed(sampling.seed)
         stop_window = 4 * max((len(s) for s in sampling.stop), default=0) + 2  # tokens that can hold a stop string
         suppressed = vlm.placeholder_token_ids(self.model) if vlm.is_vision_language(self.model) else []
-        plain = sampling.temperature == 1 and sampling.top_k == 0 and sampling.top_p >= 1.0  # softmax(z / T) = exp(log_softmax(z))
+        # softmax(z / T) = exp(log_softmax(z))
+        plain = sampling.temperature == 1 and sampling.top_k == 0 and sampling.top_p >= 1.0
 
         token_ids: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
@@ -165,7 +166,8 @@ class HFEngine(Engine):
             probs = logp.exp() if plain else None
             chosen = sample_tokens(logits, sampling, generator, probs)
             if tti is not None:
-                m = uncertainty_from_logprobs(logp, config.alpha, config.confidence, None if suppressed else probs).tolist()
+                shared = None if suppressed else probs  # masked entries (-inf) need the clamped entropy
+                m = uncertainty_from_logprobs(logp, config.alpha, config.confidence, shared).tolist()
                 forced = [(i, t) for i, row in enumerate(active) if (t := tti.observe(row, m[i])) is not None]
                 if forced:
                     positions, tokens = zip(*forced)
@@ -312,7 +314,8 @@ class HFEngine(Engine):
         ], shared
 
     def _intervention(self, config: InterventionConfig, seed: int | None) -> ThinkingIntervention:
-        return make_intervention(config, self.tokenizer, vocabulary_text(self.tokenizer), seed)  # decoded once per tokenizer
+        # the vocabulary is decoded once per tokenizer (vocabulary_text caches it)
+        return make_intervention(config, self.tokenizer, vocabulary_text(self.tokenizer), seed)
 
     def _hits_stop(self, ids: list[int], stop: Sequence[str], window: int) -> bool:
         # A row stops at the first occurrence, so any occurrence in the recent window is a new one.

@@ -127,8 +127,8 @@ def _check_settings(params: vllm.SamplingParams) -> None:
     settings = _settings(params)
     if settings is None:
         return
-    required = {"key", "prompt_ids", "think_start_ids", "think_end_ids", "patience", "eps", "eps_floor", "budget", "alpha", "confidence",
-                "random_rate", "seed"}
+    required = {"key", "prompt_ids", "think_start_ids", "think_end_ids", "patience", "eps", "eps_floor", "budget", "alpha",
+                "confidence", "random_rate", "seed"}
     missing = required - set(settings) if isinstance(settings, dict) else required
     if missing:
         raise ValueError(f"extra_args[{EXTRA_ARG!r}] lacks {sorted(missing)}; build requests with vllm_request()")
@@ -147,7 +147,8 @@ class _InterventionBatch:
         if key not in _TRACES:  # a request resumed after preemption keeps its trace
             tti = ThinkingIntervention(
                 settings["think_start_ids"], settings["think_end_ids"], patience=settings["patience"], eps=settings["eps"],
-                eps_floor=settings["eps_floor"], budget=settings["budget"], alpha=settings["alpha"], confidence=settings["confidence"],
+                eps_floor=settings["eps_floor"], budget=settings["budget"], alpha=settings["alpha"],
+                confidence=settings["confidence"],
                 token_text=_token_text(self.tokenizer_path), random_rate=settings["random_rate"], seed=settings["seed"],
             )
             tti.start([settings["prompt_ids"]])  # a prompt ending with the start tag opens the span

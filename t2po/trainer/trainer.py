@@ -343,10 +343,13 @@ class Trainer:
             f.write(json.dumps({"tag": tag, **stats}) + "\n")
         self._write_traces(f"val_{tag}", result, "validation", validation_step(tag, self.cfg.trainer.iterations))
         self.trackers.log_metrics({f"val/{k}": v for k, v in stats.items()}, step=validation_step(tag, self.cfg.trainer.iterations))
-        with_tti = f"  [TTI on: success {stats['tti_on/success_rate']:.3f}  valid actions {1 - stats['tti_on/invalid_action_rate']:.3f}]" \
-            if "tti_on/success_rate" in stats else ""
+        with_tti = ""
+        if "tti_on/success_rate" in stats:
+            with_tti = (f"  [TTI on: success {stats['tti_on/success_rate']:.3f}  "
+                        f"valid actions {1 - stats['tti_on/invalid_action_rate']:.3f}]")
         self.log(f"[val {tag}] success {stats['success_rate']:.3f}  valid actions {1 - stats['invalid_action_rate']:.3f}  "
-                 f"reward {stats['episode_reward']:.2f}  turns {stats['episode_length']:.1f}  ({stats['seconds']:.0f}s){with_tti}")
+                 f"reward {stats['episode_reward']:.2f}  turns {stats['episode_length']:.1f}  "
+                 f"({stats['seconds']:.0f}s){with_tti}")
         return stats
 
     def _play_validation(self, label: str, tti) -> tuple[RolloutResult, dict[str, float]]:
@@ -495,7 +498,8 @@ class Trainer:
 
         real_tokens = processed_tokens = 0
         # the token-mean denominator: the tokens the loss mask keeps
-        lengths = loss_token_counts([len(s.response_ids) for s in samples], [s.forced_mask for s in samples], a.mask_forced_tokens)
+        lengths = loss_token_counts([len(s.response_ids) for s in samples], [s.forced_mask for s in samples],
+                                    a.mask_forced_tokens)
         filler = next(self._micro_batches([0], samples))  # run with loss weight 0 (t2po.distributed.padded)
         # one process: rng.permutation(len(samples)) in mini_batch_size chunks per epoch; several: the same global plan
         plans = [plan_mini_batches(lengths, cfg.optim.mini_batch_size, rng) for _ in range(cfg.optim.ppo_epochs)]

@@ -142,7 +142,8 @@ def cards_projection(response: str, action_tokens: tuple[str, ...]) -> ParsedAct
         span = span.replace("10", "")
     contained.update(token for token in action_tokens if token in span)
     if len(contained) != 1:
-        return ParsedAction(span.strip(), False, f"{len(contained)} action keywords in the action span (need exactly one)")
+        reason = f"{len(contained)} action keywords in the action span (need exactly one)"
+        return ParsedAction(span.strip(), False, reason)
     return ParsedAction(contained.pop(), True)
 
 
