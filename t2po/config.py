@@ -259,7 +259,7 @@ class Config:
                           "(0, 1] (TTI's stagnation triggers per think token of a T2PO run)")
         if r.tti.eps_floor is not None and r.tti.eps_floor <= 0:
             errors.append(f"rollout.tti.eps_floor={r.tti.eps_floor}: must be > 0 (or null for the absolute "
-                          f"rollout.tti.eps)")
+                          "rollout.tti.eps)")
         if self.algo.similarity_threshold is not None and not 0 < self.algo.similarity_threshold <= 1:
             errors.append(f"algo.similarity_threshold={self.algo.similarity_threshold}: must be in (0, 1]")
         known_trackers = {"console", "mlflow", "tensorboard", "wandb"}
