@@ -1,7 +1,8 @@
-"""A seeded ablation on the main job's setting: T2PO with the paper's thresholds, T2PO with the calibrated
-relative options, GiGPO and GRPO, several seeds each (issue 18).
+"""A seeded ablation on the main job's setting: T2PO as the paper sets it (t2po/configs/t2po-paper.yaml), T2PO with the
+calibrated relative options, GiGPO, GRPO, and the two controls of issue 27 (random truncation, random
+resampling), several seeds each (issue 18).
 
-    python benchmarks/ablation.py                                   # 4 arms x seeds 0 1 2, t2po/configs/default.yaml
+    python benchmarks/ablation.py                                   # 6 arms x seeds 0 1 2, t2po/configs/default.yaml
     python benchmarks/ablation.py --arms gigpo grpo --seeds 3 4     # a subset (or more seeds)
     python benchmarks/ablation.py --set trainer.iterations=2        # dotted overrides for every run
 
@@ -33,16 +34,45 @@ from t2po.config import load_config
 from t2po.checkpoints import WARMUP_MODEL, atomic_write_text
 from t2po.trainer.trainer import Trainer
 
-# Dotted overrides of the preset per arm. "t2po-paper" restores the paper's absolute thresholds
-# (docs/method.md §2-§3: eps 1e-4 over K = 20 tokens, eta 0.3, no think budget below the response length);
-# "t2po-calibrated" is the preset as it stands (t2po/configs/default.yaml: the relative options).
+
+def preset_overrides(name: str) -> list[str]:
+    """A preset that extends `default` as dotted overrides of it (its `base:` line dropped)."""
+    import yaml
+
+    from t2po.config import configs_dir
+
+    data = yaml.safe_load((configs_dir() / f"{name}.yaml").read_text())
+    data.pop("base", None)
+
+    def flatten(node: dict, prefix: str) -> list[str]:
+        out = []
+        for key, value in node.items():
+            if isinstance(value, dict) and key not in ("options", "val_options"):
+                out += flatten(value, f"{prefix}{key}.")
+            else:
+                out.append(f"{prefix}{key}={json.dumps(value)}")
+        return out
+
+    return flatten(data, "")
+
+
+# Dotted overrides of the preset per arm. "t2po-paper" is t2po/configs/t2po-paper.yaml (every exploration value of the
+# reference's scripts: eps 1e-4 over K = 20 tokens, eta 0.3, max_try 2, budget 450;
+# tests/training/test_paper_preset.py);
+# "t2po-calibrated" is the preset as it stands (t2po/configs/default.yaml: its relative TDS threshold).
 ARMS: dict[str, list[str]] = {
-    "t2po-paper": ["algo.name=t2po", "rollout.tti.eps=1e-4", "rollout.tti.eps_rel=null", "rollout.tti.patience=20",
-                   "rollout.tti.budget=null", "rollout.tds.eta=0.3", "rollout.tds.quantile=null"],
+    "t2po-paper": preset_overrides("t2po-paper"),
     "t2po-calibrated": ["algo.name=t2po"],
     "gigpo": ["algo.name=gigpo"],
     "grpo": ["algo.name=grpo"],
+    # the controls of issue 27: the preset's T2PO with one mechanism's choice made at random at the same rate.
+    # Random truncation ends thinking at random think tokens at TTI's rate (stagnation triggers per think token
+    # of the same seed's t2po-calibrated run, or --random-rate); random resampling redraws as many eligible
+    # turns as TDS's rule flags, chosen at random.
+    "random-truncation": ["algo.name=t2po", "rollout.tti.control=random"],
+    "random-resampling": ["algo.name=t2po", "rollout.tds.control=random"],
 }
+RATE_SOURCE = "t2po-calibrated"  # the arm whose TTI rate the random-truncation control copies
 # per-iteration metrics kept in the JSON (metrics.jsonl key -> JSON name)
 ITERATION_KEYS = {
     "rollout/success_rate": "success_rate", "rollout/invalid_action_rate": "invalid_action_rate",
@@ -50,9 +80,38 @@ ITERATION_KEYS = {
     "rollout/generated_tokens": "generated_tokens", "rollout/tti_stagnation_triggers": "tti_stagnation_triggers",
     "rollout/tti_budget_triggers": "tti_budget_triggers", "rollout/forced_tokens": "forced_tokens",
     "rollout/think_length": "think_length", "rollout/tds_flag_rate": "tds_flag_rate",
-    "rollout/tds_regen_flag_rate": "tds_regen_flag_rate", "rollout/tds_delta_p50": "tds_delta_p50",
+    "rollout/tds_inband_before": "tds_inband_before", "rollout/tds_inband_after": "tds_inband_after",
+    "rollout/tds_kept_delta_mean": "tds_kept_delta_mean",
+    "rollout/tds_discarded_delta_mean": "tds_discarded_delta_mean",
+    "rollout/tti_random_triggers": "tti_random_triggers", "rollout/tds_delta_p50": "tds_delta_p50",
     "rollout/tds_extra_token_fraction": "tds_extra_token_fraction", "time/iteration": "seconds",
 }
+
+
+def tti_rate(run_dir: Path) -> float:
+    """TTI's stagnation triggers per think token over a finished run (metrics.jsonl)."""
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    triggers = sum(m.get("rollout/tti_stagnation_triggers", 0.0) for m in metrics)
+    think_tokens = sum(m.get("rollout/think_length", 0.0) * m.get("rollout/steps", 0.0) for m in metrics)
+    return triggers / think_tokens if think_tokens else 0.0
+
+
+def arm_overrides(arm: str, seed: int, out: Path, random_rate: float | None) -> list[str]:
+    """ARMS[arm], with the random-truncation control's rate filled in (--random-rate, or the rate of the
+    same seed's t2po-calibrated run)."""
+    if arm != "random-truncation":
+        return ARMS[arm]
+    if random_rate is None:
+        source = out / f"{RATE_SOURCE}-seed{seed}"
+        if not (source / "summary.json").exists():
+            raise SystemExit(f"the random-truncation arm copies TTI's rate from {source}, which has not finished: "
+                             f"run the {RATE_SOURCE} arm of seed {seed} first (list it before random-truncation in "
+                             "--arms) or give --random-rate")
+        random_rate = tti_rate(source)
+        if random_rate <= 0:
+            raise SystemExit(f"{source} never triggered TTI's stagnation rule: there is no rate to copy; "
+                             "give --random-rate")
+    return [*ARMS[arm], f"rollout.tti.random_rate={random_rate:.6g}"]
 
 
 def _log(msg: str) -> None:
@@ -77,10 +136,11 @@ def run_warmup(preset: str, common: list[str], seed: int, folder: Path) -> dict:
     return json.loads(state_path.read_text())
 
 
-def run_arm(preset: str, common: list[str], arm: str, seed: int, out: Path, warm_folder: Path, warm_state: dict) -> None:
+def run_arm(preset: str, common: list[str], arm: str, seed: int, out: Path, warm_folder: Path, warm_state: dict,
+            random_rate: float | None = None) -> None:
     """One arm of one seed from the seed's warm-up model: validate, train, validate (resumes a killed run)."""
     run_dir = out / f"{arm}-seed{seed}"
-    cfg = load_config(preset, [*common, *ARMS[arm], f"trainer.seed={seed}", f"trainer.output_dir={out}", f"trainer.run_name={run_dir.name}"])
+    cfg = load_config(preset, [*common, *arm_overrides(arm, seed, out, random_rate), f"trainer.seed={seed}", f"trainer.output_dir={out}", f"trainer.run_name={run_dir.name}"])
     if not (run_dir / "run_state.json").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         import yaml
@@ -106,7 +166,12 @@ def _validation(state: dict, tag: str) -> dict | None:
     v = state["validation"].get(tag)
     if v is None:
         return None
-    return {"success_rate": v["success_rate"], "valid_action_rate": 1 - v["invalid_action_rate"], "episode_reward": v["episode_reward"]}
+    out = {"success_rate": v["success_rate"], "valid_action_rate": 1 - v["invalid_action_rate"],
+           "episode_reward": v["episode_reward"]}
+    if "tti_on/success_rate" in v:  # the same model decoded with its TTI (trainer.val_tti=both)
+        out.update({"tti_on_success_rate": v["tti_on/success_rate"],
+                    "tti_on_valid_action_rate": 1 - v["tti_on/invalid_action_rate"]})
+    return out
 
 
 def run_entry(run_dir: Path, arm: str, seed: int, warm_state: dict) -> dict:
@@ -123,15 +188,25 @@ def run_entry(run_dir: Path, arm: str, seed: int, warm_state: dict) -> dict:
         "seed": seed,
         "run_dir": str(run_dir),
         "overrides": ARMS[arm],
+        "random_rate": state_rate(run_dir),
         "before_rl": _validation(state, "after_warmup"),
         "after_rl": _validation(state, "final"),
         "iterations": iterations,
         "generated_tokens": total("generated_tokens"),
-        "tti_triggers": {"stagnation": total("tti_stagnation_triggers"), "budget": total("tti_budget_triggers")},
+        "tti_triggers": {"stagnation": total("tti_stagnation_triggers"), "budget": total("tti_budget_triggers"),
+                         "random": total("tti_random_triggers")},
         "tds_flag_rate_mean": sum(flag_rates) / len(flag_rates) if flag_rates else 0.0,
         "wall_seconds": summary["seconds"] + validation_seconds,  # this run's validations and RL (a resumed run: since the resume)
         "warmup_seconds": (warm_state.get("warmup") or {}).get("seconds"),  # shared by the arms of the seed
     }
+
+
+def state_rate(run_dir: Path) -> float | None:
+    """The random-truncation rate a run used (its config.yaml), None for the other arms."""
+    import yaml
+
+    tti = yaml.safe_load((run_dir / "config.yaml").read_text())["rollout"]["tti"]
+    return tti.get("random_rate") if tti.get("control") == "random" else None
 
 
 def arm_summary(runs: list[dict]) -> dict:
@@ -150,6 +225,7 @@ def arm_summary(runs: list[dict]) -> dict:
             "held_out_success_after_rl": held_out("after_rl", "success_rate"),
             "held_out_valid_actions_before_rl": held_out("before_rl", "valid_action_rate"),
             "held_out_valid_actions_after_rl": held_out("after_rl", "valid_action_rate"),
+            "held_out_success_after_rl_tti_on": held_out("after_rl", "tti_on_success_rate"),
             "training_success_last_iteration": stat([r["iterations"][-1].get("success_rate") for r in rs if r["iterations"]]),
             "generated_tokens": stat([r["generated_tokens"] for r in rs]),
             "tds_flag_rate_mean": stat([r["tds_flag_rate_mean"] for r in rs]),
@@ -164,11 +240,13 @@ def markdown_table(summary: dict) -> str:
     def cell(s: dict | None, digits: int = 3) -> str:
         return "-" if s is None else f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 
-    lines = ["| arm | seeds | held-out success before RL | after RL | valid actions after RL | tokens generated (RL) | TDS flag rate | TTI stagnation / budget triggers |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | seeds | held-out success before RL (TTI off) | after RL (TTI off) | after RL (TTI on) | valid actions after RL | "
+             "tokens generated (RL) | TDS flag rate | TTI stagnation / budget triggers |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arm, a in summary.items():
         tti = f"{a['tti_stagnation_triggers']['mean']:.0f} / {a['tti_budget_triggers']['mean']:.0f}"
         lines.append(f"| {arm} | {len(a['seeds'])} | {cell(a['held_out_success_before_rl'])} | {cell(a['held_out_success_after_rl'])} | "
+                     f"{cell(a['held_out_success_after_rl_tti_on'])} | "
                      f"{cell(a['held_out_valid_actions_after_rl'])} | {a['generated_tokens']['mean']:,.0f} | {cell(a['tds_flag_rate_mean'], 2)} | {tti} |")
     return "\n".join(lines)
 
@@ -199,12 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_results/ablation", help="folder of the warm-ups and run folders")
     parser.add_argument("--json", default=None, help="the JSON written (default: <out>/ablation.json)")
     parser.add_argument("--no-report", action="store_true", help="skip the `t2po report` comparison")
+    parser.add_argument("--random-rate", type=float, default=None,
+                        help="the random-truncation control's per-think-token rate "
+                             "(default: TTI's rate in the same seed's t2po-calibrated run)")
     ns = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(ns.out)
-    common = ["trainer.trackers=[console]", "trainer.report=false", *ns.set]
-    for arm in ns.arms:  # every configuration checked before any work
-        load_config(ns.preset, [*common, *ARMS[arm]])
+    # one decoder for every arm (TTI off), and the T2PO arms also with their TTI (issue 27)
+    common = ["trainer.trackers=[console]", "trainer.report=false", "trainer.val_tti=both", *ns.set]
+    for arm in ns.arms:  # every configuration checked before any work (the control's rate as a stand-in)
+        stand_in = ["rollout.tti.random_rate=0.05"] if arm == "random-truncation" else []
+        load_config(ns.preset, [*common, *ARMS[arm], *stand_in])
     t0 = time.time()
     for seed in ns.seeds:
         warm_folder = out / f"warmup-seed{seed}"
@@ -214,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 _log(f"{arm}-seed{seed}: finished, skipped")
                 continue
             warm_state = warm_state or run_warmup(ns.preset, common, seed, warm_folder)
-            run_arm(ns.preset, common, arm, seed, out, warm_folder, warm_state)
+            run_arm(ns.preset, common, arm, seed, out, warm_folder, warm_state, ns.random_rate)
     json_path = Path(ns.json) if ns.json else out / "ablation.json"
     runs = write_json(json_path, out, ns.preset, common, argv)
     _log(f"{len(runs)} finished runs in {json_path} ({(time.time() - t0) / 60:.1f} min this call)")

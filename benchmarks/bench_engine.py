@@ -15,11 +15,19 @@ Timed configurations (each repeated; runs alternate so machine load drifts evenl
 - `bf16_unmonitored`: the same without M_t (`monitor_uncertainty=False`), same seed, so the same
   tokens: `tti_monitoring_overhead` = bf16 / bf16_unmonitored - 1;
 - `bf16_hf_generate`: `model.generate(do_sample=True)` on the same bf16 model and left-padded batch.
-Each timed call uses a new engine, so every call prefills its prompts (the prefix store is per engine).
+Each timed call uses a new engine, so every call prefills its prompts (the prefix store is per engine);
+the engines are warm otherwise: the decoded vocabulary that TTI matches tags on is cached per tokenizer
+(`t2po.algos.intervention.vocabulary_text`) and decoded once, in the untimed warm-up call (before issue 27
+each timed call paid that ~0.5 s, which made `tti_monitoring_overhead` read +17 %).
 
 Per-step breakdown (bf16, batch 32, minimum over repetitions, measured in isolation): one decode
-forward, the sampler, M_t (log-softmax + `uncertainty_from_logprobs`), the per-row bookkeeping (TTI
-observe/advance, token lists).
+forward, the log-softmax (the returned log-probs need it with or without TTI), the sampler (at
+temperature 1: the CDF of exp(log-probs)), M_t as the engine computes it (sharing the sampler's
+exp(log-probs): the max and one dot product per row, `uncertainty_from_logprobs(..., probs=...)`), M_t
+computed alone from the log-probs (`m_t_separate_pass`, for reference), and TTI's per-row bookkeeping
+(observe/advance on rows inside a think span, the costlier path). `tti_cost_share_of_decode_step` =
+(M_t + bookkeeping) / (forward + log-softmax + sampler + M_t + bookkeeping): TTI's full cost as a
+share of a decode step with TTI.
 
 Roofline: a matmul probe times every weight matmul of one decode step (x [batch, in] @ W) and of the
 prefill (x [batch * prompt, in] @ W) in bf16 on this machine, and a copy probe measures memory
@@ -61,8 +69,8 @@ def sokoban_prompts(tokenizer, batch_size: int, seed: int) -> list[list[int]]:
     return prompts
 
 
-def multinomial_sampler(logits, sampling, generator):
-    """The sampler before issue 17 (same filtering, then `torch.multinomial`)."""
+def multinomial_sampler(logits, sampling, generator, probs=None):
+    """The sampler before issue 17 (same filtering, then `torch.multinomial`; it computed its own softmax)."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
@@ -102,7 +110,7 @@ def step_breakdown(model, tokenizer, prompts, repeats: int = 10) -> dict:
     sampling = SamplingParams(temperature=1.0)
     generator = torch.Generator().manual_seed(0)
     tti = ThinkingIntervention.from_tokenizer(tokenizer, token_text=vocabulary_text(tokenizer), budget=10**6)
-    times: dict[str, list[float]] = {"forward": [], "sampling": [], "m_t": [], "bookkeeping": []}
+    times: dict[str, list[float]] = {"forward": [], "log_softmax": [], "sampling": [], "m_t": [], "m_t_separate_pass": [], "bookkeeping": []}
     with torch.inference_mode():
         out = model(input_ids=context, use_cache=True, logits_to_keep=1)
         cache, step = out.past_key_values, context[:, -1:]
@@ -117,11 +125,18 @@ def step_breakdown(model, tokenizer, prompts, repeats: int = 10) -> dict:
         rows: list[list[int]] = [[] for _ in prompts]
         for _ in range(repeats):
             start = time.perf_counter()
-            chosen = sample_tokens(logits, sampling, generator)
+            logp = torch.log_softmax(logits, dim=-1)
+            times["log_softmax"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            probs = logp.exp()
+            chosen = sample_tokens(logits, sampling, generator, probs)
             times["sampling"].append(time.perf_counter() - start)
             start = time.perf_counter()
-            m = uncertainty_from_logprobs(torch.log_softmax(logits, dim=-1)).tolist()
+            m = uncertainty_from_logprobs(logp, probs=probs).tolist()
             times["m_t"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            uncertainty_from_logprobs(logp).tolist()
+            times["m_t_separate_pass"].append(time.perf_counter() - start)
             start = time.perf_counter()
             for row, token in enumerate(chosen.tolist()):
                 forced = tti.observe(row, m[row])
@@ -236,6 +251,8 @@ def main() -> None:
         "decode_step_speedup_fp32": median("fp32_baseline") / median("fp32"),
         "engine_vs_hf_generate_tokens_per_s": (median("bf16", "tokens") / median("bf16")) / (median("bf16_hf_generate", "tokens") / median("bf16_hf_generate")),
         "tti_monitoring_overhead": median("bf16") / median("bf16_unmonitored") - 1,
+        "tti_cost_share_of_decode_step": (breakdown["m_t"] + breakdown["bookkeeping"])
+        / (breakdown["forward"] + breakdown["log_softmax"] + breakdown["sampling"] + breakdown["m_t"] + breakdown["bookkeeping"]),
         "monitoring_same_tokens": all(m["token_ids"] == u["token_ids"] for m, u in zip(results["bf16"], results["bf16_unmonitored"])),
         "step_breakdown_s": breakdown,
         "roofline": {**limits, "call_floor_s": floor_s},
@@ -252,6 +269,7 @@ def main() -> None:
     print(f"engine / model.generate (bf16) tokens/s: {summary['engine_vs_hf_generate_tokens_per_s']:.2f}")
     print(f"M_t monitoring overhead: {100 * summary['tti_monitoring_overhead']:+.1f}% (same tokens: {summary['monitoring_same_tokens']})")
     print("per step (ms): " + ", ".join(f"{k} {1000 * v:.2f}" for k, v in breakdown.items()))
+    print(f"TTI's full cost (M_t + bookkeeping) per decode step: {100 * summary['tti_cost_share_of_decode_step']:.2f} %")
     print(f"roofline: call floor {floor_s:.2f} s (decode step floor {1000 * limits['decode_step_floor_s']:.1f} ms at "
           f"{limits['decode_matmul_gflops_per_s']:.0f} GFLOP/s, {limits['bandwidth_gb_per_s']:.1f} GB/s; prefill {limits['prefill_matmul_s']:.2f} s); "
           f"measured / floor = {summary['roofline_ratio']:.2f}")

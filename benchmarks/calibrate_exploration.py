@@ -36,7 +36,7 @@ from t2po.trainer.trainer import Trainer
 
 PAPER_ETA = 0.3  # docs/method.md §3
 SHOWN = ("tti_stagnation_triggers", "tti_budget_triggers", "forced_tokens", "think_length", "think_length_p90", "tds_flag_rate",
-         "tds_regen_flag_rate", "tds_delta_p10", "tds_delta_p50", "tds_delta_p90", "tds_extra_token_fraction", "success_rate",
+         "tds_inband_before", "tds_inband_after", "tds_kept_delta_mean", "tds_discarded_delta_mean", "tds_delta_p10", "tds_delta_p50", "tds_delta_p90", "tds_extra_token_fraction", "success_rate",
          "invalid_action_rate", "generated_tokens")
 
 

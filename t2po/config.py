@@ -234,6 +234,10 @@ class WarmupConfig:
         return errors
 
 
+#: TTI in validation (`trainer.val_tti`)
+VAL_TTI = ("off", "on", "both")
+
+
 @dataclass
 class TrainerConfig:
     iterations: int = _f(10, "RL iterations (one rollout batch + one update each).", range=(0, 1_000_000))
@@ -242,8 +246,10 @@ class TrainerConfig:
     run_name: str | None = _f(None, "Run folder name; default: <env>-<algo>-<timestamp>.")
     val_every: int = _f(5, "Validate every k iterations (0 = only before and after training).", range=(0, None))
     val_before_train: bool = _f(True, "Validate before training (and before the warm-up, if any).")
-    val_tti: bool = _f(False, "Validation decodes with the thinking intervention (TTI) as training does. False: one decoder "
-                       "(TTI off) for every algorithm, so held-out figures compare policies, not decoders.")
+    val_tti: str = _f("off", "TTI in validation: off (every algorithm validated under one decoder, so held-out figures "
+                             "compare policies; issue 27: TTI on cost the same warmed-up model 0.125 success), on (the "
+                             "run's own TTI setting, as before issue 27), or both (off as the run's figures, plus the "
+                             "run's TTI as tti_on/* keys in validation.jsonl when it has TTI on).")
     save_every: int = _f(1, "Checkpoint every k iterations (the last iteration is always saved).", range=(1, None))
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (oldest deleted).", range=(1, 1000))
     trackers: list = _f(["console", "mlflow"], "Trackers: console, mlflow, tensorboard, wandb.")
@@ -253,7 +259,7 @@ class TrainerConfig:
     device: str = _f("auto", "Where the policy trains: auto (the rank's GPU when CUDA is available, else the CPU), cpu, or cuda (fails when there is no GPU).")
 
     def check(self) -> list[str]:
-        errors = _choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        errors = _choice("trainer.device", self.device, ("auto", "cpu", "cuda")) + _choice("trainer.val_tti", self.val_tti, VAL_TTI)
         for name, low in (("save_every", 1), ("val_every", 0), ("keep_checkpoints", 1), ("trace_episodes", 0)):
             errors += out_of_range(f"trainer.{name}", getattr(self, name), low)
         errors += out_of_range("trainer.threads", self.threads, 1) if self.threads is not None else []
@@ -465,6 +471,16 @@ RENAMED = {
 }
 
 
+#: keys removed for a rule that means something else (not renamed: a value cannot be carried over, except null =
+#: off, which the replacing key in the same section, named first, also means)
+REPLACED = {
+    "rollout.tti.eps_rel": ("eps_floor", "issue 27 replaced that stagnation rule (<= eps_rel x the row's std of M_t, "
+                                         "which fires on 45 % of white-noise spans) by rollout.tti.eps_floor (<= "
+                                         "eps_floor x the row's median change of M_t; configs/default.yaml uses 0.3 "
+                                         "with patience 4). Set rollout.tti.eps_floor instead."),
+}
+
+
 def upgrade_keys(data: dict, source: str) -> dict:
     """Move keys of `RENAMED` in a (partial) config tree to their new place; one line on stderr says
     which (`source`: the file or override they came from)."""
@@ -557,7 +573,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r}: expected a number")
         return float(value)
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads on / off as booleans (trainer.val_tti=off)
+            return "on" if value else "off"
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}={value!r}: expected a string")
         return str(value)
     if tp is list:
@@ -576,6 +594,13 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     names = [f.name for f in _config_fields(obj)]
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in REPLACED:
+            target, why = REPLACED[full]
+            if value is None:  # eps_rel=null meant the paper's absolute eps, which eps_floor=null means now
+                print(f"t2po config: {full}=null read as {prefix}{target}=null; {why}", file=sys.stderr)
+                setattr(obj, target, None)
+                continue
+            raise ConfigError(f"{full} no longer exists: {why}")
         if key not in names:
             candidates = [f"{prefix}{n}" for n in names]
             raise ConfigError(f"Unknown config key {full!r}{did_you_mean(full, candidates + _all_keys())}. Run `t2po train --help-config` for all keys.")

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from t2po.algos import TDSConfig, turn_score_deltas
+from t2po.algos import TDSConfig, tds_diagnostics, turn_score_deltas
 from t2po.algos.sampling import TDSResampler, TurnResample
 from t2po.engines.base import Generation
 from t2po.envs.base import BatchEnv, EnvState
@@ -62,7 +62,8 @@ class StepSample:
     penalty: float = 0.0  # the invalid-action penalty subtracted in `reward` (0 for a valid action)
     resampled: int = 0  # TDS regenerations of this turn
     tds_delta: float = math.nan  # |Mbar - previous accepted Mbar| of this turn's first sample (NaN: first turn)
-    tds_regen_flagged: int = 0  # regenerations of this turn that fell in the TDS band again
+    tds_kept_delta: float = math.nan  # the same for the sample kept (the last redraw of a regenerated turn)
+    tds_in_band: tuple[bool, bool] = (False, False)  # (first sample, kept sample) in the TDS band (TDS on, eligible)
     tti_triggers: dict[str, int] = field(default_factory=dict)
     think_length: int = 0
     image: Any = None  # the observation's PIL image (image observations), else None
@@ -71,7 +72,7 @@ class StepSample:
     finish_reason: str = ""  # the engine's: "stop" or "length" (cut at rollout.max_new_tokens)
     usage: dict = field(default_factory=dict)  # a text policy's accounting (API: completion tokens, attempts, ...)
     # the responses TDS generated for this turn and then replaced (docs/method.md §3), oldest first: kept for the
-    # traces only, never trained on ({"text", "token_ids", "turn_score", "forced"})
+    # traces only, never trained on ({"text", "token_ids", "turn_score", "forced", "tds_delta"})
     discarded: list[dict] = field(default_factory=list)
     # wall-clock (start, end) in ns of the turn's generation call, TDS redraws and environment step (traces)
     timing: dict[str, Any] = field(default_factory=dict)
@@ -84,9 +85,15 @@ class StepSample:
     def forced_tokens(self) -> int:
         return sum(self.forced_mask)
 
+    @property
+    def discarded_deltas(self) -> list[float]:
+        """|delta Mbar| of the samples TDS discarded for this turn."""
+        return [d["tds_delta"] for d in self.discarded]
+
     def stats(self) -> "StepStats":
         return StepStats(self.valid, self.response_length, self.forced_tokens, self.finish_reason, dict(self.tti_triggers),
-                         self.think_length, self.tds_delta, self.resampled, self.tds_regen_flagged)
+                         self.think_length, self.tds_delta, self.resampled, self.tds_kept_delta, self.tds_in_band,
+                         self.discarded_deltas)
 
 
 @dataclass
@@ -101,7 +108,9 @@ class StepStats:
     think_length: int
     tds_delta: float
     resampled: int
-    tds_regen_flagged: int
+    tds_kept_delta: float
+    tds_in_band: tuple[bool, bool]
+    discarded_deltas: list[float]
 
 
 @dataclass
@@ -220,9 +229,12 @@ def collect_rollouts(policy: Policy, env: BatchEnv, task_seeds: list[int], setti
             _count_generation(counters, regen)
             return regen
 
-        tds = resampler.resample(prev, gens, regenerate) if resampler is not None else TurnResample.none(len(gens))
-        finished = play.step_and_record(turns, gens, first_deltas, tds, turn, settings.invalid_action_penalty, tokenizer is None,
-                                        timing, redrawn)
+        if resampler is not None:  # the random-resampling control draws its rows from call_seed(seed, turn, 0)
+            tds = resampler.resample(prev, gens, regenerate, call_seed(seed, turn, 0))
+        else:
+            tds = TurnResample.none(len(gens))
+        finished = play.step_and_record(turns, gens, prev, first_deltas, tds, turn, settings.invalid_action_penalty,
+                                        tokenizer is None, timing, redrawn)
         if progress is not None:
             progress.update(finished, note=f"turn {turn + 1}/{max_turns}")
     if progress is not None and sum(play.active):
@@ -278,8 +290,9 @@ class _Play:
             self.active[t.index] = self.active[t.index] and g is not None
         return [t for t, g in zip(turns, answers) if g is not None], [g for g in answers if g is not None]
 
-    def step_and_record(self, turns: list[Turn], gens: list[Generation], first_deltas: np.ndarray, tds: TurnResample, turn: int,
-                        penalty: float, text_policy: bool, timing: dict[str, Any], redrawn: list[list[tuple[int, int]]]) -> int:
+    def step_and_record(self, turns: list[Turn], gens: list[Generation], prev: list[float], first_deltas: np.ndarray,
+                        tds: TurnResample, turn: int, penalty: float, text_policy: bool, timing: dict[str, Any],
+                        redrawn: list[list[tuple[int, int]]]) -> int:
         """Parse each answer, step the environments, record one `StepSample` per step (with the wall-clock
         times of the turn's generation, TDS redraws and environment step); returns how many episodes ended."""
         env, states = self.env, self.states
@@ -290,6 +303,7 @@ class _Play:
         started = time.time_ns()
         new_states = env.step(actions)
         timing = {**timing, "env_step": (started, time.time_ns())}
+        kept_deltas = turn_score_deltas(prev, [g.turn_score for g in gens])
         for j, (t, g) in enumerate(zip(turns, gens)):
             i, parsed, new = t.index, parsed_of[t.index], new_states[t.index]
             assert new is not None, f"{env.name}.step returned None for active instance {i}"
@@ -300,7 +314,8 @@ class _Play:
                 anchor_obs=states[i].anchor_obs or states[i].observation, group_id=self.group_ids[i], traj_id=i, step=turn,
                 turn_score=g.turn_score, response_text=g.text, action=parsed.action,
                 invalid_reason=f"{g.finish_reason} answer" if g.finish_reason in NO_ANSWER else parsed.reason,
-                resampled=tds.resampled[j], tds_delta=float(first_deltas[j]), tds_regen_flagged=tds.regen_flagged[j],
+                resampled=tds.resampled[j], tds_delta=float(first_deltas[j]), tds_kept_delta=float(kept_deltas[j]),
+                tds_in_band=tds.in_band[j],
                 tti_triggers=dict(g.tti_triggers), think_length=g.think_length, image=states[i].image, pixel_inputs=t.pixel_inputs,
                 prompt_text=t.prompt, finish_reason=g.finish_reason,
                 usage={"prompt_tokens": g.prompt_tokens, **g.usage} if text_policy else {}, discarded=tds.discarded[j],
@@ -333,14 +348,15 @@ def rollout_stats(episodes: list[Episode] | list[EpisodeStats], counters: dict[s
       tokens inside think spans per turn) and `think_length_p90`;
     - TDS: `tds_flag_rate` = turns regenerated / eligible turns (a second or later turn whose first
       sample has a turn score); `tds_delta_p10/p50/p90` = percentiles of |Mbar(k) - Mbar(k-1)| of
-      the first samples (also without TDS: what a threshold would see); `tds_regen_flag_rate` = the
-      regenerated samples that fell in the band again (close to the flag rate: the redraw selects
-      nothing); `tds_extra_token_fraction` = tokens of discarded samples / all generated tokens.
+      the first samples (also without TDS: what a threshold would see); what TDS changed
+      (`t2po.algos.tds_diagnostics`): the in-band share of eligible turns before and after resampling,
+      |delta Mbar| of the kept vs the discarded samples of regenerated turns; `tds_extra_token_fraction`
+      = tokens of discarded samples / all generated tokens. (A "regenerated samples flagged again" rate
+      says nothing about selection: a fresh i.i.d. draw lands in the band with the band's own probability.)
     """
     counters = counters or {}
     samples = [x for ep in episodes for x in ep.samples]
     deltas = np.array([x.tds_delta for x in samples if math.isfinite(x.tds_delta)])
-    regenerations = sum(x.resampled for x in samples)
     stats: dict[str, float] = {
         "episodes": float(len(episodes)),
         "success_rate": float(np.mean([ep.won for ep in episodes])) if episodes else 0.0,
@@ -356,6 +372,7 @@ def rollout_stats(episodes: list[Episode] | list[EpisodeStats], counters: dict[s
         "clip_ratio": float(np.mean([x.finish_reason == "length" for x in samples])) if samples else 0.0,
         "tti_budget_triggers": float(sum(x.tti_triggers.get("budget", 0) for x in samples)),
         "tti_stagnation_triggers": float(sum(x.tti_triggers.get("stagnation", 0) for x in samples)),
+        "tti_random_triggers": float(sum(x.tti_triggers.get("random", 0) for x in samples)),  # the control arm
         "think_length": float(np.mean([x.think_length for x in samples])) if samples else 0.0,
         "think_length_p90": float(np.percentile([x.think_length for x in samples], 90)) if samples else 0.0,
         "forced_tokens": float(sum(x.forced_tokens for x in samples)),
@@ -364,8 +381,11 @@ def rollout_stats(episodes: list[Episode] | list[EpisodeStats], counters: dict[s
     if deltas.size:
         for q in (10, 50, 90):
             stats[f"tds_delta_p{q}"] = float(np.percentile(deltas, q))
-    if regenerations:
-        stats["tds_regen_flag_rate"] = sum(x.tds_regen_flagged for x in samples) / regenerations
+    if "tds_eligible_turns" in counters:  # TDS was on
+        eligible = [x for x in samples if math.isfinite(x.tds_delta)]
+        stats.update(tds_diagnostics([x.tds_in_band[0] for x in eligible], [x.tds_in_band[1] for x in eligible],
+                                     [x.tds_kept_delta for x in eligible if x.resampled],
+                                     [d for x in eligible for d in x.discarded_deltas]))
     for key in COUNTERS:
         if key in counters:
             stats[key] = float(counters[key])

@@ -17,9 +17,10 @@ from t2po.algos.advantages import (
     turn_level_gae,
 )
 from t2po.algos.estimators import ALGORITHMS, Advantages, Algorithm, StepBatch, register_algorithm
-from t2po.algos.intervention import InterventionConfig, ThinkingIntervention
+from t2po.algos.intervention import TTI_CONTROLS, InterventionConfig, ThinkingIntervention
 from t2po.algos.losses import KL_KINDS, LOSS_AGG_MODES, kl_penalty, ppo_policy_loss
-from t2po.algos.sampling import TDSConfig, TDSQuantileThreshold, tds_resample_mask, turn_score_deltas
+from t2po.algos.sampling import (TDS_CONTROLS, TDSConfig, TDSQuantileThreshold, random_resample_mask, tds_diagnostics,
+                                tds_resample_mask, turn_score_deltas)
 from t2po.algos.uncertainty import entropy_from_logits, turn_score, uncertainty_signal
 
 __all__ = [
@@ -32,6 +33,10 @@ __all__ = [
     "TDSConfig",
     "turn_score_deltas",
     "TDSQuantileThreshold",
+    "random_resample_mask",
+    "tds_diagnostics",
+    "TDS_CONTROLS",
+    "TTI_CONTROLS",
     "discounted_returns",
     "episode_scores",
     "penalized_step_returns",

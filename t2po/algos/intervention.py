@@ -9,12 +9,20 @@ Each row (sequence) has its own state; rows may start, think and finish at diffe
 - Inside a span, M_t (docs/method.md §1) is compared with the previous step's: |M_t - M_{t-1}| <= eps for
   `patience` (K) consecutive comparisons is *stagnation*; the token sampled from these logits is then
   forced to be the first end-tag token (every other logit -inf) and the counter resets.
-- Relative tolerance (`eps_rel`, issue 18): instead of the absolute eps, a step is stagnant when
-  |M_t - M_{t-1}| <= eps_rel * sd_t, sd_t the (population) standard deviation of the M values this
-  row has observed inside its think spans before step t. The absolute 1e-4 of the paper was set for
-  a 4B model; a small model's M_t moves by far more from token to token (0.04 % of think tokens of
-  SmolLM2-135M were within 1e-4 of the previous one), so the rule never fires there. Relative to the
-  row's own spread, the rule means the same thing at any scale.
+- Tolerance relative to the noise floor (`eps_floor`, issue 27): instead of the absolute eps, a step is
+  stagnant when |M_t - M_{t-1}| <= eps_floor * floor_t, floor_t the median of |M_s - M_{s-1}| over the
+  row's earlier think tokens (its noise floor: how much M moves from token to token when nothing in
+  particular happens), and only once the row has shown K such changes. The absolute 1e-4 of the paper
+  was set for a 4B model; a small model's M_t moves by far more from token to token (0.04 % of think
+  tokens of SmolLM2-135M were within 1e-4 of the previous one), so the rule never fires there. The
+  relative rule is scale-free (unchanged by any affine map of M) and means stagnation, not noise: with
+  eps_floor 0.3 and K = 4 it fires on ~1 % of 20-token spans of white noise and of AR(1) noise (phi 0.5),
+  and on every span where M stays within 0.3 x the floor for K tokens (tests/algos/test_stagnation.py).
+  The median resists the flat stretch itself (a quantile of the recent changes would sink into it). The
+  rule of issue 18 (<= 1 x the running std of M, 4 tokens) fired on 45 % of white-noise spans.
+- Random truncation (`random_rate`, the control arm of issue 27): each think token, with probability
+  `random_rate`, the end tag is forced the same way (cause "random"), whatever M_t does. Engines build it
+  with the stagnation rule off (`make_intervention` with `control="random"`); draws come from `seed`.
 - *Budget*: when the span already holds `budget` (B) tokens, the end tag is forced the same way.
 - A multi-token end tag is forced token by token over the following steps; if the row had already
   written the beginning of the tag (e.g. `</` then `think`), only the missing tokens are forced.
@@ -35,7 +43,9 @@ Engines use it from their own decoding loop: `start(prompts)`, then per step and
 
 from __future__ import annotations
 
-import math
+import bisect
+import random
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -44,7 +54,9 @@ from t2po.algos.uncertainty import CONFIDENCE_FORMS
 from t2po.errors import out_of_range
 from t2po.suggest import did_you_mean
 
-TRIGGER_KINDS = ("budget", "stagnation")
+TRIGGER_KINDS = ("budget", "stagnation", "random")
+#: TTI or its control arm (`InterventionConfig.control`)
+TTI_CONTROLS = ("none", "random")
 
 
 def _setting(default, help: str):
@@ -62,21 +74,39 @@ class InterventionConfig:
     think_end: str = _setting("</think>", "Tag that closes a think span; its tokens are what TTI forces.")
     patience: int | None = _setting(20, "Stagnation patience K: consecutive near-constant M_t steps before the end tag is forced (null = no stagnation rule).")
     eps: float = _setting(1e-4, "Stagnation threshold eps on |M_t - M_{t-1}| (the paper's; set for a 4B model, it never fires on a 135M one).")
-    eps_rel: float | None = _setting(None, "Stagnation tolerance relative to the row's own spread, instead of eps: a step is stagnant when |M_t - M_{t-1}| <= eps_rel x the running std of the row's M_t in think spans. null = the absolute eps (the paper's).")
-    budget: int | None = _setting(None, "Think-token budget B (paper: 450); null = no budget.")
+    eps_floor: float | None = _setting(None, "Stagnation tolerance relative to the row's noise floor, instead of eps: "
+                                             "a step is stagnant when |M_t - M_{t-1}| <= eps_floor x the median |M_s - "
+                                             "M_{s-1}| of the row's earlier think tokens (once it has K of them); "
+                                             "scale-free, fires on ~1 % of 20-token noise spans at 0.3 with K 4 "
+                                             "(t2po.algos.intervention). null = the absolute eps (the paper's).")
+    budget: int | None = _setting(None, "Think-token budget B (the reference's scripts: 450, t2po/configs/t2po-paper.yaml; "
+                                        "t2po/configs/default.yaml: 28 of its 40-token responses); null = no budget.")
     alpha: float = _setting(0.6, "M_t mixing weight alpha (docs/method.md §1).")
     confidence: str = _setting("logprob", "conf_t in M_t: logprob (default) or prob.")
-    turn_score_skip: int = _setting(32, "The turn score skips this many leading response tokens (docs/method.md §3, reference: 32).")
+    control: str = _setting("none", "Control arm for TTI (issue 27): none = TTI's own rules; random = the stagnation "
+                                    "rule is replaced by ending thinking at random think tokens, each with probability "
+                                    "random_rate (the budget stays): TTI's rate of truncation without its uncertainty "
+                                    "signal.")
+    random_rate: float = _setting(0.0, "control=random: per-think-token probability of forcing the end tag. Set it to "
+                                       "TTI's measured rate (stagnation triggers / think tokens of a T2PO run; "
+                                       "benchmarks/ablation.py takes it from the same seed's t2po-calibrated run).")
+    turn_score_skip: int = _setting(32, "The turn score skips this many leading response tokens (docs/method.md §3, reference: "
+                                        "32 of 300-500 response tokens; t2po/configs/default.yaml and "
+                                        "t2po/configs/t2po-paper.yaml use 4, the same share of their 40-token responses).")
 
     def check(self, prefix: str = "") -> list[str]:
         """One line per setting that cannot work (`prefix`: where the config holds it, e.g. "rollout.tti.")."""
         errors = out_of_range(f"{prefix}eps", self.eps, 0) + out_of_range(f"{prefix}alpha", self.alpha, 0, 1)
         errors += out_of_range(f"{prefix}turn_score_skip", self.turn_score_skip, 0)
         errors += [e for k in ("patience", "budget") if getattr(self, k) is not None for e in out_of_range(f"{prefix}{k}", getattr(self, k), 1)]
-        if self.confidence not in CONFIDENCE_FORMS:
-            errors.append(f"{prefix}confidence={self.confidence!r}: choose {' or '.join(CONFIDENCE_FORMS)}{did_you_mean(self.confidence, CONFIDENCE_FORMS)}")
-        if self.eps_rel is not None and self.eps_rel <= 0:
-            errors.append(f"{prefix}eps_rel={self.eps_rel}: must be > 0 (or null for the absolute {prefix}eps)")
+        for key, value, choices in (("confidence", self.confidence, CONFIDENCE_FORMS), ("control", self.control, TTI_CONTROLS)):
+            if value not in choices:
+                errors.append(f"{prefix}{key}={value!r}: choose {' or '.join(choices)}{did_you_mean(value, choices)}")
+        if self.control == "random" and not 0 < self.random_rate <= 1:
+            errors.append(f"{prefix}random_rate={self.random_rate}: the random-truncation control needs a rate in "
+                          "(0, 1] (TTI's stagnation triggers per think token of a T2PO run)")
+        if self.eps_floor is not None and self.eps_floor <= 0:
+            errors.append(f"{prefix}eps_floor={self.eps_floor}: must be > 0 (or null for the absolute {prefix}eps)")
         return errors
 
 
@@ -92,8 +122,8 @@ class ThinkRow:
     span_tokens: int = 0  # tokens in the current span (what the budget counts)
     previous_m: float | None = None  # M_{t-1} inside the current span
     stagnant_steps: int = 0  # consecutive comparisons with |M_t - M_{t-1}| <= eps
-    # running count / mean / sum of squared deviations (Welford) of M_t inside think spans, for eps_rel
-    think_m: tuple[int, float, float] = (0, 0.0, 0.0)
+    # |M_t - M_{t-1}| of the row's think tokens so far, sorted (its noise floor is their median), for eps_floor
+    think_changes: list[float] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # end-tag tokens still to force, in order
     awaiting: int | None = None  # token the current step must emit (-1: free), None: no step observed
     tail: str | list[int] = ""  # last few decoded characters (or ids) for tag matching
@@ -112,9 +142,8 @@ class ThinkingIntervention:
     """Per-row TTI state machine (docs/method.md §2); see the module docstring for the rules.
 
     `patience=None` disables the stagnation rule and `budget=None` the budget rule; with both off
-    the intervention only monitors (M_t traces, think lengths) and never forces anything. `eps_rel`
-    (None: off) replaces the absolute `eps` by `eps_rel` times the row's running std of M_t in think
-    spans.
+    the intervention only monitors (M_t traces, think lengths) and never forces anything. `eps_floor`
+    (None: off) replaces the absolute `eps` by `eps_floor` times the row's noise floor (`stagnation_tolerance`).
     """
 
     def __init__(
@@ -127,7 +156,9 @@ class ThinkingIntervention:
         alpha: float = 0.6,
         confidence: str = "logprob",
         token_text: Sequence[str] | None = None,
-        eps_rel: float | None = None,
+        eps_floor: float | None = None,
+        random_rate: float = 0.0,
+        seed: int | None = None,
     ) -> None:
         self.think_start_ids = _check_ids(think_start_ids, "think_start_ids")
         self.think_end_ids = _check_ids(think_end_ids, "think_end_ids")
@@ -137,11 +168,14 @@ class ThinkingIntervention:
             raise ValueError(f"budget (B) must be >= 0 or None (no budget), got {budget}")
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
-        if eps_rel is not None and not eps_rel > 0:
-            raise ValueError(f"eps_rel must be > 0 or None (absolute eps), got {eps_rel}")
+        if eps_floor is not None and not eps_floor > 0:
+            raise ValueError(f"eps_floor must be > 0 or None (absolute eps), got {eps_floor}")
+        if not 0.0 <= random_rate <= 1.0:
+            raise ValueError(f"random_rate must lie in [0, 1], got {random_rate}")
+        self.random_rate, self._random = random_rate, random.Random(seed)
         if confidence not in CONFIDENCE_FORMS:
             raise ValueError(f"confidence must be one of {CONFIDENCE_FORMS}, got {confidence!r}")
-        self.patience, self.eps, self.budget, self.eps_rel = patience, eps, budget, eps_rel
+        self.patience, self.eps, self.budget, self.eps_floor = patience, eps, budget, eps_floor
         self.alpha, self.confidence = alpha, confidence
         self.token_text = token_text
         if token_text is not None:
@@ -196,19 +230,23 @@ class ThinkingIntervention:
         if state.pending:
             forced = state.pending.pop(0)
         elif state.in_think:
-            close_enough = state.previous_m is not None and abs(m_t - state.previous_m) <= self._tolerance(state)
-            state.stagnant_steps = state.stagnant_steps + 1 if close_enough else 0
+            if state.previous_m is None:
+                state.stagnant_steps = 0
+            else:
+                change = abs(m_t - state.previous_m)
+                tolerance = self.eps if self.eps_floor is None else \
+                    stagnation_tolerance(state.think_changes, self.eps_floor, self.patience)
+                state.stagnant_steps = state.stagnant_steps + 1 if change <= tolerance else 0
+                if self.eps_floor is not None:
+                    bisect.insort(state.think_changes, change)
             state.previous_m = m_t
-            count, mean, m2 = state.think_m
-            count += 1
-            delta = m_t - mean
-            mean += delta / count
-            state.think_m = (count, mean, m2 + delta * (m_t - mean))
             cause = None
             if self.budget is not None and state.span_tokens >= self.budget:
                 cause = "budget"
             elif self.patience is not None and state.stagnant_steps >= self.patience:
                 cause = "stagnation"
+            elif self.random_rate and self._random.random() < self.random_rate:
+                cause = "random"  # the control arm: TTI's rate at random positions
             if cause is not None:
                 state.triggers[cause] += 1
                 state.stagnant_steps = 0
@@ -246,13 +284,6 @@ class ThinkingIntervention:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _tolerance(self, state: ThinkRow) -> float:
-        """The stagnation tolerance of the row's next comparison: eps, or eps_rel x its running std."""
-        if self.eps_rel is None:
-            return self.eps
-        count, _, m2 = state.think_m
-        return self.eps_rel * math.sqrt(m2 / count) if count else 0.0
-
     def _piece(self, token_id: int) -> str | list[int]:
         if self.token_text is None:
             return [token_id]
@@ -288,9 +319,30 @@ class ThinkingIntervention:
         return state
 
 
+def stagnation_tolerance(changes: Sequence[float], eps_floor: float, min_changes: int | None) -> float:
+    """The relative stagnation tolerance (module docstring): `eps_floor` x the median of `changes` (the
+    sorted |M_t - M_{t-1}| a row has shown), or -1 (nothing is stagnant) before `min_changes` of them."""
+    n = len(changes)
+    if n == 0 or n < (min_changes or 1):
+        return -1.0
+    median = changes[n // 2] if n % 2 else 0.5 * (changes[n // 2 - 1] + changes[n // 2])
+    return eps_floor * median
+
+
 def vocabulary_text(tokenizer) -> list[str]:
-    """The decoded text of every id of `tokenizer` (special tokens included), for tag matching."""
-    return tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    """The decoded text of every id of `tokenizer` (special tokens included), for tag matching. Decoded once
+    per tokenizer object (~0.5 s for a 49k vocabulary) and cached while it lives; again if tokens were added."""
+    try:
+        size, text = _VOCABULARY_TEXT.get(tokenizer, (None, None))
+    except TypeError:  # a tokenizer that cannot be weakly referenced: decode every time
+        return tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    if size != len(tokenizer):
+        text = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        _VOCABULARY_TEXT[tokenizer] = (len(tokenizer), text)
+    return text
+
+
+_VOCABULARY_TEXT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _check_ids(ids: Sequence[int], name: str) -> list[int]:

@@ -65,6 +65,15 @@ def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, agg: str = "token
     return torch.where(has_tokens, sequence_losses, 0.0).sum() / has_tokens.sum().clamp(min=1)
 
 
+def loss_token_counts(lengths: list[int], forced_masks: list[list[bool]], mask_forced: bool) -> list[int]:
+    """Per sample, the response tokens the loss mask keeps: all of them, less the tokens TTI forced when
+    they are masked (`algo.mask_forced_tokens`). Their sum over a mini-batch is the token-mean denominator
+    (`aggregate_loss`'s sum_{b,t} m across micro-batches); counting the forced tokens there too made the
+    loss ~4 % smaller in a run where TTI forced 4 % of the tokens (issue 27)."""
+    return [n - (sum(map(bool, forced[:n])) if mask_forced else 0)
+            for n, forced in zip(lengths, forced_masks, strict=True)]
+
+
 def ppo_policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,

@@ -27,10 +27,13 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return _entropy(torch.log_softmax(logits.float(), dim=-1))
 
 
-def uncertainty_from_logprobs(logprobs: torch.Tensor, alpha: float = 0.6, confidence: str = "logprob") -> torch.Tensor:
+def uncertainty_from_logprobs(logprobs: torch.Tensor, alpha: float = 0.6, confidence: str = "logprob",
+                              probs: torch.Tensor | None = None) -> torch.Tensor:
     """M_t (docs/method.md §1) from float32 log-probabilities of shape [..., V] (already log_softmax-ed).
 
-    Engines that need the log-probabilities anyway call this to avoid a second log_softmax."""
+    Engines that need the log-probabilities anyway call this to avoid a second log_softmax. `probs`
+    (= logprobs.exp(), which a sampler at temperature 1 computes anyway) saves the pass that
+    exponentiates; the entropy is then one dot product, so `logprobs` must be finite (no masked entries)."""
     if confidence not in CONFIDENCE_FORMS:
         raise ValueError(f"confidence must be one of {CONFIDENCE_FORMS}, got {confidence!r}")
     if not 0.0 <= alpha <= 1.0:
@@ -40,7 +43,8 @@ def uncertainty_from_logprobs(logprobs: torch.Tensor, alpha: float = 0.6, confid
         raise ValueError(f"M_t needs at least 2 vocabulary entries (log|V| > 0), got logits of width {vocab_size}")
     top = logprobs.max(dim=-1).values
     conf = top if confidence == "logprob" else top.exp()
-    normalised_entropy = (_entropy(logprobs) / math.log(vocab_size)).clamp(0.0, 1.0)
+    entropy = _entropy(logprobs) if probs is None else -torch.linalg.vecdot(probs, logprobs)
+    normalised_entropy = (entropy / math.log(vocab_size)).clamp(0.0, 1.0)
     return alpha * conf + (1.0 - alpha) * (1.0 - normalised_entropy)
 
 

@@ -54,7 +54,7 @@ class Generation:
     text: str  # decoded response (for parsing only)
     finish_reason: str  # "stop" (EOS or stop string), "length", or "cancelled" (the caller's should_stop)
     turn_score: float = math.nan  # Mbar over the configured window (docs/method.md §3)
-    tti_triggers: dict[str, int] = field(default_factory=dict)  # {"budget": n, "stagnation": n}
+    tti_triggers: dict[str, int] = field(default_factory=dict)  # {"budget": n, "stagnation": n, "random": n}
     think_length: int = 0  # tokens inside think spans
     prompt_tokens: int = 0
     usage: dict = field(default_factory=dict)  # a text policy's accounting (API: completion tokens, attempts, retries, latency)
@@ -85,18 +85,23 @@ def check_request(prompts: list[list[int]], sampling: SamplingParams) -> None:
         raise ValueError("stop strings must be non-empty")
 
 
-def make_intervention(config: InterventionConfig, tokenizer, token_text: Sequence[str]) -> ThinkingIntervention:
+def make_intervention(config: InterventionConfig, tokenizer, token_text: Sequence[str],
+                      seed: int | None = None) -> ThinkingIntervention:
     """The `ThinkingIntervention` of one generate call: tags tokenized with `tokenizer`, matched on
     `token_text` (the decoded vocabulary, `vocabulary_text`). A disabled config forces nothing
-    (no patience, no budget) but still records M_t and think spans."""
+    (no patience, no budget) but still records M_t and think spans. The random-truncation control
+    (`config.control == "random"`) replaces the stagnation rule by random ends drawn from `seed`."""
+    random_control = config.enabled and config.control == "random"
     return ThinkingIntervention.from_tokenizer(
         tokenizer,
         config.think_start,
         config.think_end,
         token_text=token_text,
-        patience=config.patience if config.enabled else None,
+        random_rate=config.random_rate if random_control else 0.0,
+        seed=seed,
+        patience=config.patience if config.enabled and not random_control else None,
         eps=config.eps,
-        eps_rel=config.eps_rel,
+        eps_floor=config.eps_floor,
         budget=config.budget if config.enabled else None,
         alpha=config.alpha,
         confidence=config.confidence,

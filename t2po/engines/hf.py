@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicLayer, LogitsProcessor
 
-from t2po.algos.intervention import ThinkingIntervention, vocabulary_text
+from t2po.algos.intervention import TRIGGER_KINDS, ThinkingIntervention, vocabulary_text
 from t2po.algos.uncertainty import turn_score, uncertainty_from_logprobs
 from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams, check_request, make_intervention, shared_prefix_length
 from t2po.progress import activity
@@ -64,7 +64,6 @@ class HFEngine(Engine):
         self.monitor_uncertainty = monitor_uncertainty
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids)
-        self._token_text: list[str] | None = None  # decoded vocabulary for tag matching, built on first use
         self._prefix_store: dict[tuple, _Prefix] = {}  # the previous call's prefilled prompts (`_prefill`)
         self._prefix_stamp: tuple | None = None  # the weights they were computed with
 
@@ -101,7 +100,7 @@ class HFEngine(Engine):
             raise ValueError("the thinking intervention needs M_t: build the engine with monitor_uncertainty=True")
         if not prompts:
             return []
-        tti = self._intervention(config) if self.monitor_uncertainty else None
+        tti = self._intervention(config, sampling.seed) if self.monitor_uncertainty else None
         if tti is not None:
             tti.start(prompts)
         was_training = self.model.training
@@ -123,7 +122,7 @@ class HFEngine(Engine):
                 score = turn_score(uncertainty, skip=config.turn_score_skip)
             else:
                 uncertainty, forced = [math.nan] * len(ids), [False] * len(ids)
-                triggers, think_length, score = {"budget": 0, "stagnation": 0}, 0, math.nan
+                triggers, think_length, score = dict.fromkeys(TRIGGER_KINDS, 0), 0, math.nan
             generations.append(
                 Generation(
                     token_ids=ids,
@@ -161,6 +160,8 @@ class HFEngine(Engine):
             generator = torch.Generator(device=device).manual_seed(sampling.seed)
         stop_window = 4 * max((len(s) for s in sampling.stop), default=0) + 2  # tokens that can hold a stop string
         suppressed = vlm.placeholder_token_ids(self.model) if vlm.is_vision_language(self.model) else []
+        # softmax(z / T) = exp(log_softmax(z))
+        plain = sampling.temperature == 1 and sampling.top_k == 0 and sampling.top_p >= 1.0
 
         token_ids: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
@@ -173,9 +174,13 @@ class HFEngine(Engine):
             if suppressed:
                 logits[:, suppressed] = float("-inf")
             logp = torch.log_softmax(logits, dim=-1)
-            chosen = sample_tokens(logits, sampling, generator)
+            # at temperature 1 without top-k / top-p the sampler's distribution is exp(logp): one pass over the
+            # vocabulary serves the sampler and M_t's entropy (M_t is defined on the unscaled logits, spec §1)
+            probs = logp.exp() if plain else None
+            chosen = sample_tokens(logits, sampling, generator, probs)
             if tti is not None:
-                m = uncertainty_from_logprobs(logp, config.alpha, config.confidence).tolist()
+                shared = None if suppressed else probs  # masked entries (-inf) need the clamped entropy
+                m = uncertainty_from_logprobs(logp, config.alpha, config.confidence, shared).tolist()
                 forced = [(i, t) for i, row in enumerate(active) if (t := tti.observe(row, m[i])) is not None]
                 if forced:
                     positions, tokens = zip(*forced)
@@ -328,10 +333,9 @@ class HFEngine(Engine):
             for row, prompt in enumerate(prompts)
         ], shared
 
-    def _intervention(self, config: InterventionConfig) -> ThinkingIntervention:
-        if self._token_text is None:
-            self._token_text = vocabulary_text(self.tokenizer)
-        return make_intervention(config, self.tokenizer, self._token_text)
+    def _intervention(self, config: InterventionConfig, seed: int | None) -> ThinkingIntervention:
+        # the vocabulary is decoded once per tokenizer (vocabulary_text caches it)
+        return make_intervention(config, self.tokenizer, vocabulary_text(self.tokenizer), seed)
 
     def _hits_stop(self, ids: list[int], stop: Sequence[str], window: int) -> bool:
         # A row stops at the first occurrence, so any occurrence in the recent window is a new one.
@@ -355,7 +359,8 @@ def _last_position(length: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([length - 1], device=device)
 
 
-def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None,
+                  probs: torch.Tensor | None = None) -> torch.Tensor:
     """One token id per row of `logits` [B, V]: greedy for temperature 0, else temperature -> top-k ->
     top-p -> one draw from the remaining distribution.
 
@@ -365,9 +370,12 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, generator: tor
     at batch 32 with a 49k vocabulary, against 1.5 ms). Top-k keeps the tokens scoring at least the
     k-th score (ties included, as transformers' `TopKLogitsWarper`); top-p keeps the smallest prefix of
     the tokens sorted by probability whose mass reaches top_p (the top token always stays). The
-    uniforms come from `generator` (None: torch's global RNG)."""
+    uniforms come from `generator` (None: torch's global RNG). `probs`: softmax(logits), when the caller has
+    it and the sampling is plain (temperature 1, no top-k / top-p): the CDF is then taken from it."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
+    if probs is not None and sampling.temperature == 1 and sampling.top_k == 0 and sampling.top_p >= 1.0:
+        return _draw(probs.cumsum(dim=-1), generator)
     scores = logits / sampling.temperature
     if 0 < sampling.top_k < scores.shape[-1]:
         kth = torch.topk(scores, sampling.top_k, dim=-1).values[:, -1:]
@@ -379,7 +387,11 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingParams, generator: tor
         drop = (probs.cumsum(dim=-1) - probs) >= sampling.top_p
         kept = sorted_scores.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(1, order, kept)
-    cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
+    return _draw(torch.softmax(scores, dim=-1).cumsum(dim=-1), generator)
+
+
+def _draw(cdf: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One inverse-CDF draw per row of the cumulative (unnormalised) probabilities `cdf` [B, V]."""
     total = cdf[:, -1:]
     u = torch.rand(total.shape, generator=generator, device=total.device, dtype=total.dtype) * total
     # u < total strictly, so the token found has positive probability even after rounding

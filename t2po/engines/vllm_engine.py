@@ -127,7 +127,8 @@ def _check_settings(params: vllm.SamplingParams) -> None:
     settings = _settings(params)
     if settings is None:
         return
-    required = {"key", "prompt_ids", "think_start_ids", "think_end_ids", "patience", "eps", "eps_rel", "budget", "alpha", "confidence"}
+    required = {"key", "prompt_ids", "think_start_ids", "think_end_ids", "patience", "eps", "eps_floor", "budget", "alpha",
+                "confidence", "random_rate", "seed"}
     missing = required - set(settings) if isinstance(settings, dict) else required
     if missing:
         raise ValueError(f"extra_args[{EXTRA_ARG!r}] lacks {sorted(missing)}; build requests with vllm_request()")
@@ -146,8 +147,9 @@ class _InterventionBatch:
         if key not in _TRACES:  # a request resumed after preemption keeps its trace
             tti = ThinkingIntervention(
                 settings["think_start_ids"], settings["think_end_ids"], patience=settings["patience"], eps=settings["eps"],
-                eps_rel=settings["eps_rel"], budget=settings["budget"], alpha=settings["alpha"], confidence=settings["confidence"],
-                token_text=_token_text(self.tokenizer_path),
+                eps_floor=settings["eps_floor"], budget=settings["budget"], alpha=settings["alpha"],
+                confidence=settings["confidence"],
+                token_text=_token_text(self.tokenizer_path), random_rate=settings["random_rate"], seed=settings["seed"],
             )
             tti.start([settings["prompt_ids"]])  # a prompt ending with the start tag opens the span
             _TRACES[key] = _RequestTrace(tti)
@@ -414,10 +416,12 @@ def vllm_request(prompt: list[int], key: str, tti: ThinkingIntervention, samplin
         "think_end_ids": tti.think_end_ids,
         "patience": tti.patience,
         "eps": tti.eps,
-        "eps_rel": tti.eps_rel,
+        "eps_floor": tti.eps_floor,
         "budget": tti.budget,
         "alpha": tti.alpha,
         "confidence": tti.confidence,
+        "random_rate": tti.random_rate,  # the random-truncation control (issue 27); its draws seeded per row
+        "seed": None if sampling.seed is None else sampling.seed * 1_000_003 + row,
     }
     return vllm.SamplingParams(
         n=1,

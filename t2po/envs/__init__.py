@@ -95,8 +95,8 @@ def get_env_class(name: str) -> type[BatchEnv]:
     return _REGISTRY[name]
 
 
-#: options every environment takes besides its constructor's: `response_format` ("strict", the
-#: reference's format check, or "lenient"; see `t2po.envs.parsing`)
+#: options every environment takes besides its constructor's: `response_format` ("reference", the
+#: environment's projection in the authors' code, "strict" or "lenient"; see `t2po.envs.parsing`)
 COMMON_OPTIONS = ("response_format",)
 
 

@@ -27,7 +27,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any
 
-from t2po.envs.parsing import ParsedAction, parse_think_action
+from t2po.envs.parsing import ParsedAction, parse_think_action, reference_think_action
 
 
 @dataclass
@@ -57,7 +57,7 @@ class EnvState:
 class BatchEnv(abc.ABC):
     """A batch of environment instances. Subclasses implement `reset`, `step`, `task_description`,
     `render_prompt`; they may override `parse_action` (the default is the
-    `<think>...</think><action>...</action>` format, strict unless `response_format` is "lenient") and `close`."""
+    `<think>...</think><action>...</action>` format, checked as `response_format` says) and `close`."""
 
     #: registry name, set by `@register_env`
     name: str = ""
@@ -67,9 +67,9 @@ class BatchEnv(abc.ABC):
     check_admissible: bool = False
     #: how many past (observation, action) pairs the prompt shows
     history_length: int = 2
-    #: "strict" (the reference's format check) or "lenient" (`t2po.envs.parsing`); `make_env` sets it
-    #: from the `response_format` option
-    response_format: str = "strict"
+    #: "reference" (the environment's projection in the authors' code), "strict" or "lenient"
+    #: (`t2po.envs.parsing`); `make_env` sets it from the `response_format` option
+    response_format: str = "reference"
     #: ranges [low, high] of the constructor options that size memory or time (a list option: each
     #: element), checked with the option names before any work (`env_option_errors`)
     option_ranges: dict[str, tuple[int, int]] = {"max_steps": (1, 1000), "history_length": (0, 1000)}
@@ -95,6 +95,8 @@ class BatchEnv(abc.ABC):
         """Turn a model response into the action sent to the environment plus a validity flag.
         Never raises: malformed output is an invalid action."""
         admissible = state.admissible_actions if self.check_admissible else None
+        if self.response_format == "reference":
+            return reference_think_action(response, admissible)
         return parse_think_action(response, admissible, strict=self.response_format == "strict")
 
     def expert_response(self, index: int, state: EnvState) -> str | None:

@@ -20,6 +20,7 @@ A recipe in the torchtune sense: `Trainer(cfg).setup()`, `.train()`, `.cleanup()
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import shutil
@@ -35,7 +36,7 @@ import yaml
 
 from t2po import references
 from t2po.algos import StepBatch
-from t2po.algos.losses import LossBatch, get_loss
+from t2po.algos.losses import LossBatch, get_loss, loss_token_counts
 from t2po.algos.sampling import TDSResampler
 from t2po.checkpoints import (
     CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, is_sharded, latest_checkpoint,
@@ -345,23 +346,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
     def validate(self, tag: str) -> dict[str, float]:
-        """Held-out tasks (validation split), TTI on, TDS off, validation sampling (docs/method.md §6)."""
+        """Held-out tasks (validation split), TDS off, validation sampling (docs/method.md §6), TTI as
+        `trainer.val_tti` says: off (one decoder for every algorithm, so the figures compare policies), on (the
+        run's own TTI setting), or both (off, then, for a run with TTI on, the same tasks and sampler seed with
+        TTI as `tti_on/*` keys of the same record)."""
         cfg = self.cfg
-        self.model.eval()
-        seeds = list(range(cfg.rollout.val_num_tasks))  # the same held-out tasks in every run (the split sets them apart)
-        seeds = shard_tasks(seeds, self.dist.rank, self.dist.world_size)
         self.reference_points()
-        t0 = time.time()
-        previous = next(reversed(self.run_state["validation"].values()), {}).get("seconds")  # the last validation's time
-        with self._rollout_weights(), Progress(len(seeds), f"[val {tag}]", "episode", disable=self.quiet, expected_seconds=previous) as bar:
-            tti = self.rollout.tti if cfg.trainer.val_tti else None  # None: nothing forced (the decoder every algorithm shares)
-            result = collect_rollouts(EnginePolicy(self.engine, self.rollout.val_sampling, tti), self.val_env, seeds,
-                                      self._play_settings(group_size=1), seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank, progress=bar)
-        stats = {**self._global_stats(result), "seconds": from_rank0(time.time() - t0)}
+        tti_off = dataclasses.replace(self.rollout.tti, enabled=False)  # nothing forced: the decoder every algorithm shares
+        primary = self.rollout.tti if cfg.trainer.val_tti == "on" else tti_off
+        result, stats = self._play_validation(tag, primary)
+        stats["val_tti_enabled"] = float(bool(primary.enabled))
         if not self.dist.distributed:  # per-task outcomes, so runs can be paired task by task
             outcome = {ep.group_id: int(ep.won) for ep in result.episodes}
-            stats["per_task_success"] = [outcome.get(g, 0) for g in range(len(seeds))]
+            stats["per_task_success"] = [outcome.get(g, 0) for g in range(cfg.rollout.val_num_tasks)]
         stats["success_stderr"] = references.stderr(stats["success_rate"], cfg.rollout.val_num_tasks)
+        if cfg.trainer.val_tti == "both" and self.rollout.tti.enabled:
+            _, with_tti = self._play_validation(f"{tag} tti", self.rollout.tti)
+            stats.update({f"tti_on/{k}": v for k, v in with_tti.items()})
         kill_point("validation", tag)
         self.run_state["validation"][tag] = stats
         self._save_run_state()
@@ -373,9 +374,29 @@ class Trainer:
             self._write_traces(f"val_{tag}", result, "validation", validation_step(tag, self.cfg.trainer.iterations))
             self.trackers.log_metrics({f"val/{k}": v for k, v in stats.items() if not isinstance(v, list)},
                                       step=validation_step(tag, self.cfg.trainer.iterations))
+        with_tti = ""
+        if "tti_on/success_rate" in stats:
+            with_tti = (f"  [TTI on: success {stats['tti_on/success_rate']:.3f}  "
+                        f"valid actions {1 - stats['tti_on/invalid_action_rate']:.3f}]")
         self.log(f"[val {tag}] success {stats['success_rate']:.3f}  valid actions {1 - stats['invalid_action_rate']:.3f}  "
-                 f"reward {stats['episode_reward']:.2f}  turns {stats['episode_length']:.1f}  ({stats['seconds']:.0f}s)")
+                 f"reward {stats['episode_reward']:.2f}  turns {stats['episode_length']:.1f}  "
+                 f"({stats['seconds']:.0f}s){with_tti}")
         return stats
+
+    def _play_validation(self, label: str, tti) -> tuple[RolloutResult, dict[str, float]]:
+        """One pass over the held-out tasks with the thinking intervention `tti` (its `enabled` decides)."""
+        cfg = self.cfg
+        self.model.eval()
+        seeds = list(range(cfg.rollout.val_num_tasks))  # the same held-out tasks in every run (the split sets them apart)
+        seeds = shard_tasks(seeds, self.dist.rank, self.dist.world_size)
+        t0 = time.time()
+        previous = next(reversed(self.run_state["validation"].values()), {}).get("seconds")  # the last validation's time
+        with self._rollout_weights(), Progress(len(seeds), f"[val {label}]", "episode", disable=self.quiet,
+                                               expected_seconds=previous) as bar:
+            result = collect_rollouts(EnginePolicy(self.engine, self.rollout.val_sampling, tti), self.val_env, seeds,
+                                      self._play_settings(group_size=1), seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank,
+                                      progress=bar)
+        return result, {**self._global_stats(result), "seconds": from_rank0(time.time() - t0)}
 
     def reference_points(self) -> dict:
         """The random mover's and the expert's success on the validation tasks (`t2po.references`),
@@ -518,7 +539,9 @@ class Trainer:
         tokens = [0, 0]  # real, processed (padding included)
         filler = next(self._micro_batches([0], samples))  # run with loss weight 0 (t2po.distributed.padded)
         # one process: rng.permutation(len(samples)) in mini_batch_size chunks per epoch; several: the same global plan
-        lengths = [len(s.response_ids) for s in samples]
+        # the token-mean denominator (`share.global_tokens`): the tokens the loss mask keeps
+        lengths = loss_token_counts([len(s.response_ids) for s in samples], [s.forced_mask for s in samples],
+                                    cfg.algo.mask_forced_tokens)
         plans = [plan_mini_batches(lengths, cfg.optim.mini_batch_size, rng) for _ in range(cfg.optim.ppo_epochs)]
         with Progress(sum(map(len, plans)), f"[update iter {iteration + 1}]", "step", disable=self.quiet,
                       expected_seconds=self.timer.last.get("update")) as bar:

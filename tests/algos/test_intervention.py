@@ -1,5 +1,6 @@
 """TTI (docs/method.md §2): per-row stagnation and budget forcing, multi-token end tags, tag matching on text."""
 
+import numpy as np
 import pytest
 
 from t2po.algos.intervention import ThinkingIntervention, vocabulary_text
@@ -38,8 +39,8 @@ def test_rows_trigger_stagnation_at_their_own_steps():
     # row 1: START at step 2, in span from step 3, comparisons at 4, 5, 6 -> forced at 6, 7
     assert emitted[1][2] == START and emitted[1][6:8] == [END_A, END_B]
     assert tti.rows[1].forced_positions == [6, 7]
-    assert tti.rows[0].triggers == {"budget": 0, "stagnation": 1}
-    assert tti.rows[1].triggers == {"budget": 0, "stagnation": 1}
+    assert tti.rows[0].triggers == {"budget": 0, "stagnation": 1, "random": 0}
+    assert tti.rows[1].triggers == {"budget": 0, "stagnation": 1, "random": 0}
     # a row outside any think span is never forced, however stagnant
     assert tti.rows[2].forced_positions == [] and tti.rows[2].think_length == 0
     # after the forced end tag the rows are outside and write freely again
@@ -54,7 +55,7 @@ def test_budget_forces_the_end_tag_and_counts_separately():
     steps = [[(0.1 * t, WORD)] for t in range(8)]  # M_t changes by 0.1 every step: never stagnant
     emitted = run(tti, steps)
     assert emitted[0][:6] == [WORD] * 4 + [END_A, END_B]
-    assert tti.rows[0].triggers == {"budget": 1, "stagnation": 0}
+    assert tti.rows[0].triggers == {"budget": 1, "stagnation": 0, "random": 0}
     assert tti.rows[0].think_length == 6
 
 
@@ -63,7 +64,7 @@ def test_budget_takes_precedence_when_both_rules_fire():
     tti.start([[START]])
     emitted = run(tti, [[(0.3, WORD)]] * 4)
     assert emitted[0][2:4] == [END_A, END_B]
-    assert tti.rows[0].triggers == {"budget": 1, "stagnation": 0}
+    assert tti.rows[0].triggers == {"budget": 1, "stagnation": 0, "random": 0}
 
 
 def test_counter_resets_on_movement_and_after_forcing():
@@ -177,22 +178,45 @@ def test_tiny_tokenizer_variants(tiny_model):
     assert "".join(pieces[t] for t in ids[: opened + 1]).endswith("<think>")
 
 
-def test_relative_tolerance_scales_with_the_rows_spread_of_m():
-    """eps_rel: stagnant when |M_t - M_{t-1}| <= eps_rel * (population std of the row's earlier think M).
-    M = 0, 1, 0, 1, 0.5, 0.51, 0.52, 0.53 with eps_rel 0.1, K = 3, by hand:
-      t1..t4 move by 0.5-1, far above 0.1 x std (std of [0], [0, 1], [0, 1, 0], [0, 1, 0, 1] = 0, 0.5, 0.471, 0.5);
-      t5: std([0, 1, 0, 1, 0.5]) = sqrt(0.2) = 0.447 -> tol 0.0447 >= 0.01: stagnant 1;
-      t6: tol 0.1 x 0.41 -> stagnant 2; t7: tol 0.1 x 0.38 -> stagnant 3 -> the end tag is forced at t7.
+def test_relative_tolerance_is_a_fraction_of_the_rows_noise_floor():
+    """eps_floor: stagnant when |M_t - M_{t-1}| <= eps_floor x median(the row's earlier changes), once K are seen.
+    M = 0, 1, 0, 1, 0.5, 0.45, 0.44, 0.43 with eps_floor 0.3, K = 3, by hand:
+      t1..t3 change by 1 with fewer than 3 earlier changes: never stagnant (changes [1, 1, 1]);
+      t4: change 0.5 > 0.3 x median 1: not stagnant; t5: 0.05 <= 0.3 x median([1, 1, 1, 0.5]) = 0.3: stagnant 1;
+      t6: 0.01 <= 0.3 x 1: stagnant 2; t7: 0.01 <= 0.3 x median([.01, .05, .5, 1, 1, 1]) = 0.225: stagnant 3
+      -> the end tag is forced at t7.
     The absolute eps 1e-4 (the paper's) never sees a 0.01 step as stagnant."""
-    ms = [0.0, 1.0, 0.0, 1.0, 0.5, 0.51, 0.52, 0.53, 0.54]
-    relative = id_tti(patience=3, eps_rel=0.1)
+    ms = [0.0, 1.0, 0.0, 1.0, 0.5, 0.45, 0.44, 0.43, 0.42]
+    relative = id_tti(patience=3, eps_floor=0.3)
     relative.start([[START]])
     run(relative, [[(m, WORD)] for m in ms])
     assert relative.rows[0].forced_positions == [7, 8]
-    assert relative.rows[0].triggers == {"budget": 0, "stagnation": 1}
+    assert relative.rows[0].triggers == {"budget": 0, "stagnation": 1, "random": 0}
     absolute = id_tti(patience=3, eps=1e-4)
     absolute.start([[START]])
     run(absolute, [[(m, WORD)] for m in ms])
     assert absolute.rows[0].forced_positions == []
-    with pytest.raises(ValueError, match="eps_rel"):
-        id_tti(eps_rel=0.0)
+    with pytest.raises(ValueError, match="eps_floor"):
+        id_tti(eps_floor=0.0)
+
+
+def test_random_truncation_control_ends_thinking_at_its_rate_at_random_positions():
+    """random_rate: each think token ends the span with that probability, whatever M_t does (cause "random");
+    the same seed repeats the positions, another seed moves them."""
+    def spans(seed, rate=0.1, rows=400, steps=30):
+        tti = id_tti(patience=None, random_rate=rate, seed=seed)
+        tti.start([[START]] * rows)
+        run(tti, [[(0.5, WORD)] * rows for _ in range(steps)])  # constant M: the stagnation rule would fire
+        return tti
+
+    tti = spans(0)
+    first = [row.forced_positions[0] if row.forced_positions else None for row in tti.rows]
+    triggered = [p for p in first if p is not None]
+    assert all(row.triggers["stagnation"] == 0 and row.triggers["random"] <= 1 for row in tti.rows)
+    # P(span ended within 30 tokens) = 1 - 0.9^30 = 0.958; the first position is geometric: mean 1/0.1 - 1 = 9 tokens
+    assert abs(len(triggered) / 400 - 0.958) < 0.03 and 6.5 < np.mean(triggered) < 11
+    assert first == [row.forced_positions[0] if row.forced_positions else None for row in spans(0).rows]
+    assert first != [row.forced_positions[0] if row.forced_positions else None for row in spans(1).rows]
+    assert not any(row.forced_positions for row in spans(0, rate=0.0).rows)
+    with pytest.raises(ValueError, match="random_rate"):
+        id_tti(random_rate=1.5)

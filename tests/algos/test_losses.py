@@ -120,3 +120,19 @@ def test_value_loss_clipping():
     loss, metrics = value_loss(values, old, returns, mask, clip=0.2)
     assert loss.item() == pytest.approx(0.5 * (5.29 + 1.0) / 2)
     assert metrics["vf_clip_frac"] == pytest.approx(0.5)
+
+
+def test_token_mean_denominator_counts_only_the_tokens_the_loss_mask_keeps():
+    """Two samples in one mini-batch: 4 tokens of which TTI forced 2, and 2 free tokens. With forced tokens
+    masked the token-mean denominator is 2 + 2 = 4 (not 6), so a micro-batch holding both weighs 4 / 4 = 1 and
+    a per-token loss of 1 on every kept token gives a loss of exactly 1 (it was 4 / 6 = 0.667)."""
+    from t2po.algos.losses import loss_token_counts
+
+    forced = [[False, True, True, False], [False, False]]
+    kept = loss_token_counts([4, 2], forced, mask_forced=True)
+    assert kept == [2, 2]
+    assert loss_token_counts([4, 2], forced, mask_forced=False) == [4, 2]
+    mask = torch.tensor([[1, 0, 0, 1], [1, 1, 0, 0]], dtype=torch.bool)  # the loss mask of the micro-batch
+    loss = aggregate_loss(torch.ones(2, 4), mask, "token-mean")
+    weight = mask.sum().item() / sum(kept)  # the trainer's micro-batch weight in the mini-batch
+    assert loss.item() * weight == pytest.approx(1.0)

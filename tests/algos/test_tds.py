@@ -62,3 +62,17 @@ def test_quantile_threshold_follows_the_recent_window_and_round_trips():
     assert restored.eta() == threshold.eta() and list(restored.deltas) == [3.0, 4.0, 10.0, 20.0]
     with pytest.raises(ValueError, match="quantile must lie in"):
         TDSQuantileThreshold(quantile=1.0)
+
+
+def test_random_resampling_control_redraws_as_many_rows_uniformly():
+    """random_resample_mask: as many rows as the rule flags, among the eligible ones, every eligible row
+    equally likely whichever rows the rule chose."""
+    from t2po.algos.sampling import random_resample_mask
+
+    rule = np.array([True, True, False, False, False, False])
+    eligible = np.array([True, True, True, True, True, False])
+    rng = np.random.default_rng(0)
+    picks = np.array([random_resample_mask(rule, eligible, rng) for _ in range(4000)])
+    assert (picks.sum(axis=1) == 2).all() and not picks[:, 5].any()
+    np.testing.assert_allclose(picks[:, :5].mean(axis=0), 2 / 5, atol=0.03)  # the rule's rows 0, 1 are not favoured
+    assert random_resample_mask(np.zeros(3, bool), np.ones(3, bool), rng).sum() == 0

@@ -68,3 +68,34 @@ def test_turn_score_of_short_and_empty_responses():
     assert math.isnan(turn_score([], skip=32))
     with pytest.raises(ValueError):
         turn_score([1.0], skip=-1)
+
+
+def test_m_t_from_the_samplers_probabilities_equals_the_separate_pass():
+    """The engine shares exp(log-probs) with the sampler at temperature 1 (issue 27): same M_t."""
+    from t2po.algos.uncertainty import uncertainty_from_logprobs
+
+    logits = torch.randn(4, 300) * 3
+    logp = torch.log_softmax(logits, dim=-1)
+    for confidence in ("logprob", "prob"):
+        torch.testing.assert_close(uncertainty_from_logprobs(logp, 0.6, confidence, probs=logp.exp()),
+                                   uncertainty_from_logprobs(logp, 0.6, confidence), rtol=1e-5, atol=1e-6)
+
+
+def test_the_vocabulary_is_decoded_once_per_tokenizer():
+    from t2po.algos.intervention import vocabulary_text
+
+    class Tokenizer:
+        calls = 0
+
+        def __len__(self):
+            return 3
+
+        def batch_decode(self, ids):
+            Tokenizer.calls += 1
+            return [f"t{i[0]}" for i in ids]
+
+    tokenizer = Tokenizer()
+    assert vocabulary_text(tokenizer) == ["t0", "t1", "t2"] and vocabulary_text(tokenizer) == ["t0", "t1", "t2"]
+    assert Tokenizer.calls == 1
+    vocabulary_text(Tokenizer())
+    assert Tokenizer.calls == 2  # another tokenizer object is decoded on its own

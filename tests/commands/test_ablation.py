@@ -8,6 +8,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+import yaml
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -33,7 +36,9 @@ def test_ablation_smoke_runs_resumes_and_reports(tiny_model_dir, tmp_path):
         assert r["before_rl"] is not None and r["after_rl"] is not None and 0 <= r["after_rl"]["valid_action_rate"] <= 1
         assert [it["iteration"] for it in r["iterations"]] == [1]
         assert {"success_rate", "invalid_action_rate", "approx_kl", "grad_norm", "tds_flag_rate"} <= set(r["iterations"][0])
-        assert r["generated_tokens"] > 0 and r["wall_seconds"] > 0 and set(r["tti_triggers"]) == {"stagnation", "budget"}
+        assert r["generated_tokens"] > 0 and r["wall_seconds"] > 0 and set(r["tti_triggers"]) == {"stagnation", "budget", "random"}
+        # one decoder (TTI off) for every arm; the T2PO arm also with its TTI (issue 27)
+        assert ("tti_on_success_rate" in r["after_rl"]) == (r["arm"] == "t2po-paper")
     # one warm-up per seed, shared: both arms of a seed start from the same model folder
     for seed in (0, 1):
         models = {(out / f"{arm}-seed{seed}" / "warmup_model").resolve() for arm in ("t2po-paper", "grpo")}
@@ -47,3 +52,13 @@ def test_ablation_smoke_runs_resumes_and_reports(tiny_model_dir, tmp_path):
     # the report groups the two seeds of each arm into one configuration
     report = (out / "report" / "report.md").read_text()
     assert report.count("| 2 |") >= 2 and "Exploration control" in report
+    # the controls (issue 27): random truncation takes TTI's rate from the same seed's t2po-calibrated run, or --random-rate
+    with pytest.raises(SystemExit, match="t2po-calibrated"):
+        ablation.arm_overrides("random-truncation", 0, out, None)
+    controls = ["--out", str(out), "--seeds", "0", "--arms", "random-truncation", "random-resampling", "--random-rate", "0.05",
+                "--no-report", "--set", *tiny]
+    assert ablation.main(controls) == 0
+    runs = {r["arm"]: r for r in json.loads((out / "ablation.json").read_text())["runs"]}
+    assert runs["random-truncation"]["random_rate"] == 0.05 and runs["random-resampling"]["random_rate"] is None
+    config = yaml.safe_load((out / "random-resampling-seed0" / "config.yaml").read_text())
+    assert config["rollout"]["tds"]["control"] == "random" and config["rollout"]["tti"]["control"] == "none"

@@ -116,7 +116,7 @@ def test_the_embedded_models_adapter_names_its_hub_id_not_a_cache_folder(tiny_mo
 THINKING = "Think inside <think> </think> tags, then answer."
 
 
-@pytest.mark.parametrize("config", [{"budget": 3, "patience": None}, {"budget": None, "patience": 2, "eps_rel": 10.0}])
+@pytest.mark.parametrize("config", [{"budget": 3, "patience": None}, {"budget": None, "patience": 2, "eps_floor": 10.0}])
 def test_tti_logits_processor_forces_what_t2pos_engine_forces(tiny_model, config):
     """Outside t2po, `TTILogitsProcessor` in plain `model.generate` forces the tokens `HFEngine` forces:
     the same greedy answer token for token; and replaying a seeded sample of the engine through the

@@ -124,9 +124,9 @@ def test_budget_forces_end_tag_at_the_right_positions(engine, tiny_model):
     assert think.forced == [False] * 4 + [True] * len(end_ids) + [False] * (12 - 4 - len(end_ids))
     assert think.token_ids[4 : 4 + len(end_ids)] == end_ids
     assert "</think>" in think.text
-    assert think.tti_triggers == {"budget": 1, "stagnation": 0}
+    assert think.tti_triggers == {"budget": 1, "stagnation": 0, "random": 0}
     assert think.think_length == 4 + len(end_ids)
-    assert not any(other.forced) and other.think_length == 0 and other.tti_triggers == {"budget": 0, "stagnation": 0}
+    assert not any(other.forced) and other.think_length == 0 and other.tti_triggers == {"budget": 0, "stagnation": 0, "random": 0}
     # the forced tokens' log-probs are the model's own (raw logits), not 0
     assert all(lp < -1e-3 for lp in (think.logprobs[i] for i in range(4, 4 + len(end_ids))))
     logp, _ = teacher_forced(tiny_model[0], thinking, think.token_ids)
@@ -146,6 +146,18 @@ def test_stagnation_trigger_with_loose_eps(engine, tiny_model):
     gen = engine.generate([thinking], SamplingParams(temperature=0, max_new_tokens=10), config)[0]
     assert gen.tti_triggers["stagnation"] >= 1 and gen.forced[3]
     assert not any(gen.forced[:3])
+
+
+def test_random_truncation_control_replaces_the_stagnation_rule(engine, tiny_model):
+    """rollout.tti.control=random: the loose eps that makes every step stagnant forces nothing; with rate 1 the
+    end tag is forced at the first think token, counted as "random"."""
+    _, tokenizer = tiny_model
+    thinking = chat(tokenizer, "Push the box up.", prefill="<think>\n")
+    sampling = SamplingParams(temperature=0, max_new_tokens=10, seed=3)
+    never = engine.generate([thinking], sampling, InterventionConfig(patience=3, eps=10.0, control="random", random_rate=1e-9))[0]
+    assert not any(never.forced) and never.tti_triggers["stagnation"] == 0
+    always = engine.generate([thinking], sampling, InterventionConfig(patience=3, eps=10.0, control="random", random_rate=1.0))[0]
+    assert always.forced[0] and always.tti_triggers["random"] == 1 and always.tti_triggers["stagnation"] == 0
 
 
 def test_monitoring_off_samples_the_same_tokens(tiny_model, prompts, engine):
@@ -186,7 +198,9 @@ def test_sampler_draws_from_the_filtered_distribution(temperature, top_k, top_p)
     probs = torch.softmax(reference, dim=-1)[0].double()
     draws = 40_000
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    tokens = sample_tokens(logits.expand(draws, -1), sampling, torch.Generator().manual_seed(1))
+    # the engine's path at temperature 1 without filters passes exp(log-probs), shared with M_t (issue 27)
+    shared = torch.log_softmax(logits, dim=-1).exp().expand(draws, -1) if (temperature, top_k, top_p) == (1.0, 0, 1.0) else None
+    tokens = sample_tokens(logits.expand(draws, -1), sampling, torch.Generator().manual_seed(1), shared)
     freq = torch.bincount(tokens, minlength=40).double() / draws
     assert freq[probs == 0].sum() == 0
     bound = 5 * (probs * (1 - probs) / draws).sqrt() + 1e-9

@@ -217,3 +217,10 @@ def test_resolved_rollout_fills_nulls_by_the_algorithm(monkeypatch):
     monkeypatch.setitem(ALGORITHMS, "toy_tds", ALGORITHMS["grpo"].__class__(ALGORITHMS["grpo"].advantages, tds=True))
     _, r = resolved("algo.name=toy_tds")
     assert (r.tti.enabled, r.tds.enabled) == (False, True), "the registration's defaults, not a list of names"
+
+
+def test_the_replaced_stagnation_key_says_what_replaced_it():
+    with pytest.raises(ConfigError, match="rollout.tti.eps_rel no longer exists: .*rollout.tti.eps_floor"):
+        load_config("default", ["rollout.tti.eps_rel=1.0"])
+    # null meant the absolute eps (the paper's rule): so does eps_floor=null
+    assert load_config("default", ["rollout.tti.eps_rel=null"]).rollout.tti.eps_floor is None

@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from t2po.algos import tds_resample_mask
+from t2po.algos import random_resample_mask, tds_resample_mask
 from t2po.algos.sampling import TDSQuantileThreshold, TDSResampler
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
 from t2po.policies import EnginePolicy
-from t2po.rollout import Episode, RolloutSettings, StepSample, TDSConfig, collect_rollouts, rollout_stats
+from t2po.rollout import Episode, RolloutSettings, StepSample, TDSConfig, call_seed, collect_rollouts, rollout_stats
 
 
 class RecordingEngine(HFEngine):
@@ -114,6 +114,21 @@ def test_tds_flags_follow_the_rule(engine, tiny_model):
             accepted_prev[s.traj_id] = s.turn_score
     assert 0 < expected < eligible, "the rule must flag some eligible turns and keep others, or this test shows nothing"
     assert n_flagged == expected
+    assert result.stats["tds_inband_before"] == pytest.approx(expected / eligible)
+
+
+def test_random_resampling_control_redraws_as_many_turns_chosen_at_random(engine, tiny_model):
+    """rollout.tds.control=random: at the second turn the rule flags 2 of the 4 eligible turns; the control
+    redraws 2 turns too, the ones its seeded generator picks (not the rule's), and reports the rule's band."""
+    eta, flagged, _ = _separating_eta(tiny_model)
+    result = _run(engine, TDSConfig(eta=eta, max_try=1, control="random"))
+    second = sorted((s for s in result.samples if s.step == 1), key=lambda s: s.traj_id)
+    picked = {s.traj_id for s in second if s.resampled}
+    rng = np.random.default_rng(call_seed(0, 1, 0))
+    expected = set(np.flatnonzero(random_resample_mask(np.isin(np.arange(4), list(flagged)), np.ones(4, dtype=bool), rng)))
+    assert expected != flagged, "the control's draw equals the rule's choice here: this test would show nothing"
+    assert picked == expected and len(picked) == len(flagged)
+    assert {s.traj_id for s in second if s.tds_in_band[0]} == flagged
 
 
 def test_recorded_ids_are_the_engines_ids_and_rollouts_are_deterministic(engine, tiny_model):
@@ -191,21 +206,25 @@ def test_stats_count_responses_cut_at_the_token_limit_and_the_length_range():
     assert (stats["response_length_min"], stats["response_length"], stats["response_length_max"]) == (3.0, 6.0, 8.0)
 
 
-def _sample(step, delta, resampled=0, regen_flagged=0, think=0):
+def _sample(step, delta, resampled=0, think=0, in_band=(False, False), kept=math.nan, discarded=()):
     return StepSample(prompt_ids=[1], response_ids=[2] * 5, forced_mask=[False] * 5, rollout_logprobs=[0.0] * 5, reward=0.0, env_reward=0.0,
                       done=False, valid=True, anchor_obs="", group_id=0, traj_id=0, step=step, turn_score=0.5, response_text="",
-                      action="", resampled=resampled, tds_delta=delta, tds_regen_flagged=regen_flagged, think_length=think)
+                      action="", resampled=resampled, tds_delta=delta, think_length=think, tds_in_band=in_band,
+                      tds_kept_delta=kept, discarded=[{"tds_delta": d} for d in discarded])
 
 
 def test_exploration_diagnostics_by_hand():
-    """Flag rate over eligible turns (not all steps), regenerated samples flagged again, delta
-    percentiles (numpy linear), think p90, extra-token fraction."""
-    samples = [_sample(0, math.nan, think=0), _sample(1, 0.1, resampled=1, regen_flagged=1, think=10),
-               _sample(1, 0.5, think=20), _sample(2, 0.2, resampled=2, regen_flagged=1, think=30)]
+    """Flag rate over eligible turns (not all steps), the in-band share of eligible turns before and after
+    resampling, |delta| of kept vs discarded samples, delta percentiles (numpy linear), think p90, extra-token fraction."""
+    samples = [_sample(0, math.nan, think=0), _sample(1, 0.1, resampled=1, think=10, in_band=(True, False), kept=0.4, discarded=[0.1]),
+               _sample(1, 0.5, think=20, kept=0.5), _sample(2, 0.2, resampled=2, think=30, in_band=(True, True), kept=0.25, discarded=[0.2, 0.15])]
     episode = Episode(traj_id=0, group_id=0, seed=0, samples=samples, won=False, total_reward=0.0, truncated=True, metrics={}, observations=[])
-    stats = rollout_stats([episode], {"generated_tokens": 200, "tds_extra_tokens": 50})
+    stats = rollout_stats([episode], {"generated_tokens": 200, "tds_extra_tokens": 50, "tds_eligible_turns": 3})
     assert stats["tds_flag_rate"] == pytest.approx(2 / 3)  # 2 of the 3 eligible turns (the first turn is not)
-    assert stats["tds_regen_flag_rate"] == pytest.approx(2 / 3)  # 2 of 3 regenerations again in the band
+    assert stats["tds_inband_before"] == pytest.approx(2 / 3) and stats["tds_inband_after"] == pytest.approx(1 / 3)
+    assert (stats["tds_kept_delta_mean"], stats["tds_kept_delta_p50"]) == pytest.approx((0.325, 0.325))  # kept of the 2 regenerated
+    assert (stats["tds_discarded_delta_mean"], stats["tds_discarded_delta_p50"]) == pytest.approx((0.15, 0.15))  # 0.1, 0.2, 0.15
+    assert "tds_regen_flag_rate" not in stats
     # sorted deltas [0.1, 0.2, 0.5]: p10 at position 0.2 -> 0.12, p50 0.2, p90 at 1.8 -> 0.2 + 0.8 * 0.3
     assert (stats["tds_delta_p10"], stats["tds_delta_p50"], stats["tds_delta_p90"]) == pytest.approx((0.12, 0.2, 0.44))
     assert stats["think_length"] == 15 and stats["think_length_p90"] == pytest.approx(27.0)

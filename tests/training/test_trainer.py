@@ -111,11 +111,26 @@ def test_trainer_credits_the_invalid_action_penalty_to_its_own_step(algo, tmp_pa
     np.testing.assert_allclose(adv, [-2.0412, 0.4082, 0.4082, 0.4082, 0.4082, 0.4082], atol=1e-4)
 
 
-def test_relative_exploration_options_log_diagnostics_and_checkpoint_the_tds_window(tiny_model_dir, tmp_path):
-    overrides = tiny_overrides(tiny_model_dir, tmp_path, iterations=1) + ["rollout.tds.quantile=0.5", "rollout.tti.eps_rel=0.5",
+def test_relative_exploration_options_log_diagnostics_and_checkpoint_the_tds_window(tiny_model_dir, tmp_path, monkeypatch):
+    overrides = tiny_overrides(tiny_model_dir, tmp_path, iterations=1) + ["rollout.tds.quantile=0.5", "rollout.tti.eps_floor=0.5",
                                                                           "rollout.tti.patience=2", "rollout.tti.budget=4"]
+    import t2po.trainer.trainer as trainer_module
+
+    denominators = []  # the per-sample token counts the update's token-mean weights are computed from
+    plan, collect = trainer_module.plan_mini_batches, trainer_module.collect_rollouts
+    monkeypatch.setattr(trainer_module, "plan_mini_batches", lambda lengths, *a: denominators.append(list(lengths)) or plan(lengths, *a))
+
+    def first_token_forced(*args, **kwargs):  # the tiny model rarely thinks: mark each response's first token as forced
+        result = collect(*args, **kwargs)
+        for sample in result.samples:
+            sample.forced_mask[:1] = [True] * min(1, len(sample.forced_mask))
+        return result
+
+    monkeypatch.setattr(trainer_module, "collect_rollouts", first_token_forced)
     trainer = run_trainer(overrides)
     (line,) = [json.loads(l) for l in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # the token-mean denominator counts the tokens the loss mask keeps: forced ones are masked (algo.mask_forced_tokens)
+    assert sum(denominators[0]) == line["rollout/response_tokens"] - line["rollout/steps"]
     for key in ("rollout/tds_flag_rate", "rollout/tds_delta_p50", "rollout/tds_eta", "rollout/think_length_p90",
                 "rollout/tds_extra_token_fraction", "rollout/tti_budget_triggers", "rollout/forced_tokens"):
         assert key in line, key
@@ -192,3 +207,26 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_model_dir, tmp_path):
     iters = [json.loads(l)["iteration"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert iters == list(range(1, done + 2)), "metrics of the lost iteration must be replaced, not duplicated"
     assert (run_dir / "checkpoints" / f"iter_{done + 1:06d}").exists()
+
+
+@pytest.mark.parametrize("val_tti, algo, expected", [("both", "t2po", [False, True]), ("off", "t2po", [False]),
+                                                    ("on", "t2po", [True]), ("both", "gigpo", [False])])
+def test_validation_decodes_every_algorithm_alike(tiny_model_dir, tmp_path, monkeypatch, val_tti, algo, expected):
+    """trainer.val_tti (issue 27): off validates with TTI off whatever the algorithm; both adds a pass with the run's
+    TTI (only a run that has TTI on) as tti_on/* keys of the same validation.jsonl record."""
+    import t2po.trainer.trainer as trainer_module
+
+    passes = []  # TTI enabled in each validation pass
+    collect = trainer_module.collect_rollouts
+
+    def recording(engine, env, seeds, group_size, sampling, intervention, tds, *args, **kwargs):
+        if tds is None:  # validation (training passes its TDS config)
+            passes.append(bool(intervention.enabled))
+        return collect(engine, env, seeds, group_size, sampling, intervention, tds, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "collect_rollouts", recording)
+    trainer = run_trainer(tiny_overrides(tiny_model_dir, tmp_path, algo=algo, iterations=1) + [f"trainer.val_tti={val_tti}"])
+    assert passes == expected
+    (record,) = [json.loads(l) for l in (trainer.run_dir / "validation.jsonl").read_text().splitlines()]
+    assert record["val_tti_enabled"] == float(expected[0])
+    assert ("tti_on/success_rate" in record) == (len(expected) == 2)

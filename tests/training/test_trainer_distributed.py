@@ -74,7 +74,7 @@ def test_two_ranks_train_as_one_process_and_resume_on_one(tiny_model_dir, tmp_pa
     # the paper's absolute thresholds: the relative TDS one is estimated by each rank from its own turns, and the
     # relative TTI tolerance compares M_t differences of the size of the float noise of another batch composition
     greedy = ["rollout.sampling.temperature=0", "rollout.num_tasks=3", "optim.micro_batch_tokens=600", "rollout.tds.quantile=null",
-              "rollout.tti.eps_rel=null"]
+              "rollout.tti.eps_floor=null"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "-m", "t2po.cli", "train", "--quiet", *overrides(tiny_model_dir, tmp_path / "two", 2, *greedy)]
     out = subprocess.run(launch, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)

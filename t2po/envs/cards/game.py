@@ -26,6 +26,7 @@ from typing import Any
 from PIL import Image
 
 from t2po.envs.base import BatchEnv, EnvState
+from t2po.envs.parsing import ParsedAction
 from t2po.errors import InvalidInput
 
 SUITS = ("hearts", "diamonds", "clubs", "spades")
@@ -109,6 +110,42 @@ class CardGame(abc.ABC):
     def info(self) -> dict[str, Any]:
         """Structured state for traces and tests."""
         return {}
+
+
+def cards_projection(response: str, action_tokens: tuple[str, ...]) -> ParsedAction:
+    """The reference's gym-cards projection (WillDreamer/T2PO-ICML,
+    agent_system/environments/env_package/gym_cards/projection.py), read on this package's `<action>` span
+    where the reference's prompts ask for a JSON `"action":` field:
+
+        string = string.lower()
+        action_index = string.find('"action":')
+        string = string[action_index:]
+        if 'points' in env_name.lower() and '10' in string:
+            contained_actions.append('10')
+            string = string.replace('10', '')  # Remove '10' to prevent it from being counted as '1'
+        for action in action_list:
+            if action in string: contained_actions.append(action)
+        contained_actions = list(set(contained_actions))
+        if len(contained_actions) == 1 and contained_actions[0] in action_list: valid
+
+    The span is the text between `<action>` and `</action>` (or to the end): everything after the tag would
+    always contain the "/" of `</action>`, a Points24 keyword. Where the reference finds no key, `find` gives -1
+    and it reads the last character alone; here a response without `<action>` is invalid. No think check."""
+    text = (response if isinstance(response, str) else "").lower()
+    start = text.find("<action>")
+    if start == -1:
+        return ParsedAction(text[-30:], False, "no <action> tag")
+    end = text.find("</action>", start)
+    span = text[start + len("<action>") : end if end != -1 else len(text)]
+    contained = set()
+    if "10" in action_tokens and "10" in span:  # the points games
+        contained.add("10")
+        span = span.replace("10", "")
+    contained.update(token for token in action_tokens if token in span)
+    if len(contained) != 1:
+        reason = f"{len(contained)} action keywords in the action span (need exactly one)"
+        return ParsedAction(span.strip(), False, reason)
+    return ParsedAction(contained.pop(), True)
 
 
 class CardGameEnv(BatchEnv):
@@ -240,6 +277,12 @@ class CardGameEnv(BatchEnv):
     def task_description(self, index: int) -> str:
         """What instance `index` asks for, in one sentence."""
         return self._games[index].task()
+
+    def parse_action(self, response: str, state: EnvState) -> ParsedAction:
+        """`cards_projection` with `response_format` "reference" (the default), else the generic check."""
+        if self.response_format == "reference":
+            return cards_projection(response, self.action_tokens)
+        return super().parse_action(response, state)
 
     def render_prompt(self, index: int, history: list[tuple[str, str]], state: EnvState) -> str:
         parts = [self.rules()]

@@ -9,6 +9,7 @@ from typing import Any
 
 from t2po.envs import register_env
 from t2po.envs.base import BatchEnv, EnvState
+from t2po.envs.parsing import ParsedAction
 from t2po.envs.sokoban.generation import generate_room
 from t2po.envs.sokoban.render import TILE_LEGEND, render_image
 from t2po.envs.sokoban.room import ACTIONS, DELTAS, Pos, Room
@@ -70,6 +71,38 @@ def random_solve_probability(room: Room, steps: int, memo: dict | None = None) -
     if key not in memo:
         memo[key] = sum(random_solve_probability(room.move(m)[0], steps - 1, memo) for m in ACTIONS) / len(ACTIONS)
     return memo[key]
+#: the reference's Sokoban action pool, in the order it is searched ("still" is valid and moves nothing)
+REFERENCE_ACTIONS = ("up", "down", "left", "right", "still")
+
+
+def sokoban_projection(response: str) -> ParsedAction:
+    """The reference's Sokoban projection (WillDreamer/T2PO-ICML,
+    agent_system/environments/env_package/sokoban/projection.py), which is lenient:
+
+        start_idx = actions[i].find(start_tag)          # "<action>" in the lowercased response
+        end_idx = actions[i].find(end_tag)              # "</action>"
+        extracted_action = actions[i][start_idx + len(start_tag):end_idx].strip().lower()
+        for act in action_pools.keys():                 # up, down, left, right, still
+            if act in extracted_action: ... valids[i] = 1; break
+        think_start_idx = original_str.find("<think>")  # anywhere, case-sensitive, in any order
+        think_end_idx = original_str.find("</think>")
+        if think_start_idx == -1 or think_end_idx == -1: valids[i] = 0
+
+    So the direction is a substring of the action span ("move up!" is up), "still" is a valid no-op, the think
+    tags may be anywhere (a `</think>` written after the one TTI forced is fine), and no CJK check. A
+    direction found with the think tags missing is still played, but the step counts as invalid, as there."""
+    text = response if isinstance(response, str) else ""
+    lower = text.lower()
+    start, end = lower.find("<action>"), lower.find("</action>")
+    if start == -1 or end == -1:
+        return ParsedAction("still", False, "no <action> or </action> tag")
+    extracted = lower[start + len("<action>") : end].strip()  # empty when </action> comes first, as there
+    action = next((act for act in REFERENCE_ACTIONS if act in extracted), None)
+    if action is None:
+        return ParsedAction("still", False, "no action of up/down/left/right/still in the action span")
+    if "<think>" not in text or "</think>" not in text:
+        return ParsedAction(action, False, "no <think> or </think> tag")
+    return ParsedAction(action, True)
 
 
 @dataclass
@@ -250,6 +283,12 @@ class SokobanEnv(BatchEnv):
                 "room_seed": ep.seed,
             },
         )
+
+    def parse_action(self, response: str, state: EnvState) -> ParsedAction:
+        """`sokoban_projection` with `response_format` "reference" (the default), else the generic check."""
+        if self.response_format == "reference":
+            return sokoban_projection(response)
+        return super().parse_action(response, state)
 
     # ---- prompt ---------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from t2po.envs import register_env
 from t2po.envs.base import BatchEnv, EnvState
-from t2po.envs.parsing import ParsedAction, parse_think_action
+from t2po.envs.parsing import ParsedAction, parse_think_action, reference_think_action
 from t2po.envs.webshop.catalog import SPLITS, Catalog, Goal, generated_catalog, load_official_catalog
 from t2po.envs.webshop.engine import INDEX_CACHE_MIN_PRODUCTS, Page, SearchIndex, Shop, ShopSession, parse_action, rich_text, simple_text
 from t2po.envs.webshop.reward import FUZZY_MATCH_THRESHOLD, TITLE_NOUN_MODES, goal_option_list, normalize_color, token_set_ratio
@@ -229,7 +229,10 @@ class WebShopEnv(BatchEnv):
         """The `<think>...</think><action>...</action>` format, then admissibility: `search[q]` with
         a non-empty query other than the placeholder when the page has a search box, or one of
         the page's `click[...]` actions. Never raises."""
-        parsed = parse_think_action(response, strict=self.response_format == "strict")
+        if self.response_format == "reference":  # the reference's webshop_projection: its regex, no pool
+            parsed = reference_think_action(response)
+        else:
+            parsed = parse_think_action(response, strict=self.response_format == "strict")
         if not parsed.valid:
             return parsed
         name, arg = parse_action(parsed.action)
