@@ -95,13 +95,14 @@ class _RequestTrace:
 
     def observe(self, m_t: float) -> int | None:
         row = self.row
-        self.undo = (len(row.uncertainty), row.stagnant_steps, row.previous_m, dict(row.triggers), list(row.pending), row.think_m)
+        self.undo = (len(row.uncertainty), row.stagnant_steps, row.previous_m, dict(row.triggers), list(row.pending),
+                     list(row.think_changes))
         return self.tti.observe(0, m_t)
 
     def _roll_back(self) -> None:
         # Undo exactly what ThinkingIntervention.observe changed (it never touches the span state).
         row = self.row
-        length, row.stagnant_steps, row.previous_m, row.triggers, row.pending, row.think_m = self.undo
+        length, row.stagnant_steps, row.previous_m, row.triggers, row.pending, row.think_changes = self.undo
         del row.uncertainty[length:], row.forced[length:]
         row.awaiting = None
 
