@@ -24,7 +24,8 @@ def check_run_name(name: str) -> str:
     text = str(name)
     if text in ("", ".", "..") or "/" in text or "\\" in text or "\0" in text or len(text.encode()) > 255:
         raise UserError(f"trainer.run_name={name!r}: a run name is one folder name (letters, digits, '-', '_', '.'; "
-                        f"no '/' or '..'), e.g. trainer.run_name=sokoban-seed1; set trainer.output_dir for another parent folder")
+                        f"no '/' or '..'), e.g. trainer.run_name=sokoban-seed1; "
+                        f"set trainer.output_dir for another parent folder")
     return text
 
 
@@ -38,7 +39,8 @@ def spelling_error(text: str, flag: str, parent: bool = False) -> str | None:
     names = [p for p in parts if p != "."]
     last_up = max((i for i, p in enumerate(names) if p == ".."), default=-1)
     if any(p != ".." for p in names[:max(last_up, 0)]):  # a `..` after a name
-        return (f"{flag} {text!r} goes back up with '..' after a folder name, so it writes outside the folder it names; "
+        return (f"{flag} {text!r} goes back up with '..' after a folder name, so it writes outside the folder "
+                f"it names; "
                 f"write the path without '..' after a name (a leading ../ is fine)")
     if not parent and (not names or names[-1] == ".."):
         return f"{flag} {text!r} names no new folder or file; give a name, e.g. {flag} results/my-output"
@@ -58,7 +60,8 @@ def output_path(path: str | os.PathLike, flag: str, parent: bool = False) -> Pat
     resolved = unresolved.parent.resolve() / unresolved.name
     run = enclosing_run(resolved)
     if run is not None:
-        raise UserError(f"{flag} {text!r} lies inside the t2po run folder {run}, whose files only `t2po train --resume` writes; "
+        raise UserError(f"{flag} {text!r} lies inside the t2po run folder {run}, whose files only "
+                        f"`t2po train --resume` writes; "
                         f"choose a folder outside it")
     return resolved
 
@@ -73,7 +76,8 @@ def enclosing_run(path: Path) -> Path | None:
 
 
 def is_run_folder(folder: Path) -> bool:
-    return (folder / "config.yaml").is_file() and any((folder / name).exists() for name in ("run_state.json", "checkpoints", "train.log", "metrics.jsonl"))
+    own = ("run_state.json", "checkpoints", "train.log", "metrics.jsonl")
+    return (folder / "config.yaml").is_file() and any((folder / name).exists() for name in own)
 
 
 def new_folder(path: str | os.PathLike, flag: str, own_marker: str | None = None) -> Path:
@@ -83,7 +87,8 @@ def new_folder(path: str | os.PathLike, flag: str, own_marker: str | None = None
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {os.fspath(path)!r} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not (own_marker and (out / own_marker).is_file()):
-        raise UserError(f"{flag} {os.fspath(path)!r} exists and is not empty; give a new folder (t2po never writes into a folder that holds other files)")
+        raise UserError(f"{flag} {os.fspath(path)!r} exists and is not empty; give a new folder "
+                        f"(t2po never writes into a folder that holds other files)")
     return out
 
 

@@ -66,7 +66,8 @@ def checkpoint_problem(ckpt: Path, resume: bool = False) -> str | None:
     """The first file of a checkpoint folder that cannot be read back (`file problem`), or None. The
     weights and the files that say how to apply them; with `resume`, the optimizer and RNG state too."""
     ckpt = Path(ckpt)
-    checks: list[tuple[str, str | None]] = [("trainer_state.json", json_problem(ckpt / "trainer_state.json", "iteration"))]
+    checks: list[tuple[str, str | None]] = [
+        ("trainer_state.json", json_problem(ckpt / "trainer_state.json", "iteration"))]
     # checkpoint.json describes the folder for other readers; t2po needs it after a LoRA warm-up, whose
     # adapter rank it records (`combine_adapters`); a checkpoint written without it (tests, older runs) loads
     lora_warmup = (ckpt.parent.parent / WARMUP_MODEL / "adapter_config.json").exists()
@@ -77,23 +78,28 @@ def checkpoint_problem(ckpt: Path, resume: bool = False) -> str | None:
     else:
         if (ckpt / "adapter").is_dir():
             checks += [("adapter/adapter_config.json", json_problem(ckpt / "adapter" / "adapter_config.json", "r")),
-                       ("adapter/adapter_model.safetensors", safetensors_problem(ckpt / "adapter" / "adapter_model.safetensors"))]
+                       ("adapter/adapter_model.safetensors",
+                        safetensors_problem(ckpt / "adapter" / "adapter_model.safetensors"))]
         else:
             weights = sorted((ckpt / "model").glob("*.safetensors"))
-            checks += [(f"model/{p.name}", safetensors_problem(p)) for p in weights] or [("model/", "holds no safetensors weights")]
+            checks += ([(f"model/{p.name}", safetensors_problem(p)) for p in weights]
+                       or [("model/", "holds no safetensors weights")])
         if resume:
             value_head = ("value_head.safetensors",) if (ckpt / "value_head.safetensors").exists() else ()
-            checks += [(name, safetensors_problem(ckpt / name)) for name in ("optimizer.safetensors", "rng.safetensors", *value_head)]
+            names = ("optimizer.safetensors", "rng.safetensors", *value_head)
+            checks += [(name, safetensors_problem(ckpt / name)) for name in names]
             checks.append(("optimizer.json", json_problem(ckpt / "optimizer.json")))
     return next((f"{name} {problem}" for name, problem in checks if problem), None)
 
 
-def checkpoint_candidates(ckpt_root: Path, note: Callable[[str], None] | None = None, resume: bool = False) -> Iterator[Path]:
+def checkpoint_candidates(ckpt_root: Path, note: Callable[[str], None] | None = None,
+                          resume: bool = False) -> Iterator[Path]:
     """The checkpoints of a run whose files read back (`checkpoint_problem`), newest first. A folder
     left half-written (`.tmp`) is passed over silently; any other with a damaged or missing file is
     named in a note."""
     ckpt_root = Path(ckpt_root)
-    folders = sorted((p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True) if ckpt_root.is_dir() else []
+    folders = sorted((p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")),
+                     reverse=True)  # none when the folder does not exist
     for ckpt in folders:
         problem = checkpoint_problem(ckpt, resume)
         if problem is None:
@@ -118,11 +124,13 @@ def check_warmup(run_dir: Path) -> None:
                   ("adapter_model.safetensors", safetensors_problem(folder / "adapter_model.safetensors"))]
     else:
         weights = sorted(folder.glob("*.safetensors"))
-        checks = [("config.json", json_problem(folder / "config.json"))] + [(p.name, safetensors_problem(p)) for p in weights]
+        checks = [("config.json", json_problem(folder / "config.json"))]
+        checks += [(p.name, safetensors_problem(p)) for p in weights]
         checks += [] if weights else [("model.safetensors", "is missing")]
     for name, problem in checks:
         if problem:
-            raise UserError(f"{folder / name} {problem}: the run's warm-up model is damaged and its checkpoints apply to it; "
+            raise UserError(f"{folder / name} {problem}: the run's warm-up model is damaged and its checkpoints "
+                            f"apply to it; "
                             f"restore the file from a copy, or start a new run")
 
 
@@ -154,7 +162,8 @@ def read_run_config(run_dir: Path) -> dict:
     if not path.is_file():
         if (Path(run_dir) / "checkpoints").is_dir():
             raise UserError(f"{path} is missing; {RUN_CONFIG_FIX}")
-        raise FileNotFoundError(f"{run_dir} is not a t2po run folder (no config.yaml). Pass the folder printed at the start of `t2po train`.")
+        raise FileNotFoundError(f"{run_dir} is not a t2po run folder (no config.yaml). "
+                                "Pass the folder printed at the start of `t2po train`.")
     data = read_mapping(path, RUN_CONFIG_FIX)
     if data and not path.read_bytes().endswith(b"\n"):
         raise UserError(f"{path} is cut short (no final newline); {RUN_CONFIG_FIX}")
