@@ -219,10 +219,10 @@ def test_validation_decodes_every_algorithm_alike(tiny_model_dir, tmp_path, monk
     passes = []  # TTI enabled in each validation pass
     collect = trainer_module.collect_rollouts
 
-    def recording(engine, env, seeds, group_size, sampling, intervention, tds, *args, **kwargs):
-        if tds is None:  # validation (training passes its TDS config)
-            passes.append(bool(intervention.enabled))
-        return collect(engine, env, seeds, group_size, sampling, intervention, tds, *args, **kwargs)
+    def recording(policy, env, seeds, settings, **kwargs):
+        if settings.group_size == 1:  # validation (training plays groups of rollout.group_size = 2 here)
+            passes.append(bool(policy.intervention.enabled))
+        return collect(policy, env, seeds, settings, **kwargs)
 
     monkeypatch.setattr(trainer_module, "collect_rollouts", recording)
     trainer = run_trainer(tiny_overrides(tiny_model_dir, tmp_path, algo=algo, iterations=1) + [f"trainer.val_tti={val_tti}"])
