@@ -223,7 +223,7 @@ def get_loss(name: str) -> LossFn:
 
 @register_loss("ppo")
 def ppo_loss(batch: LossBatch, settings: Any) -> tuple[torch.Tensor, dict[str, float]]:
-    """The spec's objective (§4): PPO clip with dual clip, minus `entropy_coef` x the mean token entropy,
+    """The objective of docs/method.md §4: PPO clip with dual clip, minus `entropy_coef` x the mean token entropy,
     plus `kl_coef` x the mean token KL to the reference (when `ref_logp` is given), plus `value_coef` x
     the clipped value loss (when the critic's `values` are given). Entropy and KL are means over the
     micro-batch's trained tokens."""
