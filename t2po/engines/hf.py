@@ -175,7 +175,7 @@ class HFEngine(Engine):
                 logits[:, suppressed] = float("-inf")
             logp = torch.log_softmax(logits, dim=-1)
             # at temperature 1 without top-k / top-p the sampler's distribution is exp(logp): one pass over the
-            # vocabulary serves the sampler and M_t's entropy (M_t is defined on the unscaled logits, spec §1)
+            # vocabulary serves the sampler and M_t's entropy (M_t is defined on the unscaled logits, docs/method.md §1)
             probs = logp.exp() if plain else None
             chosen = sample_tokens(logits, sampling, generator, probs)
             if tti is not None:
@@ -473,7 +473,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 class TTILogitsProcessor(LogitsProcessor):
-    """The thinking intervention (spec §2) for plain transformers `generate`, outside t2po:
+    """The thinking intervention (docs/method.md §2) for plain transformers `generate`, outside t2po:
 
         tti = TTILogitsProcessor(tokenizer, InterventionConfig(budget=450))
         model.generate(ids, logits_processor=LogitsProcessorList([tti]), do_sample=True, temperature=0.7, top_k=0)
