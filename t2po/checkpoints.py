@@ -361,9 +361,8 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, value_head: Any, lor
             raise CorruptCheckpoint(f"{type(e).__name__}: {e}") from None
     import torch
 
-    from t2po.runfiles import check_checkpoint
-
-    check_checkpoint(ckpt)  # every file's header first: a damaged one is named before anything is read
+    # every file's header is checked before this by the caller (`t2po.runfiles.checkpoint_candidates`, which
+    # imports this module): a damaged one is named before anything is read
     saved = read_checkpoint(ckpt, lora, value_head is not None)
     weights = saved["weights"]
     if lora:

@@ -120,5 +120,8 @@ def test_an_environment_without_split_is_a_config_error(tmp_path, monkeypatch):
     (tmp_path / "no_split_env.py").write_text(
         "from t2po.envs.base import BatchEnv\n\nclass NoSplit(BatchEnv):\n    def __init__(self, max_steps=2):\n        pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    import t2po.envs
+
+    monkeypatch.setattr(t2po.envs, "_REGISTRY", dict(t2po.envs._REGISTRY))  # the class registers itself: not for later tests
     with pytest.raises(ConfigError, match="env.name=no_split_env:NoSplit: its constructor takes no `split` keyword"):
         load_config("default", ["env.name=no_split_env:NoSplit", "env.options={}"])

@@ -124,7 +124,7 @@ def test_entry_points_name_every_layer(user_module):
         "[t2po.algos]\nplus_one = my_rl_parts:every_step_plus_one\n[t2po.losses]\nreinforce = my_rl_parts:reinforce\n"
         "[t2po.engines]\ncounting = my_rl_parts:CountingEngine\n[t2po.envs]\nsay_yes = my_rl_parts:SayYes\n")
     cfg = load_config("default", ["algo.name=plus_one", "algo.loss=reinforce", "rollout.engine=counting",
-                                  "env.name=say_yes"])
+                                  "env.name=say_yes", "warmup.episodes=0"])  # SayYes has no expert to imitate
     parts = importlib.import_module("my_rl_parts")
     assert cfg.algorithm.advantages is parts.every_step_plus_one
     assert t2po.algos.losses.get_loss("reinforce") is parts.reinforce
