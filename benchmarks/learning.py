@@ -64,10 +64,12 @@ def read_run(run_dir: Path, wall: float | None) -> dict:
     validations = [json.loads(line) for line in (run_dir / "validation.jsonl").read_text().splitlines() if line.strip()]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()] \
         if (run_dir / "metrics.jsonl").exists() else []
-    state = json.loads((run_dir / "trainer_state.json").read_text()) if (run_dir / "trainer_state.json").exists() else {}
+    state = json.loads((run_dir / "run_state.json").read_text()) if (run_dir / "run_state.json").exists() else {}
     info = json.loads((run_dir / "study.json").read_text()) if (run_dir / "study.json").exists() else {}
     return {
         "run_dir": str(run_dir),
+        "commit": info.get("commit"),
+        "dirty_worktree": info.get("dirty"),
         "after_warmup": (summary.get("after_warmup") or {}).get("success_rate"),
         "after_rl": (summary.get("after_rl") or {}).get("success_rate"),
         "valid_action_rate_after_rl": (summary.get("after_rl") or {}).get("valid_action_rate"),
