@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -85,24 +84,6 @@ def measure(work: str, setting: str, busy: bool, repeats: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def cpu_kind() -> dict:
-    """The CPU model and the vector / matrix extensions that decide the dtype and kernels."""
-    info = {"model": platform.processor() or platform.machine(), "flags": []}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name"):
-                info["model"] = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                info["flags"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-                break
-    except OSError:
-        pass
-    info["cores_available"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return info
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", choices=["engine", "update"], help=argparse.SUPPRESS)
@@ -137,7 +118,10 @@ def main() -> None:
         print(f"{work}: busy/idle old {ratios[work]['busy_over_idle_old']:.2f}x, new {ratios[work]['busy_over_idle_new']:.2f}x; "
               f"idle new/old {ratios[work]['idle_new_over_old']:.3f}")
     commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    summary = {"commit": commit, "cpu": cpu_kind(), "wall_seconds": time.time() - start, "median_seconds": median, "ratios": ratios,
+    sys.path.insert(0, str(HERE))
+    from time_presets import cpu_kind  # the CPU model, its vector/matrix flags, the dtype `auto` picks
+
+    summary = {"commit": commit, "cpu": cpu_kind(emulate_avx2=False), "wall_seconds": time.time() - start, "median_seconds": median, "ratios": ratios,
                "settings": {"old": "T2PO_OPENMP=default (torch/libgomp defaults)", "new": "t2po/openmp.py"}, "runs": runs,
                "load_before": os.getloadavg()}
     out = Path(args.out)
