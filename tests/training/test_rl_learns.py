@@ -80,8 +80,9 @@ def vowel_env():
 
 def overrides(model_dir, out, algo: str, *extra: str) -> list[str]:
     return [f"model.path={model_dir}", f"env.name={ENV}", f"algo.name={algo}", f"trainer.output_dir={out}",
-            "trainer.run_name=run", "trainer.trackers=[console]", "trainer.val_before_train=false", "trainer.trace_episodes=0",
-            "trainer.report=false", "trainer.save_every=1000", "warmup.episodes=0", "rollout.num_tasks=8", "rollout.group_size=8",
+            "trainer.run_name=run", "trainer.trackers=[console]", "trainer.val_before_train=false",
+            "trainer.trace_episodes=0", "trainer.report=false", "trainer.save_every=1000", "warmup.episodes=0",
+            "rollout.num_tasks=8", "rollout.group_size=8",
             "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1",
             "model.dtype=float32",  # the same numbers on every CPU (auto picks bf16 where the CPU has bf16 matmuls)
             *extra]
@@ -118,7 +119,8 @@ CASES = [pytest.param(algo, "intact", id=f"{algo}-learns") for algo in ("t2po", 
 
 
 @pytest.mark.parametrize("algo,mechanism", CASES)
-def test_rl_raises_the_reward_only_through_its_update(tiny_model_dir, tmp_path, monkeypatch, vowel_env, algo, mechanism):
+def test_rl_raises_the_reward_only_through_its_update(tiny_model_dir, tmp_path, monkeypatch, vowel_env, algo,
+                                                      mechanism):
     extra = []
     if mechanism == "no step":
         extra.append("optim.lr=1e-12")  # the config refuses 0; Adam's step is ~lr per parameter, so nothing moves
@@ -142,8 +144,8 @@ def test_one_update_moves_each_sample_with_its_advantage(tiny_model_dir, tmp_pat
     positive advantage become likelier under the trainer's forward pass, those with a negative one less likely,
     and the update's first forward pass equals the scoring pass (ratio 1, approx KL 0)."""
     samples_per_iteration = 8 * 8 * 2
-    cfg = load_config("default", overrides(tiny_model_dir, tmp_path, algo, "trainer.iterations=1", "model.lora_layers=1",
-                                           "model.lora_rank=4", "optim.lr=1e-3",
+    cfg = load_config("default", overrides(tiny_model_dir, tmp_path, algo, "trainer.iterations=1",
+                                           "model.lora_layers=1", "model.lora_rank=4", "optim.lr=1e-3",
                                            f"optim.mini_batch_size={samples_per_iteration}"))
     trainer = Trainer(cfg, quiet=True).setup()
     seen = {}
