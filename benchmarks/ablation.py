@@ -5,6 +5,7 @@ resampling), several seeds each (issue 18).
     python benchmarks/ablation.py                                   # 6 arms x seeds 0 1 2, t2po/configs/default.yaml
     python benchmarks/ablation.py --arms gigpo grpo --seeds 3 4     # a subset (or more seeds)
     python benchmarks/ablation.py --set trainer.iterations=2        # dotted overrides for every run
+    python benchmarks/ablation.py --plan --seeds 0 1 2 3 4 5 6 7    # the power of this design, nothing run
 
 - Per seed the main job's warm-up (SFT on expert demonstrations) runs once, in `<out>/warmup-seed<s>`;
   every arm of that seed starts from that model in its own run folder `<out>/<arm>-seed<s>`, as a
@@ -12,11 +13,15 @@ resampling), several seeds each (issue 18).
   RL" numbers, with the arm's own TTI setting), trains, validates again.
 - Resumable: a finished run (its `summary.json`) is skipped; a killed one resumes from its last
   checkpoint; a finished warm-up is reused. Arms differ from the preset only by `ARMS` below.
-- Writes `--json` (default `<out>/ablation.json`) with a top-level `runs` list, one entry per (arm,
-  seed) run found finished in `<out>`: held-out success and valid-action rate before and after RL,
-  per-iteration success / invalid-action rate / KL / gradient norm / exploration diagnostics, tokens
-  generated, TTI triggers, TDS flag rate, wall time; and per arm (`arms`) the mean, min and max over
-  its seeds, also printed as a Markdown table. Then `t2po report` of the arm runs into
+- Writes `--json` (default `<out>/ablation.json`): the commit (and whether the worktree had changes), the
+  machine, the power plan of the design (`benchmarks/power.py`), and a `runs` list, one entry per (arm,
+  seed) run found finished in `<out>`: its resolved config, every validation with its per-room outcomes
+  (`per_task_success`, so runs can be re-paired), the learning curve, held-out success and valid-action
+  rate before and after RL, per-iteration success / invalid-action rate / KL / gradient norm / TTI and
+  TDS diagnostics, tokens generated, wall time, the commit it ran at and the load average around it.
+  Per arm (`arms`) the mean, min and max over its seeds, also printed as a Markdown table; per arm
+  (`comparison`) the paired difference with GiGPO: per seed, its mean with a 95 % t-interval over
+  seeds, and a per-room interval pooled over seeds. Then `t2po report` of the arm runs into
   `<out>/report/` (seeds of one arm as a mean with a min-max band).
 Nothing here asserts or picks a winner.
 """
@@ -26,19 +31,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from t2po.config import load_config
-from t2po.checkpoints import WARMUP_MODEL, atomic_write_text
-from t2po.trainer.trainer import Trainer
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # power.py and learning.py beside this file
+import power  # noqa: E402
+from learning import t_interval  # noqa: E402
+from t2po.config import load_config  # noqa: E402
+from t2po.checkpoints import WARMUP_MODEL, atomic_write_text  # noqa: E402
+from t2po.trainer.trainer import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BASELINE = "gigpo"  # every arm is compared with it, paired by seed and room (issue 27, item 7)
+RUN_INFO = "ablation_run.json"  # per run folder: the commit it ran at, its wall time, the load average around it
 
 
 def preset_overrides(name: str) -> list[str]:
     """A preset that extends `default` as dotted overrides of it (its `base:` line dropped)."""
-    import yaml
-
     from t2po.config import configs_dir
 
     data = yaml.safe_load((configs_dir() / f"{name}.yaml").read_text())
@@ -143,8 +157,6 @@ def run_arm(preset: str, common: list[str], arm: str, seed: int, out: Path, warm
     cfg = load_config(preset, [*common, *arm_overrides(arm, seed, out, random_rate), f"trainer.seed={seed}", f"trainer.output_dir={out}", f"trainer.run_name={run_dir.name}"])
     if not (run_dir / "run_state.json").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
-
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         link = run_dir / WARMUP_MODEL
         if not link.exists():
@@ -152,6 +164,7 @@ def run_arm(preset: str, common: list[str], arm: str, seed: int, out: Path, warm
         # the state a `t2po train` run has after its own warm-up (the Trainer then starts RL from warmup_model)
         atomic_write_text(run_dir / "run_state.json", json.dumps({"warmup_done": True, "validation": {}, "warmup": warm_state.get("warmup")}, indent=1))
     _log(f"{run_dir.name}: training")
+    load_before, start = os.getloadavg(), time.time()
     trainer = Trainer(cfg, run_dir=run_dir, resume=True)
     try:
         trainer.setup()
@@ -160,6 +173,18 @@ def run_arm(preset: str, common: list[str], arm: str, seed: int, out: Path, warm
         trainer.train()
     finally:
         trainer.cleanup()
+    sessions = json.loads((run_dir / RUN_INFO).read_text())["sessions"] if (run_dir / RUN_INFO).exists() else []
+    sessions.append({**commit(), "wall_seconds": time.time() - start, "load_average_before": load_before,
+                     "load_average_after": os.getloadavg()})  # a resumed run has one entry per session
+    atomic_write_text(run_dir / RUN_INFO, json.dumps({"sessions": sessions}, indent=1))
+
+
+def commit() -> dict:
+    """The checkout's commit and whether tracked files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def _validation(state: dict, tag: str) -> dict | None:
@@ -174,14 +199,23 @@ def _validation(state: dict, tag: str) -> dict | None:
     return out
 
 
+VALIDATION_KEYS = ("success_rate", "success_stderr", "invalid_action_rate", "episode_reward", "episode_length", "per_task_success",
+                   "tti_on/success_rate", "tti_on/invalid_action_rate", "seconds")
+
+
 def run_entry(run_dir: Path, arm: str, seed: int, warm_state: dict) -> dict:
     """The JSON entry of one finished run, read back from its folder."""
     state = json.loads((run_dir / "run_state.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
+    info = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).exists() else {"sessions": []}
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     iterations = [{"iteration": m["iteration"], **{name: m[key] for key, name in ITERATION_KEYS.items() if key in m}} for m in metrics]
     total = lambda name: float(sum(it.get(name, 0.0) for it in iterations))  # noqa: E731
     flag_rates = [it["tds_flag_rate"] for it in iterations if "tds_flag_rate" in it]
+
+    def mean_of(name: str) -> float | None:
+        values = [it[name] for it in iterations if it.get(name) is not None]
+        return sum(values) / len(values) if values else None
     validation_seconds = sum(v.get("seconds", 0.0) for tag, v in state["validation"].items() if tag == "after_warmup")
     return {
         "arm": arm,
@@ -196,15 +230,23 @@ def run_entry(run_dir: Path, arm: str, seed: int, warm_state: dict) -> dict:
         "tti_triggers": {"stagnation": total("tti_stagnation_triggers"), "budget": total("tti_budget_triggers"),
                          "random": total("tti_random_triggers")},
         "tds_flag_rate_mean": sum(flag_rates) / len(flag_rates) if flag_rates else 0.0,
+        # what TDS changes (issue 27, item 3): the in-band share of kept eligible turns before and after resampling,
+        # |delta Mbar| of kept vs discarded samples, the extra tokens; and what TTI forced
+        "tds": {name: mean_of(name) for name in ("tds_inband_before", "tds_inband_after", "tds_kept_delta_mean",
+                                                 "tds_discarded_delta_mean", "tds_extra_token_fraction")},
+        "forced_tokens": total("forced_tokens"),
         "wall_seconds": summary["seconds"] + validation_seconds,  # this run's validations and RL (a resumed run: since the resume)
         "warmup_seconds": (warm_state.get("warmup") or {}).get("seconds"),  # shared by the arms of the seed
+        # every validation with its per-room outcomes (the rooms are the same in every run: seeds 0..R-1 of the split)
+        "validations": [{"tag": tag, **{k: v[k] for k in VALIDATION_KEYS if k in v}} for tag, v in state["validation"].items()],
+        "learning_curve": summary["validation_curve"],  # held-out success at each validation, by iteration
+        "sessions": info["sessions"],  # per session: commit, dirty, wall seconds, load average before and after
+        "config": yaml.safe_load((run_dir / "config.yaml").read_text()),  # the resolved config the run trained with
     }
 
 
 def state_rate(run_dir: Path) -> float | None:
     """The random-truncation rate a run used (its config.yaml), None for the other arms."""
-    import yaml
-
     tti = yaml.safe_load((run_dir / "config.yaml").read_text())["rollout"]["tti"]
     return tti.get("random_rate") if tti.get("control") == "random" else None
 
@@ -235,6 +277,35 @@ def arm_summary(runs: list[dict]) -> dict:
     return summary
 
 
+def _final_rooms(run: dict) -> list[int] | None:
+    """The per-room outcomes of a run's final validation (TTI off), None when it has none (several ranks)."""
+    final = next((v for v in run["validations"] if v["tag"] == "final"), {})
+    return final.get("per_task_success")
+
+
+def comparison(runs: list[dict]) -> dict:
+    """Per arm other than GiGPO: (arm - gigpo) in held-out success after RL, paired by seed (same warm-up, same
+    rooms): the per-seed differences, their mean with a 95 % t-interval over seeds (the interval the power plan is
+    about), and a 95 % interval over the per-room differences pooled over those seeds. The per-room interval holds
+    the trained policies fixed (it leaves out the seed-to-seed spread of training), so it is narrower and answers a
+    narrower question: did these runs differ on these rooms."""
+    final = {(r["arm"], r["seed"]): r for r in runs if r["after_rl"] is not None}
+    out = {}
+    for arm in dict.fromkeys(a for a, _ in final if a != BASELINE):
+        seeds = sorted(s for a, s in final if a == arm and (BASELINE, s) in final)
+        if not seeds:
+            continue
+        per_seed = {s: final[(arm, s)]["after_rl"]["success_rate"] - final[(BASELINE, s)]["after_rl"]["success_rate"] for s in seeds}
+        rooms = []
+        for s in seeds:
+            mine, base = _final_rooms(final[(arm, s)]), _final_rooms(final[(BASELINE, s)])
+            if mine is not None and base is not None:
+                rooms += [a - b for a, b in zip(mine, base, strict=True)]
+        out[arm] = {"minus": BASELINE, "seeds": seeds, "per_seed": {str(s): d for s, d in per_seed.items()},
+                    "paired_by_seed": t_interval(list(per_seed.values())), "paired_by_room": t_interval(rooms) if rooms else None}
+    return out
+
+
 def markdown_table(summary: dict) -> str:
     """The per-arm summary as a Markdown table (mean over seeds, [min, max])."""
     def cell(s: dict | None, digits: int = 3) -> str:
@@ -260,8 +331,12 @@ def write_json(path: Path, out: Path, preset: str, common: list[str], argv: list
             if (run_dir / "summary.json").exists():
                 warm = out / f"warmup-seed{seed}" / "run_state.json"
                 runs.append(run_entry(run_dir, arm, seed, json.loads(warm.read_text()) if warm.exists() else {}))
+    seeds = sorted({r["seed"] for r in runs})
+    rooms = runs[0]["config"]["rollout"]["val_num_tasks"] if runs else load_config(preset, common).rollout.val_num_tasks
     doc = {"setting": {"preset": preset, "overrides": common, "arms": ARMS, "command": "python benchmarks/ablation.py " + " ".join(argv)},
-           "arms": arm_summary(runs), "runs": runs}
+           **commit(), "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+           "plan": power.plan(power.estimates(), design=(max(len(seeds), 2), rooms)),
+           "arms": arm_summary(runs), "comparison": comparison(runs), "runs": runs}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(doc, indent=1))
     return runs
@@ -277,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_results/ablation", help="folder of the warm-ups and run folders")
     parser.add_argument("--json", default=None, help="the JSON written (default: <out>/ablation.json)")
     parser.add_argument("--no-report", action="store_true", help="skip the `t2po report` comparison")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the power of this design (--seeds, the preset's held-out rooms) for a 0.10 difference "
+                             "with GiGPO, from the committed results (benchmarks/power.py), and run nothing")
     parser.add_argument("--random-rate", type=float, default=None,
                         help="the random-truncation control's per-think-token rate "
                              "(default: TTI's rate in the same seed's t2po-calibrated run)")
@@ -285,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(ns.out)
     # one decoder for every arm (TTI off), and the T2PO arms also with their TTI (issue 27)
     common = ["trainer.trackers=[console]", "trainer.report=false", "trainer.val_tti=both", *ns.set]
+    if ns.plan:
+        rooms = load_config(ns.preset, common).rollout.val_num_tasks
+        if len(ns.seeds) < 2:
+            raise SystemExit("--plan: a paired t-test over seeds needs at least 2 seeds (--seeds)")
+        print(power.format_plan(power.plan(power.estimates(), design=(len(ns.seeds), rooms))), flush=True)
+        return 0
     for arm in ns.arms:  # every configuration checked before any work (the control's rate as a stand-in)
         stand_in = ["rollout.tti.random_rate=0.05"] if arm == "random-truncation" else []
         load_config(ns.preset, [*common, *ARMS[arm], *stand_in])
