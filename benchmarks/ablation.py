@@ -182,7 +182,8 @@ def run_arm(preset: str, common: list[str], arm: str, seed: int, out: Path, warm
 def commit() -> dict:
     """The checkout's commit and whether tracked files differ from it."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
 
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
@@ -199,8 +200,8 @@ def _validation(state: dict, tag: str) -> dict | None:
     return out
 
 
-VALIDATION_KEYS = ("success_rate", "success_stderr", "invalid_action_rate", "episode_reward", "episode_length", "per_task_success",
-                   "tti_on/success_rate", "tti_on/invalid_action_rate", "seconds")
+VALIDATION_KEYS = ("success_rate", "success_stderr", "invalid_action_rate", "episode_reward", "episode_length",
+                   "per_task_success", "tti_on/success_rate", "tti_on/invalid_action_rate", "seconds")
 
 
 def run_entry(run_dir: Path, arm: str, seed: int, warm_state: dict) -> dict:
@@ -238,7 +239,8 @@ def run_entry(run_dir: Path, arm: str, seed: int, warm_state: dict) -> dict:
         "wall_seconds": summary["seconds"] + validation_seconds,  # this run's validations and RL (a resumed run: since the resume)
         "warmup_seconds": (warm_state.get("warmup") or {}).get("seconds"),  # shared by the arms of the seed
         # every validation with its per-room outcomes (the rooms are the same in every run: seeds 0..R-1 of the split)
-        "validations": [{"tag": tag, **{k: v[k] for k in VALIDATION_KEYS if k in v}} for tag, v in state["validation"].items()],
+        "validations": [{"tag": tag, **{k: v[k] for k in VALIDATION_KEYS if k in v}}
+                        for tag, v in state["validation"].items()],
         "learning_curve": summary["validation_curve"],  # held-out success at each validation, by iteration
         "sessions": info["sessions"],  # per session: commit, dirty, wall seconds, load average before and after
         "config": yaml.safe_load((run_dir / "config.yaml").read_text()),  # the resolved config the run trained with
@@ -295,14 +297,16 @@ def comparison(runs: list[dict]) -> dict:
         seeds = sorted(s for a, s in final if a == arm and (BASELINE, s) in final)
         if not seeds:
             continue
-        per_seed = {s: final[(arm, s)]["after_rl"]["success_rate"] - final[(BASELINE, s)]["after_rl"]["success_rate"] for s in seeds}
+        per_seed = {s: final[(arm, s)]["after_rl"]["success_rate"] - final[(BASELINE, s)]["after_rl"]["success_rate"]
+                    for s in seeds}
         rooms = []
         for s in seeds:
             mine, base = _final_rooms(final[(arm, s)]), _final_rooms(final[(BASELINE, s)])
             if mine is not None and base is not None:
                 rooms += [a - b for a, b in zip(mine, base, strict=True)]
         out[arm] = {"minus": BASELINE, "seeds": seeds, "per_seed": {str(s): d for s, d in per_seed.items()},
-                    "paired_by_seed": t_interval(list(per_seed.values())), "paired_by_room": t_interval(rooms) if rooms else None}
+                    "paired_by_seed": t_interval(list(per_seed.values())),
+                    "paired_by_room": t_interval(rooms) if rooms else None}
     return out
 
 
@@ -353,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="the JSON written (default: <out>/ablation.json)")
     parser.add_argument("--no-report", action="store_true", help="skip the `t2po report` comparison")
     parser.add_argument("--plan", action="store_true",
-                        help="print the power of this design (--seeds, the preset's held-out rooms) for a 0.10 difference "
-                             "with GiGPO, from the committed results (benchmarks/power.py), and run nothing")
+                        help="print the power of this design (--seeds, the preset's held-out rooms) for a 0.10 "
+                             "difference with GiGPO, from the committed results (benchmarks/power.py); run nothing")
     parser.add_argument("--random-rate", type=float, default=None,
                         help="the random-truncation control's per-think-token rate "
                              "(default: TTI's rate in the same seed's t2po-calibrated run)")

@@ -117,7 +117,12 @@ def difference_sd(tau: float, room_var: float, rooms: int) -> float:
     return math.sqrt(tau ** 2 + room_var / rooms)
 
 
-def estimates(learning: Path = ROOT / "docs/results/learning.json", ablation: Path = ROOT / "docs/results/ablation.json") -> dict:
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def estimates(learning: Path = ROOT / "docs/results/learning.json",
+              ablation: Path = ROOT / "docs/results/ablation.json") -> dict:
     """tau and v from the committed results (see the module docstring), each with where it comes from.
 
     - learning.json: v = the mean over seeds of the per-room variance of (after RL - after warm-up) on the same
@@ -137,8 +142,8 @@ def estimates(learning: Path = ROOT / "docs/results/learning.json", ablation: Pa
         gains.append(float(diff.mean()))
     v = float(np.mean(room_vars))
     tau_rl2 = max(float(np.var(gains, ddof=1)) - v / rooms, 0.0)
-    out["learning"] = {"source": str(Path(learning).relative_to(ROOT)) if Path(learning).is_relative_to(ROOT) else str(learning),
-                       "seeds": len(gains), "rooms": rooms, "room_var": v, "tau": math.sqrt(2 * tau_rl2)}
+    out["learning"] = {"source": _shown(Path(learning)), "seeds": len(gains), "rooms": rooms, "room_var": v,
+                       "tau": math.sqrt(2 * tau_rl2)}
     doc = json.loads(Path(ablation).read_text())
     after = {(r["arm"], r["seed"]): r["after_rl"]["success_rate"] for r in doc["runs"] if r.get("after_rl")}
     seeds = sorted({s for a, s in after if a == "gigpo"})
@@ -153,35 +158,37 @@ def estimates(learning: Path = ROOT / "docs/results/learning.json", ablation: Pa
             variances.append(float(np.var([a - g for a, g in pairs], ddof=1)))
             noise.append(float(np.mean([(a * (1 - a) + g * (1 - g)) / rooms for a, g in pairs])))
     if variances:
-        out["ablation"] = {"source": str(Path(ablation).relative_to(ROOT)) if Path(ablation).is_relative_to(ROOT) else str(ablation),
-                           "seeds": len(seeds), "rooms": rooms, "arms": arms,
+        out["ablation"] = {"source": _shown(Path(ablation)), "seeds": len(seeds), "rooms": rooms, "arms": arms,
                            "tau": math.sqrt(max(float(np.mean(variances)) - float(np.mean(noise)), 0.0))}
     return out
 
 
-def plan(est: dict, effect: float = 0.10, power: float = 0.8, alpha: float = 0.05, rooms: tuple[int, ...] = (32, 128, 256, 512),
-         design: tuple[int, int] | None = None) -> dict:
+def plan(est: dict, effect: float = 0.10, power: float = 0.8, alpha: float = 0.05,
+         rooms: tuple[int, ...] = (32, 128, 256, 512), design: tuple[int, int] | None = None) -> dict:
     """Seeds needed per number of rooms, under each tau estimate (v from learning.json, the only per-room data), and
     the power of `design` = (seeds, rooms)."""
     v = est["learning"]["room_var"]
     out = {"effect": effect, "power": power, "alpha": alpha, "room_var": v, "scenarios": {}}
     for name, e in est.items():
         tau = e["tau"]
-        rows = {str(r): {"sd_difference": difference_sd(tau, v, r), "seeds": seeds_needed(effect, difference_sd(tau, v, r), power, alpha)}
-                for r in rooms}
+        sds = {r: difference_sd(tau, v, r) for r in rooms}
+        rows = {str(r): {"sd_difference": sd, "seeds": seeds_needed(effect, sd, power, alpha)} for r, sd in sds.items()}
         scenario = {"tau": tau, "from": e["source"], "by_rooms": rows}
         if design is not None:
             n, r = design
-            scenario["design"] = {"seeds": n, "rooms": r, "power": t_test_power(effect, difference_sd(tau, v, r), n, alpha)}
+            scenario["design"] = {"seeds": n, "rooms": r,
+                                  "power": t_test_power(effect, difference_sd(tau, v, r), n, alpha)}
         out["scenarios"][name] = scenario
     return out
 
 
 def format_plan(p: dict) -> str:
-    lines = [f"Power of (arm - gigpo), paired over seeds, two-sided t-test, alpha {p['alpha']}: seeds for {p['power']:.0%} power "
-             f"to detect {p['effect']:.2f} in held-out success (per-room variance of a paired difference v = {p['room_var']:.3f})"]
+    lines = [f"Power of (arm - gigpo), paired over seeds, two-sided t-test, alpha {p['alpha']}: seeds for "
+             f"{p['power']:.0%} power to detect {p['effect']:.2f} in held-out success "
+             f"(per-room variance of a paired difference v = {p['room_var']:.3f})"]
     for name, s in p["scenarios"].items():
-        cells = ", ".join(f"{r} rooms: {row['seeds']} seeds (sd {row['sd_difference']:.3f})" for r, row in s["by_rooms"].items())
+        cells = ", ".join(f"{r} rooms: {row['seeds']} seeds (sd {row['sd_difference']:.3f})"
+                          for r, row in s["by_rooms"].items())
         lines.append(f"  tau = {s['tau']:.3f} (seed spread of a difference, from {s['from']}): {cells}")
         if "design" in s:
             d = s["design"]
@@ -195,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--power", type=float, default=0.8)
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--rooms", type=int, nargs="+", default=[32, 128, 256, 512])
-    parser.add_argument("--design", type=int, nargs=2, metavar=("SEEDS", "ROOMS"), default=None, help="also the power of this design")
+    parser.add_argument("--design", type=int, nargs=2, metavar=("SEEDS", "ROOMS"), default=None,
+                        help="also the power of this design")
     ns = parser.parse_args(argv)
-    print(format_plan(plan(estimates(), ns.effect, ns.power, ns.alpha, tuple(ns.rooms), ns.design and tuple(ns.design))))
+    design = tuple(ns.design) if ns.design else None
+    print(format_plan(plan(estimates(), ns.effect, ns.power, ns.alpha, tuple(ns.rooms), design)))
     return 0
 
 

@@ -32,9 +32,10 @@ def test_ablation_smoke_runs_resumes_and_reports(tiny_model_dir, tmp_path):
     assert ablation.main(args) == 0
     doc = json.loads((out / "ablation.json").read_text())
     runs = doc["runs"]
-    assert sorted((r["arm"], r["seed"]) for r in runs) == [("gigpo", 0), ("gigpo", 1), ("t2po-paper", 0), ("t2po-paper", 1)]
-    # what issue 27 (item 7) asks of the JSON: the commit, each run's resolved config, per-room outcomes, learning curves,
-    # tokens, TTI and TDS diagnostics, wall time, load average; the paired comparison with GiGPO and the power plan
+    assert sorted((r["arm"], r["seed"]) for r in runs) == [("gigpo", 0), ("gigpo", 1), ("t2po-paper", 0),
+                                                           ("t2po-paper", 1)]
+    # what issue 27 (item 7) asks of the JSON: the commit, each run's resolved config, per-room outcomes, learning
+    # curves, tokens, TTI and TDS diagnostics, wall time, load average; the paired comparison with GiGPO, the power plan
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert doc["commit"] == head and isinstance(doc["dirty"], bool)
     for r in runs:
@@ -93,10 +94,11 @@ def test_comparison_pairs_each_arm_with_gigpo_by_seed_and_by_room():
 
     def run(arm, seed, rooms):
         return {"arm": arm, "seed": seed, "after_rl": {"success_rate": sum(rooms) / len(rooms)},
-                "validations": [{"tag": "after_warmup", "per_task_success": [0, 0, 0]}, {"tag": "final", "per_task_success": rooms}]}
+                "validations": [{"tag": "after_warmup", "per_task_success": [0, 0, 0]},
+                                {"tag": "final", "per_task_success": rooms}]}
 
-    runs = [run("gigpo", 0, [0, 1, 0]), run("gigpo", 1, [0, 0, 1]), run("t2po", 0, [1, 1, 0]), run("t2po", 1, [0, 1, 0]),
-            run("grpo", 0, [0, 1, 0])]  # grpo has no seed 1: paired on seed 0 only
+    runs = [run("gigpo", 0, [0, 1, 0]), run("gigpo", 1, [0, 0, 1]), run("t2po", 0, [1, 1, 0]),
+            run("t2po", 1, [0, 1, 0]), run("grpo", 0, [0, 1, 0])]  # grpo has no seed 1: paired on seed 0 only
     out = ablation.comparison(runs)
     assert set(out) == {"t2po", "grpo"}
     t2po = out["t2po"]
