@@ -7,11 +7,10 @@ rewarded with the share of its response's characters that are lowercase vowels. 
 near-uniform random tokens, so the share starts at ~0.16 and every response carries signal (no all-equal groups).
 
 Measured before choosing the margin (rise = mean reward of the last 3 iterations minus the first 2; 12 iterations of
-8 tasks x 8, full fine-tuning at lr 1e-2, float32): this file's harness, seed 0: t2po +0.42, gigpo +0.53, grpo +0.40,
-rloo +0.37, ppo +0.34; learning rate 1e-12 +0.005; advantages negated -0.16 (the reward falls to 0.00). Seed noise,
-on a one-turn variant: learning rate 1e-12, seeds 0-3, -0.004 to +0.027 (sd 0.014); learning, grpo seeds 0-3, +0.38 to
-+0.47; gigpo on this task, seed 1, +0.37. A rise of 0.15 is ten null standard deviations above no learning and well
-below every learning run.
+8 tasks x 8, full fine-tuning at lr 1e-2, float32, this file's harness): seed 0: t2po +0.42, gigpo +0.53, grpo +0.40,
+rloo +0.37, ppo +0.34; gigpo over trainer seeds 0-3: learning +0.37 to +0.53, learning rate 1e-12 -0.011 to +0.023
+(sd ~0.014, as on a one-turn variant), advantages negated -0.15 to -0.18 (the reward falls towards 0). A rise of 0.15
+is ten null standard deviations above no learning and well below every learning run.
 
 Full fine-tuning, not LoRA: the tiny model ties its output layer to its embeddings (std 0.02, hidden size 64), so
 with the embeddings and the final norm frozen its logits stay within about +-1.3 and LoRA cannot make a class of
