@@ -78,10 +78,10 @@ def main() -> None:
                                           seed=cfg.trainer.seed * 7_777 + k, resampler=TDSResampler(r.tds, threshold) if r.tds.enabled else None)
                 stats = {key: result.stats[key] for key in SHOWN if key in result.stats}
                 # what the paper's absolute eta would flag among the same first samples
-                deltas = np.array([x.tds_delta for x in result.samples if np.isfinite(x.tds_delta)])
+                deltas = np.array([x.tds_delta for x in result.traces if np.isfinite(x.tds_delta)])
                 stats["flag_rate_at_eta_0.3"] = float(np.mean((deltas > 0) & (deltas < PAPER_ETA))) if deltas.size else 0.0
                 stats["seconds"] = time.time() - t0
-                reasons = collections.Counter(x.invalid_reason for x in result.samples if not x.valid)
+                reasons = collections.Counter(t.invalid_reason for s, t in zip(result.samples, result.traces) if not s.valid)
                 stats["invalid_reasons"] = dict(reasons.most_common())
                 if threshold is not None:
                     stats["tds_eta"] = threshold.eta()

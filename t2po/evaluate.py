@@ -237,7 +237,7 @@ def episode_files(episode: Episode, tokenizer: Any, env: str, split: str, second
     training trace (`t2po.tracking.episode_trace`)."""
     trace = episode_trace(episode, tokenizer)
     steps = trace.pop("steps")
-    samples = episode.samples
+    traces = episode.traces
     score = episode.metrics.get("score")
     record = {
         "env": env,
@@ -256,9 +256,9 @@ def episode_files(episode: Episode, tokenizer: Any, env: str, split: str, second
         "trace": trace_name(episode.seed),
     }
     if tokenizer is not None:  # a token-level policy: the thinking intervention's work
-        record["think_tokens"] = sum(s.think_length for s in samples)
-        record["tti_budget_triggers"] = sum(s.tti_triggers.get("budget", 0) for s in samples)
-        record["tti_stagnation_triggers"] = sum(s.tti_triggers.get("stagnation", 0) for s in samples)
+        record["think_tokens"] = sum(t.think_length for t in traces)
+        record["tti_budget_triggers"] = sum(t.tti_triggers.get("budget", 0) for t in traces)
+        record["tti_stagnation_triggers"] = sum(t.tti_triggers.get("stagnation", 0) for t in traces)
     else:  # an API model: what the answers cost in requests
         record["requests"] = sum(s["attempts"] for s in steps)
         record["retries"] = record["requests"] - len(steps)

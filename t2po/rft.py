@@ -80,8 +80,9 @@ def collect(env_name: str, policy: str, episodes: int, threshold: float, out: Pa
                     if episode_score(ep.won, ep.metrics) <= threshold:
                         continue
                     # exact engine ids; the decoded prompt is kept for people reading the file
-                    steps = [{"prompt": tokenizer.decode(s.prompt_ids), "response": s.response_text, "prompt_ids": s.prompt_ids,
-                              "response_ids": s.response_ids, **({"image": s.image} if s.image is not None else {})} for s in ep.samples]
+                    steps = [{"prompt": tokenizer.decode(s.prompt_ids), "response": t.response_text, "prompt_ids": s.prompt_ids,
+                              "response_ids": s.response_ids, **({"image": t.image} if t.image is not None else {})}
+                             for s, t in zip(ep.samples, ep.traces)]
                     kept.append(Conversation(env_name, ep.seed, steps, ep.total_reward, ep.won, ep.metrics, source=description))
     finally:
         env.close()

@@ -61,7 +61,8 @@ def play_expert_episodes(env: BatchEnv, seeds: Iterable[int], max_turns: int | N
                          "use `t2po rft collect` with a model instead.")
     convs = []
     for ep in result.episodes:
-        steps = [{"prompt": s.prompt_text, "response": s.response_text, **({"image": s.image} if s.image is not None else {})} for s in ep.samples]
+        steps = [{"prompt": t.prompt_text, "response": t.response_text, **({"image": t.image} if t.image is not None else {})}
+                 for t in ep.traces]
         convs.append(Conversation(env.name, ep.seed, steps, float(sum(s.env_reward for s in ep.samples)), ep.won, ep.metrics))
     return convs
 

@@ -429,34 +429,34 @@ def episode_trace(episode: Any, tokenizer: Any = None) -> dict:
     environment reward and the reward after the invalid-action penalty; for an API model also the
     finish reason, the requests and retries it took, and its latency."""
     steps = []
-    for s in episode.samples:
-        usage = dict(s.usage)
+    for s, t in zip(episode.samples, episode.traces):
+        usage = dict(t.usage)
         steps.append({
             "step": s.step,
             "observation": episode.observations[s.step] if s.step < len(episode.observations) else None,
-            "prompt": tokenizer.decode(s.prompt_ids) if s.prompt_ids else s.prompt_text,
+            "prompt": tokenizer.decode(s.prompt_ids) if s.prompt_ids else t.prompt_text,
             "prompt_ids": list(s.prompt_ids),
-            "response": s.response_text,
+            "response": t.response_text,
             "response_ids": list(s.response_ids),
             "prompt_tokens": usage.pop("prompt_tokens", len(s.prompt_ids)),
             "completion_tokens": usage.pop("completion_tokens", len(s.response_ids)),
             "forced": _forced_spans(s.response_ids, s.forced_mask, tokenizer) if any(s.forced_mask) else [],
-            "response_marked": _marked(s.response_ids, s.forced_mask, tokenizer) if tokenizer is not None and any(s.forced_mask) else s.response_text,
-            "tti_triggers": dict(s.tti_triggers),
-            "think_length": s.think_length,
-            "tds_resampled": s.resampled,
+            "response_marked": _marked(s.response_ids, s.forced_mask, tokenizer) if tokenizer is not None and any(s.forced_mask) else t.response_text,
+            "tti_triggers": dict(t.tti_triggers),
+            "think_length": t.think_length,
+            "tds_resampled": t.resampled,
             # the responses TDS replaced (docs/method.md §3), kept to be seen, never trained on
             "tds_discarded": [{"response": d["text"], "response_ids": list(d["token_ids"]), "turn_score": _finite(d["turn_score"]),
-                               "forced": _forced_spans(d["token_ids"], d["forced"], tokenizer)} for d in s.discarded],
+                               "forced": _forced_spans(d["token_ids"], d["forced"], tokenizer)} for d in t.discarded],
             "turn_score": _finite(s.turn_score),
-            "action": s.action,
+            "action": t.action,
             "valid": s.valid,
-            "invalid_reason": s.invalid_reason,
+            "invalid_reason": t.invalid_reason,
             "env_reward": s.env_reward,
             "reward": s.reward,
             "done": s.done,
-            "finish_reason": s.finish_reason,
-            "timing": {k: list(v) if k != "tds" else [list(t) for t in v] for k, v in s.timing.items()},
+            "finish_reason": t.finish_reason,
+            "timing": {k: list(v) if k != "tds" else [list(span) for span in v] for k, v in t.timing.items()},
             **usage,
         })
     return {
@@ -495,7 +495,7 @@ def _log_episode_trace(mlflow: Any, trace: dict, run_id: str, phase: str, step: 
     """One episode (an `episode_trace` dict) as one MLflow trace: the episode span (AGENT), a span per
     turn (LLM) and under it the generation call, each TDS redraw (the response it discarded, attribute
     `t2po.discarded`) and the environment step (TOOL), with the times recorded during the rollout
-    (`StepSample.timing`; a trace without them gets the logging time)."""
+    (`StepTrace.timing`; a trace without them gets the logging time)."""
     from mlflow.tracing.constant import TraceMetadataKey
 
     steps = trace["steps"]

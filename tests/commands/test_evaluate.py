@@ -68,7 +68,7 @@ def test_local_eval_writes_json_markdown_and_traces(tiny_model_dir, tiny_model, 
                               [0, 1], RolloutSettings(), seed=0)
     for episode in direct.episodes:
         traced = read_jsonl(out / f"traces/seed-{episode.seed:06d}.jsonl")[1:]
-        assert [t["response"] for t in traced] == [s.response_text for s in episode.samples]
+        assert [t["response"] for t in traced] == [t.response_text for t in episode.traces]
 
 
 def test_api_eval_through_served_model_retries_faults_and_hides_the_key(tiny_model_dir, tmp_path, capfd, monkeypatch):

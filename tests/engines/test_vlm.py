@@ -88,8 +88,8 @@ def test_rollout_records_exact_ids_and_pixel_inputs(vlm):
         assert sample.prompt_ids == ids
         assert sample.pixel_inputs.keys() == pixels.keys()
         assert all(torch.equal(sample.pixel_inputs[k], pixels[k]) for k in pixels)
-    for sample in result.samples:
-        assert sample.image is not None and sample.pixel_inputs is not None
+    for sample, trace in zip(result.samples, result.traces, strict=True):
+        assert trace.image is not None and sample.pixel_inputs is not None
         assert not set(sample.response_ids) & set(placeholder_token_ids(model))
         assert len(sample.rollout_logprobs) == len(sample.response_ids) > 0
         # the engine (left-padded batch, its own positions, KV cache) agrees with the model's own forward

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from helpers import run_training
 from t2po.config import load_config
-from t2po.rollout import Episode, StepSample
+from t2po.rollout import Episode, StepSample, StepTrace
 from t2po.tracking import (
     MLFLOW_EXPERIMENT,
     MlflowTracker,
@@ -167,21 +167,25 @@ def test_non_finite_and_non_numeric_metrics_are_skipped(store, tmp_path):
     tracker.close()
 
 
-def _sample(tokenizer, step: int, response: str, forced_text: str, resampled: int) -> StepSample:
+def _step(tokenizer, step: int, response: str, forced_text: str, resampled: int) -> tuple[StepSample, StepTrace]:
     head = tokenizer.encode(response, add_special_tokens=False)
     tail = tokenizer.encode(forced_text, add_special_tokens=False)
     ids = head + tail
-    return StepSample(prompt_ids=tokenizer.encode("obs", add_special_tokens=False), response_ids=ids,
-                      forced_mask=[False] * len(head) + [True] * len(tail), rollout_logprobs=[0.0] * len(ids), reward=-0.1,
-                      env_reward=0.0, done=False, valid=False, anchor_obs="obs", group_id=0, traj_id=3, step=step,
-                      turn_score=math.nan if step == 0 else 0.25, response_text=tokenizer.decode(ids), action="",
-                      invalid_reason="no action", resampled=resampled, tti_triggers={"stagnation": 1, "budget": 0}, think_length=len(head))
+    sample = StepSample(prompt_ids=tokenizer.encode("obs", add_special_tokens=False), response_ids=ids,
+                        forced_mask=[False] * len(head) + [True] * len(tail), rollout_logprobs=[0.0] * len(ids), reward=-0.1,
+                        env_reward=0.0, done=False, valid=False, anchor_obs="obs", group_id=0, traj_id=3, step=step,
+                        turn_score=math.nan if step == 0 else 0.25, penalty=0.1)
+    trace = StepTrace(response_text=tokenizer.decode(ids), action="", invalid_reason="no action", resampled=resampled,
+                      tti_triggers={"stagnation": 1, "budget": 0}, think_length=len(head))
+    return sample, trace
 
 
 def test_episode_trace_shows_forced_think_end_and_resampled_turns(tiny_model):
     _, tokenizer = tiny_model
-    samples = [_sample(tokenizer, 0, "<think> left left left", "</think>", 0), _sample(tokenizer, 1, "<think> up", "</think>", 2)]
-    episode = Episode(traj_id=3, group_id=0, seed=11, samples=samples, won=False, total_reward=-0.2, truncated=True,
+    steps = [_step(tokenizer, 0, "<think> left left left", "</think>", 0), _step(tokenizer, 1, "<think> up", "</think>", 2)]
+    samples = [s for s, _ in steps]
+    episode = Episode(traj_id=3, group_id=0, seed=11, samples=samples, traces=[t for _, t in steps], won=False, total_reward=-0.2,
+                      truncated=True,
                       metrics={"success": 0, "task_type": "push"}, observations=["o0", "o1", "o2"])
     trace = json.loads(json.dumps(episode_trace(episode, tokenizer)))  # JSON-ready
     assert trace["seed"] == 11 and trace["truncated"] and trace["final_observation"] == "o2"

@@ -82,8 +82,7 @@ def test_two_iterations_change_parameters_and_log_metrics(tiny_model_dir, tmp_pa
 
 def _sample(traj: int, group: int, step: int, reward: float, anchor: str) -> StepSample:
     return StepSample(prompt_ids=[1], response_ids=[2], forced_mask=[False], rollout_logprobs=[0.0], reward=reward, env_reward=reward,
-                      done=False, valid=True, anchor_obs=anchor, group_id=group, traj_id=traj, step=step, turn_score=0.5,
-                      response_text="", action="")
+                      done=False, valid=True, anchor_obs=anchor, group_id=group, traj_id=traj, step=step, turn_score=0.5)
 
 
 @pytest.mark.parametrize("algo", ["t2po", "grpo", "rloo"])
