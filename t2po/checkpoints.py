@@ -51,7 +51,7 @@ class CorruptCheckpoint(UserError, ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Atomic writes and append-only logs
+# Atomic writes
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -67,33 +67,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def read_jsonl_log(path: Path, note: Callable[[str], None] | None = None, key: tuple[str, type] | None = None) -> list[dict]:
-    """The records of an append-only JSONL log (metrics.jsonl, validation.jsonl). A line that is not
-    a JSON object, in practice the last one, torn by a kill in mid-write, is dropped with a note; so
-    is a record without `key` = (name, type), e.g. ("iteration", int)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict):
-            if note is not None:
-                note(f"{path.name}: dropped line {number}, which is not a JSON record (torn by a kill?): {line[:60]!r}")
-            continue
-        if key is not None and (not isinstance(record.get(key[0]), key[1]) or isinstance(record.get(key[0]), bool)):
-            if note is not None:
-                note(f"{path.name}: dropped line {number}, which has no {key[0]} (damaged?): {line[:60]!r}")
-            continue
-        records.append(record)
-    return records
 
 
 @contextlib.contextmanager

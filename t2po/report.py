@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from t2po.checkpoints import read_jsonl_log
+from t2po.runlog import read_jsonl_log
 from t2po.errors import InvalidInput, UserError
 from t2po.paths import new_folder
 from t2po.runfiles import read_run_config

@@ -40,7 +40,7 @@ from t2po.algos.losses import LossBatch, get_loss, loss_token_counts
 from t2po.algos.sampling import TDSResampler
 from t2po.checkpoints import (
     CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, is_sharded, latest_checkpoint,
-    load_checkpoint, point_adapter_at, read_jsonl_log, save_checkpoint,
+    load_checkpoint, point_adapter_at, save_checkpoint,
 )
 from t2po.config import Config
 from t2po.distributed import (
@@ -55,6 +55,7 @@ from t2po.policies import EnginePolicy
 from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.progress import ConsoleLog, PhaseTimer, Progress, silence_library_progress
 from t2po.rollout import COUNTERS, RolloutResult, RolloutSettings, StepSample, collect_rollouts, rollout_stats
+from t2po.runlog import RunLog
 from t2po.runfiles import check_warmup, checkpoint_candidates
 from t2po.testing import kill_point
 from t2po.tracking import validation_step
@@ -102,18 +103,13 @@ class Trainer:
             self.run_dir = Path(from_rank0(str(self.run_dir)))
             self.quiet = self.quiet or not self.dist.is_main
         self.ckpt_root = self.run_dir / CHECKPOINTS
-        self.state_path = self.run_dir / "run_state.json"
-        self.run_state = {"warmup_done": False, "validation": {}}
-        if self.resume and not self.state_path.exists() and (self.run_dir / WARMUP_MODEL).exists() and any(self.ckpt_root.glob("iter_*")):
-            raise InvalidInput(f"{self.state_path} is missing (it says whether the warm-up the checkpoints apply to finished); "
+        self.runlog = RunLog(self.run_dir, self.note, writer=self.dist.is_main)  # metrics, validations, run state
+        state_path = self.runlog.state_path
+        if self.resume and not state_path.exists() and (self.run_dir / WARMUP_MODEL).exists() and any(self.ckpt_root.glob("iter_*")):
+            raise InvalidInput(f"{state_path} is missing (it says whether the warm-up the checkpoints apply to finished); "
                              "restore it from a copy, or start a new run")
-        if self.resume and self.state_path.exists():
-            try:
-                self.run_state = json.loads(self.state_path.read_text())
-            except ValueError as e:  # written atomically, so only a damaged disk gets here
-                raise InvalidInput(f"{self.state_path} is damaged ({e}); restore it or start a new run") from None
-            if not isinstance(self.run_state, dict) or not isinstance(self.run_state.get("validation"), dict):
-                raise InvalidInput(f"{self.state_path} is damaged (no run state in it); restore it or start a new run")
+        if self.resume:
+            self.runlog.load_state()
 
         base_path = cfg.model.path
         if self.run_state.get("warmup_done"):
@@ -236,22 +232,11 @@ class Trainer:
         return make_env(self.cfg.env.name, **options)
 
     def _forget_work_after(self, iteration: int) -> None:
-        """Forget what the iterations after `iteration`, lost in a kill, wrote: they are redone after
-        the resume, and their validations replayed. Their metrics lines, validations (`iter_k` past
-        `iteration`; `final` while iterations remain) and tracker values go; validation.jsonl is
-        rewritten from the run state, so a validation killed between the two writes counts once."""
-        val = self.run_state["validation"]
-        for tag in list(val):
-            if (tag.startswith("iter_") and int(tag.split("_")[1]) > iteration) or (tag == "final" and iteration < self.cfg.trainer.iterations):
-                del val[tag]
-        self._save_run_state()
-        if not self.dist.is_main:
-            return
-        metrics = [m for m in read_jsonl_log(self.run_dir / "metrics.jsonl", self.note, ("iteration", int)) if m["iteration"] <= iteration]
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-        read_jsonl_log(self.run_dir / "validation.jsonl", self.note)  # notes a torn line
-        atomic_write_text(self.run_dir / "validation.jsonl", "".join(json.dumps({"tag": t, **v}) + "\n" for t, v in val.items()))
-        self.trackers.forget_after(iteration, warmup=not self.run_state.get("warmup_done"))  # a warm-up not done is redone
+        """Forget what the iterations after `iteration`, lost in a kill, wrote (`RunLog.forget_after`: metrics
+        lines and validations; `final` while iterations remain) and their tracker values: they are redone."""
+        self.runlog.forget_after(iteration, final_kept=iteration >= self.cfg.trainer.iterations)
+        if self.dist.is_main:
+            self.trackers.forget_after(iteration, warmup=not self.run_state.get("warmup_done"))  # a warm-up not done is redone
 
     def _wrap_trainable(self) -> None:
         cfg = self.cfg
@@ -364,12 +349,9 @@ class Trainer:
             _, with_tti = self._play_validation(f"{tag} tti", self.rollout.tti)
             stats.update({f"tti_on/{k}": v for k, v in with_tti.items()})
         kill_point("validation", tag)
-        self.run_state["validation"][tag] = stats
-        self._save_run_state()
+        self.runlog.add_validation(tag, stats)
         if not self.dist.is_main:
             return stats
-        with open(self.run_dir / "validation.jsonl", "a") as f:
-            f.write(json.dumps({"tag": tag, **stats}) + "\n")
         with self.timer("tracking"):
             self._write_traces(f"val_{tag}", result, "validation", validation_step(tag, self.cfg.trainer.iterations))
             self.trackers.log_metrics({f"val/{k}": v for k, v in stats.items() if not isinstance(v, list)},
@@ -405,12 +387,13 @@ class Trainer:
             seeds = list(range(self.cfg.rollout.val_num_tasks))
             refs = references.reference_points(self.val_env, seeds, self.cfg.rollout.max_turns)
             self.run_state["references"] = {k: v and {key: v[key] for key in ("success", "stderr", "method")} for k, v in refs.items()}
-            self._save_run_state()
+            self.runlog.save_state()
         return self.run_state["references"]
 
-    def _save_run_state(self) -> None:
-        if self.dist.is_main:
-            atomic_write_text(self.state_path, json.dumps(self.run_state, indent=1))
+    @property
+    def run_state(self) -> dict[str, Any]:
+        """The run state (`RunLog.state`, saved in run_state.json): warm-up done, validations, reference points."""
+        return self.runlog.state
 
     # ------------------------------------------------------------------ warm-up
     def warmup(self) -> None:
@@ -449,7 +432,7 @@ class Trainer:
         self._sync_engine()
         self.run_state["warmup_done"] = True
         self.run_state["warmup"] = {"episodes": len(convs), "steps": len(examples), "losses": losses, "seconds": time.time() - t0}
-        self._save_run_state()
+        self.runlog.save_state()
         self.log(f"[warm-up] SFT loss {losses[0]:.3f} -> {losses[-1]:.3f} ({time.time() - t0:.0f}s)")
 
     # ------------------------------------------------------------------ advantages
@@ -667,9 +650,7 @@ class Trainer:
             metrics["time/iteration"], mark = now - mark, now
             self.iteration_seconds.append(metrics["time/iteration"])
             with self.timer("tracking"):
-                if self.dist.is_main:
-                    with open(self.run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
+                self.runlog.append_metrics(metrics)
                 self.trackers.log_metrics(metrics, step=it + 1)
             self.log(self._progress_line(it, metrics))
         if "final" not in val:  # dropped on resume while iterations remained
@@ -704,7 +685,7 @@ class Trainer:
     def _run_seconds(self) -> float:
         """The run's wall time over all its sessions (resumes): its iterations (metrics.jsonl), warm-up and
         the validations outside iterations. Setup (model loading) and work a kill lost are not counted."""
-        lines = read_jsonl_log(self.run_dir / "metrics.jsonl", self.note) if self.dist.is_main else []
+        lines = self.runlog.metrics()
         val = self.run_state["validation"]
         return (sum(m.get("time/iteration", 0.0) for m in lines) + self.run_state.get("warmup", {}).get("seconds", 0.0)
                 + sum(val[tag]["seconds"] for tag in ("before", "after_warmup", "final") if tag in val))
