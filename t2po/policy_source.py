@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from t2po.checkpoints import (
-    CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, checkpoint_info, is_complete, is_sharded,
+    CHECKPOINTS, WARMUP_MODEL, Checkpointer, CorruptCheckpoint, checkpoint_info, checkpoint_problem, is_complete, is_sharded,
 )
 from t2po.errors import InvalidInput, UserError
 from t2po.model_cache import DEFAULT_MODEL, TINY_VLM
@@ -69,11 +69,9 @@ def locate_policy(path: str | os.PathLike | None) -> PolicySource:
     if not p.is_dir():
         raise FileNotFoundError(f"model {str(path)!r} is not a directory: {accepted}")
     checkpoint = None
-    from t2po.runfiles import check_warmup, checkpoint_candidates, checkpoint_problem
-
     if (p / "config.yaml").is_file() and not (p / "config.json").is_file():  # a run folder
         # the newest checkpoint whose files read back; a damaged newer one is named (as `train --resume` does)
-        checkpoint = next(checkpoint_candidates(p / CHECKPOINTS, lambda m: print(f"t2po: {m}", file=sys.stderr, flush=True)), None)
+        checkpoint = next(Checkpointer(p, lambda m: print(f"t2po: {m}", file=sys.stderr, flush=True)).readable(), None)
         if checkpoint is None:
             raise FileNotFoundError(f"run folder {p} has no complete checkpoint yet; evaluate {p / WARMUP_MODEL} (if the warm-up ran) or wait for the first checkpoint")
     elif (p / "adapter").is_dir() or (p / "model").is_dir() or is_sharded(p):
@@ -95,9 +93,10 @@ def locate_policy(path: str | os.PathLike | None) -> PolicySource:
     from t2po.config import load_run_config
 
     run_config = load_run_config(run_dir)
-    warmup = run_dir / WARMUP_MODEL  # a model folder, or after a LoRA warm-up its adapter
+    checkpoints = Checkpointer(run_dir)
+    warmup = checkpoints.warmup_model  # a model folder, or after a LoRA warm-up its adapter
     if warmup.is_dir():
-        check_warmup(run_dir)
+        checkpoints.check_warmup()
     exists = (warmup / "config.json").is_file() or (warmup / "adapter_config.json").is_file()
     base = str(warmup) if exists else run_config.model.path
     info = checkpoint_info(checkpoint)

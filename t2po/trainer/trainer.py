@@ -38,10 +38,7 @@ from t2po import references
 from t2po.algos import StepBatch
 from t2po.algos.losses import LossBatch, get_loss, loss_token_counts
 from t2po.algos.sampling import TDSResampler
-from t2po.checkpoints import (
-    CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, is_sharded, latest_checkpoint,
-    load_checkpoint, point_adapter_at, save_checkpoint,
-)
+from t2po.checkpoints import Checkpointer, atomic_dir, atomic_write_text
 from t2po.config import Config
 from t2po.distributed import (
     barrier, clip_grad_norm, from_rank0, gather_objects, gathered, init_distributed, mean_over_ranks, padded,
@@ -50,13 +47,11 @@ from t2po.distributed import (
 from t2po.engines import engine_class, engine_spec
 from t2po.envs import make_env
 from t2po.errors import InvalidInput
-from t2po.models import adapter_base, is_adapter_directory, model_directory
 from t2po.policies import EnginePolicy
 from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.progress import ConsoleLog, PhaseTimer, Progress, silence_library_progress
 from t2po.rollout import COUNTERS, RolloutResult, RolloutSettings, StepSample, collect_rollouts, rollout_stats
 from t2po.runlog import RunLog
-from t2po.runfiles import check_warmup, checkpoint_candidates
 from t2po.testing import kill_point
 from t2po.tracking import validation_step
 from t2po.trainer.batch import TrainingBatch
@@ -102,10 +97,11 @@ class Trainer:
                 raise InvalidInput("multi-process training supports t2po, gigpo, grpo and rloo without warm-up; run ppo or the warm-up (t2po sft) in one process")
             self.run_dir = Path(from_rank0(str(self.run_dir)))
             self.quiet = self.quiet or not self.dist.is_main
-        self.ckpt_root = self.run_dir / CHECKPOINTS
+        self.checkpointer = Checkpointer(self.run_dir, self.note)  # the layout of checkpoints/ and warmup_model/
         self.runlog = RunLog(self.run_dir, self.note, writer=self.dist.is_main)  # metrics, validations, run state
         state_path = self.runlog.state_path
-        if self.resume and not state_path.exists() and (self.run_dir / WARMUP_MODEL).exists() and any(self.ckpt_root.glob("iter_*")):
+        if (self.resume and not state_path.exists() and self.checkpointer.warmup_model.exists()
+                and any(self.checkpointer.root.glob("iter_*"))):
             raise InvalidInput(f"{state_path} is missing (it says whether the warm-up the checkpoints apply to finished); "
                              "restore it from a copy, or start a new run")
         if self.resume:
@@ -113,8 +109,8 @@ class Trainer:
 
         base_path = cfg.model.path
         if self.run_state.get("warmup_done"):
-            check_warmup(self.run_dir)  # a damaged or missing warm-up is named here, not met in a model load
-            base_path = str(self.run_dir / WARMUP_MODEL)
+            self.checkpointer.check_warmup()  # a damaged or missing warm-up is named here, not met in a model load
+            base_path = str(self.checkpointer.warmup_model)
         self.model, self.tokenizer = load_model(base_path, dtype=resolve_dtype(cfg.model.dtype, self.device))
         self.base_model_path = base_path
         self.train_env = self._make_env(cfg.env.options)
@@ -164,26 +160,19 @@ class Trainer:
         self.engine = self._make_engine()
 
     def _load_newest_loadable_checkpoint(self) -> Path | None:
-        """Load the newest checkpoint that can be read whole; say which newer ones were skipped and why.
-        None (start from iteration 0) when there is none."""
-        for ckpt in checkpoint_candidates(self.ckpt_root, self.note, resume=True):  # each damaged one named in a note
-            if self.dist.distributed and not is_sharded(ckpt):
-                raise InvalidInput(f"{ckpt} was written by one process; resume it with one process (python -m t2po.cli train --resume {self.run_dir}), "
-                                 "or start the multi-process run from its weights (model.path)")
-            try:  # a sharded one loads on any world size
-                state = load_checkpoint(ckpt, self.model, self.optimizer, self.value_head, self.cfg.model.lora)
-            except CorruptCheckpoint as e:
-                self.note(f"skipped checkpoint {ckpt}: {e}; trying the one before")
-                continue
-            self.start_iteration = state["iteration"]
-            if self.tds_threshold is not None and "tds_threshold" in state:
-                self.tds_threshold.load_state_dict(state["tds_threshold"])
-            self.scheduler_step = state.get("scheduler_step", self.start_iteration)
-            self._set_lr()
-            return ckpt
-        if any(not p.name.endswith(".tmp") for p in self.ckpt_root.glob("iter_*")):
-            self.note(f"no checkpoint in {self.ckpt_root} can be loaded: starting again from iteration 0")
-        return None
+        """Load the newest checkpoint that can be read whole (`Checkpointer.load_newest`: newer damaged ones
+        are named in notes) and the run state it carries. None (start from iteration 0) when there is none."""
+        loaded = self.checkpointer.load_newest(self.model, self.optimizer, self.value_head, self.cfg.model.lora,
+                                               distributed=self.dist.distributed)
+        if loaded is None:
+            return None
+        ckpt, state = loaded
+        self.start_iteration = state["iteration"]
+        if self.tds_threshold is not None and "tds_threshold" in state:
+            self.tds_threshold.load_state_dict(state["tds_threshold"])
+        self.scheduler_step = state.get("scheduler_step", self.start_iteration)
+        self._set_lr()
+        return ckpt
 
     def _make_engine(self):
         """The rollout engine (`rollout.engine`), built from its own settings (`Engine.build`): one that
@@ -399,7 +388,6 @@ class Trainer:
     def warmup(self) -> None:
         """Supervised warm-up on expert demonstrations in the response format (docs/method.md §5 cold start),
         merged into the base weights so that RL starts from (and, under LoRA, regularises towards) it."""
-        from t2po.models import save_tokenizer
         from t2po.sft import play_expert_episodes, save_conversations, sft_steps, sft_train, tokenize_conversations
 
         cfg = self.cfg
@@ -419,12 +407,7 @@ class Trainer:
         # This run's base model from here on: the warm-up merged into the base weights. On disk a LoRA
         # warm-up is its adapter (a few MB; `load_model` merges it into the base it names), full
         # fine-tuning the whole model in its training dtype.
-        out = self.run_dir / WARMUP_MODEL
-        with atomic_dir(out) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            if cfg.model.lora:
-                point_adapter_at(tmp, str(model_directory(self.base_model_path)))
-            save_tokenizer(self.tokenizer, tmp)  # a VLM's whole processor
+        out = self.checkpointer.save_warmup(self.model, self.tokenizer, cfg.model.lora, self.base_model_path)
         model = self.model.merge_and_unload() if cfg.model.lora else self.model
         self.model = model
         self.base_model_path = str(out)
@@ -668,19 +651,16 @@ class Trainer:
         return summary
 
     def _save_checkpoint(self, it: int) -> None:
-        """The checkpoint after iteration `it` when `trainer.save_every` (or the last iteration) asks for one."""
+        """The checkpoint after iteration `it` when `trainer.save_every` (or the last iteration) asks for one;
+        several ranks: every rank writes its shards (docs/scaling.md)."""
         cfg = self.cfg
         if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
             state = {"scheduler_step": self.scheduler_step, "base_model": self.base_model_path}
-            # the folder the weights apply to, named in checkpoint.json and the adapter; after a LoRA
-            # warm-up (an adapter folder) the warm-up's own base, with the two adapters combined
-            prefix = Path(self.base_model_path) if self.base_model_path and is_adapter_directory(self.base_model_path) else None
-            base = adapter_base(prefix) if prefix else str(model_directory(self.base_model_path))
             if self.tds_threshold is not None:
                 state["tds_threshold"] = self.tds_threshold.state_dict()
-            # several ranks: every rank writes its shards (docs/scaling.md)
-            save_checkpoint(self.ckpt_root, it + 1, self.model, self.optimizer, state, self.value_head, cfg.model.lora, cfg.trainer.keep_checkpoints,
-                            sharded=self.dist.distributed, base=base, prefix_adapter=prefix)
+            self.checkpointer.save(it + 1, self.model, self.optimizer, state, base_path=self.base_model_path,
+                                   value_head=self.value_head, lora=cfg.model.lora, keep=cfg.trainer.keep_checkpoints,
+                                   sharded=self.dist.distributed)
 
     def _run_seconds(self) -> float:
         """The run's wall time over all its sessions (resumes): its iterations (metrics.jsonl), warm-up and
@@ -721,7 +701,7 @@ class Trainer:
 
     def summary(self, seconds: float) -> dict:
         val = self.run_state["validation"]
-        ckpt = latest_checkpoint(self.ckpt_root)
+        ckpt = self.checkpointer.latest()
 
         def pick(tag: str) -> dict | None:
             if tag not in val:

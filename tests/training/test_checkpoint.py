@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from t2po.checkpoints import (atomic_dir, atomic_write_text, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
+from t2po.checkpoints import (Checkpointer, atomic_dir, atomic_write_text, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
                               save_checkpoint)
 from t2po.policy_source import locate_policy, resolve_policy
 from t2po.config import ModelConfig
@@ -70,6 +70,27 @@ def test_save_then_load_restores_weights_optimizer_rng_and_state(tiny_model_dir,
     assert torch.equal(torch.get_rng_state(), saved_rng), "the RNG state is the one at the save"
 
 
+def test_checkpointer_names_its_base_and_loads_the_newest_readable_one(tiny_model_dir, tmp_path):
+    """`Checkpointer`: a saved checkpoint names the model folder its adapter applies to; `load_newest` passes
+    over a newer checkpoint whose optimizer file was cut short (named in a note) and loads the one before."""
+    model, optimizer, _ = _policy(tiny_model_dir, lora=True)
+    notes = []
+    checkpoints = Checkpointer(tmp_path, notes.append)
+    assert checkpoints.load_newest(model, optimizer, None, lora=True) is None and notes == []
+    _train_step(model, optimizer, torch.nn.Linear(model.config.hidden_size, 1))
+    first = checkpoints.save(1, model, optimizer, {"scheduler_step": 1}, base_path=str(tiny_model_dir), lora=True, keep=3)
+    adapter = json.loads((first / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_model_dir)
+    newest = checkpoints.save(2, model, optimizer, {"scheduler_step": 2}, base_path=str(tiny_model_dir), lora=True, keep=3)
+    assert checkpoints.complete() == [newest, first] and checkpoints.latest() == newest
+    damaged = newest / "optimizer.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    fresh, fresh_optimizer, _ = _policy(tiny_model_dir, lora=True)
+    ckpt, state = checkpoints.load_newest(fresh, fresh_optimizer, None, lora=True)
+    assert ckpt == first and state == {"scheduler_step": 1, "iteration": 1}
+    assert len(notes) == 1 and "skipped checkpoint" in notes[0] and "optimizer.safetensors" in notes[0]
+
+
 def test_saving_prunes_to_keep_and_leaves_no_tmp_folder(tiny_model_dir, tmp_path):
     model, optimizer, _ = _policy(tiny_model_dir, lora=True)
     root = tmp_path / "checkpoints"
@@ -80,7 +101,7 @@ def test_saving_prunes_to_keep_and_leaves_no_tmp_folder(tiny_model_dir, tmp_path
 
 
 def _fake_checkpoint(root: Path, name: str, complete: bool = True) -> Path:
-    """A checkpoint folder whose files read back (`t2po.runfiles.checkpoint_problem`) but hold no real policy."""
+    """A checkpoint folder whose files read back (`t2po.checkpoints.checkpoint_problem`) but hold no real policy."""
     from safetensors.torch import save_file
 
     ckpt = root / name
