@@ -26,7 +26,7 @@
 - Output (`--out`, default `evals/<env>-<split>-<model>`): `eval.json` (setup and summary),
   `results.md` (the table), `episodes.jsonl` (one line per finished episode) and
   `traces/seed-NNNNNN.jsonl` (per episode: a header line, then one line per turn, as
-  `t2po.tracking.episode_trace` writes it: observation, prompt, model output, action, validity,
+  `t2po.traces.episode_trace` writes it: observation, prompt, model output, action, validity,
   reward, token counts). Each episode is written when it finishes (trace
   renamed into place, then its line appended and synced); rerunning the same command skips the
   finished episodes, so an interrupted run loses nothing finished. A folder holding results of a
@@ -64,7 +64,7 @@ from t2po.paths import first_missing, new_folder
 from t2po.policies import NO_ANSWER, APIPolicy, EnginePolicy
 from t2po.policy_source import PolicySource, check_device, intervention_for, locate_policy, resolve_policy
 from t2po.rollout import INVALID_ACTION_PENALTY, Episode, RolloutSettings, collect_rollouts
-from t2po.tracking import episode_trace
+from t2po.traces import episode_trace
 
 DEFAULT_EPISODES = 16
 
@@ -234,7 +234,7 @@ def markdown_table(summary: dict[str, Any], title: str, notes: list[str]) -> str
 
 def episode_files(episode: Episode, tokenizer: Any, env: str, split: str, seconds: float) -> tuple[dict, dict, list[dict]]:
     """(record for episodes.jsonl, trace header, trace turns) of a played episode; the trace is the
-    training trace (`t2po.tracking.episode_trace`)."""
+    training trace (`t2po.traces.episode_trace`)."""
     trace = episode_trace(episode, tokenizer)
     steps = trace.pop("steps")
     traces = episode.traces

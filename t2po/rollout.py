@@ -11,7 +11,7 @@ most `max_try` times, and keeps the last sample). Every environment step becomes
 produced), and one `StepTrace` beside it, what people read (texts, action, TDS and TTI diagnostics,
 timings). An observation with an image (an environment in image mode) is rendered by the
 vision-language model's processor (`t2po.vlm`); the step sample then also carries the prompt's pixel
-inputs, exactly those the engine saw. `episode_trace` (t2po.tracking) writes an episode for people to read.
+inputs, exactly those the engine saw. `episode_trace` (t2po.traces) writes an episode for people to read.
 
     from t2po.rollout import RolloutSettings, collect_rollouts
     policy = EnginePolicy(engine, SamplingParams(max_new_tokens=64), InterventionConfig())

@@ -587,11 +587,11 @@ class Trainer:
 
     def _write_traces(self, name: str, result: RolloutResult, phase: str, step: int) -> None:
         """`trainer.trace_episodes` of the batch's episodes into traces/<name>.jsonl and the trackers
-        (MLflow: as traces of the run, see t2po.tracking)."""
+        (MLflow: as traces of the run, see t2po.traces)."""
         k = self.cfg.trainer.trace_episodes
         if k <= 0 or not self.dist.is_main:
             return
-        from t2po.tracking import episode_trace, trace_sample
+        from t2po.traces import episode_trace, trace_sample
 
         folder = self.run_dir / "traces"
         folder.mkdir(exist_ok=True)

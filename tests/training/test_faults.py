@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from helpers import run_training
 from t2po.cli import main as cli_main
 from t2po.config import load_config
-from t2po.tracking import MLFLOW_STORE, MlflowTracker
+from t2po.tracking import MlflowTracker
 from t2po.testing import KILL_AT_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,16 +119,38 @@ def test_mlflow_forgets_the_iterations_a_resume_redoes(tmp_path):
     first.close()
     resumed = MlflowTracker(tmp_path, {"a": 1})  # the same MLflow run (found by the run folder)
     assert resumed.run_id == first.run_id
+    first.client.log_artifact(first.run_id, str(_text_file(tmp_path / "note.txt")))
+    first.log_traces([{"seed": 7, "traj_id": 0, "group_id": 0, "metrics": {}, "won": False, "total_reward": 0.0,
+                       "truncated": False, "final_observation": "o", "steps": []}], "train", 1)
     resumed.forget_after(1)
     for step in (2, 3):
         resumed.log_metrics({"rollout/success_rate": step}, step)
     resumed.close()
-    with sqlite3.connect(tmp_path / MLFLOW_STORE) as db:
-        rows = db.execute("SELECT step, value FROM metrics WHERE key = 'rollout/success_rate' ORDER BY step").fetchall()
-        latest = db.execute("SELECT step, value FROM latest_metrics WHERE key = 'rollout/success_rate'").fetchall()
-        sft_steps = [s for (s,) in db.execute("SELECT step FROM metrics WHERE key = 'sft/loss' ORDER BY step")]
-    assert rows == [(1, 0.1), (2, 2.0), (3, 3.0)] and latest == [(3, 3.0)]
-    assert sft_steps == [1, 2, 3]  # the warm-up's epochs are not iterations
+    client = resumed.client
+    assert client.get_run(first.run_id).info.lifecycle_stage == "deleted" and resumed.run_id != first.run_id
+    runs = client.search_runs([resumed.experiment_id])
+    assert [r.info.run_id for r in runs] == [resumed.run_id] and runs[0].data.params == {"a": "1"}
+    assert runs[0].info.run_name == client.get_run(first.run_id).info.run_name
+    assert MlflowTracker(tmp_path, {"a": 1}).run_id == resumed.run_id  # the next resume finds the new run
+    rows = sorted((m.step, m.value) for m in client.get_metric_history(resumed.run_id, "rollout/success_rate"))
+    assert rows == [(1, 0.1), (2, 2.0), (3, 3.0)] and runs[0].data.metrics["rollout/success_rate"] == 3.0
+    assert sorted(m.step for m in client.get_metric_history(resumed.run_id, "sft/loss")) == [1, 2, 3]  # epochs, not iterations
+    assert [f.path for f in client.list_artifacts(resumed.run_id)] == ["note.txt"]
+    traces = client.search_traces(locations=[resumed.experiment_id], run_id=resumed.run_id)
+    assert [t.info.tags["t2po.task"] for t in traces] == ["7"]
+
+
+def _text_file(path):
+    path.write_text("kept across the resume\n")
+    return path
+
+
+def test_mlflow_run_with_nothing_to_forget_is_kept(tmp_path):
+    first = MlflowTracker(tmp_path, {"a": 1})
+    first.log_metrics({"rollout/success_rate": 0.5}, 1)
+    resumed = MlflowTracker(tmp_path, {"a": 1})
+    resumed.forget_after(1)
+    assert resumed.run_id == first.run_id
 
 
 def test_mlflow_forgets_a_warmup_that_is_redone(tmp_path):
@@ -144,8 +165,7 @@ def test_mlflow_forgets_a_warmup_that_is_redone(tmp_path):
     for epoch in (1, 2):
         resumed.log_metrics({"sft/loss": 4.0 - epoch}, epoch)
     resumed.close()
-    with sqlite3.connect(tmp_path / MLFLOW_STORE) as db:
-        rows = db.execute("SELECT step, value FROM metrics WHERE key = 'sft/loss' ORDER BY step").fetchall()
+    rows = sorted((m.step, m.value) for m in resumed.client.get_metric_history(resumed.run_id, "sft/loss"))
     assert rows == [(1, 3.0), (2, 2.0)]
 
 

@@ -20,12 +20,11 @@ from t2po.tracking import (
     MlflowTracker,
     Tracker,
     TrackerGroup,
-    episode_trace,
     make_trackers,
     mlflow_store_uri,
     mlflow_ui_command,
-    trace_sample,
 )
+from t2po.traces import episode_trace, trace_sample
 from t2po.config import load_run_config
 
 HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
