@@ -41,7 +41,7 @@ def child(work: str, repeats: int) -> None:
     from t2po.engines.base import SamplingParams
     from t2po.engines.hf import HFEngine
     from t2po.models import load_model
-    from t2po.policy import FrozenTrunk
+    from t2po.forward import FrozenTrunk
 
     model, tokenizer = load_model(dtype=os.environ.get("BENCH_DTYPE", "auto"))
     prompts = main_job_prompts(tokenizer, 32, seed=0)

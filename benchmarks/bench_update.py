@@ -25,7 +25,7 @@ The trainer's step at the default precision (bf16), old-log-prob pass + update, 
 (alternated, medians): `whole_rows` (every row runs every layer: the trainer before these features),
 `shared_prefix` (the beginning all rows of a micro-batch share runs once, `MicroBatch.shared`), and
 `shared_prefix_trunk` (the default: also the layers below LoRA run only in the old-log-prob pass and
-the update replays their output, `t2po.policy.FrozenTrunk`). `trainer_step_speedup_vs_whole_rows`.
+the update replays their output, `t2po.forward.FrozenTrunk`). `trainer_step_speedup_vs_whole_rows`.
 
 Log-prob agreement: the engine samples with the precision's weights (its own log-probs are the old
 log-probs when `optim.recompute_logprobs=false`); the trainer's forward in the same precision scores
@@ -52,8 +52,8 @@ from t2po.algos.losses import ppo_policy_loss
 from t2po.engines.base import SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
+from t2po.forward import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.models import load_model, lora_targets
-from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 
 PRECISIONS = {"fp32": (torch.float32, False), "fp32_autocast": (torch.float32, True), "bf16": (torch.bfloat16, False), "bf16_autocast": (torch.bfloat16, True)}
 

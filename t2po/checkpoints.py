@@ -1,6 +1,6 @@
 """Where a policy's weights live: run folders, checkpoints, and atomic writes. The only module that
 knows the layout; `Checkpointer` is a run's checkpoints (the trainer saves and resumes through it;
-`t2po.policy_source` finds a run's newest readable checkpoint through it for `t2po eval`, `serve`, `rft`, `export`):
+`t2po.locate` finds a run's newest readable checkpoint through it for `t2po eval`, `serve`, `rft`, `export`):
 
     RUN/config.yaml                      the run's resolved config
     RUN/warmup_model/                    the warm-up (docs/method.md §5), when one ran: the base the checkpoints
@@ -437,7 +437,7 @@ def check_warmup(run_dir: Path) -> None:
 
 class Checkpointer:
     """The checkpoints of the run folder `run_dir` (the layout above) and the base their weights apply
-    to: the trainer saves and resumes through it, `t2po.policy_source` (eval, serve, rft, export) finds
+    to: the trainer saves and resumes through it, `t2po.locate` (eval, serve, rft, export) finds
     a run's newest readable checkpoint through it. `note` hears about each checkpoint passed over."""
 
     def __init__(self, run_dir: Path, note: Callable[[str], None] | None = None) -> None:

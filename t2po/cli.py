@@ -195,7 +195,7 @@ COMMANDS = {
     "serve-retriever": (_delegate("t2po.envs.search.server"), "serve the Search QA retrieval index over HTTP"),
     "webshop-server": (_delegate("t2po.envs.webshop.web"), "serve the WebShop human view over HTTP"),
     "rft": (_delegate("t2po.rft"), "cold start: `t2po rft collect ENV` keeps successful episodes as SFT data"),
-    "sft": (lambda argv: int(importlib.import_module("t2po.rft").sft_main(argv) or 0), "multi-turn SFT on collected conversations"),
+    "sft": (_delegate("t2po.sft"), "multi-turn SFT on collected conversations"),
     "eval": (_delegate("t2po.evaluate"), "evaluate a checkpoint, model directory or API model on held-out tasks"),
     "serve": (_delegate("t2po.serve"), "serve a model or checkpoint through an OpenAI-compatible API (127.0.0.1)"),
     "report": (_delegate("t2po.report"), "plots and a summary table of runs; compares seeds and configurations"),

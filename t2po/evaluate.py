@@ -60,9 +60,9 @@ from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy, api_key_from_env
 from t2po.envs import BatchEnv, env_option_errors, make_env, parse_env_options, split_env_overrides
 from t2po.errors import InvalidInput, UserError
+from t2po.locate import ModelSource, check_device, intervention_for, load_local_model, locate_model
 from t2po.paths import first_missing, new_folder
 from t2po.policies import NO_ANSWER, APIPolicy, EnginePolicy
-from t2po.policy_source import PolicySource, check_device, intervention_for, locate_policy, resolve_policy
 from t2po.rollout import INVALID_ACTION_PENALTY, Episode, RolloutSettings, collect_rollouts
 from t2po.traces import episode_trace
 
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"give either a local MODEL ({ns.model_path}) or --api-base/--model, not both")
     try:
         engine_spec(ns.engine)  # an unknown engine fails before any work
-        run, agent, policy = _prepare(ns, api)
+        run, agent, local = _prepare(ns, api)
         created = first_missing(run.folder.path)  # removed again if this command finishes no episode
         done = run.folder.open()
     except (APIError, FileNotFoundError, ValueError, UserError) as e:
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         if pending and api:
             _play_api(run, agent, pending, done, ns.concurrency)
         elif pending:
-            _play_local(run, policy, pending, done, ns)
+            _play_local(run, local, pending, done, ns)
     except APIError as e:  # a server that stopped answering: exit 3, a runtime failure (README, Reliability)
         if created is not None and not done:
             shutil.rmtree(created, ignore_errors=True)
@@ -454,19 +454,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @dataclass
-class _LocalPolicy:
+class _LocalModel:
+    """A local model as `t2po eval` plays it: where its weights are, and its decoding settings."""
     path: str | None
-    source: PolicySource
+    source: ModelSource
     sampling: Any  # SamplingParams
     intervention: InterventionConfig
     max_prompt_tokens: int | None
     device: str
 
 
-def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgent | None, _LocalPolicy | None]:
+def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgent | None, _LocalModel | None]:
     """Resolve the setup (without loading weights) and check the environment options."""
     options = _parse_env_options(ns.env_option, ns.env)
-    agent = policy = None
+    agent = local = None
     if api:
         if ns.temperature is not None and ns.temperature < 0 or ns.top_p is not None and not 0 < ns.top_p <= 1:
             raise InvalidInput("--temperature must be >= 0 and --top-p in (0, 1]")
@@ -492,7 +493,7 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
         notes = [f"Model: `{ns.model}` at {agent.base_url}; {sampling_note}; up to {agent.max_tokens} tokens per turn."]
     else:
         check_device(ns.device)
-        source = locate_policy(ns.model_path)
+        source = locate_model(ns.model_path)
         cfg = source.run_config
         if cfg is not None and cfg.env.name == ns.env:  # the run's own environment options (flags override them)
             run_options = {**cfg.env.options, **cfg.env.val_options}
@@ -509,7 +510,7 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
             raise InvalidInput("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0 and --max-new-tokens >= 1")
         intervention = intervention_for(ns.model_path, enabled=True, budget=ns.tti_budget)
         penalty = cfg.rollout.invalid_action_penalty if cfg is not None else INVALID_ACTION_PENALTY
-        policy = _LocalPolicy(ns.model_path, source, sampling, intervention, cfg.rollout.max_prompt_tokens if cfg is not None else None, ns.device)
+        local = _LocalModel(ns.model_path, source, sampling, intervention, cfg.rollout.max_prompt_tokens if cfg is not None else None, ns.device)
         model_name = source.short_name
         setup = {
             "kind": "local",
@@ -518,7 +519,7 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
             "top_p": sampling.top_p,
             "top_k": sampling.top_k,
             "max_new_tokens": sampling.max_new_tokens,
-            "max_prompt_tokens": policy.max_prompt_tokens,
+            "max_prompt_tokens": local.max_prompt_tokens,
             "tti": {"patience": intervention.patience, "eps": intervention.eps, "budget": intervention.budget, "alpha": intervention.alpha},
         }
         notes = [f"Model: `{source.description}`; temperature {sampling.temperature}, top-p {sampling.top_p}, top-k {sampling.top_k}; "
@@ -529,7 +530,7 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
     # results folder is not mixed across corpora)
     corpus = probe.describe().get("corpus")
     probe.close()
-    if policy is not None and getattr(probe, "observation_mode", "text") != "text":
+    if local is not None and getattr(probe, "observation_mode", "text") != "text":
         from t2po.models import reads_images
         from t2po.vlm import VLM_EXAMPLES
 
@@ -545,16 +546,16 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
     new_folder(out, "--out", own_marker="eval.json")
     run = EvalRun(ns.env, ns.split, options, list(range(ns.seed, ns.seed + ns.episodes)), ResultsFolder(out, setup),
                   f"{ns.env} ({ns.split}): {model_name}", notes, ns.price_input if api else 0.0, ns.price_output if api else 0.0, ns.quiet)
-    return run, agent, policy
+    return run, agent, local
 
 
-def _play_local(run: EvalRun, policy: _LocalPolicy, pending: list[int], done: dict[int, dict], ns: argparse.Namespace) -> None:
+def _play_local(run: EvalRun, local: _LocalModel, pending: list[int], done: dict[int, dict], ns: argparse.Namespace) -> None:
     """`collect_rollouts` (TTI on, TDS off) over batches of `--batch-size` pending episodes."""
     from t2po.engines import engine_for_policy
     from t2po.progress import Progress, silence_library_progress
 
     silence_library_progress()
-    model, tokenizer, _ = resolve_policy(policy.path, dtype=ns.dtype, device=policy.device)
+    model, tokenizer, _ = load_local_model(local.path, dtype=ns.dtype, device=local.device)
     engine = engine_for_policy(ns.engine, model, tokenizer)
     with run.make_env() as env:
         for start in range(0, len(pending), ns.batch_size):
@@ -563,8 +564,8 @@ def _play_local(run: EvalRun, policy: _LocalPolicy, pending: list[int], done: di
             desc = f"[episodes {start + 1}-{start + len(batch)} of {len(pending)}]"
             with Progress(len(batch), desc, "episode", disable=run.quiet) as bar:  # a batch can take minutes
                 settings = RolloutSettings(invalid_action_penalty=run.folder.setup["invalid_action_penalty"],
-                                           max_prompt_tokens=policy.max_prompt_tokens)
-                result = collect_rollouts(EnginePolicy(engine, policy.sampling, policy.intervention), env, batch, settings,
+                                           max_prompt_tokens=local.max_prompt_tokens)
+                result = collect_rollouts(EnginePolicy(engine, local.sampling, local.intervention), env, batch, settings,
                                           seed=batch[0], progress=bar)
             share = (time.monotonic() - t0) / len(batch)  # an episode's share of the batch's wall time
             for episode in result.episodes:

@@ -19,7 +19,7 @@ to decode with TTI outside t2po (`t2po.engines.hf.TTILogitsProcessor` for transf
 0755). The folder is written to `DIR.tmp` and renamed when complete; an existing non-empty DIR is
 never overwritten.
 
-The weights are those `t2po eval` and `t2po serve` load (`t2po.policy_source.resolve_policy`), in the
+The weights are those `t2po eval` and `t2po serve` load (`t2po.locate.load_local_model`), in the
 dtype the run trained in.
 """
 
@@ -38,19 +38,19 @@ from t2po.errors import UserError
 def export(source_path: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None) -> Path:
     """Write the merged model (and the adapter of a LoRA checkpoint) to `out`; returns `out`."""
     from t2po.checkpoints import atomic_dir, point_adapter_at
-    from t2po.policy_source import locate_policy, resolve_policy
+    from t2po.locate import load_local_model, locate_model
     from t2po.models import model_directory, public_model_id, resolve_dtype, save_tokenizer
     from t2po.progress import silence_library_progress
 
     from t2po.paths import new_folder
 
     out = new_folder(out, "--out")  # the path rule (t2po/paths.py): a new or empty folder outside any run
-    source = locate_policy(source_path)
+    source = locate_model(source_path)
     run_dtype = source.run_config.model.dtype if source.run_config is not None else None
     torch_dtype = resolve_dtype(dtype or run_dtype or "float32")  # "auto": what the run trained in on this hardware
     dtype = str(torch_dtype).removeprefix("torch.")
     silence_library_progress()
-    model, tokenizer, description = resolve_policy(source_path, dtype=torch_dtype)
+    model, tokenizer, description = load_local_model(source_path, dtype=torch_dtype)
     # generation stops where the chat template ends a turn, also outside t2po (vLLM, pipelines)
     gen = model.generation_config
     for key in ("eos_token_id", "pad_token_id", "bos_token_id"):

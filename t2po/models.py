@@ -167,7 +167,7 @@ def lora_targets(model: torch.nn.Module, module_names, last_layers: int | None) 
 
 def add_lora(model: torch.nn.Module, m: Any) -> torch.nn.Module:
     """`model` with the LoRA adapters the trainer trains (`m`: the config's `model` section); also how
-    a sharded LoRA checkpoint is read back (`t2po.policy_source.resolve_policy`)."""
+    a sharded LoRA checkpoint is read back (`t2po.locate.load_local_model`)."""
     from peft import LoraConfig, get_peft_model
 
     # the language model's modules (of a VLM: not the vision tower's), optionally its last layers only

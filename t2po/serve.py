@@ -563,9 +563,9 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
 def served_name(path: str | None) -> str:
     """The model name a client asks for: the run name plus checkpoint, the directory name, or the
     embedded default's name."""
-    from t2po.policy_source import policy_short_name
+    from t2po.locate import model_short_name
 
-    return policy_short_name(path)
+    return model_short_name(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -602,12 +602,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from t2po.engines import engine_for_policy, engine_spec
     from t2po.errors import UserError
-    from t2po.policy_source import check_device, intervention_for, resolve_policy
+    from t2po.locate import check_device, intervention_for, load_local_model
 
     try:
         engine_spec(ns.engine)  # an unknown engine fails before the model loads
         check_device(ns.device)
-        model, tokenizer, description = resolve_policy(ns.model, dtype=ns.dtype, device=ns.device)
+        model, tokenizer, description = load_local_model(ns.model, dtype=ns.dtype, device=ns.device)
     except (FileNotFoundError, ValueError, UserError) as e:
         print(f"t2po serve: {e}", file=sys.stderr)
         return 2

@@ -10,25 +10,32 @@ pass.
 
     convs = play_expert_episodes(env, seeds=range(32))
     sft_train(model, tokenizer, convs, epochs=2, lr=2e-4)
+
+`t2po sft DATA --out DIR` (`main`) trains on the conversations `t2po rft collect` kept and writes a model
+folder that `t2po train model.path=DIR` starts from.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 import json
 import math
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
+from t2po.bounds import BATCH_SIZE, SEED, bounded
 from t2po.envs.base import BatchEnv
-from t2po.errors import InvalidInput
+from t2po.errors import InvalidInput, UserError
+from t2po.forward import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
+from t2po.paths import new_folder
 from t2po.policies import ExpertPolicy
-from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.rollout import RolloutSettings, build_prompt, collect_rollouts
 
 
@@ -208,7 +215,7 @@ TRUNK_BYTES = 2 * 2**30
 
 
 def _frozen_trunk(model: torch.nn.Module, prompts: list, responses: list, epochs: int) -> FrozenTrunk | None:
-    """A `t2po.policy.FrozenTrunk` for SFT under LoRA on the last layers: the first epoch records the
+    """A `t2po.forward.FrozenTrunk` for SFT under LoRA on the last layers: the first epoch records the
     states entering the first trainable layer, later epochs start their passes there (the main job's
     warm-up: 3 epochs, 13 s -> 10 s in consecutive runs). None for one epoch, nothing to skip, a sharded model
     (FSDP2 needs the same collectives on every rank), or states over `TRUNK_BYTES`."""
@@ -235,3 +242,55 @@ def _image_from_url(url: str) -> Any:
     if not head.startswith("data:image/"):
         raise InvalidInput(f"a conversation step's image must be a data URL (data:image/png;base64,...), got {url[:40]!r}")
     return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+
+
+def sft_model_folder(data: Path, model_path: str | None, out: Path, epochs: int, lr: float, lora: bool, batch_size: int, seed: int) -> dict:
+    """SFT on collected conversations; writes a full model folder (LoRA merged) that `t2po train
+    model.path=OUT` starts from."""
+    import torch
+
+    from t2po.checkpoints import atomic_dir
+    from t2po.models import load_model, lora_targets, save_tokenizer
+
+    convs = load_conversations(data)
+    if not convs:
+        raise UserError(f"{data} holds no conversations: collect some with `t2po rft collect`.")
+    torch.manual_seed(seed)
+    model, tokenizer = load_model(model_path)
+    examples = tokenize_conversations(convs, tokenizer)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                 **lora_targets(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], None)))
+    losses = sft_train(model, tokenizer, examples, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    if lora:
+        model = model.merge_and_unload()
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        save_tokenizer(tokenizer, tmp)
+        (tmp / "sft.json").write_text(json.dumps({"data": str(data), "base": model_path, "examples": len(examples), "conversations": len(convs), "losses": losses}, indent=1))
+    return {"out": str(out), "examples": len(examples), "losses": losses}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`t2po sft DATA --out DIR`."""
+    parser = argparse.ArgumentParser(prog="t2po sft", description="Multi-turn SFT on collected conversations (loss on assistant tokens only).")
+    parser.add_argument("data", type=Path, help="conversations from `t2po rft collect` (.jsonl or .parquet)")
+    parser.add_argument("--model", default=None, help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--out", required=True, help="output model folder (safetensors): a new or empty folder")
+    parser.add_argument("--epochs", type=bounded(1, 1000), default=2, help="passes over the data, 1 to 1000 (default 2)")
+    parser.add_argument("--lr", type=bounded(1e-12, 1.0, float), default=2e-4, help="learning rate in (0, 1] (default 2e-4)")
+    parser.add_argument("--batch-size", type=BATCH_SIZE, default=8, help="samples per optimizer step, 1 to 4096 (default 8)")
+    parser.add_argument("--full", action="store_true", help="train all weights instead of LoRA")
+    parser.add_argument("--seed", type=SEED, default=0)
+    ns = parser.parse_args(argv)
+    try:
+        new_folder(ns.out, "--out")  # the path rule (t2po/paths.py): a new or empty folder, never overwritten
+        stats = sft_model_folder(ns.data, ns.model, Path(ns.out), ns.epochs, ns.lr, not ns.full, ns.batch_size, ns.seed)
+    except (FileNotFoundError, ValueError, UserError) as e:
+        print(f"t2po sft: {e}", file=sys.stderr)
+        return 2
+    print(f"SFT loss {stats['losses'][0]:.3f} -> {stats['losses'][-1]:.3f} on {stats['examples']} steps; model in {stats['out']}")
+    print(f"next: t2po train model.path={stats['out']}")
+    return 0

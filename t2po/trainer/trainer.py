@@ -3,7 +3,7 @@
 One iteration (docs/method.md §4):
   1. collect B x N episodes with the current policy (TTI inside decoding, TDS between turns for t2po);
   2. recompute old log-probs (and reference log-probs when the KL loss is on; critic values for ppo),
-     recording what the layers below LoRA output for step 4 (`t2po.policy.FrozenTrunk`);
+     recording what the layers below LoRA output for step 4 (`t2po.forward.FrozenTrunk`);
   3. advantages: GiGPO (t2po, gigpo), GRPO, RLOO, or turn-level GAE with a critic (ppo);
   4. one PPO-clip pass over the batch in mini-batches (dual clip, token-mean), gradient clipping,
      learning-rate warm-up, optional entropy bonus and KL loss.
@@ -12,7 +12,7 @@ policy is FSDP2-sharded (t2po/distributed.py, docs/scaling.md). Rollouts run on 
 engine, which shares the policy module, or on vLLM (`rollout.engine=vllm`), which gets the weights
 after every update; everything trains on the rank's GPU when there is one. It deliberately leaves out
 asynchronous rollouts and sequence packing across samples (samples are grouped by length instead;
-the beginning all rows of a micro-batch share, e.g. the system turn, runs once: `t2po.policy`).
+the beginning all rows of a micro-batch share, e.g. the system turn, runs once: `t2po.forward`).
 
 A recipe in the torchtune sense: `Trainer(cfg).setup()`, `.train()`, `.cleanup()`.
 """
@@ -47,8 +47,8 @@ from t2po.distributed import (
 from t2po.engines import engine_class, engine_spec
 from t2po.envs import make_env
 from t2po.errors import InvalidInput
+from t2po.forward import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.policies import EnginePolicy
-from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.progress import ConsoleLog, PhaseTimer, Progress, silence_library_progress
 from t2po.rollout import COUNTERS, RolloutResult, RolloutSettings, StepSample, collect_rollouts, rollout_stats
 from t2po.runlog import RunLog
@@ -67,7 +67,7 @@ class Trainer:
         elif not resume:
             refuse_existing_run(Path(run_dir))
         self.run_dir = Path(run_dir)
-        self.rollout = cfg.resolved_rollout()  # TTI/TDS on or off and the validation budget, as this run plays them
+        self.rollout_config = cfg.resolved_rollout()  # TTI/TDS on or off and the validation budget, as this run plays them
         self.start_iteration = 0
         self.history: dict[str, Any] = {}
         self.trunk: FrozenTrunk | None = None  # set by _score_samples for the update that follows
@@ -150,7 +150,7 @@ class Trainer:
         self.trackers = make_trackers(cfg.trainer.trackers if self.dist.is_main else [], self.run_dir, cfg.to_dict(), quiet=self.quiet)
         # TDS for the training rollouts; its relative threshold's window of recent deltas is run state, kept
         # across iterations and checkpoints
-        self.tds = TDSResampler(self.rollout.tds) if self.rollout.tds.enabled else None
+        self.tds = TDSResampler(self.rollout_config.tds) if self.rollout_config.tds.enabled else None
         self.tds_threshold = self.tds.threshold if self.tds is not None else None
         if self.resume:
             ckpt = self._load_newest_loadable_checkpoint()
@@ -326,16 +326,16 @@ class Trainer:
         TTI as `tti_on/*` keys of the same record)."""
         cfg = self.cfg
         self.reference_points()
-        tti_off = dataclasses.replace(self.rollout.tti, enabled=False)  # nothing forced: the decoder every algorithm shares
-        primary = self.rollout.tti if cfg.trainer.val_tti == "on" else tti_off
+        tti_off = dataclasses.replace(self.rollout_config.tti, enabled=False)  # nothing forced: the decoder every algorithm shares
+        primary = self.rollout_config.tti if cfg.trainer.val_tti == "on" else tti_off
         result, stats = self._play_validation(tag, primary)
         stats["val_tti_enabled"] = float(bool(primary.enabled))
         if not self.dist.distributed:  # per-task outcomes, so runs can be paired task by task
             outcome = {ep.group_id: int(ep.won) for ep in result.episodes}
             stats["per_task_success"] = [outcome.get(g, 0) for g in range(cfg.rollout.val_num_tasks)]
         stats["success_stderr"] = references.stderr(stats["success_rate"], cfg.rollout.val_num_tasks)
-        if cfg.trainer.val_tti == "both" and self.rollout.tti.enabled:
-            _, with_tti = self._play_validation(f"{tag} tti", self.rollout.tti)
+        if cfg.trainer.val_tti == "both" and self.rollout_config.tti.enabled:
+            _, with_tti = self._play_validation(f"{tag} tti", self.rollout_config.tti)
             stats.update({f"tti_on/{k}": v for k, v in with_tti.items()})
         kill_point("validation", tag)
         self.runlog.add_validation(tag, stats)
@@ -364,7 +364,7 @@ class Trainer:
         previous = next(reversed(self.run_state["validation"].values()), {}).get("seconds")  # the last validation's time
         with self._rollout_weights(), Progress(len(seeds), f"[val {label}]", "episode", disable=self.quiet,
                                                expected_seconds=previous) as bar:
-            result = collect_rollouts(EnginePolicy(self.engine, self.rollout.val_sampling, tti), self.val_env, seeds,
+            result = collect_rollouts(EnginePolicy(self.engine, self.rollout_config.val_sampling, tti), self.val_env, seeds,
                                       self._play_settings(group_size=1), seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank,
                                       progress=bar)
         return result, {**self._global_stats(result), "seconds": from_rank0(time.time() - t0)}
@@ -461,7 +461,7 @@ class Trainer:
         values = np.zeros(len(samples)) if self.value_head is not None else None
         bf16 = self.cfg.optim.bf16
         # the states entering the first trained layer, recorded here and replayed by this iteration's
-        # update (t2po.policy.FrozenTrunk); sharded ranks run every layer
+        # update (t2po.forward.FrozenTrunk); sharded ranks run every layer
         layer = 0 if self.dist.distributed else FrozenTrunk.first_trainable_layer(self.model)
         self.trunk = FrozenTrunk(layer) if layer else None
         # inside `gathered`: no collective per forward pass, so ranks may run different numbers of them
@@ -555,7 +555,7 @@ class Trainer:
         with self.timer("rollout"), self._rollout_weights(), Progress(episodes, f"[rollout iter {it + 1}]", "episode", disable=self.quiet,
                                                                       expected_seconds=self.timer.last.get("rollout")) as bar:
             result: RolloutResult = collect_rollouts(
-                EnginePolicy(self.engine, self.rollout.sampling, self.rollout.tti), self.train_env,
+                EnginePolicy(self.engine, self.rollout_config.sampling, self.rollout_config.tti), self.train_env,
                 shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size), self._play_settings(cfg.rollout.group_size),
                 seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank, resampler=self.tds, progress=bar)
         kill_point("rollout", it + 1)

@@ -20,8 +20,8 @@ from helpers import wait_for_server
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
-from t2po.policy_source import resolve_policy
 from t2po.evaluate import main, markdown_table, summarize
+from t2po.locate import load_local_model
 from t2po.policies import EnginePolicy
 from t2po.rollout import RolloutSettings, collect_rollouts
 
@@ -215,7 +215,7 @@ def test_sharded_checkpoint_loads_as_trained(tiny_model_dir, tmp_path, lora):
     save_sharded(run / "checkpoints" / "iter_000003", model, torch.optim.AdamW(model.parameters()), {"iteration": 3})
     assert any((run / "checkpoints" / "iter_000003").glob("shard-*.safetensors"))
 
-    loaded, tokenizer, description = resolve_policy(run)
+    loaded, tokenizer, description = load_local_model(run)
     assert "sharded" in description and "iter_000003" in description
     got, expected, plain = _logits(tokenizer, loaded, model, load_model(tiny_model_dir)[0])
     assert torch.allclose(got, expected, atol=1e-4), "the sharded weights act like the model that was saved"

@@ -1,6 +1,6 @@
 """`t2po export` and the checkpoint files: a trained tiny policy loads outside t2po (plain
 transformers, plain PEFT) with the same greedy responses and logits as t2po's own loader
-(`t2po.evaluate.resolve_policy`), also after a warm-up (the adapter's base is `warmup_model/`)."""
+(`t2po.evaluate.load_local_model`), also after a warm-up (the adapter's base is `warmup_model/`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import run_training
 from t2po.config import load_config
-from t2po.policy_source import resolve_policy
 from t2po.export import main as export_main
+from t2po.locate import load_local_model
 from t2po.rollout import build_prompt_ids
 
 PROMPTS = ["You are in a 5x5 room. Push the box onto the target.", "Guess a number from 1 to 8.", "<think>"]
@@ -66,9 +66,9 @@ def test_export_loads_in_plain_transformers_and_peft_with_t2pos_outputs(tiny_mod
         size = lambda folder: sum(f.stat().st_size for f in folder.glob("*.safetensors"))  # noqa: E731
         assert size(warmup) < 0.5 * size(tiny_model_dir), (size(warmup), size(tiny_model_dir))
 
-    model, tokenizer, _ = resolve_policy(run)  # t2po's own loader
+    model, tokenizer, _ = load_local_model(run)  # t2po's own loader
     expected = outputs(model, tokenizer)
-    untrained = outputs(*resolve_policy(tiny_model_dir)[:2])
+    untrained = outputs(*load_local_model(tiny_model_dir)[:2])
     assert any((a[0] - b[0]).abs().max() > 1e-2 for a, b in zip(expected, untrained)), "training changed nothing: the test would prove nothing"
 
     out = tmp_path / "exported"

@@ -12,9 +12,9 @@ import torch
 
 from t2po.envs import make_env
 from t2po.errors import UserError
+from t2po.forward import make_micro_batch
 from t2po.rft import collect
 from t2po.sft import Conversation, load_conversations, play_expert_episodes, save_conversations, sft_train, tokenize_conversations
-from t2po.policy import make_micro_batch
 
 REPO = Path(__file__).resolve().parents[2]
 SOKOBAN = {"dim_room": [5, 5], "num_boxes": 1, "num_gen_steps": 3, "max_steps": 6, "history_length": 1}

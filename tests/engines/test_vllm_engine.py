@@ -242,7 +242,7 @@ def test_an_export_loads_in_vllm_and_decodes_as_t2po(model_dir, tmp_path):
     """`t2po export` of a trained LoRA run is a folder vLLM builds its model from as it is (no weights
     sent by t2po); its greedy answers, with and without TTI (t2po's vLLM logits processor), are those of
     t2po's own loader and engine on the run's checkpoint."""
-    from t2po.policy_source import resolve_policy
+    from t2po.locate import load_local_model
     from t2po.config import load_config
     from t2po.export import main as export_main
     from t2po.trainer.trainer import Trainer
@@ -261,7 +261,7 @@ def test_an_export_loads_in_vllm_and_decodes_as_t2po(model_dir, tmp_path):
         trainer.cleanup()
     out = tmp_path / "exported"
     assert export_main([str(trainer.run_dir), "--out", str(out)]) == 0
-    model, tokenizer, _ = resolve_policy(trainer.run_dir, dtype="float32")
+    model, tokenizer, _ = load_local_model(trainer.run_dir, dtype="float32")
     reference = HFEngine(model, tokenizer)
     exported = VLLMEngine(out, dtype="float32", max_model_len=1024, kv_cache_memory_bytes=64 * 1024**2, enforce_eager=True)
     try:

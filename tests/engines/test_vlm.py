@@ -13,10 +13,10 @@ from t2po.config import ConfigError, load_config
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
+from t2po.forward import forward_micro_batch, make_micro_batch
 from t2po.models import load_model, lora_targets
 from t2po.policies import EnginePolicy
 from t2po.rollout import RolloutSettings, build_prompt, collect_rollouts
-from t2po.policy import forward_micro_batch, make_micro_batch
 from t2po.vlm import build_image_prompt, collate_pixel_inputs, placeholder_token_ids
 
 SOKOBAN_IMAGE = dict(dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=2, observation_mode="image")

@@ -14,8 +14,8 @@ import yaml
 
 from t2po.checkpoints import (Checkpointer, atomic_dir, atomic_write_text, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
                               save_checkpoint)
-from t2po.policy_source import locate_policy, resolve_policy
 from t2po.config import ModelConfig
+from t2po.locate import load_local_model, locate_model
 from t2po.models import add_lora, load_model
 
 
@@ -204,16 +204,16 @@ def _logits(tokenizer, *models) -> list[torch.Tensor]:
 def test_run_folder_resolves_to_its_latest_checkpoint_merged(tiny_model_dir, tmp_path):
     base, _ = load_model(tiny_model_dir)
     run, peft_model = _write_run_folder(tmp_path, tiny_model_dir, base, [1, 2])
-    source = locate_policy(run)
+    source = locate_model(run)
     assert source.checkpoint == run / "checkpoints" / "iter_000002" and source.base == str(tiny_model_dir)
     assert source.short_name == "sokoban-t2po-test-iter_000002"
-    merged, tokenizer, description = resolve_policy(run)
+    merged, tokenizer, description = load_local_model(run)
     assert "LoRA adapter merged into" in description
     got, expected, plain = _logits(tokenizer, merged, peft_model, load_model(tiny_model_dir)[0])
     assert torch.allclose(got, expected, atol=1e-4), "merged weights act like base + adapter"
     assert not torch.allclose(got, plain, atol=1e-3), "the adapter changed the model"
     with pytest.raises(FileNotFoundError, match="incomplete"):
-        locate_policy(run / "checkpoints" / "iter_000099.tmp")
+        locate_model(run / "checkpoints" / "iter_000099.tmp")
 
 
 def test_locate_policy_on_each_kind_of_argument(tiny_model_dir, tmp_path):
@@ -221,10 +221,10 @@ def test_locate_policy_on_each_kind_of_argument(tiny_model_dir, tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_model_dir)}, "rollout": {"tti": {"budget": 5}}}))
     with pytest.raises(FileNotFoundError, match="has no complete checkpoint yet"):
-        locate_policy(run)
+        locate_model(run)
     ckpt = _fake_checkpoint(run / "checkpoints", "iter_000004")
     for arg in (run, ckpt):  # a run folder, or one of its checkpoints
-        source = locate_policy(arg)
+        source = locate_model(arg)
         assert (source.checkpoint, source.run_dir, source.base, source.kind) == (ckpt, run, str(tiny_model_dir), "adapter")
         assert source.run_config.rollout.tti.budget == 5, "the run's config, typed"
     (run / "warmup_model").mkdir()
@@ -232,19 +232,19 @@ def test_locate_policy_on_each_kind_of_argument(tiny_model_dir, tmp_path):
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(run / "warmup_model" / "model.safetensors"))
-    assert locate_policy(run).base == str(run / "warmup_model"), "after a warm-up, checkpoints apply to the warm-up model"
+    assert locate_model(run).base == str(run / "warmup_model"), "after a warm-up, checkpoints apply to the warm-up model"
 
-    hf = locate_policy(tiny_model_dir)
+    hf = locate_model(tiny_model_dir)
     assert hf.path == Path(tiny_model_dir).resolve() and hf.checkpoint is None and hf.run_config is None
-    assert locate_policy(None).path is None and locate_policy("smollm2-135m-instruct").checkpoint is None
+    assert locate_model(None).path is None and locate_model("smollm2-135m-instruct").checkpoint is None
     with pytest.raises(FileNotFoundError, match="is not a directory: pass a t2po run folder, a checkpoint folder"):
-        locate_policy(tmp_path / "no_such_model")
+        locate_model(tmp_path / "no_such_model")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no model"):
-        locate_policy(tmp_path / "empty")
+        locate_model(tmp_path / "empty")
     stray = _fake_checkpoint(tmp_path / "loose", "iter_000001")
     with pytest.raises(FileNotFoundError, match="not inside a t2po run folder"):
-        locate_policy(stray)
+        locate_model(stray)
 
 
 def test_combine_adapters_reads_target_modules_as_a_set(tmp_path):

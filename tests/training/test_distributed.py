@@ -35,8 +35,8 @@ from t2po.distributed import (
 )
 from t2po.engines.base import SamplingParams
 from t2po.engines.hf import HFEngine
+from t2po.forward import forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.models import load_model
-from t2po.policy import forward_micro_batch, make_micro_batch, pack_by_length
 
 WORLD = 2
 MINI_BATCH = 4  # 7 samples -> mini-batches of 4 and 3, split unevenly between the ranks

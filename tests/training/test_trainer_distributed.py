@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 
 from helpers import run_training
 from t2po.checkpoints import latest_checkpoint
-from t2po.policy_source import resolve_policy
 from t2po.config import ConfigError, load_config
+from t2po.locate import load_local_model
 from t2po.trainer.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,8 +93,8 @@ def test_two_ranks_train_as_one_process_and_resume_on_one(tiny_model_dir, tmp_pa
     # `t2po eval` / `t2po serve` read the 2-rank run: its sharded LoRA checkpoint, merged onto the base
     from t2po.evaluate import main as evaluate
 
-    merged, _, description = resolve_policy(run)
-    base, _, _ = resolve_policy(tiny_model_dir)
+    merged, _, description = load_local_model(run)
+    base, _, _ = load_local_model(tiny_model_dir)
     assert "sharded" in description and "iter_000002" in description
     assert any(not torch.equal(p, base.state_dict()[k]) for k, p in merged.state_dict().items()), "the trained weights are loaded"
     assert evaluate(["sokoban", str(run), "--episodes", "1", "--max-new-tokens", "4", "--env-option", "max_steps=1", "--quiet",

@@ -1,7 +1,9 @@
-"""Where a trained or given policy comes from, and loading it: a run folder (its latest complete
-checkpoint), a checkpoint folder, a Hugging Face model directory, or the embedded default. The one place
-`t2po eval`, `t2po serve`, `t2po rft collect` and `t2po export` locate and load a local policy; the
-checkpoint layout itself is `t2po.checkpoints`'. Module-level imports are light (no torch)."""
+"""Locating and loading a local model: a run folder (its newest readable checkpoint), a checkpoint folder,
+a Hugging Face model directory, or the embedded default. The one place `t2po eval`, `t2po serve`,
+`t2po rft collect` and `t2po export` find (`locate_model` -> `ModelSource`) and load
+(`load_local_model`) the weights they run; the checkpoint layout itself is `t2po.checkpoints`'.
+(A `t2po.policies.Policy` is what answers a turn; an `EnginePolicy` over the loaded model is one.)
+Module-level imports are light (no torch)."""
 
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from t2po.model_cache import DEFAULT_MODEL, TINY_VLM
 
 
 @dataclass
-class PolicySource:
-    """Where a local policy's weights come from, found without loading them.
+class ModelSource:
+    """Where a local model's weights come from, found without loading them.
 
     `checkpoint` is set for a t2po checkpoint; its weights apply on top of `base`: the run's
     `warmup_model/` when a warm-up ran, else the run's `model.path` (None = the embedded default)."""
@@ -54,15 +56,15 @@ class PolicySource:
         return self.path.name if self.path is not None else DEFAULT_MODEL
 
 
-def locate_policy(path: str | os.PathLike | None) -> PolicySource:
+def locate_model(path: str | os.PathLike | None) -> ModelSource:
     """Resolve a model argument (run folder, checkpoint folder, Hugging Face directory, None or
     "smollm2-135m-instruct") without loading weights; a path that is none of these fails here."""
     if path is None or str(path).lower() == DEFAULT_MODEL:
-        return PolicySource(None)
+        return ModelSource(None)
     if str(path).lower() == TINY_VLM:  # built into the cache on first use
         from t2po.models import tiny_vlm_directory
 
-        return PolicySource(tiny_vlm_directory())
+        return ModelSource(tiny_vlm_directory())
     p = Path(path).expanduser().resolve()
     accepted = (f"pass a t2po run folder, a checkpoint folder (RUN/{CHECKPOINTS}/iter_NNNNNN), a Hugging Face model "
                 f"directory (with config.json), or no model for the embedded {DEFAULT_MODEL}")
@@ -86,7 +88,7 @@ def locate_policy(path: str | os.PathLike | None) -> PolicySource:
                                     "(the MLflow run keeps one as an artifact)")
         if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():  # a model, or an adapter on its base
             raise FileNotFoundError(f"{p} holds no model: {accepted}")
-        return PolicySource(p)
+        return ModelSource(p)
     run_dir = checkpoint.parent.parent
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} is not inside a t2po run folder ({run_dir}/config.yaml is missing); keep checkpoints in RUN/{CHECKPOINTS}/")
@@ -102,12 +104,12 @@ def locate_policy(path: str | os.PathLike | None) -> PolicySource:
     info = checkpoint_info(checkpoint)
     if info.get("warmup_adapter_rank"):  # the checkpoint's adapter holds the warm-up's ranks too: it applies to the warm-up's base
         base = info["base"]
-    return PolicySource(None, checkpoint, run_dir, base, run_config)
+    return ModelSource(None, checkpoint, run_dir, base, run_config)
 
 
-def policy_short_name(path: str | os.PathLike | None) -> str:
-    """A name for a local policy (run name + checkpoint, directory name, or the default's name)."""
-    return locate_policy(path).short_name
+def model_short_name(path: str | os.PathLike | None) -> str:
+    """A name for a local model (run name + checkpoint, directory name, or the default's name)."""
+    return locate_model(path).short_name
 
 
 def check_device(name: str) -> str:
@@ -135,7 +137,7 @@ def resolve_device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_policy(path: str | os.PathLike | None, dtype: Any = None, device: Any = "cpu") -> tuple[Any, Any, str]:
+def load_local_model(path: str | os.PathLike | None, dtype: Any = None, device: Any = "cpu") -> tuple[Any, Any, str]:
     """Load `(model, tokenizer, description)` from a run folder (latest complete checkpoint), a
     checkpoint folder, a Hugging Face model directory, or None / "smollm2-135m-instruct" (the embedded
     default). A LoRA checkpoint is merged into its base weights (peft); a full-weight checkpoint is
@@ -145,7 +147,7 @@ def resolve_policy(path: str | os.PathLike | None, dtype: Any = None, device: An
     from t2po.models import load_model
 
     device = resolve_device(device) if isinstance(device, str) else device
-    source = locate_policy(path)
+    source = locate_model(path)
     if source.checkpoint is None:
         model, tokenizer = load_model(source.path, dtype=dtype, device=device)
         return model, tokenizer, source.description
@@ -188,6 +190,6 @@ def intervention_for(path: str | os.PathLike | None, enabled: bool = True, budge
     whether TTI forces (on for evaluation, as in validation), `budget` overrides B."""
     from t2po.engines.base import InterventionConfig
 
-    run_config = locate_policy(path).run_config
+    run_config = locate_model(path).run_config
     tti = run_config.resolved_rollout().tti if run_config is not None else InterventionConfig()
     return dataclasses.replace(tti, enabled=enabled, budget=budget if budget is not None else tti.budget)

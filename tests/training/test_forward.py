@@ -1,12 +1,12 @@
-"""`t2po.policy`: the micro-batch forward pass that runs the rows' shared beginning once gives the same
+"""`t2po.forward`: the micro-batch forward pass that runs the rows' shared beginning once gives the same
 log-probs, entropies, critic values and gradients as the plain forward pass over whole rows."""
 
 import dataclasses
 
 import torch
 
+from t2po.forward import FrozenTrunk, _SkippedLayer, forward_micro_batch, make_micro_batch
 from t2po.models import load_model
-from t2po.policy import FrozenTrunk, _SkippedLayer, forward_micro_batch, make_micro_batch
 
 
 def chat(tokenizer, text):

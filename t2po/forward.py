@@ -115,7 +115,7 @@ class FrozenTrunk:
     The old-log-prob pass records them, and the update's passes over the same samples start at `layer`
     (the layers below are skipped for the pass, the recorded states fed in): in the main job (LoRA on
     the last 8 of 30 layers) the update's forward pass runs 8 layers instead of 30. The same layers on
-    the same inputs, so the same results up to rounding (tests/training/test_policy_forward.py). SFT
+    the same inputs, so the same results up to rounding (tests/training/test_forward.py). SFT
     does the same across epochs: the first records, the later ones replay (`t2po.sft._frozen_trunk`)."""
 
     def __init__(self, layer: int) -> None:
