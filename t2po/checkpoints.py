@@ -174,9 +174,12 @@ CHECKPOINT_INFO = "checkpoint.json"
 def write_checkpoint_info(folder: Path, kind: str, base: str, iteration: int, prefix_rank: int = 0) -> None:
     """`checkpoint.json`: what a checkpoint folder holds, readable without t2po. `prefix_rank` > 0: the
     adapter's first `prefix_rank` LoRA ranks are the warm-up's (`combine_adapters`)."""
-    how = {"lora": "AutoPeftModelForCausalLM.from_pretrained('<this folder>/adapter'), or `t2po export <this folder> --out DIR` for a merged model",
-           "full": "the weights in model/ apply to the base's architecture and tokenizer; `t2po export <this folder> --out DIR` writes a complete model folder",
-           "sharded": "torch.distributed.checkpoint shards (t2po.distributed.load_sharded); `t2po export <this folder> --out DIR` writes a model folder"}[kind]
+    how = {"lora": "AutoPeftModelForCausalLM.from_pretrained('<this folder>/adapter'), or `t2po export <this folder> "
+                   "--out DIR` for a merged model",
+           "full": "the weights in model/ apply to the base's architecture and tokenizer; `t2po export <this folder> "
+                   "--out DIR` writes a complete model folder",
+           "sharded": "torch.distributed.checkpoint shards (t2po.distributed.load_sharded); `t2po export <this folder> "
+                      "--out DIR` writes a model folder"}[kind]
     info = {"format": "t2po checkpoint", "kind": kind, "base": base, "iteration": iteration, "load": how,
             **({"warmup_adapter_rank": prefix_rank} if prefix_rank else {})}
     (Path(folder) / CHECKPOINT_INFO).write_text(json.dumps(info, indent=1) + "\n")
@@ -222,7 +225,8 @@ def combine_adapters(prefix_dir: Path, adapter_dir: Path) -> int:
         value = config.get(key)
         return sorted(value) if key == "target_modules" and isinstance(value, list) else value
 
-    if first["lora_alpha"] / first["r"] != second["lora_alpha"] / second["r"] or any(layout(first, k) != layout(second, k) for k in same):
+    if first["lora_alpha"] / first["r"] != second["lora_alpha"] / second["r"] or any(layout(first, k)
+            != layout(second, k) for k in same):
         raise InvalidInput(f"cannot combine the adapters in {prefix_dir} and {adapter_dir}: different LoRA layouts")
     w1 = load_file(str(Path(prefix_dir) / "adapter_model.safetensors"))
     w2 = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
@@ -241,7 +245,8 @@ def split_combined_adapter(weights: dict, prefix_rank: int) -> dict:
     return {k: (v[prefix_rank:] if ".lora_A." in k else v[:, prefix_rank:]).contiguous() for k, v in weights.items()}
 
 
-def save_checkpoint(ckpt_root: Path, iteration: int, model: Any, optimizer: Any, trainer_state: dict, value_head: Any = None,
+def save_checkpoint(ckpt_root: Path, iteration: int, model: Any, optimizer: Any, trainer_state: dict,
+                    value_head: Any = None,
                     lora: bool = True, keep: int = 2, sharded: bool = False, base: str | None = None,
                     prefix_adapter: Path | None = None) -> Path:
     """Write `checkpoints/iter_NNNNNN/` (see the module docstring) and prune to the newest `keep`.
@@ -270,7 +275,8 @@ def save_checkpoint(ckpt_root: Path, iteration: int, model: Any, optimizer: Any,
         if lora and base is not None:
             point_adapter_at(tmp / "adapter", base)
         if value_head is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+                      str(tmp / "value_head.safetensors"))
         tensors, meta = optimizer_to_tensors(optimizer)
         kill_point("checkpoint", iteration)  # half written
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -278,7 +284,8 @@ def save_checkpoint(ckpt_root: Path, iteration: int, model: Any, optimizer: Any,
         save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         if base is not None:
             write_checkpoint_info(tmp, "lora" if lora else "full", base, iteration, prefix_rank)
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "iteration": iteration}, indent=1))  # written last: marks completeness
+        # written last: marks completeness
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "iteration": iteration}, indent=1))
     prune_checkpoints(ckpt_root, keep)
     return final
 
@@ -349,7 +356,8 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, value_head: Any, lor
         result = set_peft_model_state_dict(model, weights)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
-            raise RuntimeError(f"Checkpoint {ckpt} does not match the model's LoRA layout (unexpected keys: {unexpected[:3]}...)")
+            raise RuntimeError(f"Checkpoint {ckpt} does not match the model's LoRA layout (unexpected keys: "
+                               f"{unexpected[:3]}...)")
     else:
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected:
@@ -479,7 +487,8 @@ class Checkpointer:
             save_tokenizer(tokenizer, tmp)
         return self.warmup_model
 
-    def save(self, iteration: int, model: Any, optimizer: Any, state: dict, *, base_path: str | None, value_head: Any = None,
+    def save(self, iteration: int, model: Any, optimizer: Any, state: dict, *, base_path: str | None,
+             value_head: Any = None,
              lora: bool = True, keep: int = 2, sharded: bool = False) -> Path:
         """`save_checkpoint` of the policy trained from `base_path` (a model folder, None for the embedded
         default, or a LoRA warm-up's adapter folder). The checkpoint names the folder its weights apply
@@ -489,7 +498,8 @@ class Checkpointer:
 
         prefix = Path(base_path) if base_path and is_adapter_directory(base_path) else None
         base = adapter_base(prefix) if prefix else str(model_directory(base_path))
-        return save_checkpoint(self.root, iteration, model, optimizer, state, value_head, lora, keep, sharded=sharded, base=base,
+        return save_checkpoint(self.root, iteration, model, optimizer, state, value_head, lora, keep,
+                               sharded=sharded, base=base,
                                prefix_adapter=prefix)
 
     def load_newest(self, model: Any, optimizer: Any, value_head: Any, lora: bool,

@@ -105,11 +105,13 @@ class ResultsFolder:
                 previous = report["setup"]
                 self.previous_wall_seconds = float(report.get("wall_seconds", 0.0))
             except (ValueError, KeyError, TypeError) as e:
-                raise InvalidInput(f"{self.summary_file} is unreadable ({e}); delete {self.path} or pass another --out") from None
+                raise InvalidInput(f"{self.summary_file} is unreadable ({e}); delete {self.path} or pass another "
+                                   "--out") from None
             changed = sorted(k for k in set(previous) | set(self.setup) if previous.get(k) != self.setup.get(k))
             if changed:
                 diffs = "; ".join(f"{k}: {previous.get(k)!r} there, {self.setup.get(k)!r} now" for k in changed)
-                raise InvalidInput(f"{self.path} holds results of a different setup ({diffs}); pass another --out, or delete the folder to start over")
+                raise InvalidInput(f"{self.path} holds results of a different setup ({diffs}); pass another --out, or "
+                                   "delete the folder to start over")
         finished: dict[int, dict] = {}
         if self.episodes_file.exists():
             lines = self.episodes_file.read_text().splitlines()
@@ -149,7 +151,8 @@ def trace_name(seed: int) -> str:
 # Summaries
 
 
-def summarize(records: list[dict[str, Any]], price_input_per_1m: float = 0.0, price_output_per_1m: float = 0.0) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], price_input_per_1m: float = 0.0,
+              price_output_per_1m: float = 0.0) -> dict[str, Any]:
     """Success (with its standard error), score, turns, invalid-action rate and tokens over all
     episodes and per value of each string-valued episode metric (task type, data source, ...)."""
 
@@ -206,10 +209,12 @@ def _percent(x: float) -> str:
 
 def markdown_table(summary: dict[str, Any], title: str, notes: list[str]) -> str:
     """The results as a Markdown section: title, notes, one row for all episodes and one per category."""
-    rows = [("all", summary["all"])] + [(f"{key}={value}", g) for key, values in summary["by"].items() for value, g in values.items()]
+    rows = [("all", summary["all"])] + [(f"{key}={value}", g) for key, values in summary["by"].items()
+                                        for value, g in values.items()]
     has_score = any("score" in g for _, g in rows)
     has_cost = any("cost_usd" in g for _, g in rows)
-    header = ["", "episodes", "success", *(["score"] if has_score else []), "turns", "invalid actions", "tokens in / out per episode", *(["cost (USD)"] if has_cost else [])]
+    header = ["", "episodes", "success", *(["score"] if has_score else []), "turns", "invalid actions",
+              "tokens in / out per episode", *(["cost (USD)"] if has_cost else [])]
     lines = [f"### {title}", "", *notes, "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name, g in rows:
         n = max(g["episodes"], 1)
@@ -232,7 +237,8 @@ def markdown_table(summary: dict[str, Any], title: str, notes: list[str]) -> str
 # Episode records (what a played episode leaves in the folder)
 
 
-def episode_files(episode: Episode, tokenizer: Any, env: str, split: str, seconds: float) -> tuple[dict, dict, list[dict]]:
+def episode_files(episode: Episode, tokenizer: Any, env: str, split: str, seconds: float) -> tuple[dict,
+                                                                                                   dict, list[dict]]:
     """(record for episodes.jsonl, trace header, trace turns) of a played episode; the trace is the
     training trace (`t2po.traces.episode_trace`)."""
     trace = episode_trace(episode, tokenizer)
@@ -320,12 +326,16 @@ class EvalRun:
             "summary": summary,
         }
         a = summary["all"]
-        notes = self.notes + [f"Episodes: {len(records)} of {len(self.seeds)} finished (task seeds {self.seeds[0]}-{self.seeds[-1]}), {wall:.0f} s wall time."]
+        notes = self.notes + [f"Episodes: {len(records)} of {len(self.seeds)} finished (task seeds "
+                              f"{self.seeds[0]}-{self.seeds[-1]}), {wall:.0f} s wall time."]
         if "requests" in a:
             reasons = ", ".join(f"{k} x{v}" for k, v in sorted(a["retry_reasons"].items()))
-            notes.append(f"API requests: {a['requests']} ({a['retries']} {'retry' if a['retries'] == 1 else 'retries'}{': ' + reasons if reasons else ''}); empty or malformed answers: {a['empty_or_malformed_answers']}.")
+            notes.append(f"API requests: {a['requests']} ({a['retries']} "
+                         f"{'retry' if a['retries'] == 1 else 'retries'}{': ' + reasons if reasons else ''}); empty or "
+                         f"malformed answers: {a['empty_or_malformed_answers']}.")
         if "think_tokens_per_turn" in a:
-            notes.append(f"TTI: {a['tti_budget_triggers']} budget and {a['tti_stagnation_triggers']} stagnation triggers; {a['think_tokens_per_turn']:.1f} think tokens per turn.")
+            notes.append(f"TTI: {a['tti_budget_triggers']} budget and {a['tti_stagnation_triggers']} stagnation "
+                         f"triggers; {a['think_tokens_per_turn']:.1f} think tokens per turn.")
         self.folder.write_summary(body, markdown_table(summary, self.title, notes))
         return body
 
@@ -359,7 +369,8 @@ directory, the embedded SmolLM2-135M-Instruct (no MODEL), or an LLM behind an Op
 (--api-base URL --model NAME; the key is read from the variable named by --api-key-env).
 
   t2po eval sokoban runs/sokoban-t2po-20260101-120000 --episodes 128
-  t2po eval sokoban --episodes 8 env.options.dim_room=[5,5]      (as in `t2po train`; --env-option dim_room=[5,5] also works)
+  t2po eval sokoban --episodes 8 env.options.dim_room=[5,5]      (as in `t2po train`; --env-option dim_room=[5,5] also \
+works)
   OPENAI_API_KEY=... t2po eval alfworld --split valid_unseen --api-base https://api.openai.com/v1 --model gpt-4o-mini
 
 Results go to --out (default evals/<env>-<split>-<model>) as each episode finishes; rerunning the
@@ -368,38 +379,60 @@ same command resumes, skipping finished episodes.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="t2po eval", description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="t2po eval", description=EVAL_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("env", metavar="ENV", help="environment name (see `t2po envs`)")
-    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="run folder, checkpoint folder, Hugging Face model directory (causal LM or vision-language model) or tiny-vlm (default: the embedded SmolLM2-135M-Instruct); not with --api-base")
+    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+            help="run folder, checkpoint folder, Hugging Face model directory (causal LM or vision-language model) or "
+                 "tiny-vlm (default: the embedded SmolLM2-135M-Instruct); not with --api-base")
     g = p.add_argument_group("tasks and output")
     g.add_argument("--split", default="valid", help="environment split (default: valid)")
-    g.add_argument("--episodes", type=EPISODES, default=DEFAULT_EPISODES, help=f"episodes = task seeds SEED .. SEED+N-1 (default {DEFAULT_EPISODES})")
-    g.add_argument("--seed", type=SEED, default=0, help="first task seed (default 0); samplers are seeded from the task seeds")
-    g.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE", help="environment option (YAML value), repeatable, e.g. dim_room=[6,6] or observation_mode=image; overrides a run's own options. The same as env.options.KEY=VALUE, the spelling `t2po train` takes")
+    g.add_argument("--episodes", type=EPISODES, default=DEFAULT_EPISODES,
+                   help=f"episodes = task seeds SEED .. SEED+N-1 (default {DEFAULT_EPISODES})")
+    g.add_argument("--seed", type=SEED, default=0,
+                   help="first task seed (default 0); samplers are seeded from the task seeds")
+    g.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE",
+            help="environment option (YAML value), repeatable, e.g. dim_room=[6,6] or observation_mode=image; "
+                 "overrides a run's own options. The same as env.options.KEY=VALUE, the spelling `t2po train` takes")
     g.add_argument("--out", default=None, help="output folder (default: evals/<env>-<split>-<model>)")
     g.add_argument("--quiet", action="store_true", help="print only the final table")
-    g = p.add_argument_group("sampling (defaults: docs/method.md §6 validation sampling, or a run's own validation settings)")
+    g = p.add_argument_group("sampling (defaults: docs/method.md §6 validation sampling, or a run's own validation "
+                             "settings)")
     g.add_argument("--temperature", type=float, default=None, help="default 0.6 (0 = greedy)")
     g.add_argument("--top-p", type=float, default=None, help="default 0.95")
-    g.add_argument("--top-k", type=bounded(0, 100_000), default=None, help="default 20 for local models; for APIs sent only when given (not an OpenAI parameter)")
-    g.add_argument("--max-new-tokens", type=NEW_TOKENS, default=None, help=f"response token budget per turn (default: the run's, else {SamplingParams().max_new_tokens})")
+    g.add_argument("--top-k", type=bounded(0, 100_000), default=None,
+                   help="default 20 for local models; for APIs sent only when given (not an OpenAI parameter)")
+    g.add_argument("--max-new-tokens", type=NEW_TOKENS, default=None,
+                   help=f"response token budget per turn (default: the run's, else {SamplingParams().max_new_tokens})")
     g = p.add_argument_group("local models")
-    g.add_argument("--batch-size", type=BATCH_SIZE, default=8, help="episodes decoded together (default 8); each batch is written when it finishes")
+    g.add_argument("--batch-size", type=BATCH_SIZE, default=8,
+                   help="episodes decoded together (default 8); each batch is written when it finishes")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto)")
-    g.add_argument("--engine", default="hf", help="generation engine: hf (default), vllm, or package.module:Class (as rollout.engine)")
-    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="auto (default: bfloat16 where the hardware multiplies bf16 natively, a GPU or an AVX512-BF16/AMX CPU, else float32), float32 or bfloat16")
-    g.add_argument("--tti-budget", type=NEW_TOKENS, default=None, help="TTI think-token budget B (default: the run's setting, else none)")
+    g.add_argument("--engine", default="hf",
+                   help="generation engine: hf (default), vllm, or package.module:Class (as rollout.engine)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+            help="auto (default: bfloat16 where the hardware multiplies bf16 natively, a GPU or an AVX512-BF16/AMX "
+                 "CPU, else float32), float32 or bfloat16")
+    g.add_argument("--tti-budget", type=NEW_TOKENS, default=None,
+                   help="TTI think-token budget B (default: the run's setting, else none)")
     g = p.add_argument_group("API models")
-    g.add_argument("--api-base", default=None, metavar="URL", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    g.add_argument("--api-base", default=None, metavar="URL",
+                   help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
     g.add_argument("--model", default=None, metavar="NAME", help="model name at the API (e.g. gpt-4o-mini)")
-    g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (default OPENAI_API_KEY); the key is never printed or stored")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY",
+            help="environment variable holding the API key (default OPENAI_API_KEY); the key is never printed or "
+                 "stored")
     g.add_argument("--concurrency", type=bounded(1, 256), default=4, help="episodes played in parallel (default 4)")
-    g.add_argument("--request-timeout", type=bounded(0.001, 3600, float), default=120.0, help="seconds per request before it is retried (default 120)")
-    g.add_argument("--max-retries", type=bounded(0, 100), default=6, help="retries per request on 429, 5xx, timeouts and dropped connections (default 6)")
-    g.add_argument("--retry-backoff", type=bounded(0, 600, float), default=1.0, help="first back-off in seconds, doubled per retry (default 1)")
+    g.add_argument("--request-timeout", type=bounded(0.001, 3600, float), default=120.0,
+                   help="seconds per request before it is retried (default 120)")
+    g.add_argument("--max-retries", type=bounded(0, 100), default=6,
+                   help="retries per request on 429, 5xx, timeouts and dropped connections (default 6)")
+    g.add_argument("--retry-backoff", type=bounded(0, 600, float), default=1.0,
+                   help="first back-off in seconds, doubled per retry (default 1)")
     g.add_argument("--price-input", type=float, default=0.0, help="USD per 1M input tokens, for the cost column")
     g.add_argument("--price-output", type=float, default=0.0, help="USD per 1M output tokens, for the cost column")
-    g.add_argument("--reasoning-api", action="store_true", help="request format of OpenAI reasoning models: max_completion_tokens, no temperature/top-p/top-k/seed")
+    g.add_argument("--reasoning-api", action="store_true",
+            help="request format of OpenAI reasoning models: max_completion_tokens, no temperature/top-p/top-k/seed")
     return p
 
 
@@ -436,12 +469,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(created, ignore_errors=True)
             print(f"t2po eval: {e}", file=sys.stderr)
         else:
-            print(f"t2po eval: {e} ({len(done)} finished episodes are kept in {run.folder.path}; rerun the same command to resume)", file=sys.stderr)
+            print(f"t2po eval: {e} ({len(done)} finished episodes are kept in {run.folder.path}; rerun the same "
+                  "command to resume)", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         if created is not None and not done:
             shutil.rmtree(created, ignore_errors=True)
-        print(f"\nt2po eval: interrupted; {len(done)} finished episodes are kept in {run.folder.path}; rerun the same command to resume.", file=sys.stderr)
+        print(f"\nt2po eval: interrupted; {len(done)} finished episodes are kept in {run.folder.path}; rerun the same "
+              "command to resume.", file=sys.stderr)
         return 130
     except BaseException:
         if created is not None and not done:
@@ -489,7 +524,8 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
         described = agent.describe()
         setup = {"kind": "api", **described}
         sampling_note = ("reasoning-model request format (server-side sampling)" if ns.reasoning_api else
-                         f"temperature {described['temperature']}, top-p {described['top_p']}" + (f", top-k {described['top_k']}" if described["top_k"] is not None else ""))
+                         f"temperature {described['temperature']}, top-p {described['top_p']}"
+                         + (f", top-k {described['top_k']}" if described["top_k"] is not None else ""))
         notes = [f"Model: `{ns.model}` at {agent.base_url}; {sampling_note}; up to {agent.max_tokens} tokens per turn."]
     else:
         check_device(ns.device)
@@ -510,7 +546,8 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
             raise InvalidInput("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0 and --max-new-tokens >= 1")
         intervention = intervention_for(ns.model_path, enabled=True, budget=ns.tti_budget)
         penalty = cfg.rollout.invalid_action_penalty if cfg is not None else INVALID_ACTION_PENALTY
-        local = _LocalModel(ns.model_path, source, sampling, intervention, cfg.rollout.max_prompt_tokens if cfg is not None else None, ns.device)
+        local = _LocalModel(ns.model_path, source, sampling, intervention, cfg.rollout.max_prompt_tokens
+                            if cfg is not None else None, ns.device)
         model_name = source.short_name
         setup = {
             "kind": "local",
@@ -520,10 +557,12 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
             "top_k": sampling.top_k,
             "max_new_tokens": sampling.max_new_tokens,
             "max_prompt_tokens": local.max_prompt_tokens,
-            "tti": {"patience": intervention.patience, "eps": intervention.eps, "budget": intervention.budget, "alpha": intervention.alpha},
+            "tti": {"patience": intervention.patience, "eps": intervention.eps, "budget": intervention.budget,
+                    "alpha": intervention.alpha},
         }
-        notes = [f"Model: `{source.description}`; temperature {sampling.temperature}, top-p {sampling.top_p}, top-k {sampling.top_k}; "
-                 f"up to {sampling.max_new_tokens} tokens per turn; TTI on (patience {intervention.patience}, budget {intervention.budget or 'none'}), TDS off."]
+        notes = [f"Model: `{source.description}`; temperature {sampling.temperature}, top-p {sampling.top_p}, top-k "
+                 f"{sampling.top_k}; up to {sampling.max_new_tokens} tokens per turn; TTI on (patience "
+                 f"{intervention.patience}, budget {intervention.budget or 'none'}), TDS off."]
     # building the environment once checks the split and the option values before any model work
     probe = make_env(ns.env, split=ns.split, **options)
     # Search QA: results are only comparable on the same corpus, so the setup names it (and a
@@ -535,21 +574,29 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
         from t2po.vlm import VLM_EXAMPLES
 
         if reads_images(source.path if source.checkpoint is None else source.base) is False:
-            raise InvalidInput(f"{ns.env} with observation_mode={probe.observation_mode} shows images, which need a vision-language model "
-                             f"as MODEL ({VLM_EXAMPLES}); {source.description} is text-only. Or pass --env-option observation_mode=text")
-    setup.update({"env": ns.env, "split": ns.split, "env_options": options, "invalid_action_penalty": penalty, **({"corpus": corpus} if corpus else {})})
-    notes.append(f"Environment: `{ns.env}`, split `{ns.split}`" + (f", options `{json.dumps(_json_safe(options))}`" if options else "") + ".")
+            raise InvalidInput(f"{ns.env} with observation_mode={probe.observation_mode} shows images, which need a "
+                               "vision-language model "
+                             f"as MODEL ({VLM_EXAMPLES}); {source.description} is text-only. Or pass --env-option "
+                             "observation_mode=text")
+    setup.update({"env": ns.env, "split": ns.split, "env_options": options, "invalid_action_penalty": penalty,
+                  **({"corpus": corpus} if corpus else {})})
+    notes.append(f"Environment: `{ns.env}`, split `{ns.split}`"
+                 + (f", options `{json.dumps(_json_safe(options))}`" if options else "") + ".")
     if corpus:
-        notes.append(f"Corpus: `{corpus['name']}` ({corpus['num_passages']:,} passages, `{corpus['path']}`, sha256 {corpus['sha256'][:12]}).")
+        notes.append(f"Corpus: `{corpus['name']}` ({corpus['num_passages']:,} passages, `{corpus['path']}`, sha256 "
+                     f"{corpus['sha256'][:12]}).")
     out = Path(ns.out) if ns.out else Path("evals") / _safe_name(f"{ns.env}-{ns.split}-{model_name}")
-    # the path rule (t2po/paths.py); an earlier evaluation (its eval.json) is continued, any other non-empty folder refused
+    # the path rule (t2po/paths.py); an earlier evaluation (its eval.json) is continued, any other non-empty folder
+    # refused
     new_folder(out, "--out", own_marker="eval.json")
     run = EvalRun(ns.env, ns.split, options, list(range(ns.seed, ns.seed + ns.episodes)), ResultsFolder(out, setup),
-                  f"{ns.env} ({ns.split}): {model_name}", notes, ns.price_input if api else 0.0, ns.price_output if api else 0.0, ns.quiet)
+                  f"{ns.env} ({ns.split}): {model_name}", notes, ns.price_input if api else 0.0, ns.price_output if api
+                  else 0.0, ns.quiet)
     return run, agent, local
 
 
-def _play_local(run: EvalRun, local: _LocalModel, pending: list[int], done: dict[int, dict], ns: argparse.Namespace) -> None:
+def _play_local(run: EvalRun, local: _LocalModel, pending: list[int], done: dict[int, dict],
+                ns: argparse.Namespace) -> None:
     """`collect_rollouts` (TTI on, TDS off) over batches of `--batch-size` pending episodes."""
     from t2po.engines import engine_for_policy
     from t2po.progress import Progress, silence_library_progress
@@ -565,14 +612,16 @@ def _play_local(run: EvalRun, local: _LocalModel, pending: list[int], done: dict
             with Progress(len(batch), desc, "episode", disable=run.quiet) as bar:  # a batch can take minutes
                 settings = RolloutSettings(invalid_action_penalty=run.folder.setup["invalid_action_penalty"],
                                            max_prompt_tokens=local.max_prompt_tokens)
-                result = collect_rollouts(EnginePolicy(engine, local.sampling, local.intervention), env, batch, settings,
+                result = collect_rollouts(EnginePolicy(engine, local.sampling, local.intervention), env,
+                                          batch, settings,
                                           seed=batch[0], progress=bar)
             share = (time.monotonic() - t0) / len(batch)  # an episode's share of the batch's wall time
             for episode in result.episodes:
                 run.finish_episode(done, *episode_files(episode, tokenizer, run.env_name, run.split, share))
 
 
-def _play_api(run: EvalRun, agent: OpenAIChatAgent, pending: list[int], done: dict[int, dict], concurrency: int) -> None:
+def _play_api(run: EvalRun, agent: OpenAIChatAgent, pending: list[int], done: dict[int, dict],
+              concurrency: int) -> None:
     """Episodes in `concurrency` threads, one environment each; results are written by this thread
     as episodes finish. A fatal API error or Ctrl-C stops the others at their next turn."""
     workers = min(concurrency, len(pending))

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from t2po.checkpoints import (
-    CHECKPOINTS, WARMUP_MODEL, Checkpointer, CorruptCheckpoint, checkpoint_info, checkpoint_problem, is_complete, is_sharded,
+    CHECKPOINTS, WARMUP_MODEL, Checkpointer, CorruptCheckpoint, checkpoint_info, checkpoint_problem,
+                              is_complete, is_sharded,
 )
 from t2po.errors import InvalidInput, UserError
 from t2po.model_cache import DEFAULT_MODEL, TINY_VLM
@@ -45,7 +46,8 @@ class ModelSource:
     @property
     def description(self) -> str:
         if self.checkpoint is not None:
-            kind = {"adapter": "LoRA adapter merged into", "model": "full weights, tokenizer of", "sharded": "sharded weights on"}[self.kind]
+            kind = {"adapter": "LoRA adapter merged into", "model": "full weights, tokenizer of",
+                    "sharded": "sharded weights on"}[self.kind]
             return f"{self.checkpoint} ({kind} {self.base or DEFAULT_MODEL})"
         return str(self.path) if self.path is not None else f"{DEFAULT_MODEL} (embedded)"
 
@@ -75,23 +77,28 @@ def locate_model(path: str | os.PathLike | None) -> ModelSource:
         # the newest checkpoint whose files read back; a damaged newer one is named (as `train --resume` does)
         checkpoint = next(Checkpointer(p, lambda m: print(f"t2po: {m}", file=sys.stderr, flush=True)).readable(), None)
         if checkpoint is None:
-            raise FileNotFoundError(f"run folder {p} has no complete checkpoint yet; evaluate {p / WARMUP_MODEL} (if the warm-up ran) or wait for the first checkpoint")
+            raise FileNotFoundError(f"run folder {p} has no complete checkpoint yet; evaluate {p / WARMUP_MODEL} (if "
+                                    "the warm-up ran) or wait for the first checkpoint")
     elif (p / "adapter").is_dir() or (p / "model").is_dir() or is_sharded(p):
         checkpoint = p
         if not is_complete(p):
-            raise FileNotFoundError(f"checkpoint {p} is incomplete (half-written, no trainer_state.json); pass its run folder to use the latest complete checkpoint")
+            raise FileNotFoundError(f"checkpoint {p} is incomplete (half-written, no trainer_state.json); pass its run "
+                                    "folder to use the latest complete checkpoint")
         if (problem := checkpoint_problem(p)) is not None:
-            raise CorruptCheckpoint(f"checkpoint {p} is damaged: {problem}; pass its run folder to use the newest checkpoint that reads back")
+            raise CorruptCheckpoint(f"checkpoint {p} is damaged: {problem}; pass its run folder to use the newest "
+                                    "checkpoint that reads back")
     if checkpoint is None:
         if (p / CHECKPOINTS).is_dir() and not (p / "config.yaml").exists():
-            raise FileNotFoundError(f"{p / 'config.yaml'} is missing, so {p} cannot be read as a t2po run; restore config.yaml from a copy "
-                                    "(the MLflow run keeps one as an artifact)")
-        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():  # a model, or an adapter on its base
+            raise FileNotFoundError(f"{p / 'config.yaml'} is missing, so {p} cannot be read as a t2po run; restore "
+                                    "config.yaml from a copy (the MLflow run keeps one as an artifact)")
+        # a model, or an adapter on its base
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{p} holds no model: {accepted}")
         return ModelSource(p)
     run_dir = checkpoint.parent.parent
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} is not inside a t2po run folder ({run_dir}/config.yaml is missing); keep checkpoints in RUN/{CHECKPOINTS}/")
+        raise FileNotFoundError(f"checkpoint {checkpoint} is not inside a t2po run folder ({run_dir}/config.yaml is "
+                                f"missing); keep checkpoints in RUN/{CHECKPOINTS}/")
     from t2po.config import load_run_config
 
     run_config = load_run_config(run_dir)
@@ -102,7 +109,8 @@ def locate_model(path: str | os.PathLike | None) -> ModelSource:
     exists = (warmup / "config.json").is_file() or (warmup / "adapter_config.json").is_file()
     base = str(warmup) if exists else run_config.model.path
     info = checkpoint_info(checkpoint)
-    if info.get("warmup_adapter_rank"):  # the checkpoint's adapter holds the warm-up's ranks too: it applies to the warm-up's base
+    # the checkpoint's adapter holds the warm-up's ranks too: it applies to the warm-up's base
+    if info.get("warmup_adapter_rank"):
         base = info["base"]
     return ModelSource(None, checkpoint, run_dir, base, run_config)
 
@@ -124,7 +132,8 @@ def check_device(name: str) -> str:
 
     index = int(name.partition(":")[2] or 0)
     if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: torch {torch.__version__} sees no such GPU ({torch.cuda.device_count()} visible); use --device cpu or auto")
+        raise UserError(f"--device {name}: torch {torch.__version__} sees no such GPU ({torch.cuda.device_count()} "
+                        "visible); use --device cpu or auto")
     return name
 
 
@@ -164,7 +173,8 @@ def load_local_model(path: str | os.PathLike | None, dtype: Any = None, device: 
         model_cfg = source.run_config.model
         if model_cfg.lora:
             model = add_lora(model, model_cfg)
-        with warnings.catch_warnings():  # torch's note that no process group is running: one process reads it, by design
+        # torch's note that no process group is running: one process reads it, by design
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             load_sharded(source.checkpoint, model, None)
         if model_cfg.lora:
@@ -179,7 +189,8 @@ def load_local_model(path: str | os.PathLike | None, dtype: Any = None, device: 
             raise FileNotFoundError(f"checkpoint {source.checkpoint}/model holds no .safetensors weights")
         _, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected:
-            raise InvalidInput(f"checkpoint {source.checkpoint} does not match its base model {source.base or DEFAULT_MODEL} (unexpected weights {unexpected[:3]})")
+            raise InvalidInput(f"checkpoint {source.checkpoint} does not match its base model "
+                               f"{source.base or DEFAULT_MODEL} (unexpected weights {unexpected[:3]})")
     model.eval()
     return model, tokenizer, source.description
 

@@ -35,7 +35,8 @@ def _environment(env: str | None, preset: str | None, options: dict) -> tuple[st
     """The environment and options to collect on: ENV, or the preset's (the options given win)."""
     if preset is None:
         if env is None:
-            raise UserError("name the environment (e.g. `t2po rft collect sokoban`) or a training preset (--preset default).")
+            raise UserError("name the environment (e.g. `t2po rft collect sokoban`) or a training preset (--preset "
+                            "default).")
         return env, options
     from t2po.config import load_config
 
@@ -71,41 +72,52 @@ def collect(env_name: str, policy: str, episodes: int, threshold: float, out: Pa
 
             model, tokenizer, description = load_local_model(None if policy == "default" else policy)
             player = EnginePolicy(engine_for_policy(engine_name, model, tokenizer),
-                                  SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens), InterventionConfig())
+                                  SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens),
+                                  InterventionConfig())
             for start in range(0, len(seeds), batch_size):
-                result = collect_rollouts(player, env, seeds[start : start + batch_size], RolloutSettings(group_size), seed=seed + start)
+                result = collect_rollouts(player, env, seeds[start : start + batch_size], RolloutSettings(group_size),
+                                          seed=seed + start)
                 for ep in result.episodes:
                     played += 1
                     if episode_score(ep.won, ep.metrics) <= threshold:
                         continue
                     # exact engine ids; the decoded prompt is kept for people reading the file
-                    steps = [{"prompt": tokenizer.decode(s.prompt_ids), "response": t.response_text, "prompt_ids": s.prompt_ids,
+                    steps = [{"prompt": tokenizer.decode(s.prompt_ids), "response": t.response_text,
+                              "prompt_ids": s.prompt_ids,
                               "response_ids": s.response_ids, **({"image": t.image} if t.image is not None else {})}
                              for s, t in zip(ep.samples, ep.traces)]
-                    kept.append(Conversation(env_name, ep.seed, steps, ep.total_reward, ep.won, ep.metrics, source=description))
+                    kept.append(Conversation(env_name, ep.seed, steps, ep.total_reward, ep.won, ep.metrics,
+                                             source=description))
     finally:
         env.close()
     save_conversations(kept, out)
-    stats = {"env": env_name, "policy": policy, "episodes": played, "kept": len(kept), "threshold": threshold, "out": str(out)}
+    stats = {"env": env_name, "policy": policy, "episodes": played, "kept": len(kept),
+             "threshold": threshold, "out": str(out)}
     return stats
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="t2po rft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="t2po rft", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect", help="play a policy on training tasks and keep the successful episodes")
     c.add_argument("env", nargs="?", help="environment name (see `t2po envs`); optional with --preset")
-    c.add_argument("--preset", default=None, help="take the environment and its options from a training preset (e.g. default, "
-                   "alfworld-cpu), so the collected prompts are the ones `t2po train PRESET` renders; --env-option still overrides")
+    c.add_argument("--preset", default=None,
+                   help="take the environment and its options from a training preset (e.g. default, "
+                   "alfworld-cpu), so the collected prompts are the ones `t2po train PRESET` renders; --env-option "
+                   "still overrides")
     c.add_argument("--policy", default="expert", help="expert | default | a model folder | a run folder or checkpoint")
     c.add_argument("--episodes", type=EPISODES, default=64, help="tasks played, 1 to 100000 (default 64)")
     c.add_argument("--threshold", type=float, default=0.8, help="keep episodes whose task score is above this")
-    c.add_argument("--out", required=True, help="output .jsonl or .parquet (a new file, or one an earlier collect wrote)")
+    c.add_argument("--out", required=True,
+                   help="output .jsonl or .parquet (a new file, or one an earlier collect wrote)")
     c.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment option (YAML value), repeatable; the same as env.options.KEY=VALUE, the spelling `t2po train` takes")
+                   help="environment option (YAML value), repeatable; the same as env.options.KEY=VALUE, the spelling "
+                        "`t2po train` takes")
     c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--max-new-tokens", type=NEW_TOKENS, default=128)
-    c.add_argument("--engine", default="hf", help="generation engine of a model policy: hf (default), vllm, or package.module:Class")
+    c.add_argument("--engine", default="hf",
+                   help="generation engine of a model policy: hf (default), vllm, or package.module:Class")
     from t2po.envs import env_option_errors, parse_env_options, split_env_overrides
 
     argv, env_overrides = split_env_overrides(list(sys.argv[1:] if argv is None else argv))
@@ -124,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     from t2po.engines import engine_spec
 
     engine_spec(ns.engine)  # an unknown engine fails before any work
-    stats = collect(env_name, ns.policy, ns.episodes, ns.threshold, Path(ns.out), options, ns.seed, max_new_tokens=ns.max_new_tokens,
+    stats = collect(env_name, ns.policy, ns.episodes, ns.threshold, Path(ns.out), options, ns.seed,
+                    max_new_tokens=ns.max_new_tokens,
                     engine_name=ns.engine)
     print(f"kept {stats['kept']} of {stats['episodes']} episodes (score > {ns.threshold}) -> {ns.out}")
     return 0

@@ -102,7 +102,8 @@ class StepTrace:
 
 def step_stats(sample: StepSample, trace: StepTrace) -> "StepStats":
     """The few numbers `rollout_stats` reads of one step."""
-    return StepStats(sample.valid, sample.response_length, sample.forced_tokens, trace.finish_reason, dict(trace.tti_triggers),
+    return StepStats(sample.valid, sample.response_length, sample.forced_tokens, trace.finish_reason,
+                     dict(trace.tti_triggers),
                      trace.think_length, trace.tds_delta, trace.resampled, trace.tds_kept_delta, trace.tds_in_band,
                      trace.discarded_deltas)
 
@@ -153,7 +154,8 @@ class Episode:
         return len(self.samples)
 
     def stats(self) -> EpisodeStats:
-        return EpisodeStats(self.won, self.total_reward, self.length, dict(self.metrics), [step_stats(s, t) for s, t in zip(self.samples, self.traces)])
+        return EpisodeStats(self.won, self.total_reward, self.length, dict(self.metrics),
+                            [step_stats(s, t) for s, t in zip(self.samples, self.traces)])
 
 
 @dataclass
@@ -176,7 +178,8 @@ def build_prompt_ids(tokenizer: Any, text: str, max_prompt_tokens: int | None = 
     return ids, False
 
 
-def build_prompt(tokenizer: Any, text: str, image: Any = None, max_prompt_tokens: int | None = None) -> tuple[list[int], dict | None, bool]:
+def build_prompt(tokenizer: Any, text: str, image: Any = None, max_prompt_tokens: int | None = None) -> tuple[list[int],
+        dict | None, bool]:
     """(ids, pixel inputs, truncated) of one user message: `build_prompt_ids` for text, or with an
     image the vision-language model's processor (`t2po.vlm.build_image_prompt`, never truncated)."""
     if image is None:
@@ -200,7 +203,8 @@ class RolloutSettings:
 
     group_size: int = 1  # episodes per task seed (the GRPO/GiGPO group)
     max_turns: int | None = None  # None: the environment's max_steps
-    invalid_action_penalty: float = INVALID_ACTION_PENALTY  # subtracted from a step whose action is invalid (docs/method.md §4)
+    # subtracted from a step whose action is invalid (docs/method.md §4)
+    invalid_action_penalty: float = INVALID_ACTION_PENALTY
     max_prompt_tokens: int | None = None  # prompts are cut from the left past this
 
 
@@ -255,7 +259,8 @@ def collect_rollouts(policy: Policy, env: BatchEnv, task_seeds: list[int], setti
     for key, value in (resampler.counters if resampler is not None else {}).items():
         counters[key] += value
     episodes = play.episodes()
-    return RolloutResult(samples=[x for ep in episodes for x in ep.samples], traces=[x for ep in episodes for x in ep.traces],
+    return RolloutResult(samples=[x for ep in episodes for x in ep.samples],
+                         traces=[x for ep in episodes for x in ep.traces],
                          episodes=episodes, stats=rollout_stats(episodes, counters))
 
 
@@ -299,7 +304,8 @@ class _Play:
             counters["prompt_tokens"] += len(ids)
         return turns
 
-    def drop_unanswered(self, turns: list[Turn], answers: list[Generation | None]) -> tuple[list[Turn], list[Generation]]:
+    def drop_unanswered(self, turns: list[Turn], answers: list[Generation | None]) -> tuple[list[Turn],
+                                                                                            list[Generation]]:
         """No answer (None) ends that episode here, unstepped."""
         for t, g in zip(turns, answers):
             self.active[t.index] = self.active[t.index] and g is not None
@@ -326,7 +332,8 @@ class _Play:
                 prompt_ids=t.prompt_ids or [], response_ids=list(g.token_ids), forced_mask=list(g.forced),
                 rollout_logprobs=list(g.logprobs), reward=float(new.reward) - (0.0 if parsed.valid else penalty),
                 env_reward=float(new.reward), penalty=0.0 if parsed.valid else penalty, done=bool(new.done),
-                valid=parsed.valid, anchor_obs=states[i].anchor_obs or states[i].observation, group_id=self.group_ids[i],
+                valid=parsed.valid, anchor_obs=states[i].anchor_obs or states[i].observation,
+                                              group_id=self.group_ids[i],
                 traj_id=i, step=turn, turn_score=g.turn_score, pixel_inputs=t.pixel_inputs))
             self.traces[i].append(StepTrace(
                 response_text=g.text, action=parsed.action,
@@ -346,19 +353,23 @@ class _Play:
     def episodes(self) -> list[Episode]:
         out = []
         for i, s in enumerate(self.samples):
-            out.append(Episode(traj_id=i, group_id=self.group_ids[i], seed=self.seeds[i], samples=s, traces=self.traces[i],
+            out.append(Episode(traj_id=i, group_id=self.group_ids[i], seed=self.seeds[i], samples=s,
+                               traces=self.traces[i],
                                won=bool(self.states[i].won),
                                total_reward=float(sum(x.reward for x in s)), truncated=bool(s) and not s[-1].done,
-                               metrics=self.env.episode_metrics(i, self.states[i]) if s else {}, observations=self.observations[i]))
+                               metrics=self.env.episode_metrics(i, self.states[i]) if s else {},
+                               observations=self.observations[i]))
         return out
 
 
 # Statistics counted while playing (not derivable from the episodes): summed when batches are merged.
-COUNTERS = ("generated_tokens", "tds_extra_tokens", "tds_regenerations", "tds_eligible_turns", "prompts_truncated", "prompt_tokens",
+COUNTERS = ("generated_tokens", "tds_extra_tokens", "tds_regenerations", "tds_eligible_turns", "prompts_truncated",
+            "prompt_tokens",
             "prefill_tokens", "unique_prompt_tokens")
 
 
-def rollout_stats(episodes: list[Episode] | list[EpisodeStats], counters: dict[str, float] | None = None) -> dict[str, float]:
+def rollout_stats(episodes: list[Episode] | list[EpisodeStats],
+                  counters: dict[str, float] | None = None) -> dict[str, float]:
     """Episode metrics, with the evidence of what T2PO's exploration control did (docs/method.md §2-§3):
 
     - TTI: `tti_budget_triggers`, `tti_stagnation_triggers`, `forced_tokens`, `think_length` (mean

@@ -26,7 +26,8 @@ VALIDATION = "validation.jsonl"
 RUN_STATE = "run_state.json"
 
 
-def read_jsonl_log(path: Path, note: Callable[[str], None] | None = None, key: tuple[str, type] | None = None) -> list[dict]:
+def read_jsonl_log(path: Path, note: Callable[[str], None] | None = None,
+                   key: tuple[str, type] | None = None) -> list[dict]:
     """The records of an append-only JSONL log (metrics.jsonl, validation.jsonl). A line that is not
     a JSON object, in practice the last one, torn by a kill in mid-write, is dropped with a note; so
     is a record without `key` = (name, type), e.g. ("iteration", int)."""
@@ -119,4 +120,5 @@ class RunLog:
         kept = [m for m in self.metrics() if m["iteration"] <= iteration]
         atomic_write_text(self.run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in kept))
         read_jsonl_log(self.run_dir / VALIDATION, self.note)  # notes a torn line
-        atomic_write_text(self.run_dir / VALIDATION, "".join(json.dumps({"tag": t, **v}) + "\n" for t, v in val.items()))
+        atomic_write_text(self.run_dir / VALIDATION,
+                          "".join(json.dumps({"tag": t, **v}) + "\n" for t, v in val.items()))

@@ -83,12 +83,14 @@ def episode_trace(episode: Any, tokenizer: Any = None) -> dict:
             "prompt_tokens": usage.pop("prompt_tokens", len(s.prompt_ids)),
             "completion_tokens": usage.pop("completion_tokens", len(s.response_ids)),
             "forced": _forced_spans(s.response_ids, s.forced_mask, tokenizer) if any(s.forced_mask) else [],
-            "response_marked": _marked(s.response_ids, s.forced_mask, tokenizer) if tokenizer is not None and any(s.forced_mask) else t.response_text,
+            "response_marked": _marked(s.response_ids, s.forced_mask, tokenizer) if tokenizer is not None
+                      and any(s.forced_mask) else t.response_text,
             "tti_triggers": dict(t.tti_triggers),
             "think_length": t.think_length,
             "tds_resampled": t.resampled,
             # the responses TDS replaced (docs/method.md §3), kept to be seen, never trained on
-            "tds_discarded": [{"response": d["text"], "response_ids": list(d["token_ids"]), "turn_score": _finite(d["turn_score"]),
+            "tds_discarded": [{"response": d["text"], "response_ids": list(d["token_ids"]),
+                               "turn_score": _finite(d["turn_score"]),
                                "forced": _forced_spans(d["token_ids"], d["forced"], tokenizer)} for d in t.discarded],
             "turn_score": _finite(s.turn_score),
             "action": t.action,
@@ -146,11 +148,15 @@ def log_mlflow_trace(mlflow: Any, trace: dict, run_id: str, phase: str, step: in
     name = f"{phase} {step}: task {trace['seed']}, episode {trace['traj_id']}"
     root = mlflow.start_span_no_context(
         name, span_type="AGENT", start_time_ns=min((t[0] for t in times), default=None),
-        inputs={"task_seed": trace["seed"], "first_observation": _code(steps[0]["observation"] if steps else trace["final_observation"])},
-        attributes={"t2po.phase": phase, "t2po.step": step, "t2po.group_id": trace["group_id"], "t2po.traj_id": trace["traj_id"],
+        inputs={"task_seed": trace["seed"],
+                "first_observation": _code(steps[0]["observation"] if steps else trace["final_observation"])},
+        attributes={"t2po.phase": phase, "t2po.step": step, "t2po.group_id": trace["group_id"],
+                    "t2po.traj_id": trace["traj_id"],
                     "t2po.metrics": trace["metrics"]},
-        # what the trace list filters on; SOURCE_RUN is what `search_traces(run_id=...)` and the run's Traces tab select on
-        tags={"t2po.phase": phase, "t2po.step": str(step), "t2po.iteration" if phase == "train" else "t2po.validation_step": str(step),
+        # what the trace list filters on; SOURCE_RUN is what `search_traces(run_id=...)` and the run's Traces tab select
+        # on
+        tags={"t2po.phase": phase, "t2po.step": str(step), "t2po.iteration" if phase == "train"
+              else "t2po.validation_step": str(step),
               "t2po.task": str(trace["seed"]), "t2po.won": str(trace["won"]).lower()},
         metadata={TraceMetadataKey.SOURCE_RUN: run_id})
     for turn in steps:
@@ -164,22 +170,27 @@ def log_mlflow_trace(mlflow: Any, trace: dict, run_id: str, phase: str, step: in
         span.set_attributes({f"t2po.{k}": _rounded(turn[k]) for k in (
             "valid", "invalid_reason", "reward", "env_reward", "done", "turn_score", "think_length", "tti_triggers",
             "forced", "tds_resampled", "finish_reason") if k in turn})
-        span.set_attributes({"t2po.prompt_ids": turn["prompt_ids"], "t2po.response_ids": turn["response_ids"]})  # after the text
+        # after the text
+        span.set_attributes({"t2po.prompt_ids": turn["prompt_ids"], "t2po.response_ids": turn["response_ids"]})
         # the calls that produced each discarded response: the generation, then the redraws before the last
         sources = [generate, *redraws]
         for k, discarded in enumerate(turn.get("tds_discarded", [])):
             when = sources[k] if k < len(sources) and sources[k] else None
             child = mlflow.start_span_no_context(
-                f"discarded by TDS ({k + 1})", span_type="LLM", parent_span=span, start_time_ns=when[0] if when else None,
-                attributes={"t2po.discarded": True, "t2po.turn_score": _rounded(discarded["turn_score"]), "t2po.forced": discarded["forced"]})
+                f"discarded by TDS ({k + 1})", span_type="LLM", parent_span=span, start_time_ns=when[0]
+                                                 if when else None,
+                attributes={"t2po.discarded": True, "t2po.turn_score": _rounded(discarded["turn_score"]),
+                            "t2po.forced": discarded["forced"]})
             child.set_outputs({"response": _code(discarded["response"]), "response_ids": discarded["response_ids"]})
             child.end(end_time_ns=when[1] if when else None)
         for label, when in [("generation", generate), *[(f"TDS redraw {k + 1}", r) for k, r in enumerate(redraws)],
                             ("environment step", env_step)]:
             if when:
-                mlflow.start_span_no_context(label, span_type="TOOL" if label == "environment step" else "LLM", parent_span=span,
+                mlflow.start_span_no_context(label, span_type="TOOL" if label == "environment step" else "LLM",
+                                             parent_span=span,
                                              start_time_ns=when[0]).end(end_time_ns=when[1])
         span.end(end_time_ns=env_step[1] if env_step else None)
-    root.end(outputs={"won": trace["won"], "total_reward": _rounded(trace["total_reward"]), "truncated": trace["truncated"],
+    root.end(outputs={"won": trace["won"], "total_reward": _rounded(trace["total_reward"]),
+                      "truncated": trace["truncated"],
                       "final_observation": _code(trace["final_observation"])},
              end_time_ns=max((t[1] for t in times), default=None))

@@ -150,7 +150,8 @@ class MlflowTracker(Tracker):
 
         # "Creating initial MLflow database tables..." on every new run folder is noise, not news
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-        logging.getLogger("mlflow.tracing.export.async_export_queue").setLevel(logging.WARNING)  # "Flushing ... before program exit"
+        # "Flushing ... before program exit"
+        logging.getLogger("mlflow.tracing.export.async_export_queue").setLevel(logging.WARNING)
         # Traces are written when they end, not by MLflow's background queue: its consumer polls, so
         # every flush (one per iteration and validation, and one at exit) waited ~2 s doing nothing,
         # 13 s of the main job; written in place a batch of traces takes ~0.08 s. An explicit setting wins.
@@ -163,16 +164,19 @@ class MlflowTracker(Tracker):
         experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
         if experiment is None:
             # a training experiment: the UI opens on its runs and charts, not on the GenAI overview
-            experiment_id = self.client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=(self.store_dir / MLFLOW_ARTIFACTS).as_uri(),
+            experiment_id = self.client.create_experiment(MLFLOW_EXPERIMENT,
+                    artifact_location=(self.store_dir / MLFLOW_ARTIFACTS).as_uri(),
                                                           tags={"mlflow.experimentKind": "custom_model_development"})
         else:
             experiment_id = experiment.experiment_id
-        previous = [r for r in self.client.search_runs([experiment_id], max_results=1000) if r.data.tags.get(RUN_DIR_TAG) == str(self.run_dir)]
+        previous = [r for r in self.client.search_runs([experiment_id], max_results=1000)
+                    if r.data.tags.get(RUN_DIR_TAG) == str(self.run_dir)]
         if previous:
             run = previous[0]
             self.client.update_run(run.info.run_id, status="RUNNING")
         else:
-            run = self.client.create_run(experiment_id, run_name=self.run_dir.name, tags={RUN_DIR_TAG: str(self.run_dir)})
+            run = self.client.create_run(experiment_id, run_name=self.run_dir.name,
+                                         tags={RUN_DIR_TAG: str(self.run_dir)})
         self.run_id = run.info.run_id
         self.experiment_id = experiment_id
         self._log_params(_flatten(params), run.data.params)
@@ -189,8 +193,8 @@ class MlflowTracker(Tracker):
                 new.append(Param(key, text))
             elif logged[key] != text:
                 # MLflow forbids changing a logged parameter; config.yaml (logged again) has the new value
-                _report(f"mlflow: {key} changed on resume ({logged[key]} -> {text}); the MLflow parameter keeps the first value, "
-                        f"the artifact config.yaml has the new one")
+                _report(f"mlflow: {key} changed on resume ({logged[key]} -> {text}); the MLflow parameter keeps the "
+                        f"first value, the artifact config.yaml has the new one")
         for start in range(0, len(new), 100):  # MLflow's limit per batch
             self.client.log_batch(self.run_id, params=new[start : start + 100])
 
@@ -219,11 +223,13 @@ class MlflowTracker(Tracker):
         def kept(key: str, metric: Metric) -> bool:
             return not warmup if key.startswith("sft/") else metric.step <= step
 
-        keep = [Metric(key, m.value, m.timestamp, m.step) for key, values in history.items() for m in values if kept(key, m)]
+        keep = [Metric(key, m.value, m.timestamp, m.step) for key, values in history.items()
+                for m in values if kept(key, m)]
         if len(keep) == sum(map(len, history.values())):
             return
         tags = {k: v for k, v in old.data.tags.items() if not k.startswith("mlflow.")}
-        new = self.client.create_run(self.experiment_id, start_time=old.info.start_time, tags=tags, run_name=old.info.run_name)
+        new = self.client.create_run(self.experiment_id, start_time=old.info.start_time, tags=tags,
+                                     run_name=old.info.run_name)
         params = [Param(k, v) for k, v in old.data.params.items()]
         for start in range(0, len(params), 100):  # MLflow's limits per batch
             self.client.log_batch(new.info.run_id, params=params[start : start + 100])
@@ -281,7 +287,8 @@ class TensorBoardTracker(Tracker):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise MissingPackage("the tensorboard tracker needs the tensorboard package: pip install tensorboard") from e
+            raise MissingPackage("the tensorboard tracker needs the tensorboard package: pip install "
+                                 "tensorboard") from e
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in _flatten(params).items()))
 
@@ -312,7 +319,8 @@ class WandbTracker(Tracker):
         run_dir = Path(run_dir).resolve()
         run_id = hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]  # stable per folder, no '/' allowed
         # allow_val_change: a resumed run may override keys (e.g. more iterations)
-        self.run = wandb.init(project="t2po", name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=params, allow_val_change=True)
+        self.run = wandb.init(project="t2po", name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                              config=params, allow_val_change=True)
         # warm-up epochs, validations and iterations each count from 0 or 1: plot against our step,
         # not W&B's own strictly increasing one
         self.run.define_metric("t2po/step")
@@ -388,7 +396,8 @@ def make_trackers(names: list[str], run_dir: Path, params: dict, quiet: bool = F
             _report(f"could not start {name}: {e!r}; training goes on without it.")
     mlflow_tracker = next((t for t in trackers if t.name == "mlflow"), None)
     if not quiet and mlflow_tracker is not None:
-        print(f"[tracking] MLflow: {mlflow_ui_command(run_dir)}, then open {mlflow_ui_page(mlflow_tracker.experiment_id)}", flush=True)
+        print(f"[tracking] MLflow: {mlflow_ui_command(run_dir)}, then open "
+              f"{mlflow_ui_page(mlflow_tracker.experiment_id)}", flush=True)
     return TrackerGroup(trackers, quiet)
 
 

@@ -67,7 +67,8 @@ class Trainer:
         elif not resume:
             refuse_existing_run(Path(run_dir))
         self.run_dir = Path(run_dir)
-        self.rollout_config = cfg.resolved_rollout()  # TTI/TDS on or off and the validation budget, as this run plays them
+        # TTI/TDS on or off and the validation budget, as this run plays them
+        self.rollout_config = cfg.resolved_rollout()
         self.start_iteration = 0
         self.history: dict[str, Any] = {}
         self.trunk: FrozenTrunk | None = None  # set by _score_samples for the update that follows
@@ -90,11 +91,13 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         self.engine_spec = engine_spec(cfg.rollout.engine)
         engine_class(cfg.rollout.engine)  # imported now: a missing package (vLLM) is named before any file is written
-        self.dist = init_distributed(device=cfg.trainer.device)  # one process unless launched by torchrun / accelerate launch
+        # one process unless launched by torchrun / accelerate launch
+        self.dist = init_distributed(device=cfg.trainer.device)
         self.device = self.dist.device
         if self.dist.distributed:
             if cfg.algorithm.critic or cfg.warmup.episodes > 0:
-                raise InvalidInput("multi-process training supports t2po, gigpo, grpo and rloo without warm-up; run ppo or the warm-up (t2po sft) in one process")
+                raise InvalidInput("multi-process training supports t2po, gigpo, grpo and rloo without warm-up; run "
+                                   "ppo or the warm-up (t2po sft) in one process")
             self.run_dir = Path(from_rank0(str(self.run_dir)))
             self.quiet = self.quiet or not self.dist.is_main
         self.checkpointer = Checkpointer(self.run_dir, self.note)  # the layout of checkpoints/ and warmup_model/
@@ -102,7 +105,8 @@ class Trainer:
         state_path = self.runlog.state_path
         if (self.resume and not state_path.exists() and self.checkpointer.warmup_model.exists()
                 and any(self.checkpointer.root.glob("iter_*"))):
-            raise InvalidInput(f"{state_path} is missing (it says whether the warm-up the checkpoints apply to finished); "
+            raise InvalidInput(f"{state_path} is missing (it says whether the warm-up the checkpoints apply to "
+                               "finished); "
                              "restore it from a copy, or start a new run")
         if self.resume:
             self.runlog.load_state()
@@ -147,7 +151,8 @@ class Trainer:
         if not self.engine_spec.shares_policy_weights:  # exported from the base model, before LoRA wraps it
             self.engine_model_dir = self._engine_model_dir(self.base_model_path)
         self._wrap_trainable()
-        self.trackers = make_trackers(cfg.trainer.trackers if self.dist.is_main else [], self.run_dir, cfg.to_dict(), quiet=self.quiet)
+        self.trackers = make_trackers(cfg.trainer.trackers if self.dist.is_main else [], self.run_dir, cfg.to_dict(),
+                                      quiet=self.quiet)
         # TDS for the training rollouts; its relative threshold's window of recent deltas is run state, kept
         # across iterations and checkpoints
         self.tds = TDSResampler(self.rollout_config.tds) if self.rollout_config.tds.enabled else None
@@ -189,7 +194,8 @@ class Trainer:
         """A Hugging Face model folder for an engine with its own copy of the weights to build the
         model from (its weights are replaced by the policy's at once): the base model's own folder, or
         one exported into the run folder when the base is the embedded GGUF model or a t2po run/checkpoint."""
-        if base_path is not None and (Path(base_path) / "config.json").is_file() and any(Path(base_path).glob("*.safetensors")):
+        if (base_path is not None and (Path(base_path) / "config.json").is_file()
+                and any(Path(base_path).glob("*.safetensors"))):
             return Path(base_path)
         out = self.run_dir / "vllm_model"
         if self.dist.is_main and not (out / "config.json").is_file():
@@ -225,7 +231,8 @@ class Trainer:
         lines and validations; `final` while iterations remain) and their tracker values: they are redone."""
         self.runlog.forget_after(iteration, final_kept=iteration >= self.cfg.trainer.iterations)
         if self.dist.is_main:
-            self.trackers.forget_after(iteration, warmup=not self.run_state.get("warmup_done"))  # a warm-up not done is redone
+            # a warm-up not done is redone
+            self.trackers.forget_after(iteration, warmup=not self.run_state.get("warmup_done"))
 
     def _wrap_trainable(self) -> None:
         cfg = self.cfg
@@ -268,12 +275,13 @@ class Trainer:
         from t2po.models import dtype_reason, model_source
 
         cfg = self.cfg
-        threads = f"trainer.threads={cfg.trainer.threads}" if cfg.trainer.threads else "torch's default; set trainer.threads"
+        threads = (f"trainer.threads={cfg.trainer.threads}" if cfg.trainer.threads
+                   else "torch's default; set trainer.threads")
         model = model_source(cfg.model.path)
         if self.base_model_path != cfg.model.path:
             model = f"this run's warm-up model {self.base_model_path}, trained from {model}"
-        return (f"[setup] device {self.device}, {dtype_reason(cfg.model.dtype, self.device)}, {_count(torch.get_num_threads(), 'CPU thread')} ({threads}); "
-                f"model: {model}")
+        return (f"[setup] device {self.device}, {dtype_reason(cfg.model.dtype, self.device)}, "
+                f"{_count(torch.get_num_threads(), 'CPU thread')} ({threads}); model: {model}")
 
     def _plan_line(self) -> str:
         """What this run will do, said before it starts (how much work is coming)."""
@@ -281,11 +289,14 @@ class Trainer:
         r = cfg.rollout
         turns = f"up to {r.max_turns} turns" if r.max_turns else "turns up to the environment's max_steps"
         todo = max(cfg.trainer.iterations - self.start_iteration, 0)
-        parts = [f"[plan] {cfg.env.name} / {cfg.algo.name}: {_count(todo, 'RL iteration')} of {r.num_tasks * r.group_size} episodes "
-                 f"({r.num_tasks} tasks x {r.group_size}), {turns}, {r.sampling.max_new_tokens} new tokens per turn"]
+        parts = [f"[plan] {cfg.env.name} / {cfg.algo.name}: {_count(todo, 'RL iteration')} of "
+                 f"{r.num_tasks * r.group_size} episodes ({r.num_tasks} tasks x {r.group_size}), {turns}, "
+                 f"{r.sampling.max_new_tokens} new tokens per turn"]
         if cfg.warmup.episodes > 0 and not self.run_state.get("warmup_done"):
-            parts.append(f"warm-up: {_count(cfg.warmup.episodes, 'expert episode')}, {_count(cfg.warmup.epochs, 'SFT epoch')}")
-        vals = (["before"] if cfg.trainer.val_before_train else []) + (["after warm-up"] if cfg.warmup.episodes > 0 else [])
+            parts.append(f"warm-up: {_count(cfg.warmup.episodes, 'expert episode')}, "
+                         f"{_count(cfg.warmup.epochs, 'SFT epoch')}")
+        vals = (["before"] if cfg.trainer.val_before_train else []) + (["after warm-up"]
+                                                                       if cfg.warmup.episodes > 0 else [])
         vals += [f"every {cfg.trainer.val_every} iterations"] if cfg.trainer.val_every else []
         parts.append(f"validation: {r.val_num_tasks} held-out tasks ({', '.join(vals + ['at the end'])})")
         return "; ".join(parts)
@@ -306,7 +317,8 @@ class Trainer:
         if not self.dist.distributed:
             return dict(result.stats)
         # what the statistics read of each episode (`Episode.stats`), not the samples' token ids, texts, images
-        everyone = gather_objects(([ep.stats() for ep in result.episodes], {k: result.stats[k] for k in COUNTERS if k in result.stats}))
+        everyone = gather_objects(([ep.stats() for ep in result.episodes],
+                                   {k: result.stats[k] for k in COUNTERS if k in result.stats}))
         counters = {k: sum(c[k] for _, c in everyone if k in c) for k in COUNTERS if any(k in c for _, c in everyone)}
         return rollout_stats([ep for episodes, _ in everyone for ep in episodes], counters)
 
@@ -326,7 +338,8 @@ class Trainer:
         TTI as `tti_on/*` keys of the same record)."""
         cfg = self.cfg
         self.reference_points()
-        tti_off = dataclasses.replace(self.rollout_config.tti, enabled=False)  # nothing forced: the decoder every algorithm shares
+        # nothing forced: the decoder every algorithm shares
+        tti_off = dataclasses.replace(self.rollout_config.tti, enabled=False)
         primary = self.rollout_config.tti if cfg.trainer.val_tti == "on" else tti_off
         result, stats = self._play_validation(tag, primary)
         stats["val_tti_enabled"] = float(bool(primary.enabled))
@@ -349,23 +362,27 @@ class Trainer:
         if "tti_on/success_rate" in stats:
             with_tti = (f"  [TTI on: success {stats['tti_on/success_rate']:.3f}  "
                         f"valid actions {1 - stats['tti_on/invalid_action_rate']:.3f}]")
-        self.log(f"[val {tag}] success {stats['success_rate']:.3f}  valid actions {1 - stats['invalid_action_rate']:.3f}  "
-                 f"reward {stats['episode_reward']:.2f}  turns {stats['episode_length']:.1f}  "
-                 f"({stats['seconds']:.0f}s){with_tti}")
+        self.log(f"[val {tag}] success {stats['success_rate']:.3f}  valid actions "
+                 f"{1 - stats['invalid_action_rate']:.3f}  reward {stats['episode_reward']:.2f}  turns "
+                 f"{stats['episode_length']:.1f}  ({stats['seconds']:.0f}s){with_tti}")
         return stats
 
     def _play_validation(self, label: str, tti) -> tuple[RolloutResult, dict[str, float]]:
         """One pass over the held-out tasks with the thinking intervention `tti` (its `enabled` decides)."""
         cfg = self.cfg
         self.model.eval()
-        seeds = list(range(cfg.rollout.val_num_tasks))  # the same held-out tasks in every run (the split sets them apart)
+        # the same held-out tasks in every run (the split sets them apart)
+        seeds = list(range(cfg.rollout.val_num_tasks))
         seeds = shard_tasks(seeds, self.dist.rank, self.dist.world_size)
         t0 = time.time()
-        previous = next(reversed(self.run_state["validation"].values()), {}).get("seconds")  # the last validation's time
+        # the last validation's time
+        previous = next(reversed(self.run_state["validation"].values()), {}).get("seconds")
         with self._rollout_weights(), Progress(len(seeds), f"[val {label}]", "episode", disable=self.quiet,
                                                expected_seconds=previous) as bar:
-            result = collect_rollouts(EnginePolicy(self.engine, self.rollout_config.val_sampling, tti), self.val_env, seeds,
-                                      self._play_settings(group_size=1), seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank,
+            result = collect_rollouts(EnginePolicy(self.engine, self.rollout_config.val_sampling, tti),
+                                      self.val_env, seeds,
+                                      self._play_settings(group_size=1),
+                                      seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank,
                                       progress=bar)
         return result, {**self._global_stats(result), "seconds": from_rank0(time.time() - t0)}
 
@@ -375,7 +392,8 @@ class Trainer:
         if "references" not in self.run_state:
             seeds = list(range(self.cfg.rollout.val_num_tasks))
             refs = references.reference_points(self.val_env, seeds, self.cfg.rollout.max_turns)
-            self.run_state["references"] = {k: v and {key: v[key] for key in ("success", "stderr", "method")} for k, v in refs.items()}
+            self.run_state["references"] = {k: v and {key: v[key] for key in ("success", "stderr", "method")}
+                                            for k, v in refs.items()}
             self.runlog.save_state()
         return self.run_state["references"]
 
@@ -398,11 +416,13 @@ class Trainer:
         convs = [c for c in play_expert_episodes(self.train_env, seeds, cfg.rollout.max_turns) if c.steps]
         save_conversations(convs, self.run_dir / "warmup_demos.jsonl")
         examples = tokenize_conversations(convs, self.tokenizer, cfg.rollout.max_prompt_tokens)
-        self.log(f"[warm-up] {len(convs)} expert episodes ({sum(c.won for c in convs)} won), {len(examples)} steps; SFT for {cfg.warmup.epochs} epochs")
+        self.log(f"[warm-up] {len(convs)} expert episodes ({sum(c.won for c in convs)} won), {len(examples)} steps; "
+                 f"SFT for {cfg.warmup.epochs} epochs")
         steps = sft_steps(len(examples), cfg.warmup.epochs, cfg.warmup.batch_size)
         with Progress(steps, "[warm-up SFT]", "step", disable=self.quiet) as bar:
             losses = sft_train(self.model, self.tokenizer, examples, epochs=cfg.warmup.epochs, lr=cfg.warmup.lr,
-                               batch_size=cfg.warmup.batch_size, micro_batch_tokens=cfg.optim.micro_batch_tokens, seed=cfg.trainer.seed,
+                               batch_size=cfg.warmup.batch_size, micro_batch_tokens=cfg.optim.micro_batch_tokens,
+                               seed=cfg.trainer.seed,
                                log=lambda m: self.trackers.log_metrics(m, step=int(m["sft/epoch"])), progress=bar)
         # This run's base model from here on: the warm-up merged into the base weights. On disk a LoRA
         # warm-up is its adapter (a few MB; `load_model` merges it into the base it names), full
@@ -414,12 +434,14 @@ class Trainer:
         self._wrap_trainable()
         self._sync_engine()
         self.run_state["warmup_done"] = True
-        self.run_state["warmup"] = {"episodes": len(convs), "steps": len(examples), "losses": losses, "seconds": time.time() - t0}
+        self.run_state["warmup"] = {"episodes": len(convs), "steps": len(examples), "losses": losses,
+                                    "seconds": time.time() - t0}
         self.runlog.save_state()
         self.log(f"[warm-up] SFT loss {losses[0]:.3f} -> {losses[-1]:.3f} ({time.time() - t0:.0f}s)")
 
     # ------------------------------------------------------------------ advantages
-    def compute_advantages(self, samples: list[StepSample], values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    def compute_advantages(self, samples: list[StepSample], values: np.ndarray | None = None) -> tuple[np.ndarray,
+            np.ndarray | None, dict]:
         """Per-sample advantages (and per-sample critic returns for an algorithm with a critic), by
         the estimator of `algo.name` (t2po.algos.ALGORITHMS)."""
         out = self.cfg.algorithm.advantages(_step_batch(samples, values), self.cfg.algo)
@@ -446,18 +468,21 @@ class Trainer:
         for group in pack_by_length(lengths, self.cfg.optim.micro_batch_tokens):
             mb = make_micro_batch(group, prompts, responses, pad, pixels)
             mb.indices = [idx[g] for g in group]
-            if self.dist.distributed:  # sharded ranks gather each layer once per forward pass, all the same number of times
+            # sharded ranks gather each layer once per forward pass, all the same number of times
+            if self.dist.distributed:
                 mb.shared = 0
             yield mb.to(self.device)
 
     @torch.no_grad()
-    def _score_samples(self, samples: list[StepSample]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, np.ndarray | None]:
+    def _score_samples(self, samples: list[StepSample]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None,
+                                                                 np.ndarray | None]:
         """Old log-probs (current policy before the update), reference log-probs, critic values."""
         if not self.cfg.optim.recompute_logprobs and self.cfg.algo.kl_coef <= 0 and self.value_head is None:
             return [torch.tensor(s.rollout_logprobs, dtype=torch.float32) for s in samples], None, None
         self.model.eval()
         old: list[torch.Tensor] = [None] * len(samples)  # type: ignore[list-item]
-        ref: list[torch.Tensor] | None = [None] * len(samples) if self.cfg.algo.kl_coef > 0 else None  # type: ignore[list-item]
+        ref: list[torch.Tensor] | None = (
+            [None] * len(samples) if self.cfg.algo.kl_coef > 0 else None)  # type: ignore[list-item]
         values = np.zeros(len(samples)) if self.value_head is not None else None
         bf16 = self.cfg.optim.bf16
         # the states entering the first trained layer, recorded here and replayed by this iteration's
@@ -470,8 +495,10 @@ class Trainer:
         return old, ref, values
 
     def _score_into(self, samples, old, ref, values, bf16) -> None:
-        bar = Progress(len(samples), "[old log-probs]" if ref is None else "[old and reference log-probs]", "sample", disable=self.quiet,
-                       expected_seconds=self.timer.last.get("old_logprob", 0) + self.timer.last.get("reference", 0) or None)
+        bar = Progress(len(samples), "[old log-probs]" if ref is None else "[old and reference log-probs]", "sample",
+                       disable=self.quiet,
+                       expected_seconds=self.timer.last.get("old_logprob", 0)
+                       + self.timer.last.get("reference", 0) or None)
         for mb in self._micro_batches(list(range(len(samples))), samples):
             bar.update(0, note=f"micro-batch of {len(mb.indices)}")
             out = forward_micro_batch(self.model, mb, value_head=self.value_head, autocast_bf16=bf16, trunk=self.trunk)
@@ -531,11 +558,13 @@ class Trainer:
         self._set_lr()
         return metrics
 
-    def _micro_batch_loss(self, mb, batch: TrainingBatch, share, real: bool) -> tuple[torch.Tensor, float, dict[str, float]]:
+    def _micro_batch_loss(self, mb, batch: TrainingBatch, share, real: bool) -> tuple[torch.Tensor, float,
+                                                                                      dict[str, float]]:
         """The loss component on one micro-batch, its weight in the mini-batch mean (token-mean: by
         tokens; seq-mean: by rows; 0 for a filler), and its metrics."""
         a = self.cfg.algo
-        out = forward_micro_batch(self.model, mb, with_entropy=True, value_head=self.value_head, autocast_bf16=self.cfg.optim.bf16,
+        out = forward_micro_batch(self.model, mb, with_entropy=True, value_head=self.value_head,
+                                  autocast_bf16=self.cfg.optim.bf16,
                                   trunk=self.trunk if real else None)
         rows = batch.rows(mb.indices, mb.response_mask)
         loss, metrics = self.loss_fn(LossBatch(out["logp"], out["entropy"], values=out.get("values"), **rows), a)
@@ -552,11 +581,13 @@ class Trainer:
         cfg = self.cfg
         self.model.eval()
         episodes = len(shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size)) * cfg.rollout.group_size
-        with self.timer("rollout"), self._rollout_weights(), Progress(episodes, f"[rollout iter {it + 1}]", "episode", disable=self.quiet,
-                                                                      expected_seconds=self.timer.last.get("rollout")) as bar:
+        with self.timer("rollout"), self._rollout_weights(), Progress(episodes, f"[rollout iter {it + 1}]", "episode",
+                                                                      disable=self.quiet,
+                expected_seconds=self.timer.last.get("rollout")) as bar:
             result: RolloutResult = collect_rollouts(
                 EnginePolicy(self.engine, self.rollout_config.sampling, self.rollout_config.tti), self.train_env,
-                shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size), self._play_settings(cfg.rollout.group_size),
+                shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size),
+                                                     self._play_settings(cfg.rollout.group_size),
                 seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank, resampler=self.tds, progress=bar)
         kill_point("rollout", it + 1)
         samples = result.samples
@@ -567,7 +598,8 @@ class Trainer:
         if self.tds_threshold is not None:
             metrics["rollout/tds_eta"] = self.tds_threshold.eta()  # the relative threshold after this iteration
         if self.dist.distributed and sum_over_ranks(float(not samples)) > 0:
-            raise RuntimeError(f"iteration {it}: a rank has no training sample left (dynamic sampling dropped all its groups); use more tasks per rank")
+            raise RuntimeError(f"iteration {it}: a rank has no training sample left (dynamic sampling dropped all its "
+                               "groups); use more tasks per rank")
         if samples:
             with self.timer("old_logprob"):  # less the reference pass inside it (`_score_into`)
                 old, ref, values = self._score_samples(samples)
@@ -575,7 +607,8 @@ class Trainer:
                 adv, returns, adv_info = self.compute_advantages(samples, values)
             metrics.update(adv_info)
             with self.timer("update"):
-                batch = TrainingBatch.build([s.forced_mask for s in samples], old, adv, ref, values, returns, cfg.algo.mask_forced_tokens,
+                batch = TrainingBatch.build([s.forced_mask for s in samples], old, adv, ref, values, returns,
+                                            cfg.algo.mask_forced_tokens,
                                             self.device)
                 metrics.update({f"actor/{k}": v for k, v in self.update(samples, batch, it).items()})
                 self._sync_engine()
@@ -684,11 +717,11 @@ class Trainer:
 
     def _progress_line(self, it: int, m: dict) -> str:
         return (f"[iter {it + 1}/{self.cfg.trainer.iterations}] success {m.get('rollout/success_rate', 0):.3f}  "
-                f"reward {m.get('rollout/episode_reward', 0):.2f}  invalid {m.get('rollout/invalid_action_rate', 0):.2f}  "
-                f"tds {m.get('rollout/tds_flag_rate', 0):.2f}/elig  tti {m.get('rollout/tti_stagnation_triggers', 0):.0f}/{m.get('rollout/tti_budget_triggers', 0):.0f}  "
-                f"think {m.get('rollout/think_length', 0):.0f}  "
-                f"grad {m.get('actor/grad_norm', float('nan')):.3f}  kl {m.get('actor/approx_kl', float('nan')):.4f}  "
-                f"({self._time_line(it, m)})")
+                f"reward {m.get('rollout/episode_reward', 0):.2f}  invalid "
+                f"{m.get('rollout/invalid_action_rate', 0):.2f}  tds {m.get('rollout/tds_flag_rate', 0):.2f}/elig  tti "
+                f"{m.get('rollout/tti_stagnation_triggers', 0):.0f}/{m.get('rollout/tti_budget_triggers', 0):.0f}  "
+                f"think {m.get('rollout/think_length', 0):.0f}  grad {m.get('actor/grad_norm', float('nan')):.3f}  kl "
+                f"{m.get('actor/approx_kl', float('nan')):.4f}  ({self._time_line(it, m)})")
 
     def _time_line(self, it: int, m: dict) -> str:
         """Where iteration `it` spent its time, and the time left at this session's measured rates:
@@ -707,7 +740,9 @@ class Trainer:
             if tag not in val:
                 return None
             v = val[tag]
-            return {"success_rate": v["success_rate"], "success_stderr": v.get("success_stderr"), "valid_action_rate": 1 - v["invalid_action_rate"], "episode_reward": v["episode_reward"], "episode_length": v["episode_length"]}
+            return {"success_rate": v["success_rate"], "success_stderr": v.get("success_stderr"),
+                    "valid_action_rate": 1 - v["invalid_action_rate"], "episode_reward": v["episode_reward"],
+                    "episode_length": v["episode_length"]}
 
         return {
             "run_dir": str(self.run_dir),
@@ -721,7 +756,8 @@ class Trainer:
             "after_rl": pick("final"),
             "validation_tasks": self.cfg.rollout.val_num_tasks,
             "references": self.run_state.get("references", {}),
-            "validation_curve": [{"tag": t, "step": validation_step(t, self.cfg.trainer.iterations), "success_rate": v["success_rate"]}
+            "validation_curve": [{"tag": t, "step": validation_step(t, self.cfg.trainer.iterations),
+                                  "success_rate": v["success_rate"]}
                                  for t, v in val.items()],
             # what a result depends on beyond the config (Search QA: the corpus the retriever served)
             **({"environment": described} if (described := self.val_env.describe()) else {}),
@@ -770,13 +806,16 @@ class _Means:
     def means(self) -> dict[str, float]:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 # the console names of the time/<phase> metrics, in the order an iteration runs them
-PHASE_LABELS = (("rollout", "rollout"), ("old_logprob", "old log-probs"), ("reference", "reference"), ("advantages", "advantages"),
-                ("update", "update"), ("validation", "validation"), ("checkpoint", "checkpoint"), ("tracking", "tracking"))
+PHASE_LABELS = (("rollout", "rollout"), ("old_logprob", "old log-probs"), ("reference", "reference"),
+                ("advantages", "advantages"),
+                ("update", "update"), ("validation", "validation"), ("checkpoint", "checkpoint"),
+                ("tracking", "tracking"))
 
 
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    return (f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600
+            else f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
 
 
 def _count(n: int, noun: str) -> str:
@@ -784,12 +823,16 @@ def _count(n: int, noun: str) -> str:
 
 
 def format_summary(s: dict) -> str:
-    lines = ["", "=" * 72, f"t2po run finished: {s['env']} / {s['algo']}, {_count(s['iterations'], 'iteration')}, {s['seconds'] / 60:.1f} min",
+    lines = ["", "=" * 72,
+            f"t2po run finished: {s['env']} / {s['algo']}, {_count(s['iterations'], 'iteration')}, "
+            f"{s['seconds'] / 60:.1f} min",
              f"  held-out validation ({s['validation_tasks']} tasks):            success   valid actions   reward"]
-    for key, label in (("before", "before training"), ("before_warmup", "before warm-up"), ("after_warmup", "after warm-up (SFT)"), ("after_rl", "after RL")):
+    for key, label in (("before", "before training"), ("before_warmup", "before warm-up"),
+                       ("after_warmup", "after warm-up (SFT)"), ("after_rl", "after RL")):
         v = s.get(key)
         if v:
-            lines.append(f"    {label:<38} {v['success_rate']:>7.3f}   {v['valid_action_rate']:>13.3f}   {v['episode_reward']:>6.2f}")
+            lines.append(f"    {label:<38} {v['success_rate']:>7.3f}   {v['valid_action_rate']:>13.3f}   "
+                         f"{v['episode_reward']:>6.2f}")
     refs = s.get("references") or {}
     for key, label in (("random", "random mover (same tasks)"), ("expert", "expert (same tasks)")):
         if refs.get(key):
@@ -797,9 +840,11 @@ def format_summary(s: dict) -> str:
             lines.append(f"    {label:<38} {r['success']:>7.3f}   ({r['method']})")
     final, chance = s.get("after_rl"), refs.get("random")
     if final and chance and final["success_rate"] < chance["success"]:
-        lines.append(f"  ! held-out success after RL ({final['success_rate']:.3f}) is below the random mover's ({chance['success']:.3f})")
+        lines.append(f"  ! held-out success after RL ({final['success_rate']:.3f}) is below the random mover's "
+                     f"({chance['success']:.3f})")
     if final and final.get("success_stderr") is not None:
-        lines.append(f"  standard error of one validation's success: +-{final['success_stderr']:.3f} (binomial, {s['validation_tasks']} tasks)")
+        lines.append(f"  standard error of one validation's success: +-{final['success_stderr']:.3f} (binomial, "
+                     f"{s['validation_tasks']} tasks)")
     corpus = (s.get("environment") or {}).get("corpus")
     if corpus:
         lines.append(f"  corpus: {corpus['name']} ({corpus['num_passages']:,} passages, {corpus['path']})")
@@ -820,7 +865,8 @@ def new_run_dir(cfg: Config) -> Path:
     with `-2`, `-3`, ... when a run started in the same second already took it."""
     from t2po.paths import check_run_name, output_path
 
-    output_path(cfg.trainer.output_dir, "trainer.output_dir", parent=True)  # the path rule (t2po/paths.py): not inside another run
+    # the path rule (t2po/paths.py): not inside another run
+    output_path(cfg.trainer.output_dir, "trainer.output_dir", parent=True)
     parent = Path(cfg.trainer.output_dir)
     if cfg.trainer.run_name:
         run_dir = parent / check_run_name(cfg.trainer.run_name)

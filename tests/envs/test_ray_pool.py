@@ -51,7 +51,8 @@ def test_same_seeds_and_actions_give_the_same_episodes(pool):
     seeds = [3, 3, 4, 5, 6]
     states_pool, states_local = pool.reset(seeds), local.reset(seeds)
     assert [s.info["room_seed"] for s in states_pool] == seeds
-    script = [["up", "left", "bogus", "down", "right"], ["left", None, "up", "up", "down"], ["down", "right", "left", None, "up"]]
+    script = [["up", "left", "bogus", "down", "right"], ["left", None, "up", "up", "down"],
+              ["down", "right", "left", None, "up"]]
     history: list[list[tuple[str, str]]] = [[] for _ in seeds]
     for actions in script:
         for i, (a, b) in enumerate(zip(states_pool, states_local)):

@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from t2po.checkpoints import (Checkpointer, atomic_dir, atomic_write_text, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
+from t2po.checkpoints import (Checkpointer, atomic_dir, atomic_write_text, checkpoint_dir, latest_checkpoint,
+                              load_checkpoint, prune_checkpoints,
                               save_checkpoint)
 from t2po.config import ModelConfig
 from t2po.locate import load_local_model, locate_model
@@ -44,28 +45,32 @@ def _trainable(model, value_head) -> dict[str, torch.Tensor]:
 
 
 def _optimizer_tensors(optimizer) -> dict[str, torch.Tensor]:
-    return {f"{pid}.{k}": v for pid, s in optimizer.state_dict()["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    return {f"{pid}.{k}": v for pid, s in optimizer.state_dict()["state"].items() for k, v in s.items()
+            if torch.is_tensor(v)}
 
 
 @pytest.mark.parametrize("lora", [True, False])
 def test_save_then_load_restores_weights_optimizer_rng_and_state(tiny_model_dir, tmp_path, lora):
     model, optimizer, value_head = _policy(tiny_model_dir, lora)
     _train_step(model, optimizer, value_head)  # non-zero LoRA B, optimizer moments, a moved critic
-    ckpt = save_checkpoint(tmp_path / "checkpoints", 3, model, optimizer, {"scheduler_step": 7}, value_head=value_head, lora=lora)
+    ckpt = save_checkpoint(tmp_path / "checkpoints", 3, model, optimizer, {"scheduler_step": 7},
+                           value_head=value_head, lora=lora)
     assert ckpt == checkpoint_dir(tmp_path / "checkpoints", 3) and (ckpt / ("adapter" if lora else "model")).is_dir()
     saved, saved_rng = _trainable(model, value_head), torch.get_rng_state()
     torch.rand(10)  # the RNG moves on after the save
 
     fresh, fresh_optimizer, fresh_head = _policy(tiny_model_dir, lora)
     before = _trainable(fresh, fresh_head)
-    assert any(not torch.equal(before[k], saved[k]) for k in saved), "the fresh policy must differ, or the test shows nothing"
+    assert any(not torch.equal(before[k], saved[k])
+               for k in saved), "the fresh policy must differ, or the test shows nothing"
     state = load_checkpoint(ckpt, fresh, fresh_optimizer, fresh_head, lora=lora)
     assert state == {"scheduler_step": 7, "iteration": 3}
     loaded = _trainable(fresh, fresh_head)
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     a, b = _optimizer_tensors(optimizer), _optimizer_tensors(fresh_optimizer)
     assert a.keys() == b.keys() and len(a) > 0 and all(torch.equal(a[k], b[k]) for k in a)
-    groups = [json.loads(json.dumps(o.state_dict()["param_groups"])) for o in (optimizer, fresh_optimizer)]  # JSON: betas come back a list
+    # JSON: betas come back a list
+    groups = [json.loads(json.dumps(o.state_dict()["param_groups"])) for o in (optimizer, fresh_optimizer)]
     assert groups[0] == groups[1]
     assert torch.equal(torch.get_rng_state(), saved_rng), "the RNG state is the one at the save"
 
@@ -78,10 +83,12 @@ def test_checkpointer_names_its_base_and_loads_the_newest_readable_one(tiny_mode
     checkpoints = Checkpointer(tmp_path, notes.append)
     assert checkpoints.load_newest(model, optimizer, None, lora=True) is None and notes == []
     _train_step(model, optimizer, torch.nn.Linear(model.config.hidden_size, 1))
-    first = checkpoints.save(1, model, optimizer, {"scheduler_step": 1}, base_path=str(tiny_model_dir), lora=True, keep=3)
+    first = checkpoints.save(1, model, optimizer, {"scheduler_step": 1}, base_path=str(tiny_model_dir),
+                             lora=True, keep=3)
     adapter = json.loads((first / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(tiny_model_dir)
-    newest = checkpoints.save(2, model, optimizer, {"scheduler_step": 2}, base_path=str(tiny_model_dir), lora=True, keep=3)
+    newest = checkpoints.save(2, model, optimizer, {"scheduler_step": 2}, base_path=str(tiny_model_dir),
+                              lora=True, keep=3)
     assert checkpoints.complete() == [newest, first] and checkpoints.latest() == newest
     damaged = newest / "optimizer.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:100])
@@ -148,7 +155,8 @@ def test_atomic_write_text_leaves_the_old_file_when_the_write_fails(tmp_path, mo
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left"):
         atomic_write_text(path, "new\n" * 1000)
-    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"], "no partial or temporary file"
+    assert path.read_text() == "old\n" and [p.name
+            for p in tmp_path.iterdir()] == ["config.yaml"], "no partial or temporary file"
     monkeypatch.undo()
     atomic_write_text(path, "new\n")
     assert path.read_text() == "new\n" and len(list(tmp_path.iterdir())) == 1
@@ -167,7 +175,8 @@ def test_atomic_dir_is_complete_or_absent(tmp_path):
         with atomic_dir(target) as tmp:
             (tmp / "new.json").write_text("{}")
             raise RuntimeError("killed while saving")
-    assert [p.name for p in target.iterdir()] == ["old.json"] and list(tmp_path.iterdir()) == [target], "the old folder stays whole"
+    assert ([p.name for p in target.iterdir()] == ["old.json"]
+            and list(tmp_path.iterdir()) == [target]), "the old folder stays whole"
     with atomic_dir(target) as tmp:
         (tmp / "new.json").write_text("{}")
     assert [p.name for p in target.iterdir()] == ["new.json"], "a completed block replaces the folder"
@@ -179,10 +188,13 @@ def _write_run_folder(root: Path, model_dir: Path, model, iterations: list[int])
 
     run = root / "sokoban-t2po-test"
     (run / "checkpoints").mkdir(parents=True)
-    config = {"model": {"path": str(model_dir)}, "env": {"name": "sokoban", "options": {"dim_room": [5, 5]}, "val_options": {}},
-              "rollout": {"max_new_tokens": 12, "tti_budget": 7, "val_temperature": 0.6, "val_top_p": 0.95, "val_top_k": 20}}
+    config = {"model": {"path": str(model_dir)},
+              "env": {"name": "sokoban", "options": {"dim_room": [5, 5]}, "val_options": {}},
+              "rollout": {"max_new_tokens": 12, "tti_budget": 7, "val_temperature": 0.6, "val_top_p": 0.95,
+                          "val_top_k": 20}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(model,
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -219,20 +231,23 @@ def test_run_folder_resolves_to_its_latest_checkpoint_merged(tiny_model_dir, tmp
 def test_locate_policy_on_each_kind_of_argument(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_model_dir)}, "rollout": {"tti": {"budget": 5}}}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_model_dir)},
+                                                     "rollout": {"tti": {"budget": 5}}}))
     with pytest.raises(FileNotFoundError, match="has no complete checkpoint yet"):
         locate_model(run)
     ckpt = _fake_checkpoint(run / "checkpoints", "iter_000004")
     for arg in (run, ckpt):  # a run folder, or one of its checkpoints
         source = locate_model(arg)
-        assert (source.checkpoint, source.run_dir, source.base, source.kind) == (ckpt, run, str(tiny_model_dir), "adapter")
+        assert (source.checkpoint, source.run_dir, source.base, source.kind) == (ckpt, run,
+                                                                                 str(tiny_model_dir), "adapter")
         assert source.run_config.rollout.tti.budget == 5, "the run's config, typed"
     (run / "warmup_model").mkdir()
     (run / "warmup_model" / "config.json").write_text("{}")
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(run / "warmup_model" / "model.safetensors"))
-    assert locate_model(run).base == str(run / "warmup_model"), "after a warm-up, checkpoints apply to the warm-up model"
+    assert locate_model(run).base == str(run
+                                         / "warmup_model"), "after a warm-up, checkpoints apply to the warm-up model"
 
     hf = locate_model(tiny_model_dir)
     assert hf.path == Path(tiny_model_dir).resolve() and hf.checkpoint is None and hf.run_config is None
@@ -257,9 +272,11 @@ def test_combine_adapters_reads_target_modules_as_a_set(tmp_path):
 
     def adapter(folder, modules, r, seed):
         folder.mkdir()
-        (folder / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": 2 * r, "target_modules": modules}))
+        (folder / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": 2 * r,
+                                                                "target_modules": modules}))
         g = torch.Generator().manual_seed(seed)
-        save_file({"m.lora_A.weight": torch.randn(r, 6, generator=g), "m.lora_B.weight": torch.randn(5, r, generator=g)},
+        save_file({"m.lora_A.weight": torch.randn(r, 6, generator=g),
+                   "m.lora_B.weight": torch.randn(5, r, generator=g)},
                   str(folder / "adapter_model.safetensors"))
 
     adapter(tmp_path / "warm", ["q_proj", "v_proj", "k_proj"], 2, 0)

@@ -14,7 +14,8 @@ from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
 from t2po.policies import EnginePolicy
-from t2po.rollout import Episode, RolloutSettings, StepSample, StepTrace, TDSConfig, call_seed, collect_rollouts, rollout_stats
+from t2po.rollout import (Episode, RolloutSettings, StepSample, StepTrace, TDSConfig, call_seed,
+                          collect_rollouts, rollout_stats)
 
 
 class RecordingEngine(HFEngine):
@@ -39,7 +40,8 @@ def engine(tiny_model):
 def _run(engine, tds=None, seed=0, max_steps=3):
     env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=max_steps)
     policy = EnginePolicy(engine, SamplingParams(max_new_tokens=10), InterventionConfig(turn_score_skip=0))
-    return collect_rollouts(policy, env, [3, 4], RolloutSettings(group_size=2), seed=seed, resampler=TDSResampler(tds) if tds else None)
+    return collect_rollouts(policy, env, [3, 4], RolloutSettings(group_size=2), seed=seed, resampler=TDSResampler(tds)
+                            if tds else None)
 
 
 def _steps(result):
@@ -82,7 +84,8 @@ def test_tds_regenerates_exactly_the_flagged_rows(engine, tiny_model):
     assert regenerated_rows == sum(s.resampled for s in result.traces)
     assert result.stats.get("tds_regenerations", 0) == regenerated_rows
     assert all(s.resampled == 0 for s in _steps(result) if s.step == 0), "no previous turn: never resampled"
-    assert {s.traj_id for s in _steps(result) if s.step == 1 and s.resampled} == flagged, "second turns: exactly those with 0 < |delta| < eta"
+    assert {s.traj_id for s in _steps(result) if s.step == 1
+            and s.resampled} == flagged, "second turns: exactly those with 0 < |delta| < eta"
     # against the run without TDS: same first turns, the flagged second turns replaced, the others kept
     plain = {(s.traj_id, s.step): s.response_ids for s in off.samples}
     assert off.stats.get("tds_regenerations", 0) == 0 and not any(s.resampled for s in off.traces)
@@ -131,7 +134,8 @@ def test_random_resampling_control_redraws_as_many_turns_chosen_at_random(engine
     second = sorted((s for s in _steps(result) if s.step == 1), key=lambda s: s.traj_id)
     picked = {s.traj_id for s in second if s.resampled}
     rng = np.random.default_rng(call_seed(0, 1, 0))
-    expected = set(np.flatnonzero(random_resample_mask(np.isin(np.arange(4), list(flagged)), np.ones(4, dtype=bool), rng)))
+    expected = set(np.flatnonzero(random_resample_mask(np.isin(np.arange(4), list(flagged)),
+                                                       np.ones(4, dtype=bool), rng)))
     assert expected != flagged, "the control's draw equals the rule's choice here: this test would show nothing"
     assert picked == expected and len(picked) == len(flagged)
     assert {s.traj_id for s in second if s.tds_in_band[0]} == flagged
@@ -172,7 +176,8 @@ class ScriptedAgent:
 
         self.requests.append((prompt, seed))
         text = self.script[prompt]
-        return APIReply(text, prompt_tokens=7, completion_tokens=3, finish_reason="stop" if text else "empty", attempts=1)
+        return APIReply(text, prompt_tokens=7, completion_tokens=3, finish_reason="stop" if text
+                        else "empty", attempts=1)
 
 
 def test_api_policy_plays_by_the_training_loops_rules(engine):
@@ -192,7 +197,8 @@ def test_api_policy_plays_by_the_training_loops_rules(engine):
         assert a.observations == b.observations and a.won == b.won and a.total_reward == b.total_reward
         assert [(t.action, s.valid, s.reward) for s, t in zip(a.samples, a.traces)] == [
             (t.action, s.valid, s.reward) for s, t in zip(b.samples, b.traces)]
-    assert all(s.prompt_text in engine.tokenizer.decode(s.prompt_ids) for s in _steps(local)), "the user message of the engine's chat prompt"
+    assert all(s.prompt_text in engine.tokenizer.decode(s.prompt_ids)
+               for s in _steps(local)), "the user message of the engine's chat prompt"
     assert agent.requests[0] == (local.traces[0].prompt_text, call_seed(5, 0, 0) % (2**31 - 1))
     assert all(s.usage["completion_tokens"] == 3 and s.prompt_ids == [] for s in _steps(api))
 
@@ -200,13 +206,16 @@ def test_api_policy_plays_by_the_training_loops_rules(engine):
 def test_stats_count_responses_cut_at_the_token_limit_and_the_length_range():
     """verl's response_length/clip_ratio: the fraction of responses that ended at max_new_tokens."""
     def sample(n_tokens: int) -> StepSample:
-        return StepSample(prompt_ids=[1], response_ids=[2] * n_tokens, forced_mask=[False] * n_tokens, rollout_logprobs=[0.0] * n_tokens,
-                          reward=0.0, env_reward=0.0, done=False, valid=True, anchor_obs="o", group_id=0, traj_id=0, step=0,
+        return StepSample(prompt_ids=[1], response_ids=[2] * n_tokens, forced_mask=[False] * n_tokens,
+                          rollout_logprobs=[0.0] * n_tokens,
+                          reward=0.0, env_reward=0.0, done=False, valid=True, anchor_obs="o", group_id=0,
+                          traj_id=0, step=0,
                           turn_score=0.0)
 
     samples = [sample(3), sample(8), sample(5), sample(8)]
     traces = [StepTrace("", "", finish_reason=finish) for finish in ("stop", "length", "stop", "length")]
-    episode = Episode(traj_id=0, group_id=0, seed=0, samples=samples, traces=traces, won=False, total_reward=0.0, truncated=True,
+    episode = Episode(traj_id=0, group_id=0, seed=0, samples=samples, traces=traces, won=False,
+                      total_reward=0.0, truncated=True,
                       metrics={}, observations=[])
     stats = rollout_stats([episode])
     assert stats["clip_ratio"] == 0.5
@@ -215,24 +224,33 @@ def test_stats_count_responses_cut_at_the_token_limit_and_the_length_range():
 
 def _step(step, delta, resampled=0, think=0, in_band=(False, False), kept=math.nan, discarded=()):
     """(training record, trace record) of one step."""
-    return (StepSample(prompt_ids=[1], response_ids=[2] * 5, forced_mask=[False] * 5, rollout_logprobs=[0.0] * 5, reward=0.0,
-                       env_reward=0.0, done=False, valid=True, anchor_obs="", group_id=0, traj_id=0, step=step, turn_score=0.5),
-            StepTrace(response_text="", action="", resampled=resampled, tds_delta=delta, think_length=think, tds_in_band=in_band,
+    return (StepSample(prompt_ids=[1], response_ids=[2] * 5, forced_mask=[False] * 5,
+                       rollout_logprobs=[0.0] * 5, reward=0.0,
+                       env_reward=0.0, done=False, valid=True, anchor_obs="", group_id=0, traj_id=0,
+                       step=step, turn_score=0.5),
+            StepTrace(response_text="", action="", resampled=resampled, tds_delta=delta, think_length=think,
+                      tds_in_band=in_band,
                       tds_kept_delta=kept, discarded=[{"tds_delta": d} for d in discarded]))
 
 
 def test_exploration_diagnostics_by_hand():
     """Flag rate over eligible turns (not all steps), the in-band share of eligible turns before and after
-    resampling, |delta| of kept vs discarded samples, delta percentiles (numpy linear), think p90, extra-token fraction."""
-    steps = [_step(0, math.nan, think=0), _step(1, 0.1, resampled=1, think=10, in_band=(True, False), kept=0.4, discarded=[0.1]),
-             _step(1, 0.5, think=20, kept=0.5), _step(2, 0.2, resampled=2, think=30, in_band=(True, True), kept=0.25, discarded=[0.2, 0.15])]
-    episode = Episode(traj_id=0, group_id=0, seed=0, samples=[s for s, _ in steps], traces=[t for _, t in steps], won=False,
+    resampling, |delta| of kept vs discarded samples, delta percentiles (numpy linear), think p90, extra-token
+    fraction."""
+    steps = [_step(0, math.nan, think=0),
+             _step(1, 0.1, resampled=1, think=10, in_band=(True, False), kept=0.4, discarded=[0.1]),
+             _step(1, 0.5, think=20, kept=0.5),
+             _step(2, 0.2, resampled=2, think=30, in_band=(True, True), kept=0.25, discarded=[0.2, 0.15])]
+    episode = Episode(traj_id=0, group_id=0, seed=0, samples=[s for s, _ in steps],
+                      traces=[t for _, t in steps], won=False,
                       total_reward=0.0, truncated=True, metrics={}, observations=[])
     stats = rollout_stats([episode], {"generated_tokens": 200, "tds_extra_tokens": 50, "tds_eligible_turns": 3})
     assert stats["tds_flag_rate"] == pytest.approx(2 / 3)  # 2 of the 3 eligible turns (the first turn is not)
     assert stats["tds_inband_before"] == pytest.approx(2 / 3) and stats["tds_inband_after"] == pytest.approx(1 / 3)
-    assert (stats["tds_kept_delta_mean"], stats["tds_kept_delta_p50"]) == pytest.approx((0.325, 0.325))  # kept of the 2 regenerated
-    assert (stats["tds_discarded_delta_mean"], stats["tds_discarded_delta_p50"]) == pytest.approx((0.15, 0.15))  # 0.1, 0.2, 0.15
+    # kept of the 2 regenerated
+    assert (stats["tds_kept_delta_mean"], stats["tds_kept_delta_p50"]) == pytest.approx((0.325, 0.325))
+    # 0.1, 0.2, 0.15
+    assert (stats["tds_discarded_delta_mean"], stats["tds_discarded_delta_p50"]) == pytest.approx((0.15, 0.15))
     assert "tds_regen_flag_rate" not in stats
     # sorted deltas [0.1, 0.2, 0.5]: p10 at position 0.2 -> 0.12, p50 0.2, p90 at 1.8 -> 0.2 + 0.8 * 0.3
     assert (stats["tds_delta_p10"], stats["tds_delta_p50"], stats["tds_delta_p90"]) == pytest.approx((0.12, 0.2, 0.44))
@@ -244,9 +262,11 @@ def test_relative_tds_threshold_flags_the_quantile_of_the_first_eligible_turn(en
     """With a quantile threshold, a batch's own deltas enter the window first: of the 4 eligible
     second turns (distinct deltas) exactly 2 lie below the median and are regenerated."""
     threshold = TDSQuantileThreshold(0.5, window=64)
-    result = collect_rollouts(EnginePolicy(engine, SamplingParams(max_new_tokens=10), InterventionConfig(turn_score_skip=0)),
+    result = collect_rollouts(EnginePolicy(engine, SamplingParams(max_new_tokens=10),
+                                           InterventionConfig(turn_score_skip=0)),
                               make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3), [3, 4],
-                              RolloutSettings(group_size=2), resampler=TDSResampler(TDSConfig(quantile=0.5, max_try=1), threshold))
+                              RolloutSettings(group_size=2),
+                              resampler=TDSResampler(TDSConfig(quantile=0.5, max_try=1), threshold))
     second = [s for s in _steps(result) if s.step == 1]
     assert len(second) == 4 and len({s.tds_delta for s in second}) == 4
     assert sum(s.resampled for s in second) == 2

@@ -24,7 +24,8 @@ def test_forget_after_drops_the_lost_iterations_metrics_and_validations(tmp_path
         f.write('{"iteration": 4, "lo')  # torn by a kill in mid-write
     log.forget_after(1, final_kept=False)
     assert [m["iteration"] for m in log.metrics()] == [1]
-    assert [json.loads(line)["tag"] for line in (tmp_path / "validation.jsonl").read_text().splitlines()] == ["before", "iter_1"]
+    assert [json.loads(line)["tag"]
+            for line in (tmp_path / "validation.jsonl").read_text().splitlines()] == ["before", "iter_1"]
     assert list(json.loads((tmp_path / "run_state.json").read_text())["validation"]) == ["before", "iter_1"]
     assert any("metrics.jsonl: dropped line 4" in n for n in notes)
 
@@ -43,4 +44,5 @@ def test_a_rank_that_is_not_the_writer_writes_nothing(tmp_path):
     log = RunLog(tmp_path, writer=False)
     log.append_metrics({"iteration": 1})
     log.add_validation("before", {"success_rate": 0.0})
-    assert list(tmp_path.iterdir()) == [] and log.state["validation"] == {"before": {"success_rate": 0.0}} and log.metrics() == []
+    assert (list(tmp_path.iterdir()) == [] and log.state["validation"] == {"before": {"success_rate": 0.0}}
+            and log.metrics() == [])
