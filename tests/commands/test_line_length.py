@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 LIMIT = 120
-# being rewritten on another branch (issue-rl, lines <= 120 there); drop them from here when it is merged
+# being rewritten on another branch (issue-rl); reflow them after it is merged and drop them from here
 ELSEWHERE = {"benchmarks/ablation.py", "tests/commands/test_ablation.py"}
 
 
