@@ -8,8 +8,7 @@ Why not `model.generate`: the loop here gives every guarantee the rollout needs 
 Decoding: every distinct prompt is prefilled once (rows with the same prompt, e.g. the group members
 of a task at turn 0, share it; the beginning all prompts of a call share, e.g. the system turn and
 the task's instructions, is prefilled once for all of them; a prompt the previous call prefilled with the same weights,
-e.g. a TDS
-regeneration, is not prefilled again: `_prefill`), the rows' K/V are assembled left-padded into one
+e.g. a TDS regeneration, is not prefilled again: `_prefill`), the rows' K/V are assembled left-padded into one
 preallocated cache, then the batch decodes one token per step. Per step and row: `logp =
 log_softmax(z)` of the raw logits z; M_t from `logp`; the token is sampled from softmax(z /
 temperature) after top-k then top-p filtering (`sample_tokens`; temperature 0 = greedy argmax); a
@@ -238,9 +237,8 @@ class HFEngine(Engine):
                  new_tokens: int):
         """The batch's KV cache after its prompts, prefilling only the prompts not yet in the prefix
         store (each distinct prompt once, their shared beginning once: `_prefill_forward`). Returns (cache, attention
-        mask, next position per
-        row, logits of the next token [B, V], prompt tokens per row served without a forward pass); the
-        cache has room for `new_tokens` more positions.
+        mask, next position per row, logits of the next token [B, V], prompt tokens per row served without a forward
+        pass); the cache has room for `new_tokens` more positions.
 
         The store keeps the prefilled K/V of the previous call's distinct prompts (unpadded, with the
         next-token logits and next position), so a TDS regeneration of the same turn (docs/method.md §3)

@@ -82,8 +82,7 @@ class RayEnvPool(BatchEnv):
     `num_cpus_per_worker` is what Ray reserves for each actor for its lifetime (a pool of k workers
     then needs k times that many free CPUs); None keeps Ray's actor default (a free CPU to be
     placed, none held while running), so that a training and a validation pool fit on any machine. Other actor options
-    (memory,
-    resources, runtime_env) go in `actor_options`, passed to `ray.remote(...).options()`. Workers
+    (memory, resources, runtime_env) go in `actor_options`, passed to `ray.remote(...).options()`. Workers
     that have not started after `startup_timeout_s` (Ray cannot place them) are an error rather
     than a silent wait.
     """

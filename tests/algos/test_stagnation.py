@@ -49,8 +49,7 @@ def test_noise_rarely_looks_stagnant_at_any_scale(phi, scale):
 @pytest.mark.parametrize("scale", [1.0, 1e-4])
 def test_a_span_flat_within_the_noise_floor_for_k_tokens_fires(scale):
     """12 noisy tokens give the row its noise floor (the median |change|), then M jumps to a level and stays there to
-    within
-    0.05 x that floor for K + 1 tokens (K changes, each <= 0.1 x the floor): stagnation ends every such span."""
+    within 0.05 x that floor for K + 1 tokens (K changes, each <= 0.1 x the floor): stagnation ends every such span."""
     rng = np.random.default_rng(1)
     noisy = rng.standard_normal((200, 12))
     floor = np.median(np.abs(np.diff(noisy, axis=1)), axis=1, keepdims=True)

@@ -43,15 +43,15 @@ class GuessEnv(BatchEnv):
             self.guesses[i].append(guess)
             won = guess == self.targets[i]
             text = "Right." if won else ("Higher." if guess < self.targets[i] else "Lower.")
-            out.append(EnvState(observation=text, reward=float(won), done=won, won=won, anchor_obs=f"{text} after \
-{self.guesses[i]}"))
+            out.append(EnvState(observation=text, reward=float(won), done=won, won=won,
+                                anchor_obs=f"{text} after {self.guesses[i]}"))
         return out
 
     def render_prompt(self, index, history, state):
-        past = " ".join(f"[{obs} -> {act}]" for obs, act in history[-self.history_length:]) if self.history_length \
-else ""
-        return f"Guess a number from 1 to {self.high}. {past} {state.observation} Answer \
-<think>...</think><action>N</action>."
+        shown = history[-self.history_length:] if self.history_length else []
+        past = " ".join(f"[{obs} -> {act}]" for obs, act in shown)
+        return (f"Guess a number from 1 to {self.high}. {past} {state.observation} "
+                "Answer <think>...</think><action>N</action>.")
 '''
 
 
@@ -77,11 +77,11 @@ def test_train_one_iteration_on_an_environment_outside_the_package(user_folder, 
           name: my_guess_env:GuessEnv
           options: {{high: 4, max_steps: 2}}
         model: {{path: {tiny_model_dir}, lora_rank: 4, lora_layers: null}}
-        rollout: \
-{{num_tasks: 2, group_size: 2, sampling: {{max_new_tokens: 12}}, val_num_tasks: 1, tti: {{turn_score_skip: 0}}}}
+        rollout: {{num_tasks: 2, group_size: 2, sampling: {{max_new_tokens: 12}}, val_num_tasks: 1,
+                  tti: {{turn_score_skip: 0}}}}
         warmup: {{episodes: 0}}
-        trainer: \
-{{iterations: 1, trackers: [console], report: false, val_before_train: false, output_dir: {tmp_path / 'runs'}}}
+        trainer: {{iterations: 1, trackers: [console], report: false, val_before_train: false,
+                  output_dir: {tmp_path / 'runs'}}}
         """))
     cfg = load_config(str(preset))
     assert cfg.env.name == "my_guess_env:GuessEnv" and cfg.env.options == {"high": 4, "max_steps": 2}
