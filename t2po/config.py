@@ -81,8 +81,8 @@ class ModelConfig:
                     "so bf16 needs optim.recompute_logprobs=true (speed and log-prob figures: "
                     "docs/results/cpu_path.json).")
     lora: bool = _f(True,
-            "Train LoRA adapters (peft) instead of all weights; the reference policy is then the adapter-disabled base "
-            "model.")
+            "Train LoRA adapters (peft) instead of all weights; the reference policy is then "
+            "the adapter-disabled base model.")
     lora_rank: int = _f(16, "LoRA rank r.", range=(1, 4096))
     lora_alpha: int = _f(32, "LoRA scaling alpha.", range=(1, None))
     lora_dropout: float = _f(0.0,
@@ -126,8 +126,8 @@ class VLLMConfig:
     """Settings of the vLLM engine (`rollout.engine=vllm`; docs/scaling.md)."""
 
     gpu_memory_utilization: float = _f(0.35,
-            "Share of the GPU (on the CPU build: of host memory) vLLM takes for weights and KV cache; the trainer "
-            "needs the rest.")
+            "Share of the GPU (on the CPU build: of host memory) vLLM takes for weights and KV "
+            "cache; the trainer needs the rest.")
     kv_cache_gib: float | None = _f(None,
             "KV-cache size in GiB, instead of a share of the memory (on the CPU build the share is taken minus this "
             "process's size, so a fixed size is the reliable setting there).")
@@ -239,8 +239,8 @@ class AlgoConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(1e-5, "Learning rate (paper: 1e-6 for full fine-tuning of 4B models; LoRA on small models needs "
-                         "more).")
+    lr: float = _f(1e-5, "Learning rate (paper: 1e-6 for full fine-tuning of 4B models; "
+                         "LoRA on small models needs more).")
     warmup_ratio: float = _f(0.0, "Linear learning-rate warm-up over this fraction of iterations.")
     weight_decay: float = _f(0.0, "AdamW weight decay.", range=(0, None))
     grad_clip: float = _f(1.0, "Gradient-norm clip.", range=(0, None))
@@ -309,8 +309,8 @@ class TrainerConfig:
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (oldest deleted).", range=(1, 1000))
     trackers: list = _f(["console", "mlflow"], "Trackers: console, mlflow, tensorboard, wandb.")
     trace_episodes: int = _f(2,
-            "Episodes per iteration and per validation kept as rollout traces (traces/*.jsonl and, with mlflow, MLflow "
-            "Traces of the run).", range=(0, 10_000))
+            "Episodes per iteration and per validation kept as rollout traces (traces/*.jsonl and, with "
+            "mlflow, MLflow Traces of the run).", range=(0, 10_000))
     report: bool = _f(True, "Write plots and report.md into <run>/report/ at the end (as `t2po report RUN`).")
     threads: int | None = _f(None, "torch CPU threads (None = torch default).", range=(1, 1024))
     device: str = _f("auto",
@@ -374,8 +374,8 @@ class Config:
                           "kernels give log-probs that differ slightly from the trainer's; set "
                           "optim.recompute_logprobs=true")
         if self.algo.dynamic_sampling and r.tds.enabled:  # explicit True only
-            errors.append("algo.dynamic_sampling and rollout.tds.enabled are alternatives (docs/method.md §3): turn "
-                          "one off")
+            errors.append("algo.dynamic_sampling and rollout.tds.enabled are alternatives "
+                          "(docs/method.md §3): turn one off")
         from t2po.paths import check_run_name, spelling_error  # the path rule (t2po/paths.py)
 
         if self.trainer.run_name is not None:

@@ -100,8 +100,8 @@ def shard_tasks(task_seeds: list[int], rank: int, world_size: int) -> list[int]:
     """This rank's contiguous block of the iteration's task seeds (whole groups per rank; the
     first `len % world_size` ranks get one task more)."""
     if len(task_seeds) < world_size:
-        raise InvalidInput(f"{len(task_seeds)} tasks cannot be shared by {world_size} ranks: set rollout.num_tasks >= "
-                           f"{world_size}")
+        raise InvalidInput(f"{len(task_seeds)} tasks cannot be shared by {world_size} ranks: set "
+                           f"rollout.num_tasks >= {world_size}")
     base, extra = divmod(len(task_seeds), world_size)
     start = rank * base + min(rank, extra)
     return list(task_seeds[start : start + base + (rank < extra)])

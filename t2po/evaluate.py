@@ -420,8 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
     g.add_argument("--model", default=None, metavar="NAME", help="model name at the API (e.g. gpt-4o-mini)")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY",
-            help="environment variable holding the API key (default OPENAI_API_KEY); the key is never printed or "
-                 "stored")
+            help="environment variable holding the API key (default OPENAI_API_KEY); the "
+                 "key is never printed or stored")
     g.add_argument("--concurrency", type=bounded(1, 256), default=4, help="episodes played in parallel (default 4)")
     g.add_argument("--request-timeout", type=bounded(0.001, 3600, float), default=120.0,
                    help="seconds per request before it is retried (default 120)")

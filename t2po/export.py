@@ -103,8 +103,8 @@ def _readme(info: dict, name: str) -> str:
               "",
               "With vLLM: `vllm.LLM(model=\"DIR\", logits_processors=[t2po.engines.vllm_engine.TTILogitsProcessor])` "
               "and each request's",
-              "`SamplingParams` from `t2po.engines.vllm_engine.vllm_request` (or `t2po eval` / `t2po serve` on this "
-              "folder).", ""]
+              "`SamplingParams` from `t2po.engines.vllm_engine.vllm_request` (or `t2po eval` "
+              "/ `t2po serve` on this folder).", ""]
     return "\n".join(lines)
 
 

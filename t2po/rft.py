@@ -35,8 +35,8 @@ def _environment(env: str | None, preset: str | None, options: dict) -> tuple[st
     """The environment and options to collect on: ENV, or the preset's (the options given win)."""
     if preset is None:
         if env is None:
-            raise UserError("name the environment (e.g. `t2po rft collect sokoban`) or a training preset (--preset "
-                            "default).")
+            raise UserError("name the environment (e.g. `t2po rft collect sokoban`) or a "
+                            "training preset (--preset default).")
         return env, options
     from t2po.config import load_config
 
@@ -104,16 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("env", nargs="?", help="environment name (see `t2po envs`); optional with --preset")
     c.add_argument("--preset", default=None,
                    help="take the environment and its options from a training preset (e.g. default, "
-                   "alfworld-cpu), so the collected prompts are the ones `t2po train PRESET` renders; --env-option "
-                   "still overrides")
+                   "alfworld-cpu), so the collected prompts are the ones `t2po train PRESET` "
+                   "renders; --env-option still overrides")
     c.add_argument("--policy", default="expert", help="expert | default | a model folder | a run folder or checkpoint")
     c.add_argument("--episodes", type=EPISODES, default=64, help="tasks played, 1 to 100000 (default 64)")
     c.add_argument("--threshold", type=float, default=0.8, help="keep episodes whose task score is above this")
     c.add_argument("--out", required=True,
                    help="output .jsonl or .parquet (a new file, or one an earlier collect wrote)")
     c.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment option (YAML value), repeatable; the same as env.options.KEY=VALUE, the spelling "
-                        "`t2po train` takes")
+                   help="environment option (YAML value), repeatable; the same as env.options.KEY=VALUE, "
+                        "the spelling `t2po train` takes")
     c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--max-new-tokens", type=NEW_TOKENS, default=128)
     c.add_argument("--engine", default="hf",

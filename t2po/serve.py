@@ -590,8 +590,8 @@ def served_name(path: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="t2po serve",
-        description="Serve a local model or t2po checkpoint through an OpenAI-compatible /v1/chat/completions "
-                    "endpoint.",
+        description="Serve a local model or t2po checkpoint through an OpenAI-compatible "
+                    "/v1/chat/completions endpoint.",
         epilog=FAULTS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -287,8 +287,8 @@ class TensorBoardTracker(Tracker):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise MissingPackage("the tensorboard tracker needs the tensorboard package: pip install "
-                                 "tensorboard") from e
+            raise MissingPackage("the tensorboard tracker needs the tensorboard "
+                                 "package: pip install tensorboard") from e
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in _flatten(params).items()))
 

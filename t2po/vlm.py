@@ -40,8 +40,8 @@ _TEXT_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_id
 PixelInputs = dict[str, torch.Tensor]
 
 #: what counts as a vision-language model, for error messages
-VLM_EXAMPLES = ("a local Qwen2-VL / Qwen2.5-VL / Idefics3 (SmolVLM) directory, or tiny-vlm (a tiny random VLM for CPU "
-                "smoke runs)")
+VLM_EXAMPLES = ("a local Qwen2-VL / Qwen2.5-VL / Idefics3 (SmolVLM) directory, or tiny-vlm (a tiny "
+                "random VLM for CPU smoke runs)")
 NEEDS_VLM = (f"image observations (observation_mode=image or both) need a vision-language model ({VLM_EXAMPLES}), and "
              "this model is text-only: use such a model (model.path=... for t2po train, MODEL for t2po eval), or "
              "observation_mode=text")

@@ -75,8 +75,8 @@ class InterventionConfig:
     think_start: str = _setting("<think>", "Tag that opens a think span.")
     think_end: str = _setting("</think>", "Tag that closes a think span; its tokens are what TTI forces.")
     patience: int | None = _setting(20,
-            "Stagnation patience K: consecutive near-constant M_t steps before the end tag is forced (null = no "
-            "stagnation rule).")
+            "Stagnation patience K: consecutive near-constant M_t steps before the end tag is "
+            "forced (null = no stagnation rule).")
     eps: float = _setting(1e-4,
             "Stagnation threshold eps on |M_t - M_{t-1}| (the paper's; set for a 4B model, it never fires on a 135M "
             "one).")
@@ -100,8 +100,8 @@ class InterventionConfig:
     turn_score_skip: int = _setting(32,
             "The turn score skips this many leading response tokens (docs/method.md §3, reference: "
                                         "32 of 300-500 response tokens; t2po/configs/default.yaml and "
-                                        "t2po/configs/t2po-paper.yaml use 4, the same share of their 40-token "
-                                        "responses).")
+                                        "t2po/configs/t2po-paper.yaml use 4, the same "
+                                        "share of their 40-token responses).")
 
     def check(self, prefix: str = "") -> list[str]:
         """One line per setting that cannot work (`prefix`: where the config holds it, e.g. "rollout.tti.")."""

@@ -339,8 +339,8 @@ class VLLMEngine(Engine):
         """One `Generation` per prompt row, as `HFEngine.generate`: `intervention=None` forces nothing
         but still records M_t, turn scores and think lengths. Text prompts only."""
         if pixel_inputs is not None and any(p is not None for p in pixel_inputs):
-            raise ValueError("the vllm engine reads text prompts only; images go through the transformers engine "
-                             "(rollout.engine=hf)")
+            raise ValueError("the vllm engine reads text prompts only; images go through the "
+                             "transformers engine (rollout.engine=hf)")
         check_request(prompts, sampling)
         config = intervention if intervention is not None else InterventionConfig(enabled=False)
         if not prompts:

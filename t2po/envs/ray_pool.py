@@ -99,8 +99,8 @@ class RayEnvPool(BatchEnv):
         try:
             import ray
         except ImportError as e:
-            raise MissingPackage("RayEnvPool needs Ray: pip install ray==2.60.0 (or use the in-process environment, "
-                                 "the default)") from e
+            raise MissingPackage("RayEnvPool needs Ray: pip install ray==2.60.0 (or use the "
+                                 "in-process environment, the default)") from e
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
             raise InvalidInput(f"num_workers must be an integer >= 1, got {num_workers!r}")
         if num_cpus_per_worker is not None and num_cpus_per_worker < 0:

@@ -122,8 +122,8 @@ def test_an_environment_without_split_is_a_config_error(tmp_path, monkeypatch):
     from t2po.config import ConfigError, load_config
 
     (tmp_path / "no_split_env.py").write_text(
-        "from t2po.envs.base import BatchEnv\n\nclass NoSplit(BatchEnv):\n    def __init__(self, max_steps=2):\n       "
-        " pass\n")
+        "from t2po.envs.base import BatchEnv\n\nclass NoSplit(BatchEnv):\n    def "
+        "__init__(self, max_steps=2):\n        pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     import t2po.envs
 

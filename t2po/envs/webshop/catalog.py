@@ -340,8 +340,8 @@ def _load_official(
         try:
             products.append(_parse_product(raw, attributes, reviews))
         except (KeyError, TypeError) as err:
-            raise InvalidInput(f"{data_dir / products_name}: product {asin} lacks a field WebShop needs "
-                               f"({err!r}).") from err
+            raise InvalidInput(f"{data_dir / products_name}: product {asin} lacks a "
+                               f"field WebShop needs ({err!r}).") from err
 
     rng = random.Random(seed)
     prices = {p.asin: purchase_price(p.pricing, rng) for p in products}
