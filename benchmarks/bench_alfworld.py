@@ -92,7 +92,8 @@ def main() -> None:
         if extra_games > 0:
             per_game = (large["worker_rss_mb_mean"] - small["worker_rss_mb_mean"]) / extra_games
             report["rss_mb_per_game"] = round(per_game, 1)
-            report["rss_mb_worker_without_games"] = round(small["worker_rss_mb_mean"] - per_game * small["games_per_worker"], 1)
+            without_games = small["worker_rss_mb_mean"] - per_game * small["games_per_worker"]
+            report["rss_mb_worker_without_games"] = round(without_games, 1)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,8 @@ def main() -> None:
             f"{r['reset_same_games_s']:.1f} s (same games), worker RSS {r['worker_rss_mb_mean']:.0f} MB"
         )
     if "rss_mb_per_game" in report:
-        print(f"memory: {report['rss_mb_worker_without_games']:.0f} MB per worker + {report['rss_mb_per_game']:.1f} MB per game")
+        print(f"memory: {report['rss_mb_worker_without_games']:.0f} MB per worker + {report['rss_mb_per_game']:.1f} MB "
+              "per game")
     print(f"load average during the run: {report['load_average_1min']} on {report['cpu_count']} CPUs; written to {out}")
 
 

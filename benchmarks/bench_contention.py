@@ -41,7 +41,7 @@ def child(work: str, repeats: int) -> None:
     from t2po.engines.base import SamplingParams
     from t2po.engines.hf import HFEngine
     from t2po.models import load_model
-    from t2po.policy import FrozenTrunk
+    from t2po.forward import FrozenTrunk
 
     model, tokenizer = load_model(dtype=os.environ.get("BENCH_DTYPE", "auto"))
     prompts = main_job_prompts(tokenizer, 32, seed=0)
@@ -66,7 +66,8 @@ def child(work: str, repeats: int) -> None:
             return update(model, optimizer, prompts, responses, old, pad, False, 16, 4096, trunk=trunk)
     run()
     seconds = [run() for _ in range(repeats)]
-    print(json.dumps({"seconds": seconds, "threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype),
+    print(json.dumps({"seconds": seconds, "threads": torch.get_num_threads(),
+                      "dtype": str(next(model.parameters()).dtype),
                       "env": {k: os.environ.get(k) for k in OPENMP_KEYS}}))
 
 
@@ -115,14 +116,17 @@ def main() -> None:
             "idle_new_over_old": median[f"{work}/new/idle"] / median[f"{work}/old/idle"],
             "busy_old_over_new": median[f"{work}/old/busy"] / median[f"{work}/new/busy"],
         }
-        print(f"{work}: busy/idle old {ratios[work]['busy_over_idle_old']:.2f}x, new {ratios[work]['busy_over_idle_new']:.2f}x; "
-              f"idle new/old {ratios[work]['idle_new_over_old']:.3f}")
-    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        print(f"{work}: busy/idle old {ratios[work]['busy_over_idle_old']:.2f}x, new "
+              f"{ratios[work]['busy_over_idle_new']:.2f}x; idle new/old {ratios[work]['idle_new_over_old']:.3f}")
+    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     sys.path.insert(0, str(HERE))
     from time_presets import cpu_kind  # the CPU model, its vector/matrix flags, the dtype `auto` picks
 
-    summary = {"commit": commit, "cpu": cpu_kind(emulate_avx2=False), "wall_seconds": time.time() - start, "median_seconds": median, "ratios": ratios,
-               "settings": {"old": "T2PO_OPENMP=default (torch/libgomp defaults)", "new": "t2po/openmp.py"}, "runs": runs,
+    summary = {"commit": commit, "cpu": cpu_kind(emulate_avx2=False), "wall_seconds": time.time() - start,
+               "median_seconds": median, "ratios": ratios,
+               "settings": {"old": "T2PO_OPENMP=default (torch/libgomp defaults)",
+                            "new": "t2po/openmp.py"}, "runs": runs,
                "load_before": os.getloadavg()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

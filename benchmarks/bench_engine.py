@@ -61,9 +61,11 @@ from t2po.models import load_model
 
 def sokoban_prompts(tokenizer, batch_size: int, seed: int) -> list[list[int]]:
     """Turn-0 prompts of the main job's rooms (distinct seeds, so distinct prompts)."""
-    env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3, history_length=0, prompt_style="compact")
+    env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3, history_length=0,
+                   prompt_style="compact")
     states = env.reset(seeds=[seed + i for i in range(batch_size)])
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": env.render_prompt(i, [], s)}], add_generation_prompt=True)["input_ids"]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": env.render_prompt(i, [], s)}],
+                                             add_generation_prompt=True)["input_ids"]
                for i, s in enumerate(states)]
     env.close()
     return prompts
@@ -95,7 +97,8 @@ def time_hf_generate(model, tokenizer, prompts, max_new_tokens: int, seed: int) 
     torch.manual_seed(seed)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**batch, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+        out = model.generate(**batch, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                             max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id)
     seconds = time.perf_counter() - start
     tokens = 0  # each row's tokens up to and including its first EOS (generate pads finished rows)
@@ -110,7 +113,8 @@ def step_breakdown(model, tokenizer, prompts, repeats: int = 10) -> dict:
     sampling = SamplingParams(temperature=1.0)
     generator = torch.Generator().manual_seed(0)
     tti = ThinkingIntervention.from_tokenizer(tokenizer, token_text=vocabulary_text(tokenizer), budget=10**6)
-    times: dict[str, list[float]] = {"forward": [], "log_softmax": [], "sampling": [], "m_t": [], "m_t_separate_pass": [], "bookkeeping": []}
+    times: dict[str, list[float]] = {"forward": [], "log_softmax": [], "sampling": [], "m_t": [],
+                                     "m_t_separate_pass": [], "bookkeeping": []}
     with torch.inference_mode():
         out = model(input_ids=context, use_cache=True, logits_to_keep=1)
         cache, step = out.past_key_values, context[:, -1:]
@@ -153,7 +157,8 @@ def roofline(model, batch: int, prompt_tokens: float, context: float, repeats: i
     hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    per_layer = [(hidden, q_out), (hidden, kv_out), (hidden, kv_out), (q_out, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+    per_layer = [(hidden, q_out), (hidden, kv_out), (hidden, kv_out), (q_out, hidden), (hidden, inter),
+                 (hidden, inter), (inter, hidden)]
     head = (hidden, config.vocab_size)
 
     def floor(rows: int, shapes) -> tuple[float, float]:
@@ -249,11 +254,14 @@ def main() -> None:
         "engine_speedup_vs_fp32": median("fp32_baseline") / median("bf16"),
         "engine_speedup_vs_fp32_same_decode_step": median("fp32") / median("bf16"),
         "decode_step_speedup_fp32": median("fp32_baseline") / median("fp32"),
-        "engine_vs_hf_generate_tokens_per_s": (median("bf16", "tokens") / median("bf16")) / (median("bf16_hf_generate", "tokens") / median("bf16_hf_generate")),
+        "engine_vs_hf_generate_tokens_per_s": (median("bf16", "tokens") / median("bf16"))
+               / (median("bf16_hf_generate", "tokens") / median("bf16_hf_generate")),
         "tti_monitoring_overhead": median("bf16") / median("bf16_unmonitored") - 1,
         "tti_cost_share_of_decode_step": (breakdown["m_t"] + breakdown["bookkeeping"])
-        / (breakdown["forward"] + breakdown["log_softmax"] + breakdown["sampling"] + breakdown["m_t"] + breakdown["bookkeeping"]),
-        "monitoring_same_tokens": all(m["token_ids"] == u["token_ids"] for m, u in zip(results["bf16"], results["bf16_unmonitored"])),
+        / (breakdown["forward"] + breakdown["log_softmax"] + breakdown["sampling"] + breakdown["m_t"]
+           + breakdown["bookkeeping"]),
+        "monitoring_same_tokens": all(m["token_ids"] == u["token_ids"]
+                                      for m, u in zip(results["bf16"], results["bf16_unmonitored"])),
         "step_breakdown_s": breakdown,
         "roofline": {**limits, "call_floor_s": floor_s},
         "roofline_ratio": median("bf16") / floor_s,
@@ -263,16 +271,20 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     for name in runs:
-        print(f"{name:18s} {summary['seconds'][name]:7.2f} s  {summary['tokens'][name]:6.0f} tokens  {summary['tokens_per_s'][name]:7.1f} tokens/s")
+        print(f"{name:18s} {summary['seconds'][name]:7.2f} s  {summary['tokens'][name]:6.0f} tokens  "
+              f"{summary['tokens_per_s'][name]:7.1f} tokens/s")
     print(f"engine speedup vs the fp32 engine before issue 17: {summary['engine_speedup_vs_fp32']:.2f}x "
-          f"(decode step alone, fp32: {summary['decode_step_speedup_fp32']:.2f}x; bf16 alone: {summary['engine_speedup_vs_fp32_same_decode_step']:.2f}x)")
+          f"(decode step alone, fp32: {summary['decode_step_speedup_fp32']:.2f}x; bf16 alone: "
+          f"{summary['engine_speedup_vs_fp32_same_decode_step']:.2f}x)")
     print(f"engine / model.generate (bf16) tokens/s: {summary['engine_vs_hf_generate_tokens_per_s']:.2f}")
-    print(f"M_t monitoring overhead: {100 * summary['tti_monitoring_overhead']:+.1f}% (same tokens: {summary['monitoring_same_tokens']})")
+    print(f"M_t monitoring overhead: {100 * summary['tti_monitoring_overhead']:+.1f}% (same tokens: "
+          f"{summary['monitoring_same_tokens']})")
     print("per step (ms): " + ", ".join(f"{k} {1000 * v:.2f}" for k, v in breakdown.items()))
-    print(f"TTI's full cost (M_t + bookkeeping) per decode step: {100 * summary['tti_cost_share_of_decode_step']:.2f} %")
+    print(f"TTI's full cost (M_t + bookkeeping) per decode step: {100 * summary['tti_cost_share_of_decode_step']:.2f} "
+          "%")
     print(f"roofline: call floor {floor_s:.2f} s (decode step floor {1000 * limits['decode_step_floor_s']:.1f} ms at "
-          f"{limits['decode_matmul_gflops_per_s']:.0f} GFLOP/s, {limits['bandwidth_gb_per_s']:.1f} GB/s; prefill {limits['prefill_matmul_s']:.2f} s); "
-          f"measured / floor = {summary['roofline_ratio']:.2f}")
+          f"{limits['decode_matmul_gflops_per_s']:.0f} GFLOP/s, {limits['bandwidth_gb_per_s']:.1f} GB/s; prefill "
+          f"{limits['prefill_matmul_s']:.2f} s); measured / floor = {summary['roofline_ratio']:.2f}")
     print(f"wrote {out}")
 
 

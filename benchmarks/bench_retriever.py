@@ -1,7 +1,8 @@
 """Retrieval server benchmark: index build time, corpus size, and query throughput/latency over HTTP.
 
     python benchmarks/bench_retriever.py [--retriever bm25|dense] [--corpus FILE] [--requests 300]
-                                         [--batch-size 32] [--batch-requests 20] [--out bench_results/bench_retriever.json]
+                                         [--batch-size 32] [--batch-requests 20] [--out
+                                         bench_results/bench_retriever.json]
 
 - Builds the corpus from the shared Search QA data (unless `--corpus` is given) and its index in a fresh
   temporary cache (unless `--cache` names one), so that the build times are measured, not read from a

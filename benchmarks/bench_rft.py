@@ -48,7 +48,8 @@ def evaluate(model: str | None, work: Path, name: str, episodes: int, env_option
                       "--max-new-tokens", str(max_new_tokens), "--out", str(out), "--quiet", *options)
     summary = json.loads((out / "eval.json").read_text())["summary"]["all"]
     return {"valid_action_rate": 1 - summary["invalid_action_rate"], "success": summary["success"],
-            "success_stderr": summary["success_stderr"], "mean_turns": summary["mean_turns"], "episodes": summary["episodes"],
+            "success_stderr": summary["success_stderr"], "mean_turns": summary["mean_turns"],
+            "episodes": summary["episodes"],
             "seconds": seconds}
 
 
@@ -58,8 +59,10 @@ def main() -> int:
     parser.add_argument("--eval-episodes", type=int, default=32, help="held-out rooms played before and after SFT")
     parser.add_argument("--epochs", type=int, default=3, help="SFT epochs")
     parser.add_argument("--lr", type=float, default=1e-3, help="SFT learning rate (LoRA)")
-    parser.add_argument("--max-new-tokens", type=int, default=40, help="response budget per turn (the default preset's)")
-    parser.add_argument("--work", type=Path, default=None, help="folder for the data, model and evaluations (default: a temporary one)")
+    parser.add_argument("--max-new-tokens", type=int, default=40,
+                        help="response budget per turn (the default preset's)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder for the data, model and evaluations (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=REPO / "bench_results" / "bench_rft.json")
     ns = parser.parse_args()
 
@@ -69,12 +72,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-rft-") as tmp:
         work = ns.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        printed, collect_s = t2po("rft", "collect", "--preset", "default", "--policy", "expert", "--episodes", str(ns.episodes),
+        printed, collect_s = t2po("rft", "collect", "--preset", "default", "--policy", "expert", "--episodes",
+                                  str(ns.episodes),
                                   "--out", str(work / "demos.jsonl"))
         print(printed.strip(), flush=True)
         before = evaluate(None, work, "eval-before", ns.eval_episodes, env_options, ns.max_new_tokens)
-        print(f"before SFT: valid actions {before['valid_action_rate']:.3f}, success {before['success']:.3f}", flush=True)
-        printed, sft_s = t2po("sft", str(work / "demos.jsonl"), "--out", str(work / "sft"), "--epochs", str(ns.epochs), "--lr", str(ns.lr))
+        print(f"before SFT: valid actions {before['valid_action_rate']:.3f}, success {before['success']:.3f}",
+              flush=True)
+        printed, sft_s = t2po("sft", str(work / "demos.jsonl"), "--out", str(work / "sft"), "--epochs", str(ns.epochs),
+                              "--lr", str(ns.lr))
         print(printed.strip(), flush=True)
         sft_info = json.loads((work / "sft" / "sft.json").read_text())
         after = evaluate(str(work / "sft"), work, "eval-after", ns.eval_episodes, env_options, ns.max_new_tokens)
@@ -91,7 +97,8 @@ def main() -> int:
         "before": before,
         "after": after,
         "valid_action_rate_gain": after["valid_action_rate"] - before["valid_action_rate"],
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": os.environ.get("OMP_NUM_THREADS")},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch_threads": os.environ.get("OMP_NUM_THREADS")},
     }
     ns.out.parent.mkdir(parents=True, exist_ok=True)
     ns.out.write_text(json.dumps(result, indent=1) + "\n")

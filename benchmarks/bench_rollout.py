@@ -42,14 +42,17 @@ from bench_engine import multinomial_sampler
 
 
 def rollout(model, tokenizer, baseline: bool, seed: int, max_new_tokens: int) -> dict:
-    env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3, history_length=0, prompt_style="compact")
+    env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3, history_length=0,
+                   prompt_style="compact")
     sampler, prompt_key, shared = hf.sample_tokens, hf._prompt_key, hf.shared_prefix_length
     if baseline:  # the engine before issue 17: multinomial sampling, no prefill shared between rows or calls
         rows = itertools.count()
-        hf.sample_tokens, hf._prompt_key, hf.shared_prefix_length = multinomial_sampler, lambda prompt, pixels: (next(rows),), lambda prompts: 0
+        hf.sample_tokens, hf._prompt_key, hf.shared_prefix_length = (multinomial_sampler, lambda prompt,
+                                                                     pixels: (next(rows),), lambda prompts: 0)
     try:
         start = time.perf_counter()
-        policy = EnginePolicy(HFEngine(model, tokenizer), SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens),
+        policy = EnginePolicy(HFEngine(model, tokenizer),
+                              SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens),
                               InterventionConfig(turn_score_skip=4))
         result = collect_rollouts(policy, env, list(range(100, 108)), RolloutSettings(group_size=4),
                                   resampler=TDSResampler(TDSConfig(eta=0.3, max_try=1)), seed=seed)
@@ -57,7 +60,8 @@ def rollout(model, tokenizer, baseline: bool, seed: int, max_new_tokens: int) ->
     finally:
         hf.sample_tokens, hf._prompt_key, hf.shared_prefix_length = sampler, prompt_key, shared
         env.close()
-    keys = ("steps", "generated_tokens", "prompt_tokens", "prefill_tokens", "unique_prompt_tokens", "tds_regenerations", "success_rate")
+    keys = ("steps", "generated_tokens", "prompt_tokens", "prefill_tokens", "unique_prompt_tokens",
+            "tds_regenerations", "success_rate")
     return {"seconds": seconds, **{k: result.stats[k] for k in keys}}
 
 
@@ -93,7 +97,8 @@ def main() -> None:
         "rollout_speedup_vs_fp32": median("fp32_baseline", "seconds") / median("default", "seconds"),
         "generated_tokens_per_s": {name: median(name, "generated_tokens") / median(name, "seconds") for name in runs},
         "prefill_tokens_over_unique": median("default", "prefill_tokens") / median("default", "unique_prompt_tokens"),
-        "baseline_prefill_tokens_over_unique": median("fp32_baseline", "prefill_tokens") / median("fp32_baseline", "unique_prompt_tokens"),
+        "baseline_prefill_tokens_over_unique": median("fp32_baseline", "prefill_tokens")
+               / median("fp32_baseline", "unique_prompt_tokens"),
         "all": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

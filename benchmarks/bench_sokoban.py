@@ -91,7 +91,8 @@ def prompt_tokens(gguf: str) -> dict:
         return len(tokenizer(text)["input_ids"])
 
     def chat(text: str) -> int:
-        return count(tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True))
+        return count(tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                   add_generation_prompt=True))
 
     return {
         "grid": count(state.observation),
@@ -108,7 +109,8 @@ def main() -> None:
     parser.add_argument("--rooms", type=int, default=500, help="rooms generated and solved per num_gen_steps value")
     parser.add_argument("--batch", type=int, default=32, help="instances stepped together in the steps/s test")
     parser.add_argument("--steps", type=int, default=200, help="batched steps in the steps/s test")
-    parser.add_argument("--tokenizer-gguf", default=_default_gguf(), help="GGUF file with the SmolLM2 tokenizer ('' skips)")
+    parser.add_argument("--tokenizer-gguf", default=_default_gguf(),
+                        help="GGUF file with the SmolLM2 tokenizer ('' skips)")
     parser.add_argument("--out", default="bench_results/bench_sokoban.json")
     args = parser.parse_args()
 

@@ -25,7 +25,7 @@ The trainer's step at the default precision (bf16), old-log-prob pass + update, 
 (alternated, medians): `whole_rows` (every row runs every layer: the trainer before these features),
 `shared_prefix` (the beginning all rows of a micro-batch share runs once, `MicroBatch.shared`), and
 `shared_prefix_trunk` (the default: also the layers below LoRA run only in the old-log-prob pass and
-the update replays their output, `t2po.policy.FrozenTrunk`). `trainer_step_speedup_vs_whole_rows`.
+the update replays their output, `t2po.forward.FrozenTrunk`). `trainer_step_speedup_vs_whole_rows`.
 
 Log-prob agreement: the engine samples with the precision's weights (its own log-probs are the old
 log-probs when `optim.recompute_logprobs=false`); the trainer's forward in the same precision scores
@@ -52,17 +52,20 @@ from t2po.algos.losses import ppo_policy_loss
 from t2po.engines.base import SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
+from t2po.forward import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.models import load_model, lora_targets
-from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 
-PRECISIONS = {"fp32": (torch.float32, False), "fp32_autocast": (torch.float32, True), "bf16": (torch.bfloat16, False), "bf16_autocast": (torch.bfloat16, True)}
+PRECISIONS = {"fp32": (torch.float32, False), "fp32_autocast": (torch.float32, True), "bf16": (torch.bfloat16, False),
+              "bf16_autocast": (torch.bfloat16, True)}
 
 
 def main_job_prompts(tokenizer, count: int, seed: int) -> list[list[int]]:
     """Turn-0 prompts of the main job's Sokoban rooms (t2po/configs/default.yaml env options)."""
-    env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3, history_length=0, prompt_style="compact")
+    env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3, history_length=0,
+                   prompt_style="compact")
     states = env.reset(seeds=[seed + i for i in range(count)])
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": env.render_prompt(i, [], s)}], add_generation_prompt=True)["input_ids"]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": env.render_prompt(i, [], s)}],
+                                             add_generation_prompt=True)["input_ids"]
                for i, s in enumerate(states)]
     env.close()
     return prompts
@@ -97,7 +100,8 @@ def update(model, optimizer, prompts, responses, old, pad_id, autocast: bool, mi
             old_lp = torch.zeros_like(out["logp"])
             for b, i in enumerate(mb.indices):
                 old_lp[b, : len(old[i])] = old[i]
-            loss, _ = ppo_policy_loss(out["logp"], old_lp, advantages[mb.indices], mb.response_mask, 0.2, 0.28, 3.0, "token-mean")
+            loss, _ = ppo_policy_loss(out["logp"], old_lp, advantages[mb.indices], mb.response_mask, 0.2, 0.28,
+                                      3.0, "token-mean")
             loss = loss - 0.001 * (out["entropy"] * mb.response_mask).sum() / mb.response_mask.sum().clamp(min=1)
             (loss * mb.response_mask.sum() / tokens).backward()
         optimizer.step()
@@ -151,12 +155,16 @@ def main() -> None:
         # the trainer's update: the old-log-prob pass (untimed here) records the frozen layers' output
         trunk = FrozenTrunk(FrozenTrunk.first_trainable_layer(model))
         trainer_logprobs(model, prompts, responses, tokenizer.pad_token_id, autocast, 4096, trunk=trunk)
-        return update(model, optimizer, prompts, responses, old, tokenizer.pad_token_id, autocast, 16, 4096, trunk=trunk)
+        return update(model, optimizer, prompts, responses, old, tokenizer.pad_token_id, autocast, 16,
+                      4096, trunk=trunk)
 
-    timed = {"fp32_before": lambda: update(*setups["fp32"][:2], prompts, setups["fp32"][2], setups["fp32"][3], tokenizer.pad_token_id, False,
+    timed = {"fp32_before": lambda: update(*setups["fp32"][:2], prompts, setups["fp32"][2], setups["fp32"][3],
+                                           tokenizer.pad_token_id, False,
                                            16, 4096, shared=False),
-             **{name: (lambda name=name: update(setups[name][0], setups[name][1], prompts, setups[name][2], setups[name][3],
-                                                tokenizer.pad_token_id, setups[name][4], 16, 4096)) for name in PRECISIONS},
+             **{name: (lambda name=name: update(setups[name][0], setups[name][1], prompts,
+                                                setups[name][2], setups[name][3],
+                                                tokenizer.pad_token_id, setups[name][4], 16, 4096))
+                for name in PRECISIONS},
              "default": lambda: default_update(*setups["bf16"])}
     seconds: dict[str, list[float]] = {name: [] for name in timed}
     for _ in range(args.repeats):
@@ -171,8 +179,10 @@ def main() -> None:
         for name in step:
             start = time.perf_counter()
             trunk = FrozenTrunk(FrozenTrunk.first_trainable_layer(model)) if name.endswith("trunk") else None
-            trainer_logprobs(model, prompts, responses, tokenizer.pad_token_id, autocast, 4096, shared=name != "whole_rows", trunk=trunk)
-            update(model, optimizer, prompts, responses, old, tokenizer.pad_token_id, autocast, 16, 4096, shared=name != "whole_rows", trunk=trunk)
+            trainer_logprobs(model, prompts, responses, tokenizer.pad_token_id, autocast, 4096,
+                             shared=name != "whole_rows", trunk=trunk)
+            update(model, optimizer, prompts, responses, old, tokenizer.pad_token_id, autocast, 16, 4096,
+                   shared=name != "whole_rows", trunk=trunk)
             step[name].append(time.perf_counter() - start)
             print(f"bf16 step {name:20s} {step[name][-1]:6.2f} s", flush=True)
     step_median = {name: statistics.median(s) for name, s in step.items()}
@@ -194,11 +204,13 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
-    print(f"update: fp32 before issue 17 {median['fp32_before']:.2f} s, default {median['default']:.2f} s ({summary['update_speedup_vs_fp32']:.2f}x)")
+    print(f"update: fp32 before issue 17 {median['fp32_before']:.2f} s, default {median['default']:.2f} s "
+          f"({summary['update_speedup_vs_fp32']:.2f}x)")
     for name in PRECISIONS:
         a = agreement[name]
-        print(f"{name:14s} update {median[name]:6.2f} s ({summary['update_speedup_by_precision'][name]:.2f}x)  engine vs trainer: "
-              f"mean |dlogp| {a['mean_abs_delta_logp']:.4f}, outside [0.8, 1.2] {100 * a['outside_clip_fraction']:.2f}% of {a['tokens']} tokens")
+        print(f"{name:14s} update {median[name]:6.2f} s ({summary['update_speedup_by_precision'][name]:.2f}x)  engine "
+              f"vs trainer: mean |dlogp| {a['mean_abs_delta_logp']:.4f}, outside [0.8, 1.2] "
+              f"{100 * a['outside_clip_fraction']:.2f}% of {a['tokens']} tokens")
     for name, sec in step_median.items():
         print(f"bf16 step {name:20s} {sec:6.2f} s ({summary['trainer_step_speedup_vs_whole_rows'][name]:.2f}x)")
     print(f"wrote {out}")

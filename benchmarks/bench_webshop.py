@@ -6,7 +6,8 @@
 - env steps per second: the oracle plays a batch of episodes through `WebShopEnv.step` (instance
   steps per second of `step` alone, and with `expert_response` + `parse_action` + `render_prompt`).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_webshop.py [--sizes 1000 100000] [--out bench_results/webshop.json]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_webshop.py [--sizes 1000 100000] [--out
+    bench_results/webshop.json]
 
 The cache goes to a temporary folder unless --cache-dir is given. Prints the figures and writes JSON.
 """
@@ -38,7 +39,8 @@ def _timed(fn):
 def bench_size(num_products: int, seed: int, queries: int, batch: int, cache_dir: Path) -> dict:
     catalog, gen_s = _timed(lambda: generate_catalog(num_products, seed))
     index, index_s = _timed(lambda: SearchIndex.build(catalog.products))
-    result = {"num_products": num_products, "num_goals": len(catalog.goals), "generate_s": gen_s, "index_build_s": index_s}
+    result = {"num_products": num_products, "num_goals": len(catalog.goals), "generate_s": gen_s,
+              "index_build_s": index_s}
 
     if num_products >= catalog_module.CATALOG_CACHE_MIN_PRODUCTS:
         # first open: generate + build + write the cache; then open both from the cache
@@ -103,7 +105,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--queries", type=int, default=300, help="search queries per size")
     parser.add_argument("--batch", type=int, default=64, help="oracle episodes per size")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="keep the cache here (default: a temporary folder)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="keep the cache here (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/webshop.json"))
     args = parser.parse_args()
 
@@ -116,7 +119,8 @@ def main() -> None:
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     report = {
         "benchmark": "webshop",
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "load_avg_1m": os.getloadavg()[0]},
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

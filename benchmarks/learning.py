@@ -53,7 +53,8 @@ def run(preset: str, seed: int, run_dir: Path, overrides: list[str]) -> float:
     if (run_dir / "summary.json").exists():
         return 0.0
     args = ["--resume", str(run_dir)] if (run_dir / "config.yaml").exists() else \
-        [preset, f"trainer.seed={seed}", f"trainer.output_dir={run_dir.parent}", f"trainer.run_name={run_dir.name}", *overrides]
+        [preset, f"trainer.seed={seed}", f"trainer.output_dir={run_dir.parent}",
+         f"trainer.run_name={run_dir.name}", *overrides]
     start = time.time()
     subprocess.run([sys.executable, "-m", "t2po.cli", "train", *args, "--quiet"], check=True, cwd=ROOT)
     return time.time() - start
@@ -74,10 +75,13 @@ def read_run(run_dir: Path, wall: float | None) -> dict:
         "after_rl": (summary.get("after_rl") or {}).get("success_rate"),
         "valid_action_rate_after_rl": (summary.get("after_rl") or {}).get("valid_action_rate"),
         "references": summary.get("references"),
-        "validations": [{k: v.get(k) for k in ("tag", "success_rate", "success_stderr", "invalid_action_rate", "episode_length",
+        "validations": [{k: v.get(k)
+                         for k in ("tag", "success_rate", "success_stderr", "invalid_action_rate", "episode_length",
                                                "per_task_success", "seconds")} for v in validations],
-        "iterations": [{k: m.get(k) for k in ("iteration", "rollout/success_rate", "rollout/invalid_action_rate", "rollout/generated_tokens",
-                                              "rollout/tti_stagnation_triggers", "rollout/tti_budget_triggers", "rollout/tds_flag_rate",
+        "iterations": [{k: m.get(k) for k
+            in ("iteration", "rollout/success_rate", "rollout/invalid_action_rate", "rollout/generated_tokens",
+                                              "rollout/tti_stagnation_triggers", "rollout/tti_budget_triggers",
+                                              "rollout/tds_flag_rate",
                                               "actor/approx_kl", "time/iteration")} for m in metrics],
         "generated_tokens": sum(m.get("rollout/generated_tokens", 0) for m in metrics),
         "warmup": state.get("warmup", {}) and {k: state["warmup"].get(k) for k in ("episodes", "steps", "seconds")},
@@ -89,7 +93,8 @@ def read_run(run_dir: Path, wall: float | None) -> dict:
 
 
 def summarize(seeds: dict, imitation: dict) -> dict:
-    gains = [r["after_rl"] - r["after_warmup"] for r in seeds.values() if r["after_rl"] is not None and r["after_warmup"] is not None]
+    gains = [r["after_rl"] - r["after_warmup"] for r in seeds.values() if r["after_rl"] is not None
+             and r["after_warmup"] is not None]
     # per task, pooled over seeds: after RL minus after warm-up (paired on the same rooms)
     paired = []
     for r in seeds.values():
@@ -102,14 +107,16 @@ def summarize(seeds: dict, imitation: dict) -> dict:
         "after_rl": t_interval([r["after_rl"] for r in seeds.values() if r["after_rl"] is not None]),
         "rl_gain_over_warmup": t_interval(gains),
         "rl_gain_per_task_pooled": t_interval(paired) if paired else None,
-        "seeds_above_random": sum(1 for r in seeds.values() if r["after_rl"] is not None and r["references"] and r["references"].get("random")
+        "seeds_above_random": sum(1 for r in seeds.values() if r["after_rl"] is not None and r["references"]
+                                  and r["references"].get("random")
                                   and r["after_rl"] > r["references"]["random"]["success"]),
         "seeds_above_warmup": sum(1 for g in gains if g > 0),
     }
     if imitation:
         imit = [imitation[s]["after_warmup"] for s in imitation]
         out["imitation_only"] = t_interval(imit)
-        diffs = [seeds[s]["after_rl"] - imitation[s]["after_warmup"] for s in imitation if s in seeds and seeds[s]["after_rl"] is not None]
+        diffs = [seeds[s]["after_rl"] - imitation[s]["after_warmup"] for s in imitation if s in seeds
+                 and seeds[s]["after_rl"] is not None]
         out["rl_minus_imitation_only"] = t_interval(diffs) if diffs else None
     return out
 
@@ -120,7 +127,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--set", nargs="*", default=[], help="dotted overrides for every run")
     parser.add_argument("--imitation", action="store_true", help="also run imitation only (no RL) per seed")
-    parser.add_argument("--imitation-set", nargs="*", default=["trainer.iterations=0", "warmup.episodes=192", "warmup.epochs=4"],
+    parser.add_argument("--imitation-set", nargs="*",
+                        default=["trainer.iterations=0", "warmup.episodes=192", "warmup.epochs=4"],
                         help="the imitation-only runs' overrides (on top of --set)")
     parser.add_argument("--out", default="bench_results/learning")
     parser.add_argument("--json", default=None, help="default: <out>/learning.json")
@@ -128,17 +136,21 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = Path(args.json or out / "learning.json")
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip())
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True).stdout.strip())
     seeds, imitation = {}, {}
-    jobs = [(s, "seed", args.set) for s in args.seeds] + ([(s, "imitation", args.set + args.imitation_set) for s in args.seeds] if args.imitation else [])
+    jobs = [(s, "seed", args.set) for s in args.seeds] + ([(s, "imitation", args.set + args.imitation_set)
+                                                           for s in args.seeds] if args.imitation else [])
     for seed, kind, overrides in jobs:
         run_dir = out / f"{kind}{seed}"
         load = os.getloadavg()
         print(f"[learning] {kind} seed {seed}: {run_dir}", flush=True)
         wall = run(args.preset, seed, run_dir, overrides)
         if wall:
-            (run_dir / "study.json").write_text(json.dumps({"wall_seconds": wall, "load_average_before": load, "commit": commit, "dirty": dirty}))
+            (run_dir / "study.json").write_text(json.dumps({"wall_seconds": wall, "load_average_before": load,
+                                                            "commit": commit, "dirty": dirty}))
         (seeds if kind == "seed" else imitation)[seed] = read_run(run_dir, wall or None)
         result = {"commit": commit, "dirty_worktree": dirty, "preset": args.preset, "overrides": args.set,
                   "imitation_overrides": args.imitation_set if args.imitation else None,
@@ -148,7 +160,8 @@ def main() -> None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1))
         print(f"[learning] {kind} seed {seed}: after warm-up {seeds.get(seed, imitation.get(seed))['after_warmup']}, "
-              f"after RL {seeds.get(seed, imitation.get(seed))['after_rl']}; summary {json.dumps(result['summary'])}", flush=True)
+              f"after RL {seeds.get(seed, imitation.get(seed))['after_rl']}; summary {json.dumps(result['summary'])}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def cpu_kind(emulate_avx2: bool) -> dict:
                 break
     except OSError:
         pass
-    info["auto_dtype"] = "float32" if emulate_avx2 else str(torch.bfloat16 if native_bf16() else torch.float32).removeprefix("torch.")
+    info["auto_dtype"] = "float32" if emulate_avx2 else str(torch.bfloat16 if native_bf16()
+                                                            else torch.float32).removeprefix("torch.")
     if emulate_avx2:
         info["emulated"] = {"as": "AVX2-only CPU, float32", **AVX2_ONLY}
     return info
@@ -73,14 +74,17 @@ def cpu_kind(emulate_avx2: bool) -> dict:
 
 def time_preset(preset: str, out: Path, overrides: list[str], env: dict | None = None) -> dict:
     run_dir = out / preset
-    cmd = [sys.executable, "-m", "t2po.cli", "train", preset, f"trainer.output_dir={out}", f"trainer.run_name={preset}", *overrides]
+    cmd = [sys.executable, "-m", "t2po.cli", "train", preset, f"trainer.output_dir={out}",
+           f"trainer.run_name={preset}", *overrides]
     log = out / f"{preset}.log"
     start = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, cwd=REPO)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage
     wall = time.perf_counter() - start
-    entry = {"command": " ".join(["t2po", "train", preset, *overrides]), "exit_status": os.waitstatus_to_exitcode(status),
+    entry = {"command": " ".join(["t2po", "train", preset, *overrides]),
+             "exit_status": os.waitstatus_to_exitcode(status),
              "wall_seconds": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "log": str(log)}
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
@@ -93,12 +97,14 @@ def time_preset(preset: str, out: Path, overrides: list[str], env: dict | None =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=None, help="default: the main job, smoke and every *-cpu preset")
+    parser.add_argument("--presets", nargs="+", default=None,
+                        help="default: the main job, smoke and every *-cpu preset")
     parser.add_argument("--out", type=Path, default=Path("runs/presets"), help="the run folders and their console logs")
     parser.add_argument("--json", type=Path, default=Path("bench_results/presets.json"))
     parser.add_argument("--again", action="store_true", help="rerun presets the JSON already holds")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides for every run")
-    parser.add_argument("--emulate-avx2", action="store_true", help="run as an AVX2-only CPU would (kernels capped at AVX2, float32)")
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="run as an AVX2-only CPU would (kernels capped at AVX2, float32)")
     args = parser.parse_args()
     if args.emulate_avx2:
         args.set = [*args.set, "model.dtype=float32"]
@@ -106,9 +112,11 @@ def main() -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
-    results.update({"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+    results.update({"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                                "python": platform.python_version(),
                                 "cpu": cpu_kind(args.emulate_avx2), "load_average": os.getloadavg()},
-                    "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()})
+                    "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                             cwd=REPO).stdout.strip()})
     runs = results.setdefault("presets", {})
     for preset in presets:
         if preset in runs and (out / preset).exists() and not args.again:
@@ -119,8 +127,9 @@ def main() -> None:
         print(f"[presets] {preset} ...", flush=True)
         runs[preset] = time_preset(preset, out, args.set, AVX2_ONLY if args.emulate_avx2 else None)
         r = runs[preset]
-        print(f"[presets] {preset}: {r['wall_seconds'] / 60:.1f} min (t2po {r.get('t2po_seconds', float('nan')) / 60:.1f} min), "
-              f"exit {r['exit_status']}, peak {r['peak_rss_mb']} MB", flush=True)
+        print(f"[presets] {preset}: {r['wall_seconds'] / 60:.1f} min (t2po "
+              f"{r.get('t2po_seconds', float('nan')) / 60:.1f} min), exit {r['exit_status']}, peak {r['peak_rss_mb']} "
+              "MB", flush=True)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1) + "\n")

@@ -46,7 +46,8 @@ def grouped_sdpa_attention(
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, q_length, head_dim = query.shape
     if groups == 1 or q_length != 1 or kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
     # head h reads K/V head h // groups (repeat_kv's order), so consecutive heads become rows of one K/V head
     grouped = query.reshape(batch, key.shape[1], groups, head_dim)
     out = torch.nn.functional.scaled_dot_product_attention(

@@ -1,5 +1,6 @@
 """Where a policy's weights live: run folders, checkpoints, and atomic writes. The only module that
-knows the layout (the trainer writes it; `t2po.policy_source` reads it for `t2po eval`, `serve`, `rft`, `export`):
+knows the layout; `Checkpointer` is a run's checkpoints (the trainer saves and resumes through it;
+`t2po.locate` finds a run's newest readable checkpoint through it for `t2po eval`, `serve`, `rft`, `export`):
 
     RUN/config.yaml                      the run's resolved config
     RUN/warmup_model/                    the warm-up (docs/method.md §5), when one ran: the base the checkpoints
@@ -34,11 +35,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from t2po.errors import InvalidInput, UserError
+from t2po.runfiles import json_problem, safetensors_problem
 from t2po.testing import kill_point
 
 
@@ -51,7 +53,7 @@ class CorruptCheckpoint(UserError, ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Atomic writes and append-only logs
+# Atomic writes
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -67,33 +69,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def read_jsonl_log(path: Path, note: Callable[[str], None] | None = None, key: tuple[str, type] | None = None) -> list[dict]:
-    """The records of an append-only JSONL log (metrics.jsonl, validation.jsonl). A line that is not
-    a JSON object, in practice the last one, torn by a kill in mid-write, is dropped with a note; so
-    is a record without `key` = (name, type), e.g. ("iteration", int)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict):
-            if note is not None:
-                note(f"{path.name}: dropped line {number}, which is not a JSON record (torn by a kill?): {line[:60]!r}")
-            continue
-        if key is not None and (not isinstance(record.get(key[0]), key[1]) or isinstance(record.get(key[0]), bool)):
-            if note is not None:
-                note(f"{path.name}: dropped line {number}, which has no {key[0]} (damaged?): {line[:60]!r}")
-            continue
-        records.append(record)
-    return records
 
 
 @contextlib.contextmanager
@@ -199,9 +174,12 @@ CHECKPOINT_INFO = "checkpoint.json"
 def write_checkpoint_info(folder: Path, kind: str, base: str, iteration: int, prefix_rank: int = 0) -> None:
     """`checkpoint.json`: what a checkpoint folder holds, readable without t2po. `prefix_rank` > 0: the
     adapter's first `prefix_rank` LoRA ranks are the warm-up's (`combine_adapters`)."""
-    how = {"lora": "AutoPeftModelForCausalLM.from_pretrained('<this folder>/adapter'), or `t2po export <this folder> --out DIR` for a merged model",
-           "full": "the weights in model/ apply to the base's architecture and tokenizer; `t2po export <this folder> --out DIR` writes a complete model folder",
-           "sharded": "torch.distributed.checkpoint shards (t2po.distributed.load_sharded); `t2po export <this folder> --out DIR` writes a model folder"}[kind]
+    how = {"lora": "AutoPeftModelForCausalLM.from_pretrained('<this folder>/adapter'), or `t2po export <this folder> "
+                   "--out DIR` for a merged model",
+           "full": "the weights in model/ apply to the base's architecture and tokenizer; `t2po export <this folder> "
+                   "--out DIR` writes a complete model folder",
+           "sharded": "torch.distributed.checkpoint shards (t2po.distributed.load_sharded); `t2po export <this folder> "
+                      "--out DIR` writes a model folder"}[kind]
     info = {"format": "t2po checkpoint", "kind": kind, "base": base, "iteration": iteration, "load": how,
             **({"warmup_adapter_rank": prefix_rank} if prefix_rank else {})}
     (Path(folder) / CHECKPOINT_INFO).write_text(json.dumps(info, indent=1) + "\n")
@@ -247,7 +225,8 @@ def combine_adapters(prefix_dir: Path, adapter_dir: Path) -> int:
         value = config.get(key)
         return sorted(value) if key == "target_modules" and isinstance(value, list) else value
 
-    if first["lora_alpha"] / first["r"] != second["lora_alpha"] / second["r"] or any(layout(first, k) != layout(second, k) for k in same):
+    if first["lora_alpha"] / first["r"] != second["lora_alpha"] / second["r"] or any(layout(first, k)
+            != layout(second, k) for k in same):
         raise InvalidInput(f"cannot combine the adapters in {prefix_dir} and {adapter_dir}: different LoRA layouts")
     w1 = load_file(str(Path(prefix_dir) / "adapter_model.safetensors"))
     w2 = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
@@ -266,7 +245,8 @@ def split_combined_adapter(weights: dict, prefix_rank: int) -> dict:
     return {k: (v[prefix_rank:] if ".lora_A." in k else v[:, prefix_rank:]).contiguous() for k, v in weights.items()}
 
 
-def save_checkpoint(ckpt_root: Path, iteration: int, model: Any, optimizer: Any, trainer_state: dict, value_head: Any = None,
+def save_checkpoint(ckpt_root: Path, iteration: int, model: Any, optimizer: Any, trainer_state: dict,
+                    value_head: Any = None,
                     lora: bool = True, keep: int = 2, sharded: bool = False, base: str | None = None,
                     prefix_adapter: Path | None = None) -> Path:
     """Write `checkpoints/iter_NNNNNN/` (see the module docstring) and prune to the newest `keep`.
@@ -295,7 +275,8 @@ def save_checkpoint(ckpt_root: Path, iteration: int, model: Any, optimizer: Any,
         if lora and base is not None:
             point_adapter_at(tmp / "adapter", base)
         if value_head is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, str(tmp / "value_head.safetensors"))
+            save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
+                      str(tmp / "value_head.safetensors"))
         tensors, meta = optimizer_to_tensors(optimizer)
         kill_point("checkpoint", iteration)  # half written
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -303,7 +284,8 @@ def save_checkpoint(ckpt_root: Path, iteration: int, model: Any, optimizer: Any,
         save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         if base is not None:
             write_checkpoint_info(tmp, "lora" if lora else "full", base, iteration, prefix_rank)
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "iteration": iteration}, indent=1))  # written last: marks completeness
+        # written last: marks completeness
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "iteration": iteration}, indent=1))
     prune_checkpoints(ckpt_root, keep)
     return final
 
@@ -361,8 +343,8 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, value_head: Any, lor
             raise CorruptCheckpoint(f"{type(e).__name__}: {e}") from None
     import torch
 
-    # every file's header is checked before this by the caller (`t2po.runfiles.checkpoint_candidates`, which
-    # imports this module): a damaged one is named before anything is read
+    # every file's header is checked before this by the caller (`checkpoint_candidates`): a damaged one is
+    # named before anything is read
     saved = read_checkpoint(ckpt, lora, value_head is not None)
     weights = saved["weights"]
     if lora:
@@ -374,7 +356,8 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, value_head: Any, lor
         result = set_peft_model_state_dict(model, weights)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
-            raise RuntimeError(f"Checkpoint {ckpt} does not match the model's LoRA layout (unexpected keys: {unexpected[:3]}...)")
+            raise RuntimeError(f"Checkpoint {ckpt} does not match the model's LoRA layout (unexpected keys: "
+                               f"{unexpected[:3]}...)")
     else:
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected:
@@ -385,3 +368,155 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, value_head: Any, lor
         optimizer_from_tensors(optimizer, saved["optimizer"], saved["optimizer_meta"])
     torch.set_rng_state(saved["rng"])
     return saved["state"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading back: which checkpoints' files all read (`t2po.runfiles` checks their headers, in milliseconds)
+
+
+def checkpoint_problem(ckpt: Path, resume: bool = False) -> str | None:
+    """The first file of a checkpoint folder that cannot be read back (`file problem`), or None. The
+    weights and the files that say how to apply them; with `resume`, the optimizer and RNG state too."""
+    ckpt = Path(ckpt)
+    checks: list[tuple[str, str | None]] = [
+        ("trainer_state.json", json_problem(ckpt / "trainer_state.json", "iteration"))]
+    # checkpoint.json describes the folder for other readers; t2po needs it after a LoRA warm-up, whose
+    # adapter rank it records (`combine_adapters`); a checkpoint written without it (tests, older runs) loads
+    lora_warmup = (ckpt.parent.parent / WARMUP_MODEL / "adapter_config.json").exists()
+    if (ckpt / CHECKPOINT_INFO).exists() or lora_warmup:
+        checks.append((CHECKPOINT_INFO, json_problem(ckpt / CHECKPOINT_INFO, "kind", str)))
+    if is_sharded(ckpt):
+        checks += [(p.name, safetensors_problem(p)) for p in sorted(ckpt.glob("shard-*.safetensors"))]
+    else:
+        if (ckpt / "adapter").is_dir():
+            checks += [("adapter/adapter_config.json", json_problem(ckpt / "adapter" / "adapter_config.json", "r")),
+                       ("adapter/adapter_model.safetensors",
+                        safetensors_problem(ckpt / "adapter" / "adapter_model.safetensors"))]
+        else:
+            weights = sorted((ckpt / "model").glob("*.safetensors"))
+            checks += ([(f"model/{p.name}", safetensors_problem(p)) for p in weights]
+                       or [("model/", "holds no safetensors weights")])
+        if resume:
+            value_head = ("value_head.safetensors",) if (ckpt / "value_head.safetensors").exists() else ()
+            names = ("optimizer.safetensors", "rng.safetensors", *value_head)
+            checks += [(name, safetensors_problem(ckpt / name)) for name in names]
+            checks.append(("optimizer.json", json_problem(ckpt / "optimizer.json")))
+    return next((f"{name} {problem}" for name, problem in checks if problem), None)
+
+
+def checkpoint_candidates(ckpt_root: Path, note: Callable[[str], None] | None = None,
+                          resume: bool = False) -> Iterator[Path]:
+    """The checkpoints of a run whose files read back (`checkpoint_problem`), newest first. A folder
+    left half-written (`.tmp`) is passed over silently; any other with a damaged or missing file is
+    named in a note."""
+    ckpt_root = Path(ckpt_root)
+    folders = sorted((p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")),
+                     reverse=True)  # none when the folder does not exist
+    for ckpt in folders:
+        problem = checkpoint_problem(ckpt, resume)
+        if problem is None:
+            yield ckpt
+        elif note is not None:
+            note(f"skipped checkpoint {ckpt}: {problem}; trying the one before")
+
+
+def check_warmup(run_dir: Path) -> None:
+    """The warm-up model of a run (`RUN/warmup_model/`: a LoRA adapter or a full model folder), or
+    UserError naming the damaged file: the run's checkpoints apply to it, so nothing can stand in for it."""
+    folder = Path(run_dir) / WARMUP_MODEL
+    if (folder / "adapter_config.json").exists() or (folder / "adapter_model.safetensors").exists():
+        checks = [("adapter_config.json", json_problem(folder / "adapter_config.json", "base_model_name_or_path", str)),
+                  ("adapter_model.safetensors", safetensors_problem(folder / "adapter_model.safetensors"))]
+    else:
+        weights = sorted(folder.glob("*.safetensors"))
+        checks = [("config.json", json_problem(folder / "config.json"))]
+        checks += [(p.name, safetensors_problem(p)) for p in weights]
+        checks += [] if weights else [("model.safetensors", "is missing")]
+    for name, problem in checks:
+        if problem:
+            raise UserError(f"{folder / name} {problem}: the run's warm-up model is damaged and its checkpoints "
+                            f"apply to it; "
+                            f"restore the file from a copy, or start a new run")
+
+
+# ----------------------------------------------------------------------------------------------
+# The checkpoints of one run
+
+
+class Checkpointer:
+    """The checkpoints of the run folder `run_dir` (the layout above) and the base their weights apply
+    to: the trainer saves and resumes through it, `t2po.locate` (eval, serve, rft, export) finds
+    a run's newest readable checkpoint through it. `note` hears about each checkpoint passed over."""
+
+    def __init__(self, run_dir: Path, note: Callable[[str], None] | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / CHECKPOINTS
+        self.note = note
+
+    @property
+    def warmup_model(self) -> Path:
+        return self.run_dir / WARMUP_MODEL
+
+    def complete(self) -> list[Path]:
+        """The complete checkpoints (their state file written), newest first."""
+        return complete_checkpoints(self.root)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint with a readable trainer state."""
+        return latest_checkpoint(self.root)
+
+    def readable(self, resume: bool = False) -> Iterator[Path]:
+        """The checkpoints whose files read back, newest first (`checkpoint_candidates`); with `resume`
+        also their optimizer and RNG state."""
+        return checkpoint_candidates(self.root, self.note, resume)
+
+    def check_warmup(self) -> None:
+        """UserError naming the damaged file of the run's warm-up model (`check_warmup`)."""
+        check_warmup(self.run_dir)
+
+    def save_warmup(self, model: Any, tokenizer: Any, lora: bool, base_path: str | None) -> Path:
+        """The warm-up model (`RUN/warmup_model/`): under LoRA its adapter, naming the model folder of
+        `base_path` it applies to; else the whole model in its training dtype; the tokenizer (a VLM's
+        whole processor) with it."""
+        from t2po.models import model_directory, save_tokenizer
+
+        with atomic_dir(self.warmup_model) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if lora:
+                point_adapter_at(tmp, str(model_directory(base_path)))
+            save_tokenizer(tokenizer, tmp)
+        return self.warmup_model
+
+    def save(self, iteration: int, model: Any, optimizer: Any, state: dict, *, base_path: str | None,
+             value_head: Any = None,
+             lora: bool = True, keep: int = 2, sharded: bool = False) -> Path:
+        """`save_checkpoint` of the policy trained from `base_path` (a model folder, None for the embedded
+        default, or a LoRA warm-up's adapter folder). The checkpoint names the folder its weights apply
+        to; after a LoRA warm-up that is the warm-up's own base, the two adapters combined
+        (`combine_adapters`)."""
+        from t2po.models import adapter_base, is_adapter_directory, model_directory
+
+        prefix = Path(base_path) if base_path and is_adapter_directory(base_path) else None
+        base = adapter_base(prefix) if prefix else str(model_directory(base_path))
+        return save_checkpoint(self.root, iteration, model, optimizer, state, value_head, lora, keep,
+                               sharded=sharded, base=base,
+                               prefix_adapter=prefix)
+
+    def load_newest(self, model: Any, optimizer: Any, value_head: Any, lora: bool,
+                    distributed: bool = False) -> tuple[Path, dict] | None:
+        """Load the newest checkpoint that reads back whole into the built policy; a damaged newer one
+        is named in a note and the one before is tried. (checkpoint, trainer state), or None (start
+        from iteration 0) when there is none. `distributed`: several ranks, which load only sharded ones."""
+        for ckpt in self.readable(resume=True):
+            if distributed and not is_sharded(ckpt):
+                raise InvalidInput(f"{ckpt} was written by one process; resume it with one process "
+                                   f"(python -m t2po.cli train --resume {self.run_dir}), "
+                                   "or start the multi-process run from its weights (model.path)")
+            try:  # a sharded one loads on any world size
+                return ckpt, load_checkpoint(ckpt, model, optimizer, value_head, lora)
+            except CorruptCheckpoint as e:
+                if self.note is not None:
+                    self.note(f"skipped checkpoint {ckpt}: {e}; trying the one before")
+        if self.note is not None and any(not p.name.endswith(".tmp") for p in self.root.glob("iter_*")):
+            self.note(f"no checkpoint in {self.root} can be loaded: starting again from iteration 0")
+        return None

@@ -48,11 +48,15 @@ meaning.
 
 
 def _train(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="t2po train", description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="t2po train", description=TRAIN_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("args", nargs="*", help="[PRESET] [section.key=value ...]")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder from its last complete checkpoint")
-    parser.add_argument("--help-config", action="store_true", help="list every configuration key with the preset's value (with the overrides) and its help, then exit")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML (a preset file) and exit; nothing is written")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue this run folder from its last complete checkpoint")
+    parser.add_argument("--help-config", action="store_true",
+            help="list every configuration key with the preset's value (with the overrides) and its help, then exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration as YAML (a preset file) and exit; nothing is written")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     ns = parser.parse_args(argv)
 
@@ -114,7 +118,8 @@ def _train(argv: list[str]) -> int:
     except BaseException as e:  # reported here, while the console still goes into train.log
         error = e
         if isinstance(e, KeyboardInterrupt):
-            print(f"t2po train: stopped ({str(e) or 'Ctrl-C'}); continue with: t2po train --resume {trainer.run_dir}", file=sys.stderr, flush=True)
+            print(f"t2po train: stopped ({str(e) or 'Ctrl-C'}); continue with: t2po train --resume {trainer.run_dir}",
+                  file=sys.stderr, flush=True)
         elif isinstance(e, user_errors()) and not os.environ.get("T2PO_DEBUG"):  # one line: the message names the fix
             print(f"t2po train: {e}", file=sys.stderr, flush=True)
         else:
@@ -159,7 +164,8 @@ def _presets(argv: list[str]) -> int:
         except FileNotFoundError:
             from t2po.suggest import did_you_mean
 
-            raise ConfigError(f"unknown preset {argv[0]!r}{did_you_mean(argv[0], list_presets())}; `t2po presets` lists them") from None
+            raise ConfigError(f"unknown preset {argv[0]!r}{did_you_mean(argv[0], list_presets())}; `t2po presets` "
+                              "lists them") from None
         for paragraph in paragraphs:
             print(textwrap.fill(paragraph, width=width) + "\n")
         print(f"`t2po train {argv[0]} --print-config` shows every value it sets.")
@@ -168,8 +174,8 @@ def _presets(argv: list[str]) -> int:
         first = next(iter(preset_description(name)), "")
         first = first.split(". ")[0].rstrip(".")
         print(f"{name:<22}{textwrap.shorten(first, width=width - 22, placeholder='...')}")
-    print("\n`t2po presets NAME` describes one. A preset is a YAML file; `t2po train PATH.yaml` takes one from anywhere "
-          "(`base: NAME` extends a packaged one).")
+    print("\n`t2po presets NAME` describes one. A preset is a YAML file; `t2po train PATH.yaml` takes one from "
+          "anywhere (`base: NAME` extends a packaged one).")
     return 0
 
 
@@ -195,11 +201,12 @@ COMMANDS = {
     "serve-retriever": (_delegate("t2po.envs.search.server"), "serve the Search QA retrieval index over HTTP"),
     "webshop-server": (_delegate("t2po.envs.webshop.web"), "serve the WebShop human view over HTTP"),
     "rft": (_delegate("t2po.rft"), "cold start: `t2po rft collect ENV` keeps successful episodes as SFT data"),
-    "sft": (lambda argv: int(importlib.import_module("t2po.rft").sft_main(argv) or 0), "multi-turn SFT on collected conversations"),
+    "sft": (_delegate("t2po.sft"), "multi-turn SFT on collected conversations"),
     "eval": (_delegate("t2po.evaluate"), "evaluate a checkpoint, model directory or API model on held-out tasks"),
     "serve": (_delegate("t2po.serve"), "serve a model or checkpoint through an OpenAI-compatible API (127.0.0.1)"),
     "report": (_delegate("t2po.report"), "plots and a summary table of runs; compares seeds and configurations"),
-    "export": (_delegate("t2po.export"), "a trained policy as a Hugging Face model folder (merged) and its LoRA adapter"),
+    "export": (_delegate("t2po.export"),
+               "a trained policy as a Hugging Face model folder (merged) and its LoRA adapter"),
 }
 
 

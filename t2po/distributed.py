@@ -74,21 +74,25 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 60, devi
     if device not in ("auto", "cpu", "cuda"):
         raise InvalidInput(f"device={device!r}: choose auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidInput(f"trainer.device=cuda, but torch {torch.__version__} sees no GPU: install a CUDA build of torch on a GPU machine, or set trainer.device=auto or cpu")
+        raise InvalidInput(f"trainer.device=cuda, but torch {torch.__version__} sees no GPU: install a CUDA build of "
+                           "torch on a GPU machine, or set trainer.device=auto or cpu")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistContext(device=torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"))
+        return DistContext(device=torch.device("cuda", torch.cuda.current_device()) if use_cuda
+                           else torch.device("cpu"))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): start at most that many processes per node (torchrun --nproc_per_node)")
+            raise RuntimeError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): start at "
+                               "most that many processes per node (torchrun --nproc_per_node)")
         place = torch.device("cuda", local_rank)
         torch.cuda.set_device(place)
     else:
         place = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"),
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistContext(rank, world_size, local_rank, place)
 
 
@@ -96,7 +100,8 @@ def shard_tasks(task_seeds: list[int], rank: int, world_size: int) -> list[int]:
     """This rank's contiguous block of the iteration's task seeds (whole groups per rank; the
     first `len % world_size` ranks get one task more)."""
     if len(task_seeds) < world_size:
-        raise InvalidInput(f"{len(task_seeds)} tasks cannot be shared by {world_size} ranks: set rollout.num_tasks >= {world_size}")
+        raise InvalidInput(f"{len(task_seeds)} tasks cannot be shared by {world_size} ranks: set "
+                           f"rollout.num_tasks >= {world_size}")
     base, extra = divmod(len(task_seeds), world_size)
     start = rank * base + min(rank, extra)
     return list(task_seeds[start : start + base + (rank < extra)])
@@ -108,12 +113,14 @@ def shard_model(model: torch.nn.Module, mixed_precision: bool = False) -> torch.
     `mixed_precision`, parameters are gathered in bf16 and gradients reduced in float32."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                              reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = base.get_decoder(), base.get_output_embeddings()
     layers = getattr(decoder, "layers", None)
     if layers is None or head is None:
-        raise ValueError(f"{type(base).__name__} has no decoder `layers` or no LM head; shard_model supports decoder-only causal LMs")
+        raise ValueError(f"{type(base).__name__} has no decoder `layers` or no LM head; shard_model supports "
+                         "decoder-only causal LMs")
     for layer in layers:
         fully_shard(layer, mp_policy=mp)
     # Embeddings, final norm and LM head form one group (a tied head shares the embedding's weight)
@@ -165,7 +172,8 @@ class MiniBatchShare:
     global_samples: int  # samples of the whole mini-batch, all ranks (seq-mean weight)
 
 
-def plan_mini_batches(response_lengths: list[int], mini_batch_size: int, rng: np.random.Generator) -> list[MiniBatchShare]:
+def plan_mini_batches(response_lengths: list[int], mini_batch_size: int,
+                      rng: np.random.Generator) -> list[MiniBatchShare]:
     """The mini-batches of one PPO epoch, as a single process holding every rank's samples (rank 0's
     first, then rank 1's, ...) would draw them: `rng.permutation(total)` cut into chunks of
     `mini_batch_size`. Every rank must pass an identically seeded `rng`. One collective (the
@@ -182,7 +190,8 @@ def plan_mini_batches(response_lengths: list[int], mini_batch_size: int, rng: np
     plan = []
     for start in range(0, len(perm), mini_batch_size):
         chunk = perm[start : start + mini_batch_size]
-        plan.append(MiniBatchShare([g - offset for g in chunk if g in local], sum(lengths[g] for g in chunk), len(chunk)))
+        plan.append(MiniBatchShare([g - offset for g in chunk if g in local],
+                                   sum(lengths[g] for g in chunk), len(chunk)))
     return plan
 
 
@@ -259,7 +268,8 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 _MODEL, _OPTIM = "model.", "optim."
 
 
-def _flat_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, torch.Tensor], dict, dict]:
+def _flat_state(model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """Model and optimizer state as one flat {name: tensor} dict (sharded DTensors for an FSDP2
     model) plus the optimizer's non-tensor parts."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -279,7 +289,8 @@ def _flat_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None)
     return tensors, optim_state, scalars
 
 
-def save_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, trainer_state: dict) -> Path:
+def save_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                 trainer_state: dict) -> Path:
     """Write a checkpoint folder: each rank's shards of the model and optimizer state as
     safetensors (`shard-*.safetensors`), `optimizer.json` (parameter groups and non-tensor state)
     and `trainer_state.json` (written last: marks the folder complete). Written to `<path>.tmp` and
@@ -296,9 +307,11 @@ def save_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.opti
         tmp.mkdir(parents=True)
     barrier()
     tensors, optim_state, scalars = _flat_state(model, optimizer)
-    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True), no_dist=not dist.is_initialized())
+    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True),
+             no_dist=not dist.is_initialized())
     if is_main:
-        (tmp / "optimizer.json").write_text(json.dumps({"param_groups": optim_state["param_groups"], "scalars": scalars}))
+        (tmp / "optimizer.json").write_text(json.dumps({"param_groups": optim_state["param_groups"],
+                                                        "scalars": scalars}))
         world = dist.get_world_size() if dist.is_initialized() else 1
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "world_size": world}, indent=1))
         shutil.rmtree(path, ignore_errors=True)
@@ -316,7 +329,8 @@ def load_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.opti
 
     path = Path(path)
     if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete sharded checkpoint (no trainer_state.json); pass a folder written by save_sharded")
+        raise FileNotFoundError(f"{path} is not a complete sharded checkpoint (no trainer_state.json); pass a folder "
+                                "written by save_sharded")
     tensors, optim_state, _ = _flat_state(model, optimizer)
     dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not dist.is_initialized())
     weights = {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}

@@ -26,7 +26,7 @@
 - Output (`--out`, default `evals/<env>-<split>-<model>`): `eval.json` (setup and summary),
   `results.md` (the table), `episodes.jsonl` (one line per finished episode) and
   `traces/seed-NNNNNN.jsonl` (per episode: a header line, then one line per turn, as
-  `t2po.tracking.episode_trace` writes it: observation, prompt, model output, action, validity,
+  `t2po.traces.episode_trace` writes it: observation, prompt, model output, action, validity,
   reward, token counts). Each episode is written when it finishes (trace
   renamed into place, then its line appended and synced); rerunning the same command skips the
   finished episodes, so an interrupted run loses nothing finished. A folder holding results of a
@@ -60,11 +60,11 @@ from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.openai_api import APIError, OpenAIChatAgent, RetryPolicy, api_key_from_env
 from t2po.envs import BatchEnv, env_option_errors, make_env, parse_env_options, split_env_overrides
 from t2po.errors import InvalidInput, UserError
+from t2po.locate import ModelSource, check_device, intervention_for, load_local_model, locate_model
 from t2po.paths import first_missing, new_folder
 from t2po.policies import NO_ANSWER, APIPolicy, EnginePolicy
-from t2po.policy_source import PolicySource, check_device, intervention_for, locate_policy, resolve_policy
 from t2po.rollout import INVALID_ACTION_PENALTY, Episode, RolloutSettings, collect_rollouts
-from t2po.tracking import episode_trace
+from t2po.traces import episode_trace
 
 DEFAULT_EPISODES = 16
 
@@ -105,11 +105,13 @@ class ResultsFolder:
                 previous = report["setup"]
                 self.previous_wall_seconds = float(report.get("wall_seconds", 0.0))
             except (ValueError, KeyError, TypeError) as e:
-                raise InvalidInput(f"{self.summary_file} is unreadable ({e}); delete {self.path} or pass another --out") from None
+                raise InvalidInput(f"{self.summary_file} is unreadable ({e}); delete {self.path} or pass another "
+                                   "--out") from None
             changed = sorted(k for k in set(previous) | set(self.setup) if previous.get(k) != self.setup.get(k))
             if changed:
                 diffs = "; ".join(f"{k}: {previous.get(k)!r} there, {self.setup.get(k)!r} now" for k in changed)
-                raise InvalidInput(f"{self.path} holds results of a different setup ({diffs}); pass another --out, or delete the folder to start over")
+                raise InvalidInput(f"{self.path} holds results of a different setup ({diffs}); pass another --out, or "
+                                   "delete the folder to start over")
         finished: dict[int, dict] = {}
         if self.episodes_file.exists():
             lines = self.episodes_file.read_text().splitlines()
@@ -149,7 +151,8 @@ def trace_name(seed: int) -> str:
 # Summaries
 
 
-def summarize(records: list[dict[str, Any]], price_input_per_1m: float = 0.0, price_output_per_1m: float = 0.0) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], price_input_per_1m: float = 0.0,
+              price_output_per_1m: float = 0.0) -> dict[str, Any]:
     """Success (with its standard error), score, turns, invalid-action rate and tokens over all
     episodes and per value of each string-valued episode metric (task type, data source, ...)."""
 
@@ -206,10 +209,12 @@ def _percent(x: float) -> str:
 
 def markdown_table(summary: dict[str, Any], title: str, notes: list[str]) -> str:
     """The results as a Markdown section: title, notes, one row for all episodes and one per category."""
-    rows = [("all", summary["all"])] + [(f"{key}={value}", g) for key, values in summary["by"].items() for value, g in values.items()]
+    rows = [("all", summary["all"])] + [(f"{key}={value}", g) for key, values in summary["by"].items()
+                                        for value, g in values.items()]
     has_score = any("score" in g for _, g in rows)
     has_cost = any("cost_usd" in g for _, g in rows)
-    header = ["", "episodes", "success", *(["score"] if has_score else []), "turns", "invalid actions", "tokens in / out per episode", *(["cost (USD)"] if has_cost else [])]
+    header = ["", "episodes", "success", *(["score"] if has_score else []), "turns", "invalid actions",
+              "tokens in / out per episode", *(["cost (USD)"] if has_cost else [])]
     lines = [f"### {title}", "", *notes, "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name, g in rows:
         n = max(g["episodes"], 1)
@@ -232,12 +237,13 @@ def markdown_table(summary: dict[str, Any], title: str, notes: list[str]) -> str
 # Episode records (what a played episode leaves in the folder)
 
 
-def episode_files(episode: Episode, tokenizer: Any, env: str, split: str, seconds: float) -> tuple[dict, dict, list[dict]]:
+def episode_files(episode: Episode, tokenizer: Any, env: str, split: str, seconds: float) -> tuple[dict,
+                                                                                                   dict, list[dict]]:
     """(record for episodes.jsonl, trace header, trace turns) of a played episode; the trace is the
-    training trace (`t2po.tracking.episode_trace`)."""
+    training trace (`t2po.traces.episode_trace`)."""
     trace = episode_trace(episode, tokenizer)
     steps = trace.pop("steps")
-    samples = episode.samples
+    traces = episode.traces
     score = episode.metrics.get("score")
     record = {
         "env": env,
@@ -256,9 +262,9 @@ def episode_files(episode: Episode, tokenizer: Any, env: str, split: str, second
         "trace": trace_name(episode.seed),
     }
     if tokenizer is not None:  # a token-level policy: the thinking intervention's work
-        record["think_tokens"] = sum(s.think_length for s in samples)
-        record["tti_budget_triggers"] = sum(s.tti_triggers.get("budget", 0) for s in samples)
-        record["tti_stagnation_triggers"] = sum(s.tti_triggers.get("stagnation", 0) for s in samples)
+        record["think_tokens"] = sum(t.think_length for t in traces)
+        record["tti_budget_triggers"] = sum(t.tti_triggers.get("budget", 0) for t in traces)
+        record["tti_stagnation_triggers"] = sum(t.tti_triggers.get("stagnation", 0) for t in traces)
     else:  # an API model: what the answers cost in requests
         record["requests"] = sum(s["attempts"] for s in steps)
         record["retries"] = record["requests"] - len(steps)
@@ -320,12 +326,16 @@ class EvalRun:
             "summary": summary,
         }
         a = summary["all"]
-        notes = self.notes + [f"Episodes: {len(records)} of {len(self.seeds)} finished (task seeds {self.seeds[0]}-{self.seeds[-1]}), {wall:.0f} s wall time."]
+        notes = self.notes + [f"Episodes: {len(records)} of {len(self.seeds)} finished (task seeds "
+                              f"{self.seeds[0]}-{self.seeds[-1]}), {wall:.0f} s wall time."]
         if "requests" in a:
             reasons = ", ".join(f"{k} x{v}" for k, v in sorted(a["retry_reasons"].items()))
-            notes.append(f"API requests: {a['requests']} ({a['retries']} {'retry' if a['retries'] == 1 else 'retries'}{': ' + reasons if reasons else ''}); empty or malformed answers: {a['empty_or_malformed_answers']}.")
+            notes.append(f"API requests: {a['requests']} ({a['retries']} "
+                         f"{'retry' if a['retries'] == 1 else 'retries'}{': ' + reasons if reasons else ''}); empty or "
+                         f"malformed answers: {a['empty_or_malformed_answers']}.")
         if "think_tokens_per_turn" in a:
-            notes.append(f"TTI: {a['tti_budget_triggers']} budget and {a['tti_stagnation_triggers']} stagnation triggers; {a['think_tokens_per_turn']:.1f} think tokens per turn.")
+            notes.append(f"TTI: {a['tti_budget_triggers']} budget and {a['tti_stagnation_triggers']} stagnation "
+                         f"triggers; {a['think_tokens_per_turn']:.1f} think tokens per turn.")
         self.folder.write_summary(body, markdown_table(summary, self.title, notes))
         return body
 
@@ -359,7 +369,8 @@ directory, the embedded SmolLM2-135M-Instruct (no MODEL), or an LLM behind an Op
 (--api-base URL --model NAME; the key is read from the variable named by --api-key-env).
 
   t2po eval sokoban runs/sokoban-t2po-20260101-120000 --episodes 128
-  t2po eval sokoban --episodes 8 env.options.dim_room=[5,5]      (as in `t2po train`; --env-option dim_room=[5,5] also works)
+  t2po eval sokoban --episodes 8 env.options.dim_room=[5,5]      (as in `t2po train`; --env-option dim_room=[5,5] also \
+works)
   OPENAI_API_KEY=... t2po eval alfworld --split valid_unseen --api-base https://api.openai.com/v1 --model gpt-4o-mini
 
 Results go to --out (default evals/<env>-<split>-<model>) as each episode finishes; rerunning the
@@ -368,38 +379,60 @@ same command resumes, skipping finished episodes.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="t2po eval", description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="t2po eval", description=EVAL_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("env", metavar="ENV", help="environment name (see `t2po envs`)")
-    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="run folder, checkpoint folder, Hugging Face model directory (causal LM or vision-language model) or tiny-vlm (default: the embedded SmolLM2-135M-Instruct); not with --api-base")
+    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+            help="run folder, checkpoint folder, Hugging Face model directory (causal LM or vision-language model) or "
+                 "tiny-vlm (default: the embedded SmolLM2-135M-Instruct); not with --api-base")
     g = p.add_argument_group("tasks and output")
     g.add_argument("--split", default="valid", help="environment split (default: valid)")
-    g.add_argument("--episodes", type=EPISODES, default=DEFAULT_EPISODES, help=f"episodes = task seeds SEED .. SEED+N-1 (default {DEFAULT_EPISODES})")
-    g.add_argument("--seed", type=SEED, default=0, help="first task seed (default 0); samplers are seeded from the task seeds")
-    g.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE", help="environment option (YAML value), repeatable, e.g. dim_room=[6,6] or observation_mode=image; overrides a run's own options. The same as env.options.KEY=VALUE, the spelling `t2po train` takes")
+    g.add_argument("--episodes", type=EPISODES, default=DEFAULT_EPISODES,
+                   help=f"episodes = task seeds SEED .. SEED+N-1 (default {DEFAULT_EPISODES})")
+    g.add_argument("--seed", type=SEED, default=0,
+                   help="first task seed (default 0); samplers are seeded from the task seeds")
+    g.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE",
+            help="environment option (YAML value), repeatable, e.g. dim_room=[6,6] or observation_mode=image; "
+                 "overrides a run's own options. The same as env.options.KEY=VALUE, the spelling `t2po train` takes")
     g.add_argument("--out", default=None, help="output folder (default: evals/<env>-<split>-<model>)")
     g.add_argument("--quiet", action="store_true", help="print only the final table")
-    g = p.add_argument_group("sampling (defaults: docs/method.md §6 validation sampling, or a run's own validation settings)")
+    g = p.add_argument_group("sampling (defaults: docs/method.md §6 validation sampling, or a run's own validation "
+                             "settings)")
     g.add_argument("--temperature", type=float, default=None, help="default 0.6 (0 = greedy)")
     g.add_argument("--top-p", type=float, default=None, help="default 0.95")
-    g.add_argument("--top-k", type=bounded(0, 100_000), default=None, help="default 20 for local models; for APIs sent only when given (not an OpenAI parameter)")
-    g.add_argument("--max-new-tokens", type=NEW_TOKENS, default=None, help=f"response token budget per turn (default: the run's, else {SamplingParams().max_new_tokens})")
+    g.add_argument("--top-k", type=bounded(0, 100_000), default=None,
+                   help="default 20 for local models; for APIs sent only when given (not an OpenAI parameter)")
+    g.add_argument("--max-new-tokens", type=NEW_TOKENS, default=None,
+                   help=f"response token budget per turn (default: the run's, else {SamplingParams().max_new_tokens})")
     g = p.add_argument_group("local models")
-    g.add_argument("--batch-size", type=BATCH_SIZE, default=8, help="episodes decoded together (default 8); each batch is written when it finishes")
+    g.add_argument("--batch-size", type=BATCH_SIZE, default=8,
+                   help="episodes decoded together (default 8); each batch is written when it finishes")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto)")
-    g.add_argument("--engine", default="hf", help="generation engine: hf (default), vllm, or package.module:Class (as rollout.engine)")
-    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="auto (default: bfloat16 where the hardware multiplies bf16 natively, a GPU or an AVX512-BF16/AMX CPU, else float32), float32 or bfloat16")
-    g.add_argument("--tti-budget", type=NEW_TOKENS, default=None, help="TTI think-token budget B (default: the run's setting, else none)")
+    g.add_argument("--engine", default="hf",
+                   help="generation engine: hf (default), vllm, or package.module:Class (as rollout.engine)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+            help="auto (default: bfloat16 where the hardware multiplies bf16 natively, a GPU or an AVX512-BF16/AMX "
+                 "CPU, else float32), float32 or bfloat16")
+    g.add_argument("--tti-budget", type=NEW_TOKENS, default=None,
+                   help="TTI think-token budget B (default: the run's setting, else none)")
     g = p.add_argument_group("API models")
-    g.add_argument("--api-base", default=None, metavar="URL", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    g.add_argument("--api-base", default=None, metavar="URL",
+                   help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
     g.add_argument("--model", default=None, metavar="NAME", help="model name at the API (e.g. gpt-4o-mini)")
-    g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (default OPENAI_API_KEY); the key is never printed or stored")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY",
+            help="environment variable holding the API key (default OPENAI_API_KEY); the "
+                 "key is never printed or stored")
     g.add_argument("--concurrency", type=bounded(1, 256), default=4, help="episodes played in parallel (default 4)")
-    g.add_argument("--request-timeout", type=bounded(0.001, 3600, float), default=120.0, help="seconds per request before it is retried (default 120)")
-    g.add_argument("--max-retries", type=bounded(0, 100), default=6, help="retries per request on 429, 5xx, timeouts and dropped connections (default 6)")
-    g.add_argument("--retry-backoff", type=bounded(0, 600, float), default=1.0, help="first back-off in seconds, doubled per retry (default 1)")
+    g.add_argument("--request-timeout", type=bounded(0.001, 3600, float), default=120.0,
+                   help="seconds per request before it is retried (default 120)")
+    g.add_argument("--max-retries", type=bounded(0, 100), default=6,
+                   help="retries per request on 429, 5xx, timeouts and dropped connections (default 6)")
+    g.add_argument("--retry-backoff", type=bounded(0, 600, float), default=1.0,
+                   help="first back-off in seconds, doubled per retry (default 1)")
     g.add_argument("--price-input", type=float, default=0.0, help="USD per 1M input tokens, for the cost column")
     g.add_argument("--price-output", type=float, default=0.0, help="USD per 1M output tokens, for the cost column")
-    g.add_argument("--reasoning-api", action="store_true", help="request format of OpenAI reasoning models: max_completion_tokens, no temperature/top-p/top-k/seed")
+    g.add_argument("--reasoning-api", action="store_true",
+            help="request format of OpenAI reasoning models: max_completion_tokens, no temperature/top-p/top-k/seed")
     return p
 
 
@@ -415,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"give either a local MODEL ({ns.model_path}) or --api-base/--model, not both")
     try:
         engine_spec(ns.engine)  # an unknown engine fails before any work
-        run, agent, policy = _prepare(ns, api)
+        run, agent, local = _prepare(ns, api)
         created = first_missing(run.folder.path)  # removed again if this command finishes no episode
         done = run.folder.open()
     except (APIError, FileNotFoundError, ValueError, UserError) as e:
@@ -430,18 +463,20 @@ def main(argv: list[str] | None = None) -> int:
         if pending and api:
             _play_api(run, agent, pending, done, ns.concurrency)
         elif pending:
-            _play_local(run, policy, pending, done, ns)
+            _play_local(run, local, pending, done, ns)
     except APIError as e:  # a server that stopped answering: exit 3, a runtime failure (README, Reliability)
         if created is not None and not done:
             shutil.rmtree(created, ignore_errors=True)
             print(f"t2po eval: {e}", file=sys.stderr)
         else:
-            print(f"t2po eval: {e} ({len(done)} finished episodes are kept in {run.folder.path}; rerun the same command to resume)", file=sys.stderr)
+            print(f"t2po eval: {e} ({len(done)} finished episodes are kept in {run.folder.path}; rerun the same "
+                  "command to resume)", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         if created is not None and not done:
             shutil.rmtree(created, ignore_errors=True)
-        print(f"\nt2po eval: interrupted; {len(done)} finished episodes are kept in {run.folder.path}; rerun the same command to resume.", file=sys.stderr)
+        print(f"\nt2po eval: interrupted; {len(done)} finished episodes are kept in {run.folder.path}; rerun the same "
+              "command to resume.", file=sys.stderr)
         return 130
     except BaseException:
         if created is not None and not done:
@@ -454,19 +489,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @dataclass
-class _LocalPolicy:
+class _LocalModel:
+    """A local model as `t2po eval` plays it: where its weights are, and its decoding settings."""
     path: str | None
-    source: PolicySource
+    source: ModelSource
     sampling: Any  # SamplingParams
     intervention: InterventionConfig
     max_prompt_tokens: int | None
     device: str
 
 
-def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgent | None, _LocalPolicy | None]:
+def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgent | None, _LocalModel | None]:
     """Resolve the setup (without loading weights) and check the environment options."""
     options = _parse_env_options(ns.env_option, ns.env)
-    agent = policy = None
+    agent = local = None
     if api:
         if ns.temperature is not None and ns.temperature < 0 or ns.top_p is not None and not 0 < ns.top_p <= 1:
             raise InvalidInput("--temperature must be >= 0 and --top-p in (0, 1]")
@@ -488,11 +524,12 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
         described = agent.describe()
         setup = {"kind": "api", **described}
         sampling_note = ("reasoning-model request format (server-side sampling)" if ns.reasoning_api else
-                         f"temperature {described['temperature']}, top-p {described['top_p']}" + (f", top-k {described['top_k']}" if described["top_k"] is not None else ""))
+                         f"temperature {described['temperature']}, top-p {described['top_p']}"
+                         + (f", top-k {described['top_k']}" if described["top_k"] is not None else ""))
         notes = [f"Model: `{ns.model}` at {agent.base_url}; {sampling_note}; up to {agent.max_tokens} tokens per turn."]
     else:
         check_device(ns.device)
-        source = locate_policy(ns.model_path)
+        source = locate_model(ns.model_path)
         cfg = source.run_config
         if cfg is not None and cfg.env.name == ns.env:  # the run's own environment options (flags override them)
             run_options = {**cfg.env.options, **cfg.env.val_options}
@@ -509,7 +546,8 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
             raise InvalidInput("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0 and --max-new-tokens >= 1")
         intervention = intervention_for(ns.model_path, enabled=True, budget=ns.tti_budget)
         penalty = cfg.rollout.invalid_action_penalty if cfg is not None else INVALID_ACTION_PENALTY
-        policy = _LocalPolicy(ns.model_path, source, sampling, intervention, cfg.rollout.max_prompt_tokens if cfg is not None else None, ns.device)
+        local = _LocalModel(ns.model_path, source, sampling, intervention, cfg.rollout.max_prompt_tokens
+                            if cfg is not None else None, ns.device)
         model_name = source.short_name
         setup = {
             "kind": "local",
@@ -518,43 +556,53 @@ def _prepare(ns: argparse.Namespace, api: bool) -> tuple[EvalRun, OpenAIChatAgen
             "top_p": sampling.top_p,
             "top_k": sampling.top_k,
             "max_new_tokens": sampling.max_new_tokens,
-            "max_prompt_tokens": policy.max_prompt_tokens,
-            "tti": {"patience": intervention.patience, "eps": intervention.eps, "budget": intervention.budget, "alpha": intervention.alpha},
+            "max_prompt_tokens": local.max_prompt_tokens,
+            "tti": {"patience": intervention.patience, "eps": intervention.eps, "budget": intervention.budget,
+                    "alpha": intervention.alpha},
         }
-        notes = [f"Model: `{source.description}`; temperature {sampling.temperature}, top-p {sampling.top_p}, top-k {sampling.top_k}; "
-                 f"up to {sampling.max_new_tokens} tokens per turn; TTI on (patience {intervention.patience}, budget {intervention.budget or 'none'}), TDS off."]
+        notes = [f"Model: `{source.description}`; temperature {sampling.temperature}, top-p {sampling.top_p}, top-k "
+                 f"{sampling.top_k}; up to {sampling.max_new_tokens} tokens per turn; TTI on (patience "
+                 f"{intervention.patience}, budget {intervention.budget or 'none'}), TDS off."]
     # building the environment once checks the split and the option values before any model work
     probe = make_env(ns.env, split=ns.split, **options)
     # Search QA: results are only comparable on the same corpus, so the setup names it (and a
     # results folder is not mixed across corpora)
     corpus = probe.describe().get("corpus")
     probe.close()
-    if policy is not None and getattr(probe, "observation_mode", "text") != "text":
+    if local is not None and getattr(probe, "observation_mode", "text") != "text":
         from t2po.models import reads_images
         from t2po.vlm import VLM_EXAMPLES
 
         if reads_images(source.path if source.checkpoint is None else source.base) is False:
-            raise InvalidInput(f"{ns.env} with observation_mode={probe.observation_mode} shows images, which need a vision-language model "
-                             f"as MODEL ({VLM_EXAMPLES}); {source.description} is text-only. Or pass --env-option observation_mode=text")
-    setup.update({"env": ns.env, "split": ns.split, "env_options": options, "invalid_action_penalty": penalty, **({"corpus": corpus} if corpus else {})})
-    notes.append(f"Environment: `{ns.env}`, split `{ns.split}`" + (f", options `{json.dumps(_json_safe(options))}`" if options else "") + ".")
+            raise InvalidInput(f"{ns.env} with observation_mode={probe.observation_mode} shows images, which need a "
+                               "vision-language model "
+                             f"as MODEL ({VLM_EXAMPLES}); {source.description} is text-only. Or pass --env-option "
+                             "observation_mode=text")
+    setup.update({"env": ns.env, "split": ns.split, "env_options": options, "invalid_action_penalty": penalty,
+                  **({"corpus": corpus} if corpus else {})})
+    notes.append(f"Environment: `{ns.env}`, split `{ns.split}`"
+                 + (f", options `{json.dumps(_json_safe(options))}`" if options else "") + ".")
     if corpus:
-        notes.append(f"Corpus: `{corpus['name']}` ({corpus['num_passages']:,} passages, `{corpus['path']}`, sha256 {corpus['sha256'][:12]}).")
+        notes.append(f"Corpus: `{corpus['name']}` ({corpus['num_passages']:,} passages, `{corpus['path']}`, sha256 "
+                     f"{corpus['sha256'][:12]}).")
     out = Path(ns.out) if ns.out else Path("evals") / _safe_name(f"{ns.env}-{ns.split}-{model_name}")
-    # the path rule (t2po/paths.py); an earlier evaluation (its eval.json) is continued, any other non-empty folder refused
+    # the path rule (t2po/paths.py); an earlier evaluation (its eval.json) is continued, any other non-empty folder
+    # refused
     new_folder(out, "--out", own_marker="eval.json")
     run = EvalRun(ns.env, ns.split, options, list(range(ns.seed, ns.seed + ns.episodes)), ResultsFolder(out, setup),
-                  f"{ns.env} ({ns.split}): {model_name}", notes, ns.price_input if api else 0.0, ns.price_output if api else 0.0, ns.quiet)
-    return run, agent, policy
+                  f"{ns.env} ({ns.split}): {model_name}", notes, ns.price_input if api else 0.0, ns.price_output if api
+                  else 0.0, ns.quiet)
+    return run, agent, local
 
 
-def _play_local(run: EvalRun, policy: _LocalPolicy, pending: list[int], done: dict[int, dict], ns: argparse.Namespace) -> None:
+def _play_local(run: EvalRun, local: _LocalModel, pending: list[int], done: dict[int, dict],
+                ns: argparse.Namespace) -> None:
     """`collect_rollouts` (TTI on, TDS off) over batches of `--batch-size` pending episodes."""
     from t2po.engines import engine_for_policy
     from t2po.progress import Progress, silence_library_progress
 
     silence_library_progress()
-    model, tokenizer, _ = resolve_policy(policy.path, dtype=ns.dtype, device=policy.device)
+    model, tokenizer, _ = load_local_model(local.path, dtype=ns.dtype, device=local.device)
     engine = engine_for_policy(ns.engine, model, tokenizer)
     with run.make_env() as env:
         for start in range(0, len(pending), ns.batch_size):
@@ -563,15 +611,17 @@ def _play_local(run: EvalRun, policy: _LocalPolicy, pending: list[int], done: di
             desc = f"[episodes {start + 1}-{start + len(batch)} of {len(pending)}]"
             with Progress(len(batch), desc, "episode", disable=run.quiet) as bar:  # a batch can take minutes
                 settings = RolloutSettings(invalid_action_penalty=run.folder.setup["invalid_action_penalty"],
-                                           max_prompt_tokens=policy.max_prompt_tokens)
-                result = collect_rollouts(EnginePolicy(engine, policy.sampling, policy.intervention), env, batch, settings,
+                                           max_prompt_tokens=local.max_prompt_tokens)
+                result = collect_rollouts(EnginePolicy(engine, local.sampling, local.intervention), env,
+                                          batch, settings,
                                           seed=batch[0], progress=bar)
             share = (time.monotonic() - t0) / len(batch)  # an episode's share of the batch's wall time
             for episode in result.episodes:
                 run.finish_episode(done, *episode_files(episode, tokenizer, run.env_name, run.split, share))
 
 
-def _play_api(run: EvalRun, agent: OpenAIChatAgent, pending: list[int], done: dict[int, dict], concurrency: int) -> None:
+def _play_api(run: EvalRun, agent: OpenAIChatAgent, pending: list[int], done: dict[int, dict],
+              concurrency: int) -> None:
     """Episodes in `concurrency` threads, one environment each; results are written by this thread
     as episodes finish. A fatal API error or Ctrl-C stops the others at their next turn."""
     workers = min(concurrency, len(pending))

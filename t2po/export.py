@@ -19,7 +19,7 @@ to decode with TTI outside t2po (`t2po.engines.hf.TTILogitsProcessor` for transf
 0755). The folder is written to `DIR.tmp` and renamed when complete; an existing non-empty DIR is
 never overwritten.
 
-The weights are those `t2po eval` and `t2po serve` load (`t2po.policy_source.resolve_policy`), in the
+The weights are those `t2po eval` and `t2po serve` load (`t2po.locate.load_local_model`), in the
 dtype the run trained in.
 """
 
@@ -38,19 +38,19 @@ from t2po.errors import UserError
 def export(source_path: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None) -> Path:
     """Write the merged model (and the adapter of a LoRA checkpoint) to `out`; returns `out`."""
     from t2po.checkpoints import atomic_dir, point_adapter_at
-    from t2po.policy_source import locate_policy, resolve_policy
+    from t2po.locate import load_local_model, locate_model
     from t2po.models import model_directory, public_model_id, resolve_dtype, save_tokenizer
     from t2po.progress import silence_library_progress
 
     from t2po.paths import new_folder
 
     out = new_folder(out, "--out")  # the path rule (t2po/paths.py): a new or empty folder outside any run
-    source = locate_policy(source_path)
+    source = locate_model(source_path)
     run_dtype = source.run_config.model.dtype if source.run_config is not None else None
     torch_dtype = resolve_dtype(dtype or run_dtype or "float32")  # "auto": what the run trained in on this hardware
     dtype = str(torch_dtype).removeprefix("torch.")
     silence_library_progress()
-    model, tokenizer, description = resolve_policy(source_path, dtype=torch_dtype)
+    model, tokenizer, description = load_local_model(source_path, dtype=torch_dtype)
     # generation stops where the chat template ends a turn, also outside t2po (vLLM, pipelines)
     gen = model.generation_config
     for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
@@ -63,8 +63,8 @@ def export(source_path: str | os.PathLike, out: str | os.PathLike, dtype: str | 
         if source.checkpoint is not None:
             local = str(model_directory(source.base))
             base = public_model_id(local) or local
-            info.update({"checkpoint": str(source.checkpoint), "base": base,
-                         "iteration": json.loads((source.checkpoint / "trainer_state.json").read_text()).get("iteration")})
+            state = json.loads((source.checkpoint / "trainer_state.json").read_text())
+            info.update({"checkpoint": str(source.checkpoint), "base": base, "iteration": state.get("iteration")})
             if base != local:
                 info["base_local_folder"] = local
             if (source.checkpoint / "adapter").is_dir():
@@ -85,28 +85,38 @@ def _readme(info: dict, name: str) -> str:
     lines = [f"# {name}", "", f"Exported by `t2po export` from {info['policy']} ({info['dtype']}).", "",
              "The merged model: `AutoModelForCausalLM.from_pretrained(\"DIR\")`, or `vllm serve DIR`."]
     if "adapter" in info:
-        lines += ["", f"The LoRA adapter alone: `AutoPeftModelForCausalLM.from_pretrained(\"DIR/adapter\")`, on `{info['base']}`."]
+        lines += ["", "The LoRA adapter alone: `AutoPeftModelForCausalLM.from_pretrained(\"DIR/adapter\")`, on "
+                      f"`{info['base']}`."]
     if "base_local_folder" in info:
-        lines += ["", f"The adapter was trained on {EMBEDDED_MODEL_SOURCE} (on the exporting machine: `{info['base_local_folder']}`);",
-                  "its weights differ slightly from the Hub's bfloat16 ones, so on the Hub model the adapter's outputs differ slightly."]
+        lines += ["", f"The adapter was trained on {EMBEDDED_MODEL_SOURCE} (on the exporting machine: "
+                      f"`{info['base_local_folder']}`);",
+                  "its weights differ slightly from the Hub's bfloat16 ones, so on the Hub model the adapter's outputs "
+                  "differ slightly."]
     lines += ["", "## Decoding with the thinking intervention (TTI)", "",
-              "t2po's policy forces the end of thinking (`</think>`) inside decoding; plain `generate` does not. To decode as t2po does:", "",
+              "t2po's policy forces the end of thinking (`</think>`) inside decoding; plain `generate` does not. To "
+              "decode as t2po does:", "",
               "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList",
               "from t2po.engines.base import InterventionConfig", "from t2po.engines.hf import TTILogitsProcessor", "",
               "model, tok = AutoModelForCausalLM.from_pretrained(\"DIR\"), AutoTokenizer.from_pretrained(\"DIR\")",
               "tti = TTILogitsProcessor(tok, InterventionConfig(budget=450))  # the run's rollout.tti settings",
-              "out = model.generate(ids, logits_processor=LogitsProcessorList([tti]), do_sample=True, top_k=0)", "```", "",
-              "With vLLM: `vllm.LLM(model=\"DIR\", logits_processors=[t2po.engines.vllm_engine.TTILogitsProcessor])` and each request's",
-              "`SamplingParams` from `t2po.engines.vllm_engine.vllm_request` (or `t2po eval` / `t2po serve` on this folder).", ""]
+              "out = model.generate(ids, logits_processor=LogitsProcessorList([tti]), do_sample=True, top_k=0)", "```",
+              "",
+              "With vLLM: `vllm.LLM(model=\"DIR\", logits_processors=[t2po.engines.vllm_engine.TTILogitsProcessor])` "
+              "and each request's",
+              "`SamplingParams` from `t2po.engines.vllm_engine.vllm_request` (or `t2po eval` "
+              "/ `t2po serve` on this folder).", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="t2po export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", metavar="RUN_OR_CHECKPOINT", help="a run folder (its latest checkpoint), a checkpoint folder, or a model folder")
+    parser = argparse.ArgumentParser(prog="t2po export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", metavar="RUN_OR_CHECKPOINT",
+                        help="a run folder (its latest checkpoint), a checkpoint folder, or a model folder")
     parser.add_argument("--out", required=True, metavar="DIR", help="the new model folder")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="weights dtype (default: the run's model.dtype; auto = bfloat16 where the hardware has it)")
+                        help="weights dtype (default: the run's model.dtype; auto = bfloat16 where the hardware has "
+                             "it)")
     ns = parser.parse_args(argv)
     try:
         out = export(ns.model, ns.out, ns.dtype)
@@ -117,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exported {info['policy']} -> {out}")
     print(f"  AutoModelForCausalLM.from_pretrained({str(out)!r})   # merged; also: vllm serve {out}")
     if "adapter" in info:
-        print(f"  AutoPeftModelForCausalLM.from_pretrained({str(out / 'adapter')!r})   # the LoRA adapter on {info['base']}")
+        print(f"  AutoPeftModelForCausalLM.from_pretrained({str(out / 'adapter')!r})   # the LoRA adapter on "
+              f"{info['base']}")
     return 0
 
 

@@ -51,7 +51,8 @@ def load_model(
     """Load `(model, tokenizer)` offline: the embedded SmolLM2 (`None` / "smollm2-135m-instruct"), the
     tiny random VLM ("tiny-vlm"), or a local Hugging Face causal-LM or vision-language directory (a
     VLM's tokenizer carries its processor as `tokenizer.processor`). `dtype`: see `resolve_dtype` (None:
-    float32 on CPU and bfloat16 on CUDA; "auto": bfloat16 where the hardware has it). The model is returned in eval mode on `device`, with the copy-free grouped-query
+    float32 on CPU and bfloat16 on CUDA; "auto": bfloat16 where the hardware has it). The model is returned in eval mode
+    on `device`, with the copy-free grouped-query
     decode attention (`t2po.attention`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -73,11 +74,13 @@ def load_model(
             tokenizer.chat_template = processor.chat_template
         _prepare_tokenizer(tokenizer, directory)
         tokenizer.processor = processor
-        model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch_dtype, local_files_only=True, attn_implementation=GROUPED_SDPA)
+        model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch_dtype, local_files_only=True,
+                                                            attn_implementation=GROUPED_SDPA)
     else:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         _prepare_tokenizer(tokenizer, directory)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True, attn_implementation=GROUPED_SDPA)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, local_files_only=True,
+                                                     attn_implementation=GROUPED_SDPA)
     model.to(device)
     model.eval()
     return model, tokenizer
@@ -128,7 +131,8 @@ def is_vision_language_directory(directory: str | os.PathLike) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     config = Path(directory) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    return (config.is_file()
+            and json.loads(config.read_text()).get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 
 def reads_images(path: str | os.PathLike | None) -> bool | None:
@@ -157,7 +161,8 @@ def lora_targets(model: torch.nn.Module, module_names, last_layers: int | None) 
     n = model.config.get_text_config().num_hidden_layers
     layers = None if last_layers is None else list(range(max(n - last_layers, 0), n))
     if getattr(model.config, "vision_config", None) is None:
-        return {"target_modules": list(module_names), "layers_to_transform": layers, "layers_pattern": "layers" if layers is not None else None}
+        return {"target_modules": list(module_names), "layers_to_transform": layers, "layers_pattern": "layers"
+                if layers is not None else None}
     language_model = model.get_decoder()
     prefix = next(name for name, module in model.named_modules() if module is language_model)
     layer = r"\d+" if layers is None else "(?:" + "|".join(str(i) for i in layers) + ")"
@@ -167,7 +172,7 @@ def lora_targets(model: torch.nn.Module, module_names, last_layers: int | None) 
 
 def add_lora(model: torch.nn.Module, m: Any) -> torch.nn.Module:
     """`model` with the LoRA adapters the trainer trains (`m`: the config's `model` section); also how
-    a sharded LoRA checkpoint is read back (`t2po.policy_source.resolve_policy`)."""
+    a sharded LoRA checkpoint is read back (`t2po.locate.load_local_model`)."""
     from peft import LoraConfig, get_peft_model
 
     # the language model's modules (of a VLM: not the vision tower's), optionally its last layers only

@@ -57,6 +57,6 @@ def resolve(name: str, registry: dict[str, Any], group: str, what: str, load: Ca
     else:
         known = sorted(set(registry) | set(plugins))
         own = "Class" if what in ("Engine", "Environment") else "function"
-        raise PluginError(f"unknown {what.lower()} {name!r}{did_you_mean(name, known)}; choose one of {', '.join(known)}, "
-                          f"or one of your own as package.module:{own}")
+        raise PluginError(f"unknown {what.lower()} {name!r}{did_you_mean(name, known)}; choose one of "
+                          f"{', '.join(known)}, or one of your own as package.module:{own}")
     return registry[name]

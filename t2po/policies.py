@@ -59,7 +59,8 @@ def text_generation(text: str, finish_reason: str = "stop", prompt_tokens: int =
 class EnginePolicy:
     """A generation engine with fixed sampling and thinking-intervention settings."""
 
-    def __init__(self, engine: Engine, sampling: SamplingParams, intervention: InterventionConfig | None = None) -> None:
+    def __init__(self, engine: Engine, sampling: SamplingParams,
+                 intervention: InterventionConfig | None = None) -> None:
         self.engine = engine
         self.sampling = sampling
         self.intervention = intervention
@@ -69,7 +70,8 @@ class EnginePolicy:
         pixels = [t.pixel_inputs for t in turns]
         # `pixel_inputs` goes to the engine only when a prompt has an image, so text-only engines never see it
         images = {"pixel_inputs": pixels} if any(p is not None for p in pixels) else {}
-        return self.engine.generate([t.prompt_ids for t in turns], dataclasses.replace(self.sampling, seed=seed), self.intervention, **images)
+        return self.engine.generate([t.prompt_ids for t in turns], dataclasses.replace(self.sampling, seed=seed),
+                                    self.intervention, **images)
 
 
 class EpisodeAbandoned(Exception):
@@ -94,8 +96,10 @@ class APIPolicy:
             if self.stopping():
                 raise EpisodeAbandoned
             reply = self.agent.respond(t.prompt, image=t.state.image, seed=seed % self.SEED_RANGE)
-            out.append(text_generation(reply.text, reply.finish_reason, reply.prompt_tokens, completion_tokens=reply.completion_tokens,
-                                       attempts=reply.attempts, retry_reasons=list(reply.retry_reasons), latency_s=reply.latency_s))
+            out.append(text_generation(reply.text, reply.finish_reason, reply.prompt_tokens,
+                                       completion_tokens=reply.completion_tokens,
+                                       attempts=reply.attempts, retry_reasons=list(reply.retry_reasons),
+                                       latency_s=reply.latency_s))
         return out
 
 
@@ -111,7 +115,8 @@ class ExpertPolicy:
 
     def act(self, turns: list[Turn], seed: int) -> list[Generation | None]:
         # no move can still win (e.g. an unsolvable deal): the demonstration ends there
-        return [None if (r := self.env.expert_response(t.index, t.state)) is None else text_generation(r) for t in turns]
+        return [None if (r := self.env.expert_response(t.index, t.state)) is None
+                else text_generation(r) for t in turns]
 
 
 class RandomPolicy:

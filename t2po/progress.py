@@ -67,7 +67,8 @@ class Progress:
         self.bar = None
         if not disable and _is_terminal(out):
             # the bar redraws on the terminal only; the console log gets the plain lines
-            self.bar = tqdm(total=total, desc=desc, unit=unit, file=getattr(out, "terminal", out), leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=getattr(out, "terminal", out), leave=False,
+                            dynamic_ncols=True)
         self.log: IO | None = getattr(out, "log", None) if self.bar is not None else out
 
     def update(self, n: int = 1, note: str | None = None) -> None:

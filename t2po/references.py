@@ -26,7 +26,8 @@ def stderr(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n) if n > 0 else float("nan")
 
 
-def random_mover(env: BatchEnv, seeds: list[int], max_turns: int | None = None, samples: int = 8, seed: int = 0) -> dict[str, Any] | None:
+def random_mover(env: BatchEnv, seeds: list[int], max_turns: int | None = None, samples: int = 8,
+                 seed: int = 0) -> dict[str, Any] | None:
     """The random mover's success on `seeds`: exact per task where the environment enumerates it."""
     exact = env.random_success(seeds)
     if exact is not None:
@@ -36,7 +37,8 @@ def random_mover(env: BatchEnv, seeds: list[int], max_turns: int | None = None, 
     from t2po.rollout import RolloutSettings, collect_rollouts
 
     try:
-        result = collect_rollouts(RandomPolicy(), env, list(seeds), RolloutSettings(group_size=samples, max_turns=max_turns), seed=seed)
+        result = collect_rollouts(RandomPolicy(), env, list(seeds),
+                                  RolloutSettings(group_size=samples, max_turns=max_turns), seed=seed)
     except ValueError:  # no admissible-action list: chance is not defined by a uniform choice
         return None
     per_task = [0.0] * len(seeds)

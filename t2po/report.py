@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from t2po.checkpoints import read_jsonl_log
+from t2po.runlog import read_jsonl_log
 from t2po.errors import InvalidInput, UserError
 from t2po.paths import new_folder
 from t2po.runfiles import read_run_config
@@ -72,7 +72,8 @@ class Run:
         described = ((self.summary or {}).get("environment") or {}).get("corpus")
         if described:
             return f"{described['name']} ({described['num_passages']:,} passages)"
-        names = {key.split("/", 2)[2] for stats in self.validation.values() for key in stats if key.startswith("success/corpus/")}
+        names = {key.split("/", 2)[2] for stats in self.validation.values() for key in stats
+                 if key.startswith("success/corpus/")}
         return ", ".join(sorted(names)) or None
 
     def validation_points(self) -> list[tuple[int, float]]:
@@ -101,7 +102,8 @@ def _note(message: str) -> None:
 def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} does not exist or is not a folder; pass run folders (e.g. runs/sokoban-t2po-...)")
+        raise FileNotFoundError(f"{path} does not exist or is not a folder; pass run folders (e.g. "
+                                "runs/sokoban-t2po-...)")
     config = read_run_config(path)
     by_iteration: dict[int, dict] = {}
     if (path / "metrics.jsonl").exists():
@@ -118,7 +120,8 @@ def load_run(path: str | Path) -> Run:
         except (OSError, ValueError) as e:
             _note(f"{path / 'summary.json'} cannot be read ({e}); the report goes on without it")
         summary = summary if isinstance(summary, dict) else None
-    return Run(path=path, config=config, metrics=[by_iteration[k] for k in sorted(by_iteration)], validation=validation, summary=summary)
+    return Run(path=path, config=config, metrics=[by_iteration[k] for k in sorted(by_iteration)], validation=validation,
+               summary=summary)
 
 
 def expand_run_paths(paths: list[str | Path]) -> list[Path]:
@@ -226,27 +229,36 @@ class Panel:
 
 FRACTION = (0.0, 1.0)
 PANELS = (
-    Panel("success_rate", "training success rate", (("rollout/success_rate", "success"),), "fraction of episodes won", domain=FRACTION),
+    Panel("success_rate", "training success rate", (("rollout/success_rate", "success"),), "fraction of episodes won",
+          domain=FRACTION),
     Panel("episode_reward", "episode reward", (("rollout/episode_reward", "reward"),), "reward per episode"),
     Panel("env_score", "task score", (("rollout/env/score", "score"),), "environment score"),
-    Panel("invalid_action_rate", "invalid actions", (("rollout/invalid_action_rate", "invalid"),), "fraction of turns", domain=FRACTION),
-    Panel("response_length", "response length per turn (band: shortest-longest)", (("rollout/response_length", "mean"),), "tokens",
+    Panel("invalid_action_rate", "invalid actions", (("rollout/invalid_action_rate", "invalid"),), "fraction of turns",
+          domain=FRACTION),
+    Panel("response_length", "response length per turn (band: shortest-longest)",
+          (("rollout/response_length", "mean"),), "tokens",
           spread=(("rollout/response_length", "rollout/response_length_min", "rollout/response_length_max"),)),
-    Panel("clip_ratio", "responses cut at the token limit", (("rollout/clip_ratio", "cut"),), "fraction of turns", domain=FRACTION),
-    Panel("kl", "KL", (("actor/approx_kl", "to the rollout policy (approx.)"), ("actor/kl", "to the reference policy")), "nats per token"),
+    Panel("clip_ratio", "responses cut at the token limit", (("rollout/clip_ratio", "cut"),), "fraction of turns",
+          domain=FRACTION),
+    Panel("kl", "KL", (("actor/approx_kl", "to the rollout policy (approx.)"), ("actor/kl", "to the reference policy")),
+          "nats per token"),
     Panel("grad_norm", "gradient norm (before clipping)", (("actor/grad_norm", "grad norm"),)),
     Panel("entropy", "policy entropy", (("actor/entropy", "entropy"),), "nats per token"),
     Panel("tti_triggers", "TTI triggers (end of thinking forced)",
           (("rollout/tti_stagnation_triggers", "stagnation"), ("rollout/tti_budget_triggers", "budget")), "triggers"),
-    Panel("think_length", "think length", (("rollout/think_length", "mean"), ("rollout/think_length_p90", "p90")), "think tokens per turn"),
+    Panel("think_length", "think length", (("rollout/think_length", "mean"), ("rollout/think_length_p90", "p90")),
+          "think tokens per turn"),
     Panel("tds_flag_rate", "TDS: flagged turns (of eligible turns)",
           (("rollout/tds_flag_rate", "regenerated"), ("rollout/tds_inband_before", "in band, first samples"),
            ("rollout/tds_inband_after", "in band, kept samples")), "fraction", domain=FRACTION),
     Panel("tds_delta", "|Mbar(k) - Mbar(k-1)| of first samples, TDS threshold",
-          (("rollout/tds_delta_p50", "p50"), ("rollout/tds_delta_p10", "p10"), ("rollout/tds_delta_p90", "p90"), ("rollout/tds_eta", "relative eta")), "delta"),
-    Panel("tds_extra_tokens", "TDS: tokens of discarded samples", (("rollout/tds_extra_token_fraction", "extra"),), "fraction of generated tokens", domain=FRACTION),
+          (("rollout/tds_delta_p50", "p50"), ("rollout/tds_delta_p10", "p10"), ("rollout/tds_delta_p90", "p90"),
+           ("rollout/tds_eta", "relative eta")), "delta"),
+    Panel("tds_extra_tokens", "TDS: tokens of discarded samples", (("rollout/tds_extra_token_fraction", "extra"),),
+          "fraction of generated tokens", domain=FRACTION),
     Panel("tokens", "tokens per iteration",
-          (("rollout/generated_tokens", "generated (incl. TDS discards)"), ("rollout/response_tokens", "trained on")), "tokens"),
+          (("rollout/generated_tokens", "generated (incl. TDS discards)"),
+           ("rollout/response_tokens", "trained on")), "tokens"),
 )
 TIME_PHASES = (("time/rollout", "rollout"), ("time/old_logprob", "old log-probs"), ("time/reference", "reference"),
                ("time/advantages", "advantages"), ("time/update", "update"), ("time/validation", "validation"),
@@ -327,7 +339,8 @@ def draw_validation(ax, groups: list[RunGroup]) -> bool:
         refs = (group.runs[0].summary or {}).get("references") or {}
         for key, style, label in (("random", "--", "random mover"), ("expert", ":", "expert")):
             if refs.get(key) and key not in drawn_refs:
-                ax.axhline(refs[key]["success"], color="0.4", linestyle=style, linewidth=1.2, label=f"{label} ({refs[key]['success']:.2f})")
+                ax.axhline(refs[key]["success"], color="0.4", linestyle=style, linewidth=1.2,
+                           label=f"{label} ({refs[key]['success']:.2f})")
                 drawn_refs.add(key)
     title = "held-out validation success" + (" (band: 95 % binomial interval)" if binomial else "")
     _decorate(ax, title, "fraction of tasks solved", groups, FRACTION)
@@ -357,7 +370,8 @@ def draw_time_split(ax, groups: list[RunGroup]) -> bool:
         if h.any():
             ax.bar(range(len(groups)), h, width=0.6, bottom=bottoms, color=color, label=label)
             bottoms += h
-    ax.set_xticks(range(len(groups)), [_group_label(g) for g in groups], rotation=15 if len(groups) > 2 else 0, fontsize=8)
+    ax.set_xticks(range(len(groups)), [_group_label(g) for g in groups], rotation=15 if len(groups) > 2
+                  else 0, fontsize=8)
     ax.set_xlim(-0.75, len(groups) - 0.25)
     ax.set_title("time per iteration by phase (mean over iterations and seeds)", fontsize=10)
     ax.set_ylabel("seconds")
@@ -367,7 +381,8 @@ def draw_time_split(ax, groups: list[RunGroup]) -> bool:
     return bool(bottoms.any())
 
 
-def _decorate(ax, title: str, ylabel: str, groups: list[RunGroup], domain: tuple[float, float] | None = None, seed_band: bool = True) -> None:
+def _decorate(ax, title: str, ylabel: str, groups: list[RunGroup], domain: tuple[float, float] | None = None,
+              seed_band: bool = True) -> None:
     from matplotlib.ticker import MaxNLocator
 
     if seed_band and any(len(g.runs) > 1 for g in groups):
@@ -407,7 +422,8 @@ def _figure(width: float = 7.0, height: float = 4.0):
 
     fig = Figure(figsize=(width, height), dpi=100)
     # the top margin holds the run title (`_run_title`) above the panel's own
-    fig.subplots_adjust(left=0.9 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.6 / height, wspace=0.25, hspace=0.45)
+    fig.subplots_adjust(left=0.9 / width, right=1 - 0.2 / width, bottom=0.5 / height, top=1 - 0.6 / height,
+                        wspace=0.25, hspace=0.45)
     return fig
 
 
@@ -508,7 +524,8 @@ def exploration_markdown(groups: list[RunGroup]) -> list[str]:
         cells = []
         for key, _, digits in EXPLORATION_COLUMNS:
             values = np.concatenate([run.series(key)[1] for run in group.runs]) if group.runs else np.array([])
-            cells.append("–" if not values.size else f"{values.mean():.{digits}f} [{values.min():.{digits}f}, {values.max():.{digits}f}]")
+            cells.append("–" if not values.size
+                         else f"{values.mean():.{digits}f} [{values.min():.{digits}f}, {values.max():.{digits}f}]")
         lines.append(f"| {group.label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -520,16 +537,18 @@ def summary_markdown(groups: list[RunGroup], plots: list[tuple[str, str]]) -> st
              f"({', '.join(str(v) for v in sorted(v for v in val_tasks if v is not None))} per run). "
              "Training success is that of the iteration's sampled rollouts (exploration on).", ""]
     lines += ["## Runs", "",
-              "| run | configuration | seed | status | train success final | train success best (iter) | val before | val after warm-up | val final | generated tokens | RL min | wall min |",
+              "| run | configuration | seed | status | train success final | train success best (iter) | val before | "
+              "val after warm-up | val final | generated tokens | RL min | wall min |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for group in groups:
         for run in group.runs:
             r = run_row(run)
             best = "–" if r["train_best"] is None else f"{r['train_best']:.3f} ({r['train_best_at']})"
-            lines.append(f"| {run.name} | {group.label} | {run.seed} | {r['status']} | {_fmt(r['train_final'])} | {best} | "
-                         f"{_fmt(r['val_before'])} | {_fmt(r['val_after_warmup'])} | {_fmt(r['val_final'])} | "
+            lines.append(f"| {run.name} | {group.label} | {run.seed} | {r['status']} | {_fmt(r['train_final'])} | "
+                         f"{best} | {_fmt(r['val_before'])} | {_fmt(r['val_after_warmup'])} | {_fmt(r['val_final'])} | "
                          f"{_fmt(r['tokens'], 0)} | {_minutes(r['rl_seconds'])} | {_minutes(r['wall_seconds'])} |")
-    refs = {(k, v["success"], v["method"]) for g in groups for r in g.runs for k, v in ((r.summary or {}).get("references") or {}).items() if v}
+    refs = {(k, v["success"], v["method"]) for g in groups for r in g.runs
+            for k, v in ((r.summary or {}).get("references") or {}).items() if v}
     if refs:
         lines += ["", "Reference points on the same held-out tasks: " + "; ".join(
             f"{'random mover' if k == 'random' else 'expert'} {p:.3f} ({m})" for k, p, m in sorted(refs)) + "."]
@@ -537,13 +556,15 @@ def summary_markdown(groups: list[RunGroup], plots: list[tuple[str, str]]) -> st
     if corpora:
         lines += ["", "Search corpus: " + "; ".join(f"{name}: `{corpus}`" for name, corpus in corpora) + "."]
     lines += ["", "## Configurations (mean ± std over seeds)", "",
-              "| configuration | seeds | val final | val after warm-up | val before | train success final | RL min |", "|---|---|---|---|---|---|---|"]
+              "| configuration | seeds | val final | val after warm-up | val before | train success final | RL min |",
+              "|---|---|---|---|---|---|---|"]
     for group in groups:
         rows = [run_row(r) for r in group.runs]
         col = lambda key: [r[key] for r in rows if r[key] is not None]  # noqa: E731
         rl = col("rl_seconds")
-        lines.append(f"| {group.label} | {len(group.runs)} | {_mean_std(col('val_final'))} | {_mean_std(col('val_after_warmup'))} | "
-                     f"{_mean_std(col('val_before'))} | {_mean_std(col('train_final'))} | {_minutes(float(np.mean(rl)) if rl else None)} |")
+        lines.append(f"| {group.label} | {len(group.runs)} | {_mean_std(col('val_final'))} | "
+                     f"{_mean_std(col('val_after_warmup'))} | {_mean_std(col('val_before'))} | "
+                     f"{_mean_std(col('train_final'))} | {_minutes(float(np.mean(rl)) if rl else None)} |")
     lines += exploration_markdown(groups)
     if plots:
         lines += ["", "## Plots", ""]
@@ -575,7 +596,8 @@ def export_to_mlflow(run_paths: list[str | Path], out: str | Path) -> str:
     replacing the runs an earlier export left there. Returns the `mlflow ui` command that shows them."""
     from mlflow import MlflowClient
 
-    from t2po.tracking import MLFLOW_ARTIFACTS, MLFLOW_EXPERIMENT, MLFLOW_STORE, MlflowTracker, mlflow_store_uri, mlflow_ui_command, validation_step
+    from t2po.tracking import (MLFLOW_ARTIFACTS, MLFLOW_EXPERIMENT, MLFLOW_STORE, MlflowTracker, mlflow_store_uri,
+                               mlflow_ui_command, validation_step)
 
     out = Path(out)
     if (out / MLFLOW_STORE).exists():
@@ -601,10 +623,12 @@ def export_to_mlflow(run_paths: list[str | Path], out: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="t2po report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="t2po report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or a folder of run folders)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: <first run>/report)")
-    parser.add_argument("--mlflow", action="store_true", help="also copy the runs into one MLflow store in the output folder")
+    parser.add_argument("--mlflow", action="store_true",
+                        help="also copy the runs into one MLflow store in the output folder")
     ns = parser.parse_args(argv)
     try:
         if ns.out is not None:  # the path rule (t2po/paths.py); an earlier report (its report.md) is redrawn

@@ -1,4 +1,5 @@
-"""Cold start (docs/method.md §5): rejection-sampling data collection and multi-turn SFT.
+"""Cold start (docs/method.md §5): rejection-sampling data collection (`t2po rft collect`); the multi-turn
+SFT on what it collects is `t2po sft` (t2po/sft.py).
 
     t2po rft collect sokoban --policy expert --episodes 64 --out data/sokoban.jsonl
     t2po rft collect sokoban --policy runs/my-run --episodes 256 --threshold 0.8 --out data/rft.jsonl
@@ -16,15 +17,13 @@ at rollout time, so the tokens are identical).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
-from t2po.bounds import BATCH_SIZE, EPISODES, NEW_TOKENS, SEED, bounded
+from t2po.bounds import EPISODES, NEW_TOKENS, SEED
 from t2po.errors import UserError
-from t2po.paths import new_file, new_folder
-from t2po.sft import Conversation, load_conversations, play_expert_episodes, save_conversations, sft_train, tokenize_conversations
+from t2po.paths import new_file
+from t2po.sft import Conversation, play_expert_episodes, save_conversations
 
 
 def episode_score(won: bool, metrics: dict) -> float:
@@ -36,7 +35,8 @@ def _environment(env: str | None, preset: str | None, options: dict) -> tuple[st
     """The environment and options to collect on: ENV, or the preset's (the options given win)."""
     if preset is None:
         if env is None:
-            raise UserError("name the environment (e.g. `t2po rft collect sokoban`) or a training preset (--preset default).")
+            raise UserError("name the environment (e.g. `t2po rft collect sokoban`) or a "
+                            "training preset (--preset default).")
         return env, options
     from t2po.config import load_config
 
@@ -67,74 +67,57 @@ def collect(env_name: str, policy: str, episodes: int, threshold: float, out: Pa
             from t2po.engines import engine_for_policy
             from t2po.engines.base import InterventionConfig, SamplingParams
             from t2po.policies import EnginePolicy
-            from t2po.policy_source import resolve_policy
+            from t2po.locate import load_local_model
             from t2po.rollout import RolloutSettings, collect_rollouts
 
-            model, tokenizer, description = resolve_policy(None if policy == "default" else policy)
+            model, tokenizer, description = load_local_model(None if policy == "default" else policy)
             player = EnginePolicy(engine_for_policy(engine_name, model, tokenizer),
-                                  SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens), InterventionConfig())
+                                  SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens),
+                                  InterventionConfig())
             for start in range(0, len(seeds), batch_size):
-                result = collect_rollouts(player, env, seeds[start : start + batch_size], RolloutSettings(group_size), seed=seed + start)
+                result = collect_rollouts(player, env, seeds[start : start + batch_size], RolloutSettings(group_size),
+                                          seed=seed + start)
                 for ep in result.episodes:
                     played += 1
                     if episode_score(ep.won, ep.metrics) <= threshold:
                         continue
                     # exact engine ids; the decoded prompt is kept for people reading the file
-                    steps = [{"prompt": tokenizer.decode(s.prompt_ids), "response": s.response_text, "prompt_ids": s.prompt_ids,
-                              "response_ids": s.response_ids, **({"image": s.image} if s.image is not None else {})} for s in ep.samples]
-                    kept.append(Conversation(env_name, ep.seed, steps, ep.total_reward, ep.won, ep.metrics, source=description))
+                    steps = [{"prompt": tokenizer.decode(s.prompt_ids), "response": t.response_text,
+                              "prompt_ids": s.prompt_ids,
+                              "response_ids": s.response_ids, **({"image": t.image} if t.image is not None else {})}
+                             for s, t in zip(ep.samples, ep.traces)]
+                    kept.append(Conversation(env_name, ep.seed, steps, ep.total_reward, ep.won, ep.metrics,
+                                             source=description))
     finally:
         env.close()
     save_conversations(kept, out)
-    stats = {"env": env_name, "policy": policy, "episodes": played, "kept": len(kept), "threshold": threshold, "out": str(out)}
+    stats = {"env": env_name, "policy": policy, "episodes": played, "kept": len(kept),
+             "threshold": threshold, "out": str(out)}
     return stats
 
 
-def sft(data: Path, model_path: str | None, out: Path, epochs: int, lr: float, lora: bool, batch_size: int, seed: int) -> dict:
-    """SFT on collected conversations; writes a full model folder (LoRA merged) that `t2po train
-    model.path=OUT` starts from."""
-    import torch
-
-    from t2po.checkpoints import atomic_dir
-    from t2po.models import load_model, lora_targets, save_tokenizer
-
-    convs = load_conversations(data)
-    if not convs:
-        raise UserError(f"{data} holds no conversations: collect some with `t2po rft collect`.")
-    torch.manual_seed(seed)
-    model, tokenizer = load_model(model_path)
-    examples = tokenize_conversations(convs, tokenizer)
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                 **lora_targets(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], None)))
-    losses = sft_train(model, tokenizer, examples, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
-    if lora:
-        model = model.merge_and_unload()
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        save_tokenizer(tokenizer, tmp)
-        (tmp / "sft.json").write_text(json.dumps({"data": str(data), "base": model_path, "examples": len(examples), "conversations": len(convs), "losses": losses}, indent=1))
-    return {"out": str(out), "examples": len(examples), "losses": losses}
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="t2po rft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="t2po rft", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect", help="play a policy on training tasks and keep the successful episodes")
     c.add_argument("env", nargs="?", help="environment name (see `t2po envs`); optional with --preset")
-    c.add_argument("--preset", default=None, help="take the environment and its options from a training preset (e.g. default, "
-                   "alfworld-cpu), so the collected prompts are the ones `t2po train PRESET` renders; --env-option still overrides")
+    c.add_argument("--preset", default=None,
+                   help="take the environment and its options from a training preset (e.g. default, "
+                   "alfworld-cpu), so the collected prompts are the ones `t2po train PRESET` "
+                   "renders; --env-option still overrides")
     c.add_argument("--policy", default="expert", help="expert | default | a model folder | a run folder or checkpoint")
     c.add_argument("--episodes", type=EPISODES, default=64, help="tasks played, 1 to 100000 (default 64)")
     c.add_argument("--threshold", type=float, default=0.8, help="keep episodes whose task score is above this")
-    c.add_argument("--out", required=True, help="output .jsonl or .parquet (a new file, or one an earlier collect wrote)")
+    c.add_argument("--out", required=True,
+                   help="output .jsonl or .parquet (a new file, or one an earlier collect wrote)")
     c.add_argument("--env-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment option (YAML value), repeatable; the same as env.options.KEY=VALUE, the spelling `t2po train` takes")
+                   help="environment option (YAML value), repeatable; the same as env.options.KEY=VALUE, "
+                        "the spelling `t2po train` takes")
     c.add_argument("--seed", type=SEED, default=0)
     c.add_argument("--max-new-tokens", type=NEW_TOKENS, default=128)
-    c.add_argument("--engine", default="hf", help="generation engine of a model policy: hf (default), vllm, or package.module:Class")
+    c.add_argument("--engine", default="hf",
+                   help="generation engine of a model policy: hf (default), vllm, or package.module:Class")
     from t2po.envs import env_option_errors, parse_env_options, split_env_overrides
 
     argv, env_overrides = split_env_overrides(list(sys.argv[1:] if argv is None else argv))
@@ -153,29 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     from t2po.engines import engine_spec
 
     engine_spec(ns.engine)  # an unknown engine fails before any work
-    stats = collect(env_name, ns.policy, ns.episodes, ns.threshold, Path(ns.out), options, ns.seed, max_new_tokens=ns.max_new_tokens,
+    stats = collect(env_name, ns.policy, ns.episodes, ns.threshold, Path(ns.out), options, ns.seed,
+                    max_new_tokens=ns.max_new_tokens,
                     engine_name=ns.engine)
     print(f"kept {stats['kept']} of {stats['episodes']} episodes (score > {ns.threshold}) -> {ns.out}")
-    return 0
-
-
-def sft_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="t2po sft", description="Multi-turn SFT on collected conversations (loss on assistant tokens only).")
-    parser.add_argument("data", type=Path, help="conversations from `t2po rft collect` (.jsonl or .parquet)")
-    parser.add_argument("--model", default=None, help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--out", required=True, help="output model folder (safetensors): a new or empty folder")
-    parser.add_argument("--epochs", type=bounded(1, 1000), default=2, help="passes over the data, 1 to 1000 (default 2)")
-    parser.add_argument("--lr", type=bounded(1e-12, 1.0, float), default=2e-4, help="learning rate in (0, 1] (default 2e-4)")
-    parser.add_argument("--batch-size", type=BATCH_SIZE, default=8, help="samples per optimizer step, 1 to 4096 (default 8)")
-    parser.add_argument("--full", action="store_true", help="train all weights instead of LoRA")
-    parser.add_argument("--seed", type=SEED, default=0)
-    ns = parser.parse_args(argv)
-    try:
-        new_folder(ns.out, "--out")  # the path rule (t2po/paths.py): a new or empty folder, never overwritten
-        stats = sft(ns.data, ns.model, Path(ns.out), ns.epochs, ns.lr, not ns.full, ns.batch_size, ns.seed)
-    except (FileNotFoundError, ValueError, UserError) as e:
-        print(f"t2po sft: {e}", file=sys.stderr)
-        return 2
-    print(f"SFT loss {stats['losses'][0]:.3f} -> {stats['losses'][-1]:.3f} on {stats['examples']} steps; model in {stats['out']}")
-    print(f"next: t2po train model.path={stats['out']}")
     return 0

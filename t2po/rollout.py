@@ -7,16 +7,17 @@ For B tasks x N group members: reset, then per turn the phases render -> act -> 
 resample -> step and record, then the episodes. The resampling phase is TDS (training only: an object
 passed in, `t2po.algos.sampling.TDSResampler`, that regenerates only the flagged rows, in one batch, at
 most `max_try` times, and keeps the last sample). Every environment step becomes one
-`StepSample`; a token-level policy's sample carries the exact token ids the engine produced. An
-observation with an image (an environment in image mode) is rendered by the vision-language model's
-processor (`t2po.vlm`); the step sample then also carries the prompt's pixel inputs, exactly those
-the engine saw. `episode_trace` (t2po.tracking) writes an episode for people to read.
+`StepSample`, what training reads (a token-level policy's sample carries the exact token ids the engine
+produced), and one `StepTrace` beside it, what people read (texts, action, TDS and TTI diagnostics,
+timings). An observation with an image (an environment in image mode) is rendered by the
+vision-language model's processor (`t2po.vlm`); the step sample then also carries the prompt's pixel
+inputs, exactly those the engine saw. `episode_trace` (t2po.traces) writes an episode for people to read.
 
     from t2po.rollout import RolloutSettings, collect_rollouts
     policy = EnginePolicy(engine, SamplingParams(max_new_tokens=64), InterventionConfig())
     result = collect_rollouts(policy, env, [0, 1], RolloutSettings(group_size=4), resampler=TDSResampler(TDSConfig()))
     result = collect_rollouts(APIPolicy(agent), env, [7], RolloutSettings(), seed=7)
-    result.stats["success_rate"], result.samples[0].response_ids
+    result.stats["success_rate"], result.samples[0].response_ids, result.traces[0].response_text
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ INVALID_ACTION_PENALTY = 0.1
 
 @dataclass
 class StepSample:
-    """One environment step = one training sample."""
+    """One environment step as the trainer and the advantage estimators read it (one training sample).
+    What people read of the step is its `StepTrace`, kept beside it (`Episode.traces`)."""
 
     prompt_ids: list[int]  # the chat-templated prompt (token-level policies; [] for text policies)
     response_ids: list[int]  # exactly as the engine sampled them ([] for text policies)
@@ -56,10 +58,26 @@ class StepSample:
     traj_id: int
     step: int
     turn_score: float
+    penalty: float = 0.0  # the invalid-action penalty subtracted in `reward` (0 for a valid action)
+    pixel_inputs: dict | None = None  # the image as the model's processor gave it to the engine (t2po.vlm)
+
+    @property
+    def response_length(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def forced_tokens(self) -> int:
+        return sum(self.forced_mask)
+
+
+@dataclass
+class StepTrace:
+    """What people (traces, `t2po eval`, the demonstrations of `t2po sft`) and the rollout statistics read
+    of one environment step, beside its `StepSample`; never trained on."""
+
     response_text: str
     action: str
     invalid_reason: str = ""
-    penalty: float = 0.0  # the invalid-action penalty subtracted in `reward` (0 for a valid action)
     resampled: int = 0  # TDS regenerations of this turn
     tds_delta: float = math.nan  # |Mbar - previous accepted Mbar| of this turn's first sample (NaN: first turn)
     tds_kept_delta: float = math.nan  # the same for the sample kept (the last redraw of a regenerated turn)
@@ -67,7 +85,6 @@ class StepSample:
     tti_triggers: dict[str, int] = field(default_factory=dict)
     think_length: int = 0
     image: Any = None  # the observation's PIL image (image observations), else None
-    pixel_inputs: dict | None = None  # the image as the model's processor gave it to the engine (t2po.vlm)
     prompt_text: str = ""  # the user message (env.render_prompt), before any chat template
     finish_reason: str = ""  # the engine's: "stop" or "length" (cut at rollout.max_new_tokens)
     usage: dict = field(default_factory=dict)  # a text policy's accounting (API: completion tokens, attempts, ...)
@@ -78,22 +95,17 @@ class StepSample:
     timing: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def response_length(self) -> int:
-        return len(self.response_ids)
-
-    @property
-    def forced_tokens(self) -> int:
-        return sum(self.forced_mask)
-
-    @property
     def discarded_deltas(self) -> list[float]:
         """|delta Mbar| of the samples TDS discarded for this turn."""
         return [d["tds_delta"] for d in self.discarded]
 
-    def stats(self) -> "StepStats":
-        return StepStats(self.valid, self.response_length, self.forced_tokens, self.finish_reason, dict(self.tti_triggers),
-                         self.think_length, self.tds_delta, self.resampled, self.tds_kept_delta, self.tds_in_band,
-                         self.discarded_deltas)
+
+def step_stats(sample: StepSample, trace: StepTrace) -> "StepStats":
+    """The few numbers `rollout_stats` reads of one step."""
+    return StepStats(sample.valid, sample.response_length, sample.forced_tokens, trace.finish_reason,
+                     dict(trace.tti_triggers),
+                     trace.think_length, trace.tds_delta, trace.resampled, trace.tds_kept_delta, trace.tds_in_band,
+                     trace.discarded_deltas)
 
 
 @dataclass
@@ -129,7 +141,8 @@ class Episode:
     traj_id: int
     group_id: int
     seed: int
-    samples: list[StepSample]
+    samples: list[StepSample]  # what the trainer reads of each step
+    traces: list[StepTrace]  # what people read of each step, one per sample
     won: bool
     total_reward: float
     truncated: bool
@@ -141,12 +154,14 @@ class Episode:
         return len(self.samples)
 
     def stats(self) -> EpisodeStats:
-        return EpisodeStats(self.won, self.total_reward, self.length, dict(self.metrics), [s.stats() for s in self.samples])
+        return EpisodeStats(self.won, self.total_reward, self.length, dict(self.metrics),
+                            [step_stats(s, t) for s, t in zip(self.samples, self.traces)])
 
 
 @dataclass
 class RolloutResult:
-    samples: list[StepSample]
+    samples: list[StepSample]  # every episode's, in episode order
+    traces: list[StepTrace]  # beside `samples`
     episodes: list[Episode]
     stats: dict[str, float]
 
@@ -163,7 +178,8 @@ def build_prompt_ids(tokenizer: Any, text: str, max_prompt_tokens: int | None = 
     return ids, False
 
 
-def build_prompt(tokenizer: Any, text: str, image: Any = None, max_prompt_tokens: int | None = None) -> tuple[list[int], dict | None, bool]:
+def build_prompt(tokenizer: Any, text: str, image: Any = None, max_prompt_tokens: int | None = None) -> tuple[list[int],
+        dict | None, bool]:
     """(ids, pixel inputs, truncated) of one user message: `build_prompt_ids` for text, or with an
     image the vision-language model's processor (`t2po.vlm.build_image_prompt`, never truncated)."""
     if image is None:
@@ -187,7 +203,8 @@ class RolloutSettings:
 
     group_size: int = 1  # episodes per task seed (the GRPO/GiGPO group)
     max_turns: int | None = None  # None: the environment's max_steps
-    invalid_action_penalty: float = INVALID_ACTION_PENALTY  # subtracted from a step whose action is invalid (docs/method.md §4)
+    # subtracted from a step whose action is invalid (docs/method.md §4)
+    invalid_action_penalty: float = INVALID_ACTION_PENALTY
     max_prompt_tokens: int | None = None  # prompts are cut from the left past this
 
 
@@ -242,7 +259,9 @@ def collect_rollouts(policy: Policy, env: BatchEnv, task_seeds: list[int], setti
     for key, value in (resampler.counters if resampler is not None else {}).items():
         counters[key] += value
     episodes = play.episodes()
-    return RolloutResult(samples=[x for ep in episodes for x in ep.samples], episodes=episodes, stats=rollout_stats(episodes, counters))
+    return RolloutResult(samples=[x for ep in episodes for x in ep.samples],
+                         traces=[x for ep in episodes for x in ep.traces],
+                         episodes=episodes, stats=rollout_stats(episodes, counters))
 
 
 def _count_generation(counters: dict[str, float], gens: list[Generation], turns: list[Turn] | None = None) -> None:
@@ -266,6 +285,7 @@ class _Play:
         self.observations: list[list[str]] = [[st.observation] for st in self.states]
         self.histories: list[list[tuple[str, str]]] = [[] for _ in range(n)]
         self.samples: list[list[StepSample]] = [[] for _ in range(n)]
+        self.traces: list[list[StepTrace]] = [[] for _ in range(n)]
         self.prev_score = [math.nan] * n  # turn score of the accepted previous turn (docs/method.md §3)
         self.active = [not st.done for st in self.states]
 
@@ -284,7 +304,8 @@ class _Play:
             counters["prompt_tokens"] += len(ids)
         return turns
 
-    def drop_unanswered(self, turns: list[Turn], answers: list[Generation | None]) -> tuple[list[Turn], list[Generation]]:
+    def drop_unanswered(self, turns: list[Turn], answers: list[Generation | None]) -> tuple[list[Turn],
+                                                                                            list[Generation]]:
         """No answer (None) ends that episode here, unstepped."""
         for t, g in zip(turns, answers):
             self.active[t.index] = self.active[t.index] and g is not None
@@ -310,14 +331,16 @@ class _Play:
             self.samples[i].append(StepSample(
                 prompt_ids=t.prompt_ids or [], response_ids=list(g.token_ids), forced_mask=list(g.forced),
                 rollout_logprobs=list(g.logprobs), reward=float(new.reward) - (0.0 if parsed.valid else penalty),
-                env_reward=float(new.reward), penalty=0.0 if parsed.valid else penalty, done=bool(new.done), valid=parsed.valid,
-                anchor_obs=states[i].anchor_obs or states[i].observation, group_id=self.group_ids[i], traj_id=i, step=turn,
-                turn_score=g.turn_score, response_text=g.text, action=parsed.action,
+                env_reward=float(new.reward), penalty=0.0 if parsed.valid else penalty, done=bool(new.done),
+                valid=parsed.valid, anchor_obs=states[i].anchor_obs or states[i].observation,
+                                              group_id=self.group_ids[i],
+                traj_id=i, step=turn, turn_score=g.turn_score, pixel_inputs=t.pixel_inputs))
+            self.traces[i].append(StepTrace(
+                response_text=g.text, action=parsed.action,
                 invalid_reason=f"{g.finish_reason} answer" if g.finish_reason in NO_ANSWER else parsed.reason,
                 resampled=tds.resampled[j], tds_delta=float(first_deltas[j]), tds_kept_delta=float(kept_deltas[j]),
-                tds_in_band=tds.in_band[j],
-                tti_triggers=dict(g.tti_triggers), think_length=g.think_length, image=states[i].image, pixel_inputs=t.pixel_inputs,
-                prompt_text=t.prompt, finish_reason=g.finish_reason,
+                tds_in_band=tds.in_band[j], tti_triggers=dict(g.tti_triggers), think_length=g.think_length,
+                image=states[i].image, prompt_text=t.prompt, finish_reason=g.finish_reason,
                 usage={"prompt_tokens": g.prompt_tokens, **g.usage} if text_policy else {}, discarded=tds.discarded[j],
                 timing={**timing, "tds": redrawn[j]}))
             self.histories[i].append((states[i].observation, parsed.action))
@@ -330,18 +353,23 @@ class _Play:
     def episodes(self) -> list[Episode]:
         out = []
         for i, s in enumerate(self.samples):
-            out.append(Episode(traj_id=i, group_id=self.group_ids[i], seed=self.seeds[i], samples=s, won=bool(self.states[i].won),
+            out.append(Episode(traj_id=i, group_id=self.group_ids[i], seed=self.seeds[i], samples=s,
+                               traces=self.traces[i],
+                               won=bool(self.states[i].won),
                                total_reward=float(sum(x.reward for x in s)), truncated=bool(s) and not s[-1].done,
-                               metrics=self.env.episode_metrics(i, self.states[i]) if s else {}, observations=self.observations[i]))
+                               metrics=self.env.episode_metrics(i, self.states[i]) if s else {},
+                               observations=self.observations[i]))
         return out
 
 
 # Statistics counted while playing (not derivable from the episodes): summed when batches are merged.
-COUNTERS = ("generated_tokens", "tds_extra_tokens", "tds_regenerations", "tds_eligible_turns", "prompts_truncated", "prompt_tokens",
+COUNTERS = ("generated_tokens", "tds_extra_tokens", "tds_regenerations", "tds_eligible_turns", "prompts_truncated",
+            "prompt_tokens",
             "prefill_tokens", "unique_prompt_tokens")
 
 
-def rollout_stats(episodes: list[Episode] | list[EpisodeStats], counters: dict[str, float] | None = None) -> dict[str, float]:
+def rollout_stats(episodes: list[Episode] | list[EpisodeStats],
+                  counters: dict[str, float] | None = None) -> dict[str, float]:
     """Episode metrics, with the evidence of what T2PO's exploration control did (docs/method.md §2-§3):
 
     - TTI: `tti_budget_triggers`, `tti_stagnation_triggers`, `forced_tokens`, `think_length` (mean
@@ -355,6 +383,7 @@ def rollout_stats(episodes: list[Episode] | list[EpisodeStats], counters: dict[s
       says nothing about selection: a fresh i.i.d. draw lands in the band with the band's own probability.)
     """
     counters = counters or {}
+    episodes = [ep.stats() if isinstance(ep, Episode) else ep for ep in episodes]
     samples = [x for ep in episodes for x in ep.samples]
     deltas = np.array([x.tds_delta for x in samples if math.isfinite(x.tds_delta)])
     stats: dict[str, float] = {

@@ -1,25 +1,22 @@
-"""Checks of the files a run folder is read back from (the layout: `t2po/checkpoints.py`), before
-anything is loaded from them: a damaged file is named with what to do, never met as a library's
-traceback halfway through a load.
+"""Checks of the files a run folder is read back from, before anything is loaded from them: a damaged
+file is named with what to do, never met as a library's traceback halfway through a load.
 
-    checkpoint_candidates(RUN/checkpoints, note)  the checkpoints whose files all read, newest first;
-                                                  each one skipped is named in a note (train --resume,
-                                                  eval, serve and export fall back alike)
-    check_warmup(RUN)                             the warm-up model (RUN/warmup_model/) or UserError
-    read_mapping(path, fix)                       a YAML or JSON file holding a mapping, or UserError
+    safetensors_problem(path)    why a safetensors file cannot be read whole (its header against its size), or None
+    json_problem(path, key)      why a JSON file is not a readable mapping (with `key`), or None
+    read_mapping(path, fix)      a YAML or JSON file holding a mapping, or UserError
+    read_run_config(RUN)         a run folder's config.yaml, whole, or UserError
 
-The checks read file headers and small JSON files only (a safetensors file: its header against its
-size), so they cost milliseconds; loading the tensors stays with the loaders (`load_checkpoint`).
+The checks read file headers and small JSON files only, so they cost milliseconds; loading the tensors
+stays with the loaders. The checkpoints and the warm-up model are checked with these by
+`t2po.checkpoints.Checkpointer` (the layout's home).
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from t2po.checkpoints import CHECKPOINT_INFO, WARMUP_MODEL, CorruptCheckpoint, is_sharded
 from t2po.errors import UserError
 
 
@@ -60,78 +57,6 @@ def json_problem(path: Path, key: str | None = None, kind: type = int) -> str | 
     if key is not None and (not isinstance(data.get(key), kind) or isinstance(data.get(key), bool)):
         return f"holds no {key}"
     return None
-
-
-def checkpoint_problem(ckpt: Path, resume: bool = False) -> str | None:
-    """The first file of a checkpoint folder that cannot be read back (`file problem`), or None. The
-    weights and the files that say how to apply them; with `resume`, the optimizer and RNG state too."""
-    ckpt = Path(ckpt)
-    checks: list[tuple[str, str | None]] = [
-        ("trainer_state.json", json_problem(ckpt / "trainer_state.json", "iteration"))]
-    # checkpoint.json describes the folder for other readers; t2po needs it after a LoRA warm-up, whose
-    # adapter rank it records (`combine_adapters`); a checkpoint written without it (tests, older runs) loads
-    lora_warmup = (ckpt.parent.parent / WARMUP_MODEL / "adapter_config.json").exists()
-    if (ckpt / CHECKPOINT_INFO).exists() or lora_warmup:
-        checks.append((CHECKPOINT_INFO, json_problem(ckpt / CHECKPOINT_INFO, "kind", str)))
-    if is_sharded(ckpt):
-        checks += [(p.name, safetensors_problem(p)) for p in sorted(ckpt.glob("shard-*.safetensors"))]
-    else:
-        if (ckpt / "adapter").is_dir():
-            checks += [("adapter/adapter_config.json", json_problem(ckpt / "adapter" / "adapter_config.json", "r")),
-                       ("adapter/adapter_model.safetensors",
-                        safetensors_problem(ckpt / "adapter" / "adapter_model.safetensors"))]
-        else:
-            weights = sorted((ckpt / "model").glob("*.safetensors"))
-            checks += ([(f"model/{p.name}", safetensors_problem(p)) for p in weights]
-                       or [("model/", "holds no safetensors weights")])
-        if resume:
-            value_head = ("value_head.safetensors",) if (ckpt / "value_head.safetensors").exists() else ()
-            names = ("optimizer.safetensors", "rng.safetensors", *value_head)
-            checks += [(name, safetensors_problem(ckpt / name)) for name in names]
-            checks.append(("optimizer.json", json_problem(ckpt / "optimizer.json")))
-    return next((f"{name} {problem}" for name, problem in checks if problem), None)
-
-
-def checkpoint_candidates(ckpt_root: Path, note: Callable[[str], None] | None = None,
-                          resume: bool = False) -> Iterator[Path]:
-    """The checkpoints of a run whose files read back (`checkpoint_problem`), newest first. A folder
-    left half-written (`.tmp`) is passed over silently; any other with a damaged or missing file is
-    named in a note."""
-    ckpt_root = Path(ckpt_root)
-    folders = sorted((p for p in ckpt_root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")),
-                     reverse=True)  # none when the folder does not exist
-    for ckpt in folders:
-        problem = checkpoint_problem(ckpt, resume)
-        if problem is None:
-            yield ckpt
-        elif note is not None:
-            note(f"skipped checkpoint {ckpt}: {problem}; trying the one before")
-
-
-def check_checkpoint(ckpt: Path) -> None:
-    """`CorruptCheckpoint` naming the first file of `ckpt` that a resume cannot read back."""
-    problem = checkpoint_problem(ckpt, resume=True)
-    if problem is not None:
-        raise CorruptCheckpoint(problem)
-
-
-def check_warmup(run_dir: Path) -> None:
-    """The warm-up model of a run (`RUN/warmup_model/`: a LoRA adapter or a full model folder), or
-    UserError naming the damaged file: the run's checkpoints apply to it, so nothing can stand in for it."""
-    folder = Path(run_dir) / WARMUP_MODEL
-    if (folder / "adapter_config.json").exists() or (folder / "adapter_model.safetensors").exists():
-        checks = [("adapter_config.json", json_problem(folder / "adapter_config.json", "base_model_name_or_path", str)),
-                  ("adapter_model.safetensors", safetensors_problem(folder / "adapter_model.safetensors"))]
-    else:
-        weights = sorted(folder.glob("*.safetensors"))
-        checks = [("config.json", json_problem(folder / "config.json"))]
-        checks += [(p.name, safetensors_problem(p)) for p in weights]
-        checks += [] if weights else [("model.safetensors", "is missing")]
-    for name, problem in checks:
-        if problem:
-            raise UserError(f"{folder / name} {problem}: the run's warm-up model is damaged and its checkpoints "
-                            f"apply to it; "
-                            f"restore the file from a copy, or start a new run")
 
 
 def read_mapping(path: Path, fix: str) -> dict:

@@ -65,7 +65,8 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 # The request fields served; anything else is answered 400 naming it. These are accepted when neutral
 # (the value that changes nothing) and refused otherwise:
 NEUTRAL_FIELDS = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "parallel_tool_calls": True}
-FIELDS = ("model", "messages", "stream", "stream_options", "n", "logprobs", "top_logprobs", "temperature", "top_p", "top_k",
+FIELDS = ("model", "messages", "stream", "stream_options", "n", "logprobs", "top_logprobs", "temperature",
+          "top_p", "top_k",
           "max_tokens", "max_completion_tokens", "stop", "seed", "user", *NEUTRAL_FIELDS)
 DEFAULT_MAX_TOKENS_LIMIT = 4096  # --max-tokens
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # --max-request-bytes
@@ -78,7 +79,8 @@ class GenerationBatcher:
     `cancel(future)` drops a request: still queued, it never runs; running, its row stops at the
     next decode step (the engine's `should_stop`). `stop()` does that to every request."""
 
-    def __init__(self, engine: Engine, intervention: InterventionConfig, max_batch_size: int = 8, wait_s: float = 0.005) -> None:
+    def __init__(self, engine: Engine, intervention: InterventionConfig, max_batch_size: int = 8,
+                 wait_s: float = 0.005) -> None:
         self.engine = engine
         self.intervention = intervention
         self.max_batch_size = max_batch_size
@@ -91,7 +93,8 @@ class GenerationBatcher:
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, top_logprobs: int = 0,
                on_token: Callable[[int], None] | None = None) -> concurrent.futures.Future:
-        """A future of the `Generation`; `on_token(token_id)` is called (in the worker thread) as each token is chosen."""
+        """A future of the `Generation`; `on_token(token_id)` is called (in the worker thread) as each token is
+        chosen."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put(_Job(prompt_ids, sampling, future, top_logprobs, on_token))
         return future
@@ -134,7 +137,8 @@ class GenerationBatcher:
                 continue
             for job in pending:
                 s = job.sampling
-                groups.setdefault((s.temperature, s.top_p, s.top_k, s.max_new_tokens, tuple(s.stop), job.top_logprobs), []).append(job)
+                groups.setdefault((s.temperature, s.top_p, s.top_k, s.max_new_tokens, tuple(s.stop),
+                                   job.top_logprobs), []).append(job)
             for jobs in groups.values():
                 self._generate(jobs)
 
@@ -147,7 +151,8 @@ class GenerationBatcher:
                 jobs[row].on_token(token)
 
         try:
-            generations = self.engine.generate([job.prompt_ids for job in jobs], jobs[0].sampling, self.intervention, should_stop=should_stop,
+            generations = self.engine.generate([job.prompt_ids for job in jobs], jobs[0].sampling, self.intervention,
+                                               should_stop=should_stop,
                                                top_logprobs=jobs[0].top_logprobs, on_token=on_token)
         except Exception as e:  # the requests fail, the server stays up
             for job in jobs:
@@ -246,10 +251,12 @@ def parse_chat_request(body: Any, served_model: str, tokenizer: Any,
         raise RequestError("the request body must be a JSON object")
     model = body.get("model")
     if model != served_model:
-        raise RequestError(f"the model {model!r} does not exist; this server serves {served_model!r} (see /v1/models)", 404, "model")
+        raise RequestError(f"the model {model!r} does not exist; this server serves {served_model!r} (see /v1/models)",
+                           404, "model")
     for name, value in body.items():
         if name not in FIELDS:
-            raise RequestError(f"{name} is not supported by t2po serve; the fields it serves: {', '.join(FIELDS)}", param=name)
+            raise RequestError(f"{name} is not supported by t2po serve; the fields it serves: {', '.join(FIELDS)}",
+                               param=name)
         if name in NEUTRAL_FIELDS and value is not None and value != NEUTRAL_FIELDS[name]:
             raise RequestError(f"{name}={json.dumps(value)} is not supported by t2po serve; leave it out "
                                f"(or {json.dumps(NEUTRAL_FIELDS[name])})", param=name)
@@ -269,7 +276,8 @@ def parse_chat_request(body: Any, served_model: str, tokenizer: Any,
         content = message.get("content")
         if isinstance(content, list):
             if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                raise RequestError(f"messages[{k}]: this server serves a text-only model; send text content only", param="messages")
+                raise RequestError(f"messages[{k}]: this server serves a text-only model; send text content only",
+                                   param="messages")
             content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str):
             raise RequestError(f"messages[{k}].content must be a string or a list of text parts", param="messages")
@@ -287,7 +295,8 @@ def parse_chat_request(body: Any, served_model: str, tokenizer: Any,
         if isinstance(value, float) and (not math.isfinite(value) or (kind is int and not value.is_integer())):
             raise RequestError(f"{name} must be a finite {'whole ' if kind is int else ''}number", param=name)
         if value < low or (high is not None and value > high):
-            raise RequestError(f"{name}={value} is out of range [{low}, {high if high is not None else 'inf'}]", param=name)
+            raise RequestError(f"{name}={value} is out of range [{low}, {high if high is not None else 'inf'}]",
+                               param=name)
         return kind(value)
 
     asked = number("max_completion_tokens", None, int, 1) or number("max_tokens", None, int, 1)
@@ -301,8 +310,9 @@ def parse_chat_request(body: Any, served_model: str, tokenizer: Any,
             raise RequestError(f"the prompt is {len(ids)} tokens; the model has {limits.max_positions} positions for "
                                "prompt and answer together: shorten the messages", param="messages")
         if asked is not None and asked > room:
-            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({asked}) exceed the model's {limits.max_positions} "
-                               f"positions: ask for at most {room} tokens or shorten the messages", param="max_tokens")
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({asked}) exceed the model's "
+                               f"{limits.max_positions} positions: ask for at most {room} tokens or shorten the "
+                               "messages", param="max_tokens")
         max_tokens = min(max_tokens, room)
     stop = body.get("stop") or []
     if isinstance(stop, str):
@@ -318,7 +328,8 @@ def parse_chat_request(body: Any, served_model: str, tokenizer: Any,
     if top_logprobs and not body.get("logprobs"):
         raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
     options = ChatOptions(n=number("n", 1, int, 1, limits.max_n), stream=bool(body.get("stream")),
-                          include_usage=bool(stream_options.get("include_usage")), logprobs=bool(body.get("logprobs")), top_logprobs=top_logprobs)
+                          include_usage=bool(stream_options.get("include_usage")), logprobs=bool(body.get("logprobs")),
+                          top_logprobs=top_logprobs)
     sampling = SamplingParams(
         temperature=number("temperature", 1.0, float, 0.0, 2.0),
         top_p=top_p,
@@ -363,7 +374,8 @@ def _completion(served_model: str, generations: list[Generation], stop: list[str
         "object": "chat.completion",
         "created": int(time.time()),
         "model": served_model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": _content(g, stop)}, "finish_reason": g.finish_reason,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": _content(g, stop)},
+                     "finish_reason": g.finish_reason,
                      **({"logprobs": _logprobs(g, tokenizer)} if logprobs else {})} for i, g in enumerate(generations)],
         "usage": _usage(generations),
     }
@@ -424,7 +436,8 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
     """The FastAPI application serving `engine` under the name `served_model`; `app.state.batcher`
     is its `GenerationBatcher`. `limits`: by default, the defaults with the model's positions."""
     intervention = intervention if intervention is not None else InterventionConfig()
-    limits = limits if limits is not None else ServeLimits(max_positions=model_positions(getattr(engine, "model", None)))
+    limits = limits if limits is not None else ServeLimits(max_positions=model_positions(getattr(engine, "model",
+                                                                                                 None)))
     batcher = GenerationBatcher(engine, intervention, max_batch_size)
     faults = faults or FaultPlan(None)
     created = int(time.time())
@@ -434,7 +447,8 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
         yield
         batcher.close()
 
-    app = FastAPI(title="t2po serve", description=f"OpenAI-compatible chat completions from {served_model}", lifespan=lifespan)
+    app = FastAPI(title="t2po serve", description=f"OpenAI-compatible chat completions from {served_model}",
+                  lifespan=lifespan)
     app.state.batcher = batcher
 
     def refuse(e: RequestError) -> JSONResponse:
@@ -447,7 +461,8 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": served_model, "object": "model", "created": created, "owned_by": "t2po"}]}
+        return {"object": "list",
+                "data": [{"id": served_model, "object": "model", "created": created, "owned_by": "t2po"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -460,7 +475,8 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
             return Response(status_code=499)  # nobody to answer
         if fault is not None and fault.kind == "status":
             status = int(fault.value)
-            return JSONResponse(_error_body(f"injected fault: HTTP {status}", "injected_fault", code=str(status)), status_code=status)
+            return JSONResponse(_error_body(f"injected fault: HTTP {status}", "injected_fault", code=str(status)),
+                                status_code=status)
         if fault is not None and fault.kind == "sleep":
             await asyncio.sleep(fault.value)
             if await request.is_disconnected():  # the client timed out: spare the generation
@@ -477,7 +493,8 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
             empty = Generation([], [], [], [], "", "stop", prompt_tokens=len(prompt_ids))
             return JSONResponse(_completion(served_model, [empty], []))
         # choice i samples with seed + i: n choices are n different samples, also when split into batches
-        samplings = [dataclasses.replace(sampling, seed=None if sampling.seed is None else sampling.seed + i) for i in range(options.n)]
+        samplings = [dataclasses.replace(sampling, seed=None if sampling.seed is None else sampling.seed + i)
+                     for i in range(options.n)]
         if options.stream:
             return StreamingResponse(stream(request, prompt_ids, samplings, options), media_type="text/event-stream")
         futures = [batcher.submit(prompt_ids, s, options.top_logprobs) for s in samplings]
@@ -509,7 +526,8 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
                                   on_token=lambda token, i=i: loop.call_soon_threadsafe(tokens.put_nowait, (i, token)))
                    for i, s in enumerate(samplings)]
         waiters = [asyncio.wrap_future(f) for f in futures]
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()), "model": served_model}
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": served_model}
 
         def chunk(i: int, delta: dict, finish: str | None = None, **extra: Any) -> str:
             return _sse({**head, "choices": [{"index": i, "delta": delta, "finish_reason": finish, **extra}]})
@@ -531,7 +549,8 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
                     try:
                         g = waiter.result()
                     except (ValueError, RuntimeError) as e:
-                        yield _sse(_error_body(str(e), "invalid_request_error" if isinstance(e, ValueError) else "server_error"))
+                        yield _sse(_error_body(str(e), "invalid_request_error" if isinstance(e, ValueError)
+                                               else "server_error"))
                         return
                     rest = texts[i].finish(_content(g, samplings[i].stop))
                     yield chunk(i, {"content": rest} if rest else {}, g.finish_reason,
@@ -563,38 +582,53 @@ def build_app(engine: Engine, served_model: str, intervention: InterventionConfi
 def served_name(path: str | None) -> str:
     """The model name a client asks for: the run name plus checkpoint, the directory name, or the
     embedded default's name."""
-    from t2po.policy_source import policy_short_name
+    from t2po.locate import model_short_name
 
-    return policy_short_name(path)
+    return model_short_name(path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="t2po serve",
-        description="Serve a local model or t2po checkpoint through an OpenAI-compatible /v1/chat/completions endpoint.",
+        description="Serve a local model or t2po checkpoint through an OpenAI-compatible "
+                    "/v1/chat/completions endpoint.",
         epilog=FAULTS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help="a t2po run folder (its latest checkpoint), a checkpoint folder, a Hugging Face model directory, or nothing for the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
+            help="a t2po run folder (its latest checkpoint), a checkpoint folder, a Hugging Face model directory, or "
+                 "nothing for the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=PORT, default=8000, help="port (0 = any free port; the line printed at start says which)")
-    parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: derived from MODEL)")
+    parser.add_argument("--port", type=PORT, default=8000,
+                        help="port (0 = any free port; the line printed at start says which)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model name clients send (default: derived from MODEL)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16"), help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--engine", default="hf", help="generation engine: hf (default), vllm, or package.module:Class (as rollout.engine)")
-    parser.add_argument("--no-tti", action="store_true", help="decode without the thinking intervention (docs/method.md §2)")
-    parser.add_argument("--tti-budget", type=NEW_TOKENS, default=None, help="TTI think-token budget B (default: the run's setting, else none)")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="concurrent requests decoded together at most (default 8)")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, help=f"most new tokens one request may ask for (default {DEFAULT_MAX_TOKENS_LIMIT})")
-    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help=f"largest request body accepted (default {DEFAULT_MAX_REQUEST_BYTES})")
-    parser.add_argument("--inject-faults", default=None, metavar="SPEC", help="testing aid: fail the first chat requests on purpose (see below)")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log level")
+    parser.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16"),
+                        help="float32 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--engine", default="hf",
+                        help="generation engine: hf (default), vllm, or package.module:Class (as rollout.engine)")
+    parser.add_argument("--no-tti", action="store_true",
+                        help="decode without the thinking intervention (docs/method.md §2)")
+    parser.add_argument("--tti-budget", type=NEW_TOKENS, default=None,
+                        help="TTI think-token budget B (default: the run's setting, else none)")
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="concurrent requests decoded together at most (default 8)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS_LIMIT,
+                        help=f"most new tokens one request may ask for (default {DEFAULT_MAX_TOKENS_LIMIT})")
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help=f"largest request body accepted (default {DEFAULT_MAX_REQUEST_BYTES})")
+    parser.add_argument("--inject-faults", default=None, metavar="SPEC",
+                        help="testing aid: fail the first chat requests on purpose (see below)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                        help="uvicorn log level")
     ns = parser.parse_args(argv)
     try:
         faults = FaultPlan(ns.inject_faults)
     except ValueError as e:
         parser.error(str(e))
-    for flag, value in (("--max-batch-size", ns.max_batch_size), ("--max-tokens", ns.max_tokens), ("--max-request-bytes", ns.max_request_bytes)):
+    for flag, value in (("--max-batch-size", ns.max_batch_size), ("--max-tokens", ns.max_tokens),
+                        ("--max-request-bytes", ns.max_request_bytes)):
         if value < 1:
             parser.error(f"{flag} must be >= 1")
 
@@ -602,19 +636,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from t2po.engines import engine_for_policy, engine_spec
     from t2po.errors import UserError
-    from t2po.policy_source import check_device, intervention_for, resolve_policy
+    from t2po.locate import check_device, intervention_for, load_local_model
 
     try:
         engine_spec(ns.engine)  # an unknown engine fails before the model loads
         check_device(ns.device)
-        model, tokenizer, description = resolve_policy(ns.model, dtype=ns.dtype, device=ns.device)
+        model, tokenizer, description = load_local_model(ns.model, dtype=ns.dtype, device=ns.device)
     except (FileNotFoundError, ValueError, UserError) as e:
         print(f"t2po serve: {e}", file=sys.stderr)
         return 2
     intervention = intervention_for(ns.model, enabled=not ns.no_tti, budget=ns.tti_budget)
     name = ns.served_model_name or served_name(ns.model)
     limits = ServeLimits(ns.max_tokens, model_positions(model), ns.max_request_bytes)
-    app = build_app(engine_for_policy(ns.engine, model, tokenizer), name, intervention, faults, ns.max_batch_size, limits)
+    app = build_app(engine_for_policy(ns.engine, model, tokenizer), name, intervention, faults,
+                    ns.max_batch_size, limits)
 
     # Bind first, so that --port 0 can report the port actually taken.
     family = socket.AF_INET6 if ":" in ns.host else socket.AF_INET
@@ -623,12 +658,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sock.bind((ns.host, ns.port))
     except OSError as e:
-        print(f"t2po serve: cannot bind {ns.host}:{ns.port} ({e}); pick another --port (0 = any free port)", file=sys.stderr)
+        print(f"t2po serve: cannot bind {ns.host}:{ns.port} ({e}); pick another --port (0 = any free port)",
+              file=sys.stderr)
         return 2
     port = sock.getsockname()[1]
     shown_host = f"[{ns.host}]" if family == socket.AF_INET6 else ns.host
+    injecting = f"; injecting faults: {ns.inject_faults}" if faults.faults else ""
     print(f"t2po serve: {description} as model {name!r} on http://{shown_host}:{port}/v1"
-          f"{' (TTI on)' if intervention.enabled else ' (TTI off)'}{f'; injecting faults: {ns.inject_faults}' if faults.faults else ''}", flush=True)
+          f"{' (TTI on)' if intervention.enabled else ' (TTI off)'}{injecting}", flush=True)
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # SIGTERM / SIGINT
             app.state.batcher.stop()  # generations in progress end at their next token

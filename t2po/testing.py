@@ -56,7 +56,8 @@ class FaultPlan:
             if m is None:
                 raise ValueError(
                     f"fault {item!r} in --inject-faults: use an HTTP status (429, 500, ...), sleep=SECONDS, "
-                    "empty, malformed or notjson, optionally with *COUNT, comma-separated (e.g. 429*2,sleep=5,malformed)"
+                    "empty, malformed or notjson, optionally with *COUNT, comma-separated (e.g. "
+                    "429*2,sleep=5,malformed)"
                 )
             kind = m.group("kind")
             if kind.isdigit():

@@ -90,13 +90,17 @@ def build_tiny_vlm(
     from t2po.vlm import image_only_processor_class
 
     vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tokenizer = _tiny_tokenizer(vocab_size, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *vision_tokens], pad_token="<|endoftext|>")
+    tokenizer = _tiny_tokenizer(vocab_size, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *vision_tokens],
+                                pad_token="<|endoftext|>")
     tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2)
-    processor = image_only_processor_class(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_pixels, patch_size=14,
+                                               temporal_patch_size=2, merge_size=2)
+    processor = image_only_processor_class(Qwen2VLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                                             chat_template=QWEN2_VL_CHAT_TEMPLATE)
     token_id = tokenizer.convert_tokens_to_ids
     head_dim = hidden_size // num_heads
-    section = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]  # temporal, height, width; sums to head_dim / 2
+    # temporal, height, width; sums to head_dim / 2
+    section = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]
     config = Qwen2VLConfig(
         text_config=dict(
             vocab_size=len(tokenizer),

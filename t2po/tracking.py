@@ -14,13 +14,8 @@ hence SQLite.) One MLflow UI shows one store; to compare runs side by side in ML
 `t2po/report.py`, which also draws the comparison plots).
 
 The sampled episodes (`trainer.trace_episodes` per iteration, and those of each validation) are also
-MLflow Traces of the run (`MlflowTracker.log_traces`): one trace per episode, tagged with its phase
-(train / validation), iteration and task so that the trace list filters on them; one span per turn
-with the observation and the prompt as code blocks (the UI renders text as Markdown, which would
-join a Sokoban grid's lines), the response with the TTI-forced tokens marked `[[forced: </think>]]`,
-and the token ids as attributes; under it the turn's generation call, each TDS redraw (the response
-it discarded marked `t2po.discarded`) and the environment step, at the times they really ran. The
-UI's Traces tab shows them; `mlflow.search_traces(locations=[experiment_id], run_id=...)` returns them.
+MLflow Traces of the run (`MlflowTracker.log_traces`; their form: `t2po/traces.py`). The UI's Traces
+tab shows them; `mlflow.search_traces(locations=[experiment_id], run_id=...)` returns them.
 
 Console output is the trainer's own progress lines (`t2po.progress`), always on and copied into
 `<run_dir>/train.log`. A tracker failure never stops training: the failure is reported once on
@@ -155,7 +150,8 @@ class MlflowTracker(Tracker):
 
         # "Creating initial MLflow database tables..." on every new run folder is noise, not news
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-        logging.getLogger("mlflow.tracing.export.async_export_queue").setLevel(logging.WARNING)  # "Flushing ... before program exit"
+        # "Flushing ... before program exit"
+        logging.getLogger("mlflow.tracing.export.async_export_queue").setLevel(logging.WARNING)
         # Traces are written when they end, not by MLflow's background queue: its consumer polls, so
         # every flush (one per iteration and validation, and one at exit) waited ~2 s doing nothing,
         # 13 s of the main job; written in place a batch of traces takes ~0.08 s. An explicit setting wins.
@@ -168,16 +164,19 @@ class MlflowTracker(Tracker):
         experiment = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
         if experiment is None:
             # a training experiment: the UI opens on its runs and charts, not on the GenAI overview
-            experiment_id = self.client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=(self.store_dir / MLFLOW_ARTIFACTS).as_uri(),
+            experiment_id = self.client.create_experiment(MLFLOW_EXPERIMENT,
+                    artifact_location=(self.store_dir / MLFLOW_ARTIFACTS).as_uri(),
                                                           tags={"mlflow.experimentKind": "custom_model_development"})
         else:
             experiment_id = experiment.experiment_id
-        previous = [r for r in self.client.search_runs([experiment_id], max_results=1000) if r.data.tags.get(RUN_DIR_TAG) == str(self.run_dir)]
+        previous = [r for r in self.client.search_runs([experiment_id], max_results=1000)
+                    if r.data.tags.get(RUN_DIR_TAG) == str(self.run_dir)]
         if previous:
             run = previous[0]
             self.client.update_run(run.info.run_id, status="RUNNING")
         else:
-            run = self.client.create_run(experiment_id, run_name=self.run_dir.name, tags={RUN_DIR_TAG: str(self.run_dir)})
+            run = self.client.create_run(experiment_id, run_name=self.run_dir.name,
+                                         tags={RUN_DIR_TAG: str(self.run_dir)})
         self.run_id = run.info.run_id
         self.experiment_id = experiment_id
         self._log_params(_flatten(params), run.data.params)
@@ -194,8 +193,8 @@ class MlflowTracker(Tracker):
                 new.append(Param(key, text))
             elif logged[key] != text:
                 # MLflow forbids changing a logged parameter; config.yaml (logged again) has the new value
-                _report(f"mlflow: {key} changed on resume ({logged[key]} -> {text}); the MLflow parameter keeps the first value, "
-                        f"the artifact config.yaml has the new one")
+                _report(f"mlflow: {key} changed on resume ({logged[key]} -> {text}); the MLflow parameter keeps the "
+                        f"first value, the artifact config.yaml has the new one")
         for start in range(0, len(new), 100):  # MLflow's limit per batch
             self.client.log_batch(self.run_id, params=new[start : start + 100])
 
@@ -208,23 +207,49 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
     def forget_after(self, step: int, warmup: bool = False) -> None:
-        # MLflow has no API to delete metric values: edit its SQLite store (metrics holds every value,
-        # latest_metrics the newest per key, recomputed here as MLflow orders them). The warm-up's
-        # sft/* metrics count epochs, not iterations: they stay, unless the warm-up is redone.
-        import sqlite3
+        """MLflow can delete a run but not a metric value, so a run with values to forget is replaced,
+        through MLflow's API only: a new run gets the old one's name, tags, parameters, the metric
+        history it keeps (each value with its step and time), its artifacts and its traces (linked),
+        and the old run is deleted (`mlflow gc` purges it from the store). The warm-up's sft/* metrics
+        count epochs, not iterations: they stay, unless the warm-up is redone. Nothing to forget: the
+        run stays as it is."""
+        import tempfile
 
-        with contextlib.closing(sqlite3.connect(self.store_dir / MLFLOW_STORE)) as db, db:
-            db.execute("DELETE FROM metrics WHERE run_uuid = ? AND step > ? AND key NOT LIKE 'sft/%'", (self.run_id, int(step)))
-            if warmup:
-                db.execute("DELETE FROM metrics WHERE run_uuid = ? AND key LIKE 'sft/%'", (self.run_id,))
-            db.execute("DELETE FROM latest_metrics WHERE run_uuid = ?", (self.run_id,))
-            db.execute(
-                "INSERT INTO latest_metrics (key, value, timestamp, step, is_nan, run_uuid) "
-                "SELECT m.key, m.value, m.timestamp, m.step, m.is_nan, m.run_uuid FROM metrics m WHERE m.run_uuid = ? AND NOT EXISTS ("
-                "SELECT 1 FROM metrics o WHERE o.run_uuid = m.run_uuid AND o.key = m.key AND (o.step > m.step OR (o.step = m.step AND "
-                "(o.timestamp > m.timestamp OR (o.timestamp = m.timestamp AND o.value > m.value)))))",
-                (self.run_id,),
-            )
+        from mlflow.entities import Metric, Param
+
+        old = self.client.get_run(self.run_id)
+        history = {key: self.client.get_metric_history(self.run_id, key) for key in old.data.metrics}
+
+        def kept(key: str, metric: Metric) -> bool:
+            return not warmup if key.startswith("sft/") else metric.step <= step
+
+        keep = [Metric(key, m.value, m.timestamp, m.step) for key, values in history.items()
+                for m in values if kept(key, m)]
+        if len(keep) == sum(map(len, history.values())):
+            return
+        tags = {k: v for k, v in old.data.tags.items() if not k.startswith("mlflow.")}
+        new = self.client.create_run(self.experiment_id, start_time=old.info.start_time, tags=tags,
+                                     run_name=old.info.run_name)
+        params = [Param(k, v) for k, v in old.data.params.items()]
+        for start in range(0, len(params), 100):  # MLflow's limits per batch
+            self.client.log_batch(new.info.run_id, params=params[start : start + 100])
+        for start in range(0, len(keep), 1000):
+            self.client.log_batch(new.info.run_id, metrics=keep[start : start + 1000])
+        if self.client.list_artifacts(self.run_id):
+            with tempfile.TemporaryDirectory() as tmp:
+                self.client.log_artifacts(new.info.run_id, self.client.download_artifacts(self.run_id, "", tmp))
+        traces, page = [], None
+        while True:  # the run's traces, a page at a time
+            found = self.client.search_traces(locations=[self.experiment_id], run_id=self.run_id, max_results=500,
+                                              page_token=page, include_spans=False)
+            traces += [t.info.trace_id for t in found]
+            page = found.token
+            if not page:
+                break
+        for start in range(0, len(traces), 100):
+            self.client.link_traces_to_run(traces[start : start + 100], new.info.run_id)
+        self.client.delete_run(self.run_id)
+        self.run_id = new.info.run_id
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
         if Path(path).is_dir():
@@ -236,12 +261,14 @@ class MlflowTracker(Tracker):
         import mlflow
         from mlflow.entities.trace_location import MlflowExperimentLocation
 
+        from t2po.traces import log_mlflow_trace
+
         # MLflow's tracing exports through the process-wide tracking URI and destination: point both
         # at this run's store for the call (several run folders in one process each keep their own)
         mlflow.set_tracking_uri(mlflow_store_uri(self.store_dir))
         mlflow.tracing.set_destination(MlflowExperimentLocation(self.experiment_id))
         for trace in traces:
-            _log_episode_trace(mlflow, trace, self.run_id, phase, step)
+            log_mlflow_trace(mlflow, trace, self.run_id, phase, step)
         mlflow.flush_trace_async_logging()  # into this store before another run folder's call repoints the URI
 
     def close(self, status: str | None = None) -> None:
@@ -260,7 +287,8 @@ class TensorBoardTracker(Tracker):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise MissingPackage("the tensorboard tracker needs the tensorboard package: pip install tensorboard") from e
+            raise MissingPackage("the tensorboard tracker needs the tensorboard "
+                                 "package: pip install tensorboard") from e
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in _flatten(params).items()))
 
@@ -291,7 +319,8 @@ class WandbTracker(Tracker):
         run_dir = Path(run_dir).resolve()
         run_id = hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]  # stable per folder, no '/' allowed
         # allow_val_change: a resumed run may override keys (e.g. more iterations)
-        self.run = wandb.init(project="t2po", name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=params, allow_val_change=True)
+        self.run = wandb.init(project="t2po", name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                              config=params, allow_val_change=True)
         # warm-up epochs, validations and iterations each count from 0 or 1: plot against our step,
         # not W&B's own strictly increasing one
         self.run.define_metric("t2po/step")
@@ -367,7 +396,8 @@ def make_trackers(names: list[str], run_dir: Path, params: dict, quiet: bool = F
             _report(f"could not start {name}: {e!r}; training goes on without it.")
     mlflow_tracker = next((t for t in trackers if t.name == "mlflow"), None)
     if not quiet and mlflow_tracker is not None:
-        print(f"[tracking] MLflow: {mlflow_ui_command(run_dir)}, then open {mlflow_ui_page(mlflow_tracker.experiment_id)}", flush=True)
+        print(f"[tracking] MLflow: {mlflow_ui_command(run_dir)}, then open "
+              f"{mlflow_ui_page(mlflow_tracker.experiment_id)}", flush=True)
     return TrackerGroup(trackers, quiet)
 
 
@@ -377,167 +407,3 @@ def validation_step(tag: str, iterations: int) -> int:
     if tag.startswith("iter_"):
         return int(tag.split("_")[1])
     return iterations if tag == "final" else 0
-
-
-def trace_sample(episodes: list, k: int) -> list:
-    """`k` episodes spread evenly over the batch, so that the traces show different tasks (the batch
-    is ordered task by task) instead of `k` attempts at the first one."""
-    if k <= 0 or not episodes:
-        return []
-    if k >= len(episodes):
-        return list(episodes)
-    return [episodes[(j * len(episodes)) // k] for j in range(k)]
-
-
-def _forced_spans(ids: list[int], forced: list[bool], tokenizer: Any) -> list[dict]:
-    """Contiguous runs of TTI-forced tokens: token position, length and decoded text (e.g. `</think>`)."""
-    spans = []
-    k = 0
-    while k < len(forced):
-        if forced[k]:
-            end = k
-            while end < len(forced) and forced[end]:
-                end += 1
-            spans.append({"position": k, "tokens": end - k, "text": tokenizer.decode(ids[k:end])})
-            k = end
-        else:
-            k += 1
-    return spans
-
-
-def _marked(ids: list[int], forced: list[bool], tokenizer: Any) -> str:
-    """The response text with each run of TTI-forced tokens shown as `[[forced: ...]]`."""
-    parts, k = [], 0
-    while k < len(ids):
-        end = k
-        while end < len(ids) and forced[end] == forced[k]:
-            end += 1
-        text = tokenizer.decode(ids[k:end])
-        parts.append(f"[[forced: {text}]]" if forced[k] else text)
-        k = end
-    return "".join(parts)
-
-
-def episode_trace(episode: Any, tokenizer: Any = None) -> dict:
-    """One episode (`t2po.rollout.Episode`) as a JSON-ready dict: a line of the trainer's
-    `traces/iter_NNNNNN.jsonl`, and the header and turn lines of `t2po eval`'s `traces/seed-NNNNNN.jsonl`.
-
-    Per step: the observation, the prompt and the response (for a token-level policy both decoded
-    and as token ids, the ids being the engine's, as trained on; for a text policy, the texts), the
-    token counts, where TTI forced tokens (`forced`: position, length, text) and how often TDS
-    regenerated the turn (`tds_resampled`), the turn score, the parsed action and its validity, the
-    environment reward and the reward after the invalid-action penalty; for an API model also the
-    finish reason, the requests and retries it took, and its latency."""
-    steps = []
-    for s in episode.samples:
-        usage = dict(s.usage)
-        steps.append({
-            "step": s.step,
-            "observation": episode.observations[s.step] if s.step < len(episode.observations) else None,
-            "prompt": tokenizer.decode(s.prompt_ids) if s.prompt_ids else s.prompt_text,
-            "prompt_ids": list(s.prompt_ids),
-            "response": s.response_text,
-            "response_ids": list(s.response_ids),
-            "prompt_tokens": usage.pop("prompt_tokens", len(s.prompt_ids)),
-            "completion_tokens": usage.pop("completion_tokens", len(s.response_ids)),
-            "forced": _forced_spans(s.response_ids, s.forced_mask, tokenizer) if any(s.forced_mask) else [],
-            "response_marked": _marked(s.response_ids, s.forced_mask, tokenizer) if tokenizer is not None and any(s.forced_mask) else s.response_text,
-            "tti_triggers": dict(s.tti_triggers),
-            "think_length": s.think_length,
-            "tds_resampled": s.resampled,
-            # the responses TDS replaced (docs/method.md §3), kept to be seen, never trained on
-            "tds_discarded": [{"response": d["text"], "response_ids": list(d["token_ids"]), "turn_score": _finite(d["turn_score"]),
-                               "forced": _forced_spans(d["token_ids"], d["forced"], tokenizer)} for d in s.discarded],
-            "turn_score": _finite(s.turn_score),
-            "action": s.action,
-            "valid": s.valid,
-            "invalid_reason": s.invalid_reason,
-            "env_reward": s.env_reward,
-            "reward": s.reward,
-            "done": s.done,
-            "finish_reason": s.finish_reason,
-            "timing": {k: list(v) if k != "tds" else [list(t) for t in v] for k, v in s.timing.items()},
-            **usage,
-        })
-    return {
-        "traj_id": episode.traj_id,
-        "group_id": episode.group_id,
-        "seed": episode.seed,
-        "won": episode.won,
-        "truncated": episode.truncated,
-        "total_reward": episode.total_reward,
-        "metrics": {k: v for k, v in episode.metrics.items() if isinstance(v, (int, float, str, bool))},
-        "final_observation": episode.observations[-1] if episode.observations else None,
-        "steps": steps,
-    }
-
-
-def _finite(x: float) -> float | None:
-    return None if x is None or math.isnan(x) else float(x)
-
-
-def _code(text: str | None) -> str | None:
-    """`text` as a fenced code block: the trace UI renders strings as Markdown, which joins lines and
-    turns `#` rows of a grid into headings."""
-    if text is None:
-        return None
-    fence = "```"
-    while fence in text:
-        fence += "`"
-    return f"{fence}\n{text}\n{fence}"
-
-
-def _rounded(x: Any) -> Any:
-    return round(x, 4) if isinstance(x, float) else x
-
-
-def _log_episode_trace(mlflow: Any, trace: dict, run_id: str, phase: str, step: int) -> None:
-    """One episode (an `episode_trace` dict) as one MLflow trace: the episode span (AGENT), a span per
-    turn (LLM) and under it the generation call, each TDS redraw (the response it discarded, attribute
-    `t2po.discarded`) and the environment step (TOOL), with the times recorded during the rollout
-    (`StepSample.timing`; a trace without them gets the logging time)."""
-    from mlflow.tracing.constant import TraceMetadataKey
-
-    steps = trace["steps"]
-    times = [t for turn in steps for t in (turn.get("timing") or {}).values() if t and isinstance(t[0], int)]
-    times += [t for turn in steps for t in (turn.get("timing") or {}).get("tds", [])]
-    name = f"{phase} {step}: task {trace['seed']}, episode {trace['traj_id']}"
-    root = mlflow.start_span_no_context(
-        name, span_type="AGENT", start_time_ns=min((t[0] for t in times), default=None),
-        inputs={"task_seed": trace["seed"], "first_observation": _code(steps[0]["observation"] if steps else trace["final_observation"])},
-        attributes={"t2po.phase": phase, "t2po.step": step, "t2po.group_id": trace["group_id"], "t2po.traj_id": trace["traj_id"],
-                    "t2po.metrics": trace["metrics"]},
-        # what the trace list filters on; SOURCE_RUN is what `search_traces(run_id=...)` and the run's Traces tab select on
-        tags={"t2po.phase": phase, "t2po.step": str(step), "t2po.iteration" if phase == "train" else "t2po.validation_step": str(step),
-              "t2po.task": str(trace["seed"]), "t2po.won": str(trace["won"]).lower()},
-        metadata={TraceMetadataKey.SOURCE_RUN: run_id})
-    for turn in steps:
-        timing = turn.get("timing") or {}
-        generate, env_step, redraws = timing.get("generate"), timing.get("env_step"), timing.get("tds", [])
-        span = mlflow.start_span_no_context(
-            f"turn {turn['step']}", span_type="LLM", parent_span=root, start_time_ns=generate[0] if generate else None,
-            inputs={"observation": _code(turn["observation"]), "prompt": _code(turn["prompt"])})
-        span.set_outputs({"response": _code(turn.get("response_marked", turn["response"])), "action": turn["action"],
-                          "reward": _rounded(turn["reward"])})
-        span.set_attributes({f"t2po.{k}": _rounded(turn[k]) for k in (
-            "valid", "invalid_reason", "reward", "env_reward", "done", "turn_score", "think_length", "tti_triggers",
-            "forced", "tds_resampled", "finish_reason") if k in turn})
-        span.set_attributes({"t2po.prompt_ids": turn["prompt_ids"], "t2po.response_ids": turn["response_ids"]})  # after the text
-        # the calls that produced each discarded response: the generation, then the redraws before the last
-        sources = [generate, *redraws]
-        for k, discarded in enumerate(turn.get("tds_discarded", [])):
-            when = sources[k] if k < len(sources) and sources[k] else None
-            child = mlflow.start_span_no_context(
-                f"discarded by TDS ({k + 1})", span_type="LLM", parent_span=span, start_time_ns=when[0] if when else None,
-                attributes={"t2po.discarded": True, "t2po.turn_score": _rounded(discarded["turn_score"]), "t2po.forced": discarded["forced"]})
-            child.set_outputs({"response": _code(discarded["response"]), "response_ids": discarded["response_ids"]})
-            child.end(end_time_ns=when[1] if when else None)
-        for label, when in [("generation", generate), *[(f"TDS redraw {k + 1}", r) for k, r in enumerate(redraws)],
-                            ("environment step", env_step)]:
-            if when:
-                mlflow.start_span_no_context(label, span_type="TOOL" if label == "environment step" else "LLM", parent_span=span,
-                                             start_time_ns=when[0]).end(end_time_ns=when[1])
-        span.end(end_time_ns=env_step[1] if env_step else None)
-    root.end(outputs={"won": trace["won"], "total_reward": _rounded(trace["total_reward"]), "truncated": trace["truncated"],
-                      "final_observation": _code(trace["final_observation"])},
-             end_time_ns=max((t[1] for t in times), default=None))

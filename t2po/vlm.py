@@ -40,9 +40,11 @@ _TEXT_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "token_type_id
 PixelInputs = dict[str, torch.Tensor]
 
 #: what counts as a vision-language model, for error messages
-VLM_EXAMPLES = "a local Qwen2-VL / Qwen2.5-VL / Idefics3 (SmolVLM) directory, or tiny-vlm (a tiny random VLM for CPU smoke runs)"
-NEEDS_VLM = (f"image observations (observation_mode=image or both) need a vision-language model ({VLM_EXAMPLES}), and this "
-             "model is text-only: use such a model (model.path=... for t2po train, MODEL for t2po eval), or observation_mode=text")
+VLM_EXAMPLES = ("a local Qwen2-VL / Qwen2.5-VL / Idefics3 (SmolVLM) directory, or tiny-vlm (a tiny "
+                "random VLM for CPU smoke runs)")
+NEEDS_VLM = (f"image observations (observation_mode=image or both) need a vision-language model ({VLM_EXAMPLES}), and "
+             "this model is text-only: use such a model (model.path=... for t2po train, MODEL for t2po eval), or "
+             "observation_mode=text")
 
 
 def is_vision_language(model: torch.nn.Module) -> bool:
@@ -72,7 +74,8 @@ def load_processor(directory) -> Any:
     return image_only_processor_class(cls)(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
 
-def build_image_prompt(tokenizer: Any, text: str, image: Any, max_prompt_tokens: int | None = None) -> tuple[list[int], PixelInputs]:
+def build_image_prompt(tokenizer: Any, text: str, image: Any,
+                       max_prompt_tokens: int | None = None) -> tuple[list[int], PixelInputs]:
     """Prompt ids and pixel inputs of one user message that shows `image` (a PIL image) where `text`
     has its `<image>` placeholder (at the start when it has none). Image prompts are never cut: a
     prompt longer than `max_prompt_tokens` is an error (cutting could split the image's tokens)."""
@@ -88,20 +91,22 @@ def build_image_prompt(tokenizer: Any, text: str, image: Any, max_prompt_tokens:
     content.append({"type": "image"})
     if after:
         content.append({"type": "text", "text": after})
-    rendered = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    rendered = processor.apply_chat_template([{"role": "user", "content": content}],
+                                             add_generation_prompt=True, tokenize=False)
     batch = processor(text=[rendered], images=[image.convert("RGB")], return_tensors="pt")
     ids = [int(t) for t in batch["input_ids"][0]]
     if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
         raise ValueError(
-            f"an image prompt has {len(ids)} tokens, more than max_prompt_tokens={max_prompt_tokens}; image prompts are not "
-            "cut (a cut could split the image's tokens). Raise rollout.max_prompt_tokens or shorten the prompt "
+            f"an image prompt has {len(ids)} tokens, more than max_prompt_tokens={max_prompt_tokens}; image prompts "
+            "are not cut (a cut could split the image's tokens). Raise rollout.max_prompt_tokens or shorten the prompt "
             "(env.options.history_length)"
         )
     pixels = {k: v.detach().cpu() for k, v in batch.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
     return ids, pixels
 
 
-def collate_pixel_inputs(rows: list[PixelInputs | None], device: torch.device | str | None = None) -> PixelInputs | None:
+def collate_pixel_inputs(rows: list[PixelInputs | None],
+                         device: torch.device | str | None = None) -> PixelInputs | None:
     """The pixel inputs of a batch whose rows are `rows` (None: a row without an image), in row order.
     Qwen2-VL-style inputs (`image_grid_thw` present) are packed patches: concatenated. Others carry
     a per-row stack of images (batch dimension 1): padded with all-zero images to the largest stack
@@ -111,7 +116,8 @@ def collate_pixel_inputs(rows: list[PixelInputs | None], device: torch.device | 
         return None
     keys = sorted(present[0])
     if any(sorted(r) != keys for r in present):
-        raise ValueError(f"pixel inputs of one batch must have the same keys; got {sorted({tuple(sorted(r)) for r in present})}")
+        raise ValueError("pixel inputs of one batch must have the same keys; got "
+                         f"{sorted({tuple(sorted(r)) for r in present})}")
     out: PixelInputs = {}
     if "image_grid_thw" in keys:
         for k in keys:
@@ -120,11 +126,13 @@ def collate_pixel_inputs(rows: list[PixelInputs | None], device: torch.device | 
         for k in keys:
             ref = present[0][k]
             if ref.dim() < 2 or ref.shape[0] != 1:
-                raise ValueError(f"pixel input {k!r} has shape {tuple(ref.shape)}; expected a batch dimension of 1 per prompt")
+                raise ValueError(f"pixel input {k!r} has shape {tuple(ref.shape)}; expected a batch dimension of 1 per "
+                                 "prompt")
             n = max(r[k].shape[1] for r in present)
             tail = ref.shape[2:]
             if any(r[k].shape[2:] != tail for r in present):
-                raise ValueError(f"pixel input {k!r}: images of one batch must have one size; got {sorted({tuple(r[k].shape) for r in present})}")
+                raise ValueError(f"pixel input {k!r}: images of one batch must have one size; got "
+                                 f"{sorted({tuple(r[k].shape) for r in present})}")
             padded = []
             for r in rows:
                 block = ref.new_zeros((1, n, *tail))
@@ -137,7 +145,8 @@ def collate_pixel_inputs(rows: list[PixelInputs | None], device: torch.device | 
     return out
 
 
-def position_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: PixelInputs | None) -> torch.Tensor:
+def position_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 pixels: PixelInputs | None) -> torch.Tensor:
     """Positions of a padded batch: [3, B, L] M-RoPE positions for Qwen2-VL-class models when the batch
     has images, else [B, L] positions counted over real tokens (pads get 0)."""
     rope_index = getattr(getattr(_base(model), "model", None), "get_rope_index", None)
@@ -185,4 +194,5 @@ def image_only_processor_class(cls: type) -> type:
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__doc__": f"{cls.__name__} for images only (t2po sends no videos)."})
+    return type(cls.__name__, (cls,),
+                {"__init__": __init__, "__doc__": f"{cls.__name__} for images only (t2po sends no videos)."})

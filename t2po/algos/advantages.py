@@ -139,7 +139,8 @@ def _group_mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1))
 
 
-def _group_members(scores: np.ndarray, group_ids: np.ndarray, traj_ids: np.ndarray, across_steps: bool) -> dict[Hashable, list[float]]:
+def _group_members(scores: np.ndarray, group_ids: np.ndarray, traj_ids: np.ndarray,
+                   across_steps: bool) -> dict[Hashable, list[float]]:
     """The scores that make up each task group's statistics: every step sample's (across_steps=True)
     or one per trajectory, its first sample's in array order (across_steps=False)."""
     members: dict[Hashable, list[float]] = {}
@@ -167,7 +168,8 @@ def grpo_advantages(
         A_i =  s_i - mean_g                       norm_by_std=False (GiGPO "mean_norm")
 
     `scores[i]` is the episode score of sample i (`episode_scores`: its trajectory's total
-    environment reward, less its own step's invalid-action penalty); g is the sample's task group. Members of the group statistics:
+    environment reward, less its own step's invalid-action penalty); g is the sample's task group. Members of the group
+    statistics:
     - across_steps=True (the reference default, "compute across steps"): every step sample of every
       trajectory in the group contributes its score, so long trajectories weigh more;
     - across_steps=False: one score per trajectory, the one on its first sample in array order.

@@ -115,15 +115,18 @@ def _load_algorithm(path: str) -> Algorithm:
 @register_algorithm("t2po", tti=True, tds=True)  # docs/method.md §4: GiGPO advantages on rollouts with TTI and TDS
 def gigpo(batch: StepBatch, settings: Any) -> Advantages:
     """GiGPO (docs/method.md §4): episode-level plus step-level (anchor state) group advantages."""
-    adv, ep_part, step_part = gigpo_advantages(batch.episode_scores, batch.step_returns(settings.gamma), batch.group_ids, batch.traj_ids, batch.anchor_obs,
+    adv, ep_part, step_part = gigpo_advantages(batch.episode_scores, batch.step_returns(settings.gamma),
+                                               batch.group_ids, batch.traj_ids, batch.anchor_obs,
                                                step_weight=settings.step_weight, mode=settings.gigpo_mode,
                                                similarity_threshold=settings.similarity_threshold, return_parts=True)
-    return Advantages(adv, info={"adv/episode_abs": float(np.mean(np.abs(ep_part))), "adv/step_abs": float(np.mean(np.abs(step_part)))})
+    return Advantages(adv, info={"adv/episode_abs": float(np.mean(np.abs(ep_part))),
+                                 "adv/step_abs": float(np.mean(np.abs(step_part)))})
 
 
 @register_algorithm("grpo")
 def grpo(batch: StepBatch, settings: Any) -> Advantages:
-    return Advantages(grpo_advantages(batch.episode_scores, batch.group_ids, batch.traj_ids, norm_by_std=settings.norm_by_std))
+    return Advantages(grpo_advantages(batch.episode_scores, batch.group_ids, batch.traj_ids,
+                                      norm_by_std=settings.norm_by_std))
 
 
 @register_algorithm("rloo")

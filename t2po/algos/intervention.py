@@ -69,17 +69,24 @@ class InterventionConfig:
     """Token-level thinking intervention (TTI, docs/method.md §2) and turn-score settings (docs/method.md §3), as the
     engines take them and as the config holds them (`rollout.tti.*`)."""
 
-    enabled: bool | None = _setting(True, "Force the end of thinking (TTI). False: nothing is forced, but M_t and turn scores are still computed. In the config, null = on for t2po, off for the baselines (the algorithm's default).")
+    enabled: bool | None = _setting(True,
+            "Force the end of thinking (TTI). False: nothing is forced, but M_t and turn scores are still computed. In "
+            "the config, null = on for t2po, off for the baselines (the algorithm's default).")
     think_start: str = _setting("<think>", "Tag that opens a think span.")
     think_end: str = _setting("</think>", "Tag that closes a think span; its tokens are what TTI forces.")
-    patience: int | None = _setting(20, "Stagnation patience K: consecutive near-constant M_t steps before the end tag is forced (null = no stagnation rule).")
-    eps: float = _setting(1e-4, "Stagnation threshold eps on |M_t - M_{t-1}| (the paper's; set for a 4B model, it never fires on a 135M one).")
+    patience: int | None = _setting(20,
+            "Stagnation patience K: consecutive near-constant M_t steps before the end tag is "
+            "forced (null = no stagnation rule).")
+    eps: float = _setting(1e-4,
+            "Stagnation threshold eps on |M_t - M_{t-1}| (the paper's; set for a 4B model, it never fires on a 135M "
+            "one).")
     eps_floor: float | None = _setting(None, "Stagnation tolerance relative to the row's noise floor, instead of eps: "
                                              "a step is stagnant when |M_t - M_{t-1}| <= eps_floor x the median |M_s - "
                                              "M_{s-1}| of the row's earlier think tokens (once it has K of them); "
                                              "scale-free, fires on ~1 % of 20-token noise spans at 0.3 with K 4 "
                                              "(t2po.algos.intervention). null = the absolute eps (the paper's).")
-    budget: int | None = _setting(None, "Think-token budget B (the reference's scripts: 450, t2po/configs/t2po-paper.yaml; "
+    budget: int | None = _setting(None,
+                                  "Think-token budget B (the reference's scripts: 450, t2po/configs/t2po-paper.yaml; "
                                         "t2po/configs/default.yaml: 28 of its 40-token responses); null = no budget.")
     alpha: float = _setting(0.6, "M_t mixing weight alpha (docs/method.md §1).")
     confidence: str = _setting("logprob", "conf_t in M_t: logprob (default) or prob.")
@@ -90,16 +97,20 @@ class InterventionConfig:
     random_rate: float = _setting(0.0, "control=random: per-think-token probability of forcing the end tag. Set it to "
                                        "TTI's measured rate (stagnation triggers / think tokens of a T2PO run; "
                                        "benchmarks/ablation.py takes it from the same seed's t2po-calibrated run).")
-    turn_score_skip: int = _setting(32, "The turn score skips this many leading response tokens (docs/method.md §3, reference: "
+    turn_score_skip: int = _setting(32,
+            "The turn score skips this many leading response tokens (docs/method.md §3, reference: "
                                         "32 of 300-500 response tokens; t2po/configs/default.yaml and "
-                                        "t2po/configs/t2po-paper.yaml use 4, the same share of their 40-token responses).")
+                                        "t2po/configs/t2po-paper.yaml use 4, the same "
+                                        "share of their 40-token responses).")
 
     def check(self, prefix: str = "") -> list[str]:
         """One line per setting that cannot work (`prefix`: where the config holds it, e.g. "rollout.tti.")."""
         errors = out_of_range(f"{prefix}eps", self.eps, 0) + out_of_range(f"{prefix}alpha", self.alpha, 0, 1)
         errors += out_of_range(f"{prefix}turn_score_skip", self.turn_score_skip, 0)
-        errors += [e for k in ("patience", "budget") if getattr(self, k) is not None for e in out_of_range(f"{prefix}{k}", getattr(self, k), 1)]
-        for key, value, choices in (("confidence", self.confidence, CONFIDENCE_FORMS), ("control", self.control, TTI_CONTROLS)):
+        errors += [e for k in ("patience", "budget") if getattr(self, k) is not None
+                   for e in out_of_range(f"{prefix}{k}", getattr(self, k), 1)]
+        for key, value, choices in (("confidence", self.confidence, CONFIDENCE_FORMS),
+                                    ("control", self.control, TTI_CONTROLS)):
             if value not in choices:
                 errors.append(f"{prefix}{key}={value!r}: choose {' or '.join(choices)}{did_you_mean(value, choices)}")
         if self.control == "random" and not 0 < self.random_rate <= 1:

@@ -218,7 +218,8 @@ def get_loss(name: str) -> LossFn:
     """The loss `algo.loss` names: a registered one, "package.module:function", or an entry point of
     the group `t2po.losses`."""
     return resolve(name, LOSSES, ENTRY_POINT_GROUP, "Loss",
-                   lambda path: load_object(path, "Loss", lambda v: callable(v) and not isinstance(v, type), "loss function"))
+                   lambda path: load_object(path, "Loss", lambda v: callable(v) and not isinstance(v, type),
+                                            "loss function"))
 
 
 @register_loss("ppo")
@@ -228,7 +229,8 @@ def ppo_loss(batch: LossBatch, settings: Any) -> tuple[torch.Tensor, dict[str, f
     the clipped value loss (when the critic's `values` are given). Entropy and KL are means over the
     micro-batch's trained tokens."""
     s = settings
-    pg_loss, metrics = ppo_policy_loss(batch.logp, batch.old_logp, batch.advantages, batch.mask, s.clip_low, s.clip_high,
+    pg_loss, metrics = ppo_policy_loss(batch.logp, batch.old_logp, batch.advantages, batch.mask,
+                                       s.clip_low, s.clip_high,
                                        s.dual_clip, s.loss_agg)
     loss = pg_loss
     denom = batch.mask.sum().clamp(min=1)
@@ -242,7 +244,8 @@ def ppo_loss(batch: LossBatch, settings: Any) -> tuple[torch.Tensor, dict[str, f
         metrics["kl"] = kl.item()
     if batch.values is not None:
         ones = torch.ones(len(batch.values), 1, device=batch.values.device)
-        vl, vm = value_loss(batch.values.unsqueeze(1), batch.old_values.unsqueeze(1), batch.returns.unsqueeze(1), ones, s.value_clip)
+        vl, vm = value_loss(batch.values.unsqueeze(1), batch.old_values.unsqueeze(1), batch.returns.unsqueeze(1),
+                            ones, s.value_clip)
         loss = loss + s.value_coef * vl
         metrics.update(value_loss=vl.item(), **vm)
     return loss, metrics

@@ -29,18 +29,28 @@ class TDSConfig:
     """Turn-level dynamic sampling (docs/method.md §3) as the rollout loop takes it and the config holds it
     (`rollout.tds.*`); training only."""
 
-    eta: float = field(default=0.3, metadata={"help": "TDS threshold eta: a turn is regenerated when 0 < |delta| < eta (the paper's absolute threshold; unused when quantile is set)."})
+    eta: float = field(default=0.3,
+            metadata={"help": "TDS threshold eta: a turn is regenerated when 0 < |delta| < eta (the paper's absolute "
+                              "threshold; unused when quantile is set)."})
     max_try: int = field(default=2, metadata={"help": "TDS regenerations per turn at most (the reference's scripts: 2, "
                                                       "configs/t2po-paper.yaml; configs/default.yaml uses 1 to halve "
                                                       "the cost of redraws)."})
-    quantile: float | None = field(default=None, metadata={"help": "Threshold relative to the run's own deltas instead of eta: regenerate the turns whose |delta Mbar| is below this quantile of the last `window` first-sample deltas (TDSQuantileThreshold), so the flag rate is about this fraction at any model scale. null = the absolute eta (the paper's)."})
-    window: int = field(default=1024, metadata={"help": "Recent first-sample deltas the quantile threshold is estimated from (kept across iterations and checkpointed)."})
+    quantile: float | None = field(default=None,
+            metadata={"help": "Threshold relative to the run's own deltas instead of eta: regenerate the turns whose "
+                              "|delta Mbar| is below this quantile of the last `window` first-sample deltas "
+                              "(TDSQuantileThreshold), so the flag rate is about this fraction at any model scale. "
+                              "null = the absolute eta (the paper's)."})
+    window: int = field(default=1024,
+            metadata={"help": "Recent first-sample deltas the quantile threshold is estimated from (kept across "
+                              "iterations and checkpointed)."})
     control: str = field(default="none", metadata={"help": "Control arm for TDS (issue 27): none = TDS's rule; random "
                                                            "= redraw as many eligible turns as the rule flags, chosen "
                                                            "uniformly at random (and as many of the redrawn ones as "
                                                            "the rule flags again on each further try): TDS's cost and "
                                                            "rate without its uncertainty signal."})
-    enabled: bool | None = field(default=True, metadata={"help": "Turn-level dynamic sampling on or off. In the config, null = on for t2po, off for the baselines (the algorithm's default); always off with algo.dynamic_sampling."})
+    enabled: bool | None = field(default=True,
+            metadata={"help": "Turn-level dynamic sampling on or off. In the config, null = on for t2po, off for the "
+                              "baselines (the algorithm's default); always off with algo.dynamic_sampling."})
 
     def check(self, prefix: str = "") -> list[str]:
         """One line per setting that cannot work (`prefix`: where the config holds it, e.g. "rollout.tds.")."""
@@ -112,7 +122,8 @@ class TDSResampler:
                 c["tds_extra_tokens"] += gens[j].num_tokens  # the discarded sample's tokens
                 out.discarded[j].append({"text": gens[j].text, "token_ids": list(gens[j].token_ids),
                                          "turn_score": gens[j].turn_score, "forced": list(gens[j].forced),
-                                         "tds_delta": float(turn_score_deltas([prev_scores[j]], [gens[j].turn_score])[0])})
+                                         "tds_delta": float(turn_score_deltas([prev_scores[j]],
+                                                                              [gens[j].turn_score])[0])})
                 gens[j] = g
                 out.resampled[j] += 1
             c["tds_regenerations"] += flagged.size

@@ -27,14 +27,16 @@ class SamplingParams:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling top-p."})
     top_k: int = field(default=0, metadata={"help": "Top-k (0 = off)."})
-    max_new_tokens: int | None = field(default=256, metadata={"help": "Response token budget per turn (in rollout.val_sampling: null = the training budget)."})
+    max_new_tokens: int | None = field(default=256,
+            metadata={"help": "Response token budget per turn (in rollout.val_sampling: null = the training budget)."})
     stop: list[str] = field(default_factory=list)  # stop strings; the stop string is kept in the response
     seed: int | None = None  # seeds the sampler for this call (same seed + same inputs = same output)
 
     def check(self, prefix: str = "", budget_may_be_null: bool = False) -> list[str]:
         """One line per setting that cannot work (`prefix`: where the config holds it, e.g.
         "rollout.sampling."; `budget_may_be_null`: max_new_tokens null means another section's budget)."""
-        errors = out_of_range(f"{prefix}temperature", self.temperature, 0) + out_of_range(f"{prefix}top_k", self.top_k, 0)
+        errors = out_of_range(f"{prefix}temperature", self.temperature,
+                              0) + out_of_range(f"{prefix}top_k", self.top_k, 0)
         if not 0 < self.top_p <= 1:
             errors.append(f"{prefix}top_p={self.top_p}: must be in (0, 1]")
         if not (budget_may_be_null and self.max_new_tokens is None):
@@ -57,9 +59,11 @@ class Generation:
     tti_triggers: dict[str, int] = field(default_factory=dict)  # {"budget": n, "stagnation": n, "random": n}
     think_length: int = 0  # tokens inside think spans
     prompt_tokens: int = 0
-    usage: dict = field(default_factory=dict)  # a text policy's accounting (API: completion tokens, attempts, retries, latency)
+    # a text policy's accounting (API: completion tokens, attempts, retries, latency)
+    usage: dict = field(default_factory=dict)
     cached_prompt_tokens: int = 0  # prompt tokens served from a prefix cache (not prefilled again)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, the k likeliest (HFEngine top_logprobs=k)
+    # per token, the k likeliest (HFEngine top_logprobs=k)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -122,7 +126,8 @@ class Engine(abc.ABC):
     reads_images: bool = False
 
     @classmethod
-    def build(cls, policy, tokenizer, settings, *, model_dir=None, seed: int = 0, distributed: bool = False) -> "Engine":
+    def build(cls, policy, tokenizer, settings, *, model_dir=None, seed: int = 0,
+              distributed: bool = False) -> "Engine":
         """The engine a training run uses, built from its own settings: `settings` is the config's
         `rollout` section (an engine with options reads its own sub-section, vLLM `rollout.vllm`).
         `policy` is the policy module; an engine that does not share it starts from `model_dir` (a

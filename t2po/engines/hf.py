@@ -7,8 +7,8 @@ Why not `model.generate`: the loop here gives every guarantee the rollout needs 
 
 Decoding: every distinct prompt is prefilled once (rows with the same prompt, e.g. the group members
 of a task at turn 0, share it; the beginning all prompts of a call share, e.g. the system turn and
-the task's instructions, is prefilled once for all of them; a prompt the previous call prefilled with the same weights, e.g. a TDS
-regeneration, is not prefilled again: `_prefill`), the rows' K/V are assembled left-padded into one
+the task's instructions, is prefilled once for all of them; a prompt the previous call prefilled with the same weights,
+e.g. a TDS regeneration, is not prefilled again: `_prefill`), the rows' K/V are assembled left-padded into one
 preallocated cache, then the batch decodes one token per step. Per step and row: `logp =
 log_softmax(z)` of the raw logits z; M_t from `logp`; the token is sampled from softmax(z /
 temperature) after top-k then top-p filtering (`sample_tokens`; temperature 0 = greedy argmax); a
@@ -44,7 +44,8 @@ from transformers import DynamicLayer, LogitsProcessor
 
 from t2po.algos.intervention import TRIGGER_KINDS, ThinkingIntervention, vocabulary_text
 from t2po.algos.uncertainty import turn_score, uncertainty_from_logprobs
-from t2po.engines.base import Engine, Generation, InterventionConfig, SamplingParams, check_request, make_intervention, shared_prefix_length
+from t2po.engines.base import (Engine, Generation, InterventionConfig, SamplingParams, check_request, make_intervention,
+                               shared_prefix_length)
 from t2po.progress import activity
 
 
@@ -92,7 +93,8 @@ class HFEngine(Engine):
             from t2po.vlm import NEEDS_VLM, is_vision_language
 
             if len(pixel_inputs) != len(prompts):
-                raise ValueError(f"pixel_inputs has {len(pixel_inputs)} entries for {len(prompts)} prompts; give one (or None) per prompt")
+                raise ValueError(f"pixel_inputs has {len(pixel_inputs)} entries for {len(prompts)} prompts; give one "
+                                 "(or None) per prompt")
             if any(p is not None for p in pixel_inputs) and not is_vision_language(self.model):
                 raise ValueError(NEEDS_VLM)
         config = intervention if intervention is not None else InterventionConfig(enabled=False)
@@ -107,7 +109,8 @@ class HFEngine(Engine):
         self.model.eval()
         try:
             with torch.inference_mode():
-                token_ids, logprobs, finish, cached, top = self._decode(prompts, sampling, tti, config, pixel_inputs, should_stop,
+                token_ids, logprobs, finish, cached, top = self._decode(prompts, sampling, tti, config,
+                                                                        pixel_inputs, should_stop,
                                                                        top_logprobs, on_token)
         finally:
             self.model.train(was_training)
@@ -168,7 +171,8 @@ class HFEngine(Engine):
         top: list[list[list[tuple[int, float]]]] = [[] for _ in prompts]
         finish: list[str | None] = [None] * len(prompts)
         active = list(range(len(prompts)))  # prompt row of each batch position
-        cache, attention_mask, next_position, logits, cached = self._prefill(prompts, pixel_inputs or [None] * len(prompts), device, sampling.max_new_tokens)
+        cache, attention_mask, next_position, logits, cached = self._prefill(prompts, pixel_inputs
+                or [None] * len(prompts), device, sampling.max_new_tokens)
         while True:
             logits = logits.float()
             if suppressed:
@@ -211,7 +215,8 @@ class HFEngine(Engine):
             keep = [i for i, row in enumerate(active) if finish[row] is None]
             if not keep:
                 break
-            activity(f"generating token {len(token_ids[active[keep[0]]]) + 1}/{sampling.max_new_tokens}, {len(keep)}/{len(prompts)} rows")
+            activity(f"generating token {len(token_ids[active[keep[0]]]) + 1}/{sampling.max_new_tokens}, "
+                     f"{len(keep)}/{len(prompts)} rows")
             if len(keep) < len(active):  # finished rows leave the batch and its KV cache
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
@@ -228,11 +233,12 @@ class HFEngine(Engine):
             next_position = next_position + 1
         return token_ids, logprobs, finish, cached, top
 
-    def _prefill(self, prompts: list[list[int]], pixel_inputs: list[dict | None], device: torch.device, new_tokens: int):
+    def _prefill(self, prompts: list[list[int]], pixel_inputs: list[dict | None], device: torch.device,
+                 new_tokens: int):
         """The batch's KV cache after its prompts, prefilling only the prompts not yet in the prefix
-        store (each distinct prompt once, their shared beginning once: `_prefill_forward`). Returns (cache, attention mask, next position per
-        row, logits of the next token [B, V], prompt tokens per row served without a forward pass); the
-        cache has room for `new_tokens` more positions.
+        store (each distinct prompt once, their shared beginning once: `_prefill_forward`). Returns (cache, attention
+        mask, next position per row, logits of the next token [B, V], prompt tokens per row served without a forward
+        pass); the cache has room for `new_tokens` more positions.
 
         The store keeps the prefilled K/V of the previous call's distinct prompts (unpadded, with the
         next-token logits and next position), so a TDS regeneration of the same turn (docs/method.md §3)
@@ -276,7 +282,8 @@ class HFEngine(Engine):
         next_position = torch.stack([e.next_position for e in entries])[:, None]
         return cache, attention_mask, next_position, logits, cached
 
-    def _prefill_forward(self, prompts: list[list[int]], pixel_inputs: list[dict | None], device: torch.device) -> tuple[list[_Prefix], int]:
+    def _prefill_forward(self, prompts: list[list[int]], pixel_inputs: list[dict | None],
+                         device: torch.device) -> tuple[list[_Prefix], int]:
         """Each prompt's K/V without padding, the next-token logits and position, from one forward pass
         over the batch. Text prompts that begin alike (the chat template's system turn and the task's
         instructions: 83 of the main job's ~150 prompt tokens) have that shared beginning prefilled
@@ -290,12 +297,15 @@ class HFEngine(Engine):
         shared = shared_prefix_length(prompts) if pixels is None else 0
         cache = DynamicCache(config=self.model.config)
         if not all(type(layer) is DynamicLayer for layer in cache.layers):
-            raise ValueError("the transformers engine needs a model whose KV cache is a plain DynamicCache (no sliding-window layers)")
+            raise ValueError("the transformers engine needs a model whose KV cache is a plain DynamicCache (no "
+                             "sliding-window layers)")
         if shared:
-            self.model(input_ids=torch.tensor([prompts[0][:shared]], device=device), past_key_values=cache, use_cache=True,
+            self.model(input_ids=torch.tensor([prompts[0][:shared]], device=device),
+                       past_key_values=cache, use_cache=True,
                        logits_to_keep=_last_position(shared, device))
             for layer in cache.layers:
-                layer.keys, layer.values = layer.keys.expand(len(prompts), -1, -1, -1), layer.values.expand(len(prompts), -1, -1, -1)
+                layer.keys, layer.values = layer.keys.expand(len(prompts), -1, -1,
+                                                             -1), layer.values.expand(len(prompts), -1, -1, -1)
         # the rest of each row, left-padded after the shared part: [shared | padding | rest of the prompt]
         rests = [p[shared:] for p in prompts]
         width = max(len(r) for r in rests)
@@ -408,7 +418,8 @@ class _PreallocatedLayer(DynamicLayer):
         super().__init__()
         self.capacity, self.length = capacity, 0
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self._keys = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[-1]))
@@ -503,7 +514,8 @@ class TTILogitsProcessor(LogitsProcessor):
         else:  # the token each row chose at the previous step
             for row, token in enumerate(input_ids[:, -1].tolist()):
                 self.tti.advance(row, token)
-        m = uncertainty_from_logprobs(torch.log_softmax(scores.float(), dim=-1), self.config.alpha, self.config.confidence).tolist()
+        m = uncertainty_from_logprobs(torch.log_softmax(scores.float(), dim=-1), self.config.alpha,
+                                      self.config.confidence).tolist()
         for row, m_t in enumerate(m):
             forced = self.tti.observe(row, m_t)
             if forced is not None:

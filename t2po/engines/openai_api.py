@@ -67,7 +67,8 @@ class APIReply:
     completion_tokens: int
     finish_reason: str  # the server's ("stop", "length", ...), or "empty" / "malformed"
     attempts: int  # requests sent for this turn (1 = no retry)
-    retry_reasons: list[str] = field(default_factory=list)  # one per retry: "429", "503", "timeout", "connection", "notjson"
+    # one per retry: "429", "503", "timeout", "connection", "notjson"
+    retry_reasons: list[str] = field(default_factory=list)
     latency_s: float = 0.0  # wall time of the turn, retries and back-off included
     usage_reported: bool = True  # False when the server sent no token usage (or negative counts)
 
@@ -114,7 +115,8 @@ class OpenAIChatAgent:
         price_output_per_1m: float = 0.0,
     ) -> None:
         if not base_url or "://" not in base_url:
-            raise APIError(f"api base URL {base_url!r} is not a URL: pass e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+            raise APIError(f"api base URL {base_url!r} is not a URL: pass e.g. https://api.openai.com/v1 or "
+                           "http://127.0.0.1:8000/v1")
         if not model:
             raise APIError("no model name: pass --model NAME (the server's /v1/models lists them)")
         if max_tokens < 1 or timeout <= 0 or retry.max_retries < 0 or retry.backoff < 0:
@@ -208,9 +210,11 @@ class OpenAIChatAgent:
                 reason, retry_after = "notjson", None
             if len(reasons) >= self.retry.max_retries:
                 if reason == "notjson":  # an answer, just unreadable: the empty response, an invalid action
-                    return APIReply("", 0, 0, "malformed", len(reasons) + 1, reasons, time.monotonic() - start, usage_reported=False)
+                    return APIReply("", 0, 0, "malformed", len(reasons) + 1, reasons, time.monotonic() - start,
+                                    usage_reported=False)
                 raise APIError(
-                    f"{self.base_url}: no answer after {len(reasons) + 1} attempts (failures: {', '.join(reasons + [reason])}). "
+                    f"{self.base_url}: no answer after {len(reasons) + 1} attempts (failures: "
+                    f"{', '.join(reasons + [reason])}). "
                     "The server may be overloaded or down: rerun later (finished episodes are kept), or raise "
                     "--max-retries / --request-timeout."
                 ) from None
@@ -233,7 +237,8 @@ class OpenAIChatAgent:
         hint = {
             401: "the API key was rejected: check the variable named by --api-key-env",
             403: "the key may not use this model or endpoint",
-            404: f"check --api-base (usually ends in /v1; now {self.base_url}) and --model ({self.model!r}; the server's /v1/models lists its models)",
+            404: f"check --api-base (usually ends in /v1; now {self.base_url}) and --model ({self.model!r}; the "
+                 "server's /v1/models lists its models)",
         }.get(e.status_code, "the request was refused; see the server's message")
         return f"{self.base_url} answered HTTP {e.status_code}: {detail} ({hint})"
 

@@ -1,4 +1,5 @@
-"""Generation with vLLM, the thinking intervention (docs/method.md §2) and M_t (docs/method.md §1) inside vLLM's sampler.
+"""Generation with vLLM, the thinking intervention (docs/method.md §2) and M_t (docs/method.md §1) inside vLLM's
+sampler.
 
     engine = VLLMEngine("path/to/Qwen3-4B", gpu_memory_utilization=0.4)     # colocated with the trainer
     gens = engine.generate(prompt_ids, SamplingParams(max_new_tokens=500), InterventionConfig(budget=450))
@@ -128,7 +129,8 @@ def _check_settings(params: vllm.SamplingParams) -> None:
     settings = _settings(params)
     if settings is None:
         return
-    required = {"key", "prompt_ids", "think_start_ids", "think_end_ids", "patience", "eps", "eps_floor", "budget", "alpha",
+    required = {"key", "prompt_ids", "think_start_ids", "think_end_ids", "patience", "eps", "eps_floor",
+                "budget", "alpha",
                 "confidence", "random_rate", "seed"}
     missing = required - set(settings) if isinstance(settings, dict) else required
     if missing:
@@ -147,7 +149,8 @@ class _InterventionBatch:
         key = settings["key"]
         if key not in _TRACES:  # a request resumed after preemption keeps its trace
             tti = ThinkingIntervention(
-                settings["think_start_ids"], settings["think_end_ids"], patience=settings["patience"], eps=settings["eps"],
+                settings["think_start_ids"], settings["think_end_ids"], patience=settings["patience"],
+                                       eps=settings["eps"],
                 eps_floor=settings["eps_floor"], budget=settings["budget"], alpha=settings["alpha"],
                 confidence=settings["confidence"],
                 token_text=_token_text(self.tokenizer_path), random_rate=settings["random_rate"], seed=settings["seed"],
@@ -156,7 +159,8 @@ class _InterventionBatch:
             _TRACES[key] = _RequestTrace(tti)
         return key
 
-    def apply(self, logits: torch.Tensor, rows: list[int], keys: list[str], emitted: list[int], newest: list[int]) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, rows: list[int], keys: list[str], emitted: list[int],
+              newest: list[int]) -> torch.Tensor:
         traces = [_TRACES[key] for key in keys]
         for trace, n, token in zip(traces, emitted, newest):
             trace.catch_up(n, token)
@@ -168,7 +172,8 @@ class _InterventionBatch:
         for alpha, confidence in forms:
             members = [i for i, t in enumerate(traces) if (t.tti.alpha, t.tti.confidence) == (alpha, confidence)]
             m[members] = uncertainty_from_logprobs(logp[members], alpha, confidence).cpu().numpy()
-        forced = [(rows[i], token) for i, trace in enumerate(traces) if (token := trace.observe(float(m[i]))) is not None]
+        forced = [(rows[i], token) for i, trace in enumerate(traces)
+                  if (token := trace.observe(float(m[i]))) is not None]
         if forced:
             forced_rows, tokens = zip(*forced)
             logits[list(forced_rows)] = float("-inf")
@@ -219,7 +224,8 @@ class TTILogitsProcessor(V1LogitsProcessor):
             return logits
         rows = sorted(self.keys)
         outputs = [self.outputs[r] for r in rows]
-        return self.batch.apply(logits, rows, [self.keys[r] for r in rows], [len(o) for o in outputs], [o[-1] if o else -1 for o in outputs])
+        return self.batch.apply(logits, rows, [self.keys[r] for r in rows], [len(o) for o in outputs],
+                                [o[-1] if o else -1 for o in outputs])
 
 
 class TTILogitsProcessorV2(V2LogitsProcessor):
@@ -287,7 +293,8 @@ class VLLMEngine(Engine):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         for option in ("tensor_parallel_size", "pipeline_parallel_size", "speculative_config"):
             if llm_options.get(option) not in (None, 1):
-                raise ValueError(f"VLLMEngine does not support {option}={llm_options[option]!r}: run one engine per device")
+                raise ValueError(f"VLLMEngine does not support {option}={llm_options[option]!r}: run one engine per "
+                                 "device")
         path = str(model)
         if tokenizer is None:
             from transformers import AutoTokenizer
@@ -311,7 +318,8 @@ class VLLMEngine(Engine):
         self._token_text: list[str] | None = None
 
     @classmethod
-    def build(cls, policy, tokenizer, settings, *, model_dir=None, seed: int = 0, distributed: bool = False) -> "VLLMEngine":
+    def build(cls, policy, tokenizer, settings, *, model_dir=None, seed: int = 0,
+              distributed: bool = False) -> "VLLMEngine":
         """From `rollout.vllm` (`settings.vllm`), in the policy's dtype; under torchrun vLLM joins the
         ranks' process group, one replica per rank on its own GPU."""
         v = settings.vllm
@@ -331,7 +339,8 @@ class VLLMEngine(Engine):
         """One `Generation` per prompt row, as `HFEngine.generate`: `intervention=None` forces nothing
         but still records M_t, turn scores and think lengths. Text prompts only."""
         if pixel_inputs is not None and any(p is not None for p in pixel_inputs):
-            raise ValueError("the vllm engine reads text prompts only; images go through the transformers engine (rollout.engine=hf)")
+            raise ValueError("the vllm engine reads text prompts only; images go through the "
+                             "transformers engine (rollout.engine=hf)")
         check_request(prompts, sampling)
         config = intervention if intervention is not None else InterventionConfig(enabled=False)
         if not prompts:
@@ -339,7 +348,8 @@ class VLLMEngine(Engine):
         tti = self.intervention_template(config)
         call = uuid.uuid4().hex
         keys = [f"{call}-{row}" for row in range(len(prompts))]
-        requests = [vllm_request(prompt, key, tti, sampling, row) for row, (prompt, key) in enumerate(zip(prompts, keys))]
+        requests = [vllm_request(prompt, key, tti, sampling, row)
+                    for row, (prompt, key) in enumerate(zip(prompts, keys))]
         try:
             outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], requests, use_tqdm=False)
             traces = [_TRACES[key] for key in keys]
@@ -353,7 +363,8 @@ class VLLMEngine(Engine):
             trace.catch_up(len(ids), ids[-1] if ids else -1)  # the last token: no later step showed it
             row = trace.row
             if len(row.uncertainty) != len(ids):
-                raise RuntimeError(f"vLLM returned {len(ids)} tokens but the TTI trace has {len(row.uncertainty)} steps")
+                raise RuntimeError(f"vLLM returned {len(ids)} tokens but the TTI trace has {len(row.uncertainty)} "
+                                   "steps")
             logprobs = [step[token].logprob for step, token in zip(completion.logprobs, ids)]
             uncertainty = list(row.uncertainty)
             generations.append(
@@ -368,7 +379,8 @@ class VLLMEngine(Engine):
                     tti_triggers=dict(row.triggers),
                     think_length=row.think_length,
                     prompt_tokens=len(prompt),
-                    cached_prompt_tokens=getattr(output, "num_cached_tokens", None) or 0,  # vLLM's prefix caching (None: off)
+                    # vLLM's prefix caching (None: off)
+                    cached_prompt_tokens=getattr(output, "num_cached_tokens", None) or 0,
                 )
             )
         return generations
@@ -383,7 +395,8 @@ class VLLMEngine(Engine):
         weights = dict(model) if isinstance(model, Mapping) else _merged_weights(model)
         # The worker's in-place reload redoes the kernel-specific processing (fused QKV, repacked
         # CPU weights) that a plain `load_weights` on the loaded model would skip.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items()), "is_checkpoint_format": True})
+        self.llm.collective_rpc("reload_weights",
+                                kwargs={"weights_iterator": list(weights.items()), "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
 
     def close(self) -> None:
@@ -407,7 +420,8 @@ class VLLMEngine(Engine):
         return text[: min(ends)] if ends else text
 
 
-def vllm_request(prompt: list[int], key: str, tti: ThinkingIntervention, sampling: SamplingParams, row: int) -> vllm.SamplingParams:
+def vllm_request(prompt: list[int], key: str, tti: ThinkingIntervention, sampling: SamplingParams,
+                 row: int) -> vllm.SamplingParams:
     """vLLM's sampling parameters for one prompt row, carrying its TTI settings under `key`
     (`extra_args["t2po_tti"]`, read by the logits processors above)."""
     settings = {

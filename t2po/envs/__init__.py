@@ -65,12 +65,15 @@ def _import_env_class(path: str) -> type[BatchEnv]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        raise InvalidInput(f"Environment {path!r}: cannot import module {module_name!r} ({e}). Install its package or put its folder "
+        raise InvalidInput(f"Environment {path!r}: cannot import module {module_name!r} ({e}). Install its package or "
+                           "put its folder "
                          "on PYTHONPATH.") from e
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, BatchEnv)):
-        found = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, BatchEnv) and v is not BatchEnv)
-        raise InvalidInput(f"Environment {path!r}: {module_name} has no BatchEnv subclass {class_name!r}{did_you_mean(class_name, found)} "
+        found = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, BatchEnv)
+                       and v is not BatchEnv)
+        raise InvalidInput(f"Environment {path!r}: {module_name} has no BatchEnv subclass "
+                           f"{class_name!r}{did_you_mean(class_name, found)} "
                          f"(BatchEnv subclasses there: {', '.join(found) or 'none'}).")
     return cls
 
@@ -90,7 +93,8 @@ def get_env_class(name: str) -> type[BatchEnv]:
     if name not in _REGISTRY:
         known = list_envs()
         near = closest(name, known)
-        raise InvalidInput(f"Unknown environment {name!r}.{f' Did you mean {near!r}?' if near else ''} Known: {', '.join(known)}; "
+        raise InvalidInput(f"Unknown environment {name!r}.{f' Did you mean {near!r}?' if near else ''} Known: "
+                           f"{', '.join(known)}; "
                          "an environment of your own: env.name=package.module:ClassName.")
     return _REGISTRY[name]
 
@@ -162,8 +166,9 @@ def env_option_errors(name: str, options: dict, where: str = "env.options.") -> 
         value = options.get(key)
         numbers = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, (int, float)) and not isinstance(v, bool) and not v <= high for v in numbers):
-            errors.append(f"{where}{key}={value!r}: {name} takes {key} in [{low}, {high}]{' (each value)' if numbers is value else ''}; "
-                          f"larger values size memory or time beyond what a run can use")
+            errors.append(f"{where}{key}={value!r}: {name} takes {key} in [{low}, "
+                          f"{high}]{' (each value)' if numbers is value else ''}; larger values size memory or time "
+                          "beyond what a run can use")
     params = inspect.signature(cls.__init__).parameters
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return errors
@@ -171,9 +176,11 @@ def env_option_errors(name: str, options: dict, where: str = "env.options.") -> 
     for key in options:
         if key not in valid:
             near = closest(key, valid)
-            errors.append(f"{where}{key}: {name} has no option {key!r}{f' (did you mean {near!r}?)' if near else ''}; options: {', '.join(valid)}")
+            errors.append(f"{where}{key}: {name} has no option {key!r}{f' (did you mean {near!r}?)' if near else ''}; "
+                          f"options: {', '.join(valid)}")
     return errors
 
 
-__all__ = ["COMMON_OPTIONS", "BatchEnv", "EnvState", "ParsedAction", "make_env", "register_env", "get_env_class", "list_envs", "parse_think_action",
+__all__ = ["COMMON_OPTIONS", "BatchEnv", "EnvState", "ParsedAction", "make_env", "register_env", "get_env_class",
+           "list_envs", "parse_think_action",
            "parse_env_options", "env_option_errors"]

@@ -77,7 +77,8 @@ def _strict_form_violation(text: str) -> str:
     return "text between </think> and <action>"
 
 
-def parse_think_action(response: str, admissible: list[str] | None = None, lowercase: bool = True, strict: bool = True) -> ParsedAction:
+def parse_think_action(response: str, admissible: list[str] | None = None, lowercase: bool = True,
+                       strict: bool = True) -> ParsedAction:
     """The `<think>...</think><action>...</action>` check (docs/method.md §4 "invalid action"); `strict` is the
     reference's whole-response form, `strict=False` the lenient mode (module docstring)."""
     text = response if isinstance(response, str) else ""
@@ -109,7 +110,8 @@ def parse_think_action(response: str, admissible: list[str] | None = None, lower
 def reference_think_action(response: str, admissible: list[str] | None = None) -> ParsedAction:
     """The reference's ALFWorld / WebShop projection (`alfworld_projection`, `webshop_projection`):
 
-        strict_pattern = re.compile(r'^\s*<think>(.*?)</think>\s*<action>(.*?)</action>\s*$', flags=re.IGNORECASE | re.DOTALL)
+        strict_pattern = re.compile(r'^\s*<think>(.*?)</think>\s*<action>(.*?)</action>\s*$', flags=re.IGNORECASE |
+        re.DOTALL)
         strict_ok = bool(m) and not has_chinese and (
             think_open_count == think_close_count == 1 and action_open_count == action_close_count == 1)
 
@@ -124,7 +126,8 @@ def reference_think_action(response: str, admissible: list[str] | None = None) -
         closing = _CLOSE_TAG["action"].search(text, opening.end()) if opening else None
         if closing is None:
             return ParsedAction(text[-30:], False, "no <action>...</action> span")
-        reason = "contains CJK characters" if match is not None else "not exactly <think>...</think><action>...</action>"
+        reason = ("contains CJK characters" if match is not None
+                  else "not exactly <think>...</think><action>...</action>")
         return ParsedAction(text[opening.end() : closing.start()].strip().lower(), False, reason)
     action = match.group(2).strip().lower()
     if admissible is not None:

@@ -22,7 +22,8 @@ that a rollout through the pool equals the in-process one token for token.
 The in-process environment stays the default everywhere; the pool is opt-in. Ray itself is an
 optional dependency (`pip install ray==2.60.0`). When no Ray instance is running, the pool starts a
 local one (`ray.init()`, which also honours `RAY_ADDRESS`); Ray stops it when the process exits
-(or call `ray.shutdown()`), so that other pools (the validation environment's) can share it. On a multi-node cluster every node needs t2po installed (or a
+(or call `ray.shutdown()`), so that other pools (the validation environment's) can share it. On a multi-node cluster
+every node needs t2po installed (or a
 Ray `runtime_env`), and the environment's data where its options point.
 """
 
@@ -48,7 +49,8 @@ class EnvWorker:
     def build(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
         """Make the environment; return the attributes the pool mirrors."""
         self.env = make_env(name, **options)
-        return {"max_steps": self.env.max_steps, "check_admissible": self.env.check_admissible, "history_length": self.env.history_length,
+        return {"max_steps": self.env.max_steps, "check_admissible": self.env.check_admissible,
+                "history_length": self.env.history_length,
                 "describe": self.env.describe()}
 
     def reset(self, seeds: list[int]) -> list[EnvState]:
@@ -79,8 +81,8 @@ class RayEnvPool(BatchEnv):
 
     `num_cpus_per_worker` is what Ray reserves for each actor for its lifetime (a pool of k workers
     then needs k times that many free CPUs); None keeps Ray's actor default (a free CPU to be
-    placed, none held while running), so that a training and a validation pool fit on any machine. Other actor options (memory,
-    resources, runtime_env) go in `actor_options`, passed to `ray.remote(...).options()`. Workers
+    placed, none held while running), so that a training and a validation pool fit on any machine. Other actor options
+    (memory, resources, runtime_env) go in `actor_options`, passed to `ray.remote(...).options()`. Workers
     that have not started after `startup_timeout_s` (Ray cannot place them) are an error rather
     than a silent wait.
     """
@@ -97,7 +99,8 @@ class RayEnvPool(BatchEnv):
         try:
             import ray
         except ImportError as e:
-            raise MissingPackage("RayEnvPool needs Ray: pip install ray==2.60.0 (or use the in-process environment, the default)") from e
+            raise MissingPackage("RayEnvPool needs Ray: pip install ray==2.60.0 (or use the "
+                                 "in-process environment, the default)") from e
         if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
             raise InvalidInput(f"num_workers must be an integer >= 1, got {num_workers!r}")
         if num_cpus_per_worker is not None and num_cpus_per_worker < 0:
@@ -114,14 +117,15 @@ class RayEnvPool(BatchEnv):
         self._closed = False
         try:
             # Constructor errors (bad options, missing data) surface here, raised as in the actor.
-            attributes = ray.get([w.build.remote(env_name, self.env_options) for w in self.workers], timeout=startup_timeout_s)[0]
+            attributes = ray.get([w.build.remote(env_name, self.env_options) for w in self.workers],
+                                 timeout=startup_timeout_s)[0]
         except ray.exceptions.GetTimeoutError as e:
             free = ray.available_resources().get("CPU", 0.0)
             self._shut_down(grace_s=0.0)  # unplaced actors never run a call: kill them outright
             raise TimeoutError(
-                f"{num_workers} {env_name} workers did not start within {startup_timeout_s:.0f} s: Ray probably cannot place "
-                f"them ({num_workers} x {num_cpus_per_worker or 1} CPUs requested, {free:g} free). Lower num_workers or "
-                "num_cpus_per_worker, or give Ray more CPUs (ray.init(num_cpus=...))."
+                f"{num_workers} {env_name} workers did not start within {startup_timeout_s:.0f} s: Ray probably cannot "
+                f"place them ({num_workers} x {num_cpus_per_worker or 1} CPUs requested, {free:g} free). Lower "
+                "num_workers or num_cpus_per_worker, or give Ray more CPUs (ray.init(num_cpus=...))."
             ) from e
         except BaseException:
             self._shut_down()
@@ -156,7 +160,8 @@ class RayEnvPool(BatchEnv):
     def step(self, actions: list[str | None]) -> list[EnvState | None]:
         self._check_open()
         if len(actions) != len(self._owner):
-            raise ValueError(f"step() got {len(actions)} actions for {len(self._owner)} instances; pass one per instance (None for done ones).")
+            raise ValueError(f"step() got {len(actions)} actions for {len(self._owner)} instances; pass one per "
+                             "instance (None for done ones).")
         results: list[EnvState | None] = [None] * len(actions)
         # Actors whose instances are all done are not called at all.
         calls = [(k, lo, hi) for k, (lo, hi) in enumerate(self._shards) if any(a is not None for a in actions[lo:hi])]

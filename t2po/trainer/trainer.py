@@ -3,7 +3,7 @@
 One iteration (docs/method.md §4):
   1. collect B x N episodes with the current policy (TTI inside decoding, TDS between turns for t2po);
   2. recompute old log-probs (and reference log-probs when the KL loss is on; critic values for ppo),
-     recording what the layers below LoRA output for step 4 (`t2po.policy.FrozenTrunk`);
+     recording what the layers below LoRA output for step 4 (`t2po.forward.FrozenTrunk`);
   3. advantages: GiGPO (t2po, gigpo), GRPO, RLOO, or turn-level GAE with a critic (ppo);
   4. one PPO-clip pass over the batch in mini-batches (dual clip, token-mean), gradient clipping,
      learning-rate warm-up, optional entropy bonus and KL loss.
@@ -12,7 +12,7 @@ policy is FSDP2-sharded (t2po/distributed.py, docs/scaling.md). Rollouts run on 
 engine, which shares the policy module, or on vLLM (`rollout.engine=vllm`), which gets the weights
 after every update; everything trains on the rank's GPU when there is one. It deliberately leaves out
 asynchronous rollouts and sequence packing across samples (samples are grouped by length instead;
-the beginning all rows of a micro-batch share, e.g. the system turn, runs once: `t2po.policy`).
+the beginning all rows of a micro-batch share, e.g. the system turn, runs once: `t2po.forward`).
 
 A recipe in the torchtune sense: `Trainer(cfg).setup()`, `.train()`, `.cleanup()`.
 """
@@ -38,10 +38,7 @@ from t2po import references
 from t2po.algos import StepBatch
 from t2po.algos.losses import LossBatch, get_loss, loss_token_counts
 from t2po.algos.sampling import TDSResampler
-from t2po.checkpoints import (
-    CHECKPOINTS, WARMUP_MODEL, CorruptCheckpoint, atomic_dir, atomic_write_text, is_sharded, latest_checkpoint,
-    load_checkpoint, point_adapter_at, read_jsonl_log, save_checkpoint,
-)
+from t2po.checkpoints import Checkpointer, atomic_dir, atomic_write_text
 from t2po.config import Config
 from t2po.distributed import (
     barrier, clip_grad_norm, from_rank0, gather_objects, gathered, init_distributed, mean_over_ranks, padded,
@@ -50,12 +47,11 @@ from t2po.distributed import (
 from t2po.engines import engine_class, engine_spec
 from t2po.envs import make_env
 from t2po.errors import InvalidInput
-from t2po.models import adapter_base, is_adapter_directory, model_directory
+from t2po.forward import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.policies import EnginePolicy
-from t2po.policy import FrozenTrunk, forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.progress import ConsoleLog, PhaseTimer, Progress, silence_library_progress
 from t2po.rollout import COUNTERS, RolloutResult, RolloutSettings, StepSample, collect_rollouts, rollout_stats
-from t2po.runfiles import check_warmup, checkpoint_candidates
+from t2po.runlog import RunLog
 from t2po.testing import kill_point
 from t2po.tracking import validation_step
 from t2po.trainer.batch import TrainingBatch
@@ -71,7 +67,8 @@ class Trainer:
         elif not resume:
             refuse_existing_run(Path(run_dir))
         self.run_dir = Path(run_dir)
-        self.rollout = cfg.resolved_rollout()  # TTI/TDS on or off and the validation budget, as this run plays them
+        # TTI/TDS on or off and the validation budget, as this run plays them
+        self.rollout_config = cfg.resolved_rollout()
         self.start_iteration = 0
         self.history: dict[str, Any] = {}
         self.trunk: FrozenTrunk | None = None  # set by _score_samples for the update that follows
@@ -94,31 +91,30 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
         self.engine_spec = engine_spec(cfg.rollout.engine)
         engine_class(cfg.rollout.engine)  # imported now: a missing package (vLLM) is named before any file is written
-        self.dist = init_distributed(device=cfg.trainer.device)  # one process unless launched by torchrun / accelerate launch
+        # one process unless launched by torchrun / accelerate launch
+        self.dist = init_distributed(device=cfg.trainer.device)
         self.device = self.dist.device
         if self.dist.distributed:
             if cfg.algorithm.critic or cfg.warmup.episodes > 0:
-                raise InvalidInput("multi-process training supports t2po, gigpo, grpo and rloo without warm-up; run ppo or the warm-up (t2po sft) in one process")
+                raise InvalidInput("multi-process training supports t2po, gigpo, grpo and rloo without warm-up; run "
+                                   "ppo or the warm-up (t2po sft) in one process")
             self.run_dir = Path(from_rank0(str(self.run_dir)))
             self.quiet = self.quiet or not self.dist.is_main
-        self.ckpt_root = self.run_dir / CHECKPOINTS
-        self.state_path = self.run_dir / "run_state.json"
-        self.run_state = {"warmup_done": False, "validation": {}}
-        if self.resume and not self.state_path.exists() and (self.run_dir / WARMUP_MODEL).exists() and any(self.ckpt_root.glob("iter_*")):
-            raise InvalidInput(f"{self.state_path} is missing (it says whether the warm-up the checkpoints apply to finished); "
+        self.checkpointer = Checkpointer(self.run_dir, self.note)  # the layout of checkpoints/ and warmup_model/
+        self.runlog = RunLog(self.run_dir, self.note, writer=self.dist.is_main)  # metrics, validations, run state
+        state_path = self.runlog.state_path
+        if (self.resume and not state_path.exists() and self.checkpointer.warmup_model.exists()
+                and any(self.checkpointer.root.glob("iter_*"))):
+            raise InvalidInput(f"{state_path} is missing (it says whether the warm-up the checkpoints apply to "
+                               "finished); "
                              "restore it from a copy, or start a new run")
-        if self.resume and self.state_path.exists():
-            try:
-                self.run_state = json.loads(self.state_path.read_text())
-            except ValueError as e:  # written atomically, so only a damaged disk gets here
-                raise InvalidInput(f"{self.state_path} is damaged ({e}); restore it or start a new run") from None
-            if not isinstance(self.run_state, dict) or not isinstance(self.run_state.get("validation"), dict):
-                raise InvalidInput(f"{self.state_path} is damaged (no run state in it); restore it or start a new run")
+        if self.resume:
+            self.runlog.load_state()
 
         base_path = cfg.model.path
         if self.run_state.get("warmup_done"):
-            check_warmup(self.run_dir)  # a damaged or missing warm-up is named here, not met in a model load
-            base_path = str(self.run_dir / WARMUP_MODEL)
+            self.checkpointer.check_warmup()  # a damaged or missing warm-up is named here, not met in a model load
+            base_path = str(self.checkpointer.warmup_model)
         self.model, self.tokenizer = load_model(base_path, dtype=resolve_dtype(cfg.model.dtype, self.device))
         self.base_model_path = base_path
         self.train_env = self._make_env(cfg.env.options)
@@ -155,10 +151,11 @@ class Trainer:
         if not self.engine_spec.shares_policy_weights:  # exported from the base model, before LoRA wraps it
             self.engine_model_dir = self._engine_model_dir(self.base_model_path)
         self._wrap_trainable()
-        self.trackers = make_trackers(cfg.trainer.trackers if self.dist.is_main else [], self.run_dir, cfg.to_dict(), quiet=self.quiet)
+        self.trackers = make_trackers(cfg.trainer.trackers if self.dist.is_main else [], self.run_dir, cfg.to_dict(),
+                                      quiet=self.quiet)
         # TDS for the training rollouts; its relative threshold's window of recent deltas is run state, kept
         # across iterations and checkpoints
-        self.tds = TDSResampler(self.rollout.tds) if self.rollout.tds.enabled else None
+        self.tds = TDSResampler(self.rollout_config.tds) if self.rollout_config.tds.enabled else None
         self.tds_threshold = self.tds.threshold if self.tds is not None else None
         if self.resume:
             ckpt = self._load_newest_loadable_checkpoint()
@@ -168,26 +165,19 @@ class Trainer:
         self.engine = self._make_engine()
 
     def _load_newest_loadable_checkpoint(self) -> Path | None:
-        """Load the newest checkpoint that can be read whole; say which newer ones were skipped and why.
-        None (start from iteration 0) when there is none."""
-        for ckpt in checkpoint_candidates(self.ckpt_root, self.note, resume=True):  # each damaged one named in a note
-            if self.dist.distributed and not is_sharded(ckpt):
-                raise InvalidInput(f"{ckpt} was written by one process; resume it with one process (python -m t2po.cli train --resume {self.run_dir}), "
-                                 "or start the multi-process run from its weights (model.path)")
-            try:  # a sharded one loads on any world size
-                state = load_checkpoint(ckpt, self.model, self.optimizer, self.value_head, self.cfg.model.lora)
-            except CorruptCheckpoint as e:
-                self.note(f"skipped checkpoint {ckpt}: {e}; trying the one before")
-                continue
-            self.start_iteration = state["iteration"]
-            if self.tds_threshold is not None and "tds_threshold" in state:
-                self.tds_threshold.load_state_dict(state["tds_threshold"])
-            self.scheduler_step = state.get("scheduler_step", self.start_iteration)
-            self._set_lr()
-            return ckpt
-        if any(not p.name.endswith(".tmp") for p in self.ckpt_root.glob("iter_*")):
-            self.note(f"no checkpoint in {self.ckpt_root} can be loaded: starting again from iteration 0")
-        return None
+        """Load the newest checkpoint that can be read whole (`Checkpointer.load_newest`: newer damaged ones
+        are named in notes) and the run state it carries. None (start from iteration 0) when there is none."""
+        loaded = self.checkpointer.load_newest(self.model, self.optimizer, self.value_head, self.cfg.model.lora,
+                                               distributed=self.dist.distributed)
+        if loaded is None:
+            return None
+        ckpt, state = loaded
+        self.start_iteration = state["iteration"]
+        if self.tds_threshold is not None and "tds_threshold" in state:
+            self.tds_threshold.load_state_dict(state["tds_threshold"])
+        self.scheduler_step = state.get("scheduler_step", self.start_iteration)
+        self._set_lr()
+        return ckpt
 
     def _make_engine(self):
         """The rollout engine (`rollout.engine`), built from its own settings (`Engine.build`): one that
@@ -204,7 +194,8 @@ class Trainer:
         """A Hugging Face model folder for an engine with its own copy of the weights to build the
         model from (its weights are replaced by the policy's at once): the base model's own folder, or
         one exported into the run folder when the base is the embedded GGUF model or a t2po run/checkpoint."""
-        if base_path is not None and (Path(base_path) / "config.json").is_file() and any(Path(base_path).glob("*.safetensors")):
+        if (base_path is not None and (Path(base_path) / "config.json").is_file()
+                and any(Path(base_path).glob("*.safetensors"))):
             return Path(base_path)
         out = self.run_dir / "vllm_model"
         if self.dist.is_main and not (out / "config.json").is_file():
@@ -236,22 +227,12 @@ class Trainer:
         return make_env(self.cfg.env.name, **options)
 
     def _forget_work_after(self, iteration: int) -> None:
-        """Forget what the iterations after `iteration`, lost in a kill, wrote: they are redone after
-        the resume, and their validations replayed. Their metrics lines, validations (`iter_k` past
-        `iteration`; `final` while iterations remain) and tracker values go; validation.jsonl is
-        rewritten from the run state, so a validation killed between the two writes counts once."""
-        val = self.run_state["validation"]
-        for tag in list(val):
-            if (tag.startswith("iter_") and int(tag.split("_")[1]) > iteration) or (tag == "final" and iteration < self.cfg.trainer.iterations):
-                del val[tag]
-        self._save_run_state()
-        if not self.dist.is_main:
-            return
-        metrics = [m for m in read_jsonl_log(self.run_dir / "metrics.jsonl", self.note, ("iteration", int)) if m["iteration"] <= iteration]
-        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
-        read_jsonl_log(self.run_dir / "validation.jsonl", self.note)  # notes a torn line
-        atomic_write_text(self.run_dir / "validation.jsonl", "".join(json.dumps({"tag": t, **v}) + "\n" for t, v in val.items()))
-        self.trackers.forget_after(iteration, warmup=not self.run_state.get("warmup_done"))  # a warm-up not done is redone
+        """Forget what the iterations after `iteration`, lost in a kill, wrote (`RunLog.forget_after`: metrics
+        lines and validations; `final` while iterations remain) and their tracker values: they are redone."""
+        self.runlog.forget_after(iteration, final_kept=iteration >= self.cfg.trainer.iterations)
+        if self.dist.is_main:
+            # a warm-up not done is redone
+            self.trackers.forget_after(iteration, warmup=not self.run_state.get("warmup_done"))
 
     def _wrap_trainable(self) -> None:
         cfg = self.cfg
@@ -294,12 +275,13 @@ class Trainer:
         from t2po.models import dtype_reason, model_source
 
         cfg = self.cfg
-        threads = f"trainer.threads={cfg.trainer.threads}" if cfg.trainer.threads else "torch's default; set trainer.threads"
+        threads = (f"trainer.threads={cfg.trainer.threads}" if cfg.trainer.threads
+                   else "torch's default; set trainer.threads")
         model = model_source(cfg.model.path)
         if self.base_model_path != cfg.model.path:
             model = f"this run's warm-up model {self.base_model_path}, trained from {model}"
-        return (f"[setup] device {self.device}, {dtype_reason(cfg.model.dtype, self.device)}, {_count(torch.get_num_threads(), 'CPU thread')} ({threads}); "
-                f"model: {model}")
+        return (f"[setup] device {self.device}, {dtype_reason(cfg.model.dtype, self.device)}, "
+                f"{_count(torch.get_num_threads(), 'CPU thread')} ({threads}); model: {model}")
 
     def _plan_line(self) -> str:
         """What this run will do, said before it starts (how much work is coming)."""
@@ -307,11 +289,14 @@ class Trainer:
         r = cfg.rollout
         turns = f"up to {r.max_turns} turns" if r.max_turns else "turns up to the environment's max_steps"
         todo = max(cfg.trainer.iterations - self.start_iteration, 0)
-        parts = [f"[plan] {cfg.env.name} / {cfg.algo.name}: {_count(todo, 'RL iteration')} of {r.num_tasks * r.group_size} episodes "
-                 f"({r.num_tasks} tasks x {r.group_size}), {turns}, {r.sampling.max_new_tokens} new tokens per turn"]
+        parts = [f"[plan] {cfg.env.name} / {cfg.algo.name}: {_count(todo, 'RL iteration')} of "
+                 f"{r.num_tasks * r.group_size} episodes ({r.num_tasks} tasks x {r.group_size}), {turns}, "
+                 f"{r.sampling.max_new_tokens} new tokens per turn"]
         if cfg.warmup.episodes > 0 and not self.run_state.get("warmup_done"):
-            parts.append(f"warm-up: {_count(cfg.warmup.episodes, 'expert episode')}, {_count(cfg.warmup.epochs, 'SFT epoch')}")
-        vals = (["before"] if cfg.trainer.val_before_train else []) + (["after warm-up"] if cfg.warmup.episodes > 0 else [])
+            parts.append(f"warm-up: {_count(cfg.warmup.episodes, 'expert episode')}, "
+                         f"{_count(cfg.warmup.epochs, 'SFT epoch')}")
+        vals = (["before"] if cfg.trainer.val_before_train else []) + (["after warm-up"]
+                                                                       if cfg.warmup.episodes > 0 else [])
         vals += [f"every {cfg.trainer.val_every} iterations"] if cfg.trainer.val_every else []
         parts.append(f"validation: {r.val_num_tasks} held-out tasks ({', '.join(vals + ['at the end'])})")
         return "; ".join(parts)
@@ -332,7 +317,8 @@ class Trainer:
         if not self.dist.distributed:
             return dict(result.stats)
         # what the statistics read of each episode (`Episode.stats`), not the samples' token ids, texts, images
-        everyone = gather_objects(([ep.stats() for ep in result.episodes], {k: result.stats[k] for k in COUNTERS if k in result.stats}))
+        everyone = gather_objects(([ep.stats() for ep in result.episodes],
+                                   {k: result.stats[k] for k in COUNTERS if k in result.stats}))
         counters = {k: sum(c[k] for _, c in everyone if k in c) for k in COUNTERS if any(k in c for _, c in everyone)}
         return rollout_stats([ep for episodes, _ in everyone for ep in episodes], counters)
 
@@ -352,24 +338,22 @@ class Trainer:
         TTI as `tti_on/*` keys of the same record)."""
         cfg = self.cfg
         self.reference_points()
-        tti_off = dataclasses.replace(self.rollout.tti, enabled=False)  # nothing forced: the decoder every algorithm shares
-        primary = self.rollout.tti if cfg.trainer.val_tti == "on" else tti_off
+        # nothing forced: the decoder every algorithm shares
+        tti_off = dataclasses.replace(self.rollout_config.tti, enabled=False)
+        primary = self.rollout_config.tti if cfg.trainer.val_tti == "on" else tti_off
         result, stats = self._play_validation(tag, primary)
         stats["val_tti_enabled"] = float(bool(primary.enabled))
         if not self.dist.distributed:  # per-task outcomes, so runs can be paired task by task
             outcome = {ep.group_id: int(ep.won) for ep in result.episodes}
             stats["per_task_success"] = [outcome.get(g, 0) for g in range(cfg.rollout.val_num_tasks)]
         stats["success_stderr"] = references.stderr(stats["success_rate"], cfg.rollout.val_num_tasks)
-        if cfg.trainer.val_tti == "both" and self.rollout.tti.enabled:
-            _, with_tti = self._play_validation(f"{tag} tti", self.rollout.tti)
+        if cfg.trainer.val_tti == "both" and self.rollout_config.tti.enabled:
+            _, with_tti = self._play_validation(f"{tag} tti", self.rollout_config.tti)
             stats.update({f"tti_on/{k}": v for k, v in with_tti.items()})
         kill_point("validation", tag)
-        self.run_state["validation"][tag] = stats
-        self._save_run_state()
+        self.runlog.add_validation(tag, stats)
         if not self.dist.is_main:
             return stats
-        with open(self.run_dir / "validation.jsonl", "a") as f:
-            f.write(json.dumps({"tag": tag, **stats}) + "\n")
         with self.timer("tracking"):
             self._write_traces(f"val_{tag}", result, "validation", validation_step(tag, self.cfg.trainer.iterations))
             self.trackers.log_metrics({f"val/{k}": v for k, v in stats.items() if not isinstance(v, list)},
@@ -378,23 +362,27 @@ class Trainer:
         if "tti_on/success_rate" in stats:
             with_tti = (f"  [TTI on: success {stats['tti_on/success_rate']:.3f}  "
                         f"valid actions {1 - stats['tti_on/invalid_action_rate']:.3f}]")
-        self.log(f"[val {tag}] success {stats['success_rate']:.3f}  valid actions {1 - stats['invalid_action_rate']:.3f}  "
-                 f"reward {stats['episode_reward']:.2f}  turns {stats['episode_length']:.1f}  "
-                 f"({stats['seconds']:.0f}s){with_tti}")
+        self.log(f"[val {tag}] success {stats['success_rate']:.3f}  valid actions "
+                 f"{1 - stats['invalid_action_rate']:.3f}  reward {stats['episode_reward']:.2f}  turns "
+                 f"{stats['episode_length']:.1f}  ({stats['seconds']:.0f}s){with_tti}")
         return stats
 
     def _play_validation(self, label: str, tti) -> tuple[RolloutResult, dict[str, float]]:
         """One pass over the held-out tasks with the thinking intervention `tti` (its `enabled` decides)."""
         cfg = self.cfg
         self.model.eval()
-        seeds = list(range(cfg.rollout.val_num_tasks))  # the same held-out tasks in every run (the split sets them apart)
+        # the same held-out tasks in every run (the split sets them apart)
+        seeds = list(range(cfg.rollout.val_num_tasks))
         seeds = shard_tasks(seeds, self.dist.rank, self.dist.world_size)
         t0 = time.time()
-        previous = next(reversed(self.run_state["validation"].values()), {}).get("seconds")  # the last validation's time
+        # the last validation's time
+        previous = next(reversed(self.run_state["validation"].values()), {}).get("seconds")
         with self._rollout_weights(), Progress(len(seeds), f"[val {label}]", "episode", disable=self.quiet,
                                                expected_seconds=previous) as bar:
-            result = collect_rollouts(EnginePolicy(self.engine, self.rollout.val_sampling, tti), self.val_env, seeds,
-                                      self._play_settings(group_size=1), seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank,
+            result = collect_rollouts(EnginePolicy(self.engine, self.rollout_config.val_sampling, tti),
+                                      self.val_env, seeds,
+                                      self._play_settings(group_size=1),
+                                      seed=cfg.trainer.seed + 7919 + 104_729 * self.dist.rank,
                                       progress=bar)
         return result, {**self._global_stats(result), "seconds": from_rank0(time.time() - t0)}
 
@@ -404,19 +392,20 @@ class Trainer:
         if "references" not in self.run_state:
             seeds = list(range(self.cfg.rollout.val_num_tasks))
             refs = references.reference_points(self.val_env, seeds, self.cfg.rollout.max_turns)
-            self.run_state["references"] = {k: v and {key: v[key] for key in ("success", "stderr", "method")} for k, v in refs.items()}
-            self._save_run_state()
+            self.run_state["references"] = {k: v and {key: v[key] for key in ("success", "stderr", "method")}
+                                            for k, v in refs.items()}
+            self.runlog.save_state()
         return self.run_state["references"]
 
-    def _save_run_state(self) -> None:
-        if self.dist.is_main:
-            atomic_write_text(self.state_path, json.dumps(self.run_state, indent=1))
+    @property
+    def run_state(self) -> dict[str, Any]:
+        """The run state (`RunLog.state`, saved in run_state.json): warm-up done, validations, reference points."""
+        return self.runlog.state
 
     # ------------------------------------------------------------------ warm-up
     def warmup(self) -> None:
         """Supervised warm-up on expert demonstrations in the response format (docs/method.md §5 cold start),
         merged into the base weights so that RL starts from (and, under LoRA, regularises towards) it."""
-        from t2po.models import save_tokenizer
         from t2po.sft import play_expert_episodes, save_conversations, sft_steps, sft_train, tokenize_conversations
 
         cfg = self.cfg
@@ -427,33 +416,32 @@ class Trainer:
         convs = [c for c in play_expert_episodes(self.train_env, seeds, cfg.rollout.max_turns) if c.steps]
         save_conversations(convs, self.run_dir / "warmup_demos.jsonl")
         examples = tokenize_conversations(convs, self.tokenizer, cfg.rollout.max_prompt_tokens)
-        self.log(f"[warm-up] {len(convs)} expert episodes ({sum(c.won for c in convs)} won), {len(examples)} steps; SFT for {cfg.warmup.epochs} epochs")
+        self.log(f"[warm-up] {len(convs)} expert episodes ({sum(c.won for c in convs)} won), {len(examples)} steps; "
+                 f"SFT for {cfg.warmup.epochs} epochs")
         steps = sft_steps(len(examples), cfg.warmup.epochs, cfg.warmup.batch_size)
         with Progress(steps, "[warm-up SFT]", "step", disable=self.quiet) as bar:
             losses = sft_train(self.model, self.tokenizer, examples, epochs=cfg.warmup.epochs, lr=cfg.warmup.lr,
-                               batch_size=cfg.warmup.batch_size, micro_batch_tokens=cfg.optim.micro_batch_tokens, seed=cfg.trainer.seed,
+                               batch_size=cfg.warmup.batch_size, micro_batch_tokens=cfg.optim.micro_batch_tokens,
+                               seed=cfg.trainer.seed,
                                log=lambda m: self.trackers.log_metrics(m, step=int(m["sft/epoch"])), progress=bar)
         # This run's base model from here on: the warm-up merged into the base weights. On disk a LoRA
         # warm-up is its adapter (a few MB; `load_model` merges it into the base it names), full
         # fine-tuning the whole model in its training dtype.
-        out = self.run_dir / WARMUP_MODEL
-        with atomic_dir(out) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            if cfg.model.lora:
-                point_adapter_at(tmp, str(model_directory(self.base_model_path)))
-            save_tokenizer(self.tokenizer, tmp)  # a VLM's whole processor
+        out = self.checkpointer.save_warmup(self.model, self.tokenizer, cfg.model.lora, self.base_model_path)
         model = self.model.merge_and_unload() if cfg.model.lora else self.model
         self.model = model
         self.base_model_path = str(out)
         self._wrap_trainable()
         self._sync_engine()
         self.run_state["warmup_done"] = True
-        self.run_state["warmup"] = {"episodes": len(convs), "steps": len(examples), "losses": losses, "seconds": time.time() - t0}
-        self._save_run_state()
+        self.run_state["warmup"] = {"episodes": len(convs), "steps": len(examples), "losses": losses,
+                                    "seconds": time.time() - t0}
+        self.runlog.save_state()
         self.log(f"[warm-up] SFT loss {losses[0]:.3f} -> {losses[-1]:.3f} ({time.time() - t0:.0f}s)")
 
     # ------------------------------------------------------------------ advantages
-    def compute_advantages(self, samples: list[StepSample], values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    def compute_advantages(self, samples: list[StepSample], values: np.ndarray | None = None) -> tuple[np.ndarray,
+            np.ndarray | None, dict]:
         """Per-sample advantages (and per-sample critic returns for an algorithm with a critic), by
         the estimator of `algo.name` (t2po.algos.ALGORITHMS)."""
         out = self.cfg.algorithm.advantages(_step_batch(samples, values), self.cfg.algo)
@@ -480,22 +468,25 @@ class Trainer:
         for group in pack_by_length(lengths, self.cfg.optim.micro_batch_tokens):
             mb = make_micro_batch(group, prompts, responses, pad, pixels)
             mb.indices = [idx[g] for g in group]
-            if self.dist.distributed:  # sharded ranks gather each layer once per forward pass, all the same number of times
+            # sharded ranks gather each layer once per forward pass, all the same number of times
+            if self.dist.distributed:
                 mb.shared = 0
             yield mb.to(self.device)
 
     @torch.no_grad()
-    def _score_samples(self, samples: list[StepSample]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, np.ndarray | None]:
+    def _score_samples(self, samples: list[StepSample]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None,
+                                                                 np.ndarray | None]:
         """Old log-probs (current policy before the update), reference log-probs, critic values."""
         if not self.cfg.optim.recompute_logprobs and self.cfg.algo.kl_coef <= 0 and self.value_head is None:
             return [torch.tensor(s.rollout_logprobs, dtype=torch.float32) for s in samples], None, None
         self.model.eval()
         old: list[torch.Tensor] = [None] * len(samples)  # type: ignore[list-item]
-        ref: list[torch.Tensor] | None = [None] * len(samples) if self.cfg.algo.kl_coef > 0 else None  # type: ignore[list-item]
+        ref: list[torch.Tensor] | None = (
+            [None] * len(samples) if self.cfg.algo.kl_coef > 0 else None)  # type: ignore[list-item]
         values = np.zeros(len(samples)) if self.value_head is not None else None
         bf16 = self.cfg.optim.bf16
         # the states entering the first trained layer, recorded here and replayed by this iteration's
-        # update (t2po.policy.FrozenTrunk); sharded ranks run every layer
+        # update (t2po.forward.FrozenTrunk); sharded ranks run every layer
         layer = 0 if self.dist.distributed else FrozenTrunk.first_trainable_layer(self.model)
         self.trunk = FrozenTrunk(layer) if layer else None
         # inside `gathered`: no collective per forward pass, so ranks may run different numbers of them
@@ -504,8 +495,10 @@ class Trainer:
         return old, ref, values
 
     def _score_into(self, samples, old, ref, values, bf16) -> None:
-        bar = Progress(len(samples), "[old log-probs]" if ref is None else "[old and reference log-probs]", "sample", disable=self.quiet,
-                       expected_seconds=self.timer.last.get("old_logprob", 0) + self.timer.last.get("reference", 0) or None)
+        bar = Progress(len(samples), "[old log-probs]" if ref is None else "[old and reference log-probs]", "sample",
+                       disable=self.quiet,
+                       expected_seconds=self.timer.last.get("old_logprob", 0)
+                       + self.timer.last.get("reference", 0) or None)
         for mb in self._micro_batches(list(range(len(samples))), samples):
             bar.update(0, note=f"micro-batch of {len(mb.indices)}")
             out = forward_micro_batch(self.model, mb, value_head=self.value_head, autocast_bf16=bf16, trunk=self.trunk)
@@ -565,11 +558,13 @@ class Trainer:
         self._set_lr()
         return metrics
 
-    def _micro_batch_loss(self, mb, batch: TrainingBatch, share, real: bool) -> tuple[torch.Tensor, float, dict[str, float]]:
+    def _micro_batch_loss(self, mb, batch: TrainingBatch, share, real: bool) -> tuple[torch.Tensor, float,
+                                                                                      dict[str, float]]:
         """The loss component on one micro-batch, its weight in the mini-batch mean (token-mean: by
         tokens; seq-mean: by rows; 0 for a filler), and its metrics."""
         a = self.cfg.algo
-        out = forward_micro_batch(self.model, mb, with_entropy=True, value_head=self.value_head, autocast_bf16=self.cfg.optim.bf16,
+        out = forward_micro_batch(self.model, mb, with_entropy=True, value_head=self.value_head,
+                                  autocast_bf16=self.cfg.optim.bf16,
                                   trunk=self.trunk if real else None)
         rows = batch.rows(mb.indices, mb.response_mask)
         loss, metrics = self.loss_fn(LossBatch(out["logp"], out["entropy"], values=out.get("values"), **rows), a)
@@ -586,11 +581,13 @@ class Trainer:
         cfg = self.cfg
         self.model.eval()
         episodes = len(shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size)) * cfg.rollout.group_size
-        with self.timer("rollout"), self._rollout_weights(), Progress(episodes, f"[rollout iter {it + 1}]", "episode", disable=self.quiet,
-                                                                      expected_seconds=self.timer.last.get("rollout")) as bar:
+        with self.timer("rollout"), self._rollout_weights(), Progress(episodes, f"[rollout iter {it + 1}]", "episode",
+                                                                      disable=self.quiet,
+                expected_seconds=self.timer.last.get("rollout")) as bar:
             result: RolloutResult = collect_rollouts(
-                EnginePolicy(self.engine, self.rollout.sampling, self.rollout.tti), self.train_env,
-                shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size), self._play_settings(cfg.rollout.group_size),
+                EnginePolicy(self.engine, self.rollout_config.sampling, self.rollout_config.tti), self.train_env,
+                shard_tasks(self.task_seeds(it), self.dist.rank, self.dist.world_size),
+                                                     self._play_settings(cfg.rollout.group_size),
                 seed=cfg.trainer.seed * 7_777 + it + 104_729 * self.dist.rank, resampler=self.tds, progress=bar)
         kill_point("rollout", it + 1)
         samples = result.samples
@@ -601,7 +598,8 @@ class Trainer:
         if self.tds_threshold is not None:
             metrics["rollout/tds_eta"] = self.tds_threshold.eta()  # the relative threshold after this iteration
         if self.dist.distributed and sum_over_ranks(float(not samples)) > 0:
-            raise RuntimeError(f"iteration {it}: a rank has no training sample left (dynamic sampling dropped all its groups); use more tasks per rank")
+            raise RuntimeError(f"iteration {it}: a rank has no training sample left (dynamic sampling dropped all its "
+                               "groups); use more tasks per rank")
         if samples:
             with self.timer("old_logprob"):  # less the reference pass inside it (`_score_into`)
                 old, ref, values = self._score_samples(samples)
@@ -609,7 +607,8 @@ class Trainer:
                 adv, returns, adv_info = self.compute_advantages(samples, values)
             metrics.update(adv_info)
             with self.timer("update"):
-                batch = TrainingBatch.build([s.forced_mask for s in samples], old, adv, ref, values, returns, cfg.algo.mask_forced_tokens,
+                batch = TrainingBatch.build([s.forced_mask for s in samples], old, adv, ref, values, returns,
+                                            cfg.algo.mask_forced_tokens,
                                             self.device)
                 metrics.update({f"actor/{k}": v for k, v in self.update(samples, batch, it).items()})
                 self._sync_engine()
@@ -621,11 +620,11 @@ class Trainer:
 
     def _write_traces(self, name: str, result: RolloutResult, phase: str, step: int) -> None:
         """`trainer.trace_episodes` of the batch's episodes into traces/<name>.jsonl and the trackers
-        (MLflow: as traces of the run, see t2po.tracking)."""
+        (MLflow: as traces of the run, see t2po.traces)."""
         k = self.cfg.trainer.trace_episodes
         if k <= 0 or not self.dist.is_main:
             return
-        from t2po.tracking import episode_trace, trace_sample
+        from t2po.traces import episode_trace, trace_sample
 
         folder = self.run_dir / "traces"
         folder.mkdir(exist_ok=True)
@@ -667,9 +666,7 @@ class Trainer:
             metrics["time/iteration"], mark = now - mark, now
             self.iteration_seconds.append(metrics["time/iteration"])
             with self.timer("tracking"):
-                if self.dist.is_main:
-                    with open(self.run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
+                self.runlog.append_metrics(metrics)
                 self.trackers.log_metrics(metrics, step=it + 1)
             self.log(self._progress_line(it, metrics))
         if "final" not in val:  # dropped on resume while iterations remained
@@ -687,24 +684,21 @@ class Trainer:
         return summary
 
     def _save_checkpoint(self, it: int) -> None:
-        """The checkpoint after iteration `it` when `trainer.save_every` (or the last iteration) asks for one."""
+        """The checkpoint after iteration `it` when `trainer.save_every` (or the last iteration) asks for one;
+        several ranks: every rank writes its shards (docs/scaling.md)."""
         cfg = self.cfg
         if (it + 1) % cfg.trainer.save_every == 0 or it + 1 == cfg.trainer.iterations:
             state = {"scheduler_step": self.scheduler_step, "base_model": self.base_model_path}
-            # the folder the weights apply to, named in checkpoint.json and the adapter; after a LoRA
-            # warm-up (an adapter folder) the warm-up's own base, with the two adapters combined
-            prefix = Path(self.base_model_path) if self.base_model_path and is_adapter_directory(self.base_model_path) else None
-            base = adapter_base(prefix) if prefix else str(model_directory(self.base_model_path))
             if self.tds_threshold is not None:
                 state["tds_threshold"] = self.tds_threshold.state_dict()
-            # several ranks: every rank writes its shards (docs/scaling.md)
-            save_checkpoint(self.ckpt_root, it + 1, self.model, self.optimizer, state, self.value_head, cfg.model.lora, cfg.trainer.keep_checkpoints,
-                            sharded=self.dist.distributed, base=base, prefix_adapter=prefix)
+            self.checkpointer.save(it + 1, self.model, self.optimizer, state, base_path=self.base_model_path,
+                                   value_head=self.value_head, lora=cfg.model.lora, keep=cfg.trainer.keep_checkpoints,
+                                   sharded=self.dist.distributed)
 
     def _run_seconds(self) -> float:
         """The run's wall time over all its sessions (resumes): its iterations (metrics.jsonl), warm-up and
         the validations outside iterations. Setup (model loading) and work a kill lost are not counted."""
-        lines = read_jsonl_log(self.run_dir / "metrics.jsonl", self.note) if self.dist.is_main else []
+        lines = self.runlog.metrics()
         val = self.run_state["validation"]
         return (sum(m.get("time/iteration", 0.0) for m in lines) + self.run_state.get("warmup", {}).get("seconds", 0.0)
                 + sum(val[tag]["seconds"] for tag in ("before", "after_warmup", "final") if tag in val))
@@ -723,11 +717,11 @@ class Trainer:
 
     def _progress_line(self, it: int, m: dict) -> str:
         return (f"[iter {it + 1}/{self.cfg.trainer.iterations}] success {m.get('rollout/success_rate', 0):.3f}  "
-                f"reward {m.get('rollout/episode_reward', 0):.2f}  invalid {m.get('rollout/invalid_action_rate', 0):.2f}  "
-                f"tds {m.get('rollout/tds_flag_rate', 0):.2f}/elig  tti {m.get('rollout/tti_stagnation_triggers', 0):.0f}/{m.get('rollout/tti_budget_triggers', 0):.0f}  "
-                f"think {m.get('rollout/think_length', 0):.0f}  "
-                f"grad {m.get('actor/grad_norm', float('nan')):.3f}  kl {m.get('actor/approx_kl', float('nan')):.4f}  "
-                f"({self._time_line(it, m)})")
+                f"reward {m.get('rollout/episode_reward', 0):.2f}  invalid "
+                f"{m.get('rollout/invalid_action_rate', 0):.2f}  tds {m.get('rollout/tds_flag_rate', 0):.2f}/elig  tti "
+                f"{m.get('rollout/tti_stagnation_triggers', 0):.0f}/{m.get('rollout/tti_budget_triggers', 0):.0f}  "
+                f"think {m.get('rollout/think_length', 0):.0f}  grad {m.get('actor/grad_norm', float('nan')):.3f}  kl "
+                f"{m.get('actor/approx_kl', float('nan')):.4f}  ({self._time_line(it, m)})")
 
     def _time_line(self, it: int, m: dict) -> str:
         """Where iteration `it` spent its time, and the time left at this session's measured rates:
@@ -740,13 +734,15 @@ class Trainer:
 
     def summary(self, seconds: float) -> dict:
         val = self.run_state["validation"]
-        ckpt = latest_checkpoint(self.ckpt_root)
+        ckpt = self.checkpointer.latest()
 
         def pick(tag: str) -> dict | None:
             if tag not in val:
                 return None
             v = val[tag]
-            return {"success_rate": v["success_rate"], "success_stderr": v.get("success_stderr"), "valid_action_rate": 1 - v["invalid_action_rate"], "episode_reward": v["episode_reward"], "episode_length": v["episode_length"]}
+            return {"success_rate": v["success_rate"], "success_stderr": v.get("success_stderr"),
+                    "valid_action_rate": 1 - v["invalid_action_rate"], "episode_reward": v["episode_reward"],
+                    "episode_length": v["episode_length"]}
 
         return {
             "run_dir": str(self.run_dir),
@@ -760,7 +756,8 @@ class Trainer:
             "after_rl": pick("final"),
             "validation_tasks": self.cfg.rollout.val_num_tasks,
             "references": self.run_state.get("references", {}),
-            "validation_curve": [{"tag": t, "step": validation_step(t, self.cfg.trainer.iterations), "success_rate": v["success_rate"]}
+            "validation_curve": [{"tag": t, "step": validation_step(t, self.cfg.trainer.iterations),
+                                  "success_rate": v["success_rate"]}
                                  for t, v in val.items()],
             # what a result depends on beyond the config (Search QA: the corpus the retriever served)
             **({"environment": described} if (described := self.val_env.describe()) else {}),
@@ -809,13 +806,16 @@ class _Means:
     def means(self) -> dict[str, float]:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 # the console names of the time/<phase> metrics, in the order an iteration runs them
-PHASE_LABELS = (("rollout", "rollout"), ("old_logprob", "old log-probs"), ("reference", "reference"), ("advantages", "advantages"),
-                ("update", "update"), ("validation", "validation"), ("checkpoint", "checkpoint"), ("tracking", "tracking"))
+PHASE_LABELS = (("rollout", "rollout"), ("old_logprob", "old log-probs"), ("reference", "reference"),
+                ("advantages", "advantages"),
+                ("update", "update"), ("validation", "validation"), ("checkpoint", "checkpoint"),
+                ("tracking", "tracking"))
 
 
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    return (f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600
+            else f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
 
 
 def _count(n: int, noun: str) -> str:
@@ -823,12 +823,16 @@ def _count(n: int, noun: str) -> str:
 
 
 def format_summary(s: dict) -> str:
-    lines = ["", "=" * 72, f"t2po run finished: {s['env']} / {s['algo']}, {_count(s['iterations'], 'iteration')}, {s['seconds'] / 60:.1f} min",
+    lines = ["", "=" * 72,
+            f"t2po run finished: {s['env']} / {s['algo']}, {_count(s['iterations'], 'iteration')}, "
+            f"{s['seconds'] / 60:.1f} min",
              f"  held-out validation ({s['validation_tasks']} tasks):            success   valid actions   reward"]
-    for key, label in (("before", "before training"), ("before_warmup", "before warm-up"), ("after_warmup", "after warm-up (SFT)"), ("after_rl", "after RL")):
+    for key, label in (("before", "before training"), ("before_warmup", "before warm-up"),
+                       ("after_warmup", "after warm-up (SFT)"), ("after_rl", "after RL")):
         v = s.get(key)
         if v:
-            lines.append(f"    {label:<38} {v['success_rate']:>7.3f}   {v['valid_action_rate']:>13.3f}   {v['episode_reward']:>6.2f}")
+            lines.append(f"    {label:<38} {v['success_rate']:>7.3f}   {v['valid_action_rate']:>13.3f}   "
+                         f"{v['episode_reward']:>6.2f}")
     refs = s.get("references") or {}
     for key, label in (("random", "random mover (same tasks)"), ("expert", "expert (same tasks)")):
         if refs.get(key):
@@ -836,9 +840,11 @@ def format_summary(s: dict) -> str:
             lines.append(f"    {label:<38} {r['success']:>7.3f}   ({r['method']})")
     final, chance = s.get("after_rl"), refs.get("random")
     if final and chance and final["success_rate"] < chance["success"]:
-        lines.append(f"  ! held-out success after RL ({final['success_rate']:.3f}) is below the random mover's ({chance['success']:.3f})")
+        lines.append(f"  ! held-out success after RL ({final['success_rate']:.3f}) is below the random mover's "
+                     f"({chance['success']:.3f})")
     if final and final.get("success_stderr") is not None:
-        lines.append(f"  standard error of one validation's success: +-{final['success_stderr']:.3f} (binomial, {s['validation_tasks']} tasks)")
+        lines.append(f"  standard error of one validation's success: +-{final['success_stderr']:.3f} (binomial, "
+                     f"{s['validation_tasks']} tasks)")
     corpus = (s.get("environment") or {}).get("corpus")
     if corpus:
         lines.append(f"  corpus: {corpus['name']} ({corpus['num_passages']:,} passages, {corpus['path']})")
@@ -859,7 +865,8 @@ def new_run_dir(cfg: Config) -> Path:
     with `-2`, `-3`, ... when a run started in the same second already took it."""
     from t2po.paths import check_run_name, output_path
 
-    output_path(cfg.trainer.output_dir, "trainer.output_dir", parent=True)  # the path rule (t2po/paths.py): not inside another run
+    # the path rule (t2po/paths.py): not inside another run
+    output_path(cfg.trainer.output_dir, "trainer.output_dir", parent=True)
     parent = Path(cfg.trainer.output_dir)
     if cfg.trainer.run_name:
         run_dir = parent / check_run_name(cfg.trainer.run_name)

@@ -15,7 +15,8 @@ K, EPS_FLOOR = 4, 0.3  # issue 27's calibration (docs/results/stagnation_rates.j
 SPANS, LENGTH = 2000, 20
 
 
-def stagnation_fires(series: np.ndarray, patience: int = K, eps_floor: float | None = EPS_FLOOR, eps: float = 1e-4) -> np.ndarray:
+def stagnation_fires(series: np.ndarray, patience: int = K, eps_floor: float | None = EPS_FLOOR,
+                     eps: float = 1e-4) -> np.ndarray:
     """Per row of `series` [spans, tokens] (M_t of one think span): did the stagnation rule end it?"""
     tti = ThinkingIntervention([START], [END_A, END_B], patience=patience, eps=eps, eps_floor=eps_floor)
     tti.start([[START]] * len(series))
@@ -47,8 +48,8 @@ def test_noise_rarely_looks_stagnant_at_any_scale(phi, scale):
 
 @pytest.mark.parametrize("scale", [1.0, 1e-4])
 def test_a_span_flat_within_the_noise_floor_for_k_tokens_fires(scale):
-    """12 noisy tokens give the row its noise floor (the median |change|), then M jumps to a level and stays there to within
-    0.05 x that floor for K + 1 tokens (K changes, each <= 0.1 x the floor): stagnation ends every such span."""
+    """12 noisy tokens give the row its noise floor (the median |change|), then M jumps to a level and stays there to
+    within 0.05 x that floor for K + 1 tokens (K changes, each <= 0.1 x the floor): stagnation ends every such span."""
     rng = np.random.default_rng(1)
     noisy = rng.standard_normal((200, 12))
     floor = np.median(np.abs(np.diff(noisy, axis=1)), axis=1, keepdims=True)

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def t2po(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "t2po.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run([sys.executable, "-m", "t2po.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
 
 
 def test_help_lists_every_command():
@@ -63,15 +64,18 @@ def test_train_help_exits_0():
 
 
 def test_cli_typo_exits_with_suggestion():
-    out = subprocess.run([sys.executable, "-m", "t2po.cli", "train", "optim.lrr=1"], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run([sys.executable, "-m", "t2po.cli", "train", "optim.lrr=1"], capture_output=True,
+                         text=True, cwd=REPO)
     assert out.returncode == 2
     assert "optim.lr" in out.stderr
 
 
 def test_a_config_error_is_one_message_exit_2_and_writes_nothing(tmp_path):
-    out = t2po("train", "rollout.group_size=0", "rollout.tti.patiense=3", f"trainer.output_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    out = t2po("train", "rollout.group_size=0", "rollout.tti.patiense=3",
+               f"trainer.output_dir={tmp_path / 'runs'}", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.startswith("t2po train: Unknown config key 'rollout.tti.patiense' (did you mean 'rollout.tti.patience'?)")
+    assert out.stderr.startswith("t2po train: Unknown config key 'rollout.tti.patiense' (did you mean "
+                                 "'rollout.tti.patience'?)")
     assert len(out.stderr.strip().splitlines()) == 1
     out = t2po("train", "rollout.group_size=0", "optim.lr=-1", f"trainer.output_dir={tmp_path / 'runs'}", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
@@ -118,12 +122,14 @@ def test_an_environment_without_split_is_a_config_error(tmp_path, monkeypatch):
     from t2po.config import ConfigError, load_config
 
     (tmp_path / "no_split_env.py").write_text(
-        "from t2po.envs.base import BatchEnv\n\nclass NoSplit(BatchEnv):\n    def __init__(self, max_steps=2):\n        pass\n")
+        "from t2po.envs.base import BatchEnv\n\nclass NoSplit(BatchEnv):\n    def "
+        "__init__(self, max_steps=2):\n        pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     import t2po.envs
 
     try:
-        with pytest.raises(ConfigError, match="env.name=no_split_env:NoSplit: its constructor takes no `split` keyword"):
+        with pytest.raises(ConfigError,
+                           match="env.name=no_split_env:NoSplit: its constructor takes no `split` keyword"):
             load_config("default", ["env.name=no_split_env:NoSplit", "env.options={}"])
     finally:  # the class registered itself: not an environment of the later tests (test_fuzz_actions lists them all)
         t2po.envs._REGISTRY.pop("no_split_env:NoSplit", None)

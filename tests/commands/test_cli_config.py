@@ -16,7 +16,8 @@ def test_print_config_prints_the_resolved_tree_and_writes_nothing(tmp_path, caps
     tree = yaml.safe_load(printed)
     expected = load_config("smoke", ["rollout.group_size=3", "env.options.dim_room=[6,6]"])
     assert tree == expected.to_dict()
-    assert tree["rollout"]["group_size"] == 3 and tree["optim"]["lr"] == 1e-3  # override and preset (code default: 1e-5)
+    # override and preset (code default: 1e-5)
+    assert tree["rollout"]["group_size"] == 3 and tree["optim"]["lr"] == 1e-3
     assert list(tmp_path.iterdir()) == [], "nothing may be written"
     # the printed tree is itself a preset that gives the same configuration
     (tmp_path / "printed.yaml").write_text(printed)
@@ -46,7 +47,8 @@ def test_presets_prints_one_line_each_and_a_whole_description_by_name(capsys):
     assert cli.main(["presets", "default"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     # the default preset's header comment, every sentence of it, not only its first line
-    assert "minutes on 2 idle cores" in text and "CPU economies" in text and "(docs/method.md §5 cold start; a 135M model does not produce it alone)" in text
+    assert ("minutes on 2 idle cores" in text and "CPU economies" in text
+            and "(docs/method.md §5 cold start; a 135M model does not produce it alone)" in text)
     assert cli.main(["presets", "defualt"]) == 2
     assert "unknown preset 'defualt'" in capsys.readouterr().err
 
@@ -60,7 +62,8 @@ def test_eval_and_rft_take_environment_options_as_train_does(tiny_model_dir, tmp
     from t2po.rft import main as rft_main
 
     out = tmp_path / "eval"
-    assert eval_main(["sokoban", str(tiny_model_dir), "--episodes", "1", "--max-new-tokens", "8", "env.options.dim_room=[5,5]",
+    assert eval_main(["sokoban", str(tiny_model_dir), "--episodes", "1", "--max-new-tokens", "8",
+                      "env.options.dim_room=[5,5]",
                       "--env-option", "num_gen_steps=3", "env.options.max_steps=2", "--out", str(out), "--quiet"]) == 0
     setup = json.loads((out / "eval.json").read_text())["setup"]
     assert setup["env_options"] == {"dim_room": [5, 5], "num_gen_steps": 3, "max_steps": 2}
@@ -68,7 +71,8 @@ def test_eval_and_rft_take_environment_options_as_train_does(tiny_model_dir, tmp
     assert "'dim_room'" in capsys.readouterr().err
 
     data = tmp_path / "demos.jsonl"
-    assert rft_main(["collect", "sokoban", "--episodes", "2", "env.options.dim_room=[5,5]", "env.options.max_steps=4", "--out", str(data)]) == 0
+    assert rft_main(["collect", "sokoban", "--episodes", "2", "env.options.dim_room=[5,5]", "env.options.max_steps=4",
+                     "--out", str(data)]) == 0
     from t2po.envs import make_env
     from t2po.sft import load_conversations, play_expert_episodes
 

@@ -45,7 +45,8 @@ def _workspace(root: Path) -> Path:
     victim = root / "runs" / "victim"
     (victim / "checkpoints" / "iter_000003").mkdir(parents=True)
     (victim / "config.yaml").write_text("trainer:\n  iterations: 3\n")
-    (victim / "metrics.jsonl").write_text("".join(f'{{"iteration": {k}, "rollout/success_rate": 0.5}}\n' for k in (1, 2, 3)))
+    (victim / "metrics.jsonl").write_text("".join(f'{{"iteration": {k}, "rollout/success_rate": 0.5}}\n'
+                                                  for k in (1, 2, 3)))
     (victim / "validation.jsonl").write_text('{"tag": "final", "success_rate": 0.5}\n')
     (victim / "checkpoints" / "iter_000003" / "trainer_state.json").write_text('{"iteration": 3}')
     (victim / "summary.json").write_text('{"checkpoint": "runs/victim/checkpoints/iter_000003"}')
@@ -71,13 +72,16 @@ def _snapshot(root: Path) -> dict[str, bytes | None]:
 # Strategies
 
 TEXT = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\0"), max_size=20)
-HOSTILE_PATHS = ["zz/../victim", "a/../../..", "runs/victim", "runs/victim/new", "runs/victim/../victim", "runs/../runs/victim",
+HOSTILE_PATHS = ["zz/../victim", "a/../../..", "runs/victim", "runs/victim/new", "runs/victim/../victim",
+                 "runs/../runs/victim",
                  "..", "/", "", "ü/../ß", "x" * 300, "runs/broken", "./../..", "nosuch"]
 HOSTILE_NUMBERS = ["-1", "0", "1e309", "-1e309", "99999999999999999999", "nan", "inf", "70000", "0x10", "1.5", "", "٣"]
 PATHS = st.sampled_from(HOSTILE_PATHS) | TEXT
 NUMBERS = st.sampled_from(HOSTILE_NUMBERS) | st.integers(-(2**70), 2**70).map(str) | TEXT
-KEYS = st.sampled_from(["rollout.group_size", "rollout.num_tasks", "env.options.dim_room", "env.options.num_boxes", "trainer.run_name",
-                        "trainer.output_dir", "optim.mini_batch_size", "warmup.epochs", "rollout.sampling.max_new_tokens",
+KEYS = st.sampled_from(["rollout.group_size", "rollout.num_tasks", "env.options.dim_room", "env.options.num_boxes",
+                        "trainer.run_name",
+                        "trainer.output_dir", "optim.mini_batch_size", "warmup.epochs",
+                        "rollout.sampling.max_new_tokens",
                         "model.path", "env.name", "trainer.iterations", "trainer.trackers"]) | TEXT
 VALUES = NUMBERS | PATHS | st.sampled_from(["[100000, 100000]", "[1, 2", "{a: 1}", "null", "true", "[]", "'", "\\x00"])
 OVERRIDES = st.builds(lambda k, v: f"{k}={v}", KEYS, VALUES)
@@ -89,38 +93,54 @@ def _flags(names: list[str]) -> st.SearchStrategy[list[str]]:
 
 
 # the poisons: each refused before any work; the generated command ends with one
-TRAIN_POISON = st.sampled_from(["trainer.run_name=zz/../victim", "trainer.run_name=a/../../..", "env.options.dim_room=[100000,100000]",
-                                "rollout.group_size=100000", "trainer.output_dir=runs/victim", "trainer.output_dir=a/../..",
-                                "rollout.val_num_tasks=0", "warmup.batch_size=-1"]) | st.builds(lambda k: f"nosuch{k}.key=1", TEXT)
+TRAIN_POISON = st.sampled_from(["trainer.run_name=zz/../victim", "trainer.run_name=a/../../..",
+                                "env.options.dim_room=[100000,100000]",
+                                "rollout.group_size=100000", "trainer.output_dir=runs/victim",
+                                "trainer.output_dir=a/../..",
+                                "rollout.val_num_tasks=0",
+                                "warmup.batch_size=-1"]) | st.builds(lambda k: f"nosuch{k}.key=1", TEXT)
 OUT_POISON = st.sampled_from(["zz/../victim", "a/../../..", "runs/victim", "runs/victim/new", "runs/broken"])
-EVAL_POISON = st.sampled_from([["--max-new-tokens", "0"], ["--episodes", "-1"], ["--device", NO_GPU], ["--dtype", "float8"],
+EVAL_POISON = st.sampled_from([["--max-new-tokens", "0"], ["--episodes", "-1"], ["--device", NO_GPU],
+                               ["--dtype", "float8"],
                                ["--batch-size", "0"]]) | OUT_POISON.map(lambda p: ["--out", p])
 
 
-def _command(name: str, args: st.SearchStrategy[list[str]], poison: st.SearchStrategy[list[str]]) -> st.SearchStrategy[list[str]]:
+def _command(name: str, args: st.SearchStrategy[list[str]],
+             poison: st.SearchStrategy[list[str]]) -> st.SearchStrategy[list[str]]:
     return st.tuples(args, poison).map(lambda t: [name, *t[0], *t[1]])
 
 
 COMMANDS = st.one_of(
-    _command("train", st.tuples(st.sampled_from(["smoke", "grpo", "default"]), st.lists(OVERRIDES, max_size=4)).map(lambda t: [t[0], *t[1]]),
+    _command("train", st.tuples(st.sampled_from(["smoke", "grpo", "default"]),
+                                st.lists(OVERRIDES, max_size=4)).map(lambda t: [t[0], *t[1]]),
              TRAIN_POISON.map(lambda p: [p])),
-    _command("eval", st.tuples(st.sampled_from(["sokoban", "blackjack", "nosuch"]), _flags(["--episodes", "--seed", "--top-k", "--concurrency",
-                                                                                          "--max-retries", "--split"])).map(lambda t: [t[0], *t[1]]),
+    _command("eval", st.tuples(st.sampled_from(["sokoban", "blackjack", "nosuch"]),
+                               _flags(["--episodes", "--seed", "--top-k", "--concurrency",
+        "--max-retries", "--split"])).map(lambda t: [t[0], *t[1]]),
              EVAL_POISON),
-    _command("export", st.tuples(PATHS, _flags(["--dtype"])).map(lambda t: [t[0], *t[1]]), OUT_POISON.map(lambda p: ["--out", p])),
-    _command("sft", st.tuples(st.sampled_from(["empty.jsonl", "nosuch.jsonl"]), _flags(["--lr", "--seed"])).map(lambda t: [t[0], *t[1]]),
-             st.sampled_from([["--epochs", "0"], ["--batch-size", "0"]]) | OUT_POISON.map(lambda p: ["--out", p])),
-    _command("rft", st.tuples(st.sampled_from(["sokoban", "nosuch", "--preset=defualt"]), _flags(["--episodes", "--seed", "--threshold"]))
-             .map(lambda t: ["collect", t[0], *t[1]]),
-             st.sampled_from([["--out", "x.txt"], ["--episodes", "-1", "--out", "d.jsonl"]]) | OUT_POISON.map(lambda p: ["--out", p + ".jsonl"])),
-    _command("report", st.lists(st.sampled_from(["runs/victim", "runs/broken", "nosuch"]) | PATHS, min_size=1, max_size=2),
+    _command("export", st.tuples(PATHS, _flags(["--dtype"])).map(lambda t: [t[0], *t[1]]),
              OUT_POISON.map(lambda p: ["--out", p])),
-    _command("serve", st.lists(PATHS, max_size=1), st.sampled_from([["--port", "70000"], ["--port", "-1"], ["--device", NO_GPU],
+    _command("sft", st.tuples(st.sampled_from(["empty.jsonl", "nosuch.jsonl"]),
+                              _flags(["--lr", "--seed"])).map(lambda t: [t[0], *t[1]]),
+             st.sampled_from([["--epochs", "0"], ["--batch-size", "0"]]) | OUT_POISON.map(lambda p: ["--out", p])),
+    _command("rft", st.tuples(st.sampled_from(["sokoban", "nosuch", "--preset=defualt"]),
+                              _flags(["--episodes", "--seed", "--threshold"]))
+             .map(lambda t: ["collect", t[0], *t[1]]),
+             st.sampled_from([["--out", "x.txt"],
+        ["--episodes", "-1", "--out", "d.jsonl"]]) | OUT_POISON.map(lambda p: ["--out", p + ".jsonl"])),
+    _command("report", st.lists(st.sampled_from(["runs/victim", "runs/broken", "nosuch"]) | PATHS,
+                                min_size=1, max_size=2),
+             OUT_POISON.map(lambda p: ["--out", p])),
+    _command("serve", st.lists(PATHS, max_size=1),
+             st.sampled_from([["--port", "70000"], ["--port", "-1"], ["--device", NO_GPU],
                                                                     ["--dtype", "float8"], ["--tti-budget", "0"]])),
-    _command("serve-retriever", _flags(["--topk", "--corpus"]), st.sampled_from([["--port", "70000"], ["--port", "-5"], ["--topk", "0"]])),
-    _command("webshop-server", _flags(["--num-products", "--split"]), st.sampled_from([["--port", "65536"], ["--num-products", "0"]])),
+    _command("serve-retriever", _flags(["--topk", "--corpus"]),
+             st.sampled_from([["--port", "70000"], ["--port", "-5"], ["--topk", "0"]])),
+    _command("webshop-server", _flags(["--num-products", "--split"]),
+             st.sampled_from([["--port", "65536"], ["--num-products", "0"]])),
     st.tuples(st.sampled_from(["envs", "presets"]), st.lists(TEXT, max_size=2)).map(lambda t: [t[0], *t[1]]),
-    st.lists(TEXT, min_size=1, max_size=3).filter(lambda a: a[0] not in ("train", "eval", "serve", "serve-retriever", "webshop-server")),
+    st.lists(TEXT, min_size=1,
+             max_size=3).filter(lambda a: a[0] not in ("train", "eval", "serve", "serve-retriever", "webshop-server")),
 )
 
 
@@ -176,7 +196,9 @@ def _messages(stderr: str) -> list[str]:
 @example(argv=["rft", "collect", "--preset", "defualt", "--out", "d.jsonl"])
 @example(argv=["rft", "collect", "sokoban", "--preset", "alfworld-cpu", "--out", "d.jsonl"])
 @example(argv=["eval", "sokoban", "--dtype", "float8"])
-@example(argv=["eval", "sokoban", "--episodes", "1", "--api-base", "http://127.0.0.1:9/v1", "--model", "x", "--max-retries", "0"])  # nothing listens
+# nothing listens
+@example(argv=["eval", "sokoban", "--episodes", "1", "--api-base", "http://127.0.0.1:9/v1", "--model", "x",
+               "--max-retries", "0"])
 @example(argv=["eval", "sokoban", "--out", "zz/../victim"])  # --out of every command
 @example(argv=["eval", "sokoban", "--out", "runs/victim"])
 @example(argv=["export", "runs/victim", "--out", "zz/../victim"])
@@ -207,11 +229,13 @@ def test_any_command_line_ends_cleanly(workspace, argv):
         assert len(messages) == 1 and messages[0].startswith("t2po"), stderr
         # a refused command leaves the workspace as it was (an eval that reached no server removes its folder)
         assert after == before, sorted(set(after) ^ set(before))
-    assert {k: v for k, v in after.items() if k.startswith("runs/victim")} == {k: v for k, v in before.items() if k.startswith("runs/victim")}
+    assert {k: v for k, v in after.items() if k.startswith("runs/victim")} == {k: v for k, v in before.items()
+                                                                               if k.startswith("runs/victim")}
     assert sorted(p.name for p in workspace.parent.iterdir()) == outside, "written beside the workspace"
     assert seconds < SECONDS, f"{argv} took {seconds:.0f}s"
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 < MAX_RSS_GIB
-    for name in sorted(set(after) - set(before), key=len, reverse=True):  # exit 0 (a report into a new folder): the next starts afresh
+    # exit 0 (a report into a new folder): the next starts afresh
+    for name in sorted(set(after) - set(before), key=len, reverse=True):
         path = workspace / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
@@ -227,8 +251,10 @@ def test_the_poisons_are_refused_by_the_mechanism_under_test(workspace):
 
 
 @pytest.mark.parametrize("text,refused", [
-    ("zz/../victim", True), ("a/../../..", True), ("runs/../x", True), ("..", True), ("/", True), ("", True), ("x/..", True),
-    ("results/x", False), ("../results/x", False), ("../../x", False), ("./x", False), ("/tmp/x", False), ("~/x", False), ("ü-ß", False),
+    ("zz/../victim", True), ("a/../../..", True), ("runs/../x", True), ("..", True), ("/", True),
+                                          ("", True), ("x/..", True),
+    ("results/x", False), ("../results/x", False), ("../../x", False), ("./x", False), ("/tmp/x", False),
+                                          ("~/x", False), ("ü-ß", False),
 ])
 def test_the_path_rule_refuses_only_paths_that_go_back_up(text, refused):
     from t2po.paths import spelling_error

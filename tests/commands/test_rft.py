@@ -12,9 +12,10 @@ import torch
 
 from t2po.envs import make_env
 from t2po.errors import UserError
+from t2po.forward import make_micro_batch
 from t2po.rft import collect
-from t2po.sft import Conversation, load_conversations, play_expert_episodes, save_conversations, sft_train, tokenize_conversations
-from t2po.policy import make_micro_batch
+from t2po.sft import (Conversation, load_conversations, play_expert_episodes, save_conversations, sft_train,
+                      tokenize_conversations)
 
 REPO = Path(__file__).resolve().parents[2]
 SOKOBAN = {"dim_room": [5, 5], "num_boxes": 1, "num_gen_steps": 3, "max_steps": 6, "history_length": 1}
@@ -41,7 +42,8 @@ def test_threshold_filters_episodes(tmp_path):
 
 def test_sft_masks_prompt_tokens(tiny_model):
     _, tokenizer = tiny_model
-    conv = Conversation("sokoban", 0, [{"prompt": "Where is the box?", "response": "<think>left</think><action>left</action>"}], 1.0, True)
+    conv = Conversation("sokoban", 0,
+            [{"prompt": "Where is the box?", "response": "<think>left</think><action>left</action>"}], 1.0, True)
     [(prompt_ids, response_ids)] = tokenize_conversations([conv], tokenizer)
     mb = make_micro_batch([0], [prompt_ids], [response_ids], tokenizer.pad_token_id)
     # the loss mask covers exactly the assistant tokens (response + end-of-turn), never the prompt
@@ -79,13 +81,15 @@ def test_sft_under_lora_on_the_last_layer_runs_the_frozen_layers_in_the_first_ep
         base, tokenizer = load_model(tiny_model_dir)
         n = base.config.num_hidden_layers
         torch.manual_seed(0)
-        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[n - 1], layers_pattern="layers"))
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[n - 1],
+                                                layers_pattern="layers"))
         examples = tokenize_conversations(convs, tokenizer)
         epochs = []  # finished epochs, from sft_train's log
         calls = []  # per forward pass of layer 0: the epoch it ran in
         model.get_base_model().get_decoder().layers[0].register_forward_hook(lambda *a: calls.append(len(epochs)))
         monkeypatch.setattr(t2po.sft, "TRUNK_BYTES", 2**31 if mode == "trunk" else 0)
-        losses = sft_train(model, tokenizer, examples, epochs=3, lr=3e-3, batch_size=2, log=lambda m: epochs.append(m["sft/epoch"]))
+        losses = sft_train(model, tokenizer, examples, epochs=3, lr=3e-3, batch_size=2,
+                           log=lambda m: epochs.append(m["sft/epoch"]))
         results[mode] = (losses, [p.detach().clone() for p in model.parameters() if p.requires_grad])
         per_epoch = [calls.count(e) for e in range(3)]
         assert per_epoch[0] > 0
@@ -98,19 +102,23 @@ def test_sft_under_lora_on_the_last_layer_runs_the_frozen_layers_in_the_first_ep
 
 def test_collect_sft_train_pipeline(tiny_model_dir, tmp_path):
     def t2po(*args):
-        out = subprocess.run([sys.executable, "-m", "t2po.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+        out = subprocess.run([sys.executable, "-m", "t2po.cli", *args], cwd=REPO, capture_output=True,
+                             text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stdout
 
     data = tmp_path / "demos.jsonl"
-    t2po("rft", "collect", "sokoban", "--episodes", "3", "--out", str(data), *[f"--env-option={k}={json.dumps(v)}" for k, v in SOKOBAN.items()])
+    t2po("rft", "collect", "sokoban", "--episodes", "3", "--out", str(data),
+         *[f"--env-option={k}={json.dumps(v)}" for k, v in SOKOBAN.items()])
     model_dir = tmp_path / "sft"
     printed = t2po("sft", str(data), "--model", str(tiny_model_dir), "--out", str(model_dir), "--epochs", "1")
     assert "t2po train model.path=" in printed
     assert (model_dir / "model.safetensors").exists() and (model_dir / "sft.json").exists()
-    t2po("train", "--quiet", f"model.path={model_dir}", "trainer.iterations=1", f"trainer.output_dir={tmp_path}", "trainer.run_name=r",
+    t2po("train", "--quiet", f"model.path={model_dir}", "trainer.iterations=1", f"trainer.output_dir={tmp_path}",
+         "trainer.run_name=r",
          "trainer.trackers=[console]", "trainer.report=false", "trainer.val_before_train=false", "warmup.episodes=0",
-         "rollout.num_tasks=1", "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1", "env.options.max_steps=2")
+         "rollout.num_tasks=1", "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1",
+         "env.options.max_steps=2")
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["checkpoint"]
 
 
@@ -135,7 +143,8 @@ def test_collect_takes_the_environment_from_a_preset(tmp_path):
 @pytest.mark.slow  # SmolLM2-135M: collect, two evaluations of 16 rooms and 3 SFT epochs (several minutes)
 def test_sft_on_expert_sokoban_raises_the_valid_action_rate(tmp_path):
     out = tmp_path / "rft.json"
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_rft.py"), "--episodes", "32", "--eval-episodes", "16",
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_rft.py"), "--episodes", "32",
+                          "--eval-episodes", "16",
                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=3600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -65,7 +65,8 @@ def test_served_answer_equals_local_engine_answer(engine, tiny_model):
     sample and its token counts match a direct `HFEngine` call."""
     _, tokenizer = tiny_model
     prompt_ids, _ = build_prompt_ids(tokenizer, PROMPT)
-    local = engine.generate([prompt_ids], SamplingParams(temperature=1.0, max_new_tokens=12, seed=123), InterventionConfig())[0]
+    local = engine.generate([prompt_ids], SamplingParams(temperature=1.0, max_new_tokens=12, seed=123),
+                            InterventionConfig())[0]
     with serving(engine) as url:
         reply = agent_for(url, temperature=1.0, top_p=1.0).respond(PROMPT, seed=123)
     assert len(set(local.text)) > 1, "a non-trivial sample"
@@ -82,7 +83,8 @@ def test_openai_client_streams_gets_n_choices_and_logprobs(engine, tiny_model):
     engine's, with the top alternatives, the chosen token among them."""
     _, tokenizer = tiny_model
     prompt_ids, _ = build_prompt_ids(tokenizer, PROMPT)
-    local = engine.generate([prompt_ids], SamplingParams(temperature=1.0, max_new_tokens=12, seed=7), InterventionConfig(), top_logprobs=3)[0]
+    local = engine.generate([prompt_ids], SamplingParams(temperature=1.0, max_new_tokens=12, seed=7),
+                            InterventionConfig(), top_logprobs=3)[0]
     messages = [{"role": "user", "content": PROMPT}]
     with serving(engine) as url:
         client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
@@ -100,12 +102,15 @@ def test_openai_client_streams_gets_n_choices_and_logprobs(engine, tiny_model):
     assert [t.logprob for t in content] == pytest.approx(local.logprobs, abs=1e-5)
     assert [t.token for t in content] == [tokenizer.decode([i]) for i in local.token_ids]
     for token, (chosen, alternatives) in zip(content, zip(local.token_ids, local.top_logprobs)):
-        assert len(token.top_logprobs) == 3 and [a.logprob for a in token.top_logprobs] == sorted([a.logprob for a in token.top_logprobs], reverse=True)
+        assert len(token.top_logprobs) == 3 and [a.logprob
+                for a in token.top_logprobs] == sorted([a.logprob for a in token.top_logprobs], reverse=True)
         assert token.top_logprobs[0].logprob == pytest.approx(alternatives[0][1], abs=1e-5)
     assert [c.index for c in two.choices] == [0, 1] and two.choices[1].message.content != two.choices[0].message.content
-    assert [c.message.content for c in two.choices] == [c.message.content for c in two_again.choices]  # seeded: reproducible
+    # seeded: reproducible
+    assert [c.message.content for c in two.choices] == [c.message.content for c in two_again.choices]
     for index in (0, 1):
-        text = "".join(c.choices[0].delta.content or "" for c in streamed_two if c.choices and c.choices[0].index == index)
+        text = "".join(c.choices[0].delta.content or "" for c in streamed_two if c.choices
+                       and c.choices[0].index == index)
         assert text == two.choices[index].message.content
         last = [c.choices[0] for c in streamed_two if c.choices and c.choices[0].index == index][-1]
         assert last.finish_reason is not None and len(last.logprobs.content) > 0
@@ -191,11 +196,14 @@ def test_negative_or_odd_token_usage_counts_as_not_reported():
 def test_invalid_requests_get_openai_style_errors(engine):
     with serving(engine) as url:
         client = openai.OpenAI(base_url=url, api_key="sk-test", max_retries=0)
-        with pytest.raises(openai.BadRequestError, match="tools is not supported by t2po serve; the fields it serves: model, messages"):
+        with pytest.raises(openai.BadRequestError,
+                           match="tools is not supported by t2po serve; the fields it serves: model, messages"):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
-        with pytest.raises(openai.BadRequestError, match="presence_penalty=0.5 is not supported by t2po serve; leave it out"):
-            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], presence_penalty=0.5)
+        with pytest.raises(openai.BadRequestError,
+                           match="presence_penalty=0.5 is not supported by t2po serve; leave it out"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           presence_penalty=0.5)
         with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs=true"):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], top_logprobs=2)
         with pytest.raises(openai.BadRequestError, match="n=17 is out of range"):
@@ -205,9 +213,11 @@ def test_invalid_requests_get_openai_style_errors(engine):
         with pytest.raises(openai.BadRequestError, match="text-only model"):
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
-        response = httpx.post(f"{url}/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        response = httpx.post(f"{url}/chat/completions", content=b"{not json",
+                              headers={"content-type": "application/json"})
         assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
-        answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1, temperature=0)
+        answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=1, temperature=0)
         assert answer.usage.completion_tokens == 1 and answer.choices[0].finish_reason == "length"
 
 
@@ -215,7 +225,8 @@ def test_limits_and_hostile_bodies_are_answered_400(engine):
     """Each limit is named in the 400 answer; nothing here reaches the engine as a 500."""
     with serving(engine) as url:
         def post(body: bytes | dict) -> tuple[int, str]:
-            kw = {"json": body} if isinstance(body, dict) else {"content": body, "headers": {"content-type": "application/json"}}
+            kw = {"json": body} if isinstance(body, dict) else {"content": body,
+                                                                "headers": {"content-type": "application/json"}}
             reply = httpx.post(f"{url}/chat/completions", timeout=60, **kw)
             return reply.status_code, reply.json()["error"]["message"]
 
@@ -223,23 +234,28 @@ def test_limits_and_hostile_bodies_are_answered_400(engine):
         assert post({"model": "tiny", "messages": hi, "max_tokens": 10**9}) == (
             400, "max_tokens=1000000000 is more than this server's limit of 4096 new tokens (t2po serve --max-tokens)")
         assert post({"model": "tiny", "messages": hi, "max_tokens": 10**400})[0] == 400
-        status, message = post({"model": "tiny", "messages": [{"role": "user", "content": "word " * 300}], "max_tokens": 4000})
+        status, message = post({"model": "tiny", "messages": [{"role": "user", "content": "word " * 300}],
+                                "max_tokens": 4000})
         assert status == 400 and "exceed the model's 4096 positions: ask for at most" in message
         status, message = post({"model": "tiny", "messages": [{"role": "user", "content": "word " * 5000}]})
         assert status == 400 and "the model has 4096 positions" in message
-        status, message = post({"model": "tiny", "messages": [{"role": "user", "content": "x" * DEFAULT_MAX_REQUEST_BYTES}]})
+        status, message = post({"model": "tiny",
+                                "messages": [{"role": "user", "content": "x" * DEFAULT_MAX_REQUEST_BYTES}]})
         assert status == 400 and f"limit of {DEFAULT_MAX_REQUEST_BYTES} bytes" in message
         status, message = post(b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}')
         assert status == 400 and "lone surrogate" in message and "messages[0].content" in message
-        status, message = post(b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}')
+        status, message = post(b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": '
+                               b'["\\udfff"]}')
         assert status == 400 and "stop[0] holds a lone surrogate" in message
         for constant in (b"NaN", b"Infinity", b"-Infinity"):
-            status, message = post(b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": ' + constant + b"}")
+            status, message = post(b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": '
+                                   + constant + b"}")
             assert status == 400 and "not a JSON number" in message
         assert post(b"[" * 200_000 + b"]" * 200_000) == (400, "the request body is nested too deeply")
         assert post(b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff"}]}')[0] == 400  # not UTF-8
         # still serving, and a prompt near the positions limit gets the rest as its default max_tokens
-        answer = httpx.post(f"{url}/chat/completions", json={"model": "tiny", "messages": hi, "max_tokens": 2}, timeout=60)
+        answer = httpx.post(f"{url}/chat/completions",
+                            json={"model": "tiny", "messages": hi, "max_tokens": 2}, timeout=60)
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] <= 2
 
 
@@ -330,7 +346,8 @@ def test_batcher_groups_waiting_requests_with_equal_sampling(tiny_model):
 def test_fault_spec_parsing():
     plan = FaultPlan("429*2, sleep=1.5,empty,malformed,503,notjson")
     kinds = [(f.kind, f.value) for f in plan.faults]
-    assert kinds == [("status", 429), ("status", 429), ("sleep", 1.5), ("empty", 0), ("malformed", 0), ("status", 503), ("notjson", 0)]
+    assert kinds == [("status", 429), ("status", 429), ("sleep", 1.5), ("empty", 0), ("malformed", 0),
+                     ("status", 503), ("notjson", 0)]
     assert [plan.take() for _ in range(8)][-1] is None
     for bad in ("429x2", "sleep", "200", "teapot"):
         with pytest.raises(ValueError, match="--inject-faults"):
@@ -350,7 +367,8 @@ def test_serve_command_in_a_subprocess(tiny_model_dir, tmp_path):
     log = tmp_path / "serve.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "t2po.serve", str(tiny_model_dir), "--port", "0", "--log-level", "warning",
+        proc = subprocess.Popen([sys.executable, "-m", "t2po.serve", str(tiny_model_dir), "--port", "0",
+                                 "--log-level", "warning",
                                  "--inject-faults", "sleep=60"], stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         url = wait_for_server(proc, log)
@@ -359,7 +377,8 @@ def test_serve_command_in_a_subprocess(tiny_model_dir, tmp_path):
         messages = [{"role": "user", "content": PROMPT}]
         def hang() -> None:
             with contextlib.suppress(httpx.HTTPError):
-                httpx.post(url + "/chat/completions", json={"model": tiny_model_dir.name, "messages": messages}, timeout=90)
+                httpx.post(url + "/chat/completions",
+                           json={"model": tiny_model_dir.name, "messages": messages}, timeout=90)
 
         threading.Thread(target=hang, daemon=True).start()
         time.sleep(0.5)  # it holds the sleep fault now

@@ -17,7 +17,8 @@ def test_decode_step_equals_attention_with_repeated_kv_heads(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     batch, kv_heads, groups, length, dim = 3, 2, 3, 7, 8
     q = torch.randn(batch, kv_heads * groups, 1, dim, generator=gen)
-    k, v = torch.randn(batch, kv_heads, length, dim, generator=gen), torch.randn(batch, kv_heads, length, dim, generator=gen)
+    k, v = torch.randn(batch, kv_heads, length, dim, generator=gen), torch.randn(batch, kv_heads, length,
+                                                                                 dim, generator=gen)
     mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
     mask[0, ..., :3] = False  # left padding of row 0
     module = SimpleNamespace(num_key_value_groups=groups, training=False)
@@ -33,7 +34,8 @@ def test_decode_step_equals_attention_with_repeated_kv_heads(monkeypatch):
 
 def test_model_decodes_the_same_with_either_attention(tiny_model):
     model, tokenizer = tiny_model
-    assert model.config._attn_implementation == GROUPED_SDPA and model.config.num_key_value_heads < model.config.num_attention_heads
+    assert (model.config._attn_implementation == GROUPED_SDPA
+            and model.config.num_key_value_heads < model.config.num_attention_heads)
     ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 11, 12, 13]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
     logits = {}
@@ -41,8 +43,10 @@ def test_model_decodes_the_same_with_either_attention(tiny_model):
         for name in ("sdpa", GROUPED_SDPA):
             model.set_attn_implementation(name)
             with torch.inference_mode():
-                out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
-                step = model(input_ids=torch.tensor([[20], [21]]), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+                out = model(input_ids=ids, attention_mask=mask,
+                            position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
+                step = model(input_ids=torch.tensor([[20], [21]]),
+                             attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
                              position_ids=torch.tensor([[5], [3]]), past_key_values=out.past_key_values, use_cache=True)
             logits[name] = step.logits[:, -1]
     finally:

@@ -126,7 +126,8 @@ def test_budget_forces_end_tag_at_the_right_positions(engine, tiny_model):
     assert "</think>" in think.text
     assert think.tti_triggers == {"budget": 1, "stagnation": 0, "random": 0}
     assert think.think_length == 4 + len(end_ids)
-    assert not any(other.forced) and other.think_length == 0 and other.tti_triggers == {"budget": 0, "stagnation": 0, "random": 0}
+    assert not any(other.forced) and other.think_length == 0 and other.tti_triggers == {"budget": 0,
+                                                                                        "stagnation": 0, "random": 0}
     # the forced tokens' log-probs are the model's own (raw logits), not 0
     assert all(lp < -1e-3 for lp in (think.logprobs[i] for i in range(4, 4 + len(end_ids))))
     logp, _ = teacher_forced(tiny_model[0], thinking, think.token_ids)
@@ -154,9 +155,11 @@ def test_random_truncation_control_replaces_the_stagnation_rule(engine, tiny_mod
     _, tokenizer = tiny_model
     thinking = chat(tokenizer, "Push the box up.", prefill="<think>\n")
     sampling = SamplingParams(temperature=0, max_new_tokens=10, seed=3)
-    never = engine.generate([thinking], sampling, InterventionConfig(patience=3, eps=10.0, control="random", random_rate=1e-9))[0]
+    never = engine.generate([thinking], sampling,
+                            InterventionConfig(patience=3, eps=10.0, control="random", random_rate=1e-9))[0]
     assert not any(never.forced) and never.tti_triggers["stagnation"] == 0
-    always = engine.generate([thinking], sampling, InterventionConfig(patience=3, eps=10.0, control="random", random_rate=1.0))[0]
+    always = engine.generate([thinking], sampling,
+                             InterventionConfig(patience=3, eps=10.0, control="random", random_rate=1.0))[0]
     assert always.forced[0] and always.tti_triggers["random"] == 1 and always.tti_triggers["stagnation"] == 0
 
 
@@ -199,7 +202,8 @@ def test_sampler_draws_from_the_filtered_distribution(temperature, top_k, top_p)
     draws = 40_000
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     # the engine's path at temperature 1 without filters passes exp(log-probs), shared with M_t (issue 27)
-    shared = torch.log_softmax(logits, dim=-1).exp().expand(draws, -1) if (temperature, top_k, top_p) == (1.0, 0, 1.0) else None
+    shared = torch.log_softmax(logits, dim=-1).exp().expand(draws, -1) if (temperature, top_k, top_p) == (1.0,
+            0, 1.0) else None
     tokens = sample_tokens(logits.expand(draws, -1), sampling, torch.Generator().manual_seed(1), shared)
     freq = torch.bincount(tokens, minlength=40).double() / draws
     assert freq[probs == 0].sum() == 0
@@ -221,7 +225,8 @@ def test_one_prefill_per_distinct_prompt_and_cached_prefill_matches_a_full_one(t
     a, b, c = prompts
     prefill_rows = []
     hook = model.register_forward_pre_hook(
-        lambda module, args, kwargs: prefill_rows.append(kwargs["input_ids"].shape[0]) if kwargs["input_ids"].shape[1] > 1 else None,
+        lambda module, args, kwargs: prefill_rows.append(kwargs["input_ids"].shape[0])
+                                           if kwargs["input_ids"].shape[1] > 1 else None,
         with_kwargs=True,
     )
     try:

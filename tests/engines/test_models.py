@@ -46,7 +46,8 @@ def test_dtype_option(tiny_model_dir):
         load_model(tiny_model_dir, dtype="float8")
 
 
-@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)])
+@pytest.mark.parametrize("avx512_bf16, amx, expected",
+                         [(True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)])
 def test_auto_dtype_is_bf16_only_where_the_cpu_has_bf16_matmuls(monkeypatch, avx512_bf16, amx, expected):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)

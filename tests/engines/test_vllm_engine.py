@@ -19,7 +19,9 @@ pytestmark = pytest.mark.vllm
 
 from t2po.engines.base import InterventionConfig, SamplingParams  # noqa: E402
 from t2po.engines.hf import HFEngine  # noqa: E402
-from t2po.engines.vllm_engine import _TRACES, TTILogitsProcessorV2, VLLMEngine, _merged_weights, vllm_request  # noqa: E402
+from t2po.engines.vllm_engine import (  # noqa: E402
+    _TRACES, TTILogitsProcessorV2, VLLMEngine, _merged_weights, vllm_request,
+)
 from t2po.envs import make_env  # noqa: E402
 from t2po.models import load_model  # noqa: E402
 from t2po.tiny_models import build_tiny_model  # noqa: E402
@@ -37,7 +39,8 @@ def model_dir(tmp_path_factory):
 def vllm_engine(model_dir):
     # an explicit KV-cache size: on the CPU build `gpu_memory_utilization` is a share of host memory
     # minus this process's size, which a test process of the full suite can exceed
-    engine = VLLMEngine(model_dir, dtype="float32", max_model_len=1024, kv_cache_memory_bytes=64 * 1024**2, enforce_eager=True)
+    engine = VLLMEngine(model_dir, dtype="float32", max_model_len=1024, kv_cache_memory_bytes=64 * 1024**2,
+                        enforce_eager=True)
     yield engine
     engine.close()
 
@@ -51,7 +54,8 @@ def hf(model_dir):
 def _prompts(tokenizer):
     """Chat prompts, two of them pre-filled with `<think>` (their rows start inside a think span)."""
     texts = ["You are in a room. What next?", "Push the box left.", "Where is the key?"]
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True) for t in texts]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                             tokenize=True) for t in texts]
     prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
     prompts[0] = prompts[0] + tokenizer.encode("<think>", add_special_tokens=False)
     prompts[2] = prompts[2] + tokenizer.encode("<think> I", add_special_tokens=False)
@@ -122,8 +126,10 @@ def test_sync_weights_makes_vllm_sample_from_the_trained_model(vllm_engine, mode
 
 def test_rollouts_with_tds_run_on_the_vllm_engine(vllm_engine):
     env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=2)
-    result = collect_rollouts(EnginePolicy(vllm_engine, SamplingParams(max_new_tokens=16), InterventionConfig(budget=8, turn_score_skip=0)),
-                              env, [3, 4], RolloutSettings(group_size=2), resampler=TDSResampler(TDSConfig(eta=0.5)), seed=1)
+    result = collect_rollouts(EnginePolicy(vllm_engine, SamplingParams(max_new_tokens=16),
+                                           InterventionConfig(budget=8, turn_score_skip=0)),
+                              env, [3, 4], RolloutSettings(group_size=2),
+                              resampler=TDSResampler(TDSConfig(eta=0.5)), seed=1)
     assert result.stats["episodes"] == 4 and result.samples
     for s in result.samples:
         assert not math.isnan(s.turn_score)
@@ -145,8 +151,10 @@ def test_model_runner_v2_processor_follows_the_transformers_engine(vllm_engine, 
     reference = hf.generate(prompts, sampling, config)
     slots, prompt_len = [5, 2], np.zeros(8, dtype=np.int32)
     req_states = LogitsProcRequestState(device=torch.device("cpu"), max_num_reqs=8, vocab_size=model.config.vocab_size,
-                                        all_token_ids=None, prompt_len=SimpleNamespace(np=prompt_len), prefill_len=None, total_len=None)
-    processor = TTILogitsProcessorV2(SimpleNamespace(model_config=SimpleNamespace(tokenizer=str(model_dir))), req_states)
+                                        all_token_ids=None, prompt_len=SimpleNamespace(np=prompt_len),
+                                        prefill_len=None, total_len=None)
+    processor = TTILogitsProcessorV2(SimpleNamespace(model_config=SimpleNamespace(tokenizer=str(model_dir))),
+                                     req_states)
     template = vllm_engine.intervention_template(config)
     keys = [f"mrv2-{row}" for row in range(2)]
     for row, (slot, prompt) in enumerate(zip(slots, prompts)):
@@ -154,10 +162,14 @@ def test_model_runner_v2_processor_follows_the_transformers_engine(vllm_engine, 
         assert processor.add_request(slot, vllm_request(prompt, keys[row], template, sampling, row))
 
     def step(batch):  # batch: [(request, position)]; returns the greedy token of each row
-        logits = torch.stack([model(input_ids=torch.tensor([seqs[r][: pos + 1]])).logits[0, -1].float() for r, pos in batch])
-        ctx = LogitsContext(expanded_idx_mapping=torch.tensor([slots[r] for r, _ in batch]), idx_mapping=torch.tensor([slots[r] for r, _ in batch]),
-                            idx_mapping_np=np.array([slots[r] for r, _ in batch]), expanded_local_pos=torch.zeros(len(batch), dtype=torch.long),
-                            input_ids=torch.tensor([seqs[r][pos] for r, pos in batch]), pos=torch.tensor([pos for _, pos in batch]),
+        logits = torch.stack([model(input_ids=torch.tensor([seqs[r][: pos + 1]])).logits[0, -1].float()
+                              for r, pos in batch])
+        ctx = LogitsContext(expanded_idx_mapping=torch.tensor([slots[r] for r, _ in batch]),
+                            idx_mapping=torch.tensor([slots[r] for r, _ in batch]),
+                            idx_mapping_np=np.array([slots[r] for r, _ in batch]),
+                            expanded_local_pos=torch.zeros(len(batch), dtype=torch.long),
+                            input_ids=torch.tensor([seqs[r][pos] for r, pos in batch]),
+                            pos=torch.tensor([pos for _, pos in batch]),
                             seq_lens_upper_bound_np=np.array([pos + 1 for _, pos in batch]))
         return processor.apply(logits, ctx).argmax(dim=-1).tolist()
 
@@ -181,8 +193,10 @@ def test_model_runner_v2_processor_follows_the_transformers_engine(vllm_engine, 
             assert response == reference[r].token_ids
             assert trace.row.forced == reference[r].forced
             assert sum(trace.row.forced) > 0 or r == 1, "request 0 starts inside <think>: the budget fires"
-            assert trace.row.triggers == reference[r].tti_triggers and trace.row.think_length == reference[r].think_length
-            assert torch.allclose(torch.tensor(trace.row.uncertainty), torch.tensor(reference[r].uncertainty), atol=1e-4, rtol=0)
+            assert (trace.row.triggers == reference[r].tti_triggers
+                    and trace.row.think_length == reference[r].think_length)
+            assert torch.allclose(torch.tensor(trace.row.uncertainty), torch.tensor(reference[r].uncertainty),
+                                  atol=1e-4, rtol=0)
     finally:
         for key in keys:
             _TRACES.pop(key, None)
@@ -203,7 +217,8 @@ def test_lora_deltas_are_merged_into_the_weights_sent(model_dir):
     assert sent.keys() == merged.keys()
     for name, tensor in merged.items():
         assert torch.allclose(sent[name], tensor, atol=1e-6), name
-    assert not torch.equal(sent["model.layers.0.self_attn.q_proj.weight"], load_model(model_dir)[0].state_dict()["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(sent["model.layers.0.self_attn.q_proj.weight"],
+                           load_model(model_dir)[0].state_dict()["model.layers.0.self_attn.q_proj.weight"])
 
 
 def test_trainer_rolls_out_with_vllm_and_syncs_the_update(model_dir, tmp_path):
@@ -215,8 +230,10 @@ def test_trainer_rolls_out_with_vllm_and_syncs_the_update(model_dir, tmp_path):
     cfg = load_config("default", [
         f"model.path={model_dir}", f"trainer.output_dir={tmp_path}", "trainer.run_name=run", "trainer.iterations=1",
         "trainer.trackers=[console]", "trainer.val_before_train=false", "trainer.report=false", "warmup.episodes=0",
-        "rollout.engine=vllm", "rollout.vllm.kv_cache_gib=0.0625", "rollout.vllm.enforce_eager=true", "rollout.vllm.max_model_len=1024",
-        "optim.recompute_logprobs=true", "optim.lr=1e-2", "rollout.num_tasks=2", "rollout.group_size=2", "rollout.sampling.max_new_tokens=12",
+        "rollout.engine=vllm", "rollout.vllm.kv_cache_gib=0.0625", "rollout.vllm.enforce_eager=true",
+                                  "rollout.vllm.max_model_len=1024",
+        "optim.recompute_logprobs=true", "optim.lr=1e-2", "rollout.num_tasks=2", "rollout.group_size=2",
+                                  "rollout.sampling.max_new_tokens=12",
         "rollout.val_num_tasks=1", "rollout.tti.turn_score_skip=0", "env.options.max_steps=2", "model.lora_rank=4",
     ])
     trainer = Trainer(cfg, quiet=True)
@@ -231,7 +248,8 @@ def test_trainer_rolls_out_with_vllm_and_syncs_the_update(model_dir, tmp_path):
         sampling = SamplingParams(temperature=0.0, max_new_tokens=12)
         trained = HFEngine(trainer.model, trainer.tokenizer).generate(prompts, sampling)
         base = HFEngine(*load_model(model_dir)).generate(prompts, sampling)
-        assert [g.token_ids for g in trained] != [g.token_ids for g in base], "the update should change greedy responses"
+        assert [g.token_ids for g in trained] != [g.token_ids
+                                                  for g in base], "the update should change greedy responses"
         for a, b in zip(trainer.engine.generate(prompts, sampling), trained):
             _assert_same(a, b)
     finally:
@@ -242,14 +260,15 @@ def test_an_export_loads_in_vllm_and_decodes_as_t2po(model_dir, tmp_path):
     """`t2po export` of a trained LoRA run is a folder vLLM builds its model from as it is (no weights
     sent by t2po); its greedy answers, with and without TTI (t2po's vLLM logits processor), are those of
     t2po's own loader and engine on the run's checkpoint."""
-    from t2po.policy_source import resolve_policy
+    from t2po.locate import load_local_model
     from t2po.config import load_config
     from t2po.export import main as export_main
     from t2po.trainer.trainer import Trainer
 
     cfg = load_config("default", [
         f"model.path={model_dir}", f"trainer.output_dir={tmp_path}", "trainer.run_name=run", "trainer.iterations=1",
-        "trainer.trackers=[console]", "trainer.val_before_train=false", "trainer.report=false", "warmup.episodes=0", "model.dtype=float32",
+        "trainer.trackers=[console]", "trainer.val_before_train=false", "trainer.report=false", "warmup.episodes=0",
+                                  "model.dtype=float32",
         "optim.lr=1e-2", "rollout.num_tasks=2", "rollout.group_size=2", "rollout.sampling.max_new_tokens=12",
         "rollout.val_num_tasks=1", "rollout.tti.turn_score_skip=0", "env.options.max_steps=2", "model.lora_rank=4",
     ])
@@ -261,18 +280,21 @@ def test_an_export_loads_in_vllm_and_decodes_as_t2po(model_dir, tmp_path):
         trainer.cleanup()
     out = tmp_path / "exported"
     assert export_main([str(trainer.run_dir), "--out", str(out)]) == 0
-    model, tokenizer, _ = resolve_policy(trainer.run_dir, dtype="float32")
+    model, tokenizer, _ = load_local_model(trainer.run_dir, dtype="float32")
     reference = HFEngine(model, tokenizer)
-    exported = VLLMEngine(out, dtype="float32", max_model_len=1024, kv_cache_memory_bytes=64 * 1024**2, enforce_eager=True)
+    exported = VLLMEngine(out, dtype="float32", max_model_len=1024, kv_cache_memory_bytes=64 * 1024**2,
+                          enforce_eager=True)
     try:
         prompts = _prompts(tokenizer)
         sampling = SamplingParams(temperature=0.0, max_new_tokens=16)
-        for config in (InterventionConfig(enabled=False, turn_score_skip=4), InterventionConfig(budget=6, patience=None, turn_score_skip=4)):
+        for config in (InterventionConfig(enabled=False, turn_score_skip=4),
+                       InterventionConfig(budget=6, patience=None, turn_score_skip=4)):
             ours, theirs = exported.generate(prompts, sampling, config), reference.generate(prompts, sampling, config)
             for a, b in zip(ours, theirs):
                 _assert_same(a, b)
             untrained = HFEngine(*load_model(model_dir)).generate(prompts, sampling, config)
-            assert [g.token_ids for g in theirs] != [g.token_ids for g in untrained], "training changed nothing: the test would prove nothing"
+            assert [g.token_ids for g in theirs] != [g.token_ids
+                    for g in untrained], "training changed nothing: the test would prove nothing"
         assert sum(sum(g.forced) for g in ours) > 0, "the budget is chosen so that TTI fires"
     finally:
         exported.close()
@@ -288,22 +310,30 @@ def test_two_ranks_roll_out_with_vllm_as_with_the_transformers_engine(model_dir,
     from pathlib import Path
 
     def launch(name: str, *extra: str) -> Path:
-        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "t2po.cli", "train", "--quiet",
-                f"model.path={model_dir}", f"trainer.output_dir={tmp_path}", f"trainer.run_name={name}", "trainer.iterations=2",
-                "trainer.trackers=[console]", "trainer.val_before_train=false", "trainer.report=false", "trainer.trace_episodes=8",
-                "warmup.episodes=0", "rollout.sampling.temperature=0", "optim.recompute_logprobs=true", "optim.lr=1e-2", "rollout.num_tasks=2",
-                "rollout.group_size=2", "rollout.sampling.max_new_tokens=12", "rollout.val_num_tasks=2", "env.options.max_steps=2", "model.lora_rank=4", *extra]
-        out = subprocess.run(args, cwd=Path(__file__).resolve().parents[2], env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "t2po.cli", "train", "--quiet",
+                f"model.path={model_dir}", f"trainer.output_dir={tmp_path}", f"trainer.run_name={name}",
+                "trainer.iterations=2",
+                "trainer.trackers=[console]", "trainer.val_before_train=false", "trainer.report=false",
+                "trainer.trace_episodes=8",
+                "warmup.episodes=0", "rollout.sampling.temperature=0", "optim.recompute_logprobs=true", "optim.lr=1e-2",
+                "rollout.num_tasks=2",
+                "rollout.group_size=2", "rollout.sampling.max_new_tokens=12", "rollout.val_num_tasks=2",
+                "env.options.max_steps=2", "model.lora_rank=4", *extra]
+        out = subprocess.run(args, cwd=Path(__file__).resolve().parents[2],
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         return tmp_path / name
 
     hf_run = launch("hf")
-    vllm_run = launch("vllm", "rollout.engine=vllm", "rollout.vllm.kv_cache_gib=0.0625", "rollout.vllm.enforce_eager=true",
+    vllm_run = launch("vllm", "rollout.engine=vllm", "rollout.vllm.kv_cache_gib=0.0625",
+                      "rollout.vllm.enforce_eager=true",
                       "rollout.vllm.max_model_len=1024")
     for it in (1, 2):
         name = f"iter_{it:06d}.jsonl"
-        ids = [[[s["response_ids"] for s in json.loads(line)["steps"]] for line in (run / "traces" / name).read_text().splitlines()]
+        ids = [[[s["response_ids"] for s in json.loads(line)["steps"]]
+                for line in (run / "traces" / name).read_text().splitlines()]
                for run in (hf_run, vllm_run)]
         assert ids[0] == ids[1] and len(ids[0]) == 2, f"iteration {it}: rank 0's two episodes"
     assert len(list((vllm_run / "checkpoints" / "iter_000002").glob("shard-*.safetensors"))) == 2

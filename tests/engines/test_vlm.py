@@ -13,10 +13,10 @@ from t2po.config import ConfigError, load_config
 from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
+from t2po.forward import forward_micro_batch, make_micro_batch
 from t2po.models import load_model, lora_targets
 from t2po.policies import EnginePolicy
 from t2po.rollout import RolloutSettings, build_prompt, collect_rollouts
-from t2po.policy import forward_micro_batch, make_micro_batch
 from t2po.vlm import build_image_prompt, collate_pixel_inputs, placeholder_token_ids
 
 SOKOBAN_IMAGE = dict(dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=2, observation_mode="image")
@@ -79,7 +79,8 @@ def test_rollout_records_exact_ids_and_pixel_inputs(vlm):
     model, tokenizer = vlm
     env = make_env("sokoban", **SOKOBAN_IMAGE)
     engine = HFEngine(model, tokenizer)
-    result = collect_rollouts(EnginePolicy(engine, SamplingParams(temperature=1.0, max_new_tokens=10), InterventionConfig()), env, [0, 1],
+    result = collect_rollouts(EnginePolicy(engine, SamplingParams(temperature=1.0, max_new_tokens=10),
+                                           InterventionConfig()), env, [0, 1],
                               RolloutSettings(group_size=2, max_prompt_tokens=4096))
     first_turn = {s.traj_id: s for s in result.samples if s.step == 0}
     states = make_env("sokoban", **SOKOBAN_IMAGE).reset([0, 0, 1, 1])
@@ -88,8 +89,8 @@ def test_rollout_records_exact_ids_and_pixel_inputs(vlm):
         assert sample.prompt_ids == ids
         assert sample.pixel_inputs.keys() == pixels.keys()
         assert all(torch.equal(sample.pixel_inputs[k], pixels[k]) for k in pixels)
-    for sample in result.samples:
-        assert sample.image is not None and sample.pixel_inputs is not None
+    for sample, trace in zip(result.samples, result.traces, strict=True):
+        assert trace.image is not None and sample.pixel_inputs is not None
         assert not set(sample.response_ids) & set(placeholder_token_ids(model))
         assert len(sample.rollout_logprobs) == len(sample.response_ids) > 0
         # the engine (left-padded batch, its own positions, KV cache) agrees with the model's own forward
@@ -102,7 +103,8 @@ def test_trainer_logprobs_with_the_same_pixels_equal_the_engine(vlm, temperature
     model, tokenizer = vlm
     engine = HFEngine(model, tokenizer)
     env = make_env("blackjack", observation_mode="both", max_steps=2)  # image and text in one prompt
-    result = collect_rollouts(EnginePolicy(engine, SamplingParams(temperature=temperature, max_new_tokens=12), InterventionConfig()), env,
+    result = collect_rollouts(EnginePolicy(engine, SamplingParams(temperature=temperature, max_new_tokens=12),
+                                           InterventionConfig()), env,
                               [0, 1, 2], RolloutSettings(max_prompt_tokens=4096))
     samples = result.samples
     assert len({len(s.prompt_ids) for s in samples}) > 1  # padding matters
@@ -125,7 +127,8 @@ def test_trainer_logprobs_with_the_same_pixels_equal_the_engine(vlm, temperature
 def test_collate_pads_per_row_image_stacks():
     # Idefics3-style inputs: a stack of images per row; a row without an image gets all-zero images
     a = {"pixel_values": torch.ones(1, 2, 3, 4, 4), "pixel_attention_mask": torch.ones(1, 2, 4, 4, dtype=torch.bool)}
-    b = {"pixel_values": torch.full((1, 1, 3, 4, 4), 2.0), "pixel_attention_mask": torch.ones(1, 1, 4, 4, dtype=torch.bool)}
+    b = {"pixel_values": torch.full((1, 1, 3, 4, 4), 2.0),
+         "pixel_attention_mask": torch.ones(1, 1, 4, 4, dtype=torch.bool)}
     out = collate_pixel_inputs([a, None, b])
     assert out["pixel_values"].shape == (3, 2, 3, 4, 4) and out["pixel_attention_mask"].shape == (3, 2, 4, 4)
     assert out["pixel_values"][1].abs().sum() == 0 and out["pixel_values"][2, 1].abs().sum() == 0
@@ -139,20 +142,25 @@ def test_lora_goes_to_the_language_model_only(tiny_vlm_dir):
     from peft import LoraConfig, get_peft_model
 
     model, _ = load_model(tiny_vlm_dir)
-    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "fc1"]  # qkv, fc1: vision names
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, task_type="CAUSAL_LM", **lora_targets(model, names, 1)))
+    # qkv, fc1: vision names
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "fc1"]
+    peft_model = get_peft_model(model,
+                                LoraConfig(r=2, lora_alpha=4, task_type="CAUSAL_LM", **lora_targets(model, names, 1)))
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters() if ".lora_A" in n}
     assert adapted and all(".language_model.layers.1." in n for n in adapted)  # the last layer only, no vision module
-    assert {n.rsplit(".", 1)[-1] for n in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {n.rsplit(".", 1)[-1] for n in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                       "up_proj", "down_proj"}
 
 
 def test_engine_and_rollout_refuse_images_for_a_text_model(tiny_model):
     model, tokenizer = tiny_model
     env = make_env("numberline", observation_mode="image")
     with pytest.raises(ValueError, match="need a vision-language model.*observation_mode=text"):
-        collect_rollouts(EnginePolicy(HFEngine(model, tokenizer), SamplingParams(max_new_tokens=4)), env, [0], RolloutSettings())
+        collect_rollouts(EnginePolicy(HFEngine(model, tokenizer), SamplingParams(max_new_tokens=4)), env, [0],
+                         RolloutSettings())
     with pytest.raises(ValueError, match="need a vision-language model"):
-        HFEngine(model, tokenizer).generate([[1, 2]], SamplingParams(max_new_tokens=2), pixel_inputs=[{"pixel_values": torch.zeros(4, 8)}])
+        HFEngine(model, tokenizer).generate([[1, 2]], SamplingParams(max_new_tokens=2),
+                                            pixel_inputs=[{"pixel_values": torch.zeros(4, 8)}])
 
 
 def test_image_mode_with_a_text_model_is_a_config_error(tiny_model_dir):
@@ -167,7 +175,8 @@ def test_training_iteration_on_images_changes_the_weights(tiny_vlm_dir, tmp_path
     from t2po.trainer.trainer import Trainer
 
     cfg = load_config("sokoban-image-cpu", [
-        f"model.path={tiny_vlm_dir}", f"trainer.output_dir={tmp_path}", "trainer.run_name=run", "trainer.trackers=[console]",
+        f"model.path={tiny_vlm_dir}", f"trainer.output_dir={tmp_path}", "trainer.run_name=run",
+                                            "trainer.trackers=[console]",
         "rollout.num_tasks=2", "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "env.options.max_steps=2",
         "warmup.episodes=0", "optim.recompute_logprobs=true", "optim.lr=1e-2", "model.lora_rank=4",
     ])
@@ -194,7 +203,8 @@ def test_sft_on_image_prompts_keeps_the_images(vlm, tiny_vlm_dir, tmp_path):
     assert all(step["image"] is not None for c in convs for step in c.steps)
     save_conversations(convs, tmp_path / "demos.jsonl")
     loaded = load_conversations(tmp_path / "demos.jsonl")
-    assert [s["image"].tobytes() for c in loaded for s in c.steps] == [s["image"].tobytes() for c in convs for s in c.steps]
+    assert [s["image"].tobytes() for c in loaded for s in c.steps] == [s["image"].tobytes() for c in convs
+                                                                       for s in c.steps]
     examples = tokenize_conversations(loaded, tokenizer)
     assert examples and all(len(e) == 3 and e[2]["pixel_values"].shape[1] == 1176 for e in examples)
     assert examples[0][0] == build_image_prompt(tokenizer, convs[0].steps[0]["prompt"], convs[0].steps[0]["image"])[0]
@@ -221,18 +231,26 @@ def build_tiny_idefics3(out_dir, tokenizer_dir):
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    template = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}{% if message['content'] is string %}"
-                "{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>' }}"
-                "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    template = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}{% if message['content'] "
+                "is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] "
+                "== 'image' %}{{ '<image>' }}{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}{{ "
+                "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif "
+                "%}")
     tokenizer.chat_template = template
-    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 64}, max_image_size={"longest_edge": 64})
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=template)  # adds <image>
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 64},
+                                                max_image_size={"longest_edge": 64})
+    # adds <image>
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=template)
     config = Idefics3Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=64, patch_size=16, initializer_range=0.2),
-        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, initializer_range=0.2, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=64, patch_size=16, initializer_range=0.2),
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, initializer_range=0.2, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id,
+                            tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     Idefics3ForConditionalGeneration(config).save_pretrained(out_dir)
@@ -244,12 +262,14 @@ def test_idefics3_family_engine_and_trainer_agree(tiny_model_dir, tmp_path):
     model, tokenizer = load_model(build_tiny_idefics3(tmp_path / "idefics3", tiny_model_dir))
     assert type(tokenizer.processor).__name__ == "Idefics3Processor"
     env = make_env("blackjack", observation_mode="image", max_steps=2)
-    result = collect_rollouts(EnginePolicy(HFEngine(model, tokenizer), SamplingParams(temperature=1.0, max_new_tokens=10), InterventionConfig()),
+    result = collect_rollouts(EnginePolicy(HFEngine(model, tokenizer),
+                                           SamplingParams(temperature=1.0, max_new_tokens=10), InterventionConfig()),
                               env, [0, 1, 2], RolloutSettings(max_prompt_tokens=4096))
     samples = result.samples
     assert samples[0].pixel_inputs["pixel_values"].shape == (1, 1, 3, 64, 64)
     assert len({len(s.prompt_ids) for s in samples}) > 1
-    args = (list(range(len(samples))), [s.prompt_ids for s in samples], [s.response_ids for s in samples], tokenizer.pad_token_id)
+    args = (list(range(len(samples))), [s.prompt_ids for s in samples], [s.response_ids for s in samples],
+            tokenizer.pad_token_id)
     pixels = [s.pixel_inputs for s in samples]
     with torch.no_grad():
         logp = forward_micro_batch(model, make_micro_batch(*args, pixels))["logp"]

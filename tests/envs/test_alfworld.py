@@ -128,7 +128,8 @@ def test_prompt_and_action_validity(valid_seen_env):
     assert f"Your task is to: {env.task_description(0)}\n" in prompt
     assert "already taken 3 step(s). Below are the most recent 2 observaitons" in prompt
     assert "obs one" not in prompt
-    assert "[Observation 2: 'obs two', Action 2: 'go to b']\n[Observation 3: 'obs three', Action 3: 'go to c']" in prompt
+    assert ("[Observation 2: 'obs two', Action 2: 'go to b']\n[Observation 3: 'obs three', Action 3: 'go to c']"
+            in prompt)
     assert "You are now at step 4 and your current observation is: " in prompt
 
     admissible = state.admissible_actions[0]
@@ -151,9 +152,11 @@ def test_compact_prompt_keeps_the_task_actions_and_observation(valid_seen_env):
         (same,) = compact_env.reset([9])
         assert same.observation == state.observation
         first = compact_env.render_prompt(0, [], same)
-        prompt = compact_env.render_prompt(0, [("obs zero", "look"), ("obs one", "go to a"), ("obs two", "go to b")], same)
+        prompt = compact_env.render_prompt(0,
+                                           [("obs zero", "look"), ("obs one", "go to a"), ("obs two", "go to b")], same)
     assert first.startswith(f"ALFWorld household task: {env.task_description(0)}\nNow (step 1): {state.observation}\n")
-    assert "Your last actions: go to a; go to b.\nNow (step 4): " in prompt and "look" not in prompt.split("Now (step 4)")[0]
+    assert ("Your last actions: go to a; go to b.\nNow (step 4): " in prompt
+            and "look" not in prompt.split("Now (step 4)")[0])
     assert "obs one" not in prompt and "obs two" not in prompt  # past observations are left out
     listed = [a for a in state.admissible_actions if a != "help"]
     assert f"Admissible actions: {'; '.join(listed)}.\n" in prompt and "; help;" not in prompt

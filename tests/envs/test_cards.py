@@ -65,7 +65,8 @@ def p24_game(values, max_tokens=20):
 
 
 def test_registry_names_map_to_the_card_envs():
-    expected = {"ezpoints": EZPointsEnv, "points24": Points24Env, "numberline": NumberLineEnv, "blackjack": BlackjackEnv}
+    expected = {"ezpoints": EZPointsEnv, "points24": Points24Env, "numberline": NumberLineEnv,
+                "blackjack": BlackjackEnv}
     for name, cls in expected.items():
         assert get_env_class(name) is cls
         assert cls.name == name

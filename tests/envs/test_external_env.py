@@ -43,12 +43,15 @@ class GuessEnv(BatchEnv):
             self.guesses[i].append(guess)
             won = guess == self.targets[i]
             text = "Right." if won else ("Higher." if guess < self.targets[i] else "Lower.")
-            out.append(EnvState(observation=text, reward=float(won), done=won, won=won, anchor_obs=f"{text} after {self.guesses[i]}"))
+            out.append(EnvState(observation=text, reward=float(won), done=won, won=won,
+                                anchor_obs=f"{text} after {self.guesses[i]}"))
         return out
 
     def render_prompt(self, index, history, state):
-        past = " ".join(f"[{obs} -> {act}]" for obs, act in history[-self.history_length:]) if self.history_length else ""
-        return f"Guess a number from 1 to {self.high}. {past} {state.observation} Answer <think>...</think><action>N</action>."
+        shown = history[-self.history_length:] if self.history_length else []
+        past = " ".join(f"[{obs} -> {act}]" for obs, act in shown)
+        return (f"Guess a number from 1 to {self.high}. {past} {state.observation} "
+                "Answer <think>...</think><action>N</action>.")
 '''
 
 
@@ -74,9 +77,11 @@ def test_train_one_iteration_on_an_environment_outside_the_package(user_folder, 
           name: my_guess_env:GuessEnv
           options: {{high: 4, max_steps: 2}}
         model: {{path: {tiny_model_dir}, lora_rank: 4, lora_layers: null}}
-        rollout: {{num_tasks: 2, group_size: 2, sampling: {{max_new_tokens: 12}}, val_num_tasks: 1, tti: {{turn_score_skip: 0}}}}
+        rollout: {{num_tasks: 2, group_size: 2, sampling: {{max_new_tokens: 12}}, val_num_tasks: 1,
+                  tti: {{turn_score_skip: 0}}}}
         warmup: {{episodes: 0}}
-        trainer: {{iterations: 1, trackers: [console], report: false, val_before_train: false, output_dir: {tmp_path / 'runs'}}}
+        trainer: {{iterations: 1, trackers: [console], report: false, val_before_train: false,
+                  output_dir: {tmp_path / 'runs'}}}
         """))
     cfg = load_config(str(preset))
     assert cfg.env.name == "my_guess_env:GuessEnv" and cfg.env.options == {"high": 4, "max_steps": 2}
@@ -91,7 +96,8 @@ def test_train_one_iteration_on_an_environment_outside_the_package(user_folder, 
 def test_bad_module_paths_fail_before_any_work_naming_the_fix(user_folder, tmp_path):
     with pytest.raises(ConfigError, match="cannot import module 'no_such_module'.*PYTHONPATH"):
         load_config("default", ["env.name=no_such_module:GuessEnv", "env.options={}"])
-    with pytest.raises(ConfigError, match="no BatchEnv subclass 'GuesEnv'.*did you mean 'GuessEnv'|Did you mean 'GuessEnv'"):
+    with pytest.raises(ConfigError,
+                       match="no BatchEnv subclass 'GuesEnv'.*did you mean 'GuessEnv'|Did you mean 'GuessEnv'"):
         load_config("default", ["env.name=my_guess_env:GuesEnv", "env.options={}"])
     with pytest.raises(ConfigError, match="has no option 'hihg'.*'high'"):
         load_config("default", ["env.name=my_guess_env:GuessEnv", "env.options={hihg: 3}"])
@@ -124,8 +130,10 @@ def test_the_readme_command_runs_as_written(user_folder, tiny_model_dir, tmp_pat
     line = next(x for x in readme if "t2po train default env.name=my_guess_env:GuessEnv" in x)
     words = shlex.split(line, comments=True)
     assert words[0] == "PYTHONPATH=my_project" and words[1] == "t2po"  # my_project is on sys.path (user_folder)
-    tiny = [f"model.path={tiny_model_dir}", "model.lora_rank=4", "trainer.iterations=1", "trainer.trackers=[console]", "trainer.report=false",
-            "trainer.val_before_train=false", f"trainer.output_dir={tmp_path / 'runs'}", "rollout.num_tasks=2", "rollout.group_size=2",
+    tiny = [f"model.path={tiny_model_dir}", "model.lora_rank=4", "trainer.iterations=1", "trainer.trackers=[console]",
+            "trainer.report=false",
+            "trainer.val_before_train=false", f"trainer.output_dir={tmp_path / 'runs'}", "rollout.num_tasks=2",
+            "rollout.group_size=2",
             "rollout.sampling.max_new_tokens=12", "rollout.val_num_tasks=1", "env.options.max_steps=2"]
     assert cli.main(words[2:] + tiny) == 0
     (run,) = (tmp_path / "runs").iterdir()
@@ -133,7 +141,8 @@ def test_the_readme_command_runs_as_written(user_folder, tiny_model_dir, tmp_pat
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["rollout/episodes"] == 4
 
 
-def test_a_warmup_without_an_expert_is_refused_with_the_fix_before_any_model_loads(user_folder, tmp_path, monkeypatch, capsys):
+def test_a_warmup_without_an_expert_is_refused_with_the_fix_before_any_model_loads(user_folder, tmp_path,
+                                                                                   monkeypatch, capsys):
     import t2po.models
     from t2po import cli
 
@@ -141,9 +150,10 @@ def test_a_warmup_without_an_expert_is_refused_with_the_fix_before_any_model_loa
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(t2po.models, "load_model", no_loading)
-    status = cli.main(["train", "default", "env.name=my_guess_env:GuessEnv", "warmup.episodes=4", f"trainer.output_dir={tmp_path / 'runs'}"])
+    status = cli.main(["train", "default", "env.name=my_guess_env:GuessEnv", "warmup.episodes=4",
+                       f"trainer.output_dir={tmp_path / 'runs'}"])
     err = capsys.readouterr().err
     assert status == 2, err
-    assert ("warmup.episodes=4: the warm-up imitates an expert, and my_guess_env:GuessEnv has none (GuessEnv does not define "
-            "expert_response); set warmup.episodes=0") in err
+    assert ("warmup.episodes=4: the warm-up imitates an expert, and my_guess_env:GuessEnv has none (GuessEnv does not "
+            "define expert_response); set warmup.episodes=0") in err
     assert not (tmp_path / "runs").exists()

@@ -26,9 +26,11 @@ def hostile_texts(seed: int = 0) -> list[str]:
 
     def random_unicode(n: int) -> str:
         # any code point, lone surrogates included (U+D800-U+DFFF), CJK, NUL, RTL and combining marks
-        return "".join(chr(rng.choice([rng.randrange(0x110000), rng.randrange(0xD800, 0xE000), rng.randrange(128)])) for _ in range(n))
+        return "".join(chr(rng.choice([rng.randrange(0x110000), rng.randrange(0xD800, 0xE000), rng.randrange(128)]))
+                       for _ in range(n))
 
-    tags = ["<think>", "</think>", "<action>", "</action>", "<search>", "</search>", "<answer>", "</answer>", "[", "]", "(", ")"]
+    tags = ["<think>", "</think>", "<action>", "</action>", "<search>", "</search>", "<answer>", "</answer>",
+            "[", "]", "(", ")"]
     texts = [
         "", " ", "\x00", "\ud800", "\udfff\ud800", "<think>\ud800</think><action>\ud800</action>",
         "<think>x</think><action>search[t-shirt size s]\udc80</action>", "<think>x</think><search>\ud800</search>",
@@ -81,7 +83,8 @@ def test_hostile_output_is_a_clean_invalid_action(name, tmp_path, monkeypatch):
     if name == "search":  # an in-process retrieval server over a two-passage corpus
         monkeypatch.setenv("T2PO_CACHE", str(tmp_path / "cache"))
         corpus = tmp_path / "tiny.jsonl"
-        corpus.write_text("".join(json.dumps({"id": str(i), "contents": f'"{t}"\n{t} is a city.'}) + "\n" for i, t in enumerate(["Oslo", "Paris"])))
+        corpus.write_text("".join(json.dumps({"id": str(i), "contents": f'"{t}"\n{t} is a city.'}) + "\n"
+                                  for i, t in enumerate(["Oslo", "Paris"])))
         options["corpus"] = str(corpus)
     texts = hostile_texts()
     if name == "alfworld":  # every step is a TextWorld process round trip: the trap texts only
@@ -95,10 +98,12 @@ def test_hostile_output_is_a_clean_invalid_action(name, tmp_path, monkeypatch):
             parsed = env.parse_action(text, state)
             (after,) = env.step([parsed.action])
             elapsed = time.perf_counter() - start
-            assert isinstance(parsed, ParsedAction) and isinstance(parsed.action, str) and isinstance(parsed.valid, bool)
+            assert isinstance(parsed, ParsedAction) and isinstance(parsed.action,
+                                                                   str) and isinstance(parsed.valid, bool)
             assert isinstance(after, EnvState) and isinstance(after.observation, str)
             if not any(tag in text for tag in ("</action>", "</search>", "</answer>")):
                 assert not parsed.valid, (name, text[:80])
-            assert elapsed < BASE_S + PER_CHAR_S * len(text), f"{name}: {elapsed:.2f} s for {len(text):,} characters: {text[:60]!r}"
+            assert elapsed < BASE_S + PER_CHAR_S * len(text), (
+                f"{name}: {elapsed:.2f} s for {len(text):,} characters: {text[:60]!r}")
             state = after
         assert not env.parse_action(None, state).valid  # not even text

@@ -32,7 +32,8 @@ def test_strict_format_rejects_what_the_lenient_one_accepts(response, reason):
     assert parse_think_action(response, ["left", "up"], strict=False).valid
 
 
-@pytest.mark.parametrize("response", [VALID, f"\n  {VALID}\n", "<think>\nline one\nline two\n</think>\n<action> left </action>"])
+@pytest.mark.parametrize("response",
+                         [VALID, f"\n  {VALID}\n", "<think>\nline one\nline two\n</think>\n<action> left </action>"])
 def test_strict_format_accepts_whitespace_around_the_spans(response):
     assert parse_think_action(response, ["left"]).valid
 
@@ -60,13 +61,15 @@ def test_config_checks_the_response_format_option():
 # sokoban/projection.py:
 #     Expected format:
 #         <think>some reasoning...</think><action>up/down/left/right/still</action>
-#     start_idx = actions[i].find(start_tag)  ...  extracted_action = actions[i][start_idx + len(start_tag):end_idx].strip().lower()
+# start_idx = actions[i].find(start_tag)  ...  extracted_action = actions[i][start_idx +
+# len(start_tag):end_idx].strip().lower()
 #     for act in action_pools.keys():   # "up", "down", "left", "right", "still"
 #         if act in extracted_action: actions[i] = action_pools[act]; valids[i] = 1; break
 #     think_start_idx = original_str.find("<think>"); think_end_idx = original_str.find("</think>")
 #     if think_start_idx == -1 or think_end_idx == -1: valids[i] = 0
 @pytest.mark.parametrize("response, action, valid", [
-    ("<think>some reasoning...</think><action>up/down/left/right/still</action>", "up", True),  # its docstring's example
+    # its docstring's example
+    ("<think>some reasoning...</think><action>up/down/left/right/still</action>", "up", True),
     ("<think>hmm</think> more thoughts</think><action>left</action>", "left", True),  # tags anywhere, repeated
     ("<action>I will move DOWN now</action> <think>because</think>", "down", True),  # any order, a substring, any case
     ("<think>wait</think><action>still</action>", "still", True),  # valid, and moves nothing
@@ -84,7 +87,7 @@ def test_sokoban_reference_projection(response, action, valid):
 
 
 # alfworld/projection.py (and webshop/projection.py, without the pool):
-#     strict_pattern = re.compile(r'^\s*<think>(.*?)</think>\s*<action>(.*?)</action>\s*$', flags=re.IGNORECASE | re.DOTALL)
+# strict_pattern = re.compile(r'^\s*<think>(.*?)</think>\s*<action>(.*?)</action>\s*$', flags=re.IGNORECASE | re.DOTALL)
 #     strict_ok = bool(m) and not has_chinese and (
 #         think_open_count == think_close_count == 1 and action_open_count == action_close_count == 1)
 #     extracted_action = m.group(2).strip().lower(); valids[i] = 1 if actions[i] in pool_lower else 0

@@ -51,7 +51,8 @@ def test_same_seeds_and_actions_give_the_same_episodes(pool):
     seeds = [3, 3, 4, 5, 6]
     states_pool, states_local = pool.reset(seeds), local.reset(seeds)
     assert [s.info["room_seed"] for s in states_pool] == seeds
-    script = [["up", "left", "bogus", "down", "right"], ["left", None, "up", "up", "down"], ["down", "right", "left", None, "up"]]
+    script = [["up", "left", "bogus", "down", "right"], ["left", None, "up", "up", "down"],
+              ["down", "right", "left", None, "up"]]
     history: list[list[tuple[str, str]]] = [[] for _ in seeds]
     for actions in script:
         for i, (a, b) in enumerate(zip(states_pool, states_local)):
@@ -82,8 +83,9 @@ def test_rollouts_through_the_pool_equal_in_process_rollouts(pool, tiny_model):
     remote = collect_rollouts(policy, pool, [3, 4], RolloutSettings(group_size=2), seed=5)
     assert len(local.samples) == len(remote.samples) > 4
     for a, b in zip(local.samples, remote.samples):
-        assert (a.prompt_ids, a.response_ids, a.reward, a.done, a.anchor_obs, a.action, a.valid) == (
-            b.prompt_ids, b.response_ids, b.reward, b.done, b.anchor_obs, b.action, b.valid)
+        assert (a.prompt_ids, a.response_ids, a.reward, a.done, a.anchor_obs, a.valid) == (
+            b.prompt_ids, b.response_ids, b.reward, b.done, b.anchor_obs, b.valid)
+    assert [t.action for t in local.traces] == [t.action for t in remote.traces]
     assert [ep.metrics for ep in local.episodes] == [ep.metrics for ep in remote.episodes]
     assert local.stats == remote.stats
 

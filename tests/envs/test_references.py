@@ -16,7 +16,8 @@ WALLS = frozenset({(r, c) for r in range(5) for c in range(5) if r in (0, 4) or 
 
 
 def sokoban(split: str = "valid"):
-    return make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3, history_length=0, prompt_style="compact",
+    return make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3, history_length=0,
+                    prompt_style="compact",
                     split=split)
 
 
@@ -67,8 +68,10 @@ def test_a_policy_that_always_answers_up_scores_below_the_random_mover_and_is_fl
     up = sum(ep.won for ep in result.episodes) / len(seeds)
     refs = references.reference_points(sokoban(), seeds, 3)
     assert up < refs["random"]["success"]
-    summary = {"env": "sokoban", "algo": "t2po", "iterations": 1, "seconds": 1.0, "validation_tasks": 32, "run_dir": "r", "checkpoint": None,
-               "after_rl": {"success_rate": up, "success_stderr": references.stderr(up, 32), "valid_action_rate": 1.0, "episode_reward": 0.0},
+    summary = {"env": "sokoban", "algo": "t2po", "iterations": 1, "seconds": 1.0, "validation_tasks": 32,
+               "run_dir": "r", "checkpoint": None,
+               "after_rl": {"success_rate": up, "success_stderr": references.stderr(up, 32), "valid_action_rate": 1.0,
+                            "episode_reward": 0.0},
                "references": refs}
     text = format_summary(summary)
     assert "below the random mover" in text and "random mover (same tasks)" in text

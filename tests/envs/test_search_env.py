@@ -111,7 +111,8 @@ def test_lone_surrogates_in_queries_and_answers(env):
     states = env.reset([0, 1])
     parsed, (searched, answered) = _act(env, states, ["<think>x</think><search>nobel \ud800 prize</search>",
                                                       "<think>x</think><answer>\udfff</answer>"])
-    assert parsed[0].valid and searched.observation.startswith("<information>") and searched.info["query"] == "nobel \ud800 prize"
+    assert (parsed[0].valid and searched.observation.startswith("<information>")
+            and searched.info["query"] == "nobel \ud800 prize")
     assert answered.done and answered.reward == 0.0
 
 
@@ -173,7 +174,8 @@ def test_env_fails_clearly_when_the_server_is_down():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     start = time.monotonic()
-    with pytest.raises(RetrieverUnavailableError, match=f"127.0.0.1:{port}.*serve-retriever.*env.options.retriever_url="):
+    with pytest.raises(RetrieverUnavailableError,
+                       match=f"127.0.0.1:{port}.*serve-retriever.*env.options.retriever_url="):
         make_env("search", retriever_url=f"http://127.0.0.1:{port}", timeout=1.0)
     assert time.monotonic() - start < 8.0
 

@@ -76,7 +76,8 @@ def test_search_r1_response_shape(server):
 def test_falsy_topk_means_the_server_default(server, topk):
     """Search-R1 `search_r1/search/retrieval_server.py` `retrieve_endpoint`: `if not request.topk:
     request.topk = config.retrieval_topk`, so topk 0 or null returns the server's default (3 here)."""
-    reply = httpx.post(server.url + "/retrieve", json={"queries": ["capital of norway"], "topk": topk}, timeout=30.0, trust_env=False)
+    reply = httpx.post(server.url + "/retrieve", json={"queries": ["capital of norway"], "topk": topk}, timeout=30.0,
+                       trust_env=False)
     assert reply.status_code == 200, reply.text
     assert len(reply.json()["result"][0]) == 3
 

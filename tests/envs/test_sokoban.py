@@ -157,7 +157,8 @@ def test_wall_bump_is_a_valid_step_that_moves_nothing():
 def test_invalid_actions_are_flagged_and_do_not_crash():
     env = make_env("sokoban")
     states = env.reset([5, 5])
-    for garbage in ["", "no tags at all", "<action>jump</action>", "<think>x</think><action>dance</action>", "中文 <action>up</action>", None]:
+    for garbage in ["", "no tags at all", "<action>jump</action>", "<think>x</think><action>dance</action>",
+                    "中文 <action>up</action>", None]:
         parsed = env.parse_action(garbage, states[0])
         assert not parsed.valid and isinstance(parsed.action, str)
     parsed = env.parse_action("<think>go</think><action>jump</action>", states[0])
@@ -333,7 +334,8 @@ def test_expert_replans_after_a_detour():
     optimal = len(solve(start))
     opposite = {"up": "down", "down": "up", "left": "right", "right": "left"}
     # a walk away from the plan and back (no push), then the expert must still play optimally
-    away = next(a for a in ACTIONS if start.move(a)[1] and start.move(a)[0].boxes == start.boxes and a != solve(start)[0])
+    away = next(a for a in ACTIONS if start.move(a)[1] and start.move(a)[0].boxes == start.boxes
+                and a != solve(start)[0])
     env.step([away])
     env.expert_response(0, state)  # plans from the off-plan position
     state = env.step([opposite[away]])[0]

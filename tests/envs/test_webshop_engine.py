@@ -34,7 +34,8 @@ def test_official_loader_parses_webshop_schema():
     assert [p.asin for p in catalog.products] == ["B078GWRC1J", "B09QKP7XQL", "B07XYZ1234", "B01NOPRICE"]
     deodorant, jeans, chair, tea = catalog.products
     assert deodorant.query == "deodorant"  # lower-cased and stripped
-    assert deodorant.options == {"scent": ["bright citrus", "calming lavender"], "size": ["3 ounce (pack of 1)", "travel set | 4-pack"]}
+    assert deodorant.options == {"scent": ["bright citrus", "calming lavender"],
+                                 "size": ["3 ounce (pack of 1)", "travel set | 4-pack"]}
     assert deodorant.price_tag == "$10.99" and catalog.prices["B078GWRC1J"] == 10.99
     assert jeans.price_tag == "$19.99 to $29.99" and 19.99 <= catalog.prices["B09QKP7XQL"] <= 29.99
     assert "fit type" not in jeans.options  # a None option group is dropped
@@ -54,13 +55,16 @@ def test_official_synthetic_goals_cover_every_option_combination():
     assert sorted(len(v) for v in by_product.values()) == [1, 4, 4]
     jeans_goal = next(g for g in catalog.goals if g.goal_options == {"color": "black", "size": "small"})
     assert jeans_goal.instruction_text == (
-        f"i need slim fit jeans with a high waist with color: black, and size: small, and price lower than {jeans_goal.price_upper:.2f} dollars"
+        "i need slim fit jeans with a high waist with color: black, and size: small, and price lower than "
+        f"{jeans_goal.price_upper:.2f} dollars"
     )
     assert jeans_goal.price_upper in (30.0, 40.0, 50.0, 60.0)  # two of the 4 multiples of 10 above the price
     chair_goal = by_product["B07XYZ1234"][0]
-    assert chair_goal.price_upper == 1000000.0 and chair_goal.instruction_text == "i want an office chair with lumbar support"
+    assert (chair_goal.price_upper == 1000000.0
+            and chair_goal.instruction_text == "i want an office chair with lumbar support")
     # deterministic: same seed, same goals in the same (seed-233 shuffled) order
-    assert [g.instruction_text for g in load_official_catalog(DATA).goals] == [g.instruction_text for g in catalog.goals]
+    assert [g.instruction_text for g in load_official_catalog(DATA).goals] == [g.instruction_text
+                                                                               for g in catalog.goals]
     assert len(catalog.split_goals("test")) == 9
     with pytest.raises(ValueError, match="has no goals"):
         catalog.split_goals("train")
@@ -71,7 +75,8 @@ def test_official_human_goals():
     assert len(catalog.goals) == 2  # the instruction without attributes is skipped
     deodorant = next(g for g in catalog.goals if g.asin == "B078GWRC1J")
     assert deodorant.goal_options == ["bright citrus", "3 ounce (pack of 1)"]
-    assert deodorant.instruction_text.startswith("i would like a 3 ounce bottle of bright citrus deodorant for sensitive skin, and price lower than")
+    assert deodorant.instruction_text.startswith("i would like a 3 ounce bottle of bright citrus deodorant for "
+                                                 "sensitive skin, and price lower than")
 
 
 def test_official_loader_names_missing_files(tmp_path):
@@ -92,7 +97,8 @@ def test_generated_catalog_is_deterministic_and_consistent():
     for goal in a.goals:
         product = a.by_asin[goal.asin]
         assert set(goal.attributes) <= set(product.attributes)
-        assert all(product.options[name] and value in product.options[name] for name, value in goal.goal_options.items())
+        assert all(product.options[name] and value in product.options[name]
+                   for name, value in goal.goal_options.items())
         assert a.prices[goal.asin] <= goal.price_upper
         assert goal.instruction_text.endswith(f", and price lower than {goal.price_upper:.2f} dollars")
     test, valid, train = a.split_goals("test"), a.split_goals("valid"), a.split_goals("train")
@@ -190,9 +196,11 @@ def test_results_pages_paginate(shop):
     assert s.keywords == "free black" and len(s.results) > 20
     page = shop.render(s)
     texts = page.texts()
-    assert texts[:5] == ["Instruction:", s.goal.instruction_text, "Back to Search", f"Page 1 (Total results: {len(s.results)})", "Next >"]
+    assert texts[:5] == ["Instruction:", s.goal.instruction_text, "Back to Search",
+                         f"Page 1 (Total results: {len(s.results)})", "Next >"]
     first = s.page_results
-    assert len(first) == 10 and texts[5:8] == [first[0], shop.catalog.by_asin[first[0]].name, shop.catalog.by_asin[first[0]].price_tag]
+    assert len(first) == 10 and texts[5:8] == [first[0], shop.catalog.by_asin[first[0]].name,
+                                               shop.catalog.by_asin[first[0]].price_tag]
     assert list(page.clickables()) == ["back to search", "next >"] + [a.lower() for a in first]
     assert shop.act(s, "click[next >]")
     assert s.page_num == 2 and s.page_results != first
@@ -210,8 +218,10 @@ def test_item_page_options_sub_pages_and_purchase(shop):
     assert s.page == "item" and s.asin == goal.asin and goal.asin in s.visited
     page = shop.render(s)
     values = [v for vs in product.options.values() for v in vs]
-    assert list(page.clickables()) == ["back to search", "< prev", "description", "features", "reviews", "buy now", *values]
-    assert page.texts()[-7:] == [product.name, f"Price: {product.price_tag}", f"Rating: {product.rating}", "Description", "Features", "Reviews", "Buy Now"]
+    assert list(page.clickables()) == ["back to search", "< prev", "description", "features", "reviews",
+                                       "buy now", *values]
+    assert page.texts()[-7:] == [product.name, f"Price: {product.price_tag}", f"Rating: {product.rating}",
+                                 "Description", "Features", "Reviews", "Buy Now"]
     for name, value in goal.goal_options.items():
         assert shop.act(s, f"click[{value}]")
         assert s.options[name] == value
@@ -221,7 +231,8 @@ def test_item_page_options_sub_pages_and_purchase(shop):
     assert shop.act(s, "click[< prev]") and s.page == "item" and s.options == goal.goal_options  # options kept
     assert shop.act(s, "click[buy now]")
     assert s.done and s.outcome.reward == 1.0
-    assert simple_text(shop.render(s)) == "Thank you for shopping with us! [SEP] Your score (min 0.0, max 1.0) [SEP] 1.0"
+    assert (simple_text(shop.render(s))
+            == "Thank you for shopping with us! [SEP] Your score (min 0.0, max 1.0) [SEP] 1.0")
     assert not shop.act(s, "search[anything]")  # a finished session ignores actions
 
 
@@ -245,7 +256,9 @@ def test_official_data_pages(official):
     assert s.results[0] == "B078GWRC1J"
     official.act(s, "click[b078gwrc1j]")
     texts = official.render(s).texts()
-    assert texts[4:11] == ["scent", "bright citrus", "calming lavender", "size", "3 ounce (pack of 1)", "travel set | 4-pack",
+    assert texts[4:11] == ["scent", "bright citrus", "calming lavender", "size", "3 ounce (pack of 1)",
+                           "travel set | 4-pack",
                            "Bright Citrus Deodorant by Earth Mama | Natural and Safe for Sensitive Skin, 3-Ounce"]
     official.act(s, "click[reviews]")
-    assert official.render(s).texts() == ["Instruction:", goal.instruction_text, "Back to Search", "< Prev"]  # no reviews
+    # no reviews
+    assert official.render(s).texts() == ["Instruction:", goal.instruction_text, "Back to Search", "< Prev"]

@@ -135,7 +135,8 @@ def test_prompt_follows_verl_agent_template(env):
     prompt = env.render_prompt(0, history, state)
     assert "Prior to this step, you have already taken 3 step(s). Below are the most recent 2 observations" in prompt
     assert "[Observation 2: '" in prompt and "Action 3: 'click[< prev]']" in prompt and "Observation 1:" not in prompt
-    assert "You are now at step 4 and your current observation is: 'Back to Search' [SEP] 'Page 1 (Total results:" in prompt
+    assert ("You are now at step 4 and your current observation is: 'Back to Search' [SEP] 'Page 1 (Total results:"
+            in prompt)
     assert extract_tag(prompt, "action") == ""  # the instructions mention the tags, with nothing inside
 
 

@@ -40,7 +40,8 @@ def _goal(**overrides) -> Goal:
         query="shampoo",
         name="Velora Sulfate Free Shampoo for Dry Hair",
         product_category=SHAMPOO_PATH,
-        instruction_text="i need a sulfate free shampoo for dry hair with scent: lavender, and size: 16 fl oz, and price lower than 30.00 dollars",
+        instruction_text="i need a sulfate free shampoo for dry hair with scent: lavender, and size: 16 fl oz, and "
+                         "price lower than 30.00 dollars",
         attributes=["sulfate free", "dry hair"],
         price_upper=30.0,
         goal_options={"scent": "lavender", "size": "16 fl oz"},
@@ -92,7 +93,8 @@ def test_wrong_option_costs_one_share():
 
 
 def test_price_over_bound_costs_one_share():
-    out = purchase_reward(_shampoo(), _goal(price_upper=10.0), price=12.5, chosen_options={"scent": "lavender", "size": "16 fl oz"})
+    out = purchase_reward(_shampoo(), _goal(price_upper=10.0), price=12.5,
+                          chosen_options={"scent": "lavender", "size": "16 fl oz"})
     assert out.r_price is False
     assert out.reward == pytest.approx(4 / 5)
 
@@ -128,7 +130,8 @@ def test_wrong_category_scores_zero():
 
 def test_type_factor_half_when_only_a_few_title_nouns_match():
     # another query, one shared category level, 1 of the 6 goal title nouns -> 1/6 in [0.1, 0.2]
-    other = _shampoo(name="Velora Body Lotion", query="body lotion", product_category="Beauty & Personal Care › Skin Care › Body")
+    other = _shampoo(name="Velora Body Lotion", query="body lotion",
+                     product_category="Beauty & Personal Care › Skin Care › Body")
     assert title_nouns(_goal().name) == ["velora", "sulfate", "free", "shampoo", "dry", "hair"]
     out = purchase_reward(other, _goal(), price=12.5, chosen_options={"scent": "lavender", "size": "16 fl oz"})
     assert out.title_score == pytest.approx(1 / 6)

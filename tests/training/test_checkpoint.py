@@ -12,10 +12,11 @@ import pytest
 import torch
 import yaml
 
-from t2po.checkpoints import (atomic_dir, atomic_write_text, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
+from t2po.checkpoints import (Checkpointer, atomic_dir, atomic_write_text, checkpoint_dir, latest_checkpoint,
+                              load_checkpoint, prune_checkpoints,
                               save_checkpoint)
-from t2po.policy_source import locate_policy, resolve_policy
 from t2po.config import ModelConfig
+from t2po.locate import load_local_model, locate_model
 from t2po.models import add_lora, load_model
 
 
@@ -44,30 +45,57 @@ def _trainable(model, value_head) -> dict[str, torch.Tensor]:
 
 
 def _optimizer_tensors(optimizer) -> dict[str, torch.Tensor]:
-    return {f"{pid}.{k}": v for pid, s in optimizer.state_dict()["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    return {f"{pid}.{k}": v for pid, s in optimizer.state_dict()["state"].items() for k, v in s.items()
+            if torch.is_tensor(v)}
 
 
 @pytest.mark.parametrize("lora", [True, False])
 def test_save_then_load_restores_weights_optimizer_rng_and_state(tiny_model_dir, tmp_path, lora):
     model, optimizer, value_head = _policy(tiny_model_dir, lora)
     _train_step(model, optimizer, value_head)  # non-zero LoRA B, optimizer moments, a moved critic
-    ckpt = save_checkpoint(tmp_path / "checkpoints", 3, model, optimizer, {"scheduler_step": 7}, value_head=value_head, lora=lora)
+    ckpt = save_checkpoint(tmp_path / "checkpoints", 3, model, optimizer, {"scheduler_step": 7},
+                           value_head=value_head, lora=lora)
     assert ckpt == checkpoint_dir(tmp_path / "checkpoints", 3) and (ckpt / ("adapter" if lora else "model")).is_dir()
     saved, saved_rng = _trainable(model, value_head), torch.get_rng_state()
     torch.rand(10)  # the RNG moves on after the save
 
     fresh, fresh_optimizer, fresh_head = _policy(tiny_model_dir, lora)
     before = _trainable(fresh, fresh_head)
-    assert any(not torch.equal(before[k], saved[k]) for k in saved), "the fresh policy must differ, or the test shows nothing"
+    assert any(not torch.equal(before[k], saved[k])
+               for k in saved), "the fresh policy must differ, or the test shows nothing"
     state = load_checkpoint(ckpt, fresh, fresh_optimizer, fresh_head, lora=lora)
     assert state == {"scheduler_step": 7, "iteration": 3}
     loaded = _trainable(fresh, fresh_head)
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     a, b = _optimizer_tensors(optimizer), _optimizer_tensors(fresh_optimizer)
     assert a.keys() == b.keys() and len(a) > 0 and all(torch.equal(a[k], b[k]) for k in a)
-    groups = [json.loads(json.dumps(o.state_dict()["param_groups"])) for o in (optimizer, fresh_optimizer)]  # JSON: betas come back a list
+    # JSON: betas come back a list
+    groups = [json.loads(json.dumps(o.state_dict()["param_groups"])) for o in (optimizer, fresh_optimizer)]
     assert groups[0] == groups[1]
     assert torch.equal(torch.get_rng_state(), saved_rng), "the RNG state is the one at the save"
+
+
+def test_checkpointer_names_its_base_and_loads_the_newest_readable_one(tiny_model_dir, tmp_path):
+    """`Checkpointer`: a saved checkpoint names the model folder its adapter applies to; `load_newest` passes
+    over a newer checkpoint whose optimizer file was cut short (named in a note) and loads the one before."""
+    model, optimizer, _ = _policy(tiny_model_dir, lora=True)
+    notes = []
+    checkpoints = Checkpointer(tmp_path, notes.append)
+    assert checkpoints.load_newest(model, optimizer, None, lora=True) is None and notes == []
+    _train_step(model, optimizer, torch.nn.Linear(model.config.hidden_size, 1))
+    first = checkpoints.save(1, model, optimizer, {"scheduler_step": 1}, base_path=str(tiny_model_dir),
+                             lora=True, keep=3)
+    adapter = json.loads((first / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_model_dir)
+    newest = checkpoints.save(2, model, optimizer, {"scheduler_step": 2}, base_path=str(tiny_model_dir),
+                              lora=True, keep=3)
+    assert checkpoints.complete() == [newest, first] and checkpoints.latest() == newest
+    damaged = newest / "optimizer.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    fresh, fresh_optimizer, _ = _policy(tiny_model_dir, lora=True)
+    ckpt, state = checkpoints.load_newest(fresh, fresh_optimizer, None, lora=True)
+    assert ckpt == first and state == {"scheduler_step": 1, "iteration": 1}
+    assert len(notes) == 1 and "skipped checkpoint" in notes[0] and "optimizer.safetensors" in notes[0]
 
 
 def test_saving_prunes_to_keep_and_leaves_no_tmp_folder(tiny_model_dir, tmp_path):
@@ -80,7 +108,7 @@ def test_saving_prunes_to_keep_and_leaves_no_tmp_folder(tiny_model_dir, tmp_path
 
 
 def _fake_checkpoint(root: Path, name: str, complete: bool = True) -> Path:
-    """A checkpoint folder whose files read back (`t2po.runfiles.checkpoint_problem`) but hold no real policy."""
+    """A checkpoint folder whose files read back (`t2po.checkpoints.checkpoint_problem`) but hold no real policy."""
     from safetensors.torch import save_file
 
     ckpt = root / name
@@ -127,7 +155,8 @@ def test_atomic_write_text_leaves_the_old_file_when_the_write_fails(tmp_path, mo
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left"):
         atomic_write_text(path, "new\n" * 1000)
-    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"], "no partial or temporary file"
+    assert path.read_text() == "old\n" and [p.name
+            for p in tmp_path.iterdir()] == ["config.yaml"], "no partial or temporary file"
     monkeypatch.undo()
     atomic_write_text(path, "new\n")
     assert path.read_text() == "new\n" and len(list(tmp_path.iterdir())) == 1
@@ -146,7 +175,8 @@ def test_atomic_dir_is_complete_or_absent(tmp_path):
         with atomic_dir(target) as tmp:
             (tmp / "new.json").write_text("{}")
             raise RuntimeError("killed while saving")
-    assert [p.name for p in target.iterdir()] == ["old.json"] and list(tmp_path.iterdir()) == [target], "the old folder stays whole"
+    assert ([p.name for p in target.iterdir()] == ["old.json"]
+            and list(tmp_path.iterdir()) == [target]), "the old folder stays whole"
     with atomic_dir(target) as tmp:
         (tmp / "new.json").write_text("{}")
     assert [p.name for p in target.iterdir()] == ["new.json"], "a completed block replaces the folder"
@@ -158,10 +188,13 @@ def _write_run_folder(root: Path, model_dir: Path, model, iterations: list[int])
 
     run = root / "sokoban-t2po-test"
     (run / "checkpoints").mkdir(parents=True)
-    config = {"model": {"path": str(model_dir)}, "env": {"name": "sokoban", "options": {"dim_room": [5, 5]}, "val_options": {}},
-              "rollout": {"max_new_tokens": 12, "tti_budget": 7, "val_temperature": 0.6, "val_top_p": 0.95, "val_top_k": 20}}
+    config = {"model": {"path": str(model_dir)},
+              "env": {"name": "sokoban", "options": {"dim_room": [5, 5]}, "val_options": {}},
+              "rollout": {"max_new_tokens": 12, "tti_budget": 7, "val_temperature": 0.6, "val_top_p": 0.95,
+                          "val_top_k": 20}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(model,
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -183,47 +216,50 @@ def _logits(tokenizer, *models) -> list[torch.Tensor]:
 def test_run_folder_resolves_to_its_latest_checkpoint_merged(tiny_model_dir, tmp_path):
     base, _ = load_model(tiny_model_dir)
     run, peft_model = _write_run_folder(tmp_path, tiny_model_dir, base, [1, 2])
-    source = locate_policy(run)
+    source = locate_model(run)
     assert source.checkpoint == run / "checkpoints" / "iter_000002" and source.base == str(tiny_model_dir)
     assert source.short_name == "sokoban-t2po-test-iter_000002"
-    merged, tokenizer, description = resolve_policy(run)
+    merged, tokenizer, description = load_local_model(run)
     assert "LoRA adapter merged into" in description
     got, expected, plain = _logits(tokenizer, merged, peft_model, load_model(tiny_model_dir)[0])
     assert torch.allclose(got, expected, atol=1e-4), "merged weights act like base + adapter"
     assert not torch.allclose(got, plain, atol=1e-3), "the adapter changed the model"
     with pytest.raises(FileNotFoundError, match="incomplete"):
-        locate_policy(run / "checkpoints" / "iter_000099.tmp")
+        locate_model(run / "checkpoints" / "iter_000099.tmp")
 
 
 def test_locate_policy_on_each_kind_of_argument(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_model_dir)}, "rollout": {"tti": {"budget": 5}}}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_model_dir)},
+                                                     "rollout": {"tti": {"budget": 5}}}))
     with pytest.raises(FileNotFoundError, match="has no complete checkpoint yet"):
-        locate_policy(run)
+        locate_model(run)
     ckpt = _fake_checkpoint(run / "checkpoints", "iter_000004")
     for arg in (run, ckpt):  # a run folder, or one of its checkpoints
-        source = locate_policy(arg)
-        assert (source.checkpoint, source.run_dir, source.base, source.kind) == (ckpt, run, str(tiny_model_dir), "adapter")
+        source = locate_model(arg)
+        assert (source.checkpoint, source.run_dir, source.base, source.kind) == (ckpt, run,
+                                                                                 str(tiny_model_dir), "adapter")
         assert source.run_config.rollout.tti.budget == 5, "the run's config, typed"
     (run / "warmup_model").mkdir()
     (run / "warmup_model" / "config.json").write_text("{}")
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(run / "warmup_model" / "model.safetensors"))
-    assert locate_policy(run).base == str(run / "warmup_model"), "after a warm-up, checkpoints apply to the warm-up model"
+    assert locate_model(run).base == str(run
+                                         / "warmup_model"), "after a warm-up, checkpoints apply to the warm-up model"
 
-    hf = locate_policy(tiny_model_dir)
+    hf = locate_model(tiny_model_dir)
     assert hf.path == Path(tiny_model_dir).resolve() and hf.checkpoint is None and hf.run_config is None
-    assert locate_policy(None).path is None and locate_policy("smollm2-135m-instruct").checkpoint is None
+    assert locate_model(None).path is None and locate_model("smollm2-135m-instruct").checkpoint is None
     with pytest.raises(FileNotFoundError, match="is not a directory: pass a t2po run folder, a checkpoint folder"):
-        locate_policy(tmp_path / "no_such_model")
+        locate_model(tmp_path / "no_such_model")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no model"):
-        locate_policy(tmp_path / "empty")
+        locate_model(tmp_path / "empty")
     stray = _fake_checkpoint(tmp_path / "loose", "iter_000001")
     with pytest.raises(FileNotFoundError, match="not inside a t2po run folder"):
-        locate_policy(stray)
+        locate_model(stray)
 
 
 def test_combine_adapters_reads_target_modules_as_a_set(tmp_path):
@@ -236,9 +272,11 @@ def test_combine_adapters_reads_target_modules_as_a_set(tmp_path):
 
     def adapter(folder, modules, r, seed):
         folder.mkdir()
-        (folder / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": 2 * r, "target_modules": modules}))
+        (folder / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": 2 * r,
+                                                                "target_modules": modules}))
         g = torch.Generator().manual_seed(seed)
-        save_file({"m.lora_A.weight": torch.randn(r, 6, generator=g), "m.lora_B.weight": torch.randn(5, r, generator=g)},
+        save_file({"m.lora_A.weight": torch.randn(r, 6, generator=g),
+                   "m.lora_B.weight": torch.randn(5, r, generator=g)},
                   str(folder / "adapter_model.safetensors"))
 
     adapter(tmp_path / "warm", ["q_proj", "v_proj", "k_proj"], 2, 0)

@@ -19,8 +19,10 @@ def test_defaults_are_the_specs_and_a_dict_round_trip_keeps_them():
     assert cfg == Config()
     r = cfg.rollout
     assert (r.sampling.temperature, r.sampling.top_p, r.sampling.top_k) == (1.0, 1.0, 0)  # docs/method.md §6: training
-    assert (r.val_sampling.temperature, r.val_sampling.top_p, r.val_sampling.top_k) == (0.6, 0.95, 20)  # docs/method.md §6: validation
-    assert r.tti.enabled is None and r.tds.enabled is None and r.val_sampling.max_new_tokens is None  # left to the algorithm
+    # docs/method.md §6: validation
+    assert (r.val_sampling.temperature, r.val_sampling.top_p, r.val_sampling.top_k) == (0.6, 0.95, 20)
+    # left to the algorithm
+    assert r.tti.enabled is None and r.tds.enabled is None and r.val_sampling.max_new_tokens is None
     assert (r.tds.eta, r.tti.turn_score_skip, cfg.algo.name) == (0.3, 32, "t2po")
     # what a run folder stores (to_dict) reads back to the same config, for a preset far from the defaults
     preset = load_config("alfworld-cpu")
@@ -54,13 +56,17 @@ def test_preset_base_inheritance(tmp_path):
 
 
 def test_dotted_overrides_reach_nested_sections():
-    cfg = load_config("default", ["rollout.tti.patience=5", "rollout.tti.budget=450", "rollout.tds.eta=0.05", "rollout.tds.enabled=false",
-                                  "rollout.sampling.top_k=5", "rollout.val_sampling.temperature=0", "rollout.vllm.max_model_len=512",
-                                  "env.options.dim_room=[6,6]", "optim.lr=1e-5", "model.path=null", "trainer.trackers=[console]"])
+    cfg = load_config("default",
+            ["rollout.tti.patience=5", "rollout.tti.budget=450", "rollout.tds.eta=0.05", "rollout.tds.enabled=false",
+                                  "rollout.sampling.top_k=5", "rollout.val_sampling.temperature=0",
+                                  "rollout.vllm.max_model_len=512",
+                                  "env.options.dim_room=[6,6]", "optim.lr=1e-5", "model.path=null",
+                                  "trainer.trackers=[console]"])
     r = cfg.rollout
     assert (r.tti.patience, r.tti.budget, r.tds.eta, r.tds.enabled) == (5, 450, 0.05, False)
     assert (r.sampling.top_k, r.val_sampling.temperature, r.vllm.max_model_len) == (5, 0.0, 512)
-    assert cfg.env.options["dim_room"] == [6, 6] and cfg.env.options["num_boxes"] == 1, "one option set, the others kept"
+    assert cfg.env.options["dim_room"] == [6,
+                                           6] and cfg.env.options["num_boxes"] == 1, "one option set, the others kept"
     assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)  # YAML reads 1e-5 as a string
     assert cfg.model.path is None and cfg.trainer.trackers == ["console"]
     assert r.tti.alpha == Config().rollout.tti.alpha, "untouched keys of a section keep their value"
@@ -78,13 +84,15 @@ def test_config_typo_names_the_nearest_key():
 
 
 def test_unknown_nested_keys_name_the_nearest_valid_key():
-    with pytest.raises(ConfigError, match=r"Unknown config key 'rollout.tti.patiense' \(did you mean 'rollout.tti.patience'\?\)"):
+    with pytest.raises(ConfigError,
+                       match=r"Unknown config key 'rollout.tti.patiense' \(did you mean 'rollout.tti.patience'\?\)"):
         load_config("default", ["rollout.tti.patiense=5"])
     with pytest.raises(ConfigError, match="did you mean 'rollout.tds.max_try'"):
         load_config("default", ["rollout.tds.max_tries=3"])
     with pytest.raises(ConfigError, match="did you mean 'rollout.vllm.enforce_eager'"):
         load_config("default", ["rollout.vllm.enforce_eagre=true"])
-    with pytest.raises(ConfigError, match="rollout.vllm is a section; set its keys, e.g. rollout.vllm.gpu_memory_utilization="):
+    with pytest.raises(ConfigError,
+                       match="rollout.vllm is a section; set its keys, e.g. rollout.vllm.gpu_memory_utilization="):
         load_config("default", ["rollout.vllm=3"])
     with pytest.raises(ConfigError, match="t2po train --help-config"):
         load_config("default", ["nosuch.key=1"])
@@ -111,21 +119,27 @@ def test_bad_values_fail_when_the_config_is_read(override, message):
 
 def test_every_bad_value_is_named_in_one_error():
     with pytest.raises(ConfigError) as err:
-        load_config("default", ["optim.lr=-1", "rollout.num_tasks=0", "algo.dynamic_sampling=true", "rollout.tds.enabled=true"])
+        load_config("default",
+                    ["optim.lr=-1", "rollout.num_tasks=0", "algo.dynamic_sampling=true", "rollout.tds.enabled=true"])
     text = str(err.value)
     assert text.startswith("Invalid configuration:")
-    assert "optim.lr" in text and "rollout.num_tasks" in text and "algo.dynamic_sampling and rollout.tds.enabled are alternatives" in text
+    assert ("optim.lr" in text and "rollout.num_tasks" in text
+            and "algo.dynamic_sampling and rollout.tds.enabled are alternatives" in text)
 
 
 def test_renamed_flat_keys_are_read_with_their_new_names(capsys):
-    old = load_config("default", ["rollout.tds_eta=0.2", "rollout.temperature=0.7", "rollout.tti=false", "rollout.tti_budget=7",
+    old = load_config("default",
+                      ["rollout.tds_eta=0.2", "rollout.temperature=0.7", "rollout.tti=false", "rollout.tti_budget=7",
                                   "rollout.val_top_k=5", "rollout.vllm_enforce_eager=true"])
     err = capsys.readouterr().err
-    for old_key, new_key in [("rollout.tds_eta", "rollout.tds.eta"), ("rollout.temperature", "rollout.sampling.temperature"),
+    for old_key, new_key in [("rollout.tds_eta", "rollout.tds.eta"),
+                             ("rollout.temperature", "rollout.sampling.temperature"),
                              ("rollout.tti", "rollout.tti.enabled"), ("rollout.tti_budget", "rollout.tti.budget"),
-                             ("rollout.val_top_k", "rollout.val_sampling.top_k"), ("rollout.vllm_enforce_eager", "rollout.vllm.enforce_eager")]:
+                             ("rollout.val_top_k", "rollout.val_sampling.top_k"),
+                             ("rollout.vllm_enforce_eager", "rollout.vllm.enforce_eager")]:
         assert f"{old_key} -> {new_key}" in err
-    new = load_config("default", ["rollout.tds.eta=0.2", "rollout.sampling.temperature=0.7", "rollout.tti.enabled=false", "rollout.tti.budget=7",
+    new = load_config("default", ["rollout.tds.eta=0.2", "rollout.sampling.temperature=0.7",
+                                  "rollout.tti.enabled=false", "rollout.tti.budget=7",
                                   "rollout.val_sampling.top_k=5", "rollout.vllm.enforce_eager=true"])
     assert old == new and old.rollout.tds.eta == 0.2 and old.rollout.tti.enabled is False
     assert capsys.readouterr().err == "", "new keys: no message"
@@ -163,8 +177,10 @@ def test_load_run_config_reads_an_old_style_config_yaml(tmp_path, capsys):
     """A run written before the keys were renamed (flat rollout.tti_*, tds_*, val_* keys) loads with
     the new names and the same values."""
     old = {"env": {"name": "sokoban", "options": {"dim_room": [5, 5]}},
-           "rollout": {"max_new_tokens": 12, "temperature": 0.9, "tti": True, "tti_budget": 7, "tti_patience": 3, "alpha": 0.5,
-                       "tds": False, "tds_eta": 0.1, "val_temperature": 0.4, "val_top_p": 0.9, "vllm_kv_cache_gib": 2.0}}
+           "rollout": {"max_new_tokens": 12, "temperature": 0.9, "tti": True, "tti_budget": 7,
+                       "tti_patience": 3, "alpha": 0.5,
+                       "tds": False, "tds_eta": 0.1, "val_temperature": 0.4, "val_top_p": 0.9,
+                       "vllm_kv_cache_gib": 2.0}}
     cfg = load_run_config(_run_folder(tmp_path, old))
     r = cfg.rollout
     assert (r.sampling.max_new_tokens, r.sampling.temperature) == (12, 0.9)
@@ -190,7 +206,8 @@ def test_choice_lists_come_from_the_registries(monkeypatch):
         ALGORITHMS.pop("toy")
     with pytest.raises(ConfigError, match="rollout.engine: unknown engine 'toy_engine'; choose one of hf, vllm"):
         load_config("default", ["rollout.engine=toy_engine"])
-    monkeypatch.setitem(ENGINES, "toy_engine", EngineSpec("t2po.engines.hf:HFEngine", shares_policy_weights=True, reads_images=False))
+    monkeypatch.setitem(ENGINES, "toy_engine",
+                        EngineSpec("t2po.engines.hf:HFEngine", shares_policy_weights=True, reads_images=False))
     assert load_config("default", ["rollout.engine=toy_engine"]).rollout.engine == "toy_engine"
 
 
@@ -202,11 +219,13 @@ def test_resolved_rollout_fills_nulls_by_the_algorithm(monkeypatch):
     cfg, r = resolved("algo.name=t2po")
     assert (r.tti.enabled, r.tds.enabled) == (True, True)
     assert cfg.rollout.tti.enabled is None and cfg.rollout.tds.enabled is None, "the config keeps its nulls"
-    assert r.val_sampling.max_new_tokens == cfg.rollout.sampling.max_new_tokens == 40 and cfg.rollout.val_sampling.max_new_tokens is None
+    assert (r.val_sampling.max_new_tokens == cfg.rollout.sampling.max_new_tokens == 40
+            and cfg.rollout.val_sampling.max_new_tokens is None)
     for baseline in ("gigpo", "grpo", "rloo", "ppo"):
         _, r = resolved(f"algo.name={baseline}")
         assert (r.tti.enabled, r.tds.enabled) == (False, False), baseline
-    _, r = resolved("algo.name=grpo", "rollout.tti.enabled=true", "rollout.tds.enabled=true")  # explicit beats the algorithm's default
+    # explicit beats the algorithm's default
+    _, r = resolved("algo.name=grpo", "rollout.tti.enabled=true", "rollout.tds.enabled=true")
     assert (r.tti.enabled, r.tds.enabled) == (True, True)
     _, r = resolved("algo.name=t2po", "rollout.tds.enabled=false", "rollout.val_sampling.max_new_tokens=64")
     assert (r.tti.enabled, r.tds.enabled, r.val_sampling.max_new_tokens) == (True, False, 64)

@@ -35,8 +35,8 @@ from t2po.distributed import (
 )
 from t2po.engines.base import SamplingParams
 from t2po.engines.hf import HFEngine
+from t2po.forward import forward_micro_batch, make_micro_batch, pack_by_length
 from t2po.models import load_model
-from t2po.policy import forward_micro_batch, make_micro_batch, pack_by_length
 
 WORLD = 2
 MINI_BATCH = 4  # 7 samples -> mini-batches of 4 and 3, split unevenly between the ranks
@@ -52,7 +52,8 @@ def _batch(vocab: int):
     for k in range(7):
         prompt = torch.randint(3, vocab, (5 + 3 * k,), generator=g).tolist()
         response = torch.randint(3, vocab, (2 + (k * 5) % 7,), generator=g).tolist()
-        samples.append((prompt, response, float(torch.randn(1, generator=g)), (-3.0 - torch.rand(len(response), generator=g)).tolist()))
+        samples.append((prompt, response, float(torch.randn(1, generator=g)),
+                        (-3.0 - torch.rand(len(response), generator=g)).tolist()))
     return samples
 
 
@@ -112,7 +113,8 @@ def _rank_work(ctx, model_dir: str, out_dir: str) -> None:
         forward_micro_batch(model, make_micro_batch([0], [[5, 6, 7]], [[8, 9]], 0))
     # Generation on the sharded model: rank 1 decodes 3x more tokens, with no collective per step.
     with gathered(model):
-        gens = HFEngine(model, tokenizer).generate([tokenizer.encode("hello")], SamplingParams(temperature=0.0, max_new_tokens=4 + 8 * rank))
+        gens = HFEngine(model, tokenizer).generate([tokenizer.encode("hello")],
+                                                   SamplingParams(temperature=0.0, max_new_tokens=4 + 8 * rank))
     model.train()
     batch = _batch(model.config.vocab_size)
     mine = shard_tasks(list(range(len(batch))), ctx.rank, ctx.world_size)
@@ -128,7 +130,8 @@ def _rank_work(ctx, model_dir: str, out_dir: str) -> None:
         exp_avg = {f"{fqn}": s["exp_avg"].contiguous() for fqn, s in optim_full["state"].items()}
         save_file(exp_avg, os.path.join(out_dir, "exp_avg.safetensors"))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"loss": loss, "tasks": mine, "generated": gens[0].token_ids, "run_dir": from_rank0(f"runs/started-by-{rank}"),
+        json.dump({"loss": loss, "tasks": mine, "generated": gens[0].token_ids,
+                   "run_dir": from_rank0(f"runs/started-by-{rank}"),
                    "metrics": mean_over_ranks({"success": float(rank), f"only_rank{rank}": 1.0 + rank})}, f)
 
 
@@ -161,7 +164,8 @@ def test_generation_inside_gathered_matches_the_unsharded_model(two_ranks, tiny_
     _, ranks = two_ranks
     model, tokenizer = tiny_model
     for rank, seen in enumerate(ranks):
-        expected = HFEngine(model, tokenizer).generate([tokenizer.encode("hello")], SamplingParams(temperature=0.0, max_new_tokens=4 + 8 * rank))
+        expected = HFEngine(model, tokenizer).generate([tokenizer.encode("hello")],
+                                                       SamplingParams(temperature=0.0, max_new_tokens=4 + 8 * rank))
         assert seen["generated"] == expected[0].token_ids
 
 
@@ -187,7 +191,8 @@ def test_both_ranks_see_the_loss_of_a_single_process_run(two_ranks, tiny_model_d
 
 def test_sharded_checkpoint_of_two_ranks_loads_into_one_process(two_ranks, tiny_model_dir):
     out, _ = two_ranks
-    assert sorted(p.name for p in (out / "ckpt").glob("*.safetensors")) == [p.name for p in sorted((out / "ckpt").glob("shard-*.safetensors"))]
+    assert sorted(p.name for p in (out / "ckpt").glob("*.safetensors")) == [p.name
+            for p in sorted((out / "ckpt").glob("shard-*.safetensors"))]
     assert len(list((out / "ckpt").glob("*.safetensors"))) == 2, "one shard file per rank"
     model, _ = load_model(tiny_model_dir)
     optimizer = torch.optim.AdamW(model.parameters(), **OPTIM)

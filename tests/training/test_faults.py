@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from helpers import run_training
 from t2po.cli import main as cli_main
 from t2po.config import load_config
-from t2po.tracking import MLFLOW_STORE, MlflowTracker
+from t2po.tracking import MlflowTracker
 from t2po.testing import KILL_AT_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,10 +30,14 @@ ITERATIONS = 3
 
 def overrides(model_dir: Path, out: Path, *extra: str) -> list[str]:
     return [
-        f"model.path={model_dir}", f"trainer.output_dir={out}", "trainer.run_name=run", f"trainer.iterations={ITERATIONS}",
-        "trainer.trackers=[console]", "trainer.val_before_train=true", "trainer.val_every=2", "trainer.keep_checkpoints=3",
-        "trainer.trace_episodes=0", "trainer.report=false", "warmup.episodes=1", "warmup.epochs=1", "rollout.num_tasks=1",
-        "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1", "rollout.tti.turn_score_skip=0",
+        f"model.path={model_dir}", f"trainer.output_dir={out}", "trainer.run_name=run",
+            f"trainer.iterations={ITERATIONS}",
+        "trainer.trackers=[console]", "trainer.val_before_train=true", "trainer.val_every=2",
+            "trainer.keep_checkpoints=3",
+        "trainer.trace_episodes=0", "trainer.report=false", "warmup.episodes=1", "warmup.epochs=1",
+            "rollout.num_tasks=1",
+        "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1",
+            "rollout.tti.turn_score_skip=0",
         "env.options.max_steps=2", "optim.mini_batch_size=4", "model.lora_rank=4", *extra,
     ]
 
@@ -63,7 +66,8 @@ def run_in_child(cfg_overrides: list[str], run_dir: Path, resume: bool, kill_at:
         env[KILL_AT_ENV] = kill_at
     job = json.dumps({"overrides": cfg_overrides, "run_dir": str(run_dir) if resume else None, "resume": resume})
     with open(log, "a") as out:
-        code = subprocess.run([sys.executable, "-c", CHILD, job], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600).returncode
+        code = subprocess.run([sys.executable, "-c", CHILD, job], cwd=REPO, env=env, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=600).returncode
     return -code if code < 0 else code
 
 
@@ -98,8 +102,10 @@ def test_kill_at_every_phase_then_resume(killed_run):
     logs = {kill_at: log for kill_at, _, log in stages}
     # each resume continued from the checkpoint the kill left complete
     assert "resumed from" not in logs["validation:after_warmup"]  # no checkpoint yet: starts over at 0
-    assert f"resumed from {run_dir / 'checkpoints' / 'iter_000001'}" in logs["checkpoint:2"]  # redid 2 after the validation kill
-    assert f"resumed from {run_dir / 'checkpoints' / 'iter_000001'}" in logs["checkpoint:3"]  # checkpoint 2 was half written
+    # redid 2 after the validation kill
+    assert f"resumed from {run_dir / 'checkpoints' / 'iter_000001'}" in logs["checkpoint:2"]
+    # checkpoint 2 was half written
+    assert f"resumed from {run_dir / 'checkpoints' / 'iter_000001'}" in logs["checkpoint:3"]
     assert f"resumed from {run_dir / 'checkpoints' / 'iter_000002'}" in logs["validation:final"]
     assert f"resumed from {run_dir / 'checkpoints' / 'iter_000003'}" in logs[None]
     assert [m["iteration"] for m in records(run_dir / "metrics.jsonl")] == [1, 2, 3]
@@ -120,16 +126,39 @@ def test_mlflow_forgets_the_iterations_a_resume_redoes(tmp_path):
     first.close()
     resumed = MlflowTracker(tmp_path, {"a": 1})  # the same MLflow run (found by the run folder)
     assert resumed.run_id == first.run_id
+    first.client.log_artifact(first.run_id, str(_text_file(tmp_path / "note.txt")))
+    first.log_traces([{"seed": 7, "traj_id": 0, "group_id": 0, "metrics": {}, "won": False, "total_reward": 0.0,
+                       "truncated": False, "final_observation": "o", "steps": []}], "train", 1)
     resumed.forget_after(1)
     for step in (2, 3):
         resumed.log_metrics({"rollout/success_rate": step}, step)
     resumed.close()
-    with sqlite3.connect(tmp_path / MLFLOW_STORE) as db:
-        rows = db.execute("SELECT step, value FROM metrics WHERE key = 'rollout/success_rate' ORDER BY step").fetchall()
-        latest = db.execute("SELECT step, value FROM latest_metrics WHERE key = 'rollout/success_rate'").fetchall()
-        sft_steps = [s for (s,) in db.execute("SELECT step FROM metrics WHERE key = 'sft/loss' ORDER BY step")]
-    assert rows == [(1, 0.1), (2, 2.0), (3, 3.0)] and latest == [(3, 3.0)]
-    assert sft_steps == [1, 2, 3]  # the warm-up's epochs are not iterations
+    client = resumed.client
+    assert client.get_run(first.run_id).info.lifecycle_stage == "deleted" and resumed.run_id != first.run_id
+    runs = client.search_runs([resumed.experiment_id])
+    assert [r.info.run_id for r in runs] == [resumed.run_id] and runs[0].data.params == {"a": "1"}
+    assert runs[0].info.run_name == client.get_run(first.run_id).info.run_name
+    assert MlflowTracker(tmp_path, {"a": 1}).run_id == resumed.run_id  # the next resume finds the new run
+    rows = sorted((m.step, m.value) for m in client.get_metric_history(resumed.run_id, "rollout/success_rate"))
+    assert rows == [(1, 0.1), (2, 2.0), (3, 3.0)] and runs[0].data.metrics["rollout/success_rate"] == 3.0
+    # epochs, not iterations
+    assert sorted(m.step for m in client.get_metric_history(resumed.run_id, "sft/loss")) == [1, 2, 3]
+    assert [f.path for f in client.list_artifacts(resumed.run_id)] == ["note.txt"]
+    traces = client.search_traces(locations=[resumed.experiment_id], run_id=resumed.run_id)
+    assert [t.info.tags["t2po.task"] for t in traces] == ["7"]
+
+
+def _text_file(path):
+    path.write_text("kept across the resume\n")
+    return path
+
+
+def test_mlflow_run_with_nothing_to_forget_is_kept(tmp_path):
+    first = MlflowTracker(tmp_path, {"a": 1})
+    first.log_metrics({"rollout/success_rate": 0.5}, 1)
+    resumed = MlflowTracker(tmp_path, {"a": 1})
+    resumed.forget_after(1)
+    assert resumed.run_id == first.run_id
 
 
 def test_mlflow_forgets_a_warmup_that_is_redone(tmp_path):
@@ -144,14 +173,14 @@ def test_mlflow_forgets_a_warmup_that_is_redone(tmp_path):
     for epoch in (1, 2):
         resumed.log_metrics({"sft/loss": 4.0 - epoch}, epoch)
     resumed.close()
-    with sqlite3.connect(tmp_path / MLFLOW_STORE) as db:
-        rows = db.execute("SELECT step, value FROM metrics WHERE key = 'sft/loss' ORDER BY step").fetchall()
+    rows = sorted((m.step, m.value) for m in resumed.client.get_metric_history(resumed.run_id, "sft/loss"))
     assert rows == [(1, 3.0), (2, 2.0)]
 
 
 # damage done to the newest checkpoint: (file, new content from the old bytes, what the note says)
 CORRUPTIONS = {
-    "truncated adapter": ("adapter/adapter_model.safetensors", lambda b: b[: len(b) // 2], "adapter/adapter_model.safetensors cannot be read"),
+    "truncated adapter": ("adapter/adapter_model.safetensors", lambda b: b[: len(b) // 2],
+                          "adapter/adapter_model.safetensors cannot be read"),
     "empty trainer_state.json": ("trainer_state.json", lambda b: b"", "trainer_state.json is not JSON"),
     "0-byte optimizer": ("optimizer.safetensors", lambda b: b"", "optimizer.safetensors cannot be read"),
     "random RNG bytes": ("rng.safetensors", lambda b: os.urandom(len(b)), "rng.safetensors cannot be read"),
@@ -219,7 +248,8 @@ def _train_fails_cleanly(args: list[str], out: Path, capsys, expected: str) -> N
     err = capsys.readouterr().err
     assert err.count(expected) == 1, err  # said once
     # one message (progress bars of the model loading aside), no traceback
-    assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("t2po train: ")]) == 1, err
+    assert "Traceback" not in err and len([line for line in err.splitlines()
+                                           if line.startswith("t2po train: ")]) == 1, err
     assert not out.exists() or not any(out.iterdir()), f"left behind: {list(out.rglob('*'))}"
 
 
@@ -241,7 +271,8 @@ def test_bad_config_value_is_one_clear_line_and_leaves_nothing(tiny_model_dir, t
 @pytest.mark.parametrize("env", sorted(MISSING_DATA))
 def test_missing_data_dir_is_one_clear_line_and_leaves_nothing(tiny_model_dir, tmp_path, capsys, env):
     out = tmp_path / "runs"
-    args = [a for a in overrides(tiny_model_dir, out) if not a.startswith("env.options.") and not a.startswith("warmup.")]
+    args = [a for a in overrides(tiny_model_dir, out) if not a.startswith("env.options.")
+            and not a.startswith("warmup.")]
     args += [f"env.name={env}", f"env.options.{MISSING_DATA[env][1]}={tmp_path / 'nodata'}", "warmup.episodes=0"]
     _train_fails_cleanly(args, out, capsys, str(tmp_path / "nodata"))
 
@@ -255,7 +286,8 @@ def test_unwritable_output_dir_is_one_clear_line(tiny_model_dir, tmp_path, capsy
 
 def test_rft_collect_with_a_missing_policy_and_sft_on_bad_jsonl(tmp_path, capsys):
     out = tmp_path / "demos.jsonl"
-    assert cli_main(["rft", "collect", "sokoban", "--policy", "/nonexistent", "--episodes", "1", "--out", str(out)]) == 2
+    assert cli_main(["rft", "collect", "sokoban", "--policy", "/nonexistent", "--episodes", "1", "--out",
+                     str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("t2po rft: ") and "/nonexistent" in err and "Traceback" not in err
     assert not out.exists()
@@ -269,7 +301,9 @@ def test_rft_collect_with_a_missing_policy_and_sft_on_bad_jsonl(tmp_path, capsys
 
 def test_the_real_command_exits_2_without_a_traceback(tmp_path):
     """The same through a real `t2po` process (exit status, stderr, nothing written)."""
-    out = subprocess.run([sys.executable, "-m", "t2po.cli", "train", f"trainer.output_dir={tmp_path / 'runs'}", "trainer.save_every=0"],
-                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "t2po.cli", "train", f"trainer.output_dir={tmp_path / 'runs'}",
+                          "trainer.save_every=0"],
+                         capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert out.returncode == 2 and "trainer.save_every=0: must be >= 1" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "runs").exists()

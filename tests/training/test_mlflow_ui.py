@@ -22,7 +22,8 @@ from helpers import run_training
 from t2po.config import load_config
 from t2po.tracking import MLFLOW_EXPERIMENT, mlflow_store_uri, mlflow_ui_page
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install playwright==1.65.2)")
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="the playwright package is not installed (pip install playwright==1.65.2)")
 
 
 def chromium_path() -> str | None:
@@ -54,14 +55,17 @@ def ui(tiny_model_dir, tmp_path_factory):
     """A one-iteration tiny run with MLflow, and `mlflow ui` on its store (127.0.0.1, one worker, no job runners)."""
     out = tmp_path_factory.mktemp("ui")
     cfg = load_config("default", [
-        f"model.path={tiny_model_dir}", f"trainer.output_dir={out}", "trainer.run_name=ui-run", "trainer.trackers=[mlflow]",
-        "trainer.iterations=1", "trainer.val_before_train=false", "trainer.trace_episodes=1", "trainer.report=false", "warmup.episodes=0",
+        f"model.path={tiny_model_dir}", f"trainer.output_dir={out}", "trainer.run_name=ui-run",
+                                  "trainer.trackers=[mlflow]",
+        "trainer.iterations=1", "trainer.val_before_train=false", "trainer.trace_episodes=1", "trainer.report=false",
+                                  "warmup.episodes=0",
         "rollout.num_tasks=1", "rollout.group_size=2", "rollout.sampling.max_new_tokens=12", "rollout.val_num_tasks=1",
         "env.options.max_steps=2", "model.lora_rank=4"])
     run_dir = run_training(cfg).run_dir
     port = free_port()
     log = open(out / "mlflow-ui.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", mlflow_store_uri(run_dir), "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", mlflow_store_uri(run_dir),
+                             "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -92,7 +96,8 @@ def test_the_mlflow_ui_shows_the_run_a_metric_chart_and_a_traces_response(ui, br
     mlflow.set_tracking_uri(mlflow_store_uri(run_dir))
     experiment = mlflow.get_experiment_by_name(MLFLOW_EXPERIMENT)
     (run,) = mlflow.search_runs([experiment.experiment_id], output_format="list")
-    (trace,) = [t for t in mlflow.search_traces(locations=[experiment.experiment_id], return_type="list") if t.info.tags["t2po.phase"] == "train"]
+    (trace,) = [t for t in mlflow.search_traces(locations=[experiment.experiment_id], return_type="list")
+                if t.info.tags["t2po.phase"] == "train"]
     turn = next(s for s in trace.data.spans if s.name == "turn 0")
     grid = [row for row in turn.inputs["observation"].splitlines() if row.startswith("#")]
     # the tiny model's answers hold control characters, which a page does not show: compare the letters and digits
@@ -109,7 +114,8 @@ def test_the_mlflow_ui_shows_the_run_a_metric_chart_and_a_traces_response(ui, br
             page.get_by_text("ui-run", exact=True).first.wait_for()
             assert "/runs" in page.url
 
-            page.goto(f"{base}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}/model-metrics?workflowType=machine_learning")
+            page.goto(f"{base}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+                      "/model-metrics?workflowType=machine_learning")
             page.get_by_text("ui-run (actor/grad_norm)").first.wait_for()  # a chart's legend
             assert page.locator("svg").filter(has_text="Step").count() > 0  # the chart itself, with its step axis
 

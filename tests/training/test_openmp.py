@@ -20,7 +20,8 @@ print(json.dumps({"env": {k: os.environ.get(k) for k in ("GOMP_SPINCOUNT", "OMP_
 
 
 def _probe(**env: str) -> dict:
-    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "T2PO_OPENMP")}
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("GOMP_SPINCOUNT", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "T2PO_OPENMP")}
     out = subprocess.run([sys.executable, "-c", PROBE], env={**base, **env}, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
@@ -46,9 +47,12 @@ def test_a_users_own_values_win():
 def test_subprocesses_inherit_the_settings():
     # environment workers, the retrieval server and Ray workers are started from os.environ
     child = "import os; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_NUM_THREADS'))"
-    parent = f"import subprocess, sys, t2po; print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True).stdout)"
-    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "T2PO_OPENMP")}
-    out = subprocess.run([sys.executable, "-c", parent], env=base, capture_output=True, text=True, check=True).stdout.split()
+    parent = (f"import subprocess, sys, t2po; print(subprocess.run([sys.executable, '-c', {child!r}], "
+              "capture_output=True, text=True).stdout)")
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("GOMP_SPINCOUNT", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "T2PO_OPENMP")}
+    out = subprocess.run([sys.executable, "-c", parent], env=base, capture_output=True, text=True,
+                         check=True).stdout.split()
     assert out == [openmp.SPIN_COUNT, str(openmp.available_cpus())]
 
 

@@ -50,7 +50,8 @@ def test_paper_preset_sets_the_reference_values():
     # the documented scale adaptation: the reference's 32 skipped tokens of a 300-token WebShop response,
     # as the same share of this preset's response budget
     budget = r.sampling.max_new_tokens
-    assert r.tti.turn_score_skip == round(REFERENCE["record_token_min_length"] * budget / REFERENCE["webshop_max_response_length"])
+    assert r.tti.turn_score_skip == round(REFERENCE["record_token_min_length"] * budget
+                                          / REFERENCE["webshop_max_response_length"])
 
 
 def test_paper_preset_shares_the_main_jobs_warmup():

@@ -11,7 +11,8 @@ import pytest
 from t2po.config import ConfigError, list_presets, load_config
 from t2po.trainer.trainer import Trainer
 
-CPU_PRESETS = ["alfworld-cpu", "webshop-cpu", "search-cpu", "ezpoints-cpu", "points24-cpu", "numberline-cpu", "blackjack-cpu"]
+CPU_PRESETS = ["alfworld-cpu", "webshop-cpu", "search-cpu", "ezpoints-cpu", "points24-cpu", "numberline-cpu",
+               "blackjack-cpu"]
 GAMES = ["sokoban", "ezpoints", "points24", "numberline", "blackjack"]
 IMAGE_PRESETS = [f"{game}-image" for game in GAMES]  # paper-like: model.path is required
 
@@ -29,7 +30,8 @@ def test_every_preset_loads():
 def test_cpu_preset_trains_one_iteration(preset, tiny_model_dir, tmp_path):
     base = load_config(preset)
     overrides = [
-        f"model.path={tiny_model_dir}", "trainer.iterations=1", f"trainer.output_dir={tmp_path}", "trainer.run_name=run",
+        f"model.path={tiny_model_dir}", "trainer.iterations=1", f"trainer.output_dir={tmp_path}",
+                 "trainer.run_name=run",
         "trainer.trackers=[console]", "trainer.report=false", "trainer.val_before_train=false",
         "rollout.num_tasks=1", "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1",
         "env.options.max_steps=2", "model.lora_rank=4",
@@ -79,16 +81,20 @@ def test_image_preset_trains_through_the_command(game, tiny_vlm_dir, tmp_path):
     from t2po.cli import main
     from t2po.models import load_model
 
-    rc = main(["train", "--quiet", f"{game}-image-cpu", f"model.path={tiny_vlm_dir}", "trainer.iterations=1", f"trainer.output_dir={tmp_path}",
-               "trainer.run_name=run", "trainer.trackers=[console]", "trainer.report=false", "trainer.val_before_train=false",
-               "rollout.num_tasks=1", "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1",
+    rc = main(["train", "--quiet", f"{game}-image-cpu", f"model.path={tiny_vlm_dir}", "trainer.iterations=1",
+               f"trainer.output_dir={tmp_path}",
+               "trainer.run_name=run", "trainer.trackers=[console]", "trainer.report=false",
+               "trainer.val_before_train=false",
+               "rollout.num_tasks=1", "rollout.group_size=2", "rollout.sampling.max_new_tokens=8",
+               "rollout.val_num_tasks=1",
                "env.options.max_steps=2", "model.lora_rank=4", "warmup.episodes=1", "warmup.epochs=1"])
     assert rc == 0
     run = tmp_path / "run"
     assert json.loads((run / "summary.json").read_text())["after_rl"] is not None
     line = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert line["rollout/episodes"] == 2 and line["train/samples"] > 0
-    assert '"image": "data:image/png;base64,' in (run / "warmup_demos.jsonl").read_text()  # the warm-up saw the pictures
+    # the warm-up saw the pictures
+    assert '"image": "data:image/png;base64,' in (run / "warmup_demos.jsonl").read_text()
     _, tokenizer = load_model(run / "warmup_model")  # saved with its processor
     assert tokenizer.processor is not None
 
@@ -111,11 +117,17 @@ def test_eval_of_an_image_run_and_a_text_model_in_image_mode(tiny_vlm_dir, tiny_
     from t2po.cli import main
     from t2po.evaluate import main as evaluate
 
-    assert main(["train", "--quiet", "numberline-image-cpu", f"model.path={tiny_vlm_dir}", f"trainer.output_dir={tmp_path}", "trainer.run_name=run",
-                 "trainer.trackers=[console]", "trainer.report=false", "trainer.val_before_train=false", "warmup.episodes=0",
-                 "rollout.num_tasks=1", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1", "env.options.max_steps=2"]) == 0
+    assert main(["train", "--quiet", "numberline-image-cpu", f"model.path={tiny_vlm_dir}",
+                 f"trainer.output_dir={tmp_path}", "trainer.run_name=run",
+                 "trainer.trackers=[console]", "trainer.report=false", "trainer.val_before_train=false",
+                 "warmup.episodes=0",
+                 "rollout.num_tasks=1", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1",
+                 "env.options.max_steps=2"]) == 0
     # the run's LoRA checkpoint on its VLM base, with the run's own image options
-    assert evaluate(["numberline", str(tmp_path / "run"), "--episodes", "1", "--max-new-tokens", "8", "--out", str(tmp_path / "eval"), "--quiet"]) == 0
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["setup"]["env_options"]["observation_mode"] == "image"
-    rc = evaluate(["numberline", str(tiny_model_dir), "--episodes", "1", "--out", str(tmp_path / "text"), "--env-option", "observation_mode=image"])
+    assert evaluate(["numberline", str(tmp_path / "run"), "--episodes", "1", "--max-new-tokens", "8", "--out",
+                     str(tmp_path / "eval"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "eval"
+                       / "eval.json").read_text())["setup"]["env_options"]["observation_mode"] == "image"
+    rc = evaluate(["numberline", str(tiny_model_dir), "--episodes", "1", "--out", str(tmp_path / "text"),
+                   "--env-option", "observation_mode=image"])
     assert rc == 2 and "observation_mode=text" in capsys.readouterr().err

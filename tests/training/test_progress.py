@@ -28,17 +28,20 @@ def smoke_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
     """`t2po train smoke` on the tiny model (the smoke preset's phases: validation, warm-up, rollout,
     update, report)."""
     return ["train", "smoke", f"model.path={model_dir}", f"trainer.output_dir={out}", "trainer.run_name=run",
-            "warmup.episodes=2", "env.options.max_steps=2", "rollout.sampling.max_new_tokens=12", "model.lora_rank=4", *extra]
+            "warmup.episodes=2", "env.options.max_steps=2", "rollout.sampling.max_new_tokens=12",
+            "model.lora_rank=4", *extra]
 
 
 def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def test_smoke_run_with_stdout_in_a_file_prints_progress_inside_each_phase_and_keeps_train_log(tiny_model_dir, tmp_path):
+def test_smoke_run_with_stdout_in_a_file_prints_progress_inside_each_phase_and_keeps_train_log(tiny_model_dir,
+                                                                                               tmp_path):
     out_file = tmp_path / "stdout.txt"
     with open(out_file, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "t2po.cli", *smoke_args(tiny_model_dir, tmp_path)], stdout=f, stderr=subprocess.STDOUT,
+        proc = subprocess.run([sys.executable, "-m", "t2po.cli", *smoke_args(tiny_model_dir, tmp_path)], stdout=f,
+                              stderr=subprocess.STDOUT,
                               env=env(), timeout=600)
     text = out_file.read_text()
     assert proc.returncode == 0, text
@@ -78,7 +81,8 @@ def test_progress_on_a_terminal_draws_a_bar_and_logs_lines(monkeypatch, tmp_path
     assert sys.stdout is terminal
     assert "\r[phase]:" in terminal.getvalue()  # tqdm's bar
     # the log has the first and the last count as lines, no bar redraws
-    assert (tmp_path / "train.log").read_text().splitlines() == ["[phase] 1/10 steps, x (0s, ~0s left)", "[phase] 10/10 steps, x (0s)"]
+    assert (tmp_path / "train.log").read_text().splitlines() == ["[phase] 1/10 steps, x (0s, ~0s left)",
+                                                                 "[phase] 10/10 steps, x (0s)"]
 
 
 def test_quiet_progress_prints_nothing(capsys):
@@ -93,7 +97,8 @@ def _status(run_dir: Path) -> str:
     return runs[0].info.status
 
 
-def test_a_run_that_fails_ends_failed_in_mlflow_with_its_traceback_in_train_log(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_a_run_that_fails_ends_failed_in_mlflow_with_its_traceback_in_train_log(tiny_model_dir, tmp_path,
+                                                                                monkeypatch, capsys):
     def broken(self, it):
         raise RuntimeError("out of memory in iteration 1")
 
@@ -124,7 +129,8 @@ def test_ctrl_c_says_so(tiny_model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "iteration", interrupted)
     assert cli.main(smoke_args(tiny_model_dir, tmp_path, "warmup.episodes=0", "trainer.val_before_train=false")) == 130
-    assert "t2po train: stopped (Ctrl-C); continue with: t2po train --resume" in (tmp_path / "run" / "train.log").read_text()
+    assert "t2po train: stopped (Ctrl-C); continue with: t2po train --resume" in (tmp_path / "run"
+                                                                                  / "train.log").read_text()
 
 
 def test_phase_timer_takes_inner_phases_out_of_the_outer_one(monkeypatch):
@@ -145,7 +151,8 @@ def test_work_inside_a_step_shows_in_the_periodic_line_with_the_time_left_at_the
     with Progress(4, "[rollout iter 2]", "episode", expected_seconds=3600):
         activity("generating token 7/512, 32/32 rows")  # what the engine's decode loop reports
     activity("no bar open: nothing")
-    assert capsys.readouterr().out == "[rollout iter 2] 0/4 episodes, generating token 7/512, 32/32 rows (0s, ~3600s left)\n"
+    assert (capsys.readouterr().out
+            == "[rollout iter 2] 0/4 episodes, generating token 7/512, 32/32 rows (0s, ~3600s left)\n")
 
 
 def test_iteration_phases_add_up_to_its_wall_time_and_the_run_time_spans_resumes(tiny_model_dir, tmp_path, capsys):
@@ -155,9 +162,12 @@ def test_iteration_phases_add_up_to_its_wall_time_and_the_run_time_spans_resumes
     from t2po.trainer.trainer import PHASE_LABELS
 
     def run(iterations: int, resume: bool) -> dict:
-        overrides = tiny_overrides(tiny_model_dir, tmp_path, iterations=iterations) + ["trainer.val_every=1", "algo.kl_coef=0.05",
-                                                                                      "model.dtype=float32", "trainer.threads=1"]
-        trainer = Trainer(load_config("default", overrides), run_dir=tmp_path / "run" if resume else None, resume=resume)
+        overrides = tiny_overrides(tiny_model_dir, tmp_path, iterations=iterations) + ["trainer.val_every=1",
+                                                                                       "algo.kl_coef=0.05",
+                                                                                      "model.dtype=float32",
+                                                                                       "trainer.threads=1"]
+        trainer = Trainer(load_config("default", overrides), run_dir=tmp_path / "run" if resume
+                          else None, resume=resume)
         try:
             trainer.setup()
             return trainer.train()
@@ -166,11 +176,13 @@ def test_iteration_phases_add_up_to_its_wall_time_and_the_run_time_spans_resumes
 
     run(2, resume=False)
     out = capsys.readouterr().out
-    assert f"[setup] device cpu, float32 (model.dtype=float32), 1 CPU thread (trainer.threads=1); model: {tiny_model_dir}" in out
+    assert ("[setup] device cpu, float32 (model.dtype=float32), 1 CPU thread (trainer.threads=1); model: "
+            f"{tiny_model_dir}" in out)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for m in lines:
         phases = {k: v for k, v in m.items() if k.startswith("time/") and k != "time/iteration"}
-        expected = {f"time/{p}" for p, _ in PHASE_LABELS} - ({"time/validation"} if m["iteration"] == 2 else set())  # none after the last
+        # none after the last
+        expected = {f"time/{p}" for p, _ in PHASE_LABELS} - ({"time/validation"} if m["iteration"] == 2 else set())
         assert set(phases) == expected
         assert sum(phases.values()) == pytest.approx(m["time/iteration"], rel=0.05)
         line = next(x for x in out.splitlines() if x.startswith(f"[iter {m['iteration']}/2]"))
@@ -184,4 +196,5 @@ def test_iteration_phases_add_up_to_its_wall_time_and_the_run_time_spans_resumes
     validation = [json.loads(x) for x in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
     final = next(v["seconds"] for v in validation if v["tag"] == "final")
     assert summary["seconds"] == pytest.approx(sum(m["time/iteration"] for m in lines) + final)  # both sessions
-    assert "1 iteration," not in format_summary({**summary, "iterations": 3}) and "1 iteration," in format_summary({**summary, "iterations": 1})
+    assert "1 iteration," not in format_summary({**summary,
+            "iterations": 3}) and "1 iteration," in format_summary({**summary, "iterations": 1})

@@ -38,7 +38,8 @@ class SayYes(BatchEnv):
                 continue
             self.turns[i] += 1
             won = action.strip().lower() == "yes"
-            out.append(EnvState(f"Try {self.turns[i]}: is the sky blue?", reward=float(won), won=won, done=won or self.turns[i] >= self.max_steps))
+            out.append(EnvState(f"Try {self.turns[i]}: is the sky blue?", reward=float(won), won=won, done=won
+                                or self.turns[i] >= self.max_steps))
         return out
 
     def render_prompt(self, index: int, history: list[tuple[str, str]], state: EnvState) -> str:
@@ -62,24 +63,32 @@ def toy_registrations():
 
 
 def test_a_registered_estimator_and_environment_train(toy_registrations, tiny_model_dir, tmp_path):
-    cfg = load_config("default", [f"model.path={tiny_model_dir}", "env.name=say_yes", "env.options.max_steps=2", "algo.name=toy_ones",
-                                  "trainer.iterations=1", f"trainer.output_dir={tmp_path}", "trainer.run_name=toy", "trainer.trackers=[console]",
-                                  "trainer.val_before_train=false", "trainer.report=false", "warmup.episodes=0", "rollout.num_tasks=2",
-                                  "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1",
-                                  "rollout.tti.turn_score_skip=0", "optim.lr=1e-2", "optim.mini_batch_size=4", "model.lora_rank=4"])
+    cfg = load_config("default",
+            [f"model.path={tiny_model_dir}", "env.name=say_yes", "env.options.max_steps=2", "algo.name=toy_ones",
+                                  "trainer.iterations=1", f"trainer.output_dir={tmp_path}", "trainer.run_name=toy",
+                                  "trainer.trackers=[console]",
+                                  "trainer.val_before_train=false", "trainer.report=false", "warmup.episodes=0",
+                                  "rollout.num_tasks=2",
+                                  "rollout.group_size=2", "rollout.sampling.max_new_tokens=8",
+                                  "rollout.val_num_tasks=1",
+                                  "rollout.tti.turn_score_skip=0", "optim.lr=1e-2", "optim.mini_batch_size=4",
+                                  "model.lora_rank=4"])
     # the registration's defaults apply where the config says null: no TTI, no TDS for toy_ones
-    assert cfg.rollout.tti.enabled is None and cfg.resolved_rollout().tti.enabled is False and cfg.resolved_rollout().tds.enabled is False
+    assert (cfg.rollout.tti.enabled is None and cfg.resolved_rollout().tti.enabled is False
+            and cfg.resolved_rollout().tds.enabled is False)
     trainer = Trainer(cfg, quiet=True)
     trainer.setup()
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     trainer.cleanup()
-    assert SayYes.resets[0] == [s for s in trainer.task_seeds(0) for _ in range(2)], "training did not play the registered environment"
+    assert SayYes.resets[0] == [s for s in trainer.task_seeds(0)
+                                for _ in range(2)], "training did not play the registered environment"
     metrics = json.loads((trainer.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert toy_registrations == [metrics["train/samples"]] and metrics["adv/toy_samples"] == metrics["train/samples"]
     assert metrics["adv/mean"] == 1.0
     after = dict(trainer.model.named_parameters())
-    assert any(not torch.equal(before[n], after[n].detach()) for n in before), "the toy advantages did not update the policy"
+    assert any(not torch.equal(before[n], after[n].detach())
+               for n in before), "the toy advantages did not update the policy"
 
 
 def test_unregistered_names_are_config_errors():

@@ -17,8 +17,10 @@ from t2po.config import load_config
 from t2po.report import PANELS, draw_panel, group_runs, load_run, main, write_report
 from t2po.trainer.trainer import Trainer
 
-EXPECTED_PLOTS = ["success_rate", "episode_reward", "invalid_action_rate", "response_length", "clip_ratio", "kl", "grad_norm", "entropy", "tti_triggers", "think_length",
-                  "tds_flag_rate", "tds_delta", "tds_extra_tokens", "tokens", "validation_success", "time_split", "overview"]
+EXPECTED_PLOTS = ["success_rate", "episode_reward", "invalid_action_rate", "response_length", "clip_ratio", "kl",
+                  "grad_norm", "entropy", "tti_triggers", "think_length",
+                  "tds_flag_rate", "tds_delta", "tds_extra_tokens", "tokens", "validation_success",
+                  "time_split", "overview"]
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +30,12 @@ def two_seeds(tiny_model_dir, tmp_path_factory) -> list[Path]:
     dirs = []
     for seed in (0, 1):
         cfg = load_config("default", [
-            f"model.path={tiny_model_dir}", f"trainer.output_dir={out}", f"trainer.run_name=seed{seed}", f"trainer.seed={seed}",
-            "trainer.trackers=[console]", "trainer.iterations=2", "trainer.val_before_train=true", "trainer.trace_episodes=0",
-            "warmup.episodes=0", "rollout.num_tasks=2", "rollout.group_size=2", "rollout.sampling.max_new_tokens=12", "rollout.val_num_tasks=1",
+            f"model.path={tiny_model_dir}", f"trainer.output_dir={out}", f"trainer.run_name=seed{seed}",
+                                      f"trainer.seed={seed}",
+            "trainer.trackers=[console]", "trainer.iterations=2", "trainer.val_before_train=true",
+                                      "trainer.trace_episodes=0",
+            "warmup.episodes=0", "rollout.num_tasks=2", "rollout.group_size=2", "rollout.sampling.max_new_tokens=12",
+                                      "rollout.val_num_tasks=1",
             "rollout.tti.turn_score_skip=0", "env.options.max_steps=2", "optim.mini_batch_size=4", "model.lora_rank=4"])
         trainer = Trainer(cfg, quiet=True)
         try:
@@ -93,16 +98,20 @@ def fake_run(root: Path, name: str, algo: str, seed: int, success: list[float], 
     """A run folder in the trainer's format with hand-chosen numbers."""
     run = root / name
     run.mkdir(parents=True)
-    cfg = load_config("default", [f"algo.name={algo}", f"trainer.seed={seed}", f"trainer.run_name={name}", "trainer.iterations=3"]).to_dict()
+    cfg = load_config("default",
+            [f"algo.name={algo}", f"trainer.seed={seed}", f"trainer.run_name={name}", "trainer.iterations=3"]).to_dict()
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    lines = [json.dumps({"iteration": k + 1, "rollout/success_rate": s, "time/rollout": 2.0, "time/update": 1.0, "time/iteration": 3.5})
+    lines = [json.dumps({"iteration": k + 1, "rollout/success_rate": s, "time/rollout": 2.0, "time/update": 1.0,
+                         "time/iteration": 3.5})
              for k, s in enumerate(success)]
     if not finished:
         lines.append('{"iteration": 9, "rollout/succ')  # killed while writing
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    val = [{"tag": "before", "success_rate": 0.1, "invalid_action_rate": 0.5, "episode_reward": 0.0, "episode_length": 3.0}]
+    val = [{"tag": "before", "success_rate": 0.1, "invalid_action_rate": 0.5, "episode_reward": 0.0,
+            "episode_length": 3.0}]
     if finished:
-        val.append({"tag": "final", "success_rate": success[-1], "invalid_action_rate": 0.0, "episode_reward": 1.0, "episode_length": 3.0})
+        val.append({"tag": "final", "success_rate": success[-1], "invalid_action_rate": 0.0, "episode_reward": 1.0,
+                    "episode_length": 3.0})
         (run / "summary.json").write_text(json.dumps({"seconds": 600.0}))
     (run / "validation.jsonl").write_text("".join(json.dumps(v) + "\n" for v in val))
     return run
@@ -136,7 +145,8 @@ def _metrics_run(root: Path, name: str, rows: list[dict]) -> Path:
     run = root / name
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(load_config("default", [f"trainer.run_name={name}"]).to_dict()))
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"iteration": k + 1, **r}) + "\n" for k, r in enumerate(rows)))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"iteration": k + 1, **r}) + "\n"
+                                               for k, r in enumerate(rows)))
     return run
 
 
@@ -199,7 +209,8 @@ def test_mlflow_export_puts_all_runs_in_one_store(tmp_path):
     by_name = {r.info.run_name: r for r in runs}
     assert sorted(by_name) == ["grpo-s0", "t2po-s0"]
     assert by_name["grpo-s0"].data.params["algo.name"] == "grpo"
-    history = sorted(client.get_metric_history(by_name["t2po-s0"].info.run_id, "rollout/success_rate"), key=lambda m: m.step)
+    history = sorted(client.get_metric_history(by_name["t2po-s0"].info.run_id, "rollout/success_rate"),
+                     key=lambda m: m.step)
     assert [(m.step, m.value) for m in history] == [(1, 0.0), (2, 0.5), (3, 0.75)]
     assert by_name["t2po-s0"].data.metrics["val/success_rate"] == 0.75
     # exporting again replaces the copy instead of duplicating the runs
@@ -216,7 +227,8 @@ def test_one_runs_validation_band_is_the_binomial_interval_and_figures_carry_the
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["rollout"]["val_num_tasks"] = 10
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    (run / "validation.jsonl").write_text("".join(json.dumps({"tag": t, "success_rate": r}) + "\n" for t, r in (("before", 0.0), ("final", 0.5))))
+    (run / "validation.jsonl").write_text("".join(json.dumps({"tag": t, "success_rate": r}) + "\n"
+                                                  for t, r in (("before", 0.0), ("final", 0.5))))
     groups = group_runs([load_run(run)])
     fig = Figure()
     ax = fig.add_subplot()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from t2po.engines.base import InterventionConfig, SamplingParams
 from t2po.engines.hf import HFEngine
 from t2po.envs import make_env
 from t2po.policies import EnginePolicy
-from t2po.rollout import Episode, RolloutSettings, StepSample, TDSConfig, call_seed, collect_rollouts, rollout_stats
+from t2po.rollout import (Episode, RolloutSettings, StepSample, StepTrace, TDSConfig, call_seed,
+                          collect_rollouts, rollout_stats)
 
 
 class RecordingEngine(HFEngine):
@@ -38,7 +40,13 @@ def engine(tiny_model):
 def _run(engine, tds=None, seed=0, max_steps=3):
     env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=max_steps)
     policy = EnginePolicy(engine, SamplingParams(max_new_tokens=10), InterventionConfig(turn_score_skip=0))
-    return collect_rollouts(policy, env, [3, 4], RolloutSettings(group_size=2), seed=seed, resampler=TDSResampler(tds) if tds else None)
+    return collect_rollouts(policy, env, [3, 4], RolloutSettings(group_size=2), seed=seed, resampler=TDSResampler(tds)
+                            if tds else None)
+
+
+def _steps(result):
+    """Each step's training record and trace record as one namespace (the assertions read both)."""
+    return [SimpleNamespace(**vars(s), **vars(t)) for s, t in zip(result.samples, result.traces, strict=True)]
 
 
 def _split_calls(calls):
@@ -73,13 +81,14 @@ def test_tds_regenerates_exactly_the_flagged_rows(engine, tiny_model):
     _, regen = _split_calls(engine.calls)
     regenerated_rows = sum(len(p) for p, _ in regen)
     assert regenerated_rows > 0, "TDS regenerated nothing"
-    assert regenerated_rows == sum(s.resampled for s in result.samples)
+    assert regenerated_rows == sum(s.resampled for s in result.traces)
     assert result.stats.get("tds_regenerations", 0) == regenerated_rows
-    assert all(s.resampled == 0 for s in result.samples if s.step == 0), "no previous turn: never resampled"
-    assert {s.traj_id for s in result.samples if s.step == 1 and s.resampled} == flagged, "second turns: exactly those with 0 < |delta| < eta"
+    assert all(s.resampled == 0 for s in _steps(result) if s.step == 0), "no previous turn: never resampled"
+    assert {s.traj_id for s in _steps(result) if s.step == 1
+            and s.resampled} == flagged, "second turns: exactly those with 0 < |delta| < eta"
     # against the run without TDS: same first turns, the flagged second turns replaced, the others kept
     plain = {(s.traj_id, s.step): s.response_ids for s in off.samples}
-    assert off.stats.get("tds_regenerations", 0) == 0 and not any(s.resampled for s in off.samples)
+    assert off.stats.get("tds_regenerations", 0) == 0 and not any(s.resampled for s in off.traces)
     for s in result.samples:
         if s.step == 0 or (s.step == 1 and s.traj_id not in flagged):
             assert s.response_ids == plain[s.traj_id, s.step]
@@ -92,7 +101,7 @@ def test_tds_flags_follow_the_rule(engine, tiny_model):
     eta, _, _ = _separating_eta(tiny_model)
     result = _run(engine, TDSConfig(eta=eta, max_try=1))
     by_traj = {}
-    for s in result.samples:
+    for s in _steps(result):
         by_traj.setdefault(s.traj_id, []).append(s)
     # accepted turn scores in step order per trajectory, and the first-sample scores from the engine calls
     n_flagged = 0
@@ -122,10 +131,11 @@ def test_random_resampling_control_redraws_as_many_turns_chosen_at_random(engine
     redraws 2 turns too, the ones its seeded generator picks (not the rule's), and reports the rule's band."""
     eta, flagged, _ = _separating_eta(tiny_model)
     result = _run(engine, TDSConfig(eta=eta, max_try=1, control="random"))
-    second = sorted((s for s in result.samples if s.step == 1), key=lambda s: s.traj_id)
+    second = sorted((s for s in _steps(result) if s.step == 1), key=lambda s: s.traj_id)
     picked = {s.traj_id for s in second if s.resampled}
     rng = np.random.default_rng(call_seed(0, 1, 0))
-    expected = set(np.flatnonzero(random_resample_mask(np.isin(np.arange(4), list(flagged)), np.ones(4, dtype=bool), rng)))
+    expected = set(np.flatnonzero(random_resample_mask(np.isin(np.arange(4), list(flagged)),
+                                                       np.ones(4, dtype=bool), rng)))
     assert expected != flagged, "the control's draw equals the rule's choice here: this test would show nothing"
     assert picked == expected and len(picked) == len(flagged)
     assert {s.traj_id for s in second if s.tds_in_band[0]} == flagged
@@ -145,7 +155,7 @@ def test_recorded_ids_are_the_engines_ids_and_rollouts_are_deterministic(engine,
 def test_invalid_outputs_are_penalised_not_fatal(engine):
     result = _run(engine, None)
     # a random tiny model almost never writes the strict format
-    invalid = [s for s in result.samples if not s.valid]
+    invalid = [s for s in _steps(result) if not s.valid]
     assert invalid, "expected invalid actions from a random model"
     for s in invalid:
         assert s.reward == pytest.approx(s.env_reward - 0.1)
@@ -166,7 +176,8 @@ class ScriptedAgent:
 
         self.requests.append((prompt, seed))
         text = self.script[prompt]
-        return APIReply(text, prompt_tokens=7, completion_tokens=3, finish_reason="stop" if text else "empty", attempts=1)
+        return APIReply(text, prompt_tokens=7, completion_tokens=3, finish_reason="stop" if text
+                        else "empty", attempts=1)
 
 
 def test_api_policy_plays_by_the_training_loops_rules(engine):
@@ -178,52 +189,68 @@ def test_api_policy_plays_by_the_training_loops_rules(engine):
     env = make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3)
     local = collect_rollouts(EnginePolicy(engine, SamplingParams(max_new_tokens=10), InterventionConfig()), env, [3, 4],
                              RolloutSettings(invalid_action_penalty=0.25), seed=5)
-    script = {s.prompt_text: s.response_text for s in local.samples}
+    script = {s.prompt_text: s.response_text for s in local.traces}
     assert len(script) == len(local.samples) and any(not s.valid for s in local.samples)
     agent = ScriptedAgent(script)
     api = collect_rollouts(APIPolicy(agent), env, [3, 4], RolloutSettings(invalid_action_penalty=0.25), seed=5)
     for a, b in zip(local.episodes, api.episodes, strict=True):
         assert a.observations == b.observations and a.won == b.won and a.total_reward == b.total_reward
-        assert [(s.action, s.valid, s.reward) for s in a.samples] == [(s.action, s.valid, s.reward) for s in b.samples]
-    assert all(s.prompt_text in engine.tokenizer.decode(s.prompt_ids) for s in local.samples), "the user message of the engine's chat prompt"
-    assert agent.requests[0] == (local.samples[0].prompt_text, call_seed(5, 0, 0) % (2**31 - 1))
-    assert all(s.usage["completion_tokens"] == 3 and s.prompt_ids == [] for s in api.samples)
+        assert [(t.action, s.valid, s.reward) for s, t in zip(a.samples, a.traces)] == [
+            (t.action, s.valid, s.reward) for s, t in zip(b.samples, b.traces)]
+    assert all(s.prompt_text in engine.tokenizer.decode(s.prompt_ids)
+               for s in _steps(local)), "the user message of the engine's chat prompt"
+    assert agent.requests[0] == (local.traces[0].prompt_text, call_seed(5, 0, 0) % (2**31 - 1))
+    assert all(s.usage["completion_tokens"] == 3 and s.prompt_ids == [] for s in _steps(api))
 
 
 def test_stats_count_responses_cut_at_the_token_limit_and_the_length_range():
     """verl's response_length/clip_ratio: the fraction of responses that ended at max_new_tokens."""
-    from t2po.rollout import Episode, StepSample, rollout_stats
+    def sample(n_tokens: int) -> StepSample:
+        return StepSample(prompt_ids=[1], response_ids=[2] * n_tokens, forced_mask=[False] * n_tokens,
+                          rollout_logprobs=[0.0] * n_tokens,
+                          reward=0.0, env_reward=0.0, done=False, valid=True, anchor_obs="o", group_id=0,
+                          traj_id=0, step=0,
+                          turn_score=0.0)
 
-    def sample(n_tokens: int, finish: str) -> StepSample:
-        return StepSample(prompt_ids=[1], response_ids=[2] * n_tokens, forced_mask=[False] * n_tokens, rollout_logprobs=[0.0] * n_tokens,
-                          reward=0.0, env_reward=0.0, done=False, valid=True, anchor_obs="o", group_id=0, traj_id=0, step=0,
-                          turn_score=0.0, response_text="", action="", finish_reason=finish)
-
-    samples = [sample(3, "stop"), sample(8, "length"), sample(5, "stop"), sample(8, "length")]
-    episode = Episode(traj_id=0, group_id=0, seed=0, samples=samples, won=False, total_reward=0.0, truncated=True, metrics={}, observations=[])
+    samples = [sample(3), sample(8), sample(5), sample(8)]
+    traces = [StepTrace("", "", finish_reason=finish) for finish in ("stop", "length", "stop", "length")]
+    episode = Episode(traj_id=0, group_id=0, seed=0, samples=samples, traces=traces, won=False,
+                      total_reward=0.0, truncated=True,
+                      metrics={}, observations=[])
     stats = rollout_stats([episode])
     assert stats["clip_ratio"] == 0.5
     assert (stats["response_length_min"], stats["response_length"], stats["response_length_max"]) == (3.0, 6.0, 8.0)
 
 
-def _sample(step, delta, resampled=0, think=0, in_band=(False, False), kept=math.nan, discarded=()):
-    return StepSample(prompt_ids=[1], response_ids=[2] * 5, forced_mask=[False] * 5, rollout_logprobs=[0.0] * 5, reward=0.0, env_reward=0.0,
-                      done=False, valid=True, anchor_obs="", group_id=0, traj_id=0, step=step, turn_score=0.5, response_text="",
-                      action="", resampled=resampled, tds_delta=delta, think_length=think, tds_in_band=in_band,
-                      tds_kept_delta=kept, discarded=[{"tds_delta": d} for d in discarded])
+def _step(step, delta, resampled=0, think=0, in_band=(False, False), kept=math.nan, discarded=()):
+    """(training record, trace record) of one step."""
+    return (StepSample(prompt_ids=[1], response_ids=[2] * 5, forced_mask=[False] * 5,
+                       rollout_logprobs=[0.0] * 5, reward=0.0,
+                       env_reward=0.0, done=False, valid=True, anchor_obs="", group_id=0, traj_id=0,
+                       step=step, turn_score=0.5),
+            StepTrace(response_text="", action="", resampled=resampled, tds_delta=delta, think_length=think,
+                      tds_in_band=in_band,
+                      tds_kept_delta=kept, discarded=[{"tds_delta": d} for d in discarded]))
 
 
 def test_exploration_diagnostics_by_hand():
     """Flag rate over eligible turns (not all steps), the in-band share of eligible turns before and after
-    resampling, |delta| of kept vs discarded samples, delta percentiles (numpy linear), think p90, extra-token fraction."""
-    samples = [_sample(0, math.nan, think=0), _sample(1, 0.1, resampled=1, think=10, in_band=(True, False), kept=0.4, discarded=[0.1]),
-               _sample(1, 0.5, think=20, kept=0.5), _sample(2, 0.2, resampled=2, think=30, in_band=(True, True), kept=0.25, discarded=[0.2, 0.15])]
-    episode = Episode(traj_id=0, group_id=0, seed=0, samples=samples, won=False, total_reward=0.0, truncated=True, metrics={}, observations=[])
+    resampling, |delta| of kept vs discarded samples, delta percentiles (numpy linear), think p90, extra-token
+    fraction."""
+    steps = [_step(0, math.nan, think=0),
+             _step(1, 0.1, resampled=1, think=10, in_band=(True, False), kept=0.4, discarded=[0.1]),
+             _step(1, 0.5, think=20, kept=0.5),
+             _step(2, 0.2, resampled=2, think=30, in_band=(True, True), kept=0.25, discarded=[0.2, 0.15])]
+    episode = Episode(traj_id=0, group_id=0, seed=0, samples=[s for s, _ in steps],
+                      traces=[t for _, t in steps], won=False,
+                      total_reward=0.0, truncated=True, metrics={}, observations=[])
     stats = rollout_stats([episode], {"generated_tokens": 200, "tds_extra_tokens": 50, "tds_eligible_turns": 3})
     assert stats["tds_flag_rate"] == pytest.approx(2 / 3)  # 2 of the 3 eligible turns (the first turn is not)
     assert stats["tds_inband_before"] == pytest.approx(2 / 3) and stats["tds_inband_after"] == pytest.approx(1 / 3)
-    assert (stats["tds_kept_delta_mean"], stats["tds_kept_delta_p50"]) == pytest.approx((0.325, 0.325))  # kept of the 2 regenerated
-    assert (stats["tds_discarded_delta_mean"], stats["tds_discarded_delta_p50"]) == pytest.approx((0.15, 0.15))  # 0.1, 0.2, 0.15
+    # kept of the 2 regenerated
+    assert (stats["tds_kept_delta_mean"], stats["tds_kept_delta_p50"]) == pytest.approx((0.325, 0.325))
+    # 0.1, 0.2, 0.15
+    assert (stats["tds_discarded_delta_mean"], stats["tds_discarded_delta_p50"]) == pytest.approx((0.15, 0.15))
     assert "tds_regen_flag_rate" not in stats
     # sorted deltas [0.1, 0.2, 0.5]: p10 at position 0.2 -> 0.12, p50 0.2, p90 at 1.8 -> 0.2 + 0.8 * 0.3
     assert (stats["tds_delta_p10"], stats["tds_delta_p50"], stats["tds_delta_p90"]) == pytest.approx((0.12, 0.2, 0.44))
@@ -235,13 +262,15 @@ def test_relative_tds_threshold_flags_the_quantile_of_the_first_eligible_turn(en
     """With a quantile threshold, a batch's own deltas enter the window first: of the 4 eligible
     second turns (distinct deltas) exactly 2 lie below the median and are regenerated."""
     threshold = TDSQuantileThreshold(0.5, window=64)
-    result = collect_rollouts(EnginePolicy(engine, SamplingParams(max_new_tokens=10), InterventionConfig(turn_score_skip=0)),
+    result = collect_rollouts(EnginePolicy(engine, SamplingParams(max_new_tokens=10),
+                                           InterventionConfig(turn_score_skip=0)),
                               make_env("sokoban", dim_room=(5, 5), num_boxes=1, num_gen_steps=3, max_steps=3), [3, 4],
-                              RolloutSettings(group_size=2), resampler=TDSResampler(TDSConfig(quantile=0.5, max_try=1), threshold))
-    second = [s for s in result.samples if s.step == 1]
+                              RolloutSettings(group_size=2),
+                              resampler=TDSResampler(TDSConfig(quantile=0.5, max_try=1), threshold))
+    second = [s for s in _steps(result) if s.step == 1]
     assert len(second) == 4 and len({s.tds_delta for s in second}) == 4
     assert sum(s.resampled for s in second) == 2
     assert all(s.resampled == (s.tds_delta < np.median([x.tds_delta for x in second])) for s in second)
-    eligible = [s for s in result.samples if math.isfinite(s.tds_delta)]
+    eligible = [s for s in result.traces if math.isfinite(s.tds_delta)]
     assert len(threshold.deltas) == len(eligible) == result.stats["tds_eligible_turns"]
     assert result.stats["tds_flag_rate"] == pytest.approx(sum(s.resampled > 0 for s in eligible) / len(eligible))

@@ -23,9 +23,12 @@ from t2po.config import load_config
 
 def overrides(model_dir: Path, out: Path) -> list[str]:
     return [f"model.path={model_dir}", f"trainer.output_dir={out}", "trainer.run_name=run", "trainer.iterations=2",
-            "trainer.trackers=[console]", "trainer.val_before_train=false", "trainer.val_every=0", "trainer.keep_checkpoints=3",
-            "trainer.trace_episodes=0", "trainer.report=false", "warmup.episodes=1", "warmup.epochs=1", "rollout.num_tasks=1",
-            "rollout.group_size=2", "rollout.sampling.max_new_tokens=4", "rollout.val_num_tasks=1", "rollout.tti.turn_score_skip=0",
+            "trainer.trackers=[console]", "trainer.val_before_train=false", "trainer.val_every=0",
+            "trainer.keep_checkpoints=3",
+            "trainer.trace_episodes=0", "trainer.report=false", "warmup.episodes=1", "warmup.epochs=1",
+            "rollout.num_tasks=1",
+            "rollout.group_size=2", "rollout.sampling.max_new_tokens=4", "rollout.val_num_tasks=1",
+            "rollout.tti.turn_score_skip=0",
             "env.options.max_steps=2", "optim.mini_batch_size=4", "model.lora_rank=4"]
 
 
@@ -56,8 +59,10 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 
 COMMANDS = {
     "train": lambda run, tmp: ["train", "--quiet", "--resume", str(run)],
-    "eval": lambda run, tmp: ["eval", "sokoban", str(run), "--episodes", "1", "--max-new-tokens", "4", "--quiet", "--out", str(tmp / "eval")],
-    # serve loads the policy, then cannot bind the address (a name that does not resolve): exit 2 after the part under test
+    "eval": lambda run, tmp: ["eval", "sokoban", str(run), "--episodes", "1", "--max-new-tokens", "4", "--quiet",
+                              "--out", str(tmp / "eval")],
+    # serve loads the policy, then cannot bind the address (a name that does not resolve): exit 2 after the part under
+    # test
     "serve": lambda run, tmp: ["serve", str(run), "--host", "no-such-host.invalid", "--port", "0"],
     "export": lambda run, tmp: ["export", str(run), "--out", str(tmp / "exported")],
     "report": lambda run, tmp: ["report", str(run), "--out", str(tmp / "report")],
@@ -107,7 +112,8 @@ def test_a_damaged_run_file_falls_back_or_is_one_line(finished_run, tmp_path, na
     if outcome == "fallback":
         assert any(f"skipped checkpoint {run / NEWEST}: {short}" in line for line in lines), err
         if command == "train":
-            assert (run / "checkpoints" / "iter_000002" / "trainer_state.json").exists(), "iteration 2 was redone and saved again"
+            assert (run / "checkpoints" / "iter_000002"
+                    / "trainer_state.json").exists(), "iteration 2 was redone and saved again"
     elif outcome == "line":
         assert len(lines) == 1 and short.split("/")[-1] in lines[0], err
         assert ("restore" in lines[0] or "start a new run" in lines[0]), lines[0]
@@ -124,10 +130,13 @@ def test_the_newest_checkpoint_is_used_when_nothing_is_damaged(finished_run, tmp
 
 
 @pytest.mark.parametrize("argv", [
-    ["train", "trainer.run_name=zz/../run"], ["train", "trainer.run_name=a/../../.."], ["train", "trainer.output_dir={runs}/run"],
-    ["eval", "sokoban", "{runs}/run", "--episodes", "1", "--out", "{runs}/zz/../run"], ["eval", "sokoban", "--out", "{runs}/run"],
+    ["train", "trainer.run_name=zz/../run"], ["train", "trainer.run_name=a/../../.."],
+                                  ["train", "trainer.output_dir={runs}/run"],
+    ["eval", "sokoban", "{runs}/run", "--episodes", "1", "--out", "{runs}/zz/../run"],
+                                  ["eval", "sokoban", "--out", "{runs}/run"],
     ["export", "{runs}/run", "--out", "{runs}/zz/../run"], ["export", "{runs}/run", "--out", "{runs}/run/exported"],
-    ["sft", "{runs}/run/warmup_demos.jsonl", "--out", "{runs}/zz/../run"], ["sft", "{runs}/run/warmup_demos.jsonl", "--out", "{runs}/run/sft"],
+    ["sft", "{runs}/run/warmup_demos.jsonl", "--out", "{runs}/zz/../run"],
+                                  ["sft", "{runs}/run/warmup_demos.jsonl", "--out", "{runs}/run/sft"],
     ["rft", "collect", "sokoban", "--episodes", "1", "--out", "{runs}/run/demos.jsonl"],
     ["report", "{runs}/run", "--out", "{runs}/zz/../run"], ["report", "{runs}/run", "--out", "{runs}/run/checkpoints"],
 ])
@@ -138,8 +147,10 @@ def test_an_escaping_run_name_or_out_is_refused_and_the_run_stays_byte_identical
     before = _tree(finished_run)
     args = [a.format(runs=runs) for a in argv]
     if args[0] == "train":
-        args += [o for o in overrides(tiny_model_dir, runs) if not o.startswith(("trainer.run_name=", "trainer.output_dir="))
-                 ] + ([f"trainer.output_dir={runs}"] if not any(a.startswith("trainer.output_dir=") for a in args) else [])
+        args += [o for o in overrides(tiny_model_dir, runs)
+                 if not o.startswith(("trainer.run_name=", "trainer.output_dir="))
+                 ] + ([f"trainer.output_dir={runs}"]
+                      if not any(a.startswith("trainer.output_dir=") for a in args) else [])
     code, out, err = run_cli(args)
     assert code == 2 and "Traceback" not in err, err
     assert len([line for line in err.splitlines() if line.startswith("t2po")]) == 1, err

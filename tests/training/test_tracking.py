@@ -14,18 +14,17 @@ from mlflow import MlflowClient
 
 from helpers import run_training
 from t2po.config import load_config
-from t2po.rollout import Episode, StepSample
+from t2po.rollout import Episode, StepSample, StepTrace
 from t2po.tracking import (
     MLFLOW_EXPERIMENT,
     MlflowTracker,
     Tracker,
     TrackerGroup,
-    episode_trace,
     make_trackers,
     mlflow_store_uri,
     mlflow_ui_command,
-    trace_sample,
 )
+from t2po.traces import episode_trace, trace_sample
 from t2po.config import load_run_config
 
 HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -34,9 +33,11 @@ HAVE_WANDB = importlib.util.find_spec("wandb") is not None
 
 def tiny_run_overrides(model_dir: Path, out: Path, trackers: str) -> list[str]:
     """A seconds-long training run of the tiny model on 2-step Sokoban."""
-    return [f"model.path={model_dir}", f"trainer.output_dir={out}", "trainer.run_name=run", f"trainer.trackers={trackers}",
+    return [f"model.path={model_dir}", f"trainer.output_dir={out}", "trainer.run_name=run",
+            f"trainer.trackers={trackers}",
             "trainer.iterations=2", "trainer.val_before_train=false", "trainer.trace_episodes=2", "warmup.episodes=0",
-            "rollout.num_tasks=2", "rollout.group_size=2", "rollout.sampling.max_new_tokens=12", "rollout.val_num_tasks=1",
+            "rollout.num_tasks=2", "rollout.group_size=2", "rollout.sampling.max_new_tokens=12",
+            "rollout.val_num_tasks=1",
             "rollout.tti.turn_score_skip=0", "env.options.max_steps=2", "optim.mini_batch_size=4", "model.lora_rank=4"]
 
 
@@ -167,34 +168,44 @@ def test_non_finite_and_non_numeric_metrics_are_skipped(store, tmp_path):
     tracker.close()
 
 
-def _sample(tokenizer, step: int, response: str, forced_text: str, resampled: int) -> StepSample:
+def _step(tokenizer, step: int, response: str, forced_text: str, resampled: int) -> tuple[StepSample, StepTrace]:
     head = tokenizer.encode(response, add_special_tokens=False)
     tail = tokenizer.encode(forced_text, add_special_tokens=False)
     ids = head + tail
-    return StepSample(prompt_ids=tokenizer.encode("obs", add_special_tokens=False), response_ids=ids,
-                      forced_mask=[False] * len(head) + [True] * len(tail), rollout_logprobs=[0.0] * len(ids), reward=-0.1,
-                      env_reward=0.0, done=False, valid=False, anchor_obs="obs", group_id=0, traj_id=3, step=step,
-                      turn_score=math.nan if step == 0 else 0.25, response_text=tokenizer.decode(ids), action="",
-                      invalid_reason="no action", resampled=resampled, tti_triggers={"stagnation": 1, "budget": 0}, think_length=len(head))
+    sample = StepSample(prompt_ids=tokenizer.encode("obs", add_special_tokens=False), response_ids=ids,
+                        forced_mask=[False] * len(head) + [True] * len(tail),
+                        rollout_logprobs=[0.0] * len(ids), reward=-0.1,
+                        env_reward=0.0, done=False, valid=False, anchor_obs="obs", group_id=0, traj_id=3, step=step,
+                        turn_score=math.nan if step == 0 else 0.25, penalty=0.1)
+    trace = StepTrace(response_text=tokenizer.decode(ids), action="", invalid_reason="no action", resampled=resampled,
+                      tti_triggers={"stagnation": 1, "budget": 0}, think_length=len(head))
+    return sample, trace
 
 
 def test_episode_trace_shows_forced_think_end_and_resampled_turns(tiny_model):
     _, tokenizer = tiny_model
-    samples = [_sample(tokenizer, 0, "<think> left left left", "</think>", 0), _sample(tokenizer, 1, "<think> up", "</think>", 2)]
-    episode = Episode(traj_id=3, group_id=0, seed=11, samples=samples, won=False, total_reward=-0.2, truncated=True,
+    steps = [_step(tokenizer, 0, "<think> left left left", "</think>", 0),
+             _step(tokenizer, 1, "<think> up", "</think>", 2)]
+    samples = [s for s, _ in steps]
+    episode = Episode(traj_id=3, group_id=0, seed=11, samples=samples, traces=[t for _, t in steps], won=False,
+                      total_reward=-0.2,
+                      truncated=True,
                       metrics={"success": 0, "task_type": "push"}, observations=["o0", "o1", "o2"])
     trace = json.loads(json.dumps(episode_trace(episode, tokenizer)))  # JSON-ready
     assert trace["seed"] == 11 and trace["truncated"] and trace["final_observation"] == "o2"
     first, second = trace["steps"]
     n_head = len(tokenizer.encode("<think> left left left", add_special_tokens=False))
-    assert first["forced"] == [{"position": n_head, "tokens": len(tokenizer.encode("</think>", add_special_tokens=False)), "text": "</think>"}]
-    assert first["response_ids"] == samples[0].response_ids and first["prompt"] == "obs" and first["prompt_ids"] == samples[0].prompt_ids
+    assert first["forced"] == [{"position": n_head,
+            "tokens": len(tokenizer.encode("</think>", add_special_tokens=False)), "text": "</think>"}]
+    assert (first["response_ids"] == samples[0].response_ids and first["prompt"] == "obs"
+            and first["prompt_ids"] == samples[0].prompt_ids)
     assert first["turn_score"] is None and second["turn_score"] == 0.25
     assert (first["tds_resampled"], second["tds_resampled"]) == (0, 2)
     assert second["observation"] == "o1" and second["reward"] == -0.1 and second["env_reward"] == 0.0
 
 
-def test_sampled_episodes_are_mlflow_traces_of_the_run_with_turns_forced_tokens_and_tds_discards(tiny_model_dir, tmp_path):
+def test_sampled_episodes_are_mlflow_traces_of_the_run_with_turns_forced_tokens_and_tds_discards(tiny_model_dir,
+                                                                                                 tmp_path):
     import mlflow
 
     # the absolute threshold, eta large: every turn after the first is regenerated once, so discarded responses exist
@@ -219,11 +230,14 @@ def test_sampled_episodes_are_mlflow_traces_of_the_run_with_turns_forced_tokens_
         assert len(turns) == len(episode["steps"])
         assert trace.info.tags["t2po.iteration"] == "1" and trace.info.tags["t2po.task"] == str(episode["seed"])
         for span, step in zip(turns, episode["steps"]):
-            # text as code blocks (a grid keeps its lines), the engine's token ids as attributes, forced TTI tokens as in the JSONL
+            # text as code blocks (a grid keeps its lines), the engine's token ids as attributes, forced TTI tokens as
+            # in the JSONL
             assert span.inputs["observation"] == f"```\n{step['observation']}\n```" and "\n" in step["observation"]
             assert span.outputs["response"] == f"```\n{step['response_marked']}\n```"
-            assert span.attributes["t2po.response_ids"] == step["response_ids"] and span.attributes["t2po.prompt_ids"] == step["prompt_ids"]
-            assert span.attributes["t2po.forced"] == step["forced"] and span.attributes["t2po.reward"] == round(step["reward"], 4)
+            assert (span.attributes["t2po.response_ids"] == step["response_ids"]
+                    and span.attributes["t2po.prompt_ids"] == step["prompt_ids"])
+            assert (span.attributes["t2po.forced"] == step["forced"]
+                    and span.attributes["t2po.reward"] == round(step["reward"], 4))
             children = [s for s in spans if s.parent_id == span.span_id]
             discarded = [c for c in children if c.attributes.get("t2po.discarded")]
             assert len(discarded) == len(step["tds_discarded"]) == step["tds_resampled"]
@@ -233,9 +247,11 @@ def test_sampled_episodes_are_mlflow_traces_of_the_run_with_turns_forced_tokens_
             # the phases of the turn at the times they ran, in order, inside the turn's span
             calls = {c.name: c for c in children if not c.attributes.get("t2po.discarded")}
             timing = step["timing"]
-            assert calls["generation"].start_time_ns == timing["generate"][0] and calls["generation"].end_time_ns == timing["generate"][1]
+            assert (calls["generation"].start_time_ns == timing["generate"][0]
+                    and calls["generation"].end_time_ns == timing["generate"][1])
             assert calls["environment step"].start_time_ns == timing["env_step"][0] >= timing["generate"][1]
-            assert [calls[f"TDS redraw {k + 1}"].start_time_ns for k in range(step["tds_resampled"])] == [t[0] for t in timing["tds"]]
+            assert [calls[f"TDS redraw {k + 1}"].start_time_ns for k in range(step["tds_resampled"])] == [t[0]
+                    for t in timing["tds"]]
             assert span.start_time_ns == timing["generate"][0] and span.end_time_ns == timing["env_step"][1]
     assert discarded_spans > 0, "TDS discarded nothing: the discarded spans were not tested"
 

@@ -67,8 +67,10 @@ def test_two_iterations_change_parameters_and_log_metrics(tiny_model_dir, tmp_pa
     assert changed > 0, f"{algo}: no trainable parameter changed"
     lines = [json.loads(l) for l in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [l["iteration"] for l in lines] == [1, 2]
-    for key in ("rollout/success_rate", "rollout/invalid_action_rate", "actor/grad_norm", "actor/pg_loss", "actor/entropy",
-                "actor/clip_frac", "rollout/tds_flag_rate", "rollout/tti_stagnation_triggers", "time/rollout", "time/update",
+    for key in ("rollout/success_rate", "rollout/invalid_action_rate", "actor/grad_norm", "actor/pg_loss",
+                "actor/entropy",
+                "actor/clip_frac", "rollout/tds_flag_rate", "rollout/tti_stagnation_triggers",
+                "time/rollout", "time/update",
                 "actor/real_token_ratio"):
         assert key in lines[0], f"{algo}: metric {key} missing"
     assert 0 < lines[0]["actor/real_token_ratio"] <= 1
@@ -81,9 +83,10 @@ def test_two_iterations_change_parameters_and_log_metrics(tiny_model_dir, tmp_pa
 
 
 def _sample(traj: int, group: int, step: int, reward: float, anchor: str) -> StepSample:
-    return StepSample(prompt_ids=[1], response_ids=[2], forced_mask=[False], rollout_logprobs=[0.0], reward=reward, env_reward=reward,
-                      done=False, valid=True, anchor_obs=anchor, group_id=group, traj_id=traj, step=step, turn_score=0.5,
-                      response_text="", action="")
+    return StepSample(prompt_ids=[1], response_ids=[2], forced_mask=[False], rollout_logprobs=[0.0], reward=reward,
+                      env_reward=reward,
+                      done=False, valid=True, anchor_obs=anchor, group_id=group, traj_id=traj,
+                      step=step, turn_score=0.5)
 
 
 @pytest.mark.parametrize("algo", ["t2po", "grpo", "rloo"])
@@ -91,7 +94,8 @@ def test_advantages_on_a_constructed_batch_have_expected_shape_and_sign(algo, tm
     cfg = load_config("default", [f"algo.name={algo}"])
     trainer = Trainer(cfg, run_dir=tmp_path, quiet=True)
     # one group, two trajectories: trajectory 0 wins (reward 10 at its 2nd step), trajectory 1 gets nothing
-    samples = [_sample(0, 0, 0, 0.0, "a"), _sample(0, 0, 1, 10.0, "b"), _sample(1, 0, 0, 0.0, "a"), _sample(1, 0, 1, -0.1, "c")]
+    samples = [_sample(0, 0, 0, 0.0, "a"), _sample(0, 0, 1, 10.0, "b"), _sample(1, 0, 0, 0.0, "a"),
+               _sample(1, 0, 1, -0.1, "c")]
     adv, returns, _ = trainer.compute_advantages(samples)
     assert adv.shape == (4,) and returns is None
     assert adv[0] > 0 and adv[1] > 0, "the winning trajectory's steps must be reinforced"
@@ -111,14 +115,18 @@ def test_trainer_credits_the_invalid_action_penalty_to_its_own_step(algo, tmp_pa
     np.testing.assert_allclose(adv, [-2.0412, 0.4082, 0.4082, 0.4082, 0.4082, 0.4082], atol=1e-4)
 
 
-def test_relative_exploration_options_log_diagnostics_and_checkpoint_the_tds_window(tiny_model_dir, tmp_path, monkeypatch):
-    overrides = tiny_overrides(tiny_model_dir, tmp_path, iterations=1) + ["rollout.tds.quantile=0.5", "rollout.tti.eps_floor=0.5",
-                                                                          "rollout.tti.patience=2", "rollout.tti.budget=4"]
+def test_relative_exploration_options_log_diagnostics_and_checkpoint_the_tds_window(tiny_model_dir,
+                                                                                    tmp_path, monkeypatch):
+    overrides = tiny_overrides(tiny_model_dir, tmp_path, iterations=1) + ["rollout.tds.quantile=0.5",
+                                                                          "rollout.tti.eps_floor=0.5",
+                                                                          "rollout.tti.patience=2",
+                                                                          "rollout.tti.budget=4"]
     import t2po.trainer.trainer as trainer_module
 
     denominators = []  # the per-sample token counts the update's token-mean weights are computed from
     plan, collect = trainer_module.plan_mini_batches, trainer_module.collect_rollouts
-    monkeypatch.setattr(trainer_module, "plan_mini_batches", lambda lengths, *a: denominators.append(list(lengths)) or plan(lengths, *a))
+    monkeypatch.setattr(trainer_module, "plan_mini_batches", lambda lengths, *a: denominators.append(list(lengths))
+                        or plan(lengths, *a))
 
     def first_token_forced(*args, **kwargs):  # the tiny model rarely thinks: mark each response's first token as forced
         result = collect(*args, **kwargs)
@@ -174,7 +182,8 @@ def test_resume_after_a_lora_warmup_kept_as_an_adapter_matches_straight_run(tiny
     assert (partial.run_dir / "warmup_model" / "adapter_config.json").is_file()
     from t2po.config import load_run_config
 
-    resumed = Trainer(load_run_config(partial.run_dir, ["trainer.iterations=2"]), run_dir=partial.run_dir, resume=True, quiet=True)
+    resumed = Trainer(load_run_config(partial.run_dir, ["trainer.iterations=2"]), run_dir=partial.run_dir,
+                      resume=True, quiet=True)
     resumed.setup()
     assert resumed.start_iteration == 1
     resumed.train()
@@ -187,7 +196,8 @@ def test_resume_after_a_lora_warmup_kept_as_an_adapter_matches_straight_run(tiny
 
 
 def test_killed_run_resumes_from_last_checkpoint(tiny_model_dir, tmp_path):
-    args = [sys.executable, "-m", "t2po.cli", "train", "--quiet", *tiny_overrides(tiny_model_dir, tmp_path, iterations=30)]
+    args = [sys.executable, "-m", "t2po.cli", "train", "--quiet",
+            *tiny_overrides(tiny_model_dir, tmp_path, iterations=30)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True)
     run_dir = tmp_path / "run"
@@ -201,7 +211,8 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_model_dir, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     done = json.loads((latest_checkpoint(run_dir / "checkpoints") / "trainer_state.json").read_text())["iteration"]
-    out = subprocess.run([sys.executable, "-m", "t2po.cli", "train", "--quiet", "--resume", str(run_dir), f"trainer.iterations={done + 1}"],
+    out = subprocess.run([sys.executable, "-m", "t2po.cli", "train", "--quiet", "--resume", str(run_dir),
+                          f"trainer.iterations={done + 1}"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     iters = [json.loads(l)["iteration"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -225,7 +236,8 @@ def test_validation_decodes_every_algorithm_alike(tiny_model_dir, tmp_path, monk
         return collect(policy, env, seeds, settings, **kwargs)
 
     monkeypatch.setattr(trainer_module, "collect_rollouts", recording)
-    trainer = run_trainer(tiny_overrides(tiny_model_dir, tmp_path, algo=algo, iterations=1) + [f"trainer.val_tti={val_tti}"])
+    trainer = run_trainer(tiny_overrides(tiny_model_dir, tmp_path, algo=algo, iterations=1)
+                          + [f"trainer.val_tti={val_tti}"])
     assert passes == expected
     (record,) = [json.loads(l) for l in (trainer.run_dir / "validation.jsonl").read_text().splitlines()]
     assert record["val_tti_enabled"] == float(expected[0])

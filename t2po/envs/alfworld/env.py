@@ -31,19 +31,24 @@ Your current observation is: {current_observation}
 Your admissible actions of the current situation are: [{admissible_actions}].
 
 Now it's your turn to take an action.
-You should first reason step-by-step about the current situation. This reasoning process MUST be enclosed within <think> </think> tags. 
-Once you've finished your reasoning, you should choose an admissible action for current step and present it within <action> </action> tags.
+You should first reason step-by-step about the current situation. This reasoning process MUST be enclosed within \
+<think> </think> tags. 
+Once you've finished your reasoning, you should choose an admissible action for current step and present it within \
+<action> </action> tags.
 """
 
 ALFWORLD_TEMPLATE = """
 You are an expert agent operating in the ALFRED Embodied Environment. Your task is to: {task_description}
-Prior to this step, you have already taken {step_count} step(s). Below are the most recent {history_length} observaitons and the corresponding actions you took: {action_history}
+Prior to this step, you have already taken {step_count} step(s). Below are the most recent {history_length} \
+observaitons and the corresponding actions you took: {action_history}
 You are now at step {current_step} and your current observation is: {current_observation}
 Your admissible actions of the current situation are: [{admissible_actions}].
 
 Now it's your turn to take an action.
-You should first reason step-by-step about the current situation. This reasoning process MUST be enclosed within <think> </think> tags. 
-Once you've finished your reasoning, you should choose an admissible action for current step and present it within <action> </action> tags.
+You should first reason step-by-step about the current situation. This reasoning process MUST be enclosed within \
+<think> </think> tags. 
+Once you've finished your reasoning, you should choose an admissible action for current step and present it within \
+<action> </action> tags.
 """
 
 # prompt_style="compact": the same information in fewer tokens for small models on CPUs, where the
@@ -97,7 +102,8 @@ class AlfWorldEnv(BatchEnv):
         if not isinstance(history_length, int) or history_length < 0:
             raise InvalidInput(f"history_length must be an integer >= 0, got {history_length!r}.")
         if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 1):
-            raise InvalidInput(f"num_workers must be a positive integer (or None for the CPU count), got {num_workers!r}.")
+            raise InvalidInput("num_workers must be a positive integer (or None for the CPU count), got "
+                               f"{num_workers!r}.")
         if prompt_style not in PROMPT_STYLES:
             raise InvalidInput(f"prompt_style must be one of {', '.join(PROMPT_STYLES)}; got {prompt_style!r}.")
         self.prompt_style = prompt_style
@@ -141,7 +147,8 @@ class AlfWorldEnv(BatchEnv):
             for index, observation, won, admissible, walkthrough in answer:
                 start = observation.find(_TASK_PREFIX)
                 if start == -1:
-                    raise RuntimeError(f"No task description in the first observation of {self._instance_games[index].path}.")
+                    raise RuntimeError("No task description in the first observation of "
+                                       f"{self._instance_games[index].path}.")
                 self._tasks[index] = observation[start + len(_TASK_PREFIX) :].strip()
                 self._walkthroughs[index] = walkthrough
                 states[index] = EnvState(
@@ -203,8 +210,8 @@ class AlfWorldEnv(BatchEnv):
         if self.prompt_style == "compact":
             recent = [action for _, action in history[-self.history_length :]] if self.history_length > 0 else []
             past = f"Your last actions: {'; '.join(recent)}.\n" if recent else ""
-            return (f"ALFWorld household task: {self._tasks[index]}\n{past}Now (step {len(history) + 1}): {state.observation}\n"
-                    f"Admissible actions: {'; '.join(listed)}.\n{_COMPACT_INSTRUCTION}")
+            return (f"ALFWorld household task: {self._tasks[index]}\n{past}Now (step {len(history) + 1}): "
+                    f"{state.observation}\nAdmissible actions: {'; '.join(listed)}.\n{_COMPACT_INSTRUCTION}")
         admissible = "\n ".join(f"'{action}'" for action in listed)
         if not history or self.history_length <= 0:
             return ALFWORLD_TEMPLATE_NO_HIS.format(current_observation=state.observation, admissible_actions=admissible)
@@ -255,9 +262,11 @@ def aggregate_alfworld_metrics(episodes: list[dict[str, Any]]) -> dict[str, floa
     by_type: dict[str, list[float]] = {name: [] for name in TASK_TYPES.values()}
     for k, episode in enumerate(episodes):
         if "success" not in episode or "task_type" not in episode:
-            raise ValueError(f"Episode {k} metrics {episode!r} lack 'success' or 'task_type'; pass the final EnvState.metrics.")
+            raise ValueError(f"Episode {k} metrics {episode!r} lack 'success' or 'task_type'; pass the final "
+                             "EnvState.metrics.")
         if episode["task_type"] not in by_type:
-            raise ValueError(f"Episode {k} has unknown task_type {episode['task_type']!r}; expected one of {', '.join(by_type)}.")
+            raise ValueError(f"Episode {k} has unknown task_type {episode['task_type']!r}; expected one of "
+                             f"{', '.join(by_type)}.")
         by_type[episode["task_type"]].append(float(episode["success"]))
     successes = [s for values in by_type.values() for s in values]
     result: dict[str, float] = {"num_episodes": len(successes)}

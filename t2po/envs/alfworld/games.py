@@ -109,7 +109,8 @@ def unpack_archive(archive: Path, destination: Path) -> Path:
             tar.extractall(staging, filter="data")
         unpacked = staging / GAMES_FOLDER
         if not unpacked.is_dir():
-            raise InvalidInput(f"{archive} does not contain a {GAMES_FOLDER}/ folder; it is not the ALFWorld game archive.")
+            raise InvalidInput(f"{archive} does not contain a {GAMES_FOLDER}/ folder; it is not the ALFWorld game "
+                               "archive.")
         try:
             os.rename(unpacked, target)
         except OSError:

@@ -63,7 +63,8 @@ class WorkerPool:
         for _ in range(count - len(self._processes)):
             entry = f"from t2po.envs.alfworld.worker import serve; serve({self.max_steps}, {os.getpid()})"
             command = [sys.executable, "-c", entry]
-            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
+            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                       bufsize=1, env=env)
             self._processes.append(process)
             started.append(process)
         for process in started:  # they import TextWorld in parallel

@@ -62,7 +62,8 @@ def _describe_card(card: Card) -> str:
 class BlackjackGame(CardGame):
     """One hand of blackjack; `rng` draws the cards still to come."""
 
-    def __init__(self, rng: random.Random, natural: bool = False, dealer: list[Card] | None = None, player: list[Card] | None = None) -> None:
+    def __init__(self, rng: random.Random, natural: bool = False, dealer: list[Card] | None = None,
+                 player: list[Card] | None = None) -> None:
         self.rng = rng
         self.natural = natural
         # gym-cards deals the dealer's two cards, then the player's
@@ -163,7 +164,8 @@ class BlackjackEnv(CardGameEnv):
         if not isinstance(natural, bool):
             raise InvalidInput(f"natural must be True or False, got {natural!r}.")
         self.natural = natural
-        super().__init__(split=split, max_steps=max_steps, history_length=history_length, observation_mode=observation_mode)
+        super().__init__(split=split, max_steps=max_steps, history_length=history_length,
+                         observation_mode=observation_mode)
 
     def new_game(self, rng: random.Random) -> BlackjackGame:
         return BlackjackGame(rng, natural=self.natural)

@@ -43,7 +43,8 @@ def _suit_shape(draw: ImageDraw.ImageDraw, suit: str, cx: float, cy: float, size
         r = 0.5 * h
         draw.ellipse([cx - 2 * r, cy - h, cx, cy - h + 2 * r], fill=color)
         draw.ellipse([cx, cy - h, cx + 2 * r, cy - h + 2 * r], fill=color)
-        draw.polygon([(cx - 2 * r + 0.5, cy - h + 1.2 * r), (cx + 2 * r - 0.5, cy - h + 1.2 * r), (cx, cy + h)], fill=color)
+        draw.polygon([(cx - 2 * r + 0.5, cy - h + 1.2 * r), (cx + 2 * r - 0.5, cy - h + 1.2 * r),
+                      (cx, cy + h)], fill=color)
     elif suit == "spades":
         r = 0.45 * h
         draw.polygon([(cx, cy - h), (cx + 2 * r, cy + 0.25 * h), (cx - 2 * r, cy + 0.25 * h)], fill=color)

@@ -60,7 +60,8 @@ def tokenize(text: str) -> list[str]:
             i += 1
         else:
             raise FormulaError(
-                f"unexpected character {ch!r} at position {i}; a formula may only contain numbers, + - * / and parentheses"
+                f"unexpected character {ch!r} at position {i}; a formula may only contain numbers, + - * / and "
+                "parentheses"
             )
     return tokens
 
@@ -202,7 +203,8 @@ def _render(tree: _Tree) -> tuple[tuple[str, ...], int, bool]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _solutions(numbers: tuple[int, ...], target: int, operators: tuple[str, ...], parentheses: bool) -> tuple[tuple[str, ...], ...]:
+def _solutions(numbers: tuple[int, ...], target: int, operators: tuple[str, ...],
+               parentheses: bool) -> tuple[tuple[str, ...], ...]:
     """Every expression tree over `numbers` that reaches `target`, written with the fewest parentheses,
     shortest first (ties in token order). Trees that need parentheses are left out when they are not
     allowed. `numbers` must be sorted (the cache key)."""

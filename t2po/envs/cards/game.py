@@ -252,7 +252,8 @@ class CardGameEnv(BatchEnv):
         token = action.strip().lower()
         if token not in self.action_tokens:
             allowed = ", ".join(f"'{a}'" for a in self.action_tokens)
-            return Move(0.0, legal=False, feedback=f"'{action[:30]}' is not an action of this game (actions: {allowed}); nothing changed.")
+            return Move(0.0, legal=False,
+                    feedback=f"'{action[:30]}' is not an action of this game (actions: {allowed}); nothing changed.")
         return game.play(token)
 
     def _state(self, index: int, move: Move) -> EnvState:
@@ -296,7 +297,8 @@ class CardGameEnv(BatchEnv):
                     lines.append(f"[Observation {k}: {obs.strip()}]\n[Action {k}: '{act}']")
             parts.append("\n".join(lines))
         marker = "" if self.observation_mode == "text" else "<image>\n"
-        parts.append(f"You are now at step {len(history) + 1} and your current observation is:\n{marker}{state.observation}")
+        parts.append(f"You are now at step {len(history) + 1} and your current observation "
+                     f"is:\n{marker}{state.observation}")
         actions = ", ".join(f"'{a}'" for a in (state.admissible_actions or self.action_tokens))
         parts.append(f"Your admissible actions are: {actions}.")
         parts.append(

@@ -61,8 +61,10 @@ class NumberLineGame(CardGame):
 
     def expert(self) -> tuple[str, str]:
         if self.position < self.target:
-            return f"The current number is {self.position} and the target is {self.target}; it is below the target, so I add one.", "+"
-        return f"The current number is {self.position} and the target is {self.target}; it is above the target, so I subtract one.", "-"
+            return (f"The current number is {self.position} and the target is {self.target}; it is below the target, "
+                    "so I add one.", "+")
+        return (f"The current number is {self.position} and the target is {self.target}; it is above the target, so I "
+                "subtract one.", "-")
 
 
 @register_env("numberline")

@@ -69,7 +69,8 @@ class FormulaGame(CardGame):
             return self._evaluate()
         if len(self.formula) >= self.max_formula_tokens:
             self.done = True
-            return Move(LOSS_REWARD, feedback=f"The formula may hold at most {self.max_formula_tokens} tokens: the game is over.")
+            return Move(LOSS_REWARD,
+                        feedback=f"The formula may hold at most {self.max_formula_tokens} tokens: the game is over.")
         if action in NUMBER_TOKENS:
             value = int(action)
             if self._used[value] >= self.numbers.count(value):
@@ -89,7 +90,8 @@ class FormulaGame(CardGame):
         if sum(self._used.values()) != len(self.cards):
             return Move(LOSS_REWARD, feedback="The formula does not use every card. You lose.")
         if value != self.target:
-            return Move(LOSS_REWARD, feedback=f"The formula equals {_format_value(value)}, not {self.target}. You lose.")
+            return Move(LOSS_REWARD,
+                        feedback=f"The formula equals {_format_value(value)}, not {self.target}. You lose.")
         self.won = True
         return Move(WIN_REWARD, feedback=f"The formula equals {self.target}. You win!")
 
@@ -106,7 +108,8 @@ class FormulaGame(CardGame):
         return f"Cards: {cards}.\n{self.caption()}"
 
     def caption(self) -> str:
-        return f"Current formula: '{self.formula_text()}'" if self.formula or self.finished_with_equals else "Current formula: '' (empty)"
+        return (f"Current formula: '{self.formula_text()}'" if self.formula or self.finished_with_equals
+                else "Current formula: '' (empty)")
 
     def picture(self) -> Image.Image:
         return formula_picture(self.cards, self.formula_text())
@@ -118,11 +121,13 @@ class FormulaGame(CardGame):
         return {"success": int(self.won), "solvable": int(self.solvable())}
 
     def info(self) -> dict[str, Any]:
-        return {"cards": [card.describe() for card in self.cards], "numbers": self.numbers, "formula": list(self.formula)}
+        return {"cards": [card.describe() for card in self.cards], "numbers": self.numbers,
+                "formula": list(self.formula)}
 
     def expert(self) -> tuple[str, str] | None:
         solution = complete_formula(
-            tuple(self.numbers), tuple(self.formula), self.target, self.operators, self.parentheses, self.max_formula_tokens
+            tuple(self.numbers), tuple(self.formula), self.target, self.operators, self.parentheses,
+                                    self.max_formula_tokens
         )
         if solution is None:
             return None
@@ -183,10 +188,10 @@ class _PointsEnv(CardGameEnv):
     def _formula_rules(self, token_kinds: str) -> str:
         return (
             f"Formula rules: each step appends exactly one token to the end of the formula: {token_kinds}; or '=' "
-            f"to finish. A number with no unused card of that value is rejected (reward -1) and the formula stays as it "
-            f"was. '=' evaluates the formula and ends the game: reward +10 if it is valid, uses every card and equals "
-            f"{self.target}; reward -1 otherwise. The formula holds at most {self.max_formula_tokens} tokens; appending "
-            "more ends the game with reward -1."
+            "to finish. A number with no unused card of that value is rejected (reward -1) and the formula stays as "
+            "it was. '=' evaluates the formula and ends the game: reward +10 if it is valid, uses every card and "
+            f"equals {self.target}; reward -1 otherwise. The formula holds at most {self.max_formula_tokens} tokens; "
+            "appending more ends the game with reward -1."
         )
 
 
@@ -240,12 +245,14 @@ class Points24Env(_PointsEnv):
     def rules(self) -> str:
         return "\n".join(
             [
-                f"You are an expert at the classic \"24 Game\": build a formula that evaluates to exactly {self.target}, "
-                f"using the numbers of the four playing cards {self._where()}.",
+                "You are an expert at the classic \"24 Game\": build a formula that evaluates to exactly "
+                f"{self.target}, using the numbers of the four playing cards {self._where()}.",
                 _card_rules("four"),
-                self._formula_rules("the number of a card, an operator ('+', '-', '*', '/'), or a parenthesis ('(' or ')')"),
-                "Arithmetic is exact (8 / 3 is a fraction, not rounded). Every number is a separate token: '2' followed "
-                "by '4' is not 24, and there is no negative sign (write '1 - 2', not '-2').",
-                "Example: cards 8, 3, 2 and A (1), current formula '8 *'. Since 8 * 3 * (2 - 1) = 24, the next token is '3'.",
+                self._formula_rules("the number of a card, an operator ('+', '-', '*', '/'), or a parenthesis ('(' or "
+                                    "')')"),
+                "Arithmetic is exact (8 / 3 is a fraction, not rounded). Every number is a separate token: '2' "
+                "followed by '4' is not 24, and there is no negative sign (write '1 - 2', not '-2').",
+                "Example: cards 8, 3, 2 and A (1), current formula '8 *'. Since 8 * 3 * (2 - 1) = 24, the next token "
+                "is '3'.",
             ]
         )

@@ -55,21 +55,27 @@ Your question: {task_description}
 Now it's your turn to respond for the current step.
 You should first conduct reasoning process. This process MUST be enclosed within <think> </think> tags. 
 After completing your reasoning, choose only one of the following actions (do not perform both):
-(1) If you find you lack some knowledge, you can call a search engine to get more external information using format: <search> your query </search>.
-(2) If you have enough knowledge to answer the question confidently, provide your final answer within <answer> </answer> tags, without detailed illustrations. For example, <answer>Beijing</answer>.
+(1) If you find you lack some knowledge, you can call a search engine to get more external information using format: \
+<search> your query </search>.
+(2) If you have enough knowledge to answer the question confidently, provide your final answer within <answer> \
+</answer> tags, without detailed illustrations. For example, <answer>Beijing</answer>.
 """
 
 SEARCH_TEMPLATE = """You are an expert agent tasked with answering the given question step-by-step.
 Your question: {task_description}
 
-Prior to this step, you have already taken {step_count} step(s). Below is the interaction history where <search> </search> wrapped your past search queries and <information> </information> wrapped the corresponding search results returned by the external search engine. History:
+Prior to this step, you have already taken {step_count} step(s). Below is the interaction history where <search> \
+</search> wrapped your past search queries and <information> </information> wrapped the corresponding search results \
+returned by the external search engine. History:
 {memory_context}
 
 Now it's your turn to respond for the current step.
 You should first conduct reasoning process. This process MUST be enclosed within <think> </think> tags. 
 After completing your reasoning, choose only one of the following actions (do not perform both):
-(1) If you find you lack some knowledge, you can call a search engine to get more external information using format: <search> your query </search>.
-(2) If you have enough knowledge to answer the question confidently, provide your final answer within <answer> </answer> tags, without detailed illustrations. For example, <answer>Beijing</answer>.
+(1) If you find you lack some knowledge, you can call a search engine to get more external information using format: \
+<search> your query </search>.
+(2) If you have enough knowledge to answer the question confidently, provide your final answer within <answer> \
+</answer> tags, without detailed illustrations. For example, <answer>Beijing</answer>.
 """
 
 _TAG = re.compile(r"<(/?)(search|answer)>", re.IGNORECASE)
@@ -94,10 +100,12 @@ def parse_search_action(response: str) -> ParsedAction:
             break
     action = empty = None
     for name in ("search", "answer"):
-        opening = next(((start, end) for start, end, close, tag in tags if not close and tag == name and end <= cut), None)
+        opening = next(((start, end) for start, end, close, tag in tags if not close and tag == name
+                        and end <= cut), None)
         if opening is None:
             continue
-        closing = next((start for start, end, close, tag in tags if close and tag == name and start >= opening[1] and end <= cut), None)
+        closing = next((start for start, end, close, tag in tags if close and tag == name and start >= opening[1]
+                        and end <= cut), None)
         if closing is not None:
             content = text[opening[1] : closing].strip()
             action, empty = f"<{name}>{content}</{name}>", name == "search" and not content
@@ -163,7 +171,8 @@ class SearchEnv(BatchEnv):
       file, default the corpus built from the shared data; "bm25" or "dense"). Errors when combined
       with `retriever_url`, since a running server decides its own corpus.
     - `topk` (3): passages per search, as in Search-R1.
-    - `split` ("train" | "validation", "valid" is an alias): disjoint by a hash of the normalised question (`data.split_of`).
+    - `split` ("train" | "validation", "valid" is an alias): disjoint by a hash of the normalised question
+    (`data.split_of`).
     - `data_sources` (["nq", "hotpotqa"]): which questions to draw.
     - `max_steps` (4) and `history_length` (4): the paper's Search settings (docs/method.md §6).
     - `timeout` (30.0): seconds per retrieval request; failures are retried 3 times with back-off,

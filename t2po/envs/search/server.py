@@ -11,7 +11,8 @@ Endpoints (as Search-R1's `retrieval_server.py`):
 - `POST /retrieve` with `{"queries": [str, ...], "topk": k, "return_scores": bool}` returns
   `{"result": [per query: [{"document": {"id", "contents"}, "score": float}, ...]]}`, or, when
   `return_scores` is false, `{"result": [per query: [{"id", "contents"}, ...]]}`. `topk` defaults to
-  the server's `--topk` (absent, null or 0: Search-R1 treats a falsy topk as the default). An empty query gets an empty list; a query longer than `MAX_QUERY_CHARS`
+  the server's `--topk` (absent, null or 0: Search-R1 treats a falsy topk as the default). An empty query gets an empty
+  list; a query longer than `MAX_QUERY_CHARS`
   (1024) characters is cut to that length. More than `MAX_QUERIES` queries or a `topk` above `MAX_TOPK`
   is a 422 error.
 - `GET /health` returns `{"status": "ok", "corpus": {name, path, num_passages, sha256},
@@ -293,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=PORT, default=8000, help="port (default 8000; 0 = any free port, logged)")
     parser.add_argument("--retriever", choices=RETRIEVERS, default="bm25", help="bm25 (default) or dense (MiniLM)")
-    parser.add_argument("--topk", type=bounded(1, 1000), default=3, help="passages per query when a request gives no topk")
+    parser.add_argument("--topk", type=bounded(1, 1000), default=3,
+                        help="passages per query when a request gives no topk")
     args = parser.parse_args(argv)
     if not 1 <= args.topk <= MAX_TOPK:
         parser.error(f"--topk must be between 1 and {MAX_TOPK}, got {args.topk}")

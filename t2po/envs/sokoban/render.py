@@ -38,7 +38,8 @@ def _tile(symbol: str, px: int) -> Image.Image:
     if symbol in (TARGET, PLAYER_ON_TARGET, BOX_ON_TARGET):
         draw.polygon([(mid, inset), (px - 1 - inset, mid), (mid, px - 1 - inset), (inset, mid)], fill=TARGET_RGB)
     if symbol in (BOX, BOX_ON_TARGET):
-        draw.rectangle([inset, inset, px - 1 - inset, px - 1 - inset], fill=BOX_ON_TARGET_RGB if symbol == BOX_ON_TARGET else BOX_RGB)
+        draw.rectangle([inset, inset, px - 1 - inset, px - 1 - inset], fill=BOX_ON_TARGET_RGB
+                       if symbol == BOX_ON_TARGET else BOX_RGB)
         width = max(1, px // 10)
         draw.line([(inset, inset), (px - 1 - inset, px - 1 - inset)], fill=BOX_CROSS_RGB, width=width)
         draw.line([(inset, px - 1 - inset), (px - 1 - inset, inset)], fill=BOX_CROSS_RGB, width=width)

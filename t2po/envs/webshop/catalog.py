@@ -123,8 +123,8 @@ class Catalog:
         if not goals:
             raise InvalidInput(
                 f"WebShop split {split!r} has no goals in {self.source} ({len(self.goals)} goals in all; official data "
-                f"splits test=[0,{OFFICIAL_TEST_GOALS}) valid=[{OFFICIAL_TEST_GOALS},{OFFICIAL_VALID_END}) train=rest). "
-                "Use another split or a larger catalog."
+                f"splits test=[0,{OFFICIAL_TEST_GOALS}) valid=[{OFFICIAL_TEST_GOALS},{OFFICIAL_VALID_END}) "
+                "train=rest). Use another split or a larger catalog."
             )
         return goals
 
@@ -213,7 +213,8 @@ def _parse_product(raw: dict[str, Any], attributes: dict[str, Any], reviews: dic
     pricing, price_tag = _parse_pricing(raw.get("pricing"))
     review_entry = reviews.get(asin, {})
     product_reviews = [
-        Review(title=str(r.get("title", "")), score=int(r.get("score", r.get("stars", 0)) or 0), body=str(r.get("review", r.get("body", ""))))
+        Review(title=str(r.get("title", "")), score=int(r.get("score", r.get("stars", 0)) or 0),
+               body=str(r.get("review", r.get("body", ""))))
         for r in review_entry.get("reviews", [])
     ]
     images = raw.get("images") or [None]
@@ -235,7 +236,8 @@ def _parse_product(raw: dict[str, Any], attributes: dict[str, Any], reviews: dic
     )
 
 
-def _synthetic_goals(products: list[Product], prices: dict[str, float], attributes: dict[str, Any], rng: random.Random) -> list[Goal]:
+def _synthetic_goals(products: list[Product], prices: dict[str, float], attributes: dict[str, Any],
+                     rng: random.Random) -> list[Goal]:
     """WebShop's `get_synthetic_goals`: one goal per option combination of each annotated product."""
     goals = []
     for product in products:
@@ -264,7 +266,8 @@ def _synthetic_goals(products: list[Product], prices: dict[str, float], attribut
     return goals
 
 
-def _human_goals(products: list[Product], prices: dict[str, float], human: dict[str, Any], rng: random.Random) -> list[Goal]:
+def _human_goals(products: list[Product], prices: dict[str, float], human: dict[str, Any],
+                 rng: random.Random) -> list[Goal]:
     """WebShop's `get_human_goals`: one goal per human-written instruction with attributes."""
     goals = []
     for product in products:
@@ -337,7 +340,8 @@ def _load_official(
         try:
             products.append(_parse_product(raw, attributes, reviews))
         except (KeyError, TypeError) as err:
-            raise InvalidInput(f"{data_dir / products_name}: product {asin} lacks a field WebShop needs ({err!r}).") from err
+            raise InvalidInput(f"{data_dir / products_name}: product {asin} lacks a "
+                               f"field WebShop needs ({err!r}).") from err
 
     rng = random.Random(seed)
     prices = {p.asin: purchase_price(p.pricing, rng) for p in products}
@@ -367,9 +371,11 @@ class ProductType:
     plural: bool = False  # "socks": no article in the instruction
 
 
-def _kind(noun: str, title: str, query: str, path: str, attributes: str, options: dict[str, str], price: tuple[float, float], plural: bool = False) -> ProductType:
+def _kind(noun: str, title: str, query: str, path: str, attributes: str, options: dict[str, str],
+          price: tuple[float, float], plural: bool = False) -> ProductType:
     """A ProductType from comma-separated attribute and option value lists."""
-    return ProductType(noun, title, query, path, tuple(attributes.split(", ")), {k: tuple(v.split(", ")) for k, v in options.items()}, price, plural)
+    return ProductType(noun, title, query, path, tuple(attributes.split(", ")),
+                       {k: tuple(v.split(", ")) for k, v in options.items()}, price, plural)
 
 
 # Option values are chosen so that no two values of one group match each other under the reward's
@@ -378,17 +384,21 @@ PRODUCT_TYPES: dict[str, list[ProductType]] = {
     "beauty": [
         _kind("shampoo", "Shampoo", "shampoo", "Beauty & Personal Care › Hair Care › Shampoo & Conditioner › Shampoos",
            "sulfate free, paraben free, dry hair, hair growth, natural ingredients, cruelty free, tea tree oil",
-           {"scent": "lavender, coconut, argan, eucalyptus, unscented", "size": "8 fl oz, 16 fl oz, 32 fl oz"}, (6, 38)),
-        _kind("deodorant", "Deodorant", "deodorant", "Beauty & Personal Care › Personal Care › Deodorants & Antiperspirants › Deodorant",
+           {"scent": "lavender, coconut, argan, eucalyptus, unscented",
+            "size": "8 fl oz, 16 fl oz, 32 fl oz"}, (6, 38)),
+        _kind("deodorant", "Deodorant", "deodorant",
+              "Beauty & Personal Care › Personal Care › Deodorants & Antiperspirants › Deodorant",
            "aluminum free, long lasting, sensitive skin, natural ingredients, vegan, travel size",
            {"scent": "citrus, cedar, eucalyptus, vanilla, fresh", "size": "2.6 ounce, 3.4 ounce, 5 ounce"}, (5, 24)),
         _kind("lipstick", "Lipstick", "lipstick", "Beauty & Personal Care › Makeup › Lips › Lipstick",
            "long lasting, matte finish, cruelty free, moisturizing, waterproof, vitamin e",
            {"color": "ruby red, nude, coral, berry, plum, pink"}, (4, 30)),
-        _kind("face moisturizer", "Face Moisturizer", "face moisturizer", "Beauty & Personal Care › Skin Care › Face › Creams & Moisturizers",
+        _kind("face moisturizer", "Face Moisturizer", "face moisturizer",
+              "Beauty & Personal Care › Skin Care › Face › Creams & Moisturizers",
            "hyaluronic acid, oil free, fragrance free, sensitive skin, anti aging, spf 30",
            {"size": "1.7 ounce, 3.4 ounce", "formula": "gel, lotion, balm"}, (9, 60)),
-        _kind("nail polish", "Nail Polish", "nail polish", "Beauty & Personal Care › Foot, Hand & Nail Care › Nail Art & Polish › Nail Polish",
+        _kind("nail polish", "Nail Polish", "nail polish",
+              "Beauty & Personal Care › Foot, Hand & Nail Care › Nail Art & Polish › Nail Polish",
            "quick dry, long lasting, non toxic, gel effect, chip resistant",
            {"color": "cherry red, navy, mint, lilac, gold, white"}, (3, 18)),
         _kind("sunscreen", "Sunscreen", "sunscreen", "Beauty & Personal Care › Skin Care › Sun › Sunscreens",
@@ -396,82 +406,106 @@ PRODUCT_TYPES: dict[str, list[ProductType]] = {
            {"size": "3 fl oz, 6 fl oz, 10 fl oz"}, (7, 32)),
     ],
     "food": [
-        _kind("coffee beans", "Whole Bean Coffee", "coffee beans", "Grocery & Gourmet Food › Beverages › Coffee, Tea & Cocoa › Coffee › Whole Coffee Beans",
+        _kind("coffee beans", "Whole Bean Coffee", "coffee beans",
+              "Grocery & Gourmet Food › Beverages › Coffee, Tea & Cocoa › Coffee › Whole Coffee Beans",
            "medium roast, dark roast, fair trade, organic, single origin, low acid",
-           {"flavor": "colombian, hazelnut, vanilla, mocha", "size": "12 ounce, 2 pound, 5 pound"}, (9, 70), plural=True),
-        _kind("green tea", "Green Tea", "green tea", "Grocery & Gourmet Food › Beverages › Coffee, Tea & Cocoa › Tea › Green",
+           {"flavor": "colombian, hazelnut, vanilla, mocha", "size": "12 ounce, 2 pound, 5 pound"},
+              (9, 70), plural=True),
+        _kind("green tea", "Green Tea", "green tea",
+              "Grocery & Gourmet Food › Beverages › Coffee, Tea & Cocoa › Tea › Green",
            "organic, non gmo, gluten free, sugar free, individually wrapped",
            {"flavor": "jasmine, matcha, ginger, lemon", "size": "20 count, 50 count, 100 count"}, (4, 28), plural=True),
-        _kind("protein bars", "Protein Bars", "protein bars", "Grocery & Gourmet Food › Snack Foods › Bars › Protein Bars",
+        _kind("protein bars", "Protein Bars", "protein bars",
+              "Grocery & Gourmet Food › Snack Foods › Bars › Protein Bars",
            "high protein, low sugar, gluten free, keto friendly, plant based, non gmo",
-           {"flavor": "chocolate chip, peanut butter, cookie dough, salted caramel", "size": "12 count, 24 count"}, (12, 45), plural=True),
-        _kind("dark chocolate", "Dark Chocolate Bar", "dark chocolate", "Grocery & Gourmet Food › Candy & Chocolate › Chocolate › Chocolate Bars",
+           {"flavor": "chocolate chip, peanut butter, cookie dough, salted caramel", "size": "12 count, 24 count"},
+              (12, 45), plural=True),
+        _kind("dark chocolate", "Dark Chocolate Bar", "dark chocolate",
+              "Grocery & Gourmet Food › Candy & Chocolate › Chocolate › Chocolate Bars",
            "dairy free, vegan, fair trade, sugar free, organic, low carb",
            {"flavor": "sea salt, almond, orange, raspberry"}, (3, 25), plural=True),
-        _kind("olive oil", "Extra Virgin Olive Oil", "olive oil", "Grocery & Gourmet Food › Pantry Staples › Cooking & Baking › Oils › Olive",
+        _kind("olive oil", "Extra Virgin Olive Oil", "olive oil",
+              "Grocery & Gourmet Food › Pantry Staples › Cooking & Baking › Oils › Olive",
            "extra virgin, cold pressed, organic, non gmo, first harvest",
            {"size": "500 ml, 1 liter, 3 liter"}, (8, 55), plural=True),
-        _kind("beef jerky", "Beef Jerky", "beef jerky", "Grocery & Gourmet Food › Snack Foods › Jerky & Dried Meats › Jerky",
+        _kind("beef jerky", "Beef Jerky", "beef jerky",
+              "Grocery & Gourmet Food › Snack Foods › Jerky & Dried Meats › Jerky",
            "high protein, gluten free, low fat, grass fed, no preservatives",
            {"flavor": "original, teriyaki, spicy, chipotle", "size": "3.25 ounce, 10 ounce"}, (6, 35), plural=True),
     ],
     "fashion": [
-        _kind("men's t-shirt", "Men's T-Shirt", "men's t-shirts", "Clothing, Shoes & Jewelry › Men › Clothing › Shirts › T-Shirts",
+        _kind("men's t-shirt", "Men's T-Shirt", "men's t-shirts",
+              "Clothing, Shoes & Jewelry › Men › Clothing › Shirts › T-Shirts",
            "cotton, short sleeve, machine wash, slim fit, moisture wicking, crew neck",
            {"color": "black, white, navy, heather gray, olive", "size": "small, medium, large, xl, xxl"}, (8, 35)),
-        _kind("women's dress", "Women's Dress", "women's dresses", "Clothing, Shoes & Jewelry › Women › Clothing › Dresses",
+        _kind("women's dress", "Women's Dress", "women's dresses",
+              "Clothing, Shoes & Jewelry › Women › Clothing › Dresses",
            "floral print, v neck, long sleeve, machine wash, pockets, high waist",
            {"color": "black, burgundy, teal, yellow, floral", "size": "small, medium, large, xl"}, (18, 70)),
-        _kind("running shoes", "Running Shoes", "running shoes", "Clothing, Shoes & Jewelry › Men › Shoes › Athletic › Running",
+        _kind("running shoes", "Running Shoes", "running shoes",
+              "Clothing, Shoes & Jewelry › Men › Shoes › Athletic › Running",
            "non slip, breathable, lightweight, rubber sole, arch support, memory foam",
            {"color": "black, white, gray, blue, red", "size": "8, 9, 10, 11, 12"}, (30, 140), plural=True),
         _kind("jeans", "Jeans", "women's jeans", "Clothing, Shoes & Jewelry › Women › Clothing › Jeans",
            "stretch, high waist, button closure, machine wash, slim fit, relaxed fit",
            {"color": "indigo, black, gray", "size": "26, 28, 30, 32, 34"}, (20, 80), plural=True),
-        _kind("hoodie", "Hoodie", "men's hoodies", "Clothing, Shoes & Jewelry › Men › Clothing › Fashion Hoodies & Sweatshirts",
+        _kind("hoodie", "Hoodie", "men's hoodies",
+              "Clothing, Shoes & Jewelry › Men › Clothing › Fashion Hoodies & Sweatshirts",
            "fleece lined, drawstring closure, machine wash, kangaroo pocket, long sleeve",
            {"color": "black, charcoal, navy, maroon, green", "size": "small, medium, large, xl"}, (20, 60)),
-        _kind("athletic socks", "Athletic Socks", "athletic socks", "Clothing, Shoes & Jewelry › Men › Clothing › Socks › Athletic Socks",
+        _kind("athletic socks", "Athletic Socks", "athletic socks",
+              "Clothing, Shoes & Jewelry › Men › Clothing › Socks › Athletic Socks",
            "moisture wicking, cushioned, arch support, cotton blend, ankle length",
            {"color": "white, black, gray", "size": "medium, large, xl"}, (8, 30), plural=True),
     ],
     "furniture": [
-        _kind("office chair", "Office Chair", "office chairs", "Home & Kitchen › Furniture › Home Office Furniture › Home Office Chairs",
+        _kind("office chair", "Office Chair", "office chairs",
+              "Home & Kitchen › Furniture › Home Office Furniture › Home Office Chairs",
            "lumbar support, adjustable height, easy assemble, mesh back, swivel, heavy duty",
            {"color": "black, gray, white, blue"}, (60, 320)),
         _kind("bookshelf", "Bookshelf", "bookshelves", "Home & Kitchen › Furniture › Living Room Furniture › Bookcases",
            "easy assemble, solid wood, space saving, storage space, engineered wood",
            {"color": "walnut, white, black", "size": "3 tier, 5 tier"}, (40, 220)),
-        _kind("coffee table", "Coffee Table", "coffee tables", "Home & Kitchen › Furniture › Living Room Furniture › Tables › Coffee Tables",
+        _kind("coffee table", "Coffee Table", "coffee tables",
+              "Home & Kitchen › Furniture › Living Room Furniture › Tables › Coffee Tables",
            "storage space, easy assemble, solid wood, tempered glass, mid century",
            {"color": "walnut, white, black, gray"}, (50, 300)),
-        _kind("bed frame", "Bed Frame", "bed frames", "Home & Kitchen › Furniture › Bedroom Furniture › Beds, Frames & Bases › Bed Frames",
+        _kind("bed frame", "Bed Frame", "bed frames",
+              "Home & Kitchen › Furniture › Bedroom Furniture › Beds, Frames & Bases › Bed Frames",
            "heavy duty, easy assemble, no box spring needed, underbed storage, noise free",
            {"size": "twin, full, queen, king"}, (80, 400)),
-        _kind("bar stool", "Bar Stool", "bar stools", "Home & Kitchen › Furniture › Game & Recreation Room Furniture › Home Bar Furniture › Barstools",
+        _kind("bar stool", "Bar Stool", "bar stools",
+              "Home & Kitchen › Furniture › Game & Recreation Room Furniture › Home Bar Furniture › Barstools",
            "swivel, adjustable height, pu leather, footrest, easy assemble",
            {"color": "black, white, gray, brown"}, (40, 200)),
-        _kind("shoe rack", "Shoe Rack", "shoe racks", "Home & Kitchen › Storage & Organization › Clothing & Closet Storage › Shoe Organizers",
+        _kind("shoe rack", "Shoe Rack", "shoe racks",
+              "Home & Kitchen › Storage & Organization › Clothing & Closet Storage › Shoe Organizers",
            "space saving, easy assemble, stackable, metal frame",
            {"color": "black, white, bronze", "size": "3 tier, 6 tier"}, (15, 90)),
     ],
     "electronics": [
-        _kind("bluetooth headphones", "Bluetooth Headphones", "bluetooth headphones", "Electronics › Headphones, Earbuds & Accessories › Headphones › Over-Ear Headphones",
+        _kind("bluetooth headphones", "Bluetooth Headphones", "bluetooth headphones",
+              "Electronics › Headphones, Earbuds & Accessories › Headphones › Over-Ear Headphones",
            "noise cancelling, wireless bluetooth, long battery life, built-in microphone, foldable",
            {"color": "black, white, silver, rose gold"}, (25, 250), plural=True),
-        _kind("phone case", "Phone Case", "phone cases", "Electronics › Cell Phones & Accessories › Cases, Holsters & Sleeves › Basic Cases",
+        _kind("phone case", "Phone Case", "phone cases",
+              "Electronics › Cell Phones & Accessories › Cases, Holsters & Sleeves › Basic Cases",
            "shockproof, slim fit, wireless charging compatible, raised edges, clear back",
            {"color": "black, clear, purple, green", "model": "iphone 14, iphone 15, galaxy s23"}, (6, 30)),
-        _kind("usb c cable", "USB C Cable", "usb c cables", "Electronics › Computers & Accessories › Cables & Interconnects › USB Cables",
+        _kind("usb c cable", "USB C Cable", "usb c cables",
+              "Electronics › Computers & Accessories › Cables & Interconnects › USB Cables",
            "fast charging, braided nylon, high speed, durable, data transfer",
            {"color": "black, white, red", "length": "3 ft, 6 ft, 10 ft"}, (5, 25)),
-        _kind("wireless mouse", "Wireless Mouse", "wireless mouse", "Electronics › Computers & Accessories › Keyboards, Mice & Accessories › Mice",
+        _kind("wireless mouse", "Wireless Mouse", "wireless mouse",
+              "Electronics › Computers & Accessories › Keyboards, Mice & Accessories › Mice",
            "ergonomic design, silent click, usb receiver, long battery life, adjustable dpi",
            {"color": "black, white, pink, blue"}, (9, 60)),
-        _kind("power bank", "Power Bank", "power banks", "Electronics › Cell Phones & Accessories › Chargers & Power Adapters › Portable Power Banks",
+        _kind("power bank", "Power Bank", "power banks",
+              "Electronics › Cell Phones & Accessories › Chargers & Power Adapters › Portable Power Banks",
            "fast charging, usb c, compact, led display, high capacity",
            {"capacity": "10000mah, 20000mah, 26800mah", "color": "black, white"}, (15, 80)),
-        _kind("security camera", "Security Camera", "security cameras", "Electronics › Camera & Photo › Video Surveillance › Surveillance Cameras",
+        _kind("security camera", "Security Camera", "security cameras",
+              "Electronics › Camera & Photo › Video Surveillance › Surveillance Cameras",
            "motion detection, night vision, two way audio, weatherproof, easy install",
            {"pack": "single camera, two cameras, four cameras"}, (25, 200)),
     ],
@@ -488,7 +522,8 @@ _INSTRUCTIONS = (
     "i'm looking for {a}{attrs} {noun}",
     "find me {a}{noun} which is {attrs}",
 )
-_REVIEW_TITLES = ("Great {noun}", "Works as described", "Not what I expected", "Love it", "Good value for the price", "Would buy again")
+_REVIEW_TITLES = ("Great {noun}", "Works as described", "Not what I expected", "Love it", "Good value for the price",
+                  "Would buy again")
 _REVIEW_BODIES = (
     "Exactly what I was looking for. The {attr} part really shows.",
     "Arrived quickly and the quality is fine for the price.",
@@ -571,7 +606,8 @@ def _generate_goal(product: Product, kind: ProductType, price: float, rng: rando
     goal_options = {name: rng.choice(product.options[name]) for name in sorted(product.options)}
     template = rng.choice(_INSTRUCTIONS)
     article_before = goal_attributes[0] if "{a}{attrs}" in template else kind.noun
-    instruction = template.format(a=_article(article_before, kind.plural), attrs=" and ".join(goal_attributes), noun=kind.noun)
+    instruction = template.format(a=_article(article_before, kind.plural),
+                                  attrs=" and ".join(goal_attributes), noun=kind.noun)
     price_upper, price_text = price_bound(price, rng)
     return Goal(
         asin=product.asin,

@@ -142,7 +142,8 @@ class SearchIndex:
             except OSError as err:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if not (path / "asins.json").is_file():  # else another process saved it first
-                    warnings.warn(f"Could not cache the WebShop search index in {path} ({err}); it will be rebuilt next time.")
+                    warnings.warn(f"Could not cache the WebShop search index in {path} ({err}); it will be rebuilt "
+                                  "next time.")
         return cls(retriever, asins)
 
     def search(self, query: str, k: int = SEARCH_RETURN_N) -> list[str]:
@@ -158,7 +159,8 @@ class SearchIndex:
         # counts again, as in Lucene); one bincount is much faster than bm25s' per-term add.at
         postings = [slice(index["indptr"][i], index["indptr"][i + 1]) for i in ids]
         docs = np.concatenate([index["indices"][p] for p in postings])
-        scores = np.bincount(docs, weights=np.concatenate([index["data"][p] for p in postings]), minlength=index["num_docs"])
+        scores = np.bincount(docs, weights=np.concatenate([index["data"][p] for p in postings]),
+                             minlength=index["num_docs"])
         hits = np.flatnonzero(scores > 0)
         if len(hits) > k:  # keep every document that ties with the k-th score, then order exactly
             kth = np.partition(scores[hits], len(hits) - k)[len(hits) - k]
@@ -268,7 +270,8 @@ class Shop:
         """The page `s` is on."""
         instruction = [Element("text", "Instruction:"), Element("instruction", s.goal.instruction_text)]
         if s.page == "search":
-            return Page("search", [Element("text", "WebShop"), *instruction, Element("button", "Search")], has_search_bar=True)
+            return Page("search", [Element("text", "WebShop"), *instruction, Element("button", "Search")],
+                        has_search_bar=True)
         if s.page == "done":
             assert s.outcome is not None
             texts = ["Thank you for shopping with us!", "Your score (min 0.0, max 1.0)", str(s.outcome.reward)]
@@ -281,7 +284,8 @@ class Shop:
             elements.append(Element("button", NEXT_PAGE))
             for asin in s.page_results:
                 product = self.catalog.by_asin[asin]
-                elements += [Element("product", asin, selected=asin in s.visited), Element("text", product.name), Element("text", product.price_tag)]
+                elements += [Element("product", asin, selected=asin in s.visited), Element("text", product.name),
+                             Element("text", product.price_tag)]
             return Page("results", _visible(elements))
         product = self.catalog.by_asin[s.asin]
         elements.append(Element("button", PREV_PAGE))
@@ -339,7 +343,8 @@ class Shop:
             s.outcome = purchase_reward(product, s.goal, self.catalog.prices[s.asin], s.options, self.title_nouns)
             s.page, s.done = "done", True
         elif name == BACK_TO_SEARCH.lower():
-            s.page, s.keywords, s.results, s.page_num, s.asin, s.options, s.visited = "search", None, [], 1, None, {}, set()
+            s.page, s.keywords, s.results, s.page_num, s.asin, s.options, s.visited = ("search", None, [],
+                                                                                       1, None, {}, set())
         elif name == NEXT_PAGE.lower() and s.page == "results":
             self._show_results(s, s.page_num + 1)
         elif name == PREV_PAGE.lower() and s.page == "results":

@@ -27,8 +27,10 @@ from t2po.envs import register_env
 from t2po.envs.base import BatchEnv, EnvState
 from t2po.envs.parsing import ParsedAction, parse_think_action, reference_think_action
 from t2po.envs.webshop.catalog import SPLITS, Catalog, Goal, generated_catalog, load_official_catalog
-from t2po.envs.webshop.engine import INDEX_CACHE_MIN_PRODUCTS, Page, SearchIndex, Shop, ShopSession, parse_action, rich_text, simple_text
-from t2po.envs.webshop.reward import FUZZY_MATCH_THRESHOLD, TITLE_NOUN_MODES, goal_option_list, normalize_color, token_set_ratio
+from t2po.envs.webshop.engine import (INDEX_CACHE_MIN_PRODUCTS, Page, SearchIndex, Shop, ShopSession, parse_action,
+                                      rich_text, simple_text)
+from t2po.envs.webshop.reward import (FUZZY_MATCH_THRESHOLD, TITLE_NOUN_MODES, goal_option_list, normalize_color,
+                                      token_set_ratio)
 from t2po.errors import InvalidInput
 
 SUCCESS_REWARD = 10.0  # docs/method.md §4: 10 for success in WebShop
@@ -47,14 +49,17 @@ Your admissible actions of the current situation are:
 ].
 
 Now it's your turn to take one action for the current step.
-You should first reason step-by-step about the current situation, then think carefully which admissible action best advances the shopping goal. This reasoning process MUST be enclosed within <think> </think> tags. 
-Once you've finished your reasoning, you should choose an admissible action for current step and present it within <action> </action> tags.
+You should first reason step-by-step about the current situation, then think carefully which admissible action best \
+advances the shopping goal. This reasoning process MUST be enclosed within <think> </think> tags. 
+Once you've finished your reasoning, you should choose an admissible action for current step and present it within \
+<action> </action> tags.
 """
 
 WEBSHOP_TEMPLATE = """
 You are an expert autonomous agent operating in the WebShop e\u2011commerce environment.
 Your task is to: {task_description}.
-Prior to this step, you have already taken {step_count} step(s). Below are the most recent {history_length} observations and the corresponding actions you took: {action_history}
+Prior to this step, you have already taken {step_count} step(s). Below are the most recent {history_length} \
+observations and the corresponding actions you took: {action_history}
 You are now at step {current_step} and your current observation is: {current_observation}.
 Your admissible actions of the current situation are: 
 [
@@ -62,8 +67,10 @@ Your admissible actions of the current situation are:
 ].
 
 Now it's your turn to take one action for the current step.
-You should first reason step-by-step about the current situation, then think carefully which admissible action best advances the shopping goal. This reasoning process MUST be enclosed within <think> </think> tags. 
-Once you've finished your reasoning, you should choose an admissible action for current step and present it within <action> </action> tags.
+You should first reason step-by-step about the current situation, then think carefully which admissible action best \
+advances the shopping goal. This reasoning process MUST be enclosed within <think> </think> tags. 
+Once you've finished your reasoning, you should choose an admissible action for current step and present it within \
+<action> </action> tags.
 """
 
 _PRICE_CLAUSE = re.compile(r", and price lower than [\d.]+ dollars$")
@@ -88,7 +95,8 @@ def open_shop(
     asks for it (train and validation envs share one catalog and index). See `WebShopEnv`."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if data_dir is not None:
-        catalog = load_official_catalog(data_dir, use_small=use_small, human_goals=human_goals, num_products=num_products, seed=catalog_seed)
+        catalog = load_official_catalog(data_dir, use_small=use_small, human_goals=human_goals,
+                                        num_products=num_products, seed=catalog_seed)
     else:
         catalog = generated_catalog(num_products if num_products is not None else 1000, catalog_seed, cache)
     index = SearchIndex.build(catalog.products, cache if len(catalog.products) >= INDEX_CACHE_MIN_PRODUCTS else None)
@@ -155,7 +163,8 @@ class WebShopEnv(BatchEnv):
         if split not in SPLITS:
             raise InvalidInput(f"WebShop split must be one of {', '.join(SPLITS)}, got {split!r}.")
         if observation_mode not in OBSERVATION_MODES:
-            raise InvalidInput(f"observation_mode must be one of {', '.join(OBSERVATION_MODES)}, got {observation_mode!r}.")
+            raise InvalidInput(f"observation_mode must be one of {', '.join(OBSERVATION_MODES)}, got "
+                               f"{observation_mode!r}.")
         if title_nouns not in TITLE_NOUN_MODES:
             raise InvalidInput(f"title_nouns must be one of {', '.join(TITLE_NOUN_MODES)}, got {title_nouns!r}.")
         if max_steps < 1:
@@ -186,7 +195,8 @@ class WebShopEnv(BatchEnv):
 
     def step(self, actions: list[str | None]) -> list[EnvState | None]:
         if len(actions) != len(self._sessions):
-            raise ValueError(f"step() got {len(actions)} actions for {len(self._sessions)} instances; pass None for finished ones.")
+            raise ValueError(f"step() got {len(actions)} actions for {len(self._sessions)} instances; pass None for "
+                             "finished ones.")
         states: list[EnvState | None] = []
         for i, action in enumerate(actions):
             if action is None:
@@ -206,7 +216,8 @@ class WebShopEnv(BatchEnv):
     def render_prompt(self, index: int, history: list[tuple[str, str]], state: EnvState) -> str:
         actions = "\n".join(f"'{a}'," for a in state.admissible_actions or [])
         task = self.task_description(index)
-        no_history = WEBSHOP_TEMPLATE_NO_HIS.format(task_description=task, current_observation=state.observation, available_actions=actions)
+        no_history = WEBSHOP_TEMPLATE_NO_HIS.format(task_description=task, current_observation=state.observation,
+                                                    available_actions=actions)
         if not history or self.history_length <= 0:
             return no_history
         recent = history[-self.history_length :]
@@ -333,5 +344,6 @@ class WebShopEnv(BatchEnv):
                 # a value that another option group also offers cannot be chosen for this group
                 if s.options.get(name) != value and getattr(clickables.get(value), "group", None) == name:
                     return f"The task asks for {name} {value}, so I select it.", f"click[{value}]"
-            return "The product and its options match the task and the price is within budget, so I buy it.", "click[buy now]"
+            return ("The product and its options match the task and the price is within budget, so I buy it.",
+                    "click[buy now]")
         return "I go back to the product page.", "click[< prev]"

@@ -100,7 +100,8 @@ class ShopSite:
         parts.append(_elements_html(page, base))
         if page.kind == "done" and session.outcome is not None:
             details = ", ".join(f"{k}={v}" for k, v in session.outcome.as_dict().items())
-            parts.append(f'<p class="done">Your score: {session.outcome.reward:.3f}</p><p><small>{html.escape(details)}</small></p>'
+            parts.append('<p class="done">Your score: '
+                         f'{session.outcome.reward:.3f}</p><p><small>{html.escape(details)}</small></p>'
                          '<p><a class="btn" href="/">New task</a></p>')
         return _document(f"WebShop: {page.kind}", "\n".join(parts))
 
@@ -116,7 +117,8 @@ def _elements_html(page: Page, base: str) -> str:
         if e.kind == "product":
             if in_card:
                 out.append("</div>")
-            out.append(f'<div class="product{" visited" if e.selected else ""}"><a class="asin" href="{click}">{html.escape(e.text)}</a>')
+            out.append(f'<div class="product{" visited" if e.selected else ""}"><a class="asin" '
+                       f'href="{click}">{html.escape(e.text)}</a>')
             in_card = True
             continue
         if e.kind != "text" and in_card:
@@ -140,8 +142,9 @@ def _elements_html(page: Page, base: str) -> str:
 
 def _document(title: str, body: str) -> str:
     return (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_STYLE}</style></head>"
-        f"<body><header><a href='/'>WebShop</a></header><main>{body}</main></body></html>"
+        "<!DOCTYPE html><html><head><meta "
+        f"charset='utf-8'><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body><header><a "
+        f"href='/'>WebShop</a></header><main>{body}</main></body></html>"
     )
 
 
@@ -155,7 +158,8 @@ def _handler(site: ShopSite) -> type[BaseHTTPRequestHandler]:
             try:
                 self._get()
             except Exception as err:  # noqa: BLE001 (reported to the client, the server keeps serving)
-                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, _document("Error", f"<p>{html.escape(type(err).__name__)}: {html.escape(str(err))}</p>"))
+                self._send(HTTPStatus.INTERNAL_SERVER_ERROR,
+                           _document("Error", f"<p>{html.escape(type(err).__name__)}: {html.escape(str(err))}</p>"))
 
         def _get(self) -> None:
             url = urlsplit(self.path)
@@ -168,7 +172,8 @@ def _handler(site: ShopSite) -> type[BaseHTTPRequestHandler]:
                 # ASCII digits only, and few of them: int() also takes "²"-like digits (then fails)
                 # and refuses numbers past 4,300 digits
                 if goal and not _GOAL_NUMBER.fullmatch(goal):
-                    return self._send(HTTPStatus.BAD_REQUEST, _document("Bad request", "<p>goal must be a task number.</p>"))
+                    return self._send(HTTPStatus.BAD_REQUEST,
+                                      _document("Bad request", "<p>goal must be a task number.</p>"))
                 return self._redirect(f"/s/{site.start(int(goal) if goal else None)}")
             if len(parts) >= 2 and parts[0] == "s":
                 session_id = parts[1]
@@ -212,14 +217,18 @@ def make_server(site: ShopSite, host: str = "127.0.0.1", port: int = 3000) -> Th
 
 def main(argv: list[str] | None = None) -> int:
     """`t2po webshop-server`: serve the shop on http://HOST:PORT until interrupted."""
-    parser = argparse.ArgumentParser(prog="t2po webshop-server", description="Browse the WebShop environment as HTML pages.")
+    parser = argparse.ArgumentParser(prog="t2po webshop-server",
+                                     description="Browse the WebShop environment as HTML pages.")
     parser.add_argument("--port", type=PORT, default=3000, help="port to listen on (default 3000, as WebShop)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--split", choices=SPLITS, default="test", help="which goals to offer (default test)")
-    parser.add_argument("--data-dir", default=None, help="folder with WebShop's data files (default: generated catalog)")
-    parser.add_argument("--full", action="store_true", help="with --data-dir: the full data files, not the 1,000-product ones")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with WebShop's data files (default: generated catalog)")
+    parser.add_argument("--full", action="store_true",
+                        help="with --data-dir: the full data files, not the 1,000-product ones")
     parser.add_argument("--human-goals", action="store_true", help="with --data-dir: human-written instructions")
-    parser.add_argument("--num-products", type=bounded(1, 1_000_000), default=None, help="generated catalog size (default 1000)")
+    parser.add_argument("--num-products", type=bounded(1, 1_000_000), default=None,
+                        help="generated catalog size (default 1000)")
     parser.add_argument("--catalog-seed", type=int, default=0, help="seed of the generated catalog (default 0)")
     args = parser.parse_args(argv)
 
@@ -233,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"webshop-server: {err}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
-    print(f"WebShop: {len(goals)} {args.split} tasks over {len(shop.catalog.products)} products at http://{host}:{port}/ (Ctrl-C stops)")
+    print(f"WebShop: {len(goals)} {args.split} tasks over {len(shop.catalog.products)} products at "
+          f"http://{host}:{port}/ (Ctrl-C stops)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

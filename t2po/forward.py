@@ -115,7 +115,7 @@ class FrozenTrunk:
     The old-log-prob pass records them, and the update's passes over the same samples start at `layer`
     (the layers below are skipped for the pass, the recorded states fed in): in the main job (LoRA on
     the last 8 of 30 layers) the update's forward pass runs 8 layers instead of 30. The same layers on
-    the same inputs, so the same results up to rounding (tests/training/test_policy_forward.py). SFT
+    the same inputs, so the same results up to rounding (tests/training/test_forward.py). SFT
     does the same across epochs: the first records, the later ones replay (`t2po.sft._frozen_trunk`)."""
 
     def __init__(self, layer: int) -> None:
@@ -131,7 +131,8 @@ class FrozenTrunk:
             return 0
         decoder, _ = decoder_and_head(model)
         layers = getattr(decoder, "layers", None)
-        if layers is None or getattr(decoder.config, "attention_dropout", 0.0) or any(p.requires_grad for p in decoder.get_input_embeddings().parameters()):
+        if layers is None or getattr(decoder.config, "attention_dropout", 0.0) or any(p.requires_grad
+                for p in decoder.get_input_embeddings().parameters()):
             return 0
         trainable = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
         return trainable[0] if trainable else 0
@@ -211,7 +212,8 @@ def forward_micro_batch(
         inputs["position_ids"] = position_ids(model, mb.input_ids, mb.attention_mask, pixels)
         inputs.update(pixels or {})
     B, T = mb.response_ids.shape
-    with torch.autocast(mb.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast_bf16), _trunk_pass(decoder, trunk, mb):
+    with torch.autocast(mb.input_ids.device.type, dtype=torch.bfloat16,
+                        enabled=autocast_bf16), _trunk_pass(decoder, trunk, mb):
         if mb.shared:  # the shared beginning once, then every row's rest on top of its K/V
             from transformers import DynamicCache
 
@@ -219,7 +221,8 @@ def forward_micro_batch(
             decoder(input_ids=mb.input_ids[:1, : mb.shared], past_key_values=cache, use_cache=True)
             filled = next(layer for layer in cache.layers if layer.keys is not None)
             for layer in cache.layers:
-                if layer.keys is None:  # skipped by the trunk: zeros nothing reads, so every layer reports the shared length
+                # skipped by the trunk: zeros nothing reads, so every layer reports the shared length
+                if layer.keys is None:
                     layer.update(torch.zeros_like(filled.keys), torch.zeros_like(filled.values))
                 layer.keys, layer.values = layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1)
             inputs["input_ids"] = mb.input_ids[:, mb.shared :]
@@ -228,7 +231,8 @@ def forward_micro_batch(
     # hidden state at position p predicts token p + 1: response token t sits at prompt_len + t;
     # hidden[:, j] is position shared + j
     prompt_lens = mb.prompt_lens.to(hidden.device) - mb.shared
-    pos = (prompt_lens.unsqueeze(1) - 1 + torch.arange(T, device=hidden.device).unsqueeze(0)).clamp(max=hidden.shape[1] - 1)
+    pos = (prompt_lens.unsqueeze(1) - 1
+           + torch.arange(T, device=hidden.device).unsqueeze(0)).clamp(max=hidden.shape[1] - 1)
     h = hidden.gather(1, pos.unsqueeze(-1).expand(B, T, hidden.shape[-1]))
     logits = head(h).float()
     if vision:  # image placeholders have probability 0, as in the engine

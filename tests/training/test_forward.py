@@ -1,12 +1,12 @@
-"""`t2po.policy`: the micro-batch forward pass that runs the rows' shared beginning once gives the same
+"""`t2po.forward`: the micro-batch forward pass that runs the rows' shared beginning once gives the same
 log-probs, entropies, critic values and gradients as the plain forward pass over whole rows."""
 
 import dataclasses
 
 import torch
 
+from t2po.forward import FrozenTrunk, _SkippedLayer, forward_micro_batch, make_micro_batch
 from t2po.models import load_model
-from t2po.policy import FrozenTrunk, _SkippedLayer, forward_micro_batch, make_micro_batch
 
 
 def chat(tokenizer, text):
@@ -81,7 +81,8 @@ def test_frozen_trunk_replay_skips_the_frozen_layers_and_equals_the_full_pass(ti
                 model.zero_grad(set_to_none=True)
                 out = forward_micro_batch(model, mb, with_entropy=True, trunk=trunk if mode == "replay" else None)
                 out["logp"].sum().backward()
-                results[name, mode] = (out["logp"].detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+                results[name, mode] = (out["logp"].detach(),
+                                       [p.grad.clone() for p in model.parameters() if p.grad is not None])
                 assert bool(first_layer_calls) == (mode == "full")  # replay skips the frozen layers
                 first_layer_calls.clear()
             assert torch.allclose(recorded["logp"], results[name, "full"][0], atol=1e-5)
