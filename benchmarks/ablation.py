@@ -139,7 +139,8 @@ def run_warmup(preset: str, common: list[str], seed: int, folder: Path) -> dict:
         return json.loads(state_path.read_text())
     cfg = load_config(preset, [*common, f"trainer.seed={seed}"])
     if cfg.warmup.episodes <= 0:
-        raise SystemExit(f"the {preset} preset has no warm-up (warmup.episodes=0): there is nothing to share between arms")
+        raise SystemExit(f"the {preset} preset has no warm-up (warmup.episodes=0): there is nothing to share between "
+                         "arms")
     _log(f"seed {seed}: warm-up into {folder}")
     trainer = Trainer(cfg, run_dir=folder, resume=folder.exists())
     try:
@@ -154,7 +155,8 @@ def run_arm(preset: str, common: list[str], arm: str, seed: int, out: Path, warm
             random_rate: float | None = None) -> None:
     """One arm of one seed from the seed's warm-up model: validate, train, validate (resumes a killed run)."""
     run_dir = out / f"{arm}-seed{seed}"
-    cfg = load_config(preset, [*common, *arm_overrides(arm, seed, out, random_rate), f"trainer.seed={seed}", f"trainer.output_dir={out}", f"trainer.run_name={run_dir.name}"])
+    cfg = load_config(preset, [*common, *arm_overrides(arm, seed, out, random_rate), f"trainer.seed={seed}",
+                               f"trainer.output_dir={out}", f"trainer.run_name={run_dir.name}"])
     if not (run_dir / "run_state.json").exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -162,7 +164,8 @@ def run_arm(preset: str, common: list[str], arm: str, seed: int, out: Path, warm
         if not link.exists():
             link.symlink_to(os.path.relpath(warm_folder / WARMUP_MODEL, run_dir), target_is_directory=True)
         # the state a `t2po train` run has after its own warm-up (the Trainer then starts RL from warmup_model)
-        atomic_write_text(run_dir / "run_state.json", json.dumps({"warmup_done": True, "validation": {}, "warmup": warm_state.get("warmup")}, indent=1))
+        atomic_write_text(run_dir / "run_state.json",
+                json.dumps({"warmup_done": True, "validation": {}, "warmup": warm_state.get("warmup")}, indent=1))
     _log(f"{run_dir.name}: training")
     load_before, start = os.getloadavg(), time.time()
     trainer = Trainer(cfg, run_dir=run_dir, resume=True)
@@ -210,7 +213,8 @@ def run_entry(run_dir: Path, arm: str, seed: int, warm_state: dict) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     info = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).exists() else {"sessions": []}
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    iterations = [{"iteration": m["iteration"], **{name: m[key] for key, name in ITERATION_KEYS.items() if key in m}} for m in metrics]
+    iterations = [{"iteration": m["iteration"], **{name: m[key] for key, name in ITERATION_KEYS.items() if key in m}}
+                  for m in metrics]
     total = lambda name: float(sum(it.get(name, 0.0) for it in iterations))  # noqa: E731
     flag_rates = [it["tds_flag_rate"] for it in iterations if "tds_flag_rate" in it]
 
@@ -236,7 +240,8 @@ def run_entry(run_dir: Path, arm: str, seed: int, warm_state: dict) -> dict:
         "tds": {name: mean_of(name) for name in ("tds_inband_before", "tds_inband_after", "tds_kept_delta_mean",
                                                  "tds_discarded_delta_mean", "tds_extra_token_fraction")},
         "forced_tokens": total("forced_tokens"),
-        "wall_seconds": summary["seconds"] + validation_seconds,  # this run's validations and RL (a resumed run: since the resume)
+        # this run's validations and RL (a resumed run: since the resume)
+        "wall_seconds": summary["seconds"] + validation_seconds,
         "warmup_seconds": (warm_state.get("warmup") or {}).get("seconds"),  # shared by the arms of the seed
         # every validation with its per-room outcomes (the rooms are the same in every run: seeds 0..R-1 of the split)
         "validations": [{"tag": tag, **{k: v[k] for k in VALIDATION_KEYS if k in v}}
@@ -270,7 +275,8 @@ def arm_summary(runs: list[dict]) -> dict:
             "held_out_valid_actions_before_rl": held_out("before_rl", "valid_action_rate"),
             "held_out_valid_actions_after_rl": held_out("after_rl", "valid_action_rate"),
             "held_out_success_after_rl_tti_on": held_out("after_rl", "tti_on_success_rate"),
-            "training_success_last_iteration": stat([r["iterations"][-1].get("success_rate") for r in rs if r["iterations"]]),
+            "training_success_last_iteration": stat([r["iterations"][-1].get("success_rate") for r in rs
+                                                     if r["iterations"]]),
             "generated_tokens": stat([r["generated_tokens"] for r in rs]),
             "tds_flag_rate_mean": stat([r["tds_flag_rate_mean"] for r in rs]),
             "tti_stagnation_triggers": stat([r["tti_triggers"]["stagnation"] for r in rs]),
@@ -315,14 +321,15 @@ def markdown_table(summary: dict) -> str:
     def cell(s: dict | None, digits: int = 3) -> str:
         return "-" if s is None else f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 
-    lines = ["| arm | seeds | held-out success before RL (TTI off) | after RL (TTI off) | after RL (TTI on) | valid actions after RL | "
-             "tokens generated (RL) | TDS flag rate | TTI stagnation / budget triggers |",
+    lines = ["| arm | seeds | held-out success before RL (TTI off) | after RL (TTI off) | after RL (TTI on) | valid "
+             "actions after RL | tokens generated (RL) | TDS flag rate | TTI stagnation / budget triggers |",
              "|---|---|---|---|---|---|---|---|---|"]
     for arm, a in summary.items():
         tti = f"{a['tti_stagnation_triggers']['mean']:.0f} / {a['tti_budget_triggers']['mean']:.0f}"
-        lines.append(f"| {arm} | {len(a['seeds'])} | {cell(a['held_out_success_before_rl'])} | {cell(a['held_out_success_after_rl'])} | "
-                     f"{cell(a['held_out_success_after_rl_tti_on'])} | "
-                     f"{cell(a['held_out_valid_actions_after_rl'])} | {a['generated_tokens']['mean']:,.0f} | {cell(a['tds_flag_rate_mean'], 2)} | {tti} |")
+        lines.append(f"| {arm} | {len(a['seeds'])} | {cell(a['held_out_success_before_rl'])} | "
+                     f"{cell(a['held_out_success_after_rl'])} | {cell(a['held_out_success_after_rl_tti_on'])} | "
+                     f"{cell(a['held_out_valid_actions_after_rl'])} | {a['generated_tokens']['mean']:,.0f} | "
+                     f"{cell(a['tds_flag_rate_mean'], 2)} | {tti} |")
     return "\n".join(lines)
 
 
@@ -337,7 +344,8 @@ def write_json(path: Path, out: Path, preset: str, common: list[str], argv: list
                 runs.append(run_entry(run_dir, arm, seed, json.loads(warm.read_text()) if warm.exists() else {}))
     seeds = sorted({r["seed"] for r in runs})
     rooms = runs[0]["config"]["rollout"]["val_num_tasks"] if runs else load_config(preset, common).rollout.val_num_tasks
-    doc = {"setting": {"preset": preset, "overrides": common, "arms": ARMS, "command": "python benchmarks/ablation.py " + " ".join(argv)},
+    doc = {"setting": {"preset": preset, "overrides": common, "arms": ARMS,
+                       "command": "python benchmarks/ablation.py " + " ".join(argv)},
            **commit(), "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
            "plan": power.plan(power.estimates(), design=(max(len(seeds), 2), rooms)),
            "arms": arm_summary(runs), "comparison": comparison(runs), "runs": runs}
@@ -349,10 +357,12 @@ def write_json(path: Path, out: Path, preset: str, common: list[str], argv: list
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="default", help="the setting (default: the main job, t2po/configs/default.yaml)")
+    parser.add_argument("--preset", default="default",
+                        help="the setting (default: the main job, t2po/configs/default.yaml)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides for every run (warm-up included)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides for every run (warm-up included)")
     parser.add_argument("--out", default="bench_results/ablation", help="folder of the warm-ups and run folders")
     parser.add_argument("--json", default=None, help="the JSON written (default: <out>/ablation.json)")
     parser.add_argument("--no-report", action="store_true", help="skip the `t2po report` comparison")

@@ -25,8 +25,10 @@ def _ablation():
 def test_ablation_smoke_runs_resumes_and_reports(tiny_model_dir, tmp_path):
     ablation = _ablation()
     out = tmp_path / "ablation"
-    tiny = [f"model.path={tiny_model_dir}", "trainer.iterations=1", "warmup.episodes=2", "warmup.epochs=1", "rollout.num_tasks=1",
-            "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1", "rollout.tti.turn_score_skip=0",
+    tiny = [f"model.path={tiny_model_dir}", "trainer.iterations=1", "warmup.episodes=2", "warmup.epochs=1",
+            "rollout.num_tasks=1",
+            "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1",
+            "rollout.tti.turn_score_skip=0",
             "env.options.max_steps=2", "model.lora_rank=4", "trainer.trace_episodes=0"]
     args = ["--out", str(out), "--seeds", "0", "1", "--arms", "t2po-paper", "gigpo", "--set", *tiny]
     assert ablation.main(args) == 0
@@ -57,8 +59,10 @@ def test_ablation_smoke_runs_resumes_and_reports(tiny_model_dir, tmp_path):
     for r in runs:
         assert r["before_rl"] is not None and r["after_rl"] is not None and 0 <= r["after_rl"]["valid_action_rate"] <= 1
         assert [it["iteration"] for it in r["iterations"]] == [1]
-        assert {"success_rate", "invalid_action_rate", "approx_kl", "grad_norm", "tds_flag_rate"} <= set(r["iterations"][0])
-        assert r["generated_tokens"] > 0 and r["wall_seconds"] > 0 and set(r["tti_triggers"]) == {"stagnation", "budget", "random"}
+        assert {"success_rate", "invalid_action_rate", "approx_kl", "grad_norm",
+                "tds_flag_rate"} <= set(r["iterations"][0])
+        assert r["generated_tokens"] > 0 and r["wall_seconds"] > 0 and set(r["tti_triggers"]) == {"stagnation",
+                                                                                                  "budget", "random"}
         # one decoder (TTI off) for every arm; the T2PO arm also with its TTI (issue 27)
         assert ("tti_on_success_rate" in r["after_rl"]) == (r["arm"] == "t2po-paper")
     # one warm-up per seed, shared: both arms of a seed start from the same model folder
@@ -74,10 +78,12 @@ def test_ablation_smoke_runs_resumes_and_reports(tiny_model_dir, tmp_path):
     # the report groups the two seeds of each arm into one configuration
     report = (out / "report" / "report.md").read_text()
     assert report.count("| 2 |") >= 2 and "Exploration control" in report
-    # the controls (issue 27): random truncation takes TTI's rate from the same seed's t2po-calibrated run, or --random-rate
+    # the controls (issue 27): random truncation takes TTI's rate from the same seed's t2po-calibrated run, or
+    # --random-rate
     with pytest.raises(SystemExit, match="t2po-calibrated"):
         ablation.arm_overrides("random-truncation", 0, out, None)
-    controls = ["--out", str(out), "--seeds", "0", "--arms", "random-truncation", "random-resampling", "--random-rate", "0.05",
+    controls = ["--out", str(out), "--seeds", "0", "--arms", "random-truncation", "random-resampling",
+                "--random-rate", "0.05",
                 "--no-report", "--set", *tiny]
     assert ablation.main(controls) == 0
     runs = {r["arm"]: r for r in json.loads((out / "ablation.json").read_text())["runs"]}

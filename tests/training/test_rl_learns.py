@@ -15,7 +15,7 @@ is ten null standard deviations above no learning and well below every learning 
 Full fine-tuning, not LoRA: the tiny model ties its output layer to its embeddings (std 0.02, hidden size 64), so
 with the embeddings and the final norm frozen its logits stay within about +-1.3 and LoRA cannot make a class of
 tokens much likelier (measured: a LoRA run rose by +0.03 to +0.06 where full fine-tuning rose by +0.4). The LoRA path,
-with the frozen layers replayed from the old-log-prob pass (`t2po.policy.FrozenTrunk`), is checked step by step by
+with the frozen layers replayed from the old-log-prob pass (`t2po.forward.FrozenTrunk`), is checked step by step by
 `test_one_update_moves_each_sample_with_its_advantage`.
 """
 
@@ -32,7 +32,7 @@ from helpers import run_training
 from t2po.config import load_config
 from t2po.envs.base import BatchEnv, EnvState
 from t2po.envs.parsing import ParsedAction
-from t2po.policy import forward_micro_batch
+from t2po.forward import forward_micro_batch
 from t2po.trainer.trainer import Trainer
 
 ENV = f"{__name__}:VowelWriter"
