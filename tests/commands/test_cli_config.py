@@ -17,7 +17,7 @@ def test_print_config_prints_the_resolved_tree_and_writes_nothing(tmp_path, caps
     expected = load_config("smoke", ["rollout.group_size=3", "env.options.dim_room=[6,6]"])
     assert tree == expected.to_dict()
     # override and preset (code default: 1e-5)
-    assert tree["rollout"]["group_size"] == 3 and tree["optim"]["lr"] == 1e-3
+    assert tree["rollout"]["group_size"] == 3 and tree["optim"]["lr"] == 3e-4
     assert list(tmp_path.iterdir()) == [], "nothing may be written"
     # the printed tree is itself a preset that gives the same configuration
     (tmp_path / "printed.yaml").write_text(printed)
@@ -32,7 +32,7 @@ def test_print_config_of_a_bad_value_fails_naming_the_key(capsys):
 def test_help_config_shows_the_presets_values_next_to_the_help(capsys):
     assert cli.main(["train", "default", "trainer.iterations=7", "--help-config"]) == 0
     text = capsys.readouterr().out
-    assert "  optim.lr = 0.001   (code default: 1e-05)\n      Learning rate" in text
+    assert "  optim.lr = 0.0003   (code default: 1e-05)\n      Learning rate" in text
     assert "  trainer.iterations = 7   (code default: 10)" in text
     assert "  algo.gamma = 0.95\n" in text  # unchanged keys show no default note
     keys = [line for line in text.splitlines() if line.startswith("  ") and not line.startswith("      ")]

@@ -46,6 +46,9 @@ def tiny_overrides(model_dir: Path, out: Path, algo: str = "t2po", iterations: i
         "optim.lr=1e-2",
         "optim.mini_batch_size=4",
         "model.lora_rank=4",
+        # the tiny random model's episodes often all score alike (zero advantages for grpo/rloo); the entropy bonus
+        # keeps a gradient so that "parameters change" checks the update path (the main job sets it to 0)
+        "algo.entropy_coef=0.001",
     ]
 
 
