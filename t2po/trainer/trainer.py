@@ -510,9 +510,12 @@ class Trainer:
                 if values is not None:
                     values[i] = float(out["values"][b])
             if ref is not None:
+                # the reference is this model without its adapters: the layers below the first LoRA layer are
+                # the same, so its pass replays the states the old-log-prob pass just recorded (FrozenTrunk)
                 ctx = self.model.disable_adapter() if self.cfg.model.lora else contextlib.nullcontext()
                 with ctx, self.timer("reference"):
-                    ref_out = forward_micro_batch(self.ref_model or self.model, mb, autocast_bf16=bf16)
+                    ref_out = forward_micro_batch(self.ref_model or self.model, mb, autocast_bf16=bf16,
+                                                  trunk=self.trunk if self.ref_model is None else None)
                 for b, i in enumerate(mb.indices):
                     ref[i] = ref_out["logp"][b, : len(samples[i].response_ids)].clone()
             bar.update(len(mb.indices))

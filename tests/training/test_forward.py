@@ -95,3 +95,29 @@ def test_frozen_trunk_replay_skips_the_frozen_layers_and_equals_the_full_pass(ti
         assert len(replay_grads) == len(full_grads) == 4  # lora_A and lora_B of q_proj and v_proj in the last layer
         for a, b in zip(replay_grads, full_grads):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_reference_pass_replays_the_trunk_with_the_adapters_off(tiny_model_dir):
+    """The KL's reference is the model without its LoRA adapters (`Trainer._score_into`): its pass replays
+    the states the old-log-prob pass recorded and gives the adapter-free full pass's log-probs, not the policy's."""
+    from peft import LoraConfig, get_peft_model
+
+    base, tokenizer = load_model(tiny_model_dir)
+    n = base.config.num_hidden_layers
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[n - 1],
+                                            layers_pattern="layers", init_lora_weights=False))
+    prompts = [chat(tokenizer, t) for t in ("Push the box up.", "Grid:\n#####\n#_@$#\n#####")]
+    mb = make_micro_batch([0, 1], prompts, [[5, 6, 7], [8, 9]], tokenizer.pad_token_id)
+    trunk = FrozenTrunk(FrozenTrunk.first_trainable_layer(model))
+    first_layer_calls = []
+    hook = model.get_base_model().get_decoder().layers[0].register_forward_hook(lambda *a: first_layer_calls.append(1))
+    with torch.no_grad():
+        policy = forward_micro_batch(model, mb, trunk=trunk)["logp"]  # records
+        with model.disable_adapter():
+            first_layer_calls.clear()
+            replayed = forward_micro_batch(model, mb, trunk=trunk)["logp"]
+            assert not first_layer_calls  # the frozen layers did not run
+            full = forward_micro_batch(model, mb)["logp"]
+    hook.remove()
+    assert torch.allclose(replayed, full, atol=1e-5)
+    assert not torch.allclose(replayed, policy, atol=1e-3)  # the adapters were off in the replayed pass

@@ -85,6 +85,37 @@ def test_two_iterations_change_parameters_and_log_metrics(tiny_model_dir, tmp_pa
     assert list((trainer.run_dir / "traces").glob("iter_*.jsonl"))
 
 
+def test_the_kl_reference_pass_runs_only_the_lora_layers(tiny_model_dir, tmp_path):
+    """With LoRA on the last layer, the reference pass (the model with its adapters off) replays the states the
+    old-log-prob pass recorded below it: the first decoder layer runs in one of the two passes, the last in both."""
+    cfg = load_config("default", tiny_overrides(tiny_model_dir, tmp_path) + ["algo.kl_coef=0.05", "model.lora_layers=1",
+                                                                            "model.dtype=float32"])
+    trainer = Trainer(cfg, quiet=True)
+    trainer.setup()
+    try:
+        calls = {"first": 0, "last": 0}
+        layers = trainer.model.get_base_model().get_decoder().layers
+        hooks = [layers[0].register_forward_hook(lambda *a: calls.__setitem__("first", calls["first"] + 1)),
+                 layers[-1].register_forward_hook(lambda *a: calls.__setitem__("last", calls["last"] + 1))]
+        score, counted = trainer._score_samples, []
+
+        def counting(samples):
+            before = dict(calls)
+            out = score(samples)
+            counted.append({k: calls[k] - before[k] for k in calls})
+            return out
+
+        trainer._score_samples = counting
+        trainer.iteration(0)
+        for hook in hooks:
+            hook.remove()
+    finally:
+        trainer.cleanup()
+    assert len(counted) == 1
+    first, last = counted[0]["first"], counted[0]["last"]
+    assert first > 0 and last == 2 * first
+
+
 def _sample(traj: int, group: int, step: int, reward: float, anchor: str) -> StepSample:
     return StepSample(prompt_ids=[1], response_ids=[2], forced_mask=[False], rollout_logprobs=[0.0], reward=reward,
                       env_reward=reward,
