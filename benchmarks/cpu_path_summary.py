@@ -15,7 +15,9 @@ Headline keys (each benchmark's docstring says how it is measured):
 - `prefill_tokens_over_unique`: prompt tokens prefilled in a rollout iteration / distinct prompt
   tokens of the iteration (1.0 = no prompt prefilled twice; below 1: the prompts' shared beginning is
   prefilled once per generate call, not once per distinct prompt);
-- `tti_monitoring_overhead`: generate call with M_t monitoring / without, minus 1;
+- `tti_monitoring_overhead`: generate call with M_t monitoring / without, minus 1 (whole calls: noisy, +-10 %);
+- `tti_cost_share_of_decode_step`: TTI's full cost (M_t + its per-row bookkeeping) / a decode step with TTI, from
+  the per-step breakdown measured side by side in one process (issue 27);
 - `trainer_step_speedup_vs_whole_rows`: old-log-prob pass + update in bf16, every row through every
   layer / the default (shared beginning once per micro-batch, frozen layers replayed).
 """
@@ -42,6 +44,7 @@ def main() -> None:
         "trainer_step_speedup_vs_whole_rows": update["trainer_step_speedup_vs_whole_rows"]["shared_prefix_trunk"],
         "prefill_tokens_over_unique": rollout["prefill_tokens_over_unique"],
         "tti_monitoring_overhead": engine["tti_monitoring_overhead"],
+        "tti_cost_share_of_decode_step": engine["tti_cost_share_of_decode_step"],
         "rollout_speedup_vs_fp32": rollout["rollout_speedup_vs_fp32"],
         "engine": engine,
         "update": update,
