@@ -13,8 +13,8 @@ resampling), several seeds each (issue 18).
   RL" numbers, with the arm's own TTI setting), trains, validates again.
 - Resumable: a finished run (its `summary.json`) is skipped; a killed one resumes from its last
   checkpoint; a finished warm-up is reused. Arms differ from the preset only by `ARMS` below.
-- Writes `--json` (default `<out>/ablation.json`): the commit (and whether the worktree had changes), the
-  machine, the power plan of the design (`benchmarks/power.py`), and a `runs` list, one entry per (arm,
+- Writes `--json` (default `<out>/ablation.json`; rewritten after every finished run): the commit (and whether
+  the worktree had changes), the machine, the power plan of the design (`benchmarks/power.py`), and a `runs` list, one entry per (arm,
   seed) run found finished in `<out>`: its resolved config, every validation with its per-room outcomes
   (`per_task_success`, so runs can be re-paired), the learning curve, held-out success and valid-action
   rate before and after RL, per-iteration success / invalid-action rate / KL / gradient norm / TTI and
@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         stand_in = ["rollout.tti.random_rate=0.05"] if arm == "random-truncation" else []
         load_config(ns.preset, [*common, *ARMS[arm], *stand_in])
     t0 = time.time()
+    json_path = Path(ns.json) if ns.json else out / "ablation.json"
     for seed in ns.seeds:
         warm_folder = out / f"warmup-seed{seed}"
         warm_state = None
@@ -396,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             warm_state = warm_state or run_warmup(ns.preset, common, seed, warm_folder)
             run_arm(ns.preset, common, arm, seed, out, warm_folder, warm_state, ns.random_rate)
-    json_path = Path(ns.json) if ns.json else out / "ablation.json"
+            write_json(json_path, out, ns.preset, common, argv)  # after every run: a stopped study keeps its results
     runs = write_json(json_path, out, ns.preset, common, argv)
     _log(f"{len(runs)} finished runs in {json_path} ({(time.time() - t0) / 60:.1f} min this call)")
     if runs:
