@@ -14,8 +14,8 @@ resampling), several seeds each (issue 18).
 - Resumable: a finished run (its `summary.json`) is skipped; a killed one resumes from its last
   checkpoint; a finished warm-up is reused. Arms differ from the preset only by `ARMS` below.
 - Writes `--json` (default `<out>/ablation.json`; rewritten after every finished run): the commit (and whether
-  the worktree had changes), the machine, the power plan of the design (`benchmarks/power.py`), and a `runs` list, one entry per (arm,
-  seed) run found finished in `<out>`: its resolved config, every validation with its per-room outcomes
+  the worktree had changes), the machine, the power plan of the design (`benchmarks/power.py`), and a `runs`
+  list, one entry per (arm, seed) run found finished in `<out>`: its resolved config, every validation with its per-room outcomes
   (`per_task_success`, so runs can be re-paired), the learning curve, held-out success and valid-action
   rate before and after RL, per-iteration success / invalid-action rate / KL / gradient norm / TTI and
   TDS diagnostics, tokens generated, wall time, the commit it ran at and the load average around it.
