@@ -13,16 +13,15 @@ resampling), several seeds each (issue 18).
   RL" numbers, with the arm's own TTI setting), trains, validates again.
 - Resumable: a finished run (its `summary.json`) is skipped; a killed one resumes from its last
   checkpoint; a finished warm-up is reused. Arms differ from the preset only by `ARMS` below.
-- Writes `--json` (default `<out>/ablation.json`; rewritten after every finished run): the commit (and whether
-  the worktree had changes), the machine, the power plan of the design (`benchmarks/power.py`), and a `runs`
-  list, one entry per (arm, seed) run found finished in `<out>`: its resolved config, every validation with its per-room outcomes
-  (`per_task_success`, so runs can be re-paired), the learning curve, held-out success and valid-action
-  rate before and after RL, per-iteration success / invalid-action rate / KL / gradient norm / TTI and
-  TDS diagnostics, tokens generated, wall time, the commit it ran at and the load average around it.
-  Per arm (`arms`) the mean, min and max over its seeds, also printed as a Markdown table; per arm
-  (`comparison`) the paired difference with GiGPO: per seed, its mean with a 95 % t-interval over
-  seeds, and a per-room interval pooled over seeds. Then `t2po report` of the arm runs into
-  `<out>/report/` (seeds of one arm as a mean with a min-max band).
+- Writes `--json` (default `<out>/ablation.json`; rewritten after every finished run): the commit (and whether the
+  worktree had changes), the machine, the power plan of the design (`benchmarks/power.py`), and a `runs` list, one
+  entry per (arm, seed) run found finished in `<out>`: its resolved config, every validation with its per-room
+  outcomes (`per_task_success`, so runs can be re-paired), the learning curve, held-out success and valid-action
+  rate before and after RL, per-iteration success / invalid-action rate / KL / gradient norm / TTI and TDS
+  diagnostics, tokens generated, wall time, the commit it ran at and the load average around it. Per arm (`arms`)
+  the mean, min and max over its seeds, also printed as a Markdown table; per arm (`comparison`) the paired
+  difference with GiGPO: per seed, its mean with a 95 % t-interval over seeds, and a per-room interval pooled over
+  seeds. Then `t2po report` of the arm runs into `<out>/report/` (seeds of one arm as a mean with a min-max band).
 Nothing here asserts or picks a winner.
 """
 
