@@ -220,7 +220,7 @@ def run_entry(run_dir: Path, arm: str, seed: int, warm_state: dict) -> dict:
     def mean_of(name: str) -> float | None:
         values = [it[name] for it in iterations if it.get(name) is not None]
         return sum(values) / len(values) if values else None
-    validation_seconds = sum(v.get("seconds", 0.0) for tag, v in state["validation"].items() if tag == "after_warmup")
+    warmup_seconds = (warm_state.get("warmup") or {}).get("seconds")
     return {
         "arm": arm,
         "seed": seed,
@@ -239,9 +239,10 @@ def run_entry(run_dir: Path, arm: str, seed: int, warm_state: dict) -> dict:
         "tds": {name: mean_of(name) for name in ("tds_inband_before", "tds_inband_after", "tds_kept_delta_mean",
                                                  "tds_discarded_delta_mean", "tds_extra_token_fraction")},
         "forced_tokens": total("forced_tokens"),
-        # this run's validations and RL (a resumed run: since the resume)
-        "wall_seconds": summary["seconds"] + validation_seconds,
-        "warmup_seconds": (warm_state.get("warmup") or {}).get("seconds"),  # shared by the arms of the seed
+        # this arm's own validations and RL iterations by t2po's clock (summary.json `seconds` counts the warm-up the
+        # run state holds too, which the arms of a seed share); the command's wall time per session is in `sessions`
+        "wall_seconds": summary["seconds"] - (warmup_seconds or 0.0),
+        "warmup_seconds": warmup_seconds,  # shared by the arms of the seed
         # every validation with its per-room outcomes (the rooms are the same in every run: seeds 0..R-1 of the split)
         "validations": [{"tag": tag, **{k: v[k] for k in VALIDATION_KEYS if k in v}}
                         for tag, v in state["validation"].items()],
