@@ -21,8 +21,8 @@ The noncentral t is computed by integrating the normal tail over the distributio
 (`t_sf`), with numpy and the standard library only.
 
 `estimates` reads tau and v from the committed results: docs/results/learning.json (the main job, 5 seeds x 128
-rooms, per-room outcomes after the warm-up and after RL) and docs/results/ablation.json (3 seeds x 32 rooms per
-arm, an older and weaker warm-up, no per-room outcomes).
+rooms, per-room outcomes after the warm-up and after RL) and docs/results/ablation.json (the comparison itself: per
+seed and arm the final validation's per-room outcomes, so its room noise is the paired one).
 """
 
 from __future__ import annotations
@@ -128,8 +128,8 @@ def estimates(learning: Path = ROOT / "docs/results/learning.json",
     - learning.json: v = the mean over seeds of the per-room variance of (after RL - after warm-up) on the same
       rooms; the RL change's own seed spread tau_rl^2 = Var_s(gain_s) - v / R, and tau^2 = 2 tau_rl^2 for the
       difference of two RL runs from one warm-up (independent training noise);
-    - ablation.json: tau^2 = the variance over seeds of (arm - gigpo), pooled over the other arms, less the binomial
-      room noise (p_a (1 - p_a) + p_g (1 - p_g)) / R (no per-room outcomes there, so rooms are taken as independent).
+    - ablation.json: tau^2 = the variance over seeds of (arm - gigpo), pooled over the other arms, less the room noise
+      (`_room_noise`: the paired per-room variance / R where the runs carry per-room outcomes, else binomial).
     Negative variance estimates are clipped at 0."""
     out: dict = {}
     doc = json.loads(Path(learning).read_text())
@@ -145,22 +145,38 @@ def estimates(learning: Path = ROOT / "docs/results/learning.json",
     out["learning"] = {"source": _shown(Path(learning)), "seeds": len(gains), "rooms": rooms, "room_var": v,
                        "tau": math.sqrt(2 * tau_rl2)}
     doc = json.loads(Path(ablation).read_text())
-    after = {(r["arm"], r["seed"]): r["after_rl"]["success_rate"] for r in doc["runs"] if r.get("after_rl")}
-    seeds = sorted({s for a, s in after if a == "gigpo"})
-    arms = sorted({a for a, _ in after if a != "gigpo"})
+    finished = {(r["arm"], r["seed"]): r for r in doc["runs"] if r.get("after_rl")}
+    seeds = sorted({s for a, s in finished if a == "gigpo"})
+    arms = sorted({a for a, _ in finished if a != "gigpo"})
     variances, noise = [], []
     configs = [r["config"] for r in doc["runs"] if "config" in r]
     # the ablation committed before runs carried their config validated on its preset's 32 rooms (issue 27)
     rooms = configs[0]["rollout"]["val_num_tasks"] if configs else 32
     for arm in arms:
-        pairs = [(after[(arm, s)], after[("gigpo", s)]) for s in seeds if (arm, s) in after]
+        pairs = [(finished[(arm, s)], finished[("gigpo", s)]) for s in seeds if (arm, s) in finished]
         if len(pairs) >= 2:
-            variances.append(float(np.var([a - g for a, g in pairs], ddof=1)))
-            noise.append(float(np.mean([(a * (1 - a) + g * (1 - g)) / rooms for a, g in pairs])))
+            variances.append(float(np.var([a["after_rl"]["success_rate"] - g["after_rl"]["success_rate"]
+                                           for a, g in pairs], ddof=1)))
+            noise.append(float(np.mean([_room_noise(a, g, rooms) for a, g in pairs])))
     if variances:
         out["ablation"] = {"source": _shown(Path(ablation)), "seeds": len(seeds), "rooms": rooms, "arms": arms,
                            "tau": math.sqrt(max(float(np.mean(variances)) - float(np.mean(noise)), 0.0))}
     return out
+
+
+def _room_noise(arm_run: dict, gigpo_run: dict, rooms: int) -> float:
+    """The room noise in one seed's (arm - gigpo): the variance of the paired per-room differences over the rooms
+    (both final validations' `per_task_success`), or, where a run has no per-room outcomes, the binomial
+    (p_a (1 - p_a) + p_g (1 - p_g)) / R that takes the rooms as independent."""
+    def rooms_of(run: dict) -> list | None:
+        final = next((v for v in run.get("validations", []) if v.get("tag") == "final"), {})
+        return final.get("per_task_success")
+
+    a, g = rooms_of(arm_run), rooms_of(gigpo_run)
+    if a is not None and g is not None:
+        return float(np.var(np.array(a, dtype=float) - np.array(g, dtype=float), ddof=1)) / len(a)
+    pa, pg = arm_run["after_rl"]["success_rate"], gigpo_run["after_rl"]["success_rate"]
+    return (pa * (1 - pa) + pg * (1 - pg)) / rooms
 
 
 def plan(est: dict, effect: float = 0.10, power: float = 0.8, alpha: float = 0.05,
