@@ -159,9 +159,9 @@ def main() -> None:
                   "imitation_runs": {str(k): v for k, v in imitation.items()}}
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1))
-        print(f"[learning] {kind} seed {seed}: after warm-up {seeds.get(seed, imitation.get(seed))['after_warmup']}, "
-              f"after RL {seeds.get(seed, imitation.get(seed))['after_rl']}; summary {json.dumps(result['summary'])}",
-              flush=True)
+        done = (seeds if kind == "seed" else imitation)[seed]  # an imitation run's own figures, not its seed's
+        print(f"[learning] {kind} seed {seed}: after warm-up {done['after_warmup']}, after RL {done['after_rl']}; "
+              f"summary {json.dumps(result['summary'])}", flush=True)
 
 
 if __name__ == "__main__":
