@@ -285,12 +285,6 @@ def arm_summary(runs: list[dict]) -> dict:
     return summary
 
 
-def _final_rooms(run: dict) -> list[int] | None:
-    """The per-room outcomes of a run's final validation (TTI off), None when it has none (several ranks)."""
-    final = next((v for v in run["validations"] if v["tag"] == "final"), {})
-    return final.get("per_task_success")
-
-
 def comparison(runs: list[dict]) -> dict:
     """Per arm other than GiGPO: (arm - gigpo) in held-out success after RL, paired by seed (same warm-up, same
     rooms): the per-seed differences, their mean with a 95 % t-interval over seeds (the interval the power plan is
@@ -307,7 +301,7 @@ def comparison(runs: list[dict]) -> dict:
                     for s in seeds}
         rooms = []
         for s in seeds:
-            mine, base = _final_rooms(final[(arm, s)]), _final_rooms(final[(BASELINE, s)])
+            mine, base = power.final_rooms(final[(arm, s)]), power.final_rooms(final[(BASELINE, s)])
             if mine is not None and base is not None:
                 rooms += [a - b for a, b in zip(mine, base, strict=True)]
         out[arm] = {"minus": BASELINE, "seeds": seeds, "per_seed": {str(s): d for s, d in per_seed.items()},

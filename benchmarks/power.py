@@ -164,15 +164,18 @@ def estimates(learning: Path = ROOT / "docs/results/learning.json",
     return out
 
 
+def final_rooms(run: dict) -> list[int] | None:
+    """The per-room outcomes of an ablation run's final validation (TTI off), None when it has none (several ranks,
+    or the ablation committed before issue 27)."""
+    final = next((v for v in run.get("validations", []) if v.get("tag") == "final"), {})
+    return final.get("per_task_success")
+
+
 def _room_noise(arm_run: dict, gigpo_run: dict, rooms: int) -> float:
     """The room noise in one seed's (arm - gigpo): the variance of the paired per-room differences over the rooms
     (both final validations' `per_task_success`), or, where a run has no per-room outcomes, the binomial
     (p_a (1 - p_a) + p_g (1 - p_g)) / R that takes the rooms as independent."""
-    def rooms_of(run: dict) -> list | None:
-        final = next((v for v in run.get("validations", []) if v.get("tag") == "final"), {})
-        return final.get("per_task_success")
-
-    a, g = rooms_of(arm_run), rooms_of(gigpo_run)
+    a, g = final_rooms(arm_run), final_rooms(gigpo_run)
     if a is not None and g is not None:
         return float(np.var(np.array(a, dtype=float) - np.array(g, dtype=float), ddof=1)) / len(a)
     pa, pg = arm_run["after_rl"]["success_rate"], gigpo_run["after_rl"]["success_rate"]
