@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 
 from t2po import references
@@ -77,3 +80,26 @@ def test_a_policy_that_always_answers_up_scores_below_the_random_mover_and_is_fl
     assert "below the random mover" in text and "random mover (same tasks)" in text
     summary["after_rl"]["success_rate"] = refs["random"]["success"] + 0.1
     assert "below the random mover" not in format_summary(summary)
+
+
+def test_numberline_random_mover_equals_a_hand_enumeration_and_agrees_with_play():
+    # all 8 sequences of three moves, played by hand on the line 0..5 (clipped at its ends), stopping at the target
+    env = make_env("numberline", observation_mode="text", max_steps=3, split="valid")
+    game = env.new_game(random.Random(env.task_seed(0)))
+    wins = 0
+    for seq in itertools.product("+-", repeat=3):
+        position = game.start
+        for move in seq:
+            position = min(max(position + (1 if move == "+" else -1), 0), env.max_position)
+            if position == game.target:
+                wins += 1
+                break
+    assert env.random_success([0]) == [pytest.approx(wins / 8)]
+    seeds = list(range(16))
+    exact = references.random_mover(env, seeds, 3)
+    assert exact["method"] == "exact" and 0 < exact["success"] < 1
+    env.random_success = lambda seeds: None
+    played = references.random_mover(env, seeds, 3, samples=64)
+    assert abs(played["success"] - exact["success"]) < 4 * played["stderr"]
+    assert references.expert(make_env("numberline", observation_mode="text", max_steps=5, split="valid"), seeds,
+                             5)["success"] == 1.0

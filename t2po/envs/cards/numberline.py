@@ -95,6 +95,26 @@ class NumberLineEnv(CardGameEnv):
             observation_mode=observation_mode,
         )
 
+    def random_success(self, seeds: list[int]) -> list[float]:
+        """Exact chance that uniformly random moves ('+' or '-', one half each) reach each task's target within
+        `max_steps`: P(position, k) = 1 at the target, 0 when k = 0, else the mean of P(position + 1, k - 1) and
+        P(position - 1, k - 1), the position clipped to the line as `NumberLineGame.play` clips it."""
+        memo: dict[tuple[int, int, int], float] = {}
+
+        def chance(position: int, target: int, steps: int) -> float:
+            if position == target:
+                return 1.0
+            if steps == 0:
+                return 0.0
+            key = (position, target, steps)
+            if key not in memo:
+                up, down = min(position + 1, self.max_position), max(position - 1, 0)
+                memo[key] = (chance(up, target, steps - 1) + chance(down, target, steps - 1)) / 2
+            return memo[key]
+
+        games = [self.new_game(random.Random(self.task_seed(s))) for s in seeds]
+        return [chance(game.start, game.target, self.max_steps) for game in games]
+
     def new_game(self, rng: random.Random) -> NumberLineGame:
         start = rng.randint(0, self.max_position)
         target = rng.choice([n for n in range(self.max_position + 1) if n != start])
