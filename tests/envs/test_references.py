@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
-import random
-
 import pytest
 
 from t2po import references
 from t2po.envs import make_env
+from t2po.envs.cards.numberline import NumberLineGame
 from t2po.envs.sokoban.env import random_solve_probability
 from t2po.envs.sokoban.room import Room
 from t2po.policies import text_generation
@@ -83,18 +81,15 @@ def test_a_policy_that_always_answers_up_scores_below_the_random_mover_and_is_fl
 
 
 def test_numberline_random_mover_equals_a_hand_enumeration_and_agrees_with_play():
-    # all 8 sequences of three moves, played by hand on the line 0..5 (clipped at its ends), stopping at the target
     env = make_env("numberline", observation_mode="text", max_steps=3, split="valid")
-    game = env.new_game(random.Random(env.task_seed(0)))
-    wins = 0
-    for seq in itertools.product("+-", repeat=3):
-        position = game.start
-        for move in seq:
-            position = min(max(position + (1 if move == "+" else -1), 0), env.max_position)
-            if position == game.target:
-                wins += 1
-                break
-    assert env.random_success([0]) == [pytest.approx(wins / 8)]
+    # 3 -> 0 in three moves: only "---" (1 of 8 sequences)
+    env.new_game = lambda rng: NumberLineGame(3, 0, 5)
+    assert env.random_success([0]) == [pytest.approx(1 / 8)]
+    # 0 -> 2 in three moves: "++" then anything (2 of 8), and "-++", whose "-" stays at 0 on the line's end (1 of 8);
+    # without that clipping "-++" would end at 1 and the chance be 2/8
+    env.new_game = lambda rng: NumberLineGame(0, 2, 5)
+    assert env.random_success([0]) == [pytest.approx(3 / 8)]
+    env = make_env("numberline", observation_mode="text", max_steps=3, split="valid")
     seeds = list(range(16))
     exact = references.random_mover(env, seeds, 3)
     assert exact["method"] == "exact" and 0 < exact["success"] < 1
