@@ -6,8 +6,8 @@ and the reference points, with a 95 % interval for RL's gain (issue 26).
 
 - Each seed is one `t2po train PRESET trainer.seed=S` (a fresh process, as a user runs it) in
   `<out>/seed<S>`; a finished run (its summary.json) is skipped, so the study can run in parts.
-- `--imitation`: per seed also a run without RL whose warm-up gets more demonstrations and epochs
-  (`--imitation-set`), the "same compute spent on more imitation" comparison.
+- `--imitation`: per seed (or per `--imitation-seeds`) also a run without RL whose warm-up gets more
+  demonstrations and epochs (`--imitation-set`), the "same compute spent on more imitation" comparison.
 - The JSON (rewritten after every run): per seed the held-out success after the warm-up and after RL,
   every validation (the learning curve) with its per-task outcomes, the random mover and the expert on
   the same tasks, generated tokens, wall time, the machine's load average, the resolved config; and a
@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--set", nargs="*", default=[], help="dotted overrides for every run")
     parser.add_argument("--imitation", action="store_true", help="also run imitation only (no RL) per seed")
+    parser.add_argument("--imitation-seeds", type=int, nargs="+", default=None,
+                        help="the seeds of the imitation-only runs (default: --seeds)")
     parser.add_argument("--imitation-set", nargs="*",
                         default=["trainer.iterations=0", "warmup.episodes=192", "warmup.epochs=4"],
                         help="the imitation-only runs' overrides (on top of --set)")
@@ -142,7 +144,8 @@ def main() -> None:
                                 capture_output=True, text=True).stdout.strip())
     seeds, imitation = {}, {}
     jobs = [(s, "seed", args.set) for s in args.seeds] + ([(s, "imitation", args.set + args.imitation_set)
-                                                           for s in args.seeds] if args.imitation else [])
+                                                           for s in args.imitation_seeds or args.seeds]
+                                                          if args.imitation else [])
     for seed, kind, overrides in jobs:
         run_dir = out / f"{kind}{seed}"
         load = os.getloadavg()
