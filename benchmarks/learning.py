@@ -8,6 +8,8 @@ and the reference points, with a 95 % interval for RL's gain (issue 26).
   `<out>/seed<S>`; a finished run (its summary.json) is skipped, so the study can run in parts.
 - `--imitation`: per seed (or per `--imitation-seeds`) also a run without RL whose warm-up gets more
   demonstrations and epochs (`--imitation-set`), the "same compute spent on more imitation" comparison.
+- `--untouched`: one run (seed 0) that validates the model before any training, through the same validation
+  (`UNTOUCHED`: no warm-up, no iteration, `trainer.val_before_train=true`), the "untouched model" reference.
 - The JSON (rewritten after every run): per seed the held-out success after the warm-up and after RL,
   every validation (the learning curve) with its per-task outcomes, the random mover and the expert on
   the same tasks, generated tokens, wall time, the machine's load average, the resolved config; and a
@@ -92,7 +94,10 @@ def read_run(run_dir: Path, wall: float | None) -> dict:
     }
 
 
-def summarize(seeds: dict, imitation: dict) -> dict:
+UNTOUCHED = ["warmup.episodes=0", "trainer.iterations=0", "trainer.val_before_train=true"]
+
+
+def summarize(seeds: dict, imitation: dict, untouched: dict | None = None) -> dict:
     gains = [r["after_rl"] - r["after_warmup"] for r in seeds.values() if r["after_rl"] is not None
              and r["after_warmup"] is not None]
     # per task, pooled over seeds: after RL minus after warm-up (paired on the same rooms)
@@ -118,6 +123,9 @@ def summarize(seeds: dict, imitation: dict) -> dict:
         diffs = [seeds[s]["after_rl"] - imitation[s]["after_warmup"] for s in imitation if s in seeds
                  and seeds[s]["after_rl"] is not None]
         out["rl_minus_imitation_only"] = t_interval(diffs) if diffs else None
+    if untouched:
+        first = untouched["validations"][0]
+        out["untouched"] = {k: first[k] for k in ("success_rate", "success_stderr", "invalid_action_rate")}
     return out
 
 
@@ -132,6 +140,7 @@ def main() -> None:
     parser.add_argument("--imitation-set", nargs="*",
                         default=["trainer.iterations=0", "warmup.episodes=192", "warmup.epochs=4"],
                         help="the imitation-only runs' overrides (on top of --set)")
+    parser.add_argument("--untouched", action="store_true", help="also validate the untouched model (seed 0)")
     parser.add_argument("--out", default="bench_results/learning")
     parser.add_argument("--json", default=None, help="default: <out>/learning.json")
     args = parser.parse_args()
@@ -142,10 +151,11 @@ def main() -> None:
                             text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True).stdout.strip())
-    seeds, imitation = {}, {}
+    seeds, imitation, untouched = {}, {}, {}
     jobs = [(s, "seed", args.set) for s in args.seeds] + ([(s, "imitation", args.set + args.imitation_set)
                                                            for s in args.imitation_seeds or args.seeds]
-                                                          if args.imitation else [])
+                                                          if args.imitation else []) \
+        + ([(0, "untouched", args.set + UNTOUCHED)] if args.untouched else [])
     for seed, kind, overrides in jobs:
         run_dir = out / f"{kind}{seed}"
         load = os.getloadavg()
@@ -154,15 +164,18 @@ def main() -> None:
         if wall:
             (run_dir / "study.json").write_text(json.dumps({"wall_seconds": wall, "load_average_before": load,
                                                             "commit": commit, "dirty": dirty}))
-        (seeds if kind == "seed" else imitation)[seed] = read_run(run_dir, wall or None)
+        arm = {"seed": seeds, "imitation": imitation, "untouched": untouched}[kind]
+        arm[seed] = read_run(run_dir, wall or None)
         result = {"commit": commit, "dirty_worktree": dirty, "preset": args.preset, "overrides": args.set,
                   "imitation_overrides": args.imitation_set if args.imitation else None,
                   "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-                  "summary": summarize(seeds, imitation), "runs": {str(k): v for k, v in seeds.items()},
-                  "imitation_runs": {str(k): v for k, v in imitation.items()}}
+                  "summary": summarize(seeds, imitation, untouched.get(0)),
+                  "runs": {str(k): v for k, v in seeds.items()},
+                  "imitation_runs": {str(k): v for k, v in imitation.items()},
+                  **({"untouched_run": untouched[0]} if untouched else {})}
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1))
-        done = (seeds if kind == "seed" else imitation)[seed]  # an imitation run's own figures, not its seed's
+        done = arm[seed]  # an imitation run's own figures, not its seed's
         print(f"[learning] {kind} seed {seed}: after warm-up {done['after_warmup']}, after RL {done['after_rl']}; "
               f"summary {json.dumps(result['summary'])}", flush=True)
 
