@@ -247,11 +247,13 @@ class OptimConfig:
     mini_batch_size: int = _f(32, "Step samples per optimizer step (PPO mini-batch).", range=(1, 65_536))
     micro_batch_tokens: int = _f(4096, "Padded tokens per forward pass at most (samples are packed by length).",
                                  range=(1, 1_048_576))
-    recompute_logprobs: bool = _f(True,
+    recompute_logprobs: bool | None = _f(True,
             "Recompute old log-probs with a forward pass before the update (as verl). False takes "
                                   "the engine's log-probs and saves one forward pass per sample: right with float32 "
                                   "weights and an engine that shares the trainer's weights, not with bfloat16 weights, "
-                                  "whose decode and full forward round differently (docs/results/cpu_path.json).")
+                                  "whose decode and full forward round differently (docs/results/cpu_path.json). "
+                                  "null: false exactly then (float32 weights, no optim.bf16, an engine sharing them), "
+                                  "else true.")
     ppo_epochs: int = _f(1, "Passes over the batch per iteration (docs/method.md §4: 1).", range=(1, 100))
     bf16: bool = _f(False,
             "bf16 autocast for the trainer's forward passes (on CPU only helps with AVX512-BF16/AMX). For float32 "
@@ -369,7 +371,7 @@ class Config:
             shares_weights = engine_spec(r.engine).shares_policy_weights
         except PluginError:
             shares_weights = True  # reported by RolloutConfig.check
-        if not shares_weights and not self.optim.recompute_logprobs:
+        if not shares_weights and self.optim.recompute_logprobs is False:
             errors.append(f"rollout.engine={r.engine}: this engine samples from its own copy of the weights, whose "
                           "kernels give log-probs that differ slightly from the trainer's; set "
                           "optim.recompute_logprobs=true")

@@ -163,6 +163,15 @@ class Trainer:
             if ckpt is not None:
                 self.log(f"resumed from {ckpt} (iteration {self.start_iteration})")
         self.engine = self._make_engine()
+        # optim.recompute_logprobs null: the engine's log-probs are the trainer's when the engine decodes with the
+        # model's own float32 weights (3e-6 apart, none outside the clip range; bf16 rounds differently:
+        # docs/results/cpu_path.json), so the old-log-prob pass is only run where they are not
+        from t2po.models import resolve_dtype
+
+        chosen = cfg.optim.recompute_logprobs
+        self.recompute_logprobs = chosen if chosen is not None else not (
+            self.engine_spec.shares_policy_weights and not cfg.optim.bf16
+            and resolve_dtype(cfg.model.dtype, self.device) == torch.float32)
 
     def _load_newest_loadable_checkpoint(self) -> Path | None:
         """Load the newest checkpoint that can be read whole (`Checkpointer.load_newest`: newer damaged ones
@@ -477,7 +486,7 @@ class Trainer:
     def _score_samples(self, samples: list[StepSample]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None,
                                                                  np.ndarray | None]:
         """Old log-probs (current policy before the update), reference log-probs, critic values."""
-        if not self.cfg.optim.recompute_logprobs and self.cfg.algo.kl_coef <= 0 and self.value_head is None:
+        if not self.recompute_logprobs and self.cfg.algo.kl_coef <= 0 and self.value_head is None:
             return [torch.tensor(s.rollout_logprobs, dtype=torch.float32) for s in samples], None, None
         self.model.eval()
         old: list[torch.Tensor] = [None] * len(samples)  # type: ignore[list-item]
@@ -499,11 +508,13 @@ class Trainer:
                        disable=self.quiet,
                        expected_seconds=self.timer.last.get("old_logprob", 0)
                        + self.timer.last.get("reference", 0) or None)
+        policy_pass = self.recompute_logprobs or values is not None  # else only the reference pass runs
         for mb in self._micro_batches(list(range(len(samples))), samples):
             bar.update(0, note=f"micro-batch of {len(mb.indices)}")
-            out = forward_micro_batch(self.model, mb, value_head=self.value_head, autocast_bf16=bf16, trunk=self.trunk)
+            out = forward_micro_batch(self.model, mb, value_head=self.value_head, autocast_bf16=bf16,
+                                      trunk=self.trunk) if policy_pass else None
             for b, i in enumerate(mb.indices):
-                if self.cfg.optim.recompute_logprobs:
+                if self.recompute_logprobs:
                     old[i] = out["logp"][b, : len(samples[i].response_ids)].clone()
                 else:
                     old[i] = torch.tensor(samples[i].rollout_logprobs, dtype=torch.float32)
@@ -511,7 +522,8 @@ class Trainer:
                     values[i] = float(out["values"][b])
             if ref is not None:
                 # the reference is this model without its adapters: the layers below the first LoRA layer are
-                # the same, so its pass replays the states the old-log-prob pass just recorded (FrozenTrunk)
+                # the same, so its pass replays the states the old-log-prob pass just recorded (FrozenTrunk), or,
+                # without that pass, records them for the update
                 ctx = self.model.disable_adapter() if self.cfg.model.lora else contextlib.nullcontext()
                 with ctx, self.timer("reference"):
                     ref_out = forward_micro_batch(self.ref_model or self.model, mb, autocast_bf16=bf16,

@@ -3,6 +3,7 @@ log-probs, entropies, critic values and gradients as the plain forward pass over
 
 import dataclasses
 
+import pytest
 import torch
 
 from t2po.forward import FrozenTrunk, _SkippedLayer, forward_micro_batch, make_micro_batch
@@ -121,3 +122,46 @@ def test_reference_pass_replays_the_trunk_with_the_adapters_off(tiny_model_dir):
     hook.remove()
     assert torch.allclose(replayed, full, atol=1e-5)
     assert not torch.allclose(replayed, policy, atol=1e-3)  # the adapters were off in the replayed pass
+
+
+def test_reference_pass_alone_records_the_trunk_when_the_engine_log_probs_are_kept(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch):
+    """`optim.recompute_logprobs=null` with float32 weights keeps the engine's log-probs (`Trainer._score_into`):
+    the old-log-prob pass is skipped, so the KL's reference pass records the trunk the update replays. The update
+    must be the one the recomputing run makes (the engine's log-probs are the trainer's within ~1e-6 in float32),
+    with fewer forward passes; a trunk recorded from other rows or layers would change the loss and the gradient.
+    With optim.bf16 the engine and the trainer round differently, and null recomputes."""
+    import json
+
+    from helpers import run_training
+
+    import t2po.trainer.trainer as trainer_module
+    from t2po.config import load_config
+
+    calls = []
+    counted = trainer_module.forward_micro_batch
+    monkeypatch.setattr(trainer_module, "forward_micro_batch", lambda *a, **k: calls.append(1) or counted(*a, **k))
+
+    def run(name: str, *extra: str):
+        calls.clear()
+        cfg = load_config("default", [
+            f"model.path={tiny_model_dir}", f"trainer.output_dir={tmp_path}", f"trainer.run_name={name}",
+            "trainer.iterations=1", "trainer.trackers=[console]", "trainer.val_before_train=false",
+            "trainer.trace_episodes=0", "trainer.report=false", "warmup.episodes=0", "rollout.num_tasks=2",
+            "rollout.group_size=2", "rollout.sampling.max_new_tokens=8", "rollout.val_num_tasks=1",
+            "env.options.max_steps=2", "model.dtype=float32", "model.lora_rank=4", "model.lora_layers=1",
+            "algo.kl_coef=0.1", "optim.lr=1e-2", "optim.mini_batch_size=2", *extra])
+        trainer = run_training(cfg)
+        trainer.forward_passes = len(calls)
+        return trainer, json.loads((trainer.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+
+    kept, kept_metrics = run("kept", "optim.recompute_logprobs=null")
+    recomputed, recomputed_metrics = run("recomputed", "optim.recompute_logprobs=true")
+    assert kept.recompute_logprobs is False and recomputed.recompute_logprobs is True
+    assert 0 < kept.forward_passes < recomputed.forward_passes  # the old-log-prob pass did not run
+    assert kept_metrics["rollout/generated_tokens"] == recomputed_metrics["rollout/generated_tokens"] > 0
+    for key in ("actor/pg_loss", "actor/kl", "actor/grad_norm"):
+        assert kept_metrics[key] == pytest.approx(recomputed_metrics[key], rel=1e-4, abs=1e-7), key
+    assert abs(kept_metrics["actor/kl"]) > 1e-6  # after the first step the policy left the reference
+    autocast, _ = run("autocast", "optim.recompute_logprobs=null", "optim.bf16=true")
+    assert autocast.recompute_logprobs is True

@@ -148,6 +148,7 @@ def test_one_update_moves_each_sample_with_its_advantage(tiny_model_dir, tmp_pat
     samples_per_iteration = 8 * 8 * 2
     cfg = load_config("default", overrides(tiny_model_dir, tmp_path, algo, "trainer.iterations=1",
                                            "model.lora_layers=1", "model.lora_rank=4", "optim.lr=1e-3",
+                                           "optim.recompute_logprobs=true",  # the old-log-prob pass records the trunk
                                            f"optim.mini_batch_size={samples_per_iteration}"))
     trainer = Trainer(cfg, quiet=True).setup()
     seen = {}

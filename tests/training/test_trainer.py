@@ -85,11 +85,15 @@ def test_two_iterations_change_parameters_and_log_metrics(tiny_model_dir, tmp_pa
     assert list((trainer.run_dir / "traces").glob("iter_*.jsonl"))
 
 
-def test_the_kl_reference_pass_runs_only_the_lora_layers(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("recompute", ["true", "null"])
+def test_the_kl_reference_pass_runs_only_the_lora_layers(tiny_model_dir, tmp_path, recompute):
     """With LoRA on the last layer, the reference pass (the model with its adapters off) replays the states the
-    old-log-prob pass recorded below it: the first decoder layer runs in one of the two passes, the last in both."""
+    old-log-prob pass recorded below it: the first decoder layer runs in one of the two passes, the last in both.
+    Keeping the engine's float32 log-probs (`optim.recompute_logprobs=null`), the reference pass is the only one:
+    every layer runs once."""
     cfg = load_config("default", tiny_overrides(tiny_model_dir, tmp_path) + ["algo.kl_coef=0.05", "model.lora_layers=1",
-                                                                            "model.dtype=float32"])
+                                                                            "model.dtype=float32",
+                                                                            f"optim.recompute_logprobs={recompute}"])
     trainer = Trainer(cfg, quiet=True)
     trainer.setup()
     try:
@@ -113,7 +117,7 @@ def test_the_kl_reference_pass_runs_only_the_lora_layers(tiny_model_dir, tmp_pat
         trainer.cleanup()
     assert len(counted) == 1
     first, last = counted[0]["first"], counted[0]["last"]
-    assert first > 0 and last == 2 * first
+    assert first > 0 and last == (2 * first if recompute == "true" else first)
 
 
 def _sample(traj: int, group: int, step: int, reward: float, anchor: str) -> StepSample:
