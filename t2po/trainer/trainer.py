@@ -166,12 +166,9 @@ class Trainer:
         # optim.recompute_logprobs null: the engine's log-probs are the trainer's when the engine decodes with the
         # model's own float32 weights (3e-6 apart, none outside the clip range; bf16 rounds differently:
         # docs/results/cpu_path.json), so the old-log-prob pass is only run where they are not
-        from t2po.models import resolve_dtype
-
         chosen = cfg.optim.recompute_logprobs
         self.recompute_logprobs = chosen if chosen is not None else not (
-            self.engine_spec.shares_policy_weights and not cfg.optim.bf16
-            and resolve_dtype(cfg.model.dtype, self.device) == torch.float32)
+            self.engine_spec.shares_policy_weights and not cfg.optim.bf16 and self.model.dtype == torch.float32)
 
     def _load_newest_loadable_checkpoint(self) -> Path | None:
         """Load the newest checkpoint that can be read whole (`Checkpointer.load_newest`: newer damaged ones
